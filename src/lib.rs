@@ -1,0 +1,33 @@
+//! # pacs-broker
+//!
+//! One pacs-broker node runs at each partner site of an imaging network, teleradiology service or
+//! multisite trial. It takes studies from its own PACS, de-identifies and tokenises them exactly as
+//! a data sharing agreement (DSA) says, and sends them to partner nodes over mutual-TLS gRPC.
+//! Partners see only pseudonyms; the keys that reverse them never leave the originating site.
+//!
+//! Data flows top to bottom through these modules:
+//!
+//! | module | owns |
+//! |---|---|
+//! | [`config`] | the node configuration file (TOML): site id, listen address, paths, peers |
+//! | [`dsa`] | agreement model, parser with file:line:col errors, authorisation of flows |
+//! | [`deid`] | the de-identification engine (PS3.15 Annex E) and its configuration |
+//! | [`pseudonym`] | site keys, keyed tokens and UIDs, date offsets, the origin-only vault |
+//! | [`store`] | the `Store` trait, its sled + content-addressed-file implementation, the inbox |
+//! | [`federation`] | proto service (tonic), mutual TLS 1.3 (rustls), peer identity, offer/transfer |
+//! | [`audit`] | the append-only hash-chained audit log and its verification |
+//! | [`node`] | wires the above into a running site; sending a study; graceful shutdown |
+//! | [`demo`] | the self-contained demo federation behind `pacs-broker demo` |
+//!
+//! The binary (`src/main.rs`) holds the command line only.
+#![forbid(unsafe_code)]
+
+pub mod audit;
+pub mod config;
+pub mod deid;
+pub mod demo;
+pub mod dsa;
+pub mod federation;
+pub mod node;
+pub mod pseudonym;
+pub mod store;
