@@ -170,11 +170,11 @@ pub fn demo(args: DemoArgs) -> anyhow::Result<i32> {
         demo::FLOW
     );
     println!("Identifying attributes, as sent by {} and as stored by {}:\n", demo::SENDER, demo::RECEIVER);
-    println!("{:<26} {:<46} {}", "attribute", "before (hospital-a PACS)", "after (telerad-c inbox)");
+    println!("{:<26} {:<52} {}", "attribute", "before (hospital-a PACS)", "after (telerad-c inbox)");
     println!("{}", "-".repeat(120));
     for (tag, name) in demo::REPORT_ATTRIBUTES {
         println!(
-            "{:<26} {:<46} {}",
+            "{:<26} {:<52} {}",
             name,
             demo::show(&before, *tag),
             demo::show(&after, *tag)
