@@ -165,15 +165,23 @@ pub fn verify(path: &Path) -> Result<Verified, AuditError> {
             reason,
         };
         let line = line.map_err(|e| broken(e.to_string()))?;
-        let e: Entry = serde_json::from_str(&line).map_err(|e| broken(format!("not an entry: {e}")))?;
+        let e: Entry =
+            serde_json::from_str(&line).map_err(|e| broken(format!("not an entry: {e}")))?;
         if e.seq != n + 1 {
-            return Err(broken(format!("sequence {} follows {n} (entry missing or reordered)", e.seq)));
+            return Err(broken(format!(
+                "sequence {} follows {n} (entry missing or reordered)",
+                e.seq
+            )));
         }
         if e.prev != prev {
-            return Err(broken("previous-hash link broken (entry removed, inserted or reordered)".into()));
+            return Err(broken(
+                "previous-hash link broken (entry removed, inserted or reordered)".into(),
+            ));
         }
         if entry_hash(&e) != e.hash {
-            return Err(broken("entry hash does not match its content (entry edited)".into()));
+            return Err(broken(
+                "entry hash does not match its content (entry edited)".into(),
+            ));
         }
         prev = e.hash;
         n += 1;
@@ -217,14 +225,23 @@ mod tests {
 
         let edited = text.replace("\"three\"", "\"3hree\"");
         fs::write(&p, &edited).unwrap();
-        assert!(matches!(verify(&p), Err(AuditError::Broken { line: 3, .. })));
+        assert!(matches!(
+            verify(&p),
+            Err(AuditError::Broken { line: 3, .. })
+        ));
 
         let deleted = [lines[0], lines[2], lines[3]].join("\n") + "\n";
         fs::write(&p, deleted).unwrap();
-        assert!(matches!(verify(&p), Err(AuditError::Broken { line: 2, .. })));
+        assert!(matches!(
+            verify(&p),
+            Err(AuditError::Broken { line: 2, .. })
+        ));
 
         let reordered = [lines[1], lines[0], lines[2], lines[3]].join("\n") + "\n";
         fs::write(&p, reordered).unwrap();
-        assert!(matches!(verify(&p), Err(AuditError::Broken { line: 1, .. })));
+        assert!(matches!(
+            verify(&p),
+            Err(AuditError::Broken { line: 1, .. })
+        ));
     }
 }

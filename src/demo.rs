@@ -71,7 +71,15 @@ pub fn write_synthetic_ct(
     let mut files = Vec::new();
     for i in 0..slices {
         let sop_uid = format!("{}.{}", random_uid(&format!("{root}.4")), i + 1);
-        let obj = synthetic_ct_slice(patient, &study_uid, &series_uid, &frame_uid, &sop_uid, i, size);
+        let obj = synthetic_ct_slice(
+            patient,
+            &study_uid,
+            &series_uid,
+            &frame_uid,
+            &sop_uid,
+            i,
+            size,
+        );
         let file = obj
             .with_meta(
                 FileMetaTableBuilder::new()
@@ -103,9 +111,17 @@ fn synthetic_ct_slice(
     let mut o = InMemDicomObject::new_empty();
     let z = -100.0 + 5.0 * index as f64;
     for (tag, vr, v) in [
-        (tags::SPECIFIC_CHARACTER_SET, VR::CS, "ISO_IR 100".to_string()),
+        (
+            tags::SPECIFIC_CHARACTER_SET,
+            VR::CS,
+            "ISO_IR 100".to_string(),
+        ),
         (tags::IMAGE_TYPE, VR::CS, "ORIGINAL\\PRIMARY\\AXIAL".into()),
-        (tags::SOP_CLASS_UID, VR::UI, "1.2.840.10008.5.1.4.1.1.2".into()),
+        (
+            tags::SOP_CLASS_UID,
+            VR::UI,
+            "1.2.840.10008.5.1.4.1.1.2".into(),
+        ),
         (tags::SOP_INSTANCE_UID, VR::UI, sop_uid.into()),
         (tags::STUDY_DATE, VR::DA, "20261102".into()),
         (tags::SERIES_DATE, VR::DA, "20261102".into()),
@@ -117,20 +133,36 @@ fn synthetic_ct_slice(
         (tags::MODALITY, VR::CS, "CT".into()),
         (tags::MANUFACTURER, VR::LO, "ExampleMed".into()),
         (tags::INSTITUTION_NAME, VR::LO, p.institution.clone()),
-        (tags::INSTITUTION_ADDRESS, VR::ST, "1 Hospital Road, Springfield".into()),
+        (
+            tags::INSTITUTION_ADDRESS,
+            VR::ST,
+            "1 Hospital Road, Springfield".into(),
+        ),
         (tags::REFERRING_PHYSICIAN_NAME, VR::PN, p.referring.clone()),
         (tags::STATION_NAME, VR::SH, "CT-SCANNER-01".into()),
-        (tags::STUDY_DESCRIPTION, VR::LO, "CT CHEST WITH CONTRAST".into()),
+        (
+            tags::STUDY_DESCRIPTION,
+            VR::LO,
+            "CT CHEST WITH CONTRAST".into(),
+        ),
         (tags::SERIES_DESCRIPTION, VR::LO, "AXIAL 5MM".into()),
         (tags::PERFORMING_PHYSICIAN_NAME, VR::PN, "JONES^MARY".into()),
         (tags::OPERATORS_NAME, VR::PN, "TECH^TERRY".into()),
-        (tags::MANUFACTURER_MODEL_NAME, VR::LO, "Example CT 64".into()),
+        (
+            tags::MANUFACTURER_MODEL_NAME,
+            VR::LO,
+            "Example CT 64".into(),
+        ),
         (tags::PATIENT_NAME, VR::PN, p.name.clone()),
         (tags::PATIENT_ID, VR::LO, p.id.clone()),
         (tags::PATIENT_BIRTH_DATE, VR::DA, p.birth_date.clone()),
         (tags::PATIENT_SEX, VR::CS, "F".into()),
         (tags::PATIENT_AGE, VR::AS, "068Y".into()),
-        (tags::PATIENT_ADDRESS, VR::LO, "42 Elm Street, Springfield".into()),
+        (
+            tags::PATIENT_ADDRESS,
+            VR::LO,
+            "42 Elm Street, Springfield".into(),
+        ),
         (tags::BODY_PART_EXAMINED, VR::CS, "CHEST".into()),
         (tags::SLICE_THICKNESS, VR::DS, "5".into()),
         (tags::KVP, VR::DS, "120".into()),
@@ -141,12 +173,24 @@ fn synthetic_ct_slice(
         (tags::STUDY_ID, VR::SH, "4711".into()),
         (tags::SERIES_NUMBER, VR::IS, "2".into()),
         (tags::INSTANCE_NUMBER, VR::IS, (index + 1).to_string()),
-        (tags::IMAGE_POSITION_PATIENT, VR::DS, format!("-125\\-125\\{z}")),
-        (tags::IMAGE_ORIENTATION_PATIENT, VR::DS, "1\\0\\0\\0\\1\\0".into()),
+        (
+            tags::IMAGE_POSITION_PATIENT,
+            VR::DS,
+            format!("-125\\-125\\{z}"),
+        ),
+        (
+            tags::IMAGE_ORIENTATION_PATIENT,
+            VR::DS,
+            "1\\0\\0\\0\\1\\0".into(),
+        ),
         (tags::FRAME_OF_REFERENCE_UID, VR::UI, frame_uid.into()),
         (tags::SLICE_LOCATION, VR::DS, format!("{z}")),
         (tags::SAMPLES_PER_PIXEL, VR::US, "1".into()),
-        (tags::PHOTOMETRIC_INTERPRETATION, VR::CS, "MONOCHROME2".into()),
+        (
+            tags::PHOTOMETRIC_INTERPRETATION,
+            VR::CS,
+            "MONOCHROME2".into(),
+        ),
         (tags::BURNED_IN_ANNOTATION, VR::CS, "NO".into()),
         (tags::PIXEL_SPACING, VR::DS, "0.9765625\\0.9765625".into()),
         (tags::RESCALE_INTERCEPT, VR::DS, "-1024".into()),
@@ -169,8 +213,18 @@ fn synthetic_ct_slice(
     // Identifiers inside sequences, as RIS-fed modalities write them.
     let mut request = InMemDicomObject::new_empty();
     put(&mut request, tags::ACCESSION_NUMBER, VR::SH, &p.accession);
-    put(&mut request, tags::REQUESTED_PROCEDURE_ID, VR::SH, "RP-99812");
-    put(&mut request, tags::REQUESTING_PHYSICIAN, VR::PN, &p.referring);
+    put(
+        &mut request,
+        tags::REQUESTED_PROCEDURE_ID,
+        VR::SH,
+        "RP-99812",
+    );
+    put(
+        &mut request,
+        tags::REQUESTING_PHYSICIAN,
+        VR::PN,
+        &p.referring,
+    );
     put(&mut request, tags::STUDY_INSTANCE_UID, VR::UI, study_uid);
     o.put(DataElement::new(
         tags::REQUEST_ATTRIBUTES_SEQUENCE,
@@ -220,10 +274,13 @@ fn synthetic_ct_slice(
 /// Where the demo finds the repository's certs-dev/ and policies/: the current folder, then the
 /// folder the binary was built from.
 pub fn find_repo_dir(name: &str) -> Option<PathBuf> {
-    [PathBuf::from("."), PathBuf::from(env!("CARGO_MANIFEST_DIR"))]
-        .into_iter()
-        .map(|b| b.join(name))
-        .find(|p| p.is_dir())
+    [
+        PathBuf::from("."),
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")),
+    ]
+    .into_iter()
+    .map(|b| b.join(name))
+    .find(|p| p.is_dir())
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -276,7 +333,11 @@ fn lay_out_site(
         (format!("{site}.key"), "site-tls.key".into()),
     ] {
         std::fs::copy(certs.join(&from), dir.join("tls").join(to)).map_err(|e| {
-            DemoError::Setup(format!("cannot copy {} from {}: {e}", from, certs.display()))
+            DemoError::Setup(format!(
+                "cannot copy {} from {}: {e}",
+                from,
+                certs.display()
+            ))
         })?;
     }
     copy_dir_files(policies, &dir.join("agreements"))?;
@@ -313,7 +374,10 @@ fn lay_out_site(
 }
 
 /// Runs the demo: two sites on loopback, one study from hospital-a to telerad-c.
-pub async fn run(data_dir: Option<PathBuf>, study: Option<PathBuf>) -> Result<DemoOutcome, DemoError> {
+pub async fn run(
+    data_dir: Option<PathBuf>,
+    study: Option<PathBuf>,
+) -> Result<DemoOutcome, DemoError> {
     let certs = find_repo_dir("certs-dev").ok_or_else(|| {
         DemoError::Setup("certs-dev/ not found: run the demo from the repository folder".into())
     })?;
@@ -435,7 +499,9 @@ pub fn show(obj: &InMemDicomObject, tag: Tag) -> String {
     match obj.get(tag) {
         None => "(removed)".into(),
         Some(e) => match e.value() {
-            dicom_core::value::Value::Sequence(s) => format!("(sequence, {} items)", s.items().len()),
+            dicom_core::value::Value::Sequence(s) => {
+                format!("(sequence, {} items)", s.items().len())
+            }
             _ => match e.to_str() {
                 Ok(s) if s.trim().is_empty() => "(empty)".into(),
                 Ok(s) => s.trim_end_matches(['\0', ' ']).to_string(),

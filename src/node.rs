@@ -254,7 +254,13 @@ impl Node {
             .map(str::to_string)
             .or_else(|| flow.purposes.iter().next().map(|p| p.name().to_string()))
             .unwrap_or_default();
-        set.authorise(agreement_id, flow_name, Some(&purpose), self.site_id(), &flow.to)?;
+        set.authorise(
+            agreement_id,
+            flow_name,
+            Some(&purpose),
+            self.site_id(),
+            &flow.to,
+        )?;
         let peer = self
             .config
             .peers
@@ -264,7 +270,11 @@ impl Node {
 
         // De-identify into the outbox (blocking work off the async runtime).
         let deid = Deidentifier::new(flow.deid.clone(), self.keys.tokenizer(agreement_id));
-        let outbox = self.config.data_dir.join("outbox").join(store::safe_name(agreement_id));
+        let outbox = self
+            .config
+            .data_dir
+            .join("outbox")
+            .join(store::safe_name(agreement_id));
         let files = collect_inputs(inputs).map_err(NodeError::Input)?;
         let vault_tree = self.store.tree("vault")?;
         let keys = self.keys.clone();
@@ -290,17 +300,26 @@ impl Node {
                 .map(|(h, _)| h.trim_matches(['[', ']']).to_string())
                 .unwrap_or_else(|| peer.address.clone())
         });
-        let mut client = PeerClient::connect(&self.tls, &flow.to, &peer.address, &server_name).await?;
+        let mut client =
+            PeerClient::connect(&self.tls, &flow.to, &peer.address, &server_name).await?;
         for (study_token, study) in prepared.studies {
             let instances: Vec<OutgoingInstance> = study.iter().map(|p| p.out.clone()).collect();
-            let mut modalities: Vec<String> = study.iter().filter_map(|p| p.modality.clone()).collect();
+            let mut modalities: Vec<String> =
+                study.iter().filter_map(|p| p.modality.clone()).collect();
             modalities.sort();
             modalities.dedup();
             let mut attempt = 0;
             let delivery = loop {
                 attempt += 1;
                 match client
-                    .send_study(agreement_id, flow_name, &purpose, &study_token, modalities.clone(), &instances)
+                    .send_study(
+                        agreement_id,
+                        flow_name,
+                        &purpose,
+                        &study_token,
+                        modalities.clone(),
+                        &instances,
+                    )
                     .await
                 {
                     Ok(d) => break d,
@@ -340,7 +359,10 @@ impl Node {
                 instances_sent: delivery.instances_sent,
                 already_held: delivery.receipt.instances_already_held,
                 bytes_sent: delivery.bytes_sent,
-                files: study.iter().map(|p| (p.input.clone(), p.out.path.clone())).collect(),
+                files: study
+                    .iter()
+                    .map(|p| (p.input.clone(), p.out.path.clone()))
+                    .collect(),
             });
         }
         Ok(report)
@@ -354,7 +376,10 @@ pub fn collect_inputs(inputs: &[PathBuf]) -> Result<Vec<PathBuf>, String> {
         if !i.exists() {
             return Err(format!("input {} does not exist", i.display()));
         }
-        for e in walkdir::WalkDir::new(i).follow_links(false).sort_by_file_name() {
+        for e in walkdir::WalkDir::new(i)
+            .follow_links(false)
+            .sort_by_file_name()
+        {
             let e = e.map_err(|e| format!("cannot read input {}: {e}", i.display()))?;
             if e.file_type().is_file() {
                 files.push(e.into_path());
@@ -392,7 +417,9 @@ fn prepare(
         let obj = match dicom_object::open_file(&input) {
             Ok(o) => o,
             Err(e) => {
-                batch.failed.push((input, format!("not a readable DICOM file: {e}")));
+                batch
+                    .failed
+                    .push((input, format!("not a readable DICOM file: {e}")));
                 continue;
             }
         };
@@ -413,7 +440,10 @@ fn prepare(
         };
         let mut bytes = Vec::new();
         if let Err(e) = d.object.write_all(&mut bytes) {
-            batch.failed.push((input, format!("cannot encode the de-identified object: {e}")));
+            batch.failed.push((
+                input,
+                format!("cannot encode the de-identified object: {e}"),
+            ));
             continue;
         }
         for (token, entry) in &d.vault_entries {
@@ -425,16 +455,20 @@ fn prepare(
             .join(store::safe_name(&d.study_uid))
             .join(format!("{}.dcm", store::safe_name(&d.sop_instance_uid)));
         store::write_atomic(&path, &bytes)?;
-        batch.studies.entry(d.study_uid.clone()).or_default().push(Prepared {
-            input,
-            out: OutgoingInstance {
-                path,
-                sha256: Sha256::digest(&bytes).into(),
-                size: bytes.len() as u64,
-                sop_instance_uid: d.sop_instance_uid,
-            },
-            modality,
-        });
+        batch
+            .studies
+            .entry(d.study_uid.clone())
+            .or_default()
+            .push(Prepared {
+                input,
+                out: OutgoingInstance {
+                    path,
+                    sha256: Sha256::digest(&bytes).into(),
+                    size: bytes.len() as u64,
+                    sop_instance_uid: d.sop_instance_uid,
+                },
+                modality,
+            });
     }
     vault.flush().map_err(|e| NodeError::Store(e.into()))?;
     Ok(batch)

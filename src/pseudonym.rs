@@ -30,7 +30,9 @@ pub enum KeyError {
         #[source]
         source: std::io::Error,
     },
-    #[error("key file {path} is readable by group or others (mode {mode:o}); run `chmod 600 {path}`")]
+    #[error(
+        "key file {path} is readable by group or others (mode {mode:o}); run `chmod 600 {path}`"
+    )]
     TooOpen { path: PathBuf, mode: u32 },
     #[error("key file {path} is not a valid pacs-broker key file: {reason}")]
     Invalid { path: PathBuf, reason: String },
@@ -334,13 +336,19 @@ impl Vault {
     }
 
     /// Records that `token` stands for `entry` under `agreement`. Idempotent.
-    pub fn record(&self, agreement: &str, token: &str, entry: &VaultEntry) -> Result<(), sled::Error> {
+    pub fn record(
+        &self,
+        agreement: &str,
+        token: &str,
+        entry: &VaultEntry,
+    ) -> Result<(), sled::Error> {
         let k = Self::key(agreement, token);
         if self.tree.contains_key(&k)? {
             return Ok(());
         }
         let plain = serde_json::to_vec(entry).expect("vault entry serialises");
-        self.tree.insert(k, self.cipher.seal(agreement, token, &plain))?;
+        self.tree
+            .insert(k, self.cipher.seal(agreement, token, &plain))?;
         Ok(())
     }
 
@@ -449,7 +457,14 @@ mod tests {
         v.record("agr", "TOK", &e).unwrap();
         assert_eq!(v.reidentify("agr", "TOK").unwrap(), Some(e));
         assert_eq!(v.reidentify("other", "TOK").unwrap(), None);
-        let raw = db.open_tree("vault").unwrap().iter().next().unwrap().unwrap().1;
+        let raw = db
+            .open_tree("vault")
+            .unwrap()
+            .iter()
+            .next()
+            .unwrap()
+            .unwrap()
+            .1;
         assert!(!raw.windows(8).any(|w| w == b"MRN-0001"));
         assert_eq!(v.shred("agr").unwrap(), 1);
         assert_eq!(v.reidentify("agr", "TOK").unwrap(), None);

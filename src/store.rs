@@ -284,9 +284,7 @@ impl Store for LocalStore {
     fn study(&self, key: &StudyKey) -> Result<Option<StudyRecord>, StoreError> {
         self.index
             .get(key.index_key())?
-            .map(|v| {
-                serde_json::from_slice(&v).map_err(|e| StoreError::Corrupt(e.to_string()))
-            })
+            .map(|v| serde_json::from_slice(&v).map_err(|e| StoreError::Corrupt(e.to_string())))
             .transpose()
     }
 

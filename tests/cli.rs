@@ -12,7 +12,7 @@ fn bin() -> Command {
 fn demo_runs_and_leaves_startable_sites() {
     let dir = tempfile::tempdir().unwrap();
     let out = bin()
-        .args(["demo", "--data-dir"])
+        .args(["--log", "debug", "demo", "--data-dir"])
         .arg(dir.path())
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .output()
@@ -24,7 +24,22 @@ fn demo_runs_and_leaves_startable_sites() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(stdout.contains("signed receipt verified"), "{stdout}");
-    assert!(stdout.contains("DOE^JANE^QUINN"), "before column missing: {stdout}");
+    // No PHI in any log line, even at debug level.
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    for phi in [
+        "DOE",
+        "JANE",
+        "MRN-0042117",
+        "19580314",
+        "ACC-2026-118842",
+        "Elm Street",
+    ] {
+        assert!(!stderr.contains(phi), "PHI {phi:?} in the logs: {stderr}");
+    }
+    assert!(
+        stdout.contains("DOE^JANE^QUINN"),
+        "before column missing: {stdout}"
+    );
     for site in ["hospital-a", "telerad-c"] {
         let cfg = dir.path().join(site).join("node.toml");
         pacs_broker::config::NodeConfig::load(&cfg).expect("demo leaves a valid node.toml");
@@ -56,19 +71,30 @@ print('ok', len(sys.argv) - 1)
         .arg(dir.path().join("telerad-c/node.toml"))
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]
 fn a_node_refuses_a_key_file_others_can_read() {
     let dir = tempfile::tempdir().unwrap();
     let key = dir.path().join("site.key");
-    let out = bin().args(["keys", "new", "--out"]).arg(&key).output().unwrap();
+    let out = bin()
+        .args(["keys", "new", "--out"])
+        .arg(&key)
+        .output()
+        .unwrap();
     assert!(out.status.success());
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
-        assert_eq!(std::fs::metadata(&key).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(
+            std::fs::metadata(&key).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
         std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
     }
     // A node config that points at the now world-readable key.
@@ -82,12 +108,20 @@ fn a_node_refuses_a_key_file_others_can_read() {
     .unwrap();
     let cfg_path = dir.path().join("node.toml");
     std::fs::write(&cfg_path, cfg.to_toml()).unwrap();
-    let out = bin().args(["serve", "--config"]).arg(&cfg_path).output().unwrap();
+    let out = bin()
+        .args(["serve", "--config"])
+        .arg(&cfg_path)
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("readable by group or others"), "{err}");
     // Keys are never overwritten.
-    let out = bin().args(["keys", "new", "--out"]).arg(&key).output().unwrap();
+    let out = bin()
+        .args(["keys", "new", "--out"])
+        .arg(&key)
+        .output()
+        .unwrap();
     assert!(!out.status.success());
 }
 
@@ -101,7 +135,8 @@ fn certs_dev_writes_site_certificates() {
         .unwrap();
     assert!(out.status.success());
     for s in ["site-x", "site-y"] {
-        let c = pacs_broker::federation::pki::load_certs(&dir.path().join(format!("{s}.pem"))).unwrap();
+        let c =
+            pacs_broker::federation::pki::load_certs(&dir.path().join(format!("{s}.pem"))).unwrap();
         assert_eq!(pacs_broker::federation::pki::site_id_of(&c[0]).unwrap(), s);
     }
     let bad = bin()
@@ -111,4 +146,15 @@ fn certs_dev_writes_site_certificates() {
         .unwrap();
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("not valid"));
+}
+
+#[test]
+fn the_compose_node_configs_parse() {
+    for site in ["hospital-a", "telerad-c"] {
+        let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("docs/compose")
+            .join(format!("{site}.toml"));
+        let cfg = pacs_broker::config::NodeConfig::load(&p).unwrap();
+        assert_eq!(cfg.site_id, site);
+    }
 }

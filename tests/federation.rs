@@ -17,11 +17,27 @@ use sha2::{Digest, Sha256};
 fn originals(files: &[PathBuf]) -> Vec<String> {
     use dicom_dictionary_std::tags;
     let p = SyntheticPatient::default();
-    let mut v = vec![p.name.clone(), p.id.clone(), p.birth_date.clone(), p.accession.clone()];
+    let mut v = vec![
+        p.name.clone(),
+        p.id.clone(),
+        p.birth_date.clone(),
+        p.accession.clone(),
+    ];
     for f in files {
         let o = dicom_object::open_file(f).unwrap();
-        for t in [tags::STUDY_INSTANCE_UID, tags::SERIES_INSTANCE_UID, tags::SOP_INSTANCE_UID] {
-            v.push(o.element(t).unwrap().to_str().unwrap().trim_end_matches('\0').to_string());
+        for t in [
+            tags::STUDY_INSTANCE_UID,
+            tags::SERIES_INSTANCE_UID,
+            tags::SOP_INSTANCE_UID,
+        ] {
+            v.push(
+                o.element(t)
+                    .unwrap()
+                    .to_str()
+                    .unwrap()
+                    .trim_end_matches('\0')
+                    .to_string(),
+            );
         }
     }
     v.sort();
@@ -39,11 +55,23 @@ fn store_dir(node: &Node) -> PathBuf {
 
 fn assert_nothing_stored(node: &Node) {
     let store = store_dir(node);
-    assert!(files_under(&store.join("blobs")).is_empty(), "blobs were stored");
-    assert!(files_under(&store.join("inbox")).is_empty(), "inbox was written");
-    assert!(files_under(&store.join("staging")).is_empty(), "staging files were left behind");
+    assert!(
+        files_under(&store.join("blobs")).is_empty(),
+        "blobs were stored"
+    );
+    assert!(
+        files_under(&store.join("inbox")).is_empty(),
+        "inbox was written"
+    );
+    assert!(
+        files_under(&store.join("staging")).is_empty(),
+        "staging files were left behind"
+    );
     use pacs_broker::store::Store;
-    assert!(node.store.studies().unwrap().is_empty(), "a study was indexed");
+    assert!(
+        node.store.studies().unwrap().is_empty(),
+        "a study was indexed"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -70,13 +98,21 @@ async fn two_sites_exchange_a_deidentified_study_idempotently() {
     for f in blobs.iter().chain(&inbox) {
         let bytes = std::fs::read(f).unwrap();
         for s in &secrets {
-            assert!(!contains(&bytes, s), "an original identifier survived in {}", f.display());
+            assert!(
+                !contains(&bytes, s),
+                "an original identifier survived in {}",
+                f.display()
+            );
         }
         dicom_object::open_file(f).expect("stored file parses with dicom-object");
     }
     for f in &inbox {
         let (ok, out) = run_tool("dcmdump", &["-q", f.to_str().unwrap()]);
-        assert!(ok && !out.contains("E: "), "dcmdump rejected {}: {out}", f.display());
+        assert!(
+            ok && !out.contains("E: "),
+            "dcmdump rejected {}: {out}",
+            f.display()
+        );
     }
 
     // Re-sending the same study stores nothing new and is acknowledged.
@@ -109,12 +145,17 @@ async fn two_sites_exchange_a_deidentified_study_idempotently() {
 fn prepared_instances(node: &Node, dir: &Path, n: usize) -> (String, Vec<OutgoingInstance>) {
     let src = dir.join("src");
     let files = write_synthetic_ct(&src, &SyntheticPatient::default(), n, 32).unwrap();
-    let flow = node.agreements().agreements[AGREEMENT].flow(FLOW).unwrap().clone();
+    let flow = node.agreements().agreements[AGREEMENT]
+        .flow(FLOW)
+        .unwrap()
+        .clone();
     let deid = Deidentifier::new(flow.deid, node.keys.tokenizer(AGREEMENT));
     let mut out = Vec::new();
     let mut study = String::new();
     for (i, f) in files.iter().enumerate() {
-        let d = deid.deidentify(dicom_object::open_file(f).unwrap()).unwrap();
+        let d = deid
+            .deidentify(dicom_object::open_file(f).unwrap())
+            .unwrap();
         let mut bytes = Vec::new();
         d.object.write_all(&mut bytes).unwrap();
         let path = dir.join(format!("out{i}.dcm"));
@@ -156,7 +197,11 @@ async fn a_valid_site_that_is_not_the_flow_sender_is_denied() {
     match err {
         SendError::Offer { status, .. } => {
             assert_eq!(status.code(), tonic::Code::PermissionDenied);
-            assert!(status.message().contains("hospital-b"), "{}", status.message());
+            assert!(
+                status.message().contains("hospital-b"),
+                "{}",
+                status.message()
+            );
         }
         other => panic!("expected PERMISSION_DENIED, got {other}"),
     }
@@ -198,22 +243,21 @@ async fn a_certificate_from_another_ca_fails_the_handshake() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_plaintext_connection_fails() {
     let fed = Federation::start(&["telerad-c"]).await;
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", fed.addrs["telerad-c"]))
-        .unwrap()
-        .connect_timeout(std::time::Duration::from_secs(5))
-        .timeout(std::time::Duration::from_secs(5))
-        .connect_lazy();
+    let channel =
+        tonic::transport::Endpoint::from_shared(format!("http://{}", fed.addrs["telerad-c"]))
+            .unwrap()
+            .connect_timeout(std::time::Duration::from_secs(5))
+            .timeout(std::time::Duration::from_secs(5))
+            .connect_lazy();
     let mut c = pacs_broker::federation::proto::federation_client::FederationClient::new(channel);
-    let r = c.hello(pacs_broker::federation::proto::HelloRequest {}).await;
+    let r = c
+        .hello(pacs_broker::federation::proto::HelloRequest {})
+        .await;
     assert!(r.is_err(), "a plaintext gRPC call succeeded");
     fed.stop().await;
 }
 
-async fn offer(
-    client: &mut PeerClient,
-    study: &str,
-    inst: &[OutgoingInstance],
-) -> String {
+async fn offer(client: &mut PeerClient, study: &str, inst: &[OutgoingInstance]) -> String {
     client
         .raw()
         .offer(OfferRequest {
@@ -312,6 +356,9 @@ async fn a_large_instance_streams_in_chunks() {
         .await
         .unwrap();
     assert!(report.studies[0].bytes_sent > 8 << 20);
-    assert_eq!(files_under(&store_dir(fed.node("telerad-c")).join("inbox")).len(), 1);
+    assert_eq!(
+        files_under(&store_dir(fed.node("telerad-c")).join("inbox")).len(),
+        1
+    );
     fed.stop().await;
 }

@@ -16,7 +16,11 @@ pub enum CertsCommand {
         #[arg(long, default_value = "certs-dev")]
         out: PathBuf,
         /// Comma-separated site ids.
-        #[arg(long, value_delimiter = ',', default_value = "hospital-a,hospital-b,telerad-c")]
+        #[arg(
+            long,
+            value_delimiter = ',',
+            default_value = "hospital-a,hospital-b,telerad-c"
+        )]
         sites: Vec<String>,
     },
 }
@@ -84,7 +88,10 @@ pub fn certs(cmd: CertsCommand) -> anyhow::Result<i32> {
             for (site, cert, key) in fed.sites {
                 println!("  site {site}: {} + {}", cert.display(), key.display());
             }
-            println!("These certificates are for development only (see {}/README.md).", out.display());
+            println!(
+                "These certificates are for development only (see {}/README.md).",
+                out.display()
+            );
             Ok(0)
         }
     }
@@ -94,7 +101,10 @@ pub fn keys(cmd: KeysCommand) -> anyhow::Result<i32> {
     match cmd {
         KeysCommand::New { out } => {
             SiteKeys::generate().write_new(&out)?;
-            println!("wrote site key file {} (mode 0600). Back it up apart from the data.", out.display());
+            println!(
+                "wrote site key file {} (mode 0600). Back it up apart from the data.",
+                out.display()
+            );
             Ok(0)
         }
     }
@@ -149,7 +159,13 @@ pub fn send(args: SendArgs) -> anyhow::Result<i32> {
     for (p, why) in &report.failed {
         println!("failed {}: {why}", p.display());
     }
-    Ok(if report.failed.is_empty() && report.quarantined.is_empty() { 0 } else { 2 })
+    Ok(
+        if report.failed.is_empty() && report.quarantined.is_empty() {
+            0
+        } else {
+            2
+        },
+    )
 }
 
 pub fn demo(args: DemoArgs) -> anyhow::Result<i32> {
@@ -169,8 +185,17 @@ pub fn demo(args: DemoArgs) -> anyhow::Result<i32> {
         demo::RECEIVER,
         demo::FLOW
     );
-    println!("Identifying attributes, as sent by {} and as stored by {}:\n", demo::SENDER, demo::RECEIVER);
-    println!("{:<26} {:<52} {}", "attribute", "before (hospital-a PACS)", "after (telerad-c inbox)");
+    println!(
+        "Identifying attributes, as sent by {} and as stored by {}:\n",
+        demo::SENDER,
+        demo::RECEIVER
+    );
+    println!(
+        "{:<26} {:<52} after ({} inbox)",
+        "attribute",
+        format!("before ({} PACS)", demo::SENDER),
+        demo::RECEIVER
+    );
     println!("{}", "-".repeat(120));
     for (tag, name) in demo::REPORT_ATTRIBUTES {
         println!(
@@ -186,7 +211,10 @@ pub fn demo(args: DemoArgs) -> anyhow::Result<i32> {
     println!("\nDemo data: {}", out.base.display());
     println!("Received DICOM files: {}", out.inbox.display());
     for c in &out.configs {
-        println!("Start this site by hand: pacs-broker serve --config {}", c.display());
+        println!(
+            "Start this site by hand: pacs-broker serve --config {}",
+            c.display()
+        );
     }
     Ok(0)
 }
@@ -198,7 +226,12 @@ pub fn audit(cmd: AuditCommand) -> anyhow::Result<i32> {
             let path = cfg.data_dir.join("audit.log");
             match audit::verify(&path) {
                 Ok(v) => {
-                    println!("audit log {} verified: {} entries, head {}", path.display(), v.entries, v.last_hash);
+                    println!(
+                        "audit log {} verified: {} entries, head {}",
+                        path.display(),
+                        v.entries,
+                        v.last_hash
+                    );
                     Ok(0)
                 }
                 Err(e) => {

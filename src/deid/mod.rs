@@ -88,7 +88,10 @@ impl FromStr for ProfileOption {
             .find(|o| o.name() == s)
             .ok_or_else(|| {
                 let names: Vec<_> = ProfileOption::ALL.iter().map(|o| o.name()).collect();
-                format!("unknown de-identification option {s:?}; known: {}", names.join(", "))
+                format!(
+                    "unknown de-identification option {s:?}; known: {}",
+                    names.join(", ")
+                )
             })
     }
 }
@@ -296,7 +299,11 @@ impl Deidentifier {
         }
         work.dataset(&mut obj, "");
 
-        obj.put(DataElement::new(tags::PATIENT_IDENTITY_REMOVED, VR::CS, "YES"));
+        obj.put(DataElement::new(
+            tags::PATIENT_IDENTITY_REMOVED,
+            VR::CS,
+            "YES",
+        ));
         obj.put(DataElement::new(
             tags::DEIDENTIFICATION_METHOD,
             VR::LO,
@@ -379,7 +386,10 @@ impl Work<'_> {
                 }
                 OverrideAction::Token => {
                     self.change(path, tag, "token (override)");
-                    let orig = elem.to_str().map(|s| s.trim().to_string()).unwrap_or_default();
+                    let orig = elem
+                        .to_str()
+                        .map(|s| s.trim().to_string())
+                        .unwrap_or_default();
                     Some(self.tokenise(tag, vr, &orig))
                 }
             };
@@ -388,8 +398,7 @@ impl Work<'_> {
             self.change(path, tag, "X (private)");
             return None;
         }
-        if REMOVE.contains(&tag) || tag.group() & 0xFF00 == 0x5000 || tag == Tag(0x4008, 0x0300)
-        {
+        if REMOVE.contains(&tag) || tag.group() & 0xFF00 == 0x5000 || tag == Tag(0x4008, 0x0300) {
             self.change(path, tag, "X");
             return None;
         }
@@ -407,7 +416,10 @@ impl Work<'_> {
                 ));
             }
             tags::ACCESSION_NUMBER => {
-                let orig = elem.to_str().map(|s| s.trim().to_string()).unwrap_or_default();
+                let orig = elem
+                    .to_str()
+                    .map(|s| s.trim().to_string())
+                    .unwrap_or_default();
                 self.change(path, tag, "D (token)");
                 if orig.is_empty() {
                     return Some(DataElement::empty(tag, vr));
@@ -464,7 +476,11 @@ impl Work<'_> {
                 match shifted {
                     Some(v) => {
                         self.change(path, tag, "C (date shifted)");
-                        Some(DataElement::new(tag, VR::DA, PrimitiveValue::Strs(v.into())))
+                        Some(DataElement::new(
+                            tag,
+                            VR::DA,
+                            PrimitiveValue::Strs(v.into()),
+                        ))
                     }
                     None => {
                         self.change(path, tag, "X (unreadable date)");

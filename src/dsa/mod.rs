@@ -215,7 +215,8 @@ impl Agreement {
 
     /// Parses agreement text; `file` names it in errors.
     pub fn parse(file: &str, text: &str) -> Result<Agreement, DsaError> {
-        let err = |at: usize, msg: String| DsaError::Invalid(Box::new(Located::at(file, text, at, msg)));
+        let err =
+            |at: usize, msg: String| DsaError::Invalid(Box::new(Located::at(file, text, at, msg)));
         let raw: RawFile = toml::from_str(text).map_err(|e| {
             let at = e.span().map(|s| s.start).unwrap_or(0);
             err(at, e.message().to_string())
@@ -408,7 +409,9 @@ options = ["retain-longitudinal-modified-dates"]
         let a = Agreement::parse("t.toml", GOOD).unwrap();
         let mut set = AgreementSet::default();
         set.agreements.insert(a.id.clone(), a);
-        assert!(set.authorise("a1", "f", Some("treatment"), "x", "y").is_ok());
+        assert!(set
+            .authorise("a1", "f", Some("treatment"), "x", "y")
+            .is_ok());
         assert!(matches!(
             set.authorise("a1", "f", None, "y", "y"),
             Err(Refusal::WrongSender { .. })

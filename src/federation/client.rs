@@ -227,7 +227,8 @@ impl PeerClient {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone();
-        if !cert.is_some_and(|c| receipt::verify(&receipt, &c)) || receipt.receiver_site != self.site
+        if !cert.is_some_and(|c| receipt::verify(&receipt, &c))
+            || receipt.receiver_site != self.site
         {
             return Err(SendError::BadReceipt(self.site.clone()));
         }

@@ -8,8 +8,8 @@
 //! the receiver calls `deid::check_release` to re-check what arrives), nor storage (`store`).
 
 pub mod client;
-pub mod receipt;
 pub mod pki;
+pub mod receipt;
 pub mod service;
 pub mod tls;
 

@@ -35,7 +35,9 @@ pub enum PkiError {
     NoSiteId,
     #[error("certificate carries more than one site identity")]
     AmbiguousSiteId,
-    #[error("site id {0:?} is not valid: use lower-case letters, digits and '-' (1-63 characters)")]
+    #[error(
+        "site id {0:?} is not valid: use lower-case letters, digits and '-' (1-63 characters)"
+    )]
     BadSiteId(String),
     #[error("certificate generation failed: {0}")]
     Generate(#[from] rcgen::Error),
@@ -152,7 +154,10 @@ pub fn generate_dev_federation(out: &Path, sites: &[String]) -> Result<DevFedera
     let mut ca = CertificateParams::new(Vec::<String>::new())?;
     let mut dn = DistinguishedName::new();
     dn.push(DnType::CommonName, "pacs-broker DEVELOPMENT federation CA");
-    dn.push(DnType::OrganizationName, "pacs-broker dev (NOT FOR CLINICAL USE)");
+    dn.push(
+        DnType::OrganizationName,
+        "pacs-broker dev (NOT FOR CLINICAL USE)",
+    );
     ca.distinguished_name = dn;
     ca.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
     ca.key_usages = vec![
@@ -174,14 +179,14 @@ pub fn generate_dev_federation(out: &Path, sites: &[String]) -> Result<DevFedera
         let mut p = CertificateParams::new(vec!["localhost".to_string()])?;
         p.subject_alt_names
             .push(SanType::IpAddress(IpAddr::V4(Ipv4Addr::LOCALHOST)));
-        p.subject_alt_names.push(SanType::URI(
-            format!("{SITE_URI_PREFIX}{site}")
-                .try_into()
-                .map_err(rcgen::Error::from)?,
-        ));
+        p.subject_alt_names
+            .push(SanType::URI(format!("{SITE_URI_PREFIX}{site}").try_into()?));
         let mut dn = DistinguishedName::new();
         dn.push(DnType::CommonName, site.as_str());
-        dn.push(DnType::OrganizationName, "pacs-broker dev (NOT FOR CLINICAL USE)");
+        dn.push(
+            DnType::OrganizationName,
+            "pacs-broker dev (NOT FOR CLINICAL USE)",
+        );
         p.distinguished_name = dn;
         p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         p.extended_key_usages = vec![

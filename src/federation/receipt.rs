@@ -5,7 +5,9 @@
 //! the mutual-TLS handshake. There is no second PKI.
 
 use ring::rand::SystemRandom;
-use ring::signature::{EcdsaKeyPair, UnparsedPublicKey, ECDSA_P256_SHA256_ASN1, ECDSA_P256_SHA256_ASN1_SIGNING};
+use ring::signature::{
+    EcdsaKeyPair, UnparsedPublicKey, ECDSA_P256_SHA256_ASN1, ECDSA_P256_SHA256_ASN1_SIGNING,
+};
 use rustls_pki_types::CertificateDer;
 
 use super::proto::Receipt;

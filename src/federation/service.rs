@@ -132,7 +132,8 @@ impl Drop for Staging {
 /// Checks a received instance before it may be stored: it parses as DICOM, carries the SOP
 /// Instance UID the manifest announced, and says its identity was removed.
 fn check_instance(path: &std::path::Path, expected_uid: &str) -> Result<(), String> {
-    let obj = dicom_object::open_file(path).map_err(|e| format!("not a readable DICOM file: {e}"))?;
+    let obj =
+        dicom_object::open_file(path).map_err(|e| format!("not a readable DICOM file: {e}"))?;
     let text = |tag| {
         obj.get(tag)
             .and_then(|e| e.to_str().ok())
@@ -144,7 +145,9 @@ fn check_instance(path: &std::path::Path, expected_uid: &str) -> Result<(), Stri
         return Err("SOP Instance UID differs from the manifest".into());
     }
     if text(tags::PATIENT_IDENTITY_REMOVED) != "YES" {
-        return Err("instance is not marked de-identified (PatientIdentityRemoved is not YES)".into());
+        return Err(
+            "instance is not marked de-identified (PatientIdentityRemoved is not YES)".into(),
+        );
     }
     if obj.iter().any(|e| e.header().tag.group() % 2 == 1) {
         return Err("instance carries private attributes the flow does not allow".into());
@@ -169,7 +172,13 @@ impl Federation for Receiver {
         let object = format!("study {}", o.study_token);
         let set = self.agreements.borrow().clone();
         if let Err(r) = self.authorise(&set, &o.agreement_id, &o.flow, &o.purpose, &sender) {
-            self.refuse(&sender, &o.agreement_id, &o.purpose, &object, &r.to_string());
+            self.refuse(
+                &sender,
+                &o.agreement_id,
+                &o.purpose,
+                &object,
+                &r.to_string(),
+            );
             tracing::warn!(peer = %sender, agreement = %o.agreement_id, reason = %r, "offer refused");
             return Err(Status::permission_denied(r.to_string()));
         }
@@ -183,7 +192,9 @@ impl Federation for Receiver {
             )));
         }
         if o.study_token.is_empty() || o.study_token.len() > 64 {
-            return Err(Status::invalid_argument("the study token must be 1-64 characters"));
+            return Err(Status::invalid_argument(
+                "the study token must be 1-64 characters",
+            ));
         }
         let mut wanted = HashMap::new();
         let mut already = Vec::new();
@@ -198,7 +209,9 @@ impl Federation for Receiver {
                 )));
             }
             if inst.sop_instance_uid.is_empty() || inst.sop_instance_uid.len() > 64 {
-                return Err(Status::invalid_argument("a SOP Instance UID must be 1-64 characters"));
+                return Err(Status::invalid_argument(
+                    "a SOP Instance UID must be 1-64 characters",
+                ));
             }
             let held = self
                 .store
@@ -262,7 +275,13 @@ impl Federation for Receiver {
         match result {
             Ok(staged) => self.commit(plan, staged, &sender, transfer_id).await,
             Err(status) => {
-                self.refuse(&sender, &plan.agreement, &plan.purpose, &object, status.message());
+                self.refuse(
+                    &sender,
+                    &plan.agreement,
+                    &plan.purpose,
+                    &object,
+                    status.message(),
+                );
                 tracing::warn!(peer = %sender, agreement = %plan.agreement, reason = %status.message(), "transfer rejected; nothing stored");
                 Err(status)
             }
@@ -375,17 +394,15 @@ impl Receiver {
                 )));
             }
             c.hasher.update(&chunk.data);
-            c.file
-                .write_all(&chunk.data)
-                .await
-                .map_err(|e| Status::resource_exhausted(format!("cannot write staging file: {e}")))?;
+            c.file.write_all(&chunk.data).await.map_err(|e| {
+                Status::resource_exhausted(format!("cannot write staging file: {e}"))
+            })?;
             c.written += chunk.data.len() as u64;
             if chunk.last {
                 let mut c = current.take().expect("current instance");
-                c.file
-                    .sync_all()
-                    .await
-                    .map_err(|e| Status::resource_exhausted(format!("cannot sync staging file: {e}")))?;
+                c.file.sync_all().await.map_err(|e| {
+                    Status::resource_exhausted(format!("cannot sync staging file: {e}"))
+                })?;
                 let digest: [u8; 32] = std::mem::take(&mut c.hasher).finalize().into();
                 if c.written != c.size || digest != c.sha {
                     return Err(Status::data_loss(format!(
@@ -491,7 +508,11 @@ impl Receiver {
                 plan.study_token,
                 c.stored,
                 c.already_held,
-                if delivered.is_some() { ", delivered to inbox" } else { "" }
+                if delivered.is_some() {
+                    ", delivered to inbox"
+                } else {
+                    ""
+                }
             ),
             agreement: plan.agreement.clone(),
             purpose: plan.purpose.clone(),

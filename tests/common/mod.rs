@@ -131,7 +131,10 @@ pub fn site_config(base: &Path, site: &str, addrs: &BTreeMap<String, String>) ->
     let pki = base.join("pki");
     NodeConfig {
         site_id: site.into(),
-        listen: addrs.get(site).cloned().unwrap_or_else(|| "127.0.0.1:0".into()),
+        listen: addrs
+            .get(site)
+            .cloned()
+            .unwrap_or_else(|| "127.0.0.1:0".into()),
         data_dir: dir.join("data"),
         key_file: key,
         agreements: dir.join("agreements"),
