@@ -373,10 +373,13 @@ fn lay_out_site(
     Ok(path)
 }
 
-/// Runs the demo: two sites on loopback, one study from hospital-a to telerad-c.
+/// Runs the demo: two sites on loopback, one study from hospital-a to telerad-c (the generated
+/// CT of `slices` x `size`², unless `study` names a folder to send instead).
 pub async fn run(
     data_dir: Option<PathBuf>,
     study: Option<PathBuf>,
+    slices: usize,
+    size: u16,
 ) -> Result<DemoOutcome, DemoError> {
     let certs = find_repo_dir("certs-dev").ok_or_else(|| {
         DemoError::Setup("certs-dev/ not found: run the demo from the repository folder".into())
@@ -437,7 +440,7 @@ pub async fn run(
         None => {
             let d = base.join("source-study");
             if !d.exists() {
-                write_synthetic_ct(&d, &SyntheticPatient::default(), 20, 256)?;
+                write_synthetic_ct(&d, &SyntheticPatient::default(), slices, size)?;
             }
             d
         }

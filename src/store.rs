@@ -28,6 +28,8 @@ pub enum StoreError {
     },
     #[error("storage index: {0}")]
     Index(#[from] sled::Error),
+    #[error("the data directory {0} is in use by another pacs-broker process (is `serve` running with this config?)")]
+    InUse(PathBuf),
     #[error("storage index record is corrupt: {0}")]
     Corrupt(String),
 }
@@ -145,7 +147,13 @@ impl LocalStore {
         let db = sled::Config::new()
             .path(root.join("index"))
             .mode(sled::Mode::HighThroughput)
-            .open()?;
+            .open()
+            .map_err(|e| match &e {
+                sled::Error::Io(io) if io.to_string().contains("lock") => {
+                    StoreError::InUse(root.to_owned())
+                }
+                _ => StoreError::Index(e),
+            })?;
         let index = db.open_tree("index")?;
         Ok(LocalStore {
             root: root.to_owned(),
@@ -386,5 +394,23 @@ mod tests {
         let out = s.deliver(&rec).unwrap();
         assert_eq!(fs::read(out.join("2.25.12.dcm")).unwrap(), b"two");
         assert_eq!(fs::read_dir(dir.path().join("staging")).unwrap().count(), 0);
+    }
+}
+
+#[cfg(test)]
+mod lock_tests {
+    use super::*;
+
+    #[test]
+    fn a_second_process_on_the_same_data_dir_gets_a_clear_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let _first = LocalStore::open(dir.path()).unwrap();
+        // sled takes an exclusive file lock on its index; a second open (here in the same
+        // process, in real life a second `pacs-broker` process) is refused with a clear error.
+        match LocalStore::open(dir.path()) {
+            Err(StoreError::InUse(p)) => assert_eq!(p, dir.path()),
+            Err(other) => panic!("unexpected error: {other}"),
+            Ok(_) => panic!("a second store opened the same data directory"),
+        }
     }
 }

@@ -68,6 +68,12 @@ pub struct DemoArgs {
     /// Send this folder's DICOM files instead of the generated CT study.
     #[arg(long)]
     pub study: Option<PathBuf>,
+    /// Slices of the generated CT study.
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u16).range(1..=5000))]
+    pub slices: u16,
+    /// Rows and columns of each generated slice.
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u16).range(16..=4096))]
+    pub size: u16,
 }
 
 #[derive(Debug, Subcommand)]
@@ -170,7 +176,14 @@ pub fn send(args: SendArgs) -> anyhow::Result<i32> {
 
 pub fn demo(args: DemoArgs) -> anyhow::Result<i32> {
     let rt = runtime()?;
-    let out = rt.block_on(demo::run(args.data_dir, args.study))?;
+    let started = std::time::Instant::now();
+    let out = rt.block_on(demo::run(
+        args.data_dir,
+        args.study,
+        args.slices as usize,
+        args.size,
+    ))?;
+    let elapsed = started.elapsed();
     let before = dicom_object::open_file(&out.original)
         .with_context(|| format!("cannot re-read {}", out.original.display()))?;
     let after = dicom_object::open_file(&out.received)
@@ -208,7 +221,11 @@ pub fn demo(args: DemoArgs) -> anyhow::Result<i32> {
     for (p, why) in out.report.quarantined.iter().chain(&out.report.failed) {
         println!("not sent: {} ({why})", p.display());
     }
-    println!("\nDemo data: {}", out.base.display());
+    println!(
+        "\nSet-up, generation, de-identification and transfer took {:.2} s.",
+        elapsed.as_secs_f64()
+    );
+    println!("Demo data: {}", out.base.display());
     println!("Received DICOM files: {}", out.inbox.display());
     for c in &out.configs {
         println!(

@@ -31,6 +31,8 @@ use crate::store::{StagedInstance, Store, StudyKey};
 pub const MAX_INSTANCES_PER_OFFER: usize = 100_000;
 /// Largest single instance accepted (4 GiB).
 pub const MAX_INSTANCE_SIZE: u64 = 4 << 30;
+/// Most offers waiting for their transfer at once.
+pub const MAX_PENDING_OFFERS: usize = 1024;
 /// How long an offer stays valid without its transfer.
 pub const OFFER_TTL: Duration = Duration::from_secs(3600);
 
@@ -227,6 +229,11 @@ impl Federation for Receiver {
         let transfer_id = hex::encode(rand::random::<[u8; 16]>());
         let mut plans = self.plans.lock().unwrap_or_else(|p| p.into_inner());
         plans.retain(|_, p| p.created.elapsed() < OFFER_TTL);
+        if plans.len() >= MAX_PENDING_OFFERS {
+            return Err(Status::resource_exhausted(
+                "too many offers are waiting for their transfer; retry later",
+            ));
+        }
         plans.insert(
             transfer_id.clone(),
             Plan {
