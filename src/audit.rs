@@ -2,7 +2,9 @@
 //!
 //! Owns: an append-only JSON-lines file in which every entry carries its sequence number, the hash
 //! of the previous entry and its own hash (SHA-256 over its canonical JSON), so that any edit,
-//! deletion or reordering is found by [`verify`]. Each append is fsynced before it returns.
+//! deletion or reordering is found by [`verify`]. Each append is fsynced before it returns, and
+//! appends take an exclusive file lock and read the chain head from the file itself, so several
+//! processes of one site (a `serve` and a `send`) extend one unbroken chain.
 //! Entries name tokens, pseudonymous UIDs, sites and agreements — never PHI.
 //!
 //! Does not own: deciding what is audited (the node and federation call [`AuditLog::record`]).
@@ -70,10 +72,45 @@ fn entry_hash(e: &Entry) -> String {
     hex::encode(Sha256::digest(body.to_string().as_bytes()))
 }
 
-/// An open audit log. Appends are serialised by a mutex and fsynced.
+/// An open audit log. Appends are serialised by a mutex within the process and by an exclusive
+/// file lock across processes, and fsynced.
 pub struct AuditLog {
     path: PathBuf,
-    state: Mutex<(File, u64, String)>,
+    file: Mutex<File>,
+}
+
+/// The (sequence, hash) of the last entry, read from the end of the file.
+fn head_of(file: &mut File) -> std::io::Result<(u64, String)> {
+    use std::io::{Read, Seek, SeekFrom};
+    let len = file.seek(SeekFrom::End(0))?;
+    if len == 0 {
+        return Ok((0, GENESIS.to_string()));
+    }
+    let mut back = 4096u64;
+    loop {
+        let start = len.saturating_sub(back);
+        file.seek(SeekFrom::Start(start))?;
+        let mut buf = Vec::new();
+        file.read_to_end(&mut buf)?;
+        let trimmed = buf.strip_suffix(b"\n").unwrap_or(&buf);
+        if let Some(i) = trimmed.iter().rposition(|&b| b == b'\n') {
+            return parse_head(&trimmed[i + 1..]);
+        }
+        if start == 0 {
+            return parse_head(trimmed);
+        }
+        back *= 4;
+    }
+}
+
+fn parse_head(line: &[u8]) -> std::io::Result<(u64, String)> {
+    let e: Entry = serde_json::from_slice(line).map_err(|e| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("last audit entry unreadable: {e}"),
+        )
+    })?;
+    Ok((e.seq, e.hash))
 }
 
 impl AuditLog {
@@ -86,21 +123,21 @@ impl AuditLog {
         if let Some(dir) = path.parent() {
             fs::create_dir_all(dir).map_err(io)?;
         }
-        let (seq, last) = match verify(path) {
-            Ok(v) => (v.entries, v.last_hash),
+        match verify(path) {
+            Ok(_) => {}
             Err(AuditError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
-                (0, GENESIS.to_string())
             }
             Err(e) => return Err(e),
-        };
+        }
         let file = OpenOptions::new()
             .create(true)
+            .read(true)
             .append(true)
             .open(path)
             .map_err(io)?;
         Ok(AuditLog {
             path: path.to_owned(),
-            state: Mutex::new((file, seq, last)),
+            file: Mutex::new(file),
         })
     }
 
@@ -110,28 +147,38 @@ impl AuditLog {
 
     /// Appends an event and makes it durable.
     pub fn record(&self, event: Event) -> Result<Entry, AuditError> {
-        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let io = |source| AuditError::Io {
+            path: self.path.clone(),
+            source,
+        };
+        let mut file = self.file.lock().unwrap_or_else(|p| p.into_inner());
+        file.lock().map_err(io)?;
+        let result = self.append_locked(&mut file, event);
+        let _ = file.unlock();
+        result
+    }
+
+    fn append_locked(&self, file: &mut File, event: Event) -> Result<Entry, AuditError> {
+        let io = |source| AuditError::Io {
+            path: self.path.clone(),
+            source,
+        };
+        let (seq, prev) = head_of(file).map_err(io)?;
         let time = time::OffsetDateTime::now_utc()
             .format(&time::format_description::well_known::Rfc3339)
             .unwrap_or_default();
         let mut e = Entry {
-            seq: st.1 + 1,
+            seq: seq + 1,
             time,
             event,
-            prev: st.2.clone(),
+            prev,
             hash: String::new(),
         };
         e.hash = entry_hash(&e);
         let mut line = serde_json::to_string(&e).expect("entry serialises");
         line.push('\n');
-        let io = |source| AuditError::Io {
-            path: self.path.clone(),
-            source,
-        };
-        st.0.write_all(line.as_bytes()).map_err(io)?;
-        st.0.sync_data().map_err(io)?;
-        st.1 = e.seq;
-        st.2 = e.hash.clone();
+        file.write_all(line.as_bytes()).map_err(io)?;
+        file.sync_data().map_err(io)?;
         Ok(e)
     }
 
@@ -219,6 +266,14 @@ mod tests {
         }
         let log = AuditLog::open(&p).unwrap();
         log.record(ev("four")).unwrap();
+        // A second writer (as a second process would) extends the same chain.
+        let other = AuditLog::open(&p).unwrap();
+        other.record(ev("five")).unwrap();
+        log.record(ev("six")).unwrap();
+        assert_eq!(verify(&p).unwrap().entries, 6);
+        let text = fs::read_to_string(&p).unwrap();
+        let keep: Vec<&str> = text.lines().take(4).collect();
+        fs::write(&p, keep.join("\n") + "\n").unwrap();
         assert_eq!(verify(&p).unwrap().entries, 4);
         let text = fs::read_to_string(&p).unwrap();
         let lines: Vec<&str> = text.lines().collect();

@@ -459,7 +459,7 @@ pub async fn run(
         .and_then(|s| s.files.first())
         .cloned()
         .ok_or_else(|| DemoError::Setup("no study was sent".into()))?;
-    let inbox = node_c.store.inbox();
+    let inbox = node_c.store()?.inbox();
     let received = inbox
         .join(crate::store::safe_name(&agreement.id))
         .join(crate::store::safe_name(&report.studies[0].study_token))

@@ -133,24 +133,24 @@ pub struct Node {
     pub config: NodeConfig,
     pub keys: SiteKeys,
     pub tls: SiteTls,
-    pub store: Arc<LocalStore>,
     pub audit: Arc<AuditLog>,
-    pub vault: Vault,
     agreements: watch::Sender<Arc<AgreementSet>>,
+    /// Opened on first use: the receiving store by `serve`, the vault by `send`, so that a
+    /// `send` process can run beside the site's `serve` process (each sled database is locked by
+    /// the one process that opens it).
+    store: std::sync::Mutex<Option<Arc<LocalStore>>>,
+    vault: std::sync::Mutex<Option<Arc<Vault>>>,
 }
 
 impl Node {
     /// Opens a node: loads keys (refusing a key file others can read), TLS material (checking the
-    /// certificate names this site), the store, the audit log (verifying its chain) and the
-    /// agreements.
+    /// certificate names this site), the audit log (verifying its chain) and the agreements.
     pub fn open(config: NodeConfig) -> Result<Node, NodeError> {
         crate::federation::pki::validate_site_id(&config.site_id)
             .map_err(|e| NodeError::Input(e.to_string()))?;
         let keys = SiteKeys::load(&config.key_file)?;
         let tls = SiteTls::load(&config.site_id, &config.tls)?;
-        let store = Arc::new(LocalStore::open(&config.data_dir.join("store"))?);
         let audit = Arc::new(AuditLog::open(&config.data_dir.join("audit.log"))?);
-        let vault = Vault::new(&keys, store.tree("vault")?);
         let (set, rejected) = load_agreements(&config.agreements);
         for (f, why) in &rejected {
             tracing::error!(file = %f.display(), reason = %why, "agreement not enforced");
@@ -160,11 +160,41 @@ impl Node {
             config,
             keys,
             tls,
-            store,
             audit,
-            vault,
             agreements,
+            store: Default::default(),
+            vault: Default::default(),
         })
+    }
+
+    /// The receiving store (opened on first use).
+    pub fn store(&self) -> Result<Arc<LocalStore>, NodeError> {
+        let mut slot = self.store.lock().unwrap_or_else(|p| p.into_inner());
+        if slot.is_none() {
+            *slot = Some(Arc::new(LocalStore::open(
+                &self.config.data_dir.join("store"),
+            )?));
+        }
+        Ok(slot.clone().expect("just opened"))
+    }
+
+    /// The origin-only vault (opened on first use, in its own database under `data/vault`).
+    pub fn vault(&self) -> Result<Arc<Vault>, NodeError> {
+        let mut slot = self.vault.lock().unwrap_or_else(|p| p.into_inner());
+        if slot.is_none() {
+            let path = self.config.data_dir.join("vault");
+            let db = sled::open(&path).map_err(|e| match &e {
+                sled::Error::Io(io) if io.to_string().contains("lock") => {
+                    crate::store::StoreError::InUse(path.clone())
+                }
+                _ => crate::store::StoreError::Index(e),
+            })?;
+            let tree = db
+                .open_tree("vault")
+                .map_err(crate::store::StoreError::Index)?;
+            *slot = Some(Arc::new(Vault::new(&self.keys, tree)));
+        }
+        Ok(slot.clone().expect("just opened"))
     }
 
     /// Opens a node from a config file.
@@ -201,7 +231,7 @@ impl Node {
     ) -> Result<(), NodeError> {
         let receiver = Receiver::new(
             self.config.site_id.clone(),
-            self.store.clone() as Arc<dyn Store>,
+            self.store()? as Arc<dyn Store>,
             self.agreements.subscribe(),
             self.audit.clone(),
             ReceiptSigner::new(&self.tls.key_pkcs8),
@@ -276,15 +306,12 @@ impl Node {
             .join("outbox")
             .join(store::safe_name(agreement_id));
         let files = collect_inputs(inputs).map_err(NodeError::Input)?;
-        let vault_tree = self.store.tree("vault")?;
-        let keys = self.keys.clone();
+        let vault = self.vault()?;
         let agreement = agreement_id.to_string();
-        let prepared = tokio::task::spawn_blocking(move || {
-            let vault = Vault::new(&keys, vault_tree);
-            prepare(&deid, &vault, &agreement, &outbox, files)
-        })
-        .await
-        .map_err(|e| NodeError::Input(e.to_string()))??;
+        let prepared =
+            tokio::task::spawn_blocking(move || prepare(&deid, &vault, &agreement, &outbox, files))
+                .await
+                .map_err(|e| NodeError::Input(e.to_string()))??;
 
         let mut report = SendReport {
             quarantined: prepared.quarantined,

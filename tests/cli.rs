@@ -158,3 +158,99 @@ fn the_compose_node_configs_parse() {
         assert_eq!(cfg.site_id, site);
     }
 }
+
+/// Kills a child process when dropped, so a failing test leaves no server behind.
+struct Running(std::process::Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn wait_listening(addr: &str) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while std::net::TcpStream::connect(addr).is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "nothing listens on {addr}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn sites_left_by_the_demo_serve_by_hand_and_send_beside_serve() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = bin()
+        .args(["demo", "--slices", "3", "--size", "64", "--data-dir"])
+        .arg(dir.path())
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let cfg = |site: &str| dir.path().join(site).join("node.toml");
+    let mut servers = Vec::new();
+    for site in ["telerad-c", "hospital-a"] {
+        let child = bin()
+            .args(["serve", "--config"])
+            .arg(cfg(site))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        servers.push(Running(child));
+        let listen = pacs_broker::config::NodeConfig::load(&cfg(site))
+            .unwrap()
+            .listen;
+        wait_listening(&listen);
+    }
+    // hospital-a's own `serve` is running: `send` with the same config works beside it.
+    let out = bin()
+        .args(["send", "--config"])
+        .arg(cfg("hospital-a"))
+        .args(["--agreement", "example-teleradiology", "--flow", "ct-reads"])
+        .arg(dir.path().join("source-study"))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("0 transferred, 3 already held"), "{stdout}");
+    // A flow that does not exist is refused with a clear error and exit 1.
+    let out = bin()
+        .args(["send", "--config"])
+        .arg(cfg("hospital-a"))
+        .args([
+            "--agreement",
+            "example-teleradiology",
+            "--flow",
+            "no-such-flow",
+        ])
+        .arg(dir.path().join("source-study"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no flow \"no-such-flow\""));
+    drop(servers);
+    for site in ["hospital-a", "telerad-c"] {
+        let out = bin()
+            .args(["audit", "verify", "--config"])
+            .arg(cfg(site))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{site}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}

@@ -69,7 +69,7 @@ fn assert_nothing_stored(node: &Node) {
     );
     use pacs_broker::store::Store;
     assert!(
-        node.store.studies().unwrap().is_empty(),
+        node.store().unwrap().studies().unwrap().is_empty(),
         "a study was indexed"
     );
 }
@@ -126,7 +126,7 @@ async fn two_sites_exchange_a_deidentified_study_idempotently() {
     assert_eq!(files_under(&store_dir(c).join("blobs")).len(), 6);
     assert_eq!(files_under(&store_dir(c).join("inbox")).len(), 6);
     use pacs_broker::store::Store;
-    assert_eq!(c.store.studies().unwrap().len(), 1);
+    assert_eq!(c.store().unwrap().studies().unwrap().len(), 1);
 
     // Both audit logs verify and record the disclosure and the receipt.
     for site in ["hospital-a", "telerad-c"] {

@@ -128,6 +128,6 @@ async fn suspending_a_party_cuts_it_off_within_a_second() {
     let store = c.config.data_dir.join("store");
     assert!(files_under(&store.join("blobs")).is_empty());
     assert!(files_under(&store.join("staging")).is_empty());
-    assert!(c.store.studies().unwrap().is_empty());
+    assert!(c.store().unwrap().studies().unwrap().is_empty());
     fed.stop().await;
 }
