@@ -1,1 +1,446 @@
-//! (in progress)
+//! The self-contained demo federation behind `pacs-broker demo`, and the synthetic study it sends.
+//!
+//! Owns: laying out two site nodes (hospital-a sending, telerad-c receiving) on loopback with the
+//! development certificates and the example agreement, generating a realistic CT study full of
+//! (fictitious) PHI, sending it, and the before/after report of what the receiver stored. The
+//! node folders it writes are complete: `pacs-broker serve --config <dir>/<site>/node.toml` starts
+//! the same site by hand.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use dicom_core::{DataElement, PrimitiveValue, Tag, VR};
+use dicom_dictionary_std::tags;
+use dicom_object::meta::FileMetaTableBuilder;
+use dicom_object::InMemDicomObject;
+
+use crate::config::{NodeConfig, Peer, TlsPaths};
+use crate::dsa::Agreement;
+use crate::node::{Node, SendReport};
+use crate::pseudonym::SiteKeys;
+
+/// The sending and receiving sites of the demo.
+pub const SENDER: &str = "hospital-a";
+pub const RECEIVER: &str = "telerad-c";
+/// The example agreement and its flow.
+pub const AGREEMENT_FILE: &str = "example-teleradiology.toml";
+pub const FLOW: &str = "ct-reads";
+
+/// The fictitious patient of the synthetic study.
+#[derive(Debug, Clone)]
+pub struct SyntheticPatient {
+    pub name: String,
+    pub id: String,
+    pub birth_date: String,
+    pub accession: String,
+    pub institution: String,
+    pub referring: String,
+}
+
+impl Default for SyntheticPatient {
+    fn default() -> Self {
+        SyntheticPatient {
+            name: "DOE^JANE^QUINN".into(),
+            id: "MRN-0042117".into(),
+            birth_date: "19580314".into(),
+            accession: "ACC-2026-118842".into(),
+            institution: "St. Example General Hospital".into(),
+            referring: "SMITH^ROBERT^J^DR".into(),
+        }
+    }
+}
+
+fn random_uid(root: &str) -> String {
+    format!("{root}.{}", rand::random::<u64>() >> 1)
+}
+
+/// Writes a CT series of `slices` instances (`size`x`size`, 16-bit, explicit VR little endian)
+/// with PHI in the usual attributes, including inside sequences. Returns the files.
+pub fn write_synthetic_ct(
+    dir: &Path,
+    patient: &SyntheticPatient,
+    slices: usize,
+    size: u16,
+) -> std::io::Result<Vec<PathBuf>> {
+    std::fs::create_dir_all(dir)?;
+    let root = "1.2.826.0.1.3680043.10.1432";
+    let study_uid = random_uid(&format!("{root}.1"));
+    let series_uid = random_uid(&format!("{root}.2"));
+    let frame_uid = random_uid(&format!("{root}.3"));
+    let mut files = Vec::new();
+    for i in 0..slices {
+        let sop_uid = format!("{}.{}", random_uid(&format!("{root}.4")), i + 1);
+        let obj = synthetic_ct_slice(patient, &study_uid, &series_uid, &frame_uid, &sop_uid, i, size);
+        let file = obj
+            .with_meta(
+                FileMetaTableBuilder::new()
+                    .transfer_syntax("1.2.840.10008.1.2.1")
+                    .implementation_class_uid("1.2.826.0.1.3680043.10.1432.0.1")
+                    .implementation_version_name("PACSBROKER_DEMO"),
+            )
+            .map_err(std::io::Error::other)?;
+        let path = dir.join(format!("CT{:04}.dcm", i + 1));
+        file.write_to_file(&path).map_err(std::io::Error::other)?;
+        files.push(path);
+    }
+    Ok(files)
+}
+
+fn put(obj: &mut InMemDicomObject, tag: Tag, vr: VR, v: &str) {
+    obj.put(DataElement::new(tag, vr, PrimitiveValue::from(v)));
+}
+
+fn synthetic_ct_slice(
+    p: &SyntheticPatient,
+    study_uid: &str,
+    series_uid: &str,
+    frame_uid: &str,
+    sop_uid: &str,
+    index: usize,
+    size: u16,
+) -> InMemDicomObject {
+    let mut o = InMemDicomObject::new_empty();
+    let z = -100.0 + 5.0 * index as f64;
+    for (tag, vr, v) in [
+        (tags::SPECIFIC_CHARACTER_SET, VR::CS, "ISO_IR 100".to_string()),
+        (tags::IMAGE_TYPE, VR::CS, "ORIGINAL\\PRIMARY\\AXIAL".into()),
+        (tags::SOP_CLASS_UID, VR::UI, "1.2.840.10008.5.1.4.1.1.2".into()),
+        (tags::SOP_INSTANCE_UID, VR::UI, sop_uid.into()),
+        (tags::STUDY_DATE, VR::DA, "20261102".into()),
+        (tags::SERIES_DATE, VR::DA, "20261102".into()),
+        (tags::ACQUISITION_DATE, VR::DA, "20261102".into()),
+        (tags::CONTENT_DATE, VR::DA, "20261102".into()),
+        (tags::STUDY_TIME, VR::TM, "101500".into()),
+        (tags::CONTENT_TIME, VR::TM, format!("1016{:02}", index % 60)),
+        (tags::ACCESSION_NUMBER, VR::SH, p.accession.clone()),
+        (tags::MODALITY, VR::CS, "CT".into()),
+        (tags::MANUFACTURER, VR::LO, "ExampleMed".into()),
+        (tags::INSTITUTION_NAME, VR::LO, p.institution.clone()),
+        (tags::INSTITUTION_ADDRESS, VR::ST, "1 Hospital Road, Springfield".into()),
+        (tags::REFERRING_PHYSICIAN_NAME, VR::PN, p.referring.clone()),
+        (tags::STATION_NAME, VR::SH, "CT-SCANNER-01".into()),
+        (tags::STUDY_DESCRIPTION, VR::LO, "CT CHEST WITH CONTRAST".into()),
+        (tags::SERIES_DESCRIPTION, VR::LO, "AXIAL 5MM".into()),
+        (tags::PERFORMING_PHYSICIAN_NAME, VR::PN, "JONES^MARY".into()),
+        (tags::OPERATORS_NAME, VR::PN, "TECH^TERRY".into()),
+        (tags::MANUFACTURER_MODEL_NAME, VR::LO, "Example CT 64".into()),
+        (tags::PATIENT_NAME, VR::PN, p.name.clone()),
+        (tags::PATIENT_ID, VR::LO, p.id.clone()),
+        (tags::PATIENT_BIRTH_DATE, VR::DA, p.birth_date.clone()),
+        (tags::PATIENT_SEX, VR::CS, "F".into()),
+        (tags::PATIENT_AGE, VR::AS, "068Y".into()),
+        (tags::PATIENT_ADDRESS, VR::LO, "42 Elm Street, Springfield".into()),
+        (tags::BODY_PART_EXAMINED, VR::CS, "CHEST".into()),
+        (tags::SLICE_THICKNESS, VR::DS, "5".into()),
+        (tags::KVP, VR::DS, "120".into()),
+        (tags::DEVICE_SERIAL_NUMBER, VR::LO, "SN-77812".into()),
+        (tags::PATIENT_POSITION, VR::CS, "HFS".into()),
+        (tags::STUDY_INSTANCE_UID, VR::UI, study_uid.into()),
+        (tags::SERIES_INSTANCE_UID, VR::UI, series_uid.into()),
+        (tags::STUDY_ID, VR::SH, "4711".into()),
+        (tags::SERIES_NUMBER, VR::IS, "2".into()),
+        (tags::INSTANCE_NUMBER, VR::IS, (index + 1).to_string()),
+        (tags::IMAGE_POSITION_PATIENT, VR::DS, format!("-125\\-125\\{z}")),
+        (tags::IMAGE_ORIENTATION_PATIENT, VR::DS, "1\\0\\0\\0\\1\\0".into()),
+        (tags::FRAME_OF_REFERENCE_UID, VR::UI, frame_uid.into()),
+        (tags::SLICE_LOCATION, VR::DS, format!("{z}")),
+        (tags::SAMPLES_PER_PIXEL, VR::US, "1".into()),
+        (tags::PHOTOMETRIC_INTERPRETATION, VR::CS, "MONOCHROME2".into()),
+        (tags::BURNED_IN_ANNOTATION, VR::CS, "NO".into()),
+        (tags::PIXEL_SPACING, VR::DS, "0.9765625\\0.9765625".into()),
+        (tags::RESCALE_INTERCEPT, VR::DS, "-1024".into()),
+        (tags::RESCALE_SLOPE, VR::DS, "1".into()),
+        (tags::WINDOW_CENTER, VR::DS, "40".into()),
+        (tags::WINDOW_WIDTH, VR::DS, "400".into()),
+    ] {
+        put(&mut o, tag, vr, &v);
+    }
+    for (tag, v) in [
+        (tags::ROWS, size),
+        (tags::COLUMNS, size),
+        (tags::BITS_ALLOCATED, 16),
+        (tags::BITS_STORED, 12),
+        (tags::HIGH_BIT, 11),
+        (tags::PIXEL_REPRESENTATION, 0),
+    ] {
+        o.put(DataElement::new(tag, VR::US, PrimitiveValue::from(v)));
+    }
+    // Identifiers inside sequences, as RIS-fed modalities write them.
+    let mut request = InMemDicomObject::new_empty();
+    put(&mut request, tags::ACCESSION_NUMBER, VR::SH, &p.accession);
+    put(&mut request, tags::REQUESTED_PROCEDURE_ID, VR::SH, "RP-99812");
+    put(&mut request, tags::REQUESTING_PHYSICIAN, VR::PN, &p.referring);
+    put(&mut request, tags::STUDY_INSTANCE_UID, VR::UI, study_uid);
+    o.put(DataElement::new(
+        tags::REQUEST_ATTRIBUTES_SEQUENCE,
+        VR::SQ,
+        dicom_core::value::DataSetSequence::from(vec![request]),
+    ));
+    let mut other = InMemDicomObject::new_empty();
+    put(&mut other, tags::PATIENT_ID, VR::LO, "NHS-943-476-5919");
+    put(&mut other, tags::ISSUER_OF_PATIENT_ID, VR::LO, "NHS");
+    o.put(DataElement::new(
+        tags::OTHER_PATIENT_I_DS_SEQUENCE,
+        VR::SQ,
+        dicom_core::value::DataSetSequence::from(vec![other]),
+    ));
+    // A phantom: air, a body ellipse of soft tissue, lungs, and a vessel that moves per slice.
+    let n = size as usize;
+    let mut pixels = Vec::with_capacity(n * n * 2);
+    let c = n as f64 / 2.0;
+    for y in 0..n {
+        for x in 0..n {
+            let (dx, dy) = ((x as f64 - c) / c, (y as f64 - c) / c);
+            let body = (dx / 0.85).powi(2) + (dy / 0.65).powi(2) <= 1.0;
+            let lung = ((dx.abs() - 0.38) / 0.25).powi(2) + (dy / 0.4).powi(2) <= 1.0;
+            let vx = 0.1 * ((index as f64) / 4.0).sin();
+            let vessel = (dx - vx).powi(2) + (dy + 0.1).powi(2) <= 0.004;
+            let hu: i32 = if vessel {
+                250
+            } else if lung && body {
+                -850
+            } else if body {
+                40 + ((x * 7 + y * 13 + index * 3) % 20) as i32
+            } else {
+                -1000
+            };
+            let stored = (hu + 1024).clamp(0, 4095) as u16;
+            pixels.extend_from_slice(&stored.to_le_bytes());
+        }
+    }
+    o.put(DataElement::new(
+        tags::PIXEL_DATA,
+        VR::OW,
+        PrimitiveValue::U8(pixels.into()),
+    ));
+    o
+}
+
+/// Where the demo finds the repository's certs-dev/ and policies/: the current folder, then the
+/// folder the binary was built from.
+pub fn find_repo_dir(name: &str) -> Option<PathBuf> {
+    [PathBuf::from("."), PathBuf::from(env!("CARGO_MANIFEST_DIR"))]
+        .into_iter()
+        .map(|b| b.join(name))
+        .find(|p| p.is_dir())
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DemoError {
+    #[error("{0}")]
+    Setup(String),
+    #[error(transparent)]
+    Node(#[from] crate::node::NodeError),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// What the demo did, for the report.
+pub struct DemoOutcome {
+    pub base: PathBuf,
+    pub report: SendReport,
+    pub original: PathBuf,
+    pub received: PathBuf,
+    pub inbox: PathBuf,
+    pub configs: Vec<PathBuf>,
+}
+
+fn copy_dir_files(from: &Path, to: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(to)?;
+    for e in std::fs::read_dir(from)?.flatten() {
+        let p = e.path();
+        if p.is_file() {
+            std::fs::copy(&p, to.join(e.file_name()))?;
+        } else if p.is_dir() {
+            copy_dir_files(&p, &to.join(e.file_name()))?;
+        }
+    }
+    Ok(())
+}
+
+/// Lays out one demo site under `base/<site>` and returns its config path.
+fn lay_out_site(
+    base: &Path,
+    certs: &Path,
+    policies: &Path,
+    site: &str,
+    listen: &str,
+    peers: BTreeMap<String, Peer>,
+) -> Result<PathBuf, DemoError> {
+    let dir = base.join(site);
+    std::fs::create_dir_all(dir.join("tls"))?;
+    for (from, to) in [
+        ("ca.pem".to_string(), "ca.pem".to_string()),
+        (format!("{site}.pem"), "site.pem".into()),
+        (format!("{site}.key"), "site-tls.key".into()),
+    ] {
+        std::fs::copy(certs.join(&from), dir.join("tls").join(to)).map_err(|e| {
+            DemoError::Setup(format!("cannot copy {} from {}: {e}", from, certs.display()))
+        })?;
+    }
+    copy_dir_files(policies, &dir.join("agreements"))?;
+    let key = dir.join("site.key");
+    if !key.exists() {
+        SiteKeys::generate()
+            .write_new(&key)
+            .map_err(|e| DemoError::Setup(e.to_string()))?;
+    }
+    let cfg = NodeConfig {
+        site_id: site.into(),
+        listen: listen.into(),
+        data_dir: PathBuf::from("data"),
+        key_file: PathBuf::from("site.key"),
+        agreements: PathBuf::from("agreements"),
+        tls: TlsPaths {
+            ca: PathBuf::from("tls/ca.pem"),
+            cert: PathBuf::from("tls/site.pem"),
+            key: PathBuf::from("tls/site-tls.key"),
+        },
+        peers,
+    };
+    let path = dir.join("node.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "# pacs-broker node configuration for site {site}, written by `pacs-broker demo`.\n\
+             # Start this site by hand with: pacs-broker serve --config {}\n{}",
+            path.display(),
+            cfg.to_toml()
+        ),
+    )?;
+    Ok(path)
+}
+
+/// Runs the demo: two sites on loopback, one study from hospital-a to telerad-c.
+pub async fn run(data_dir: Option<PathBuf>, study: Option<PathBuf>) -> Result<DemoOutcome, DemoError> {
+    let certs = find_repo_dir("certs-dev").ok_or_else(|| {
+        DemoError::Setup("certs-dev/ not found: run the demo from the repository folder".into())
+    })?;
+    let policies = find_repo_dir("policies").ok_or_else(|| {
+        DemoError::Setup("policies/ not found: run the demo from the repository folder".into())
+    })?;
+    let agreement = Agreement::from_file(&policies.join(AGREEMENT_FILE))
+        .map_err(|e| DemoError::Setup(e.to_string()))?;
+    let base = match data_dir {
+        Some(d) => {
+            std::fs::create_dir_all(&d)?;
+            std::fs::canonicalize(&d)?
+        }
+        None => tempfile::Builder::new()
+            .prefix("pacs-broker-demo-")
+            .tempdir()?
+            .keep(),
+    };
+    let listener_a = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let listener_c = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let (addr_a, addr_c) = (listener_a.local_addr()?, listener_c.local_addr()?);
+    let peer = |a: std::net::SocketAddr| Peer {
+        address: a.to_string(),
+        server_name: Some("localhost".into()),
+    };
+    let cfg_a = lay_out_site(
+        &base,
+        &certs,
+        &policies,
+        SENDER,
+        &addr_a.to_string(),
+        BTreeMap::from([(RECEIVER.to_string(), peer(addr_c))]),
+    )?;
+    let cfg_c = lay_out_site(
+        &base,
+        &certs,
+        &policies,
+        RECEIVER,
+        &addr_c.to_string(),
+        BTreeMap::from([(SENDER.to_string(), peer(addr_a))]),
+    )?;
+    let node_a = Arc::new(Node::open_config(&cfg_a)?);
+    let node_c = Arc::new(Node::open_config(&cfg_c)?);
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut servers = Vec::new();
+    for (node, listener) in [(node_a.clone(), listener_a), (node_c.clone(), listener_c)] {
+        let mut rx = stop_rx.clone();
+        servers.push(tokio::spawn(async move {
+            node.serve(listener, async move {
+                let _ = rx.wait_for(|s| *s).await;
+            })
+            .await
+        }));
+    }
+    let study_dir = match study {
+        Some(s) => s,
+        None => {
+            let d = base.join("source-study");
+            if !d.exists() {
+                write_synthetic_ct(&d, &SyntheticPatient::default(), 20, 256)?;
+            }
+            d
+        }
+    };
+    let report = node_a
+        .send(&agreement.id, FLOW, None, std::slice::from_ref(&study_dir))
+        .await;
+    let _ = stop_tx.send(true);
+    for s in servers {
+        let _ = s.await;
+    }
+    let report = report?;
+    let first = report
+        .studies
+        .first()
+        .and_then(|s| s.files.first())
+        .cloned()
+        .ok_or_else(|| DemoError::Setup("no study was sent".into()))?;
+    let inbox = node_c.store.inbox();
+    let received = inbox
+        .join(crate::store::safe_name(&agreement.id))
+        .join(crate::store::safe_name(&report.studies[0].study_token))
+        .join(first.1.file_name().expect("outbox file has a name"));
+    Ok(DemoOutcome {
+        base,
+        report,
+        original: first.0,
+        received,
+        inbox,
+        configs: vec![cfg_a, cfg_c],
+    })
+}
+
+/// The identifying attributes the demo's before/after table shows.
+pub const REPORT_ATTRIBUTES: &[(Tag, &str)] = &[
+    (tags::PATIENT_NAME, "PatientName"),
+    (tags::PATIENT_ID, "PatientID"),
+    (tags::PATIENT_BIRTH_DATE, "PatientBirthDate"),
+    (tags::PATIENT_SEX, "PatientSex"),
+    (tags::PATIENT_ADDRESS, "PatientAddress"),
+    (tags::ACCESSION_NUMBER, "AccessionNumber"),
+    (tags::INSTITUTION_NAME, "InstitutionName"),
+    (tags::REFERRING_PHYSICIAN_NAME, "ReferringPhysicianName"),
+    (tags::OPERATORS_NAME, "OperatorsName"),
+    (tags::STATION_NAME, "StationName"),
+    (tags::STUDY_DATE, "StudyDate"),
+    (tags::STUDY_ID, "StudyID"),
+    (tags::STUDY_INSTANCE_UID, "StudyInstanceUID"),
+    (tags::SERIES_INSTANCE_UID, "SeriesInstanceUID"),
+    (tags::SOP_INSTANCE_UID, "SOPInstanceUID"),
+    (tags::FRAME_OF_REFERENCE_UID, "FrameOfReferenceUID"),
+    (tags::OTHER_PATIENT_I_DS_SEQUENCE, "OtherPatientIDsSequence"),
+    (tags::PATIENT_IDENTITY_REMOVED, "PatientIdentityRemoved"),
+    (tags::DEIDENTIFICATION_METHOD, "DeidentificationMethod"),
+];
+
+/// One attribute's value for the table: the text, `(sequence)`, `(empty)` or `(removed)`.
+pub fn show(obj: &InMemDicomObject, tag: Tag) -> String {
+    match obj.get(tag) {
+        None => "(removed)".into(),
+        Some(e) => match e.value() {
+            dicom_core::value::Value::Sequence(s) => format!("(sequence, {} items)", s.items().len()),
+            _ => match e.to_str() {
+                Ok(s) if s.trim().is_empty() => "(empty)".into(),
+                Ok(s) => s.trim_end_matches(['\0', ' ']).to_string(),
+                Err(_) => "(binary)".into(),
+            },
+        },
+    }
+}

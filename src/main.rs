@@ -6,25 +6,64 @@ mod cli;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "pacs-broker", version, about = "Federated de-identified DICOM exchange between hospital sites")]
+#[command(
+    name = "pacs-broker",
+    version,
+    about = "Federated, agreement-driven de-identified DICOM exchange between hospital sites"
+)]
 struct Cli {
+    /// Log filter (tracing EnvFilter syntax), e.g. `info` or `pacs_broker=debug`.
+    #[arg(long, global = true, env = "PACS_BROKER_LOG")]
+    log: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
 
 #[derive(Subcommand)]
 enum Command {
+    /// Certificates for a federation.
+    #[command(subcommand)]
+    Certs(cli::node::CertsCommand),
+    /// Site secret keys.
+    #[command(subcommand)]
+    Keys(cli::node::KeysCommand),
+    /// Run a site node.
+    Serve(cli::node::ServeArgs),
+    /// De-identify files or folders and send them to a partner under an agreement's flow.
+    Send(cli::node::SendArgs),
+    /// Run a two-site federation on this machine and send a study across it.
+    Demo(cli::node::DemoArgs),
     /// De-identify DICOM files or folders to an output folder.
     Deid(cli::deid::DeidArgs),
     /// Check, explain, compare, sign and verify data sharing agreements.
     Dsa(cli::dsa::DsaArgs),
+    /// Audit log tools.
+    #[command(subcommand)]
+    Audit(cli::node::AuditCommand),
 }
 
 fn main() {
     let cli = Cli::parse();
+    let default = match cli.command {
+        Command::Serve(_) => "info",
+        _ => "warn",
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_new(cli.log.as_deref().unwrap_or(default))
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default)),
+        )
+        .with_writer(std::io::stderr)
+        .init();
     let result = match cli.command {
+        Command::Certs(c) => cli::node::certs(c),
+        Command::Keys(c) => cli::node::keys(c),
+        Command::Serve(a) => cli::node::serve(a),
+        Command::Send(a) => cli::node::send(a),
+        Command::Demo(a) => cli::node::demo(a),
         Command::Deid(a) => cli::deid::run(a),
         Command::Dsa(a) => cli::dsa::run(a),
+        Command::Audit(c) => cli::node::audit(c),
     };
     match result {
         Ok(code) => std::process::exit(code),

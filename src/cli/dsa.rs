@@ -72,7 +72,10 @@ pub fn run(args: DsaArgs) -> anyhow::Result<i32> {
             if changes.is_empty() {
                 println!("no changes in disclosure");
             }
-            let widening = changes.iter().filter(|c| c.impact == dsa::diff::Impact::Widens).count();
+            let widening = changes
+                .iter()
+                .filter(|c| c.impact == dsa::diff::Impact::Widens)
+                .count();
             for c in &changes {
                 println!("{c}");
             }
@@ -81,7 +84,11 @@ pub fn run(args: DsaArgs) -> anyhow::Result<i32> {
             }
             Ok(0)
         }
-        DsaCommand::Sign { site_cert, site_key, file } => {
+        DsaCommand::Sign {
+            site_cert,
+            site_key,
+            file,
+        } => {
             let out = sign::sign_file(&file, &site_cert, &site_key, OffsetDateTime::now_utc())?;
             println!("signed {} -> {}", file.display(), out.display());
             Ok(0)
@@ -108,10 +115,16 @@ fn check(files: &[PathBuf], ca: Option<&Path>) -> anyhow::Result<i32> {
         let name = f.display().to_string();
         let report = dsa::check(&name, &text, now.date());
         for e in &report.errors {
-            println!("{}:{}:{}: error: {}\n{}\n", e.file, e.line, e.col, e.message, e.snippet);
+            println!(
+                "{}:{}:{}: error: {}\n{}\n",
+                e.file, e.line, e.col, e.message, e.snippet
+            );
         }
         for w in &report.warnings {
-            println!("{}:{}:{}: warning: {}\n{}\n", w.file, w.line, w.col, w.message, w.snippet);
+            println!(
+                "{}:{}:{}: warning: {}\n{}\n",
+                w.file, w.line, w.col, w.message, w.snippet
+            );
         }
         errors += report.errors.len();
         warnings += report.warnings.len();
@@ -119,7 +132,11 @@ fn check(files: &[PathBuf], ca: Option<&Path>) -> anyhow::Result<i32> {
             let missing: Vec<&str> = a
                 .parties
                 .iter()
-                .filter(|p| !sign::signature_dir(f).join(format!("{}.sig", p.site)).exists())
+                .filter(|p| {
+                    !sign::signature_dir(f)
+                        .join(format!("{}.sig", p.site))
+                        .exists()
+                })
                 .map(|p| p.site.as_str())
                 .collect();
             let mut sig_warning = |msg: String| {
@@ -132,12 +149,19 @@ fn check(files: &[PathBuf], ca: Option<&Path>) -> anyhow::Result<i32> {
                     sig_warning(format!("not enforceable: {}", v.problems()));
                 }
             } else if !missing.is_empty() {
-                let draft = if a.status == dsa::Status::Draft { " (normal for a draft being edited)" } else { "" };
+                let draft = if a.status == dsa::Status::Draft {
+                    " (normal for a draft being edited)"
+                } else {
+                    ""
+                };
                 sig_warning(format!("not signed by {}{draft}: nodes refuse an agreement until every party has signed this exact version", missing.join(", ")));
             }
         }
     }
-    println!("{} file(s): {errors} error(s), {warnings} warning(s)", files.len());
+    println!(
+        "{} file(s): {errors} error(s), {warnings} warning(s)",
+        files.len()
+    );
     Ok(if errors > 0 { 1 } else { 0 })
 }
 
@@ -146,7 +170,13 @@ fn verify(ca: &Path, file: &Path) -> anyhow::Result<i32> {
     let bytes = std::fs::read(file).with_context(|| format!("{}", file.display()))?;
     let a = load(file)?;
     let v = sign::verify(file, &bytes, &a, &ca, OffsetDateTime::now_utc());
-    println!("{} — agreement {:?} version {}, sha256 {}", file.display(), a.id, a.version, v.file_sha256);
+    println!(
+        "{} — agreement {:?} version {}, sha256 {}",
+        file.display(),
+        a.id,
+        a.version,
+        v.file_sha256
+    );
     for (site, state) in &v.parties {
         let mark = match state {
             SignatureState::Valid { .. } => "ok      ",

@@ -2,3 +2,4 @@
 
 pub mod deid;
 pub mod dsa;
+pub mod node;

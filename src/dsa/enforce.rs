@@ -45,25 +45,49 @@ pub enum Refusal {
     #[error("agreement {agreement:?} is {status}, not active")]
     NotActive { agreement: String, status: Status },
     #[error("agreement {agreement:?} is valid from {from}, not yet on {today}")]
-    NotYetValid { agreement: String, from: Date, today: Date },
+    NotYetValid {
+        agreement: String,
+        from: Date,
+        today: Date,
+    },
     #[error("agreement {agreement:?} expired on {until} (today is {today})")]
-    Expired { agreement: String, until: Date, today: Date },
+    Expired {
+        agreement: String,
+        until: Date,
+        today: Date,
+    },
     #[error("agreement {agreement:?} has no flow {flow:?}")]
     UnknownFlow { agreement: String, flow: String },
     #[error("flow {flow:?} is from {expected:?}, but the sender is {actual:?}")]
-    WrongSender { flow: String, expected: String, actual: String },
+    WrongSender {
+        flow: String,
+        expected: String,
+        actual: String,
+    },
     #[error("flow {flow:?} is to {expected:?}, not to {actual:?}")]
-    WrongReceiver { flow: String, expected: String, actual: String },
+    WrongReceiver {
+        flow: String,
+        expected: String,
+        actual: String,
+    },
     #[error("site {site:?} is not a party to agreement {agreement:?}")]
     NotAParty { agreement: String, site: String },
     #[error("party {site:?} is suspended in agreement {agreement:?}")]
     PartySuspended { agreement: String, site: String },
     #[error("purpose {purpose:?} is not allowed by flow {flow:?} (allowed: {allowed})")]
-    PurposeNotAllowed { flow: String, purpose: String, allowed: String },
+    PurposeNotAllowed {
+        flow: String,
+        purpose: String,
+        allowed: String,
+    },
     #[error("flow {flow:?} does not cover this study: {why}")]
     NotSelected { flow: String, why: String },
     #[error("flow {flow:?} allows {limit} studies per day and {count} were already sent today")]
-    OverVolume { flow: String, limit: u32, count: u32 },
+    OverVolume {
+        flow: String,
+        limit: u32,
+        count: u32,
+    },
 }
 
 /// Whether `text` matches a `*`/`?` pattern, ignoring ASCII case.
@@ -97,17 +121,27 @@ impl Selector {
             if study.modalities.is_empty() {
                 return Err("the study's modality is not known and the flow is limited to listed modalities".into());
             }
-            if let Some(m) = study.modalities.iter().find(|m| !self.modalities.contains(*m)) {
+            if let Some(m) = study
+                .modalities
+                .iter()
+                .find(|m| !self.modalities.contains(*m))
+            {
                 return Err(format!("modality {m} is not in the flow's modalities"));
             }
         }
         if !self.body_parts.is_empty() {
-            if let Some(b) = study.body_parts.iter().find(|b| !self.body_parts.contains(&b.to_ascii_uppercase())) {
+            if let Some(b) = study
+                .body_parts
+                .iter()
+                .find(|b| !self.body_parts.contains(&b.to_ascii_uppercase()))
+            {
                 return Err(format!("body part {b} is not in the flow's body parts"));
             }
         }
         if let Some(d) = study.study_date {
-            if self.study_date_from.is_some_and(|f| d < f) || self.study_date_until.is_some_and(|u| d > u) {
+            if self.study_date_from.is_some_and(|f| d < f)
+                || self.study_date_until.is_some_and(|u| d > u)
+            {
                 return Err("the study date is outside the flow's study date range".into());
             }
         }
@@ -151,7 +185,10 @@ fn policy_files(dir: &Path) -> Result<Vec<PathBuf>, DsaError> {
         return Ok(vec![dir.to_owned()]);
     }
     let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
-        .map_err(|source| DsaError::Io { file: dir.to_owned(), source })?
+        .map_err(|source| DsaError::Io {
+            file: dir.to_owned(),
+            source,
+        })?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.is_file() && p.extension().is_some_and(|e| e == "toml"))
         .collect();
@@ -180,7 +217,11 @@ impl AgreementSet {
     }
 
     /// [`AgreementSet::load_enforced`] at a given time (certificate validity is checked at `now`).
-    pub fn load_enforced_at(dir: &Path, ca_cert_pem: &Path, now: OffsetDateTime) -> (AgreementSet, Vec<(PathBuf, String)>) {
+    pub fn load_enforced_at(
+        dir: &Path,
+        ca_cert_pem: &Path,
+        now: OffsetDateTime,
+    ) -> (AgreementSet, Vec<(PathBuf, String)>) {
         let mut set = AgreementSet::default();
         let mut refused = Vec::new();
         let files = match policy_files(dir) {
@@ -197,7 +238,13 @@ impl AgreementSet {
         for f in files {
             match load_signed(&f, &ca, now) {
                 Ok(a) if set.agreements.contains_key(&a.id) => {
-                    refused.push((f, format!("agreement id {:?} is already loaded from another file", a.id)));
+                    refused.push((
+                        f,
+                        format!(
+                            "agreement id {:?} is already loaded from another file",
+                            a.id
+                        ),
+                    ));
                 }
                 Ok(a) => {
                     set.agreements.insert(a.id.clone(), a);
@@ -208,59 +255,105 @@ impl AgreementSet {
         (set, refused)
     }
 
+    /// The earlier call form, kept so existing callers compile: checks status, validity today
+    /// (UTC), parties, suspension, direction and purpose, but not the study selector.
+    /// Prefer [`AgreementSet::authorise_transfer`], which also checks what the study is.
+    pub fn authorise(
+        &self,
+        agreement: &str,
+        flow: &str,
+        purpose: Option<&str>,
+        sender: &str,
+        receiver: &str,
+    ) -> Result<(&Agreement, &Flow), Refusal> {
+        let a = self
+            .agreements
+            .get(agreement)
+            .ok_or_else(|| Refusal::UnknownAgreement(agreement.to_string()))?;
+        let f = a.flow(flow).ok_or_else(|| Refusal::UnknownFlow {
+            agreement: agreement.to_string(),
+            flow: flow.to_string(),
+        })?;
+        let purpose = purpose.unwrap_or_else(|| f.purposes.iter().next().map_or("", |p| p.name()));
+        let unselective = Flow {
+            select: Selector::default(),
+            ..f.clone()
+        };
+        let study = StudyFacts::default();
+        let req = TransferRequest {
+            agreement,
+            flow,
+            purpose,
+            sender,
+            receiver,
+            study: &study,
+            today: OffsetDateTime::now_utc().date(),
+        };
+        check_transfer(a, &unselective, &req)?;
+        Ok((a, f))
+    }
+
     /// Checks a proposed transfer against the agreements and returns the agreement and flow.
     /// Both ends call this: the sender before it sends, the receiver on every offer. Volume is
     /// checked separately with [`Flow::check_volume`].
-    pub fn authorise(&self, req: &TransferRequest) -> Result<(&Agreement, &Flow), Refusal> {
-        let id = req.agreement.to_string();
-        let a = self.agreements.get(req.agreement).ok_or_else(|| Refusal::UnknownAgreement(id.clone()))?;
-        if a.status != Status::Active {
-            return Err(Refusal::NotActive { agreement: id, status: a.status });
-        }
-        if req.today < a.valid_from {
-            return Err(Refusal::NotYetValid { agreement: id, from: a.valid_from, today: req.today });
-        }
-        if req.today > a.valid_until {
-            return Err(Refusal::Expired { agreement: id, until: a.valid_until, today: req.today });
-        }
-        for site in [req.sender, req.receiver] {
-            match a.party(site) {
-                None => return Err(Refusal::NotAParty { agreement: id, site: site.to_string() }),
-                Some(p) if p.is_suspended() => return Err(Refusal::PartySuspended { agreement: id, site: site.to_string() }),
-                Some(_) => {}
-            }
-        }
-        let f = a.flow(req.flow).ok_or_else(|| Refusal::UnknownFlow { agreement: id.clone(), flow: req.flow.to_string() })?;
-        if f.from != req.sender {
-            return Err(Refusal::WrongSender { flow: f.name.clone(), expected: f.from.clone(), actual: req.sender.to_string() });
-        }
-        if f.to != req.receiver {
-            return Err(Refusal::WrongReceiver { flow: f.name.clone(), expected: f.to.clone(), actual: req.receiver.to_string() });
-        }
-        if !Purpose::parse(req.purpose).is_some_and(|p| f.purposes.contains(&p)) {
-            let allowed: Vec<&str> = f.purposes.iter().map(|p| p.name()).collect();
-            return Err(Refusal::PurposeNotAllowed { flow: f.name.clone(), purpose: req.purpose.to_string(), allowed: allowed.join(", ") });
-        }
-        f.select.check(req.study).map_err(|why| Refusal::NotSelected { flow: f.name.clone(), why })?;
+    pub fn authorise_transfer(
+        &self,
+        req: &TransferRequest,
+    ) -> Result<(&Agreement, &Flow), Refusal> {
+        let a = self
+            .agreements
+            .get(req.agreement)
+            .ok_or_else(|| Refusal::UnknownAgreement(req.agreement.to_string()))?;
+        let f = a.flow(req.flow).ok_or_else(|| Refusal::UnknownFlow {
+            agreement: a.id.clone(),
+            flow: req.flow.to_string(),
+        })?;
+        check_transfer(a, f, req)?;
         Ok((a, f))
     }
 
     /// Whether `site` may still exchange anything under `agreement` today: the agreement is
     /// active and valid and neither `site` nor `peer` is suspended. A node calls this on every
     /// chunk of an in-flight transfer (after a reload) to cut it off at once.
-    pub fn still_allowed(&self, agreement: &str, sender: &str, receiver: &str, today: Date) -> Result<(), Refusal> {
+    pub fn still_allowed(
+        &self,
+        agreement: &str,
+        sender: &str,
+        receiver: &str,
+        today: Date,
+    ) -> Result<(), Refusal> {
         let id = agreement.to_string();
-        let a = self.agreements.get(agreement).ok_or_else(|| Refusal::UnknownAgreement(id.clone()))?;
+        let a = self
+            .agreements
+            .get(agreement)
+            .ok_or_else(|| Refusal::UnknownAgreement(id.clone()))?;
         if a.status != Status::Active {
-            return Err(Refusal::NotActive { agreement: id, status: a.status });
+            return Err(Refusal::NotActive {
+                agreement: id,
+                status: a.status,
+            });
         }
         if !a.is_valid_on(today) {
-            return Err(Refusal::Expired { agreement: id, until: a.valid_until, today });
+            return Err(Refusal::Expired {
+                agreement: id,
+                until: a.valid_until,
+                today,
+            });
         }
         for site in [sender, receiver] {
             match a.party(site) {
-                None => return Err(Refusal::NotAParty { agreement: id, site: site.to_string() }),
-                Some(p) if p.is_suspended() => return Err(Refusal::PartySuspended { agreement: id, site: site.to_string() }),
+                None => {
+                    return Err(Refusal::NotAParty {
+                        agreement: id,
+                        site: site.to_string(),
+                    })
+                }
+                Some(p) if p.is_suspended() => {
+                    return Err(Refusal::PartySuspended {
+                        agreement: id,
+                        site: site.to_string(),
+                    })
+                }
                 Some(_) => {}
             }
         }
@@ -268,15 +361,101 @@ impl AgreementSet {
     }
 }
 
+/// Every check of [`AgreementSet::authorise_transfer`] on one agreement and flow.
+fn check_transfer(a: &Agreement, f: &Flow, req: &TransferRequest) -> Result<(), Refusal> {
+    let id = req.agreement.to_string();
+    if a.status != Status::Active {
+        return Err(Refusal::NotActive {
+            agreement: id,
+            status: a.status,
+        });
+    }
+    if req.today < a.valid_from {
+        return Err(Refusal::NotYetValid {
+            agreement: id,
+            from: a.valid_from,
+            today: req.today,
+        });
+    }
+    if req.today > a.valid_until {
+        return Err(Refusal::Expired {
+            agreement: id,
+            until: a.valid_until,
+            today: req.today,
+        });
+    }
+    for site in [req.sender, req.receiver] {
+        match a.party(site) {
+            None => {
+                return Err(Refusal::NotAParty {
+                    agreement: id,
+                    site: site.to_string(),
+                })
+            }
+            Some(p) if p.is_suspended() => {
+                return Err(Refusal::PartySuspended {
+                    agreement: id,
+                    site: site.to_string(),
+                })
+            }
+            Some(_) => {}
+        }
+    }
+    if f.from != req.sender {
+        return Err(Refusal::WrongSender {
+            flow: f.name.clone(),
+            expected: f.from.clone(),
+            actual: req.sender.to_string(),
+        });
+    }
+    if f.to != req.receiver {
+        return Err(Refusal::WrongReceiver {
+            flow: f.name.clone(),
+            expected: f.to.clone(),
+            actual: req.receiver.to_string(),
+        });
+    }
+    if !Purpose::parse(req.purpose).is_some_and(|p| f.purposes.contains(&p)) {
+        let allowed: Vec<&str> = f.purposes.iter().map(|p| p.name()).collect();
+        return Err(Refusal::PurposeNotAllowed {
+            flow: f.name.clone(),
+            purpose: req.purpose.to_string(),
+            allowed: allowed.join(", "),
+        });
+    }
+    f.select
+        .check(req.study)
+        .map_err(|why| Refusal::NotSelected {
+            flow: f.name.clone(),
+            why,
+        })?;
+    Ok(())
+}
+
 /// Reads, parses and verifies one agreement file; the reason it is refused otherwise.
 fn load_signed(path: &Path, ca: &FederationCa, now: OffsetDateTime) -> Result<Agreement, String> {
     let bytes = std::fs::read(path).map_err(|e| format!("cannot read: {e}"))?;
     let text = String::from_utf8(bytes.clone()).map_err(|_| "not UTF-8 text".to_string())?;
-    let a = Agreement::parse(&path.display().to_string(), &text).map_err(|e| format!("has errors ({} problem(s)); run `pacs-broker dsa check`: {e}", e.count()))?;
+    let a = Agreement::parse(&path.display().to_string(), &text).map_err(|e| {
+        format!(
+            "has errors ({} problem(s)); run `pacs-broker dsa check`: {e}",
+            e.count()
+        )
+    })?;
     let v = sign::verify(path, &bytes, &a, ca, now);
     match v.verdict() {
         Verdict::FullySigned => Ok(a),
-        Verdict::Unsigned => Err(format!("agreement {:?} version {} is not signed by every party: {}", a.id, a.version, v.problems())),
-        Verdict::Mismatch => Err(format!("agreement {:?} version {}: a signature does not match this file: {}", a.id, a.version, v.problems())),
+        Verdict::Unsigned => Err(format!(
+            "agreement {:?} version {} is not signed by every party: {}",
+            a.id,
+            a.version,
+            v.problems()
+        )),
+        Verdict::Mismatch => Err(format!(
+            "agreement {:?} version {}: a signature does not match this file: {}",
+            a.id,
+            a.version,
+            v.problems()
+        )),
     }
 }

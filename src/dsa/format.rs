@@ -75,7 +75,11 @@ fn format_flow(w: &mut String, f: &Flow) {
     let _ = writeln!(w, "name = {}", quote(&f.name));
     let _ = writeln!(w, "from = {}", quote(&f.from));
     let _ = writeln!(w, "to = {}", quote(&f.to));
-    let _ = writeln!(w, "purposes = {}", list(f.purposes.iter().map(|p| p.name())));
+    let _ = writeln!(
+        w,
+        "purposes = {}",
+        list(f.purposes.iter().map(|p| p.name()))
+    );
     if let Some(n) = f.studies_per_day {
         let _ = writeln!(w, "studies_per_day = {n}");
     }
@@ -83,10 +87,18 @@ fn format_flow(w: &mut String, f: &Flow) {
     if *sel != Selector::default() {
         let _ = writeln!(w, "\n[flows.select]");
         if !sel.modalities.is_empty() {
-            let _ = writeln!(w, "modalities = {}", list(sel.modalities.iter().map(String::as_str)));
+            let _ = writeln!(
+                w,
+                "modalities = {}",
+                list(sel.modalities.iter().map(String::as_str))
+            );
         }
         if !sel.body_parts.is_empty() {
-            let _ = writeln!(w, "body_parts = {}", list(sel.body_parts.iter().map(String::as_str)));
+            let _ = writeln!(
+                w,
+                "body_parts = {}",
+                list(sel.body_parts.iter().map(String::as_str))
+            );
         }
         if let Some(d) = sel.study_date_from {
             let _ = writeln!(w, "study_date_from = {}", date(d));
@@ -98,7 +110,11 @@ fn format_flow(w: &mut String, f: &Flow) {
             let _ = writeln!(w, "description = {}", quote(d));
         }
         if !sel.source_aes.is_empty() {
-            let _ = writeln!(w, "source_aes = {}", list(sel.source_aes.iter().map(String::as_str)));
+            let _ = writeln!(
+                w,
+                "source_aes = {}",
+                list(sel.source_aes.iter().map(String::as_str))
+            );
         }
     }
     let _ = writeln!(w, "\n[flows.consent]");
@@ -108,7 +124,11 @@ fn format_flow(w: &mut String, f: &Flow) {
     }
     let _ = writeln!(w, "\n[flows.deid]");
     let _ = writeln!(w, "profile = \"basic\"");
-    let _ = writeln!(w, "options = {}", list(f.deid.options.iter().map(|o| o.name())));
+    let _ = writeln!(
+        w,
+        "options = {}",
+        list(f.deid.options.iter().map(|o| o.name()))
+    );
     for o in &f.deid.overrides {
         let _ = writeln!(w, "\n[[flows.deid.overrides]]");
         let _ = writeln!(w, "attribute = {}", quote(&o.keyword));
@@ -136,23 +156,40 @@ fn format_flow(w: &mut String, f: &Flow) {
     }
     for p in &f.deid.pixel_clean {
         let _ = writeln!(w, "\n[[flows.deid.pixel_clean]]");
-        for (k, v) in [("modality", &p.modality), ("manufacturer", &p.manufacturer), ("model", &p.model)] {
+        for (k, v) in [
+            ("modality", &p.modality),
+            ("manufacturer", &p.manufacturer),
+            ("model", &p.model),
+        ] {
             if let Some(v) = v {
                 let _ = writeln!(w, "{k} = {}", quote(v));
             }
         }
-        let rects: Vec<String> = p.rects.iter().map(|r| format!("[{}, {}, {}, {}]", r[0], r[1], r[2], r[3])).collect();
+        let rects: Vec<String> = p
+            .rects
+            .iter()
+            .map(|r| format!("[{}, {}, {}, {}]", r[0], r[1], r[2], r[3]))
+            .collect();
         let _ = writeln!(w, "rects = [{}]", rects.join(", "));
     }
     if let Some(s) = &f.subject_ids {
         let _ = writeln!(w, "\n[flows.subject_ids]\nmapping = {}", quote(&s.mapping));
     }
     if let Some(r) = f.retention {
-        let _ = writeln!(w, "\n[flows.retention]\ndays = {}\nafter = {}", r.days, quote(r.after.name()));
+        let _ = writeln!(
+            w,
+            "\n[flows.retention]\ndays = {}\nafter = {}",
+            r.days,
+            quote(r.after.name())
+        );
     }
     let _ = writeln!(w, "\n[flows.results]");
     let _ = writeln!(w, "return_to_origin = {}", f.results.return_to_origin);
     if !f.results.reidentify_by.is_empty() {
-        let _ = writeln!(w, "reidentify_by = {}", list(f.results.reidentify_by.iter().map(String::as_str)));
+        let _ = writeln!(
+            w,
+            "reidentify_by = {}",
+            list(f.results.reidentify_by.iter().map(String::as_str))
+        );
     }
 }

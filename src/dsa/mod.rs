@@ -85,7 +85,11 @@ pub struct Located {
 
 impl fmt::Display for Located {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}:{}: {}\n{}", self.file, self.line, self.col, self.message, self.snippet)
+        write!(
+            f,
+            "{}:{}:{}: {}\n{}",
+            self.file, self.line, self.col, self.message, self.snippet
+        )
     }
 }
 
@@ -102,7 +106,10 @@ impl Located {
         let line_end = text[at..].find('\n').map(|i| at + i).unwrap_or(text.len());
         let line_text = text[line_start..line_end].trim_end_matches('\r');
         let gutter = format!("{line_no:>4} | ");
-        let snippet = format!("{gutter}{line_text}\n{}^", " ".repeat(gutter.len() + col - 1));
+        let snippet = format!(
+            "{gutter}{line_text}\n{}^",
+            " ".repeat(gutter.len() + col - 1)
+        );
         Located {
             file: file.to_string(),
             line: line_no,

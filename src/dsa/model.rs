@@ -60,7 +60,10 @@ impl Purpose {
 
     /// Purposes for which patient consent is normally expected (lint).
     pub fn expects_consent(self) -> bool {
-        matches!(self, Purpose::Research | Purpose::ClinicalTrial | Purpose::Teaching)
+        matches!(
+            self,
+            Purpose::Research | Purpose::ClinicalTrial | Purpose::Teaching
+        )
     }
 }
 
@@ -80,7 +83,12 @@ pub enum Status {
 }
 
 impl Status {
-    pub const ALL: [Status; 4] = [Status::Draft, Status::Active, Status::Suspended, Status::Ended];
+    pub const ALL: [Status; 4] = [
+        Status::Draft,
+        Status::Active,
+        Status::Suspended,
+        Status::Ended,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -259,11 +267,83 @@ impl Agreement {
 
 /// DICOM Modality defined terms (PS3.3 C.7.3.1.1.1), current and retired, accepted in selectors.
 pub const MODALITIES: &[&str] = &[
-    "ANN", "AR", "ASMT", "AU", "BDUS", "BI", "BMD", "CFM", "CR", "CT", "CTPROTOCOL", "DMS", "DG",
-    "DOC", "DX", "ECG", "EEG", "EMG", "EOG", "EPS", "ES", "FID", "GM", "HC", "HD", "IO", "IOL",
-    "IVOCT", "IVUS", "KER", "KO", "LEN", "LS", "MG", "MR", "M3D", "NM", "OAM", "OCT", "OP", "OPM",
-    "OPT", "OPTBSV", "OPTENF", "OPV", "OSS", "OT", "PA", "PLAN", "POS", "PR", "PT", "PX", "REG",
-    "RESP", "RF", "RG", "RTDOSE", "RTIMAGE", "RTINTENT", "RTPLAN", "RTRAD", "RTRECORD",
-    "RTSEGANN", "RTSTRUCT", "RWV", "SEG", "SM", "SMR", "SR", "SRF", "STAIN", "TEXTUREMAP", "TG",
-    "US", "VA", "XA", "XAPROTOCOL", "XC",
+    "ANN",
+    "AR",
+    "ASMT",
+    "AU",
+    "BDUS",
+    "BI",
+    "BMD",
+    "CFM",
+    "CR",
+    "CT",
+    "CTPROTOCOL",
+    "DMS",
+    "DG",
+    "DOC",
+    "DX",
+    "ECG",
+    "EEG",
+    "EMG",
+    "EOG",
+    "EPS",
+    "ES",
+    "FID",
+    "GM",
+    "HC",
+    "HD",
+    "IO",
+    "IOL",
+    "IVOCT",
+    "IVUS",
+    "KER",
+    "KO",
+    "LEN",
+    "LS",
+    "MG",
+    "MR",
+    "M3D",
+    "NM",
+    "OAM",
+    "OCT",
+    "OP",
+    "OPM",
+    "OPT",
+    "OPTBSV",
+    "OPTENF",
+    "OPV",
+    "OSS",
+    "OT",
+    "PA",
+    "PLAN",
+    "POS",
+    "PR",
+    "PT",
+    "PX",
+    "REG",
+    "RESP",
+    "RF",
+    "RG",
+    "RTDOSE",
+    "RTIMAGE",
+    "RTINTENT",
+    "RTPLAN",
+    "RTRAD",
+    "RTRECORD",
+    "RTSEGANN",
+    "RTSTRUCT",
+    "RWV",
+    "SEG",
+    "SM",
+    "SMR",
+    "SR",
+    "SRF",
+    "STAIN",
+    "TEXTUREMAP",
+    "TG",
+    "US",
+    "VA",
+    "XA",
+    "XAPROTOCOL",
+    "XC",
 ];

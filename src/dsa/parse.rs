@@ -88,7 +88,10 @@ fn distance(a: &str, b: &str) -> usize {
 }
 
 /// The closest of `candidates` to `word`, if close enough to be a likely typo.
-pub(crate) fn suggest<'c>(word: &str, candidates: impl IntoIterator<Item = &'c str>) -> Option<&'c str> {
+pub(crate) fn suggest<'c>(
+    word: &str,
+    candidates: impl IntoIterator<Item = &'c str>,
+) -> Option<&'c str> {
     candidates
         .into_iter()
         .map(|c| (distance(word, c), c))
@@ -109,12 +112,15 @@ fn is_id(s: &str) -> bool {
     !b.is_empty()
         && b.len() <= 64
         && b[0].is_ascii_alphanumeric()
-        && b.iter().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, b'-' | b'.' | b'_'))
+        && b.iter().all(|c| {
+            c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, b'-' | b'.' | b'_')
+        })
 }
 
 impl<'a> Reader<'a> {
     fn error(&mut self, at: usize, message: impl Into<String>) {
-        self.errors.push(Located::at(self.file, self.text, at, message));
+        self.errors
+            .push(Located::at(self.file, self.text, at, message));
     }
 
     fn mark(&mut self, path: &str, at: usize) {
@@ -125,7 +131,11 @@ impl<'a> Reader<'a> {
     fn keys(&mut self, t: Tbl, name: &str, allowed: &[&str]) {
         for (k, _) in t.t.iter() {
             if !allowed.contains(&k) {
-                let at = t.t.key(k).and_then(|k| k.span()).map(|s| s.start).unwrap_or(t.at);
+                let at =
+                    t.t.key(k)
+                        .and_then(|k| k.span())
+                        .map(|s| s.start)
+                        .unwrap_or(t.at);
                 let h = hint(k, allowed);
                 self.error(at, format!("unknown key {k:?} in {name}{h}"));
             }
@@ -133,7 +143,14 @@ impl<'a> Reader<'a> {
     }
 
     /// The item under `key`, with the start of its value (or of its key) and the key's position.
-    fn item<'d>(&mut self, t: Tbl<'d>, key: &str, path: &str, need: Need, name: &str) -> Option<(&'d Item, usize)> {
+    fn item<'d>(
+        &mut self,
+        t: Tbl<'d>,
+        key: &str,
+        path: &str,
+        need: Need,
+        name: &str,
+    ) -> Option<(&'d Item, usize)> {
         match t.t.get_key_value(key) {
             Some((k, item)) => {
                 let at = item
@@ -201,12 +218,24 @@ impl<'a> Reader<'a> {
         Some(s)
     }
 
-    fn integer(&mut self, t: Tbl, key: &str, path: &str, need: Need, name: &str, min: i64, max: i64) -> Option<i64> {
+    fn integer(
+        &mut self,
+        t: Tbl,
+        key: &str,
+        path: &str,
+        need: Need,
+        name: &str,
+        min: i64,
+        max: i64,
+    ) -> Option<i64> {
         let (item, at) = self.item(t, key, path, need, name)?;
         match item.as_integer() {
             Some(n) if (min..=max).contains(&n) => Some(n),
             Some(n) => {
-                self.error(at, format!("{key:?} is {n}, but must be between {min} and {max}"));
+                self.error(
+                    at,
+                    format!("{key:?} is {n}, but must be between {min} and {max}"),
+                );
                 None
             }
             None => {
@@ -236,22 +265,34 @@ impl<'a> Reader<'a> {
                     Date::from_calendar_date(i32::from(d.year), month, d.day).ok()
                 })
             }
-            Some(Value::String(s)) => {
-                Date::parse(s.value(), time::macros::format_description!("[year]-[month]-[day]")).ok()
-            }
+            Some(Value::String(s)) => Date::parse(
+                s.value(),
+                time::macros::format_description!("[year]-[month]-[day]"),
+            )
+            .ok(),
             _ => {
                 self.wrong_type(at, key, "a date like 2026-01-31", item);
                 return None;
             }
         };
         if parsed.is_none() {
-            self.error(at, format!("{key:?} must be a calendar date like 2026-01-31 (no time of day)"));
+            self.error(
+                at,
+                format!("{key:?} must be a calendar date like 2026-01-31 (no time of day)"),
+            );
         }
         parsed
     }
 
     /// A list of strings, each with its position.
-    fn strings(&mut self, t: Tbl, key: &str, path: &str, need: Need, name: &str) -> Option<Vec<(String, usize)>> {
+    fn strings(
+        &mut self,
+        t: Tbl,
+        key: &str,
+        path: &str,
+        need: Need,
+        name: &str,
+    ) -> Option<Vec<(String, usize)>> {
         let (item, at) = self.item(t, key, path, need, name)?;
         let Some(arr) = item.as_array() else {
             self.wrong_type(at, key, "a list of strings like [\"a\", \"b\"]", item);
@@ -263,26 +304,48 @@ impl<'a> Reader<'a> {
             self.mark(&format!("{path}.{key}[{i}]"), vat);
             match v.as_str() {
                 Some(s) => out.push((s.to_string(), vat)),
-                None => self.error(vat, format!("every entry of {key:?} must be a string in quotes")),
+                None => self.error(
+                    vat,
+                    format!("every entry of {key:?} must be a string in quotes"),
+                ),
             }
         }
         Some(out)
     }
 
     /// A sub-table (`[x.key]` or `key = { ... }`).
-    fn table<'d>(&mut self, t: Tbl<'d>, key: &str, path: &str, need: Need, name: &str) -> Option<Tbl<'d>> {
+    fn table<'d>(
+        &mut self,
+        t: Tbl<'d>,
+        key: &str,
+        path: &str,
+        need: Need,
+        name: &str,
+    ) -> Option<Tbl<'d>> {
         let (item, at) = self.item(t, key, path, need, name)?;
         match item.as_table_like() {
             Some(sub) if !matches!(item, Item::ArrayOfTables(_)) => Some(Tbl { t: sub, at }),
             _ => {
-                self.wrong_type(at, key, &format!("a table ([{key}] or {key} = {{ ... }})"), item);
+                self.wrong_type(
+                    at,
+                    key,
+                    &format!("a table ([{key}] or {key} = {{ ... }})"),
+                    item,
+                );
                 None
             }
         }
     }
 
     /// A list of tables (`[[x.key]]` or `key = [{ ... }, ...]`).
-    fn tables<'d>(&mut self, t: Tbl<'d>, key: &str, path: &str, need: Need, name: &str) -> Vec<Tbl<'d>> {
+    fn tables<'d>(
+        &mut self,
+        t: Tbl<'d>,
+        key: &str,
+        path: &str,
+        need: Need,
+        name: &str,
+    ) -> Vec<Tbl<'d>> {
         let Some((item, at)) = self.item(t, key, path, need, name) else {
             return Vec::new();
         };
@@ -311,7 +374,16 @@ impl<'a> Reader<'a> {
         }
     }
 
-    fn choice<T: Copy>(&mut self, t: Tbl, key: &str, path: &str, need: Need, name: &str, all: &[T], name_of: fn(T) -> &'static str) -> Option<T> {
+    fn choice<T: Copy>(
+        &mut self,
+        t: Tbl,
+        key: &str,
+        path: &str,
+        need: Need,
+        name: &str,
+        all: &[T],
+        name_of: fn(T) -> &'static str,
+    ) -> Option<T> {
         let s = self.string(t, key, path, need, name)?;
         let found = all.iter().copied().find(|v| name_of(*v) == s);
         if found.is_none() {
@@ -376,7 +448,20 @@ fn read_agreement(r: &mut Reader, root: Tbl) -> Option<Agreement> {
     if let Some(h) = head {
         let n = "[agreement]";
         let p = ".agreement";
-        r.keys(h, n, &["id", "version", "title", "status", "valid_from", "valid_until", "governing_law", "paper_reference"]);
+        r.keys(
+            h,
+            n,
+            &[
+                "id",
+                "version",
+                "title",
+                "status",
+                "valid_from",
+                "valid_until",
+                "governing_law",
+                "paper_reference",
+            ],
+        );
         let id = r.id(h, "id", p, n);
         let version = r.integer(h, "version", p, Required, n, 1, i64::from(u32::MAX));
         let title = r.text(h, "title", p, Required, n);
@@ -388,7 +473,10 @@ fn read_agreement(r: &mut Reader, root: Tbl) -> Option<Agreement> {
         if let (Some(f), Some(u)) = (from, until) {
             if u < f {
                 let at = r.spans.at(".agreement.valid_until");
-                r.error(at, format!("valid_until {u} is before valid_from {f} (dates reversed)"));
+                r.error(
+                    at,
+                    format!("valid_until {u} is before valid_from {f} (dates reversed)"),
+                );
             }
         }
         match (id, version, title, status, from, until, law) {
@@ -420,7 +508,13 @@ fn read_agreement(r: &mut Reader, root: Tbl) -> Option<Agreement> {
                 if let Some(first) = sites.get(&party.site) {
                     let at = r.spans.at(&format!("{p}.site"));
                     let line = Located::at("", r.text, *first, "").line;
-                    r.error(at, format!("party {:?} is listed twice (first on line {line})", party.site));
+                    r.error(
+                        at,
+                        format!(
+                            "party {:?} is listed twice (first on line {line})",
+                            party.site
+                        ),
+                    );
                 } else {
                     sites.insert(party.site.clone(), r.spans.at(&format!("{p}.site")));
                 }
@@ -454,20 +548,43 @@ fn read_agreement(r: &mut Reader, root: Tbl) -> Option<Agreement> {
 
 fn read_party(r: &mut Reader, t: Tbl, p: &str) -> Option<Party> {
     let n = "[[parties]]";
-    r.keys(t, n, &["site", "organisation", "privacy_officer", "privacy_contact", "certificate_pin", "status"]);
+    r.keys(
+        t,
+        n,
+        &[
+            "site",
+            "organisation",
+            "privacy_officer",
+            "privacy_contact",
+            "certificate_pin",
+            "status",
+        ],
+    );
     let site = r.id(t, "site", p, n);
     let organisation = r.text(t, "organisation", p, Required, n);
     let officer = r.text(t, "privacy_officer", p, Required, n);
     let contact = r.text(t, "privacy_contact", p, Required, n);
     let pin = r.string(t, "certificate_pin", p, Optional, n);
     if let Some(pin) = &pin {
-        if pin.len() != 64 || !pin.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+        if pin.len() != 64
+            || !pin
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        {
             let at = r.spans.at(&format!("{p}.certificate_pin"));
             r.error(at, "certificate_pin must be 64 lowercase hex digits: the SHA-256 of the site certificate's public key (SubjectPublicKeyInfo)");
         }
     }
     let status = if t.t.contains_key("status") {
-        r.choice(t, "status", p, Optional, n, &PartyStatus::ALL, PartyStatus::name)?
+        r.choice(
+            t,
+            "status",
+            p,
+            Optional,
+            n,
+            &PartyStatus::ALL,
+            PartyStatus::name,
+        )?
     } else {
         PartyStatus::Active
     };
@@ -483,14 +600,35 @@ fn read_party(r: &mut Reader, t: Tbl, p: &str) -> Option<Party> {
 
 fn read_flow(r: &mut Reader, t: Tbl, p: &str) -> Option<Flow> {
     let n = "[[flows]]";
-    r.keys(t, n, &["name", "from", "to", "purposes", "select", "consent", "deid", "subject_ids", "retention", "studies_per_day", "results"]);
+    r.keys(
+        t,
+        n,
+        &[
+            "name",
+            "from",
+            "to",
+            "purposes",
+            "select",
+            "consent",
+            "deid",
+            "subject_ids",
+            "retention",
+            "studies_per_day",
+            "results",
+        ],
+    );
     let name = r.id(t, "name", p, n);
     let from = r.id(t, "from", p, n);
     let to = r.id(t, "to", p, n);
     if let (Some(f), Some(to)) = (&from, &to) {
         if f == to {
             let at = r.spans.at(&format!("{p}.to"));
-            r.error(at, format!("a flow must go between two different parties, but from and to are both {f:?}"));
+            r.error(
+                at,
+                format!(
+                    "a flow must go between two different parties, but from and to are both {f:?}"
+                ),
+            );
         }
     }
     let mut purposes = BTreeSet::new();
@@ -534,7 +672,10 @@ fn read_flow(r: &mut Reader, t: Tbl, p: &str) -> Option<Flow> {
         Some(s) => {
             let sp = format!("{p}.subject_ids");
             r.keys(s, "[flows.subject_ids]", &["mapping"]);
-            Some(r.text(s, "mapping", &sp, Required, "[flows.subject_ids]").map(|mapping| SubjectIds { mapping }))
+            Some(
+                r.text(s, "mapping", &sp, Required, "[flows.subject_ids]")
+                    .map(|mapping| SubjectIds { mapping }),
+            )
         }
         None => None,
     };
@@ -544,16 +685,28 @@ fn read_flow(r: &mut Reader, t: Tbl, p: &str) -> Option<Flow> {
             let rn = "[flows.retention]";
             r.keys(s, rn, &["days", "after"]);
             let days = r.integer(s, "days", &sp, Required, rn, 1, 36_500);
-            let after = r.choice(s, "after", &sp, Required, rn, &AfterRetention::ALL, AfterRetention::name);
+            let after = r.choice(
+                s,
+                "after",
+                &sp,
+                Required,
+                rn,
+                &AfterRetention::ALL,
+                AfterRetention::name,
+            );
             match (days, after) {
-                (Some(d), Some(a)) => Some(Some(Retention { days: d as u32, after: a })),
+                (Some(d), Some(a)) => Some(Some(Retention {
+                    days: d as u32,
+                    after: a,
+                })),
                 _ => None,
             }
         }
         None => Some(None),
     };
     let per_day = if t.t.contains_key("studies_per_day") {
-        r.integer(t, "studies_per_day", p, Optional, n, 1, 10_000_000).map(|v| Some(v as u32))
+        r.integer(t, "studies_per_day", p, Optional, n, 1, 10_000_000)
+            .map(|v| Some(v as u32))
     } else {
         Some(None)
     };
@@ -563,7 +716,9 @@ fn read_flow(r: &mut Reader, t: Tbl, p: &str) -> Option<Flow> {
             let rn = "[flows.results]";
             r.keys(s, rn, &["return_to_origin", "reidentify_by"]);
             let ret = r.boolean(s, "return_to_origin", &sp, rn).unwrap_or(false);
-            let by = r.strings(s, "reidentify_by", &sp, Optional, rn).unwrap_or_default();
+            let by = r
+                .strings(s, "reidentify_by", &sp, Optional, rn)
+                .unwrap_or_default();
             if !ret && !by.is_empty() {
                 let at = r.spans.at(&format!("{sp}.reidentify_by"));
                 r.error(at, "reidentify_by is set but return_to_origin is false: results cannot be re-identified if they may not return");
@@ -600,10 +755,24 @@ fn read_flow(r: &mut Reader, t: Tbl, p: &str) -> Option<Flow> {
 
 fn read_selector(r: &mut Reader, t: Tbl, p: &str) -> Option<Selector> {
     let n = "[flows.select]";
-    r.keys(t, n, &["modalities", "body_parts", "study_date_from", "study_date_until", "description", "source_aes"]);
+    r.keys(
+        t,
+        n,
+        &[
+            "modalities",
+            "body_parts",
+            "study_date_from",
+            "study_date_until",
+            "description",
+            "source_aes",
+        ],
+    );
     let mut ok = true;
     let mut sel = Selector::default();
-    for (m, at) in r.strings(t, "modalities", p, Optional, n).unwrap_or_default() {
+    for (m, at) in r
+        .strings(t, "modalities", p, Optional, n)
+        .unwrap_or_default()
+    {
         if MODALITIES.contains(&m.as_str()) {
             sel.modalities.insert(m);
         } else {
@@ -615,8 +784,16 @@ fn read_selector(r: &mut Reader, t: Tbl, p: &str) -> Option<Selector> {
             ok = false;
         }
     }
-    for (b, at) in r.strings(t, "body_parts", p, Optional, n).unwrap_or_default() {
-        if b.is_empty() || b.len() > 16 || !b.bytes().all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == b'_' || c == b' ') {
+    for (b, at) in r
+        .strings(t, "body_parts", p, Optional, n)
+        .unwrap_or_default()
+    {
+        if b.is_empty()
+            || b.len() > 16
+            || !b
+                .bytes()
+                .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == b'_' || c == b' ')
+        {
             r.error(at, format!("body part {b:?} must be a DICOM Body Part Examined code: up to 16 uppercase letters, digits, '_' (e.g. CHEST)"));
             ok = false;
         } else {
@@ -628,13 +805,22 @@ fn read_selector(r: &mut Reader, t: Tbl, p: &str) -> Option<Selector> {
     if let (Some(f), Some(u)) = (sel.study_date_from, sel.study_date_until) {
         if u < f {
             let at = r.spans.at(&format!("{p}.study_date_until"));
-            r.error(at, format!("study_date_until {u} is before study_date_from {f} (dates reversed)"));
+            r.error(
+                at,
+                format!("study_date_until {u} is before study_date_from {f} (dates reversed)"),
+            );
         }
     }
     sel.description = r.text(t, "description", p, Optional, n);
-    for (ae, at) in r.strings(t, "source_aes", p, Optional, n).unwrap_or_default() {
+    for (ae, at) in r
+        .strings(t, "source_aes", p, Optional, n)
+        .unwrap_or_default()
+    {
         if ae.trim().is_empty() || ae.len() > 16 || ae.contains('\\') || !ae.is_ascii() {
-            r.error(at, format!("source AE title {ae:?} must be 1-16 ASCII characters without '\\'"));
+            r.error(
+                at,
+                format!("source AE title {ae:?} must be 1-16 ASCII characters without '\\'"),
+            );
             ok = false;
         } else {
             sel.source_aes.insert(ae);
@@ -647,13 +833,21 @@ fn read_consent(r: &mut Reader, t: Tbl, p: &str) -> Option<Consent> {
     let n = "[flows.consent]";
     r.keys(t, n, &["required", "recorded_in"]);
     let required = r.boolean(t, "required", p, n).unwrap_or(false);
-    let recorded_in = r.string(t, "recorded_in", p, Optional, n).unwrap_or_default();
+    let recorded_in = r
+        .string(t, "recorded_in", p, Optional, n)
+        .unwrap_or_default();
     if required && recorded_in.trim().is_empty() {
         let at = r.spans.at(&format!("{p}.required"));
-        r.error(at, "consent is required but recorded_in does not say where it is recorded");
+        r.error(
+            at,
+            "consent is required but recorded_in does not say where it is recorded",
+        );
         return None;
     }
-    Some(Consent { required, recorded_in })
+    Some(Consent {
+        required,
+        recorded_in,
+    })
 }
 
 /// Resolves an attribute keyword (`PatientAge`) or tag (`(0010,1010)`, `00101010`).
@@ -667,7 +861,9 @@ fn attribute(s: &str) -> Result<(Tag, String), String> {
     match entry {
         Some(e) => match e.tag_range() {
             TagRange::Single(tag) => Ok((tag, e.alias().to_string())),
-            _ => Err(format!("{s:?} names a range of attributes; name one attribute")),
+            _ => Err(format!(
+                "{s:?} names a range of attributes; name one attribute"
+            )),
         },
         None => {
             let lower = s.to_lowercase();
@@ -683,7 +879,17 @@ fn attribute(s: &str) -> Result<(Tag, String), String> {
 
 fn read_deid(r: &mut Reader, t: Tbl, p: &str) -> Option<DeidConfig> {
     let n = "[flows.deid]";
-    r.keys(t, n, &["profile", "options", "overrides", "safe_private", "pixel_clean"]);
+    r.keys(
+        t,
+        n,
+        &[
+            "profile",
+            "options",
+            "overrides",
+            "safe_private",
+            "pixel_clean",
+        ],
+    );
     let mut ok = true;
     if let Some(profile) = r.string(t, "profile", p, Optional, n) {
         if profile != "basic" {
@@ -706,8 +912,12 @@ fn read_deid(r: &mut Reader, t: Tbl, p: &str) -> Option<DeidConfig> {
             }
         }
     }
-    if cfg.options.contains(&ProfileOption::RetainLongitudinalFullDates)
-        && cfg.options.contains(&ProfileOption::RetainLongitudinalModifiedDates)
+    if cfg
+        .options
+        .contains(&ProfileOption::RetainLongitudinalFullDates)
+        && cfg
+            .options
+            .contains(&ProfileOption::RetainLongitudinalModifiedDates)
     {
         let at = r.spans.at(&format!("{p}.options"));
         r.error(at, "choose one of retain-longitudinal-full-dates and retain-longitudinal-modified-dates, not both");
@@ -715,7 +925,11 @@ fn read_deid(r: &mut Reader, t: Tbl, p: &str) -> Option<DeidConfig> {
     }
     let on = "[[flows.deid.overrides]]";
     let mut seen: BTreeMap<String, usize> = BTreeMap::new();
-    for (i, o) in r.tables(t, "overrides", p, Optional, n).into_iter().enumerate() {
+    for (i, o) in r
+        .tables(t, "overrides", p, Optional, n)
+        .into_iter()
+        .enumerate()
+    {
         let op = format!("{p}.overrides[{i}]");
         r.mark(&op, o.at);
         r.keys(o, on, &["attribute", "action", "value", "justification"]);
@@ -739,12 +953,18 @@ fn read_deid(r: &mut Reader, t: Tbl, p: &str) -> Option<DeidConfig> {
         let action = match (action.as_deref(), value) {
             (Some("fixed"), Some(v)) => Some(OverrideAction::Fixed(v)),
             (Some("fixed"), None) => {
-                r.error(o.at, "action \"fixed\" needs a value = \"...\" to write in place of the attribute");
+                r.error(
+                    o.at,
+                    "action \"fixed\" needs a value = \"...\" to write in place of the attribute",
+                );
                 None
             }
             (Some(a @ ("keep" | "remove" | "token")), Some(_)) => {
                 let at = r.spans.at(&format!("{op}.value"));
-                r.error(at, format!("value is only allowed with action \"fixed\", not with {a:?}"));
+                r.error(
+                    at,
+                    format!("value is only allowed with action \"fixed\", not with {a:?}"),
+                );
                 None
             }
             (Some("keep"), None) => Some(OverrideAction::Keep),
@@ -779,7 +999,11 @@ fn read_deid(r: &mut Reader, t: Tbl, p: &str) -> Option<DeidConfig> {
         }
     }
     let sn = "[[flows.deid.safe_private]]";
-    for (i, s) in r.tables(t, "safe_private", p, Optional, n).into_iter().enumerate() {
+    for (i, s) in r
+        .tables(t, "safe_private", p, Optional, n)
+        .into_iter()
+        .enumerate()
+    {
         let sp = format!("{p}.safe_private[{i}]");
         r.mark(&sp, s.at);
         r.keys(s, sn, &["group", "creator", "element"]);
@@ -801,7 +1025,11 @@ fn read_deid(r: &mut Reader, t: Tbl, p: &str) -> Option<DeidConfig> {
         }
     }
     let pn = "[[flows.deid.pixel_clean]]";
-    for (i, s) in r.tables(t, "pixel_clean", p, Optional, n).into_iter().enumerate() {
+    for (i, s) in r
+        .tables(t, "pixel_clean", p, Optional, n)
+        .into_iter()
+        .enumerate()
+    {
         let sp = format!("{p}.pixel_clean[{i}]");
         r.mark(&sp, s.at);
         r.keys(s, pn, &["modality", "manufacturer", "model", "rects"]);
@@ -815,8 +1043,13 @@ fn read_deid(r: &mut Reader, t: Tbl, p: &str) -> Option<DeidConfig> {
                 l.iter()
                     .map(|v| {
                         let a = v.as_array()?;
-                        let n: Vec<u32> = a.iter().filter_map(|x| x.as_integer()).filter_map(|x| u32::try_from(x).ok()).collect();
-                        (n.len() == 4 && a.len() == 4 && n[2] > 0 && n[3] > 0).then(|| [n[0], n[1], n[2], n[3]])
+                        let n: Vec<u32> = a
+                            .iter()
+                            .filter_map(|x| x.as_integer())
+                            .filter_map(|x| u32::try_from(x).ok())
+                            .collect();
+                        (n.len() == 4 && a.len() == 4 && n[2] > 0 && n[3] > 0)
+                            .then(|| [n[0], n[1], n[2], n[3]])
                     })
                     .collect()
             });

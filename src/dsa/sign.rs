@@ -85,10 +85,18 @@ pub fn site_of(cert: &X509Certificate) -> Result<String, String> {
             }
         }
     }
-    let site = site.ok_or_else(|| format!("the certificate has no URI SAN {SITE_URI_PREFIX}<site-id>"))?;
-    if let Some(cn) = cert.subject().iter_common_name().next().and_then(|c| c.as_str().ok()) {
+    let site =
+        site.ok_or_else(|| format!("the certificate has no URI SAN {SITE_URI_PREFIX}<site-id>"))?;
+    if let Some(cn) = cert
+        .subject()
+        .iter_common_name()
+        .next()
+        .and_then(|c| c.as_str().ok())
+    {
         if cn != site {
-            return Err(format!("the certificate's CN {cn:?} differs from its site id {site:?}"));
+            return Err(format!(
+                "the certificate's CN {cn:?} differs from its site id {site:?}"
+            ));
         }
     }
     Ok(site)
@@ -144,9 +152,13 @@ impl Signature {
     }
 
     pub fn from_toml(text: &str) -> Result<Signature, String> {
-        let raw: RawSignature = toml::from_str(text).map_err(|e| format!("unreadable signature file: {}", e.message()))?;
+        let raw: RawSignature = toml::from_str(text)
+            .map_err(|e| format!("unreadable signature file: {}", e.message()))?;
         if raw.algorithm != ALGORITHM {
-            return Err(format!("unsupported signature algorithm {:?}", raw.algorithm));
+            return Err(format!(
+                "unsupported signature algorithm {:?}",
+                raw.algorithm
+            ));
         }
         Ok(Signature {
             site: raw.site,
@@ -154,27 +166,42 @@ impl Signature {
             version: raw.version,
             file_sha256: raw.file_sha256,
             signed_at: raw.signed_at,
-            signature: hex::decode(raw.signature.trim()).map_err(|_| "the signature is not hex".to_string())?,
+            signature: hex::decode(raw.signature.trim())
+                .map_err(|_| "the signature is not hex".to_string())?,
             certificate_pem: raw.certificate,
         })
     }
 }
 
 /// Signs the exact `bytes` of an agreement with a site certificate and its PKCS#8 PEM key.
-pub fn sign_bytes(bytes: &[u8], agreement: &Agreement, cert_pem: &[u8], key_pem: &[u8], now: OffsetDateTime) -> Result<Signature, SignError> {
+pub fn sign_bytes(
+    bytes: &[u8],
+    agreement: &Agreement,
+    cert_pem: &[u8],
+    key_pem: &[u8],
+    now: OffsetDateTime,
+) -> Result<Signature, SignError> {
     let bad = |m: String| SignError::Invalid(m);
-    let cert_der = pem_block(cert_pem, "CERTIFICATE").map_err(|m| bad(format!("site certificate: {m}")))?;
-    let (_, cert) = X509Certificate::from_der(&cert_der).map_err(|e| bad(format!("site certificate: {e}")))?;
+    let cert_der =
+        pem_block(cert_pem, "CERTIFICATE").map_err(|m| bad(format!("site certificate: {m}")))?;
+    let (_, cert) =
+        X509Certificate::from_der(&cert_der).map_err(|e| bad(format!("site certificate: {e}")))?;
     let site = site_of(&cert).map_err(bad)?;
-    let party = agreement
-        .party(&site)
-        .ok_or_else(|| bad(format!("this certificate is for site {site:?}, which is not a party to agreement {:?}", agreement.id)))?;
+    let party = agreement.party(&site).ok_or_else(|| {
+        bad(format!(
+            "this certificate is for site {site:?}, which is not a party to agreement {:?}",
+            agreement.id
+        ))
+    })?;
     if let Some(pin) = &party.certificate_pin {
         if *pin != public_key_pin(&cert) {
-            return Err(bad(format!("the certificate's public key does not match the certificate_pin of party {site:?}")));
+            return Err(bad(format!(
+                "the certificate's public key does not match the certificate_pin of party {site:?}"
+            )));
         }
     }
-    let key_der = pem_block(key_pem, "PRIVATE KEY").map_err(|m| bad(format!("site key (PKCS#8 PEM expected): {m}")))?;
+    let key_der = pem_block(key_pem, "PRIVATE KEY")
+        .map_err(|m| bad(format!("site key (PKCS#8 PEM expected): {m}")))?;
     let rng = SystemRandom::new();
     let key = EcdsaKeyPair::from_pkcs8(&signature::ECDSA_P256_SHA256_ASN1_SIGNING, &key_der, &rng)
         .map_err(|_| bad("site key: not an ECDSA P-256 PKCS#8 key".into()))?;
@@ -197,18 +224,33 @@ pub fn sign_bytes(bytes: &[u8], agreement: &Agreement, cert_pem: &[u8], key_pem:
 }
 
 /// Signs `policy` (which must parse without errors) and writes `policy.toml.sig/<site>.sig`.
-pub fn sign_file(policy: &Path, cert: &Path, key: &Path, now: OffsetDateTime) -> Result<PathBuf, SignError> {
+pub fn sign_file(
+    policy: &Path,
+    cert: &Path,
+    key: &Path,
+    now: OffsetDateTime,
+) -> Result<PathBuf, SignError> {
     let bytes = read(policy)?;
-    let text = String::from_utf8(bytes.clone()).map_err(|_| SignError::Invalid(format!("{}: not UTF-8 text", policy.display())))?;
+    let text = String::from_utf8(bytes.clone())
+        .map_err(|_| SignError::Invalid(format!("{}: not UTF-8 text", policy.display())))?;
     let agreement = super::Agreement::parse(&policy.display().to_string(), &text)
         .map_err(|e| SignError::Invalid(format!("refusing to sign a file with errors:\n{e}")))?;
     let sig = sign_bytes(&bytes, &agreement, &read(cert)?, &read(key)?, now)?;
     let dir = signature_dir(policy);
-    std::fs::create_dir_all(&dir).map_err(|source| SignError::Io { file: dir.clone(), source })?;
+    std::fs::create_dir_all(&dir).map_err(|source| SignError::Io {
+        file: dir.clone(),
+        source,
+    })?;
     let out = dir.join(format!("{}.sig", sig.site));
     let tmp = dir.join(format!(".{}.sig.tmp", sig.site));
-    std::fs::write(&tmp, sig.to_toml()).map_err(|source| SignError::Io { file: tmp.clone(), source })?;
-    std::fs::rename(&tmp, &out).map_err(|source| SignError::Io { file: out.clone(), source })?;
+    std::fs::write(&tmp, sig.to_toml()).map_err(|source| SignError::Io {
+        file: tmp.clone(),
+        source,
+    })?;
+    std::fs::rename(&tmp, &out).map_err(|source| SignError::Io {
+        file: out.clone(),
+        source,
+    })?;
     Ok(out)
 }
 
@@ -220,10 +262,14 @@ pub struct FederationCa {
 
 impl FederationCa {
     pub fn from_pem(pem: &[u8]) -> Result<FederationCa, SignError> {
-        let der = pem_block(pem, "CERTIFICATE").map_err(|m| SignError::Invalid(format!("federation CA: {m}")))?;
-        let (_, cert) = X509Certificate::from_der(&der).map_err(|e| SignError::Invalid(format!("federation CA: {e}")))?;
+        let der = pem_block(pem, "CERTIFICATE")
+            .map_err(|m| SignError::Invalid(format!("federation CA: {m}")))?;
+        let (_, cert) = X509Certificate::from_der(&der)
+            .map_err(|e| SignError::Invalid(format!("federation CA: {e}")))?;
         if !cert.is_ca() {
-            return Err(SignError::Invalid("federation CA: the certificate is not a CA certificate".into()));
+            return Err(SignError::Invalid(
+                "federation CA: the certificate is not a CA certificate".into(),
+            ));
         }
         Ok(FederationCa { der })
     }
@@ -301,7 +347,8 @@ pub enum Verdict {
 impl Verification {
     pub fn verdict(&self) -> Verdict {
         let states = || self.parties.iter().map(|(_, s)| s);
-        if states().any(|s| matches!(s, SignatureState::Stale { .. } | SignatureState::Invalid(_))) {
+        if states().any(|s| matches!(s, SignatureState::Stale { .. } | SignatureState::Invalid(_)))
+        {
             Verdict::Mismatch
         } else if states().any(|s| *s == SignatureState::Missing) {
             Verdict::Unsigned
@@ -323,7 +370,14 @@ impl Verification {
 }
 
 /// Checks one signature file against the exact `bytes` and the party `site`.
-fn check_one(sig_text: &str, site: &str, agreement: &Agreement, bytes_sha: &str, ca: &FederationCa, now: OffsetDateTime) -> SignatureState {
+fn check_one(
+    sig_text: &str,
+    site: &str,
+    agreement: &Agreement,
+    bytes_sha: &str,
+    ca: &FederationCa,
+    now: OffsetDateTime,
+) -> SignatureState {
     let sig = match Signature::from_toml(sig_text) {
         Ok(s) => s,
         Err(m) => return SignatureState::Invalid(m),
@@ -341,16 +395,31 @@ fn check_one(sig_text: &str, site: &str, agreement: &Agreement, bytes_sha: &str,
     }
     match site_of(&cert) {
         Ok(s) if s == site && sig.site == site => {}
-        Ok(s) => return SignatureState::Invalid(format!("the signature for {site:?} was made with the certificate of site {s:?}")),
+        Ok(s) => {
+            return SignatureState::Invalid(format!(
+                "the signature for {site:?} was made with the certificate of site {s:?}"
+            ))
+        }
         Err(m) => return SignatureState::Invalid(m),
     }
-    if let Some(pin) = agreement.party(site).and_then(|p| p.certificate_pin.as_ref()) {
+    if let Some(pin) = agreement
+        .party(site)
+        .and_then(|p| p.certificate_pin.as_ref())
+    {
         if *pin != public_key_pin(&cert) {
-            return SignatureState::Invalid("the signer's public key does not match the party's certificate_pin".into());
+            return SignatureState::Invalid(
+                "the signer's public key does not match the party's certificate_pin".into(),
+            );
         }
     }
-    let key = UnparsedPublicKey::new(&signature::ECDSA_P256_SHA256_ASN1, cert.public_key().subject_public_key.data.as_ref());
-    if key.verify(&message(&sig.file_sha256), &sig.signature).is_err() {
+    let key = UnparsedPublicKey::new(
+        &signature::ECDSA_P256_SHA256_ASN1,
+        cert.public_key().subject_public_key.data.as_ref(),
+    );
+    if key
+        .verify(&message(&sig.file_sha256), &sig.signature)
+        .is_err()
+    {
         return SignatureState::Invalid("the signature value is not a valid signature by this certificate (forged or corrupted)".into());
     }
     if sig.file_sha256 != bytes_sha {
@@ -366,7 +435,13 @@ fn check_one(sig_text: &str, site: &str, agreement: &Agreement, bytes_sha: &str,
 }
 
 /// Verifies the signatures of `policy` (whose exact contents are `bytes`, parsed as `agreement`).
-pub fn verify(policy: &Path, bytes: &[u8], agreement: &Agreement, ca: &FederationCa, now: OffsetDateTime) -> Verification {
+pub fn verify(
+    policy: &Path,
+    bytes: &[u8],
+    agreement: &Agreement,
+    ca: &FederationCa,
+    now: OffsetDateTime,
+) -> Verification {
     let dir = signature_dir(policy);
     let sha = sha256_hex(bytes);
     let parties = agreement
@@ -388,7 +463,9 @@ pub fn verify(policy: &Path, bytes: &[u8], agreement: &Agreement, ca: &Federatio
             let name = e.file_name().to_string_lossy().to_string();
             let site = name.strip_suffix(".sig");
             if !name.starts_with('.') && site.is_none_or(|s| agreement.party(s).is_none()) {
-                notes.push(format!("{name}: not the signature of a party to this agreement; ignored"));
+                notes.push(format!(
+                    "{name}: not the signature of a party to this agreement; ignored"
+                ));
             }
         }
     }

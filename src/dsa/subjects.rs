@@ -32,8 +32,14 @@ pub enum SubjectIdError {
 impl SubjectIdMap {
     /// Loads the mapping named by a flow, relative to the agreement file `agreement_path`.
     pub fn load_for(agreement_path: &Path, mapping: &str) -> Result<SubjectIdMap, SubjectIdError> {
-        let path = agreement_path.parent().unwrap_or(Path::new(".")).join(mapping);
-        let text = std::fs::read_to_string(&path).map_err(|source| SubjectIdError::Io { file: path.clone(), source })?;
+        let path = agreement_path
+            .parent()
+            .unwrap_or(Path::new("."))
+            .join(mapping);
+        let text = std::fs::read_to_string(&path).map_err(|source| SubjectIdError::Io {
+            file: path.clone(),
+            source,
+        })?;
         SubjectIdMap::parse(&path.display().to_string(), &text)
     }
 
@@ -46,11 +52,16 @@ impl SubjectIdMap {
             let at = offset;
             offset += line.len();
             let l = line.trim();
-            if l.is_empty() || l.starts_with('#') || (n == 0 && l.eq_ignore_ascii_case("patient_id,subject_id")) {
+            if l.is_empty()
+                || l.starts_with('#')
+                || (n == 0 && l.eq_ignore_ascii_case("patient_id,subject_id"))
+            {
                 continue;
             }
             let bad = |m: &str| SubjectIdError::Invalid(Box::new(Located::at(file, text, at, m)));
-            let (p, s) = l.split_once(',').ok_or_else(|| bad("expected `patient_id,subject_id`"))?;
+            let (p, s) = l
+                .split_once(',')
+                .ok_or_else(|| bad("expected `patient_id,subject_id`"))?;
             let (p, s) = (p.trim(), s.trim());
             if p.is_empty() || s.is_empty() || s.contains(',') {
                 return Err(bad("expected `patient_id,subject_id`, both non-empty"));
@@ -85,10 +96,13 @@ mod tests {
 
     #[test]
     fn maps_and_rejects_duplicates() {
-        let m = SubjectIdMap::parse("m.csv", "patient_id,subject_id\n# c\nP1,T-001\nP2,T-002\n").unwrap();
+        let m = SubjectIdMap::parse("m.csv", "patient_id,subject_id\n# c\nP1,T-001\nP2,T-002\n")
+            .unwrap();
         assert_eq!(m.subject("P1"), Some("T-001"));
         assert_eq!(m.subject("P3"), None);
-        let SubjectIdError::Invalid(e) = SubjectIdMap::parse("m.csv", "P1,T-001\nP2,T-001\n").unwrap_err() else {
+        let SubjectIdError::Invalid(e) =
+            SubjectIdMap::parse("m.csv", "P1,T-001\nP2,T-001\n").unwrap_err()
+        else {
             panic!()
         };
         assert_eq!(e.line, 2);

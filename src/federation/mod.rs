@@ -1,1 +1,23 @@
-//! (in progress)
+//! The federation: how site nodes talk to each other.
+//!
+//! Owns: the gRPC protocol (`proto/federation.proto`, package `federation.v1`), mutual TLS 1.3 and
+//! the peer identity taken from the verified certificate ([`tls`], [`pki`]), the receiving side of
+//! offer/transfer with its enforcement ([`service`]) and the sending side ([`client`]).
+//!
+//! Does not own: de-identification (the sender calls `deid` before anything reaches this module;
+//! the receiver calls `deid::check_release` to re-check what arrives), nor storage (`store`).
+
+pub mod client;
+pub mod receipt;
+pub mod pki;
+pub mod service;
+pub mod tls;
+
+/// Generated protocol types and service stubs.
+#[allow(clippy::all)]
+pub mod proto {
+    tonic::include_proto!("federation.v1");
+}
+
+/// Largest chunk of an instance in one message (tonic's default message limit is 4 MiB).
+pub const CHUNK_SIZE: usize = 1024 * 1024;

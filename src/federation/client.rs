@@ -1,0 +1,285 @@
+//! The sending side of the federation protocol.
+//!
+//! Owns: [`PeerClient`], a gRPC client over mutual TLS 1.3 to one partner node whose certificate
+//! must name the expected site, and [`PeerClient::send_study`]: offer the manifest, stream the
+//! instances the receiver lacks in chunks of at most 1 MiB read from disk (memory stays flat
+//! whatever the study size), and check the receiver's signed receipt.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use hyper_util::rt::TokioIo;
+use rustls_pki_types::CertificateDer;
+use tokio::io::AsyncReadExt;
+use tonic::transport::{Channel, Endpoint};
+
+use super::proto::federation_client::FederationClient;
+use super::proto::{InstanceManifest, OfferRequest, Receipt, TransferChunk};
+use super::tls::{self, SiteTls};
+use super::{receipt, CHUNK_SIZE};
+
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    #[error("cannot connect to {site} at {address}: {reason}")]
+    Connect {
+        site: String,
+        address: String,
+        reason: String,
+    },
+    #[error("{site} refused the offer: {status}")]
+    Offer { site: String, status: tonic::Status },
+    #[error("{site} rejected the transfer: {status}")]
+    Transfer { site: String, status: tonic::Status },
+    #[error("cannot read outgoing instance {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the receipt from {0} is not signed by the certificate it presented")]
+    BadReceipt(String),
+}
+
+impl SendError {
+    /// True for failures worth retrying later (network, peer unavailable).
+    pub fn is_transient(&self) -> bool {
+        match self {
+            SendError::Connect { .. } => true,
+            SendError::Offer { status, .. } | SendError::Transfer { status, .. } => matches!(
+                status.code(),
+                tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Unknown
+            ),
+            _ => false,
+        }
+    }
+}
+
+/// One de-identified instance ready to leave, as a file in the outbox.
+#[derive(Debug, Clone)]
+pub struct OutgoingInstance {
+    pub path: PathBuf,
+    pub sha256: [u8; 32],
+    pub size: u64,
+    pub sop_instance_uid: String,
+}
+
+/// What a study transfer achieved.
+#[derive(Debug, Clone)]
+pub struct Delivery {
+    pub receipt: Receipt,
+    pub instances_sent: usize,
+    pub bytes_sent: u64,
+}
+
+/// A connected client to one partner node.
+pub struct PeerClient {
+    site: String,
+    address: String,
+    client: FederationClient<Channel>,
+    peer_cert: Arc<Mutex<Option<CertificateDer<'static>>>>,
+}
+
+impl PeerClient {
+    /// Connects over mutual TLS and checks that the server's certificate names `site`.
+    pub async fn connect(
+        tls: &SiteTls,
+        site: &str,
+        address: &str,
+        server_name: &str,
+    ) -> Result<PeerClient, SendError> {
+        let err = |reason: String| SendError::Connect {
+            site: site.to_string(),
+            address: address.to_string(),
+            reason,
+        };
+        let peer_cert = Arc::new(Mutex::new(None));
+        let (cfg, addr, name, expected, slot) = (
+            tls.client.clone(),
+            address.to_string(),
+            server_name.to_string(),
+            site.to_string(),
+            peer_cert.clone(),
+        );
+        let connector = tower::service_fn(move |_uri: tonic::codegen::http::Uri| {
+            let (cfg, addr, name, expected, slot) = (
+                cfg.clone(),
+                addr.clone(),
+                name.clone(),
+                expected.clone(),
+                slot.clone(),
+            );
+            async move {
+                let (stream, identity) = tls::connect(cfg, &addr, &name, &expected).await?;
+                *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(identity.certificate);
+                Ok::<_, std::io::Error>(TokioIo::new(stream))
+            }
+        });
+        let channel = Endpoint::from_shared(format!("http://{address}"))
+            .map_err(|e| err(e.to_string()))?
+            .connect_timeout(std::time::Duration::from_secs(10))
+            .http2_adaptive_window(true)
+            .connect_with_connector(connector)
+            .await
+            .map_err(|e| {
+                let mut reason = e.to_string();
+                let mut src = std::error::Error::source(&e);
+                while let Some(s) = src {
+                    reason = format!("{reason}: {s}");
+                    src = s.source();
+                }
+                err(reason)
+            })?;
+        Ok(PeerClient {
+            site: site.to_string(),
+            address: address.to_string(),
+            client: FederationClient::new(channel),
+            peer_cert,
+        })
+    }
+
+    pub fn site(&self) -> &str {
+        &self.site
+    }
+
+    pub fn address(&self) -> &str {
+        &self.address
+    }
+
+    /// The raw client, for protocol-level tests.
+    pub fn raw(&mut self) -> &mut FederationClient<Channel> {
+        &mut self.client
+    }
+
+    /// Offers a study and streams what the receiver lacks; verifies the signed receipt.
+    pub async fn send_study(
+        &mut self,
+        agreement: &str,
+        flow: &str,
+        purpose: &str,
+        study_token: &str,
+        modalities: Vec<String>,
+        instances: &[OutgoingInstance],
+    ) -> Result<Delivery, SendError> {
+        let offer = OfferRequest {
+            agreement_id: agreement.to_string(),
+            flow: flow.to_string(),
+            study_token: study_token.to_string(),
+            purpose: purpose.to_string(),
+            modalities,
+            instances: instances
+                .iter()
+                .map(|i| InstanceManifest {
+                    sop_instance_uid: i.sop_instance_uid.clone(),
+                    sha256: i.sha256.to_vec(),
+                    size: i.size,
+                })
+                .collect(),
+        };
+        let answer = self
+            .client
+            .offer(offer)
+            .await
+            .map_err(|status| SendError::Offer {
+                site: self.site.clone(),
+                status,
+            })?
+            .into_inner();
+        let to_send: Vec<OutgoingInstance> = instances
+            .iter()
+            .filter(|i| !answer.already_have.iter().any(|h| h[..] == i.sha256[..]))
+            .cloned()
+            .collect();
+        let bytes_sent: u64 = to_send.iter().map(|i| i.size).sum();
+        let n = to_send.len();
+        let (tx, rx) = tokio::sync::mpsc::channel::<TransferChunk>(4);
+        let (err_tx, err_rx) = tokio::sync::oneshot::channel::<SendError>();
+        let transfer_id = answer.transfer_id.clone();
+        tokio::spawn(async move {
+            let header = TransferChunk {
+                transfer_id,
+                ..Default::default()
+            };
+            if tx.send(header).await.is_err() {
+                return;
+            }
+            for inst in to_send {
+                if let Err(e) = stream_file(&inst, &tx).await {
+                    let _ = err_tx.send(e);
+                    return;
+                }
+            }
+        });
+        let result = self
+            .client
+            .transfer(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await;
+        if let Ok(e) = err_rx.await {
+            return Err(e);
+        }
+        let receipt = result
+            .map_err(|status| SendError::Transfer {
+                site: self.site.clone(),
+                status,
+            })?
+            .into_inner();
+        let cert = self
+            .peer_cert
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        if !cert.is_some_and(|c| receipt::verify(&receipt, &c)) || receipt.receiver_site != self.site
+        {
+            return Err(SendError::BadReceipt(self.site.clone()));
+        }
+        Ok(Delivery {
+            receipt,
+            instances_sent: n,
+            bytes_sent,
+        })
+    }
+}
+
+async fn stream_file(
+    inst: &OutgoingInstance,
+    tx: &tokio::sync::mpsc::Sender<TransferChunk>,
+) -> Result<(), SendError> {
+    let read = |source| SendError::Read {
+        path: inst.path.clone(),
+        source,
+    };
+    let mut f = tokio::fs::File::open(&inst.path).await.map_err(read)?;
+    let mut offset = 0u64;
+    loop {
+        let mut buf = vec![0u8; CHUNK_SIZE];
+        let mut filled = 0;
+        while filled < CHUNK_SIZE {
+            let n = f.read(&mut buf[filled..]).await.map_err(read)?;
+            if n == 0 {
+                break;
+            }
+            filled += n;
+        }
+        buf.truncate(filled);
+        let last = offset + filled as u64 >= inst.size;
+        if filled == 0 && !last {
+            return Err(read(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "file shorter than when it was hashed",
+            )));
+        }
+        let chunk = TransferChunk {
+            transfer_id: String::new(),
+            instance_sha256: inst.sha256.to_vec(),
+            offset,
+            data: buf,
+            last,
+        };
+        offset += filled as u64;
+        if tx.send(chunk).await.is_err() {
+            return Ok(()); // the receiver ended the stream; its status says why
+        }
+        if last {
+            return Ok(());
+        }
+    }
+}

@@ -1,0 +1,114 @@
+//! The command line as a new user meets it: the demo, key files, certificates.
+
+mod common;
+
+use std::process::Command;
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_pacs-broker"))
+}
+
+#[test]
+fn demo_runs_and_leaves_startable_sites() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = bin()
+        .args(["demo", "--data-dir"])
+        .arg(dir.path())
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "demo failed: {stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("signed receipt verified"), "{stdout}");
+    assert!(stdout.contains("DOE^JANE^QUINN"), "before column missing: {stdout}");
+    for site in ["hospital-a", "telerad-c"] {
+        let cfg = dir.path().join(site).join("node.toml");
+        pacs_broker::config::NodeConfig::load(&cfg).expect("demo leaves a valid node.toml");
+    }
+    let inbox = common::files_under(&dir.path().join("telerad-c/data/store/inbox"));
+    assert_eq!(inbox.len(), 20, "the 20-slice CT was delivered");
+    // Everything the receiver stored parses in dcmtk and pydicom, and carries no PHI.
+    for f in &inbox {
+        let (ok, text) = common::run_tool("dcmdump", &["-q", f.to_str().unwrap()]);
+        assert!(ok && !text.contains("E: "), "dcmdump: {text}");
+    }
+    let script = r#"
+import sys, pydicom
+for p in sys.argv[1:]:
+    ds = pydicom.dcmread(p)
+    assert ds.PatientIdentityRemoved == 'YES', p
+    assert 'DOE' not in str(ds.PatientName), p
+    assert len(ds.PixelData) == ds.Rows * ds.Columns * 2, p
+print('ok', len(sys.argv) - 1)
+"#;
+    let mut args = vec!["-c", script];
+    let paths: Vec<String> = inbox.iter().map(|p| p.display().to_string()).collect();
+    args.extend(paths.iter().map(|s| s.as_str()));
+    let (ok, text) = common::run_tool("/usr/bin/python3", &args);
+    assert!(ok && text.contains("ok 20"), "pydicom: {text}");
+    // The audit chains verify through the CLI.
+    let out = bin()
+        .args(["audit", "verify", "--config"])
+        .arg(dir.path().join("telerad-c/node.toml"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[test]
+fn a_node_refuses_a_key_file_others_can_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("site.key");
+    let out = bin().args(["keys", "new", "--out"]).arg(&key).output().unwrap();
+    assert!(out.status.success());
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(std::fs::metadata(&key).unwrap().permissions().mode() & 0o777, 0o600);
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    }
+    // A node config that points at the now world-readable key.
+    let cfg = common::site_config(dir.path(), "telerad-c", &Default::default());
+    let mut cfg = cfg;
+    cfg.key_file = key.clone();
+    pacs_broker::federation::pki::generate_dev_federation(
+        &dir.path().join("pki"),
+        &["telerad-c".into()],
+    )
+    .unwrap();
+    let cfg_path = dir.path().join("node.toml");
+    std::fs::write(&cfg_path, cfg.to_toml()).unwrap();
+    let out = bin().args(["serve", "--config"]).arg(&cfg_path).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("readable by group or others"), "{err}");
+    // Keys are never overwritten.
+    let out = bin().args(["keys", "new", "--out"]).arg(&key).output().unwrap();
+    assert!(!out.status.success());
+}
+
+#[test]
+fn certs_dev_writes_site_certificates() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = bin()
+        .args(["certs", "dev", "--sites", "site-x,site-y", "--out"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    for s in ["site-x", "site-y"] {
+        let c = pacs_broker::federation::pki::load_certs(&dir.path().join(format!("{s}.pem"))).unwrap();
+        assert_eq!(pacs_broker::federation::pki::site_id_of(&c[0]).unwrap(), s);
+    }
+    let bad = bin()
+        .args(["certs", "dev", "--sites", "Bad Site", "--out"])
+        .arg(dir.path().join("x"))
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("not valid"));
+}

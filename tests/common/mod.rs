@@ -1,0 +1,187 @@
+//! Shared harness for multi-node tests: a fresh federation (own CA) in a temporary folder, site
+//! nodes on loopback ports, and a generated study.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use pacs_broker::config::{NodeConfig, Peer, TlsPaths};
+use pacs_broker::federation::pki;
+use pacs_broker::node::Node;
+use pacs_broker::pseudonym::SiteKeys;
+
+pub const AGREEMENT: &str = "test-telerad";
+pub const FLOW: &str = "ct-reads";
+
+pub fn agreement_toml(status: &str, sender_status: &str) -> String {
+    format!(
+        r#"[agreement]
+id = "{AGREEMENT}"
+version = 1
+title = "Test teleradiology agreement"
+status = "{status}"
+
+[[parties]]
+site = "hospital-a"
+organisation = "Hospital A"
+suspended = {sender_status}
+
+[[parties]]
+site = "telerad-c"
+organisation = "Telerad C"
+
+[[parties]]
+site = "hospital-b"
+organisation = "Hospital B"
+
+[[flows]]
+name = "{FLOW}"
+from = "hospital-a"
+to = "telerad-c"
+purposes = ["treatment", "teleradiology-report"]
+[flows.deid]
+options = ["retain-longitudinal-modified-dates"]
+"#
+    )
+}
+
+/// A running test federation.
+pub struct Federation {
+    pub dir: tempfile::TempDir,
+    pub nodes: BTreeMap<String, Arc<Node>>,
+    pub addrs: BTreeMap<String, String>,
+    stop: tokio::sync::watch::Sender<bool>,
+    servers: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Federation {
+    /// Starts nodes for `sites` (all sharing one CA and the test agreement), each serving.
+    pub async fn start(sites: &[&str]) -> Federation {
+        let dir = tempfile::tempdir().unwrap();
+        let all: Vec<String> = ["hospital-a", "hospital-b", "telerad-c"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        pki::generate_dev_federation(&dir.path().join("pki"), &all).unwrap();
+        let mut listeners = BTreeMap::new();
+        for s in sites {
+            let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            listeners.insert(s.to_string(), l);
+        }
+        let addrs: BTreeMap<String, String> = listeners
+            .iter()
+            .map(|(s, l)| (s.clone(), l.local_addr().unwrap().to_string()))
+            .collect();
+        let (stop, stop_rx) = tokio::sync::watch::channel(false);
+        let mut nodes = BTreeMap::new();
+        let mut servers = Vec::new();
+        for (site, listener) in listeners {
+            let cfg = site_config(dir.path(), &site, &addrs);
+            let node = Arc::new(Node::open(cfg).unwrap());
+            let n = node.clone();
+            let mut rx = stop_rx.clone();
+            servers.push(tokio::spawn(async move {
+                n.serve(listener, async move {
+                    let _ = rx.wait_for(|s| *s).await;
+                })
+                .await
+                .unwrap();
+            }));
+            nodes.insert(site, node);
+        }
+        Federation {
+            dir,
+            nodes,
+            addrs,
+            stop,
+            servers,
+        }
+    }
+
+    pub fn node(&self, site: &str) -> &Arc<Node> {
+        &self.nodes[site]
+    }
+
+    pub fn pki(&self) -> PathBuf {
+        self.dir.path().join("pki")
+    }
+
+    pub async fn stop(self) {
+        let _ = self.stop.send(true);
+        for s in self.servers {
+            let _ = s.await;
+        }
+    }
+}
+
+/// Lays out one site's folder and returns its config (also usable without serving).
+pub fn site_config(base: &Path, site: &str, addrs: &BTreeMap<String, String>) -> NodeConfig {
+    let dir = base.join(site);
+    std::fs::create_dir_all(dir.join("agreements")).unwrap();
+    std::fs::write(
+        dir.join("agreements").join("test.toml"),
+        agreement_toml("active", "false"),
+    )
+    .unwrap();
+    let key = dir.join("site.key");
+    if !key.exists() {
+        SiteKeys::generate().write_new(&key).unwrap();
+    }
+    let pki = base.join("pki");
+    NodeConfig {
+        site_id: site.into(),
+        listen: addrs.get(site).cloned().unwrap_or_else(|| "127.0.0.1:0".into()),
+        data_dir: dir.join("data"),
+        key_file: key,
+        agreements: dir.join("agreements"),
+        tls: TlsPaths {
+            ca: pki.join("ca.pem"),
+            cert: pki.join(format!("{site}.pem")),
+            key: pki.join(format!("{site}.key")),
+        },
+        peers: addrs
+            .iter()
+            .filter(|(s, _)| s.as_str() != site)
+            .map(|(s, a)| {
+                (
+                    s.clone(),
+                    Peer {
+                        address: a.clone(),
+                        server_name: Some("localhost".into()),
+                    },
+                )
+            })
+            .collect(),
+    }
+}
+
+/// Every file under a folder, recursively.
+pub fn files_under(dir: &Path) -> Vec<PathBuf> {
+    if !dir.exists() {
+        return Vec::new();
+    }
+    walkdir::WalkDir::new(dir)
+        .into_iter()
+        .flatten()
+        .filter(|e| e.file_type().is_file())
+        .map(|e| e.into_path())
+        .collect()
+}
+
+/// Runs a command and returns (success, stdout+stderr); panics with a clear message when the tool
+/// is missing (the project's set-up installs it).
+pub fn run_tool(cmd: &str, args: &[&str]) -> (bool, String) {
+    let out = std::process::Command::new(cmd)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{cmd} is required for this test (run .ci/setup): {e}"));
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
