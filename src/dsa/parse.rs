@@ -854,7 +854,11 @@ fn read_consent(r: &mut Reader, t: Tbl, p: &str) -> Option<Consent> {
 fn attribute(s: &str) -> Result<(Tag, String), String> {
     let dict = StandardDataDictionary;
     let entry = if s.starts_with('(') || s.bytes().all(|b| b.is_ascii_hexdigit()) && s.len() == 8 {
-        dict.parse_tag(s).and_then(|t| dict.by_tag(t))
+        let tag = dict.parse_tag(s).ok_or_else(|| format!("{s:?} is not a tag; write it as \"(0010,1010)\""))?;
+        if tag.group() % 2 == 1 {
+            return Err(format!("{s:?} is a private attribute; list private attributes under [[flows.deid.safe_private]]"));
+        }
+        dict.by_tag(tag)
     } else {
         dict.by_name(s)
     };
@@ -936,10 +940,6 @@ fn read_deid(r: &mut Reader, t: Tbl, p: &str) -> Option<DeidConfig> {
         let attr = r.string(o, "attribute", &op, Required, on).and_then(|s| {
             let at = r.spans.at(&format!("{op}.attribute"));
             match attribute(&s) {
-                Ok((tag, _)) if tag.group() % 2 == 1 => {
-                    r.error(at, format!("{s:?} is a private attribute; list private attributes under [[flows.deid.safe_private]]"));
-                    None
-                }
                 Ok(v) => Some(v),
                 Err(m) => {
                     r.error(at, m);
