@@ -18,7 +18,9 @@ fn corpus() -> Vec<PathBuf> {
 
 fn expectation(text: &str) -> (usize, usize, String) {
     let first = text.lines().next().unwrap();
-    let rest = first.strip_prefix("# expect: ").expect("first line is `# expect: L:C: fragment`");
+    let rest = first
+        .strip_prefix("# expect: ")
+        .expect("first line is `# expect: L:C: fragment`");
     let mut parts = rest.splitn(3, ':');
     let line = parts.next().unwrap().trim().parse().unwrap();
     let col = parts.next().unwrap().trim().parse().unwrap();
@@ -39,14 +41,24 @@ fn every_broken_policy_gives_its_error_at_its_position() {
         let name = path.file_name().unwrap().to_string_lossy().to_string();
         let report = dsa::check(&name, &text, time::macros::date!(2026 - 06 - 01));
         assert!(report.agreement.is_none(), "{name}: parsed although broken");
-        assert!(dsa::Agreement::parse(&name, &text).is_err(), "{name}: Agreement::parse accepted it");
+        assert!(
+            dsa::Agreement::parse(&name, &text).is_err(),
+            "{name}: Agreement::parse accepted it"
+        );
         let hit = report
             .errors
             .iter()
             .any(|e| e.line == line && e.col == col && e.message.contains(&fragment));
         if !hit {
-            let got: Vec<String> = report.errors.iter().map(|e| format!("{}:{}: {}", e.line, e.col, e.message)).collect();
-            failures.push(format!("{name}: expected {line}:{col}: {fragment}\n  got: {}", got.join("\n       ")));
+            let got: Vec<String> = report
+                .errors
+                .iter()
+                .map(|e| format!("{}:{}: {}", e.line, e.col, e.message))
+                .collect();
+            failures.push(format!(
+                "{name}: expected {line}:{col}: {fragment}\n  got: {}",
+                got.join("\n       ")
+            ));
         }
         for e in &report.errors {
             assert!(e.snippet.contains('^'), "{name}: no caret snippet");
@@ -58,10 +70,16 @@ fn every_broken_policy_gives_its_error_at_its_position() {
 
 #[test]
 fn the_snippet_shows_the_offending_line_with_a_caret_under_the_column() {
-    let text = std::fs::read_to_string(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/dsa-corpus/unknown-purpose.toml")).unwrap();
+    let text = std::fs::read_to_string(
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/dsa-corpus/unknown-purpose.toml"),
+    )
+    .unwrap();
     let err = dsa::Agreement::parse("p.toml", &text).unwrap_err();
     let shown = err.to_string();
-    assert!(shown.starts_with("p.toml:28:26: unknown purpose \"marketing\""), "{shown}");
+    assert!(
+        shown.starts_with("p.toml:28:26: unknown purpose \"marketing\""),
+        "{shown}"
+    );
     let lines: Vec<&str> = shown.lines().collect();
     assert_eq!(lines[1], "  28 | purposes = [\"treatment\", \"marketing\"]");
     assert_eq!(lines[2].find('^'), Some("  28 | ".len() + 25));
@@ -69,10 +87,12 @@ fn the_snippet_shows_the_offending_line_with_a_caret_under_the_column() {
 
 #[test]
 fn all_errors_are_reported_not_only_the_first() {
-    let text = std::fs::read_to_string(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/dsa-corpus/unknown-purpose.toml"))
-        .unwrap()
-        .replace("modalities = [\"CT\"]", "modalities = [\"CTT\"]")
-        .replace("status = \"active\"", "status = \"on\"");
+    let text = std::fs::read_to_string(
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/dsa-corpus/unknown-purpose.toml"),
+    )
+    .unwrap()
+    .replace("modalities = [\"CT\"]", "modalities = [\"CTT\"]")
+    .replace("status = \"active\"", "status = \"on\"");
     let report = dsa::check("p.toml", &text, time::macros::date!(2026 - 06 - 01));
     let lines: Vec<usize> = report.errors.iter().map(|e| e.line).collect();
     assert_eq!(lines, vec![7, 28, 31], "{:?}", report.errors);

@@ -168,3 +168,381 @@ impl Agreement {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use time::macros::date;
+
+    pub(crate) const GOOD: &str = r#"[agreement]
+id = "a1"
+version = 1
+title = "Test"
+status = "active"
+valid_from = 2026-01-01
+valid_until = 2027-12-31
+governing_law = "Test law"
+paper_reference = "Contract 1"
+
+[[parties]]
+site = "x"
+organisation = "X"
+privacy_officer = "DPO X"
+privacy_contact = "dpo@x.example"
+
+[[parties]]
+site = "y"
+organisation = "Y"
+privacy_officer = "DPO Y"
+privacy_contact = "dpo@y.example"
+
+[[flows]]
+name = "f"
+from = "x"
+to = "y"
+purposes = ["treatment"]
+studies_per_day = 2
+
+[flows.select]
+modalities = ["CT", "SR"]
+body_parts = ["CHEST"]
+study_date_from = 2020-01-01
+description = "*THORAX*"
+source_aes = ["CT1"]
+
+[flows.deid]
+options = ["retain-longitudinal-modified-dates"]
+
+[flows.retention]
+days = 30
+after = "delete"
+"#;
+
+    fn set(text: &str) -> AgreementSet {
+        let a = Agreement::parse("t.toml", text).unwrap();
+        let mut s = AgreementSet::default();
+        s.agreements.insert(a.id.clone(), a);
+        s
+    }
+
+    fn ct() -> StudyFacts {
+        StudyFacts {
+            modalities: vec!["CT".into()],
+            body_parts: vec!["CHEST".into()],
+            study_date: Some(date!(2026 - 03 - 01)),
+            description: Some("CT Thorax with contrast".into()),
+            source_ae: Some("CT1".into()),
+        }
+    }
+
+    fn req<'r>(study: &'r StudyFacts, purpose: &'r str) -> TransferRequest<'r> {
+        TransferRequest {
+            agreement: "a1",
+            flow: "f",
+            purpose,
+            sender: "x",
+            receiver: "y",
+            study,
+            today: date!(2026 - 06 - 01),
+        }
+    }
+
+    #[test]
+    fn authorises_a_matching_transfer() {
+        let s = set(GOOD);
+        let study = ct();
+        let (a, f) = s.authorise_transfer(&req(&study, "treatment")).unwrap();
+        assert_eq!((a.id.as_str(), f.name.as_str()), ("a1", "f"));
+        assert!(s.authorise("a1", "f", Some("treatment"), "x", "y").is_ok());
+    }
+
+    #[test]
+    fn refuses_every_way_out_of_the_flow() {
+        let s = set(GOOD);
+        let study = ct();
+        let r = |m: &dyn Fn(&mut TransferRequest)| {
+            let mut q = req(&study, "treatment");
+            m(&mut q);
+            s.authorise_transfer(&q).unwrap_err()
+        };
+        assert!(matches!(
+            r(&|q| q.purpose = "research"),
+            Refusal::PurposeNotAllowed { .. }
+        ));
+        assert!(matches!(
+            r(&|q| q.purpose = "nonsense"),
+            Refusal::PurposeNotAllowed { .. }
+        ));
+        assert!(matches!(
+            r(&|q| q.sender = "y"),
+            Refusal::WrongSender { .. }
+        ));
+        assert!(matches!(
+            r(&|q| q.receiver = "x"),
+            Refusal::WrongReceiver { .. }
+        ));
+        assert!(matches!(
+            r(&|q| q.receiver = "z"),
+            Refusal::NotAParty { .. }
+        ));
+        assert!(matches!(r(&|q| q.flow = "g"), Refusal::UnknownFlow { .. }));
+        assert!(matches!(
+            r(&|q| q.agreement = "a2"),
+            Refusal::UnknownAgreement(_)
+        ));
+        assert!(matches!(
+            r(&|q| q.today = date!(2028 - 01 - 01)),
+            Refusal::Expired { .. }
+        ));
+        assert!(matches!(
+            r(&|q| q.today = date!(2025 - 12 - 31)),
+            Refusal::NotYetValid { .. }
+        ));
+        let refuse_study = |study: StudyFacts| {
+            let q = TransferRequest {
+                study: &study,
+                ..req(&study, "treatment")
+            };
+            match s.authorise_transfer(&q) {
+                Err(Refusal::NotSelected { why, .. }) => why,
+                other => panic!("{other:?}"),
+            }
+        };
+        assert!(refuse_study(StudyFacts {
+            modalities: vec!["CT".into(), "MR".into()],
+            ..ct()
+        })
+        .contains("modality MR"));
+        assert!(refuse_study(StudyFacts {
+            modalities: vec![],
+            ..ct()
+        })
+        .contains("not known"));
+        assert!(refuse_study(StudyFacts {
+            body_parts: vec!["HEAD".into()],
+            ..ct()
+        })
+        .contains("body part"));
+        assert!(refuse_study(StudyFacts {
+            study_date: Some(date!(2019 - 12 - 31)),
+            ..ct()
+        })
+        .contains("date"));
+        assert!(refuse_study(StudyFacts {
+            description: Some("MR brain".into()),
+            ..ct()
+        })
+        .contains("description"));
+        assert!(refuse_study(StudyFacts {
+            source_ae: Some("OTHER".into()),
+            ..ct()
+        })
+        .contains("source AE"));
+        // The receiver knows only the modalities: the other criteria are not checked.
+        let receiver_view = StudyFacts {
+            modalities: vec!["CT".into()],
+            ..StudyFacts::default()
+        };
+        assert!(s
+            .authorise_transfer(&req(&receiver_view, "treatment"))
+            .is_ok());
+    }
+
+    #[test]
+    fn suspension_of_a_party_or_the_agreement_cuts_off() {
+        let study = ct();
+        let suspended_party = GOOD.replace(
+            "privacy_contact = \"dpo@x.example\"",
+            "privacy_contact = \"dpo@x.example\"\nstatus = \"suspended\"",
+        );
+        let s = set(&suspended_party);
+        let e = s.authorise_transfer(&req(&study, "treatment")).unwrap_err();
+        assert_eq!(
+            e,
+            Refusal::PartySuspended {
+                agreement: "a1".into(),
+                site: "x".into()
+            }
+        );
+        assert_eq!(
+            e.to_string(),
+            "party \"x\" is suspended in agreement \"a1\""
+        );
+        assert!(s
+            .still_allowed("a1", "x", "y", date!(2026 - 06 - 01))
+            .is_err());
+        for status in ["suspended", "ended", "draft"] {
+            let s = set(&GOOD.replace("status = \"active\"", &format!("status = \"{status}\"")));
+            let e = s.authorise_transfer(&req(&study, "treatment")).unwrap_err();
+            assert!(matches!(e, Refusal::NotActive { .. }), "{status}");
+            assert!(e.to_string().contains(status));
+            assert!(s.authorise("a1", "f", Some("treatment"), "x", "y").is_err());
+        }
+        assert!(set(GOOD)
+            .still_allowed("a1", "x", "y", date!(2026 - 06 - 01))
+            .is_ok());
+    }
+
+    #[test]
+    fn volume_limit_is_a_pure_check_on_the_nodes_count() {
+        let s = set(GOOD);
+        let f = s.agreements["a1"].flow("f").unwrap();
+        assert!(f.check_volume(0).is_ok() && f.check_volume(1).is_ok());
+        assert_eq!(
+            f.check_volume(2).unwrap_err(),
+            Refusal::OverVolume {
+                flow: "f".into(),
+                limit: 2,
+                count: 2
+            }
+        );
+    }
+
+    #[test]
+    fn patterns_match_like_a_privacy_officer_expects() {
+        use enforce::matches_pattern as m;
+        assert!(m("*THORAX*", "ct thorax abdomen"));
+        assert!(m("CT?HEAD", "CT HEAD"));
+        assert!(!m("*THORAX", "THORAX ABDOMEN"));
+        assert!(m("*", ""));
+        assert!(!m("?", ""));
+    }
+
+    fn warnings(text: &str) -> Vec<String> {
+        let r = check("t.toml", text, date!(2026 - 06 - 01));
+        assert!(r.errors.is_empty(), "{:?}", r.errors);
+        r.warnings
+            .iter()
+            .map(|w| format!("{}:{}: {}", w.line, w.col, w.message))
+            .collect()
+    }
+
+    #[test]
+    fn a_careful_agreement_has_no_warnings() {
+        assert_eq!(warnings(GOOD), Vec::<String>::new());
+    }
+
+    #[test]
+    fn risky_choices_are_warned_about_at_their_line() {
+        let has = |w: &[String], s: &str| w.iter().any(|x| x.contains(s));
+        let w = warnings(&GOOD.replace("valid_until = 2027-12-31", "valid_until = 2032-12-31"));
+        assert!(
+            has(&w, "7:15: the agreement is valid for 7.0 years"),
+            "{w:?}"
+        );
+        let w = warnings(&GOOD.replace("[flows.retention]\ndays = 30\nafter = \"delete\"\n", ""));
+        assert!(has(&w, "23:1: flow \"f\" has no retention limit"), "{w:?}");
+        let w = warnings(&GOOD.replace("purposes = [\"treatment\"]", "purposes = [\"research\"]"));
+        assert!(
+            has(
+                &w,
+                "27:12: flow \"f\" is for research without patient consent"
+            ),
+            "{w:?}"
+        );
+        let w = warnings(&GOOD.replace("to = \"y\"", "to = \"z\""));
+        assert!(
+            has(&w, "26:6: flow \"f\" is to \"z\", which is not listed"),
+            "{w:?}"
+        );
+        let keep = |attr: &str| {
+            GOOD.replace(
+                "[flows.retention]",
+                &format!("[[flows.deid.overrides]]\nattribute = \"{attr}\"\naction = \"keep\"\njustification = \"because\"\n\n[flows.retention]"),
+            )
+        };
+        let w = warnings(&keep("PatientID"));
+        assert!(
+            has(
+                &w,
+                "42:10: flow \"f\" keeps the direct identifier PatientID"
+            ),
+            "{w:?}"
+        );
+        let w = warnings(&keep("InstitutionName"));
+        assert!(has(&w, "override keeps InstitutionName although the profile removes the institution; the option retain-institution-identity"), "{w:?}");
+        let remove_dates = GOOD.replace(
+            "[flows.retention]",
+            "[[flows.deid.overrides]]\nattribute = \"StudyDate\"\naction = \"remove\"\njustification = \"because\"\n\n[flows.retention]",
+        );
+        let w = warnings(&remove_dates);
+        assert!(
+            has(
+                &w,
+                "override contradicts option retain-longitudinal-modified-dates"
+            ),
+            "{w:?}"
+        );
+        let w = warnings(&GOOD.replace(
+            "privacy_contact = \"dpo@y.example\"",
+            "privacy_contact = \"dpo@y.example\"\nstatus = \"suspended\"",
+        ));
+        assert!(has(&w, "party \"y\" is suspended"), "{w:?}");
+        let w = warnings(&GOOD.replace("valid_until = 2027-12-31", "valid_until = 2026-02-01"));
+        assert!(has(&w, "expired on 2026-02-01"), "{w:?}");
+    }
+
+    #[test]
+    fn explain_says_who_gets_what_in_which_form() {
+        let a = Agreement::parse("t.toml", GOOD).unwrap();
+        let e = explain::explain(&a);
+        for s in [
+            "## Flow \"f\": X (x) sends to Y (y)",
+            "- Purpose: the patient's own treatment (treatment).",
+            "studies with modality CT or SR, body part CHEST, study date from 2020-01-01, study description matching \"*THORAX*\" and coming from CT1",
+            "at most 2 studies per day",
+            "keeps the data for at most 30 days, then deletes it",
+            "- patient name and patient ID: replaced by a keyed token",
+            "- study and acquisition dates and times: shifted by a per-patient offset",
+            "- institution: removed",
+            "- Results do not return to the sender.",
+        ] {
+            assert!(e.contains(s), "missing {s:?} in\n{e}");
+        }
+    }
+
+    #[test]
+    fn diff_puts_widening_first_and_marks_it() {
+        let old = Agreement::parse("o.toml", GOOD).unwrap();
+        let new_text = GOOD
+            .replace("version = 1", "version = 2")
+            .replace("purposes = [\"treatment\"]", "purposes = [\"treatment\", \"research\"]")
+            .replace("days = 30", "days = 365")
+            .replace("studies_per_day = 2", "studies_per_day = 1")
+            .replace(
+                "[flows.retention]",
+                "[[flows.deid.overrides]]\nattribute = \"PatientName\"\naction = \"keep\"\njustification = \"because\"\n\n[flows.retention]",
+            )
+            .replace("[flows.select]", "[flows.select]\n")
+            + "\n[[flows]]\nname = \"g\"\nfrom = \"x\"\nto = \"y\"\npurposes = [\"teaching\"]\n";
+        let new = Agreement::parse("n.toml", &new_text).unwrap();
+        let changes = diff::diff(&old, &new);
+        let shown: Vec<String> = changes.iter().map(|c| c.to_string()).collect();
+        let first_other = changes
+            .iter()
+            .position(|c| c.impact != diff::Impact::Widens)
+            .unwrap();
+        assert!(
+            changes[first_other..]
+                .iter()
+                .all(|c| c.impact != diff::Impact::Widens),
+            "{shown:#?}"
+        );
+        let widening = &shown[..first_other];
+        for s in [
+            "[WIDENS]  flow \"f\": purposes widened: + research",
+            "[WIDENS]  flow \"f\": retention 30 days then delete -> 365 days then delete (lengthened)",
+            "[WIDENS]  flow \"f\": PatientName replaced by a keyed token -> KEPT unchanged (identifier newly kept)",
+            "[WIDENS]  new flow \"g\": x -> y for teaching",
+        ] {
+            assert!(widening.iter().any(|w| w == s), "missing {s:?} in {shown:#?}");
+        }
+        assert!(
+            shown
+                .iter()
+                .any(|s| s == "[narrows] flow \"f\": volume 2/day -> 1/day"),
+            "{shown:#?}"
+        );
+        assert!(diff::diff(&old, &old).is_empty());
+    }
+}

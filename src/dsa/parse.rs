@@ -100,7 +100,7 @@ pub(crate) fn suggest<'c>(
         .map(|(_, c)| c)
 }
 
-fn hint<'c>(word: &str, candidates: &[&'c str]) -> String {
+fn hint(word: &str, candidates: &[&str]) -> String {
     match suggest(word, candidates.iter().copied()) {
         Some(s) => format!("; did you mean {s:?}?"),
         None => format!("; expected one of: {}", candidates.join(", ")),
@@ -218,6 +218,7 @@ impl<'a> Reader<'a> {
         Some(s)
     }
 
+    #[allow(clippy::too_many_arguments)] // table, key, path, need, name in messages, range
     fn integer(
         &mut self,
         t: Tbl,
@@ -374,6 +375,7 @@ impl<'a> Reader<'a> {
         }
     }
 
+    #[allow(clippy::too_many_arguments)] // table, key, path, need, name in messages, vocabulary
     fn choice<T: Copy>(
         &mut self,
         t: Tbl,
@@ -854,7 +856,9 @@ fn read_consent(r: &mut Reader, t: Tbl, p: &str) -> Option<Consent> {
 fn attribute(s: &str) -> Result<(Tag, String), String> {
     let dict = StandardDataDictionary;
     let entry = if s.starts_with('(') || s.bytes().all(|b| b.is_ascii_hexdigit()) && s.len() == 8 {
-        let tag = dict.parse_tag(s).ok_or_else(|| format!("{s:?} is not a tag; write it as \"(0010,1010)\""))?;
+        let tag = dict
+            .parse_tag(s)
+            .ok_or_else(|| format!("{s:?} is not a tag; write it as \"(0010,1010)\""))?;
         if tag.group() % 2 == 1 {
             return Err(format!("{s:?} is a private attribute; list private attributes under [[flows.deid.safe_private]]"));
         }
