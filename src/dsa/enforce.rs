@@ -322,69 +322,39 @@ impl AgreementSet {
         receiver: &str,
         today: Date,
     ) -> Result<(), Refusal> {
-        let id = agreement.to_string();
         let a = self
             .agreements
             .get(agreement)
-            .ok_or_else(|| Refusal::UnknownAgreement(id.clone()))?;
-        if a.status != Status::Active {
-            return Err(Refusal::NotActive {
-                agreement: id,
-                status: a.status,
-            });
-        }
-        if !a.is_valid_on(today) {
-            return Err(Refusal::Expired {
-                agreement: id,
-                until: a.valid_until,
-                today,
-            });
-        }
-        for site in [sender, receiver] {
-            match a.party(site) {
-                None => {
-                    return Err(Refusal::NotAParty {
-                        agreement: id,
-                        site: site.to_string(),
-                    })
-                }
-                Some(p) if p.is_suspended() => {
-                    return Err(Refusal::PartySuspended {
-                        agreement: id,
-                        site: site.to_string(),
-                    })
-                }
-                Some(_) => {}
-            }
-        }
-        Ok(())
+            .ok_or_else(|| Refusal::UnknownAgreement(agreement.to_string()))?;
+        in_force(a, sender, receiver, today)
     }
 }
 
-/// Every check of [`AgreementSet::authorise_transfer`] on one agreement and flow.
-fn check_transfer(a: &Agreement, f: &Flow, req: &TransferRequest) -> Result<(), Refusal> {
-    let id = req.agreement.to_string();
+/// Whether agreement `a` is in force today between `sender` and `receiver`: active, within its
+/// validity, both sites parties and neither suspended.
+fn in_force(a: &Agreement, sender: &str, receiver: &str, today: Date) -> Result<(), Refusal> {
+    let id = a.id.clone();
     if a.status != Status::Active {
         return Err(Refusal::NotActive {
             agreement: id,
             status: a.status,
         });
     }
-    if req.today < a.valid_from {
+    if today < a.valid_from {
         return Err(Refusal::NotYetValid {
             agreement: id,
             from: a.valid_from,
-            today: req.today,
+            today,
         });
     }
-    if req.today > a.valid_until {
+    if today > a.valid_until {
         return Err(Refusal::Expired {
             agreement: id,
             until: a.valid_until,
-            today: req.today,
+            today,
         });
     }
-    for site in [req.sender, req.receiver] {
+    for site in [sender, receiver] {
         match a.party(site) {
             None => {
                 return Err(Refusal::NotAParty {
@@ -401,6 +371,12 @@ fn check_transfer(a: &Agreement, f: &Flow, req: &TransferRequest) -> Result<(), 
             Some(_) => {}
         }
     }
+    Ok(())
+}
+
+/// Every check of [`AgreementSet::authorise_transfer`] on one agreement and flow.
+fn check_transfer(a: &Agreement, f: &Flow, req: &TransferRequest) -> Result<(), Refusal> {
+    in_force(a, req.sender, req.receiver, req.today)?;
     if f.from != req.sender {
         return Err(Refusal::WrongSender {
             flow: f.name.clone(),
