@@ -55,42 +55,78 @@ pub enum NodeError {
     NothingToSend,
 }
 
-/// Reads every agreement file under `path`; files that fail are reported (and not enforced).
-pub fn load_agreements(path: &Path) -> (AgreementSet, Vec<(PathBuf, String)>) {
-    let mut set = AgreementSet::default();
-    let mut rejected = Vec::new();
-    for f in agreement_files(path) {
-        match Agreement::from_file(&f) {
-            Ok(a) => {
-                set.agreements.insert(a.id.clone(), a);
+/// Loads the agreements a node may enforce: only those every party has signed over their exact
+/// bytes with a certificate of the federation CA (`dsa::AgreementSet::load_enforced`).
+///
+/// A file that was enforced before (`previous`) and has since been edited without every party's
+/// signature is not dropped silently, nor are its widening changes applied: the last fully signed
+/// version stays in force with the edit's suspensions (agreement suspended or ended, a party
+/// suspended or removed) applied on top. Narrowing needs no counter-signature, so one site's
+/// privacy officer can cut a partner off at once; widening waits for every signature.
+pub fn load_agreements(
+    path: &Path,
+    ca: &Path,
+    previous: Option<&AgreementSet>,
+) -> (AgreementSet, Vec<(PathBuf, String)>) {
+    let (mut set, refused) = AgreementSet::load_enforced(path, ca);
+    let mut reported = Vec::new();
+    for (file, why) in refused {
+        let edited = Agreement::from_file(&file).ok();
+        let old = edited
+            .as_ref()
+            .and_then(|e| previous.and_then(|p| p.agreements.get(&e.id)));
+        match (edited, old) {
+            (Some(edited), Some(old)) if !set.agreements.contains_key(&edited.id) => {
+                set.agreements
+                    .insert(edited.id.clone(), narrowed(old, &edited));
+                reported.push((
+                    file,
+                    format!(
+                        "{why}; the last fully signed version stays in force, with this edit's suspensions applied"
+                    ),
+                ));
             }
-            Err(e) => rejected.push((f, e.to_string())),
+            _ => reported.push((file, why)),
         }
     }
-    (set, rejected)
+    (set, reported)
 }
 
-fn agreement_files(path: &Path) -> Vec<PathBuf> {
-    if path.is_dir() {
-        let mut v: Vec<PathBuf> = std::fs::read_dir(path)
-            .map(|rd| rd.flatten().map(|e| e.path()).collect())
-            .unwrap_or_default();
-        v.retain(|p| p.extension().is_some_and(|e| e == "toml"));
-        v.sort();
-        v
-    } else {
-        vec![path.to_owned()]
+/// `old` with the suspensions of `edited` applied (and nothing else).
+fn narrowed(old: &Agreement, edited: &Agreement) -> Agreement {
+    use crate::dsa::{PartyStatus, Status};
+    let mut a = old.clone();
+    if matches!(edited.status, Status::Suspended | Status::Ended) && a.status == Status::Active {
+        a.status = edited.status;
     }
+    for p in &mut a.parties {
+        if edited.party(&p.site).is_none_or(|e| e.is_suspended()) {
+            p.status = PartyStatus::Suspended;
+        }
+    }
+    a
 }
 
-/// A fingerprint of the agreements folder: every file's name, length and modification time.
+/// A fingerprint of the agreements folder: every file's name, length and modification time,
+/// including the signature folders beside the agreements.
 fn agreements_fingerprint(path: &Path) -> Vec<(PathBuf, u64, Option<SystemTime>)> {
     let mut files: Vec<PathBuf> = if path.is_dir() {
-        std::fs::read_dir(path)
-            .map(|rd| rd.flatten().map(|e| e.path()).collect())
-            .unwrap_or_default()
+        walkdir::WalkDir::new(path)
+            .max_depth(2)
+            .into_iter()
+            .flatten()
+            .filter(|e| e.file_type().is_file())
+            .map(|e| e.into_path())
+            .collect()
     } else {
-        vec![path.to_owned()]
+        let mut v = vec![path.to_owned()];
+        v.extend(
+            walkdir::WalkDir::new(crate::dsa::sign::signature_dir(path))
+                .into_iter()
+                .flatten()
+                .map(|e| e.into_path()),
+        );
+        v
     };
     files.sort();
     files
@@ -114,6 +150,8 @@ pub struct SendReport {
     pub quarantined: Vec<(PathBuf, String)>,
     /// (input path, reason) for inputs that are not usable DICOM.
     pub failed: Vec<(PathBuf, String)>,
+    /// (input path, reason) for instances the flow's study selector does not cover.
+    pub not_selected: Vec<(PathBuf, String)>,
 }
 
 /// One study delivered to a partner.
@@ -151,7 +189,7 @@ impl Node {
         let keys = SiteKeys::load(&config.key_file)?;
         let tls = SiteTls::load(&config.site_id, &config.tls)?;
         let audit = Arc::new(AuditLog::open(&config.data_dir.join("audit.log"))?);
-        let (set, rejected) = load_agreements(&config.agreements);
+        let (set, rejected) = load_agreements(&config.agreements, &config.tls.ca, None);
         for (f, why) in &rejected {
             tracing::error!(file = %f.display(), reason = %why, "agreement not enforced");
         }
@@ -214,7 +252,12 @@ impl Node {
     /// Re-reads the agreements folder and puts the result in force at once (in-flight transfers
     /// are re-authorised against it).
     pub fn reload_agreements(&self) {
-        let (set, rejected) = load_agreements(&self.config.agreements);
+        let previous = self.agreements();
+        let (set, rejected) = load_agreements(
+            &self.config.agreements,
+            &self.config.tls.ca,
+            Some(&previous),
+        );
         for (f, why) in &rejected {
             tracing::error!(file = %f.display(), reason = %why, "agreement not enforced");
         }
@@ -308,14 +351,17 @@ impl Node {
         let files = collect_inputs(inputs).map_err(NodeError::Input)?;
         let vault = self.vault()?;
         let agreement = agreement_id.to_string();
-        let prepared =
-            tokio::task::spawn_blocking(move || prepare(&deid, &vault, &agreement, &outbox, files))
-                .await
-                .map_err(|e| NodeError::Input(e.to_string()))??;
+        let select = flow.select.clone();
+        let prepared = tokio::task::spawn_blocking(move || {
+            prepare(&deid, &select, &vault, &agreement, &outbox, files)
+        })
+        .await
+        .map_err(|e| NodeError::Input(e.to_string()))??;
 
         let mut report = SendReport {
             quarantined: prepared.quarantined,
             failed: prepared.failed,
+            not_selected: prepared.not_selected,
             ..Default::default()
         };
         if prepared.studies.is_empty() {
@@ -426,10 +472,34 @@ struct PreparedBatch {
     studies: BTreeMap<String, Vec<Prepared>>,
     quarantined: Vec<(PathBuf, String)>,
     failed: Vec<(PathBuf, String)>,
+    not_selected: Vec<(PathBuf, String)>,
+}
+
+/// What the flow's selector looks at, read from the original instance (before de-identification).
+fn study_facts(obj: &dicom_object::InMemDicomObject) -> crate::dsa::StudyFacts {
+    use dicom_dictionary_std::tags;
+    let text = |tag| {
+        obj.get(tag)
+            .and_then(|e| e.to_str().ok())
+            .map(|s| s.trim_end_matches(['\0', ' ']).trim().to_string())
+            .filter(|s| !s.is_empty())
+    };
+    let study_date = text(tags::STUDY_DATE).and_then(|d| {
+        let f = time::macros::format_description!("[year][month][day]");
+        time::Date::parse(&d, &f).ok()
+    });
+    crate::dsa::StudyFacts {
+        modalities: text(tags::MODALITY).into_iter().collect(),
+        body_parts: text(tags::BODY_PART_EXAMINED).into_iter().collect(),
+        study_date,
+        description: text(tags::STUDY_DESCRIPTION),
+        source_ae: None,
+    }
 }
 
 fn prepare(
     deid: &Deidentifier,
+    select: &crate::dsa::Selector,
     vault: &Vault,
     agreement: &str,
     outbox: &Path,
@@ -439,6 +509,7 @@ fn prepare(
         studies: BTreeMap::new(),
         quarantined: Vec::new(),
         failed: Vec::new(),
+        not_selected: Vec::new(),
     };
     for input in files {
         let obj = match dicom_object::open_file(&input) {
@@ -450,10 +521,12 @@ fn prepare(
                 continue;
             }
         };
-        let modality = obj
-            .get(dicom_dictionary_std::tags::MODALITY)
-            .and_then(|e| e.to_str().ok())
-            .map(|s| s.trim().to_string());
+        let facts = study_facts(&obj);
+        if let Err(why) = select.check(&facts) {
+            batch.not_selected.push((input, why));
+            continue;
+        }
+        let modality = facts.modalities.first().cloned();
         let d = match deid.deidentify(obj) {
             Ok(d) => d,
             Err(DeidError::Quarantined { reason }) => {

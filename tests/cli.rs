@@ -98,14 +98,13 @@ fn a_node_refuses_a_key_file_others_can_read() {
         std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
     }
     // A node config that points at the now world-readable key.
-    let cfg = common::site_config(dir.path(), "telerad-c", &Default::default());
-    let mut cfg = cfg;
-    cfg.key_file = key.clone();
     pacs_broker::federation::pki::generate_dev_federation(
         &dir.path().join("pki"),
-        &["telerad-c".into()],
+        &["hospital-a".into(), "hospital-b".into(), "telerad-c".into()],
     )
     .unwrap();
+    let mut cfg = common::site_config(dir.path(), "telerad-c", &Default::default());
+    cfg.key_file = key.clone();
     let cfg_path = dir.path().join("node.toml");
     std::fs::write(&cfg_path, cfg.to_toml()).unwrap();
     let out = bin()

@@ -1,21 +1,40 @@
-//! Data sharing agreements (DSA): the machine-readable policy a node enforces.
+//! Data sharing agreements (DSA): the machine-readable policy a node enforces, and the privacy
+//! officer's tools around it. The file format is documented in `docs/dsa.md`.
 //!
-//! Owns: the agreement model ([`Agreement`], [`Party`], [`Flow`], [`Purpose`]), the TOML parser
-//! with file:line:col errors, and the lookups a node makes when it sends or receives (which flow,
-//! which parties, which de-identification configuration).
+//! Owns: the agreement model ([`Agreement`], [`Party`], [`Flow`], [`Purpose`]...), the TOML reader
+//! with file:line:col errors ([`Agreement::parse`]), the canonical writer ([`format`]), the lints
+//! ([`check`]), the plain-language summary ([`explain`]), the disclosure diff ([`diff`]), detached
+//! signatures with the site certificate key ([`sign`]), the trial subject-ID mapping
+//! ([`SubjectIdMap`]) and the decisions a node makes before it sends or accepts a study
+//! ([`AgreementSet::authorise`], [`AgreementSet::load_enforced`]).
 //!
 //! Does not own: DICOM bytes (a flow's de-identification settings are handed to `deid` as a
-//! [`DeidConfig`]), nor certificates (the peer's site id comes from `federation`).
+//! [`DeidConfig`](crate::deid::DeidConfig)), the peer's identity (that comes from `federation`),
+//! nor reloading or volume counting (the node keeps that state).
 
-use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::path::{Path, PathBuf};
 
-use serde::Deserialize;
+use time::Date;
 
-use crate::deid::{DeidConfig, ProfileOption};
+pub mod diff;
+pub mod enforce;
+pub mod explain;
+pub mod format;
+pub mod identifiers;
+pub mod lint;
+pub mod model;
+pub mod parse;
+pub mod sign;
+pub mod subjects;
 
-/// A DSA error that points at the file, line and column where the problem is.
+pub use enforce::{AgreementSet, Refusal, StudyFacts, TransferRequest};
+pub use format::format;
+pub use model::*;
+pub use sign::{FederationCa, SignatureState, Verdict, Verification};
+pub use subjects::SubjectIdMap;
+
+/// A DSA error: the file cannot be read, or it has one or more problems at file:line:col.
 #[derive(Debug, thiserror::Error)]
 pub enum DsaError {
     #[error("{file}: {source}")]
@@ -24,8 +43,34 @@ pub enum DsaError {
         #[source]
         source: std::io::Error,
     },
-    #[error("{}", .0)]
-    Invalid(Box<Located>),
+    #[error("{0}")]
+    Invalid(Problems),
+}
+
+impl DsaError {
+    /// How many problems (1 for an I/O error).
+    pub fn count(&self) -> usize {
+        match self {
+            DsaError::Io { .. } => 1,
+            DsaError::Invalid(p) => p.0.len(),
+        }
+    }
+}
+
+/// Every problem found in one file, in file order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problems(pub Vec<Located>);
+
+impl fmt::Display for Problems {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, p) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{p}")?;
+        }
+        Ok(())
+    }
 }
 
 /// One problem found in an agreement file, with its position (1-based) and a caret snippet.
@@ -51,13 +96,16 @@ impl fmt::Display for Located {
 impl Located {
     /// Locates byte offset `at` of `text` and builds the caret snippet.
     pub fn at(file: &str, text: &str, at: usize, message: impl Into<String>) -> Self {
-        let at = at.min(text.len());
+        let mut at = at.min(text.len());
+        while !text.is_char_boundary(at) {
+            at -= 1;
+        }
         let line_start = text[..at].rfind('\n').map(|i| i + 1).unwrap_or(0);
         let line_no = text[..at].matches('\n').count() + 1;
         let col = text[line_start..at].chars().count() + 1;
         let line_end = text[at..].find('\n').map(|i| at + i).unwrap_or(text.len());
-        let line_text = &text[line_start..line_end];
-        let gutter = format!("{line_no} | ");
+        let line_text = text[line_start..line_end].trim_end_matches('\r');
+        let gutter = format!("{line_no:>4} | ");
         let snippet = format!(
             "{gutter}{line_text}\n{}^",
             " ".repeat(gutter.len() + col - 1)
@@ -72,135 +120,29 @@ impl Located {
     }
 }
 
-/// Purposes of use, a fixed vocabulary.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Purpose {
-    Treatment,
-    TeleradiologyReport,
-    Research,
-    ClinicalTrial,
-    QualityImprovement,
-    Teaching,
+/// The result of `dsa check` on one file's text.
+#[derive(Debug)]
+pub struct Report {
+    pub agreement: Option<Agreement>,
+    pub errors: Vec<Located>,
+    pub warnings: Vec<Located>,
 }
 
-impl Purpose {
-    pub fn name(self) -> &'static str {
-        match self {
-            Purpose::Treatment => "treatment",
-            Purpose::TeleradiologyReport => "teleradiology-report",
-            Purpose::Research => "research",
-            Purpose::ClinicalTrial => "clinical-trial",
-            Purpose::QualityImprovement => "quality-improvement",
-            Purpose::Teaching => "teaching",
-        }
+/// Parses and lints agreement text: every error, and (when there is none) every warning.
+/// `today` is used for the "expired" warning.
+pub fn check(file: &str, text: &str, today: Date) -> Report {
+    let parsed = parse::read(file, text);
+    let mut errors = parsed.errors;
+    errors.sort_by_key(|e| (e.line, e.col));
+    let warnings = match &parsed.agreement {
+        Some(a) => lint::lint(file, text, a, &parsed.spans, today),
+        None => Vec::new(),
+    };
+    Report {
+        agreement: parsed.agreement,
+        errors,
+        warnings,
     }
-
-    pub fn parse(s: &str) -> Option<Purpose> {
-        [
-            Purpose::Treatment,
-            Purpose::TeleradiologyReport,
-            Purpose::Research,
-            Purpose::ClinicalTrial,
-            Purpose::QualityImprovement,
-            Purpose::Teaching,
-        ]
-        .into_iter()
-        .find(|p| p.name() == s)
-    }
-}
-
-impl fmt::Display for Purpose {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
-    }
-}
-
-/// The agreement's life-cycle state. Only an active agreement lets data move.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Status {
-    Draft,
-    Active,
-    Suspended,
-    Ended,
-}
-
-/// A site that is party to the agreement.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Party {
-    /// Site id, as in the site certificate's URI SAN `urn:pacs-broker:site:<id>`.
-    pub site: String,
-    pub organisation: String,
-    #[serde(default)]
-    pub privacy_contact: String,
-    #[serde(default)]
-    pub suspended: bool,
-}
-
-/// One direction of disclosure: who sends what to whom, for which purposes, de-identified how.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Flow {
-    pub name: String,
-    pub from: String,
-    pub to: String,
-    pub purposes: BTreeSet<Purpose>,
-    pub deid: DeidConfig,
-}
-
-/// A parsed data sharing agreement.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Agreement {
-    pub id: String,
-    pub version: u32,
-    pub title: String,
-    pub status: Status,
-    pub parties: Vec<Party>,
-    pub flows: Vec<Flow>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawFile {
-    agreement: RawAgreement,
-    #[serde(default)]
-    parties: Vec<Party>,
-    #[serde(default)]
-    flows: Vec<RawFlow>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawAgreement {
-    id: String,
-    version: u32,
-    title: String,
-    status: Status,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawFlow {
-    name: String,
-    from: String,
-    to: String,
-    purposes: Vec<Purpose>,
-    #[serde(default)]
-    deid: RawDeid,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct RawDeid {
-    #[serde(default = "basic")]
-    profile: String,
-    #[serde(default)]
-    options: Vec<toml::Spanned<String>>,
-}
-
-fn basic() -> String {
-    "basic".into()
 }
 
 impl Agreement {
@@ -213,223 +155,394 @@ impl Agreement {
         Agreement::parse(&path.display().to_string(), &text)
     }
 
-    /// Parses agreement text; `file` names it in errors.
+    /// Parses agreement text; `file` names it in errors. All errors are reported, in file order.
     pub fn parse(file: &str, text: &str) -> Result<Agreement, DsaError> {
-        let err =
-            |at: usize, msg: String| DsaError::Invalid(Box::new(Located::at(file, text, at, msg)));
-        let raw: RawFile = toml::from_str(text).map_err(|e| {
-            let at = e.span().map(|s| s.start).unwrap_or(0);
-            err(at, e.message().to_string())
-        })?;
-        let mut flows = Vec::new();
-        for f in raw.flows {
-            let mut options = BTreeSet::new();
-            for o in f.deid.options {
-                let parsed = o
-                    .get_ref()
-                    .parse::<ProfileOption>()
-                    .map_err(|m| err(o.span().start, m))?;
-                options.insert(parsed);
-            }
-            if f.deid.profile != "basic" {
-                return Err(err(0, format!("unknown profile {:?}; only \"basic\" (PS3.15 Basic Application Level Confidentiality Profile) is defined", f.deid.profile)));
-            }
-            flows.push(Flow {
-                name: f.name,
-                from: f.from,
-                to: f.to,
-                purposes: f.purposes.into_iter().collect(),
-                deid: DeidConfig {
-                    options,
-                    ..DeidConfig::default()
-                },
-            });
-        }
-        Ok(Agreement {
-            id: raw.agreement.id,
-            version: raw.agreement.version,
-            title: raw.agreement.title,
-            status: raw.agreement.status,
-            parties: raw.parties,
-            flows,
-        })
-    }
-
-    /// The flow called `name`.
-    pub fn flow(&self, name: &str) -> Option<&Flow> {
-        self.flows.iter().find(|f| f.name == name)
-    }
-
-    /// The party with site id `site`.
-    pub fn party(&self, site: &str) -> Option<&Party> {
-        self.parties.iter().find(|p| p.site == site)
-    }
-}
-
-/// The agreements a node enforces, by id.
-#[derive(Debug, Clone, Default)]
-pub struct AgreementSet {
-    pub agreements: BTreeMap<String, Agreement>,
-}
-
-/// Why a transfer is refused under the agreements. Messages name no PHI.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum Refusal {
-    #[error("no agreement {0:?} is in force at this site")]
-    UnknownAgreement(String),
-    #[error("agreement {0:?} is not active")]
-    NotActive(String),
-    #[error("agreement {agreement:?} has no flow {flow:?}")]
-    UnknownFlow { agreement: String, flow: String },
-    #[error("flow {flow:?} is from {expected:?}, but the peer is {actual:?}")]
-    WrongSender {
-        flow: String,
-        expected: String,
-        actual: String,
-    },
-    #[error("flow {flow:?} is to {expected:?}, not to this site {actual:?}")]
-    WrongReceiver {
-        flow: String,
-        expected: String,
-        actual: String,
-    },
-    #[error("party {0:?} is suspended in this agreement")]
-    PartySuspended(String),
-    #[error("purpose {purpose:?} is not allowed by flow {flow:?}")]
-    PurposeNotAllowed { flow: String, purpose: String },
-}
-
-impl AgreementSet {
-    /// Loads every `*.toml` agreement in a folder (or one file).
-    pub fn load(path: &Path) -> Result<AgreementSet, DsaError> {
-        let mut set = AgreementSet::default();
-        let files: Vec<PathBuf> = if path.is_dir() {
-            let mut v: Vec<PathBuf> = std::fs::read_dir(path)
-                .map_err(|source| DsaError::Io {
-                    file: path.to_owned(),
-                    source,
-                })?
-                .filter_map(|e| e.ok().map(|e| e.path()))
-                .filter(|p| p.extension().is_some_and(|e| e == "toml"))
-                .collect();
-            v.sort();
-            v
-        } else {
-            vec![path.to_owned()]
-        };
-        for f in files {
-            let a = Agreement::from_file(&f)?;
-            set.agreements.insert(a.id.clone(), a);
-        }
-        Ok(set)
-    }
-
-    /// Checks that `sender` may send to `receiver` under (agreement, flow, purpose) and returns
-    /// the flow. Both ends call this: the sender before it sends, the receiver on every offer.
-    pub fn authorise(
-        &self,
-        agreement: &str,
-        flow: &str,
-        purpose: Option<&str>,
-        sender: &str,
-        receiver: &str,
-    ) -> Result<(&Agreement, &Flow), Refusal> {
-        let a = self
-            .agreements
-            .get(agreement)
-            .ok_or_else(|| Refusal::UnknownAgreement(agreement.to_string()))?;
-        if a.status != Status::Active {
-            return Err(Refusal::NotActive(agreement.to_string()));
-        }
-        let f = a.flow(flow).ok_or_else(|| Refusal::UnknownFlow {
-            agreement: agreement.to_string(),
-            flow: flow.to_string(),
-        })?;
-        if f.from != sender {
-            return Err(Refusal::WrongSender {
-                flow: flow.to_string(),
-                expected: f.from.clone(),
-                actual: sender.to_string(),
-            });
-        }
-        if f.to != receiver {
-            return Err(Refusal::WrongReceiver {
-                flow: flow.to_string(),
-                expected: f.to.clone(),
-                actual: receiver.to_string(),
-            });
-        }
-        for site in [sender, receiver] {
-            if a.party(site).is_none_or(|p| p.suspended) {
-                return Err(Refusal::PartySuspended(site.to_string()));
+        let parsed = parse::read(file, text);
+        match parsed.agreement {
+            Some(a) if parsed.errors.is_empty() => Ok(a),
+            _ => {
+                let mut errors = parsed.errors;
+                errors.sort_by_key(|e| (e.line, e.col));
+                Err(DsaError::Invalid(Problems(errors)))
             }
         }
-        if let Some(p) = purpose.filter(|p| !p.is_empty()) {
-            if !Purpose::parse(p).is_some_and(|p| f.purposes.contains(&p)) {
-                return Err(Refusal::PurposeNotAllowed {
-                    flow: flow.to_string(),
-                    purpose: p.to_string(),
-                });
-            }
-        }
-        Ok((a, f))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use time::macros::date;
 
-    const GOOD: &str = r#"
-[agreement]
+    pub(crate) const GOOD: &str = r#"[agreement]
 id = "a1"
 version = 1
-title = "t"
+title = "Test"
 status = "active"
+valid_from = 2026-01-01
+valid_until = 2027-12-31
+governing_law = "Test law"
+paper_reference = "Contract 1"
 
 [[parties]]
 site = "x"
 organisation = "X"
+privacy_officer = "DPO X"
+privacy_contact = "dpo@x.example"
 
 [[parties]]
 site = "y"
 organisation = "Y"
+privacy_officer = "DPO Y"
+privacy_contact = "dpo@y.example"
 
 [[flows]]
 name = "f"
 from = "x"
 to = "y"
 purposes = ["treatment"]
+studies_per_day = 2
+
+[flows.select]
+modalities = ["CT", "SR"]
+body_parts = ["CHEST"]
+study_date_from = 2020-01-01
+description = "*THORAX*"
+source_aes = ["CT1"]
+
 [flows.deid]
 options = ["retain-longitudinal-modified-dates"]
+
+[flows.retention]
+days = 30
+after = "delete"
 "#;
 
-    #[test]
-    fn parses_and_authorises() {
-        let a = Agreement::parse("t.toml", GOOD).unwrap();
-        let mut set = AgreementSet::default();
-        set.agreements.insert(a.id.clone(), a);
-        assert!(set
-            .authorise("a1", "f", Some("treatment"), "x", "y")
-            .is_ok());
-        assert!(matches!(
-            set.authorise("a1", "f", None, "y", "y"),
-            Err(Refusal::WrongSender { .. })
-        ));
-        assert!(matches!(
-            set.authorise("a1", "f", Some("research"), "x", "y"),
-            Err(Refusal::PurposeNotAllowed { .. })
-        ));
+    fn set(text: &str) -> AgreementSet {
+        let a = Agreement::parse("t.toml", text).unwrap();
+        let mut s = AgreementSet::default();
+        s.agreements.insert(a.id.clone(), a);
+        s
+    }
+
+    fn ct() -> StudyFacts {
+        StudyFacts {
+            modalities: vec!["CT".into()],
+            body_parts: vec!["CHEST".into()],
+            study_date: Some(date!(2026 - 03 - 01)),
+            description: Some("CT Thorax with contrast".into()),
+            source_ae: Some("CT1".into()),
+        }
+    }
+
+    fn req<'r>(study: &'r StudyFacts, purpose: &'r str) -> TransferRequest<'r> {
+        TransferRequest {
+            agreement: "a1",
+            flow: "f",
+            purpose,
+            sender: "x",
+            receiver: "y",
+            study,
+            today: date!(2026 - 06 - 01),
+        }
     }
 
     #[test]
-    fn unknown_option_points_at_its_column() {
-        let bad = GOOD.replace("retain-longitudinal-modified-dates", "retain-all");
-        let DsaError::Invalid(e) = Agreement::parse("t.toml", &bad).unwrap_err() else {
-            panic!()
+    fn authorises_a_matching_transfer() {
+        let s = set(GOOD);
+        let study = ct();
+        let (a, f) = s.authorise_transfer(&req(&study, "treatment")).unwrap();
+        assert_eq!((a.id.as_str(), f.name.as_str()), ("a1", "f"));
+        assert!(s.authorise("a1", "f", Some("treatment"), "x", "y").is_ok());
+    }
+
+    #[test]
+    fn refuses_every_way_out_of_the_flow() {
+        let s = set(GOOD);
+        let study = ct();
+        let r = |m: &dyn Fn(&mut TransferRequest)| {
+            let mut q = req(&study, "treatment");
+            m(&mut q);
+            s.authorise_transfer(&q).unwrap_err()
         };
-        assert_eq!(e.line, 22);
-        assert_eq!(e.col, 12);
-        assert!(e.message.contains("retain-all"));
+        assert!(matches!(
+            r(&|q| q.purpose = "research"),
+            Refusal::PurposeNotAllowed { .. }
+        ));
+        assert!(matches!(
+            r(&|q| q.purpose = "nonsense"),
+            Refusal::PurposeNotAllowed { .. }
+        ));
+        assert!(matches!(
+            r(&|q| q.sender = "y"),
+            Refusal::WrongSender { .. }
+        ));
+        assert!(matches!(
+            r(&|q| q.receiver = "x"),
+            Refusal::WrongReceiver { .. }
+        ));
+        assert!(matches!(
+            r(&|q| q.receiver = "z"),
+            Refusal::NotAParty { .. }
+        ));
+        assert!(matches!(r(&|q| q.flow = "g"), Refusal::UnknownFlow { .. }));
+        assert!(matches!(
+            r(&|q| q.agreement = "a2"),
+            Refusal::UnknownAgreement(_)
+        ));
+        assert!(matches!(
+            r(&|q| q.today = date!(2028 - 01 - 01)),
+            Refusal::Expired { .. }
+        ));
+        assert!(matches!(
+            r(&|q| q.today = date!(2025 - 12 - 31)),
+            Refusal::NotYetValid { .. }
+        ));
+        let refuse_study = |study: StudyFacts| {
+            let q = TransferRequest {
+                study: &study,
+                ..req(&study, "treatment")
+            };
+            match s.authorise_transfer(&q) {
+                Err(Refusal::NotSelected { why, .. }) => why,
+                other => panic!("{other:?}"),
+            }
+        };
+        assert!(refuse_study(StudyFacts {
+            modalities: vec!["CT".into(), "MR".into()],
+            ..ct()
+        })
+        .contains("modality MR"));
+        assert!(refuse_study(StudyFacts {
+            modalities: vec![],
+            ..ct()
+        })
+        .contains("not known"));
+        assert!(refuse_study(StudyFacts {
+            body_parts: vec!["HEAD".into()],
+            ..ct()
+        })
+        .contains("body part"));
+        assert!(refuse_study(StudyFacts {
+            study_date: Some(date!(2019 - 12 - 31)),
+            ..ct()
+        })
+        .contains("date"));
+        assert!(refuse_study(StudyFacts {
+            description: Some("MR brain".into()),
+            ..ct()
+        })
+        .contains("description"));
+        assert!(refuse_study(StudyFacts {
+            source_ae: Some("OTHER".into()),
+            ..ct()
+        })
+        .contains("source AE"));
+        // The receiver knows only the modalities: the other criteria are not checked.
+        let receiver_view = StudyFacts {
+            modalities: vec!["CT".into()],
+            ..StudyFacts::default()
+        };
+        assert!(s
+            .authorise_transfer(&req(&receiver_view, "treatment"))
+            .is_ok());
+    }
+
+    #[test]
+    fn suspension_of_a_party_or_the_agreement_cuts_off() {
+        let study = ct();
+        let suspended_party = GOOD.replace(
+            "privacy_contact = \"dpo@x.example\"",
+            "privacy_contact = \"dpo@x.example\"\nstatus = \"suspended\"",
+        );
+        let s = set(&suspended_party);
+        let e = s.authorise_transfer(&req(&study, "treatment")).unwrap_err();
+        assert_eq!(
+            e,
+            Refusal::PartySuspended {
+                agreement: "a1".into(),
+                site: "x".into()
+            }
+        );
+        assert_eq!(
+            e.to_string(),
+            "party \"x\" is suspended in agreement \"a1\""
+        );
+        assert!(s
+            .still_allowed("a1", "x", "y", date!(2026 - 06 - 01))
+            .is_err());
+        for status in ["suspended", "ended", "draft"] {
+            let s = set(&GOOD.replace("status = \"active\"", &format!("status = \"{status}\"")));
+            let e = s.authorise_transfer(&req(&study, "treatment")).unwrap_err();
+            assert!(matches!(e, Refusal::NotActive { .. }), "{status}");
+            assert!(e.to_string().contains(status));
+            assert!(s.authorise("a1", "f", Some("treatment"), "x", "y").is_err());
+        }
+        assert!(set(GOOD)
+            .still_allowed("a1", "x", "y", date!(2026 - 06 - 01))
+            .is_ok());
+    }
+
+    #[test]
+    fn volume_limit_is_a_pure_check_on_the_nodes_count() {
+        let s = set(GOOD);
+        let f = s.agreements["a1"].flow("f").unwrap();
+        assert!(f.check_volume(0).is_ok() && f.check_volume(1).is_ok());
+        assert_eq!(
+            f.check_volume(2).unwrap_err(),
+            Refusal::OverVolume {
+                flow: "f".into(),
+                limit: 2,
+                count: 2
+            }
+        );
+    }
+
+    #[test]
+    fn patterns_match_like_a_privacy_officer_expects() {
+        use enforce::matches_pattern as m;
+        assert!(m("*THORAX*", "ct thorax abdomen"));
+        assert!(m("CT?HEAD", "CT HEAD"));
+        assert!(!m("*THORAX", "THORAX ABDOMEN"));
+        assert!(m("*", ""));
+        assert!(!m("?", ""));
+    }
+
+    fn warnings(text: &str) -> Vec<String> {
+        let r = check("t.toml", text, date!(2026 - 06 - 01));
+        assert!(r.errors.is_empty(), "{:?}", r.errors);
+        r.warnings
+            .iter()
+            .map(|w| format!("{}:{}: {}", w.line, w.col, w.message))
+            .collect()
+    }
+
+    #[test]
+    fn a_careful_agreement_has_no_warnings() {
+        assert_eq!(warnings(GOOD), Vec::<String>::new());
+    }
+
+    #[test]
+    fn risky_choices_are_warned_about_at_their_line() {
+        let has = |w: &[String], s: &str| w.iter().any(|x| x.contains(s));
+        let w = warnings(&GOOD.replace("valid_until = 2027-12-31", "valid_until = 2032-12-31"));
+        assert!(
+            has(&w, "7:15: the agreement is valid for 7.0 years"),
+            "{w:?}"
+        );
+        let w = warnings(&GOOD.replace("[flows.retention]\ndays = 30\nafter = \"delete\"\n", ""));
+        assert!(has(&w, "23:1: flow \"f\" has no retention limit"), "{w:?}");
+        let w = warnings(&GOOD.replace("purposes = [\"treatment\"]", "purposes = [\"research\"]"));
+        assert!(
+            has(
+                &w,
+                "27:12: flow \"f\" is for research without patient consent"
+            ),
+            "{w:?}"
+        );
+        let w = warnings(&GOOD.replace("to = \"y\"", "to = \"z\""));
+        assert!(
+            has(&w, "26:6: flow \"f\" is to \"z\", which is not listed"),
+            "{w:?}"
+        );
+        let keep = |attr: &str| {
+            GOOD.replace(
+                "[flows.retention]",
+                &format!("[[flows.deid.overrides]]\nattribute = \"{attr}\"\naction = \"keep\"\njustification = \"because\"\n\n[flows.retention]"),
+            )
+        };
+        let w = warnings(&keep("PatientID"));
+        assert!(
+            has(
+                &w,
+                "42:10: flow \"f\" keeps the direct identifier PatientID"
+            ),
+            "{w:?}"
+        );
+        let w = warnings(&keep("InstitutionName"));
+        assert!(has(&w, "override keeps InstitutionName although the profile removes the institution; the option retain-institution-identity"), "{w:?}");
+        let remove_dates = GOOD.replace(
+            "[flows.retention]",
+            "[[flows.deid.overrides]]\nattribute = \"StudyDate\"\naction = \"remove\"\njustification = \"because\"\n\n[flows.retention]",
+        );
+        let w = warnings(&remove_dates);
+        assert!(
+            has(
+                &w,
+                "override contradicts option retain-longitudinal-modified-dates"
+            ),
+            "{w:?}"
+        );
+        let w = warnings(&GOOD.replace(
+            "privacy_contact = \"dpo@y.example\"",
+            "privacy_contact = \"dpo@y.example\"\nstatus = \"suspended\"",
+        ));
+        assert!(has(&w, "party \"y\" is suspended"), "{w:?}");
+        let w = warnings(&GOOD.replace("valid_until = 2027-12-31", "valid_until = 2026-02-01"));
+        assert!(has(&w, "expired on 2026-02-01"), "{w:?}");
+    }
+
+    #[test]
+    fn explain_says_who_gets_what_in_which_form() {
+        let a = Agreement::parse("t.toml", GOOD).unwrap();
+        let e = explain::explain(&a);
+        for s in [
+            "## Flow \"f\": X (x) sends to Y (y)",
+            "- Purpose: the patient's own treatment (treatment).",
+            "studies with modality CT or SR, body part CHEST, study date from 2020-01-01, study description matching \"*THORAX*\" and coming from CT1",
+            "at most 2 studies per day",
+            "keeps the data for at most 30 days, then deletes it",
+            "- patient name and patient ID: replaced by a keyed token",
+            "- study and acquisition dates and times: shifted by a per-patient offset",
+            "- institution: removed",
+            "- Results do not return to the sender.",
+        ] {
+            assert!(e.contains(s), "missing {s:?} in\n{e}");
+        }
+    }
+
+    #[test]
+    fn diff_puts_widening_first_and_marks_it() {
+        let old = Agreement::parse("o.toml", GOOD).unwrap();
+        let new_text = GOOD
+            .replace("version = 1", "version = 2")
+            .replace("purposes = [\"treatment\"]", "purposes = [\"treatment\", \"research\"]")
+            .replace("days = 30", "days = 365")
+            .replace("studies_per_day = 2", "studies_per_day = 1")
+            .replace(
+                "[flows.retention]",
+                "[[flows.deid.overrides]]\nattribute = \"PatientName\"\naction = \"keep\"\njustification = \"because\"\n\n[flows.retention]",
+            )
+            .replace("[flows.select]", "[flows.select]\n")
+            + "\n[[flows]]\nname = \"g\"\nfrom = \"x\"\nto = \"y\"\npurposes = [\"teaching\"]\n";
+        let new = Agreement::parse("n.toml", &new_text).unwrap();
+        let changes = diff::diff(&old, &new);
+        let shown: Vec<String> = changes.iter().map(|c| c.to_string()).collect();
+        let first_other = changes
+            .iter()
+            .position(|c| c.impact != diff::Impact::Widens)
+            .unwrap();
+        assert!(
+            changes[first_other..]
+                .iter()
+                .all(|c| c.impact != diff::Impact::Widens),
+            "{shown:#?}"
+        );
+        let widening = &shown[..first_other];
+        for s in [
+            "[WIDENS]  flow \"f\": purposes widened: + research",
+            "[WIDENS]  flow \"f\": retention 30 days then delete -> 365 days then delete (lengthened)",
+            "[WIDENS]  flow \"f\": PatientName replaced by a keyed token -> KEPT unchanged (identifier newly kept)",
+            "[WIDENS]  new flow \"g\": x -> y for teaching",
+        ] {
+            assert!(widening.iter().any(|w| w == s), "missing {s:?} in {shown:#?}");
+        }
+        assert!(
+            shown
+                .iter()
+                .any(|s| s == "[narrows] flow \"f\": volume 2/day -> 1/day"),
+            "{shown:#?}"
+        );
+        assert!(diff::diff(&old, &old).is_empty());
     }
 }

@@ -24,7 +24,7 @@ use super::receipt::ReceiptSigner;
 use super::tls::PeerInfo;
 use super::CHUNK_SIZE;
 use crate::audit::{AuditLog, Event};
-use crate::dsa::{AgreementSet, Refusal};
+use crate::dsa::{AgreementSet, Refusal, StudyFacts, TransferRequest};
 use crate::store::{StagedInstance, Store, StudyKey};
 
 /// Most instances one offer may announce.
@@ -88,16 +88,63 @@ impl Receiver {
         });
     }
 
-    fn authorise(
+    /// Checks an offer: agreement active, valid and fully signed, both sites parties and not
+    /// suspended, the flow's direction, purpose and modality selector, and the daily volume.
+    fn authorise_offer(
         &self,
         set: &AgreementSet,
-        agreement: &str,
-        flow: &str,
-        purpose: &str,
+        o: &OfferRequest,
         sender: &str,
     ) -> Result<(), Refusal> {
-        set.authorise(agreement, flow, Some(purpose), sender, &self.site_id)
-            .map(|_| ())
+        let study = StudyFacts {
+            modalities: o.modalities.clone(),
+            ..StudyFacts::default()
+        };
+        let today = time::OffsetDateTime::now_utc().date();
+        let (_, flow) = set.authorise_transfer(&TransferRequest {
+            agreement: &o.agreement_id,
+            flow: &o.flow,
+            purpose: &o.purpose,
+            sender,
+            receiver: &self.site_id,
+            study: &study,
+            today,
+        })?;
+        if flow.studies_per_day.is_some() {
+            let key = StudyKey {
+                agreement: o.agreement_id.clone(),
+                flow: o.flow.clone(),
+                from_site: sender.to_string(),
+                study_token: o.study_token.clone(),
+            };
+            // A study already (partly) held is a resend, not one more study.
+            let known = self.store.study(&key).ok().flatten().is_some();
+            if !known {
+                flow.check_volume(self.studies_received_today(&o.agreement_id, &o.flow))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// New studies received today (UTC) on one flow, from the store's records.
+    fn studies_received_today(&self, agreement: &str, flow: &str) -> u32 {
+        let now = time::OffsetDateTime::now_utc();
+        let midnight = now
+            .replace_time(time::Time::MIDNIGHT)
+            .unix_timestamp()
+            .max(0) as u64;
+        self.store
+            .studies()
+            .unwrap_or_default()
+            .iter()
+            .filter(|s| s.agreement == agreement && s.flow == flow && s.first_received >= midnight)
+            .count() as u32
+    }
+
+    /// Whether an in-flight transfer may go on under the agreements now in force.
+    fn still_allowed(&self, set: &AgreementSet, plan: &Plan) -> Result<(), Refusal> {
+        let today = time::OffsetDateTime::now_utc().date();
+        set.still_allowed(&plan.agreement, &plan.sender, &self.site_id, today)
     }
 }
 
@@ -173,7 +220,7 @@ impl Federation for Receiver {
         let o = req.into_inner();
         let object = format!("study {}", o.study_token);
         let set = self.agreements.borrow().clone();
-        if let Err(r) = self.authorise(&set, &o.agreement_id, &o.flow, &o.purpose, &sender) {
+        if let Err(r) = self.authorise_offer(&set, &o, &sender) {
             self.refuse(
                 &sender,
                 &o.agreement_id,
@@ -331,7 +378,7 @@ impl Receiver {
                         changed = agreements.changed() => {
                             if changed.is_ok() {
                                 let set = agreements.borrow_and_update().clone();
-                                if let Err(r) = self.authorise(&set, &plan.agreement, &plan.flow, &plan.purpose, &plan.sender) {
+                                if let Err(r) = self.still_allowed(&set, plan) {
                                     return Err(Status::permission_denied(format!("transfer cut off: {r}")));
                                 }
                             }
@@ -462,7 +509,7 @@ impl Receiver {
     ) -> Result<Response<Receipt>, Status> {
         // Last authorisation check before anything becomes durable.
         let set = self.agreements.borrow().clone();
-        if let Err(r) = self.authorise(&set, &plan.agreement, &plan.flow, &plan.purpose, sender) {
+        if let Err(r) = self.still_allowed(&set, &plan) {
             return Err(Status::permission_denied(format!("transfer cut off: {r}")));
         }
         let key = StudyKey {

@@ -15,33 +15,53 @@ pub const AGREEMENT: &str = "test-telerad";
 pub const FLOW: &str = "ct-reads";
 
 pub fn agreement_toml(status: &str, sender_status: &str) -> String {
+    // sender_status: "false" (active) or "true" (suspended), as before.
+    let sender_status = if sender_status == "true" {
+        "suspended"
+    } else {
+        "active"
+    };
     format!(
         r#"[agreement]
 id = "{AGREEMENT}"
 version = 1
 title = "Test teleradiology agreement"
 status = "{status}"
+valid_from = 2020-01-01
+valid_until = 2099-12-31
+governing_law = "Test"
 
 [[parties]]
 site = "hospital-a"
 organisation = "Hospital A"
-suspended = {sender_status}
+privacy_officer = "DPO A"
+privacy_contact = "dpo@a.example"
+status = "{sender_status}"
 
 [[parties]]
 site = "telerad-c"
 organisation = "Telerad C"
+privacy_officer = "DPO C"
+privacy_contact = "dpo@c.example"
 
 [[parties]]
 site = "hospital-b"
 organisation = "Hospital B"
+privacy_officer = "DPO B"
+privacy_contact = "dpo@b.example"
 
 [[flows]]
 name = "{FLOW}"
 from = "hospital-a"
 to = "telerad-c"
 purposes = ["treatment", "teleradiology-report"]
+
 [flows.deid]
 options = ["retain-longitudinal-modified-dates"]
+
+[flows.retention]
+days = 30
+after = "delete"
 "#
     )
 }
@@ -119,11 +139,9 @@ impl Federation {
 pub fn site_config(base: &Path, site: &str, addrs: &BTreeMap<String, String>) -> NodeConfig {
     let dir = base.join(site);
     std::fs::create_dir_all(dir.join("agreements")).unwrap();
-    std::fs::write(
-        dir.join("agreements").join("test.toml"),
-        agreement_toml("active", "false"),
-    )
-    .unwrap();
+    let policy = dir.join("agreements").join("test.toml");
+    std::fs::write(&policy, agreement_toml("active", "false")).unwrap();
+    sign_by_all(base, &policy);
     let key = dir.join("site.key");
     if !key.exists() {
         SiteKeys::generate().write_new(&key).unwrap();
@@ -156,6 +174,20 @@ pub fn site_config(base: &Path, site: &str, addrs: &BTreeMap<String, String>) ->
                 )
             })
             .collect(),
+    }
+}
+
+/// Signs a policy file with the keys of every test site (all parties sign).
+pub fn sign_by_all(base: &Path, policy: &Path) {
+    let pki = base.join("pki");
+    for site in ["hospital-a", "hospital-b", "telerad-c"] {
+        pacs_broker::dsa::sign::sign_file(
+            policy,
+            &pki.join(format!("{site}.pem")),
+            &pki.join(format!("{site}.key")),
+            time::OffsetDateTime::now_utc(),
+        )
+        .unwrap_or_else(|e| panic!("signing the test agreement as {site}: {e}"));
     }
 }
 

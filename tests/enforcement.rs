@@ -1,5 +1,6 @@
-//! A party suspended in its agreement is cut off at once: new offers are refused within a second
-//! of the file change, and an in-flight transfer is cut with nothing half-stored.
+//! Enforcement of agreements in running nodes: a party suspended in its agreement is cut off at
+//! once (new offers refused within a second of the file change, an in-flight transfer cut with
+//! nothing half-stored); unsigned edits never widen what is allowed.
 
 mod common;
 
@@ -129,5 +130,70 @@ async fn suspending_a_party_cuts_it_off_within_a_second() {
     assert!(files_under(&store.join("blobs")).is_empty());
     assert!(files_under(&store.join("staging")).is_empty());
     assert!(c.store().unwrap().studies().unwrap().is_empty());
+    fed.stop().await;
+}
+
+async fn offer_with_purpose(client: &mut PeerClient, purpose: &str) -> Result<(), tonic::Status> {
+    client
+        .raw()
+        .offer(OfferRequest {
+            agreement_id: AGREEMENT.into(),
+            flow: FLOW.into(),
+            study_token: "2.25.1".into(),
+            purpose: purpose.into(),
+            modalities: vec!["CT".into()],
+            instances: vec![InstanceManifest {
+                sop_instance_uid: "2.25.2".into(),
+                sha256: vec![7; 32],
+                size: 10,
+            }],
+        })
+        .await
+        .map(|_| ())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unsigned_edit_never_widens_and_an_unsigned_agreement_is_not_enforced() {
+    let fed = Federation::start(&["hospital-a", "telerad-c"]).await;
+    let a = fed.node("hospital-a");
+    let c = fed.node("telerad-c");
+    let mut client = PeerClient::connect(&a.tls, "telerad-c", &fed.addrs["telerad-c"], "localhost")
+        .await
+        .unwrap();
+    // Research is not a purpose of the signed flow.
+    let e = offer_with_purpose(&mut client, "research")
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied);
+    assert!(e.message().contains("research"), "{}", e.message());
+    // Someone widens the flow without the parties' signatures: still refused after the reload.
+    let policy = c.config.agreements.join("test.toml");
+    let widened = agreement_toml("active", "false").replace(
+        r#"purposes = ["treatment", "teleradiology-report"]"#,
+        r#"purposes = ["treatment", "teleradiology-report", "research"]"#,
+    );
+    assert!(widened.contains("\"research\""));
+    std::fs::write(&policy, widened).unwrap();
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let e = offer_with_purpose(&mut client, "research")
+        .await
+        .unwrap_err();
+    assert_eq!(
+        e.code(),
+        tonic::Code::PermissionDenied,
+        "an unsigned edit widened the flow"
+    );
+    // The signed purposes still work (the last fully signed version stays in force).
+    offer_with_purpose(&mut client, "treatment").await.unwrap();
+    // Once every party signs the new version, it is in force.
+    sign_by_all(fed.dir.path(), &policy);
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    offer_with_purpose(&mut client, "research").await.unwrap();
+
+    // A brand-new agreement that nobody signed is never enforced.
+    let other = agreement_toml("active", "false").replace(AGREEMENT, "unsigned-agreement");
+    std::fs::write(c.config.agreements.join("unsigned.toml"), other).unwrap();
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert!(!c.agreements().agreements.contains_key("unsigned-agreement"));
     fed.stop().await;
 }
