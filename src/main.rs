@@ -31,6 +31,8 @@ enum Command {
     Serve(cli::node::ServeArgs),
     /// De-identify files or folders and send them to a partner under an agreement's flow.
     Send(cli::node::SendArgs),
+    /// Check that a partner node is reachable and who it is (mutual TLS handshake + Hello).
+    Ping(cli::node::PingArgs),
     /// Run a two-site federation on this machine and send a study across it.
     Demo(cli::node::DemoArgs),
     /// De-identify DICOM files or folders to an output folder.
@@ -61,6 +63,7 @@ fn main() {
         Command::Serve(a) => cli::node::serve(a),
         Command::Send(a) => cli::node::send(a),
         Command::Demo(a) => cli::node::demo(a),
+        Command::Ping(a) => cli::node::ping(a),
         Command::Deid(a) => cli::deid::run(a),
         Command::Dsa(a) => cli::dsa::run(a),
         Command::Audit(c) => cli::node::audit(c),

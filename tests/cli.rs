@@ -209,6 +209,22 @@ fn sites_left_by_the_demo_serve_by_hand_and_send_beside_serve() {
             .listen;
         wait_listening(&listen);
     }
+    // The partners reach each other and agree on who is who.
+    let out = bin()
+        .args(["ping", "--peer", "telerad-c", "--config"])
+        .arg(cfg("hospital-a"))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("it is \"telerad-c\" and sees us as \"hospital-a\""),
+        "{stdout}"
+    );
     // hospital-a's own `serve` is running: `send` with the same config works beside it.
     let out = bin()
         .args(["send", "--config"])
@@ -239,7 +255,14 @@ fn sites_left_by_the_demo_serve_by_hand_and_send_beside_serve() {
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("no flow \"no-such-flow\""));
-    drop(servers);
+    // SIGTERM (docker stop, systemd) stops a node cleanly.
+    for mut s in servers {
+        let pid = s.0.id().to_string();
+        let (ok, text) = common::run_tool("kill", &["-TERM", &pid]);
+        assert!(ok, "{text}");
+        let status = s.0.wait().unwrap();
+        assert!(status.success(), "serve exited with {status} on SIGTERM");
+    }
     for site in ["hospital-a", "telerad-c"] {
         let out = bin()
             .args(["audit", "verify", "--config"])
