@@ -103,6 +103,24 @@ pub trait Store: Send + Sync + 'static {
     fn read_instance(&self, sha256: &[u8; 32]) -> Result<Vec<u8>, StoreError>;
     /// Writes a complete study as DICOM files to the inbox folder; returns its folder.
     fn deliver(&self, study: &StudyRecord) -> Result<PathBuf, StoreError>;
+    /// Keeps verified instances of an interrupted transfer so that the next offer of the same
+    /// study from the same site resumes after them. They are not stored (not indexed, not
+    /// delivered) until a transfer of the whole study completes.
+    fn keep_partial(&self, key: &StudyKey, staged: Vec<StagedInstance>) -> Result<(), StoreError>;
+    /// The verified instances kept for a study's resumption.
+    fn partials(&self, key: &StudyKey) -> Result<Vec<StagedInstance>, StoreError>;
+    /// Forgets (and deletes) what was kept for a study's resumption.
+    fn discard_partials(&self, key: &StudyKey) -> Result<(), StoreError>;
+}
+
+/// How long the verified instances of an interrupted transfer wait for its resumption.
+pub const PARTIAL_TTL_SECS: u64 = 24 * 3600;
+
+#[derive(Serialize, Deserialize)]
+struct PartialRecord {
+    uid: String,
+    size: u64,
+    at: u64,
 }
 
 /// Identifies a received study: (agreement, sending site, study token).
@@ -115,6 +133,14 @@ pub struct StudyKey {
 }
 
 impl StudyKey {
+    fn partial_prefix(&self) -> Vec<u8> {
+        format!(
+            "{}\u{1f}{}\u{1f}{}\u{1f}{}\u{1f}",
+            self.agreement, self.flow, self.from_site, self.study_token
+        )
+        .into_bytes()
+    }
+
     fn index_key(&self) -> Vec<u8> {
         format!(
             "study\u{1f}{}\u{1f}{}\u{1f}{}",
@@ -129,12 +155,13 @@ pub struct LocalStore {
     root: PathBuf,
     db: sled::Db,
     index: sled::Tree,
+    partial: sled::Tree,
 }
 
 impl LocalStore {
     /// Opens (creating if needed) the store under `root`.
     pub fn open(root: &Path) -> Result<LocalStore, StoreError> {
-        for d in ["blobs", "staging", "inbox"] {
+        for d in ["blobs", "staging", "staging/resume", "inbox"] {
             let p = root.join(d);
             fs::create_dir_all(&p).map_err(io_err(&p))?;
         }
@@ -142,7 +169,9 @@ impl LocalStore {
         // acknowledged, so it is discarded.
         let staging = root.join("staging");
         for e in fs::read_dir(&staging).map_err(io_err(&staging))?.flatten() {
-            let _ = fs::remove_file(e.path());
+            if e.path().is_file() {
+                let _ = fs::remove_file(e.path());
+            }
         }
         let db = sled::Config::new()
             .path(root.join("index"))
@@ -155,11 +184,53 @@ impl LocalStore {
                 _ => StoreError::Index(e),
             })?;
         let index = db.open_tree("index")?;
-        Ok(LocalStore {
+        let partial = db.open_tree("partial")?;
+        let store = LocalStore {
             root: root.to_owned(),
             db,
             index,
-        })
+            partial,
+        };
+        store.sweep_partials()?;
+        Ok(store)
+    }
+
+    fn resume_path(&self, sha256: &[u8; 32]) -> PathBuf {
+        self.root
+            .join("staging")
+            .join("resume")
+            .join(hex::encode(sha256))
+    }
+
+    /// Drops kept instances older than [`PARTIAL_TTL_SECS`], and files no record points at.
+    fn sweep_partials(&self) -> Result<(), StoreError> {
+        let now = Self::now();
+        let mut live = std::collections::BTreeSet::new();
+        for item in self.partial.iter() {
+            let (k, v) = item?;
+            let rec: Option<PartialRecord> = serde_json::from_slice(&v).ok();
+            let sha_hex = String::from_utf8_lossy(&k)
+                .rsplit('\u{1f}')
+                .next()
+                .unwrap_or_default()
+                .to_string();
+            match rec {
+                Some(r) if now.saturating_sub(r.at) < PARTIAL_TTL_SECS => {
+                    live.insert(sha_hex);
+                }
+                _ => {
+                    self.partial.remove(k)?;
+                }
+            }
+        }
+        let dir = self.root.join("staging").join("resume");
+        for e in fs::read_dir(&dir).map_err(io_err(&dir))?.flatten() {
+            if !live.contains(&e.file_name().to_string_lossy().to_string()) {
+                let _ = fs::remove_file(e.path());
+            }
+        }
+        self.partial.flush()?;
+        Ok(())
     }
 
     /// A named sled tree of this store (the vault and the outbox use their own).
@@ -281,6 +352,9 @@ impl Store for LocalStore {
         rec.last_received = now;
         self.index
             .insert(k, serde_json::to_vec(&rec).expect("record serialises"))?;
+        for item in self.partial.scan_prefix(key.partial_prefix()) {
+            self.partial.remove(item?.0)?;
+        }
         self.db.flush()?;
         Ok(Committed {
             stored,
@@ -308,6 +382,61 @@ impl Store for LocalStore {
     fn read_instance(&self, sha256: &[u8; 32]) -> Result<Vec<u8>, StoreError> {
         let p = self.blob_path(sha256);
         fs::read(&p).map_err(io_err(&p))
+    }
+
+    fn keep_partial(&self, key: &StudyKey, staged: Vec<StagedInstance>) -> Result<(), StoreError> {
+        let now = Self::now();
+        let dir = self.root.join("staging").join("resume");
+        for s in staged {
+            let dest = self.resume_path(&s.sha256);
+            fs::rename(&s.path, &dest).map_err(io_err(&dest))?;
+            let mut k = key.partial_prefix();
+            k.extend_from_slice(hex::encode(s.sha256).as_bytes());
+            let rec = PartialRecord {
+                uid: s.sop_instance_uid,
+                size: s.size,
+                at: now,
+            };
+            self.partial
+                .insert(k, serde_json::to_vec(&rec).expect("record serialises"))?;
+        }
+        sync_dir(&dir)?;
+        self.partial.flush()?;
+        Ok(())
+    }
+
+    fn partials(&self, key: &StudyKey) -> Result<Vec<StagedInstance>, StoreError> {
+        let mut out = Vec::new();
+        for item in self.partial.scan_prefix(key.partial_prefix()) {
+            let (k, v) = item?;
+            let rec: PartialRecord =
+                serde_json::from_slice(&v).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            let sha_hex = &k[key.partial_prefix().len()..];
+            let mut sha = [0u8; 32];
+            hex::decode_to_slice(sha_hex, &mut sha)
+                .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            let path = self.resume_path(&sha);
+            if path.exists() {
+                out.push(StagedInstance {
+                    path,
+                    sha256: sha,
+                    size: rec.size,
+                    sop_instance_uid: rec.uid,
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    fn discard_partials(&self, key: &StudyKey) -> Result<(), StoreError> {
+        for s in self.partials(key)? {
+            let _ = fs::remove_file(&s.path);
+        }
+        for item in self.partial.scan_prefix(key.partial_prefix()) {
+            self.partial.remove(item?.0)?;
+        }
+        self.partial.flush()?;
+        Ok(())
     }
 
     fn deliver(&self, study: &StudyRecord) -> Result<PathBuf, StoreError> {

@@ -324,13 +324,14 @@ async fn a_corrupted_chunk_is_rejected_and_nothing_is_stored() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_truncated_stream_stores_nothing() {
+async fn a_truncated_stream_stores_nothing_and_the_next_offer_resumes() {
     let fed = Federation::start(&["hospital-a", "telerad-c"]).await;
+    let c = fed.node("telerad-c");
     let (study, inst) = prepared_instances(fed.node("hospital-a"), fed.dir.path(), 3);
     let mut client = client_for(&fed, &fed.node("hospital-a").tls).await.unwrap();
     let id = offer(&mut client, &study, &inst).await;
     let mut chunks = chunks_of(&id, &inst[..2], false);
-    // Half of the second instance, then the stream ends.
+    // The first instance whole, half of the second, then the stream ends (a dropped link).
     let last = chunks.last_mut().unwrap();
     last.data.truncate(last.data.len() / 2);
     last.last = false;
@@ -340,7 +341,59 @@ async fn a_truncated_stream_stores_nothing() {
         .await
         .unwrap_err();
     assert_eq!(status.code(), tonic::Code::Aborted, "{status}");
-    assert_nothing_stored(fed.node("telerad-c"));
+    assert!(
+        status.message().contains("1 verified instances are kept"),
+        "{}",
+        status.message()
+    );
+    // Nothing is stored: no blob, no index entry, nothing delivered.
+    let store = store_dir(c);
+    assert!(files_under(&store.join("blobs")).is_empty());
+    assert!(files_under(&store.join("inbox")).is_empty());
+    use pacs_broker::store::Store;
+    assert!(c.store().unwrap().studies().unwrap().is_empty());
+    assert_eq!(
+        files_under(&store.join("staging")).len(),
+        1,
+        "the verified instance is kept"
+    );
+
+    // The next offer of the same study resumes: the receiver already has the first instance.
+    let answer = client
+        .raw()
+        .offer(OfferRequest {
+            agreement_id: AGREEMENT.into(),
+            flow: FLOW.into(),
+            study_token: study.clone(),
+            purpose: "treatment".into(),
+            modalities: vec!["CT".into()],
+            instances: inst
+                .iter()
+                .map(|i| InstanceManifest {
+                    sop_instance_uid: i.sop_instance_uid.clone(),
+                    sha256: i.sha256.to_vec(),
+                    size: i.size,
+                })
+                .collect(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(answer.already_have, vec![inst[0].sha256.to_vec()]);
+    let receipt = client
+        .raw()
+        .transfer(tokio_stream::iter(chunks_of(
+            &answer.transfer_id,
+            &inst[1..],
+            false,
+        )))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(receipt.instances_stored, 3);
+    assert_eq!(files_under(&store.join("blobs")).len(), 3);
+    assert_eq!(files_under(&store.join("inbox")).len(), 3);
+    assert!(files_under(&store.join("staging")).is_empty());
     fed.stop().await;
 }
 

@@ -45,8 +45,30 @@ struct Plan {
     /// Instances to receive: sha -> (SOP Instance UID, size).
     wanted: HashMap<[u8; 32], (String, u64)>,
     already: Vec<(String, [u8; 32])>,
+    /// Verified instances kept from an interrupted transfer of this study (resumption).
+    resumed: Vec<StagedInstance>,
     expected: usize,
     created: Instant,
+}
+
+impl Plan {
+    fn key(&self) -> StudyKey {
+        StudyKey {
+            agreement: self.agreement.clone(),
+            flow: self.flow.clone(),
+            from_site: self.sender.clone(),
+            study_token: self.study_token.clone(),
+        }
+    }
+}
+
+/// Why a transfer did not complete.
+enum Failure {
+    /// The stream broke or ended early: verified instances are kept for resumption.
+    Interrupted(Status),
+    /// Something was wrong with what arrived, or the agreement no longer allows it: everything
+    /// received for the study is discarded.
+    Rejected(Status),
 }
 
 /// The receiving service of one node.
@@ -245,8 +267,22 @@ impl Federation for Receiver {
                 "the study token must be 1-64 characters",
             ));
         }
+        let key = StudyKey {
+            agreement: o.agreement_id.clone(),
+            flow: o.flow.clone(),
+            from_site: sender.clone(),
+            study_token: o.study_token.clone(),
+        };
+        let mut partials: HashMap<[u8; 32], StagedInstance> = self
+            .store
+            .partials(&key)
+            .map_err(|e| Status::internal(e.to_string()))?
+            .into_iter()
+            .map(|p| (p.sha256, p))
+            .collect();
         let mut wanted = HashMap::new();
         let mut already = Vec::new();
+        let mut resumed = Vec::new();
         let mut have = Vec::new();
         for inst in &o.instances {
             let sha = sha_of(&inst.sha256)?;
@@ -269,6 +305,12 @@ impl Federation for Receiver {
             if held {
                 have.push(sha.to_vec());
                 already.push((inst.sop_instance_uid.clone(), sha));
+            } else if let Some(p) = partials
+                .remove(&sha)
+                .filter(|p| p.sop_instance_uid == inst.sop_instance_uid && p.size == inst.size)
+            {
+                have.push(sha.to_vec());
+                resumed.push(p);
             } else {
                 wanted.insert(sha, (inst.sop_instance_uid.clone(), inst.size));
             }
@@ -291,6 +333,7 @@ impl Federation for Receiver {
                 study_token: o.study_token,
                 wanted,
                 already,
+                resumed,
                 expected: o.instances.len(),
                 created: Instant::now(),
             },
@@ -325,10 +368,42 @@ impl Federation for Receiver {
         }
         let object = format!("study {}", plan.study_token);
         let transfer_id = first.transfer_id.clone();
-        let result = self.receive(&plan, first, &mut stream).await;
+        let mut staging = Staging { files: Vec::new() };
+        let mut done = Vec::new();
+        let result = self
+            .receive(&plan, first, &mut stream, &mut staging, &mut done)
+            .await;
+        let key = plan.key();
+        let store = self.store.clone();
         match result {
-            Ok(staged) => self.commit(plan, staged, &sender, transfer_id).await,
-            Err(status) => {
+            Ok(()) => {
+                done.extend(plan.resumed.iter().cloned());
+                self.commit(plan, (staging, done), &sender, transfer_id)
+                    .await
+            }
+            Err(Failure::Interrupted(status)) => {
+                // Keep what was verified, so that the next offer resumes after it.
+                let kept: Vec<_> = done.iter().map(|d| d.path.clone()).collect();
+                staging.files.retain(|f| !kept.contains(f));
+                let n = done.len() + plan.resumed.len();
+                let kept_ok = tokio::task::spawn_blocking(move || store.keep_partial(&key, done))
+                    .await
+                    .map(|r| r.is_ok())
+                    .unwrap_or(false);
+                let message = if kept_ok && n > 0 {
+                    format!(
+                        "{}; {n} verified instances are kept for 24 h so that a new offer resumes after them",
+                        status.message()
+                    )
+                } else {
+                    status.message().to_string()
+                };
+                self.refuse(&sender, &plan.agreement, &plan.purpose, &object, &message);
+                tracing::warn!(peer = %sender, agreement = %plan.agreement, reason = %message, "transfer interrupted; nothing stored");
+                Err(Status::new(status.code(), message))
+            }
+            Err(Failure::Rejected(status)) => {
+                let _ = tokio::task::spawn_blocking(move || store.discard_partials(&key)).await;
                 self.refuse(
                     &sender,
                     &plan.agreement,
@@ -351,7 +426,32 @@ impl Receiver {
         plan: &Plan,
         first: TransferChunk,
         stream: &mut Streaming<TransferChunk>,
-    ) -> Result<(Staging, Vec<StagedInstance>), Status> {
+        staging: &mut Staging,
+        done: &mut Vec<StagedInstance>,
+    ) -> Result<(), Failure> {
+        let mut interrupted = false;
+        self.receive_chunks(plan, first, stream, staging, done, &mut interrupted)
+            .await
+            .map_err(|status| {
+                if interrupted {
+                    Failure::Interrupted(status)
+                } else {
+                    Failure::Rejected(status)
+                }
+            })
+    }
+
+    /// The chunk loop; on error, `interrupted` says whether the stream broke or ended early
+    /// (rather than something being wrong with what arrived).
+    async fn receive_chunks(
+        &self,
+        plan: &Plan,
+        first: TransferChunk,
+        stream: &mut Streaming<TransferChunk>,
+        staging: &mut Staging,
+        done: &mut Vec<StagedInstance>,
+        interrupted: &mut bool,
+    ) -> Result<(), Status> {
         struct Current {
             sha: [u8; 32],
             uid: String,
@@ -361,8 +461,6 @@ impl Receiver {
             file: tokio::fs::File,
             path: std::path::PathBuf,
         }
-        let mut staging = Staging { files: Vec::new() };
-        let mut done: Vec<StagedInstance> = Vec::new();
         let mut current: Option<Current> = None;
         let mut agreements = self.agreements.clone();
         let mut next = Some(first);
@@ -371,7 +469,7 @@ impl Receiver {
                 Some(c) => c,
                 None => {
                     tokio::select! {
-                        m = stream.message() => match m? {
+                        m = stream.message() => match m.inspect_err(|_| *interrupted = true)? {
                             Some(c) => c,
                             None => break,
                         },
@@ -485,19 +583,21 @@ impl Receiver {
             }
         }
         if let Some(c) = current {
+            *interrupted = true;
             return Err(Status::aborted(format!(
                 "the stream ended in the middle of instance {}; nothing was stored",
                 short(&c.sha)
             )));
         }
         if done.len() != plan.wanted.len() {
+            *interrupted = true;
             return Err(Status::aborted(format!(
                 "the stream ended after {} of {} instances; nothing was stored",
                 done.len(),
                 plan.wanted.len()
             )));
         }
-        Ok((staging, done))
+        Ok(())
     }
 
     async fn commit(
