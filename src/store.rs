@@ -522,7 +522,54 @@ mod tests {
         assert_eq!(rec.instances.len(), 2);
         let out = s.deliver(&rec).unwrap();
         assert_eq!(fs::read(out.join("2.25.12.dcm")).unwrap(), b"two");
-        assert_eq!(fs::read_dir(dir.path().join("staging")).unwrap().count(), 0);
+        let left: Vec<_> = walkdir::WalkDir::new(dir.path().join("staging"))
+            .into_iter()
+            .flatten()
+            .filter(|e| e.file_type().is_file())
+            .collect();
+        assert!(left.is_empty(), "staging files left: {left:?}");
+    }
+
+    #[test]
+    fn partials_are_kept_then_committed_or_discarded() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = LocalStore::open(dir.path()).unwrap();
+        let key = StudyKey {
+            agreement: "a".into(),
+            flow: "f".into(),
+            from_site: "x".into(),
+            study_token: "2.25.9".into(),
+        };
+        s.keep_partial(&key, vec![stage(&s, b"p1", "2.25.91")])
+            .unwrap();
+        let kept = s.partials(&key).unwrap();
+        assert_eq!(kept.len(), 1);
+        assert!(
+            !s.has_instance(&kept[0].sha256).unwrap(),
+            "a partial is not stored"
+        );
+        // Survives a restart, then a completed transfer commits it.
+        drop(s);
+        let s = LocalStore::open(dir.path()).unwrap();
+        let kept = s.partials(&key).unwrap();
+        let mut all = kept.clone();
+        all.push(stage(&s, b"p2", "2.25.92"));
+        let c = s.commit(&key, 2, all, vec![]).unwrap();
+        assert_eq!(c.stored, 2);
+        assert!(s.partials(&key).unwrap().is_empty());
+        // Discarding removes records and files.
+        let other = StudyKey {
+            study_token: "2.25.10".into(),
+            ..key.clone()
+        };
+        s.keep_partial(&other, vec![stage(&s, b"p3", "2.25.101")])
+            .unwrap();
+        s.discard_partials(&other).unwrap();
+        assert!(s.partials(&other).unwrap().is_empty());
+        assert!(fs::read_dir(dir.path().join("staging/resume"))
+            .unwrap()
+            .next()
+            .is_none());
     }
 }
 
