@@ -31,6 +31,8 @@ enum Command {
     Serve(cli::node::ServeArgs),
     /// De-identify files or folders and send them to a partner under an agreement's flow.
     Send(cli::node::SendArgs),
+    /// Studies waiting for delivery (or delivered, or failed) in a node's outbox.
+    Outbox(cli::node::OutboxArgs),
     /// Check that a partner node is reachable and who it is (mutual TLS handshake + Hello).
     Ping(cli::node::PingArgs),
     /// Run a two-site federation on this machine and send a study across it.
@@ -64,6 +66,7 @@ fn main() {
         Command::Send(a) => cli::node::send(a),
         Command::Demo(a) => cli::node::demo(a),
         Command::Ping(a) => cli::node::ping(a),
+        Command::Outbox(a) => cli::node::outbox(a),
         Command::Deid(a) => cli::deid::run(a),
         Command::Dsa(a) => cli::dsa::run(a),
         Command::Audit(c) => cli::node::audit(c),
@@ -71,7 +74,15 @@ fn main() {
     match result {
         Ok(code) => std::process::exit(code),
         Err(e) => {
-            eprintln!("error: {e:#}");
+            // The cause chain, without repeating a cause its parent already quotes.
+            let mut msg = e.to_string();
+            for cause in e.chain().skip(1) {
+                let c = cause.to_string();
+                if !msg.contains(&c) {
+                    msg = format!("{msg}: {c}");
+                }
+            }
+            eprintln!("error: {msg}");
             std::process::exit(1);
         }
     }

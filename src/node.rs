@@ -27,6 +27,7 @@ use crate::federation::receipt::ReceiptSigner;
 use crate::federation::service::Receiver;
 use crate::federation::tls::{self, SiteTls};
 use crate::pseudonym::{SiteKeys, Vault};
+use crate::store::outbox::{self, Outbox, OutboxEntry, OutboxInstance, OutboxState};
 use crate::store::{self, LocalStore, Store};
 
 #[derive(Debug, thiserror::Error)]
@@ -142,6 +143,9 @@ fn agreements_fingerprint(path: &Path) -> Vec<(PathBuf, u64, Option<SystemTime>)
         .collect()
 }
 
+/// How often a serving node looks for due outbox entries.
+pub const OUTBOX_POLL: Duration = Duration::from_secs(5);
+
 /// Outcome of sending.
 #[derive(Debug, Default, Clone)]
 pub struct SendReport {
@@ -152,6 +156,9 @@ pub struct SendReport {
     pub failed: Vec<(PathBuf, String)>,
     /// (input path, reason) for instances the flow's study selector does not cover.
     pub not_selected: Vec<(PathBuf, String)>,
+    /// (study token, reason) for studies that could not be delivered now and wait in the
+    /// outbox; the running node retries them with backoff.
+    pub queued: Vec<(String, String)>,
 }
 
 /// One study delivered to a partner.
@@ -293,6 +300,15 @@ impl Node {
                 }
             })
         };
+        let worker = {
+            let node = self.clone();
+            tokio::spawn(async move {
+                loop {
+                    node.drain_outbox(false).await;
+                    tokio::time::sleep(OUTBOX_POLL).await;
+                }
+            })
+        };
         let addr = listener.local_addr().ok();
         tracing::info!(site = %self.config.site_id, ?addr, "federation endpoint listening (mutual TLS 1.3)");
         let incoming = tls::incoming(listener, &self.tls);
@@ -301,7 +317,134 @@ impl Node {
             .await
             .map_err(|e| NodeError::Serve(e.to_string()));
         watcher.abort();
+        worker.abort();
         result
+    }
+
+    /// The node's durable outbox.
+    pub fn outbox(&self) -> Outbox {
+        Outbox::new(self.config.data_dir.join("outbox"))
+    }
+
+    /// One delivery attempt of a queued study: the agreement must still allow it; the partner
+    /// gets an offer and the instances it lacks; the signed receipt is verified; the outcome is
+    /// recorded in the outbox and the audit log.
+    pub async fn attempt(
+        &self,
+        dir: &Path,
+        entry: &mut OutboxEntry,
+    ) -> Result<crate::federation::client::Delivery, SendError> {
+        let outbox = self.outbox();
+        let audit = |outcome: String, sent: usize| Event {
+            actor: "node".into(),
+            action: "disclose".into(),
+            object: format!(
+                "study {} ({} instances, {sent} sent) to site:{}",
+                entry.study_token,
+                entry.instances.len(),
+                entry.to
+            ),
+            agreement: entry.agreement.clone(),
+            purpose: entry.purpose.clone(),
+            outcome,
+        };
+        let result = self.try_deliver(dir, entry).await;
+        match &result {
+            Ok(d) => {
+                self.audit.record_or_warn(audit(
+                    "ok (signed receipt verified)".into(),
+                    d.instances_sent,
+                ));
+                if let Err(e) = outbox.mark_delivered(
+                    dir,
+                    entry,
+                    d.receipt.instances_stored,
+                    d.receipt.instances_already_held,
+                ) {
+                    tracing::error!(error = %e, "delivered, but the outbox entry could not be updated");
+                }
+            }
+            Err(e) => {
+                let transient = e.is_transient();
+                let note = if transient {
+                    "queued for retry: "
+                } else {
+                    "failed: "
+                };
+                self.audit.record_or_warn(audit(format!("{note}{e}"), 0));
+                if let Err(err) = outbox.mark_attempt_failed(entry, &e.to_string(), transient) {
+                    tracing::error!(error = %err, "the outbox entry could not be updated");
+                }
+            }
+        }
+        result
+    }
+
+    async fn try_deliver(
+        &self,
+        dir: &Path,
+        entry: &OutboxEntry,
+    ) -> Result<crate::federation::client::Delivery, SendError> {
+        let set = self.agreements();
+        set.authorise(
+            &entry.agreement,
+            &entry.flow,
+            Some(&entry.purpose),
+            self.site_id(),
+            &entry.to,
+        )
+        .map_err(|r| SendError::Refused(r.to_string()))?;
+        let peer =
+            self.config.peers.get(&entry.to).cloned().ok_or_else(|| {
+                SendError::Refused(NodeError::NoPeer(entry.to.clone()).to_string())
+            })?;
+        let server_name = peer.server_name.clone().unwrap_or_else(|| {
+            peer.address
+                .rsplit_once(':')
+                .map(|(h, _)| h.trim_matches(['[', ']']).to_string())
+                .unwrap_or_else(|| peer.address.clone())
+        });
+        let instances = Outbox::outgoing(dir, entry)
+            .map_err(|e| SendError::Refused(format!("outbox entry unusable: {e}")))?;
+        let mut client =
+            PeerClient::connect(&self.tls, &entry.to, &peer.address, &server_name).await?;
+        client
+            .send_study(
+                &entry.agreement,
+                &entry.flow,
+                &entry.purpose,
+                &entry.study_token,
+                entry.modalities.clone(),
+                &instances,
+            )
+            .await
+    }
+
+    /// Attempts every due outbox entry once (each under its lock), or every pending one when
+    /// `all_pending` is set (an operator's retry); returns how many were delivered.
+    pub async fn drain_outbox(&self, all_pending: bool) -> usize {
+        let mut delivered = 0;
+        let due_by = if all_pending { u64::MAX } else { outbox::now() };
+        for (dir, _) in self.outbox().due(due_by) {
+            let Some(_claim) = Outbox::try_claim(&dir) else {
+                continue;
+            };
+            // Re-read under the lock: another process may have delivered it meanwhile.
+            let mut entry = match Outbox::load(&dir) {
+                Ok(e) if e.state == OutboxState::Pending => e,
+                _ => continue,
+            };
+            match self.attempt(&dir, &mut entry).await {
+                Ok(_) => {
+                    delivered += 1;
+                    tracing::info!(study = %entry.study_token, to = %entry.to, "queued study delivered");
+                }
+                Err(e) => {
+                    tracing::warn!(study = %entry.study_token, to = %entry.to, attempts = entry.attempts, error = %e, "queued study not delivered")
+                }
+            }
+        }
+        delivered
     }
 
     /// De-identifies `inputs` under (agreement, flow) and sends every resulting study to the
@@ -334,12 +477,9 @@ impl Node {
             self.site_id(),
             &flow.to,
         )?;
-        let peer = self
-            .config
-            .peers
-            .get(&flow.to)
-            .cloned()
-            .ok_or_else(|| NodeError::NoPeer(flow.to.clone()))?;
+        if !self.config.peers.contains_key(&flow.to) {
+            return Err(NodeError::NoPeer(flow.to.clone()));
+        }
 
         // De-identify into the outbox (blocking work off the async runtime).
         let deid = Deidentifier::new(flow.deid.clone(), self.keys.tokenizer(agreement_id));
@@ -367,76 +507,57 @@ impl Node {
         if prepared.studies.is_empty() {
             return Err(NodeError::NothingToSend);
         }
-        let server_name = peer.server_name.clone().unwrap_or_else(|| {
-            peer.address
-                .rsplit_once(':')
-                .map(|(h, _)| h.trim_matches(['[', ']']).to_string())
-                .unwrap_or_else(|| peer.address.clone())
-        });
-        let mut client =
-            PeerClient::connect(&self.tls, &flow.to, &peer.address, &server_name).await?;
+        let outbox = self.outbox();
         for (study_token, study) in prepared.studies {
-            let instances: Vec<OutgoingInstance> = study.iter().map(|p| p.out.clone()).collect();
             let mut modalities: Vec<String> =
                 study.iter().filter_map(|p| p.modality.clone()).collect();
             modalities.sort();
             modalities.dedup();
-            let mut attempt = 0;
-            let delivery = loop {
-                attempt += 1;
-                match client
-                    .send_study(
-                        agreement_id,
-                        flow_name,
-                        &purpose,
-                        &study_token,
-                        modalities.clone(),
-                        &instances,
-                    )
-                    .await
-                {
-                    Ok(d) => break d,
-                    Err(e) if e.is_transient() && attempt < 3 => {
-                        tracing::warn!(peer = %flow.to, attempt, error = %e, "transfer failed; retrying");
-                        tokio::time::sleep(Duration::from_millis(500 * attempt)).await;
-                    }
-                    Err(e) => {
-                        self.audit.record_or_warn(Event {
-                            actor: "node".into(),
-                            action: "disclose".into(),
-                            object: format!("study {study_token} to site:{}", flow.to),
-                            agreement: agreement_id.into(),
-                            purpose: purpose.clone(),
-                            outcome: format!("failed: {e}"),
-                        });
-                        return Err(e.into());
-                    }
-                }
-            };
-            self.audit.record(Event {
-                actor: "node".into(),
-                action: "disclose".into(),
-                object: format!(
-                    "study {study_token} ({} instances, {} sent) to site:{}",
-                    instances.len(),
-                    delivery.instances_sent,
-                    flow.to
-                ),
-                agreement: agreement_id.into(),
+            let mut entry = OutboxEntry {
+                agreement: agreement_id.to_string(),
+                flow: flow_name.to_string(),
                 purpose: purpose.clone(),
-                outcome: "ok (signed receipt verified)".into(),
-            })?;
-            report.studies.push(SentStudy {
-                study_token,
-                instances: instances.len(),
-                instances_sent: delivery.instances_sent,
-                already_held: delivery.receipt.instances_already_held,
-                bytes_sent: delivery.bytes_sent,
-                files: study
+                to: flow.to.clone(),
+                study_token: study_token.clone(),
+                modalities,
+                instances: study
                     .iter()
-                    .map(|p| (p.input.clone(), p.out.path.clone()))
+                    .map(|p| OutboxInstance {
+                        file: p
+                            .out
+                            .path
+                            .file_name()
+                            .map(|f| f.to_string_lossy().to_string())
+                            .unwrap_or_default(),
+                        sha256: hex::encode(p.out.sha256),
+                        size: p.out.size,
+                        sop_instance_uid: p.out.sop_instance_uid.clone(),
+                    })
                     .collect(),
-            });
+                state: OutboxState::Pending,
+                created: outbox::now(),
+                attempts: 0,
+                next_attempt: 0,
+                last_error: None,
+                delivered: None,
+            };
+            let dir = outbox.save(&entry)?;
+            let files = study
+                .iter()
+                .map(|p| (p.input.clone(), p.out.path.clone()))
+                .collect();
+            match self.attempt(&dir, &mut entry).await {
+                Ok(delivery) => report.studies.push(SentStudy {
+                    study_token,
+                    instances: entry.instances.len(),
+                    instances_sent: delivery.instances_sent,
+                    already_held: delivery.receipt.instances_already_held,
+                    bytes_sent: delivery.bytes_sent,
+                    files,
+                }),
+                Err(e) if e.is_transient() => report.queued.push((study_token, e.to_string())),
+                Err(e) => return Err(e.into()),
+            }
         }
         Ok(report)
     }

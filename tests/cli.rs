@@ -4,12 +4,21 @@ mod common;
 
 use std::process::Command;
 
+/// Tests that start nodes on the loopback ports a demo chose take turns, so that one test's
+/// node never binds a port that another test's demo left in its configs.
+static PORTS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn ports() -> std::sync::MutexGuard<'static, ()> {
+    PORTS.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 fn bin() -> Command {
     Command::new(env!("CARGO_BIN_EXE_pacs-broker"))
 }
 
 #[test]
 fn demo_runs_and_leaves_startable_sites() {
+    let _turn = ports();
     let dir = tempfile::tempdir().unwrap();
     let out = bin()
         .args(["--log", "debug", "demo", "--data-dir"])
@@ -181,6 +190,7 @@ fn wait_listening(addr: &str) {
 
 #[test]
 fn sites_left_by_the_demo_serve_by_hand_and_send_beside_serve() {
+    let _turn = ports();
     let dir = tempfile::tempdir().unwrap();
     let out = bin()
         .args(["demo", "--slices", "3", "--size", "64", "--data-dir"])
@@ -275,4 +285,89 @@ fn sites_left_by_the_demo_serve_by_hand_and_send_beside_serve() {
             String::from_utf8_lossy(&out.stderr)
         );
     }
+}
+
+#[test]
+fn a_study_for_a_partner_that_is_down_waits_in_the_outbox_and_is_delivered_later() {
+    let _turn = ports();
+    let dir = tempfile::tempdir().unwrap();
+    let out = bin()
+        .args(["demo", "--slices", "2", "--size", "32", "--data-dir"])
+        .arg(dir.path())
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let cfg = |site: &str| dir.path().join(site).join("node.toml");
+    // A new study while telerad-c is down: queued, exit 2, and the reason is given.
+    let study = dir.path().join("second-study");
+    pacs_broker::demo::write_synthetic_ct(
+        &study,
+        &pacs_broker::demo::SyntheticPatient::default(),
+        2,
+        32,
+    )
+    .unwrap();
+    let send = || {
+        bin()
+            .args(["send", "--config"])
+            .arg(cfg("hospital-a"))
+            .args(["--agreement", "example-teleradiology", "--flow", "ct-reads"])
+            .arg(&study)
+            .output()
+            .unwrap()
+    };
+    let out = send();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("queued study") && stdout.contains("cannot connect"),
+        "{stdout}"
+    );
+    let list = bin()
+        .args(["outbox", "--config"])
+        .arg(cfg("hospital-a"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&list.stdout);
+    assert_eq!(list.status.code(), Some(2), "{text}");
+    assert!(text.contains("pending, attempt 2"), "{text}");
+    // telerad-c comes back; an operator retries now.
+    let listen = pacs_broker::config::NodeConfig::load(&cfg("telerad-c"))
+        .unwrap()
+        .listen;
+    let _server = Running(
+        bin()
+            .args(["serve", "--config"])
+            .arg(cfg("telerad-c"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    wait_listening(&listen);
+    let out = bin()
+        .args(["outbox", "--retry", "--config"])
+        .arg(cfg("hospital-a"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("1 queued studies delivered"), "{text}");
+    assert!(!text.contains("pending"), "{text}");
+    let inbox = common::files_under(&dir.path().join("telerad-c/data/store/inbox"));
+    assert_eq!(inbox.len(), 4, "both studies are at the receiver");
 }

@@ -237,13 +237,77 @@ pub fn send(args: SendArgs) -> anyhow::Result<i32> {
     for (p, why) in &report.failed {
         println!("failed {}: {why}", p.display());
     }
-    Ok(
-        if report.failed.is_empty() && report.quarantined.is_empty() {
-            0
-        } else {
-            2
-        },
-    )
+    for (p, why) in &report.not_selected {
+        println!("not covered by the flow {}: {why}", p.display());
+    }
+    for (study, why) in &report.queued {
+        println!(
+            "queued study {study}: {why}\n  it waits in the outbox; the site's running node \
+             (`pacs-broker serve`) retries it with backoff (`pacs-broker outbox` shows it)"
+        );
+    }
+    let clean = report.failed.is_empty()
+        && report.quarantined.is_empty()
+        && report.not_selected.is_empty()
+        && report.queued.is_empty();
+    Ok(if clean { 0 } else { 2 })
+}
+
+#[derive(Debug, Args)]
+pub struct OutboxArgs {
+    /// The node configuration file.
+    #[arg(long)]
+    pub config: PathBuf,
+    /// Attempt every pending entry now (whatever its backoff), then list.
+    #[arg(long)]
+    pub retry: bool,
+}
+
+/// Lists the outbox (studies waiting for, or done with, delivery); `--retry` attempts the due ones.
+pub fn outbox(args: OutboxArgs) -> anyhow::Result<i32> {
+    let node = Node::open_config(&args.config)?;
+    if args.retry {
+        let rt = runtime()?;
+        let n = rt.block_on(node.drain_outbox(true));
+        println!("{n} queued studies delivered");
+    }
+    let now = pacs_broker::store::outbox::now();
+    let entries = node.outbox().entries();
+    if entries.is_empty() {
+        println!("the outbox is empty");
+    }
+    let mut pending = 0;
+    for (_, e) in &entries {
+        let state = match e.state {
+            pacs_broker::store::outbox::OutboxState::Pending => {
+                pending += 1;
+                format!(
+                    "pending, attempt {} in {} s",
+                    e.attempts + 1,
+                    e.next_attempt.saturating_sub(now)
+                )
+            }
+            pacs_broker::store::outbox::OutboxState::Delivered => {
+                let (stored, held) = e.delivered.unwrap_or_default();
+                format!("delivered ({stored} stored, {held} already held)")
+            }
+            pacs_broker::store::outbox::OutboxState::Failed => "FAILED".to_string(),
+        };
+        println!(
+            "{} -> {} [{} / {}] study {} ({} instances): {state}{}",
+            node.site_id(),
+            e.to,
+            e.agreement,
+            e.flow,
+            e.study_token,
+            e.instances.len(),
+            e.last_error
+                .as_deref()
+                .map(|x| format!("; last error: {x}"))
+                .unwrap_or_default()
+        );
+    }
+    Ok(if pending == 0 { 0 } else { 2 })
 }
 
 pub fn demo(args: DemoArgs) -> anyhow::Result<i32> {

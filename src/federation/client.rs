@@ -38,6 +38,8 @@ pub enum SendError {
     },
     #[error("the receipt from {0} is not signed by the certificate it presented")]
     BadReceipt(String),
+    #[error("not sent: {0}")]
+    Refused(String),
 }
 
 impl SendError {
@@ -124,7 +126,10 @@ impl PeerClient {
                 let mut reason = e.to_string();
                 let mut src = std::error::Error::source(&e);
                 while let Some(s) = src {
-                    reason = format!("{reason}: {s}");
+                    let c = s.to_string();
+                    if !reason.contains(&c) {
+                        reason = format!("{reason}: {c}");
+                    }
                     src = s.source();
                 }
                 err(reason)

@@ -18,6 +18,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+pub mod outbox;
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("storage I/O on {path}: {source}")]

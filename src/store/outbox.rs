@@ -1,0 +1,271 @@
+//! The durable outbox: de-identified studies waiting for delivery to a partner, or done with it.
+//!
+//! Each study waits in its own folder, `outbox/<agreement>/<study token>/`, holding its
+//! de-identified instance files and `transfer.json` (who it goes to, under which flow and purpose,
+//! every instance's SHA-256 and size, attempts, the next attempt, the last error, and the state).
+//! `transfer.json` is written before the first attempt, atomically, so a study whose sending was
+//! interrupted (partner down, process killed) is retried by the running node with exponential
+//! backoff. A delivered study's instance files are deleted once the partner's signed receipt is
+//! verified: the outbox keeps the record, not the images. Nothing here holds PHI.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use super::{io_err, safe_name, write_atomic, StoreError};
+use crate::federation::client::OutgoingInstance;
+
+/// Where a queued study stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OutboxState {
+    /// Waiting for its next attempt.
+    Pending,
+    /// The partner's signed receipt was verified.
+    Delivered,
+    /// Refused for a reason a retry cannot fix (e.g. the agreement does not allow it).
+    Failed,
+}
+
+/// One instance of a queued study.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OutboxInstance {
+    /// File name inside the study's outbox folder.
+    pub file: String,
+    pub sha256: String,
+    pub size: u64,
+    pub sop_instance_uid: String,
+}
+
+/// `transfer.json`: a study queued for a partner.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OutboxEntry {
+    pub agreement: String,
+    pub flow: String,
+    pub purpose: String,
+    pub to: String,
+    pub study_token: String,
+    pub modalities: Vec<String>,
+    pub instances: Vec<OutboxInstance>,
+    pub state: OutboxState,
+    /// Unix seconds.
+    pub created: u64,
+    pub attempts: u32,
+    pub next_attempt: u64,
+    pub last_error: Option<String>,
+    /// Instances the receiver stored / already held, from its signed receipt.
+    pub delivered: Option<(u32, u32)>,
+}
+
+const ENTRY_FILE: &str = "transfer.json";
+
+/// Seconds to wait after `attempts` failed attempts: 5 s doubling, at most one hour.
+pub fn backoff_secs(attempts: u32) -> u64 {
+    (5u64 << attempts.saturating_sub(1).min(10)).min(3600)
+}
+
+/// Unix seconds now.
+pub fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// The outbox folder of a node.
+#[derive(Debug, Clone)]
+pub struct Outbox {
+    root: PathBuf,
+}
+
+impl Outbox {
+    pub fn new(root: PathBuf) -> Outbox {
+        Outbox { root }
+    }
+
+    /// The folder of one study.
+    pub fn study_dir(&self, agreement: &str, study_token: &str) -> PathBuf {
+        self.root
+            .join(safe_name(agreement))
+            .join(safe_name(study_token))
+    }
+
+    /// Writes an entry atomically into its study folder.
+    pub fn save(&self, entry: &OutboxEntry) -> Result<PathBuf, StoreError> {
+        let dir = self.study_dir(&entry.agreement, &entry.study_token);
+        let bytes = serde_json::to_vec_pretty(entry).expect("entry serialises");
+        write_atomic(&dir.join(ENTRY_FILE), &bytes)?;
+        Ok(dir)
+    }
+
+    /// Reads the entry of a study folder.
+    pub fn load(dir: &Path) -> Result<OutboxEntry, StoreError> {
+        let p = dir.join(ENTRY_FILE);
+        let bytes = fs::read(&p).map_err(io_err(&p))?;
+        serde_json::from_slice(&bytes)
+            .map_err(|e| StoreError::Corrupt(format!("{}: {e}", p.display())))
+    }
+
+    /// Every entry, oldest first.
+    pub fn entries(&self) -> Vec<(PathBuf, OutboxEntry)> {
+        let mut out: Vec<(PathBuf, OutboxEntry)> = walkdir::WalkDir::new(&self.root)
+            .min_depth(3)
+            .max_depth(3)
+            .into_iter()
+            .flatten()
+            .filter(|e| e.file_name() == ENTRY_FILE)
+            .filter_map(|e| {
+                let dir = e.path().parent()?.to_owned();
+                match Outbox::load(&dir) {
+                    Ok(entry) => Some((dir, entry)),
+                    Err(err) => {
+                        tracing::error!(error = %err, "unreadable outbox entry skipped");
+                        None
+                    }
+                }
+            })
+            .collect();
+        out.sort_by_key(|(_, e)| e.created);
+        out
+    }
+
+    /// Pending entries whose next attempt is due at `now`.
+    pub fn due(&self, now: u64) -> Vec<(PathBuf, OutboxEntry)> {
+        self.entries()
+            .into_iter()
+            .filter(|(_, e)| e.state == OutboxState::Pending && e.next_attempt <= now)
+            .collect()
+    }
+
+    /// Takes the study's lock (a second process attempting the same study at the same time
+    /// skips it). The lock is held while the returned file is open.
+    pub fn try_claim(dir: &Path) -> Option<fs::File> {
+        let f = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(dir.join(".lock"))
+            .ok()?;
+        f.try_lock().ok()?;
+        Some(f)
+    }
+
+    /// The instances of an entry as the federation client sends them.
+    pub fn outgoing(dir: &Path, entry: &OutboxEntry) -> Result<Vec<OutgoingInstance>, StoreError> {
+        entry
+            .instances
+            .iter()
+            .map(|i| {
+                let mut sha = [0u8; 32];
+                hex::decode_to_slice(&i.sha256, &mut sha)
+                    .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                Ok(OutgoingInstance {
+                    path: dir.join(&i.file),
+                    sha256: sha,
+                    size: i.size,
+                    sop_instance_uid: i.sop_instance_uid.clone(),
+                })
+            })
+            .collect()
+    }
+
+    /// Records a verified delivery and deletes the study's instance files.
+    pub fn mark_delivered(
+        &self,
+        dir: &Path,
+        entry: &mut OutboxEntry,
+        stored: u32,
+        already_held: u32,
+    ) -> Result<(), StoreError> {
+        entry.state = OutboxState::Delivered;
+        entry.attempts += 1;
+        entry.last_error = None;
+        entry.delivered = Some((stored, already_held));
+        self.save(entry)?;
+        for i in &entry.instances {
+            let _ = fs::remove_file(dir.join(&i.file));
+        }
+        Ok(())
+    }
+
+    /// Records a failed attempt: retried later with backoff when `transient`, else failed for good.
+    pub fn mark_attempt_failed(
+        &self,
+        entry: &mut OutboxEntry,
+        error: &str,
+        transient: bool,
+    ) -> Result<(), StoreError> {
+        entry.attempts += 1;
+        entry.last_error = Some(error.to_string());
+        if transient {
+            entry.next_attempt = now() + backoff_secs(entry.attempts);
+        } else {
+            entry.state = OutboxState::Failed;
+        }
+        self.save(entry).map(|_| ())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry() -> OutboxEntry {
+        OutboxEntry {
+            agreement: "a".into(),
+            flow: "f".into(),
+            purpose: "treatment".into(),
+            to: "y".into(),
+            study_token: "2.25.5".into(),
+            modalities: vec!["CT".into()],
+            instances: vec![OutboxInstance {
+                file: "i.dcm".into(),
+                sha256: hex::encode([1u8; 32]),
+                size: 3,
+                sop_instance_uid: "2.25.6".into(),
+            }],
+            state: OutboxState::Pending,
+            created: now(),
+            attempts: 0,
+            next_attempt: 0,
+            last_error: None,
+            delivered: None,
+        }
+    }
+
+    #[test]
+    fn backoff_grows_and_is_capped() {
+        assert_eq!(backoff_secs(1), 5);
+        assert_eq!(backoff_secs(2), 10);
+        assert_eq!(backoff_secs(5), 80);
+        assert_eq!(backoff_secs(40), 3600);
+    }
+
+    #[test]
+    fn entries_move_through_their_states() {
+        let dir = tempfile::tempdir().unwrap();
+        let ob = Outbox::new(dir.path().to_owned());
+        let mut e = entry();
+        let study = ob.save(&e).unwrap();
+        fs::write(study.join("i.dcm"), b"abc").unwrap();
+        assert_eq!(ob.due(now()).len(), 1);
+        let claim = Outbox::try_claim(&study).expect("first claim");
+        assert!(
+            Outbox::try_claim(&study).is_none(),
+            "second claim while held"
+        );
+        drop(claim);
+        ob.mark_attempt_failed(&mut e, "peer unavailable", true)
+            .unwrap();
+        assert!(ob.due(now()).is_empty(), "not due before its backoff");
+        assert_eq!(ob.due(now() + 5).len(), 1);
+        ob.mark_delivered(&study, &mut e, 1, 0).unwrap();
+        assert!(ob.due(u64::MAX).is_empty());
+        assert!(
+            !study.join("i.dcm").exists(),
+            "delivered images are not kept"
+        );
+        assert_eq!(Outbox::load(&study).unwrap().state, OutboxState::Delivered);
+    }
+}
