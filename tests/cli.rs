@@ -177,6 +177,38 @@ impl Drop for Running {
     }
 }
 
+/// Runs the demo with a small study into a new folder and returns the folder.
+fn demo_sites(slices: &str, size: &str) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let out = bin()
+        .args(["demo", "--slices", slices, "--size", size, "--data-dir"])
+        .arg(dir.path())
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    dir
+}
+
+/// Starts `pacs-broker serve` for a site the demo laid out and waits until it listens.
+fn serve(cfg: &std::path::Path) -> Running {
+    let child = bin()
+        .args(["serve", "--config"])
+        .arg(cfg)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let running = Running(child);
+    let listen = pacs_broker::config::NodeConfig::load(cfg).unwrap().listen;
+    wait_listening(&listen);
+    running
+}
+
 fn wait_listening(addr: &str) {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
     while std::net::TcpStream::connect(addr).is_err() {
@@ -191,34 +223,9 @@ fn wait_listening(addr: &str) {
 #[test]
 fn sites_left_by_the_demo_serve_by_hand_and_send_beside_serve() {
     let _turn = ports();
-    let dir = tempfile::tempdir().unwrap();
-    let out = bin()
-        .args(["demo", "--slices", "3", "--size", "64", "--data-dir"])
-        .arg(dir.path())
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let dir = demo_sites("3", "64");
     let cfg = |site: &str| dir.path().join(site).join("node.toml");
-    let mut servers = Vec::new();
-    for site in ["telerad-c", "hospital-a"] {
-        let child = bin()
-            .args(["serve", "--config"])
-            .arg(cfg(site))
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
-        servers.push(Running(child));
-        let listen = pacs_broker::config::NodeConfig::load(&cfg(site))
-            .unwrap()
-            .listen;
-        wait_listening(&listen);
-    }
+    let servers = vec![serve(&cfg("telerad-c")), serve(&cfg("hospital-a"))];
     // The partners reach each other and agree on who is who.
     let out = bin()
         .args(["ping", "--peer", "telerad-c", "--config"])
@@ -290,18 +297,7 @@ fn sites_left_by_the_demo_serve_by_hand_and_send_beside_serve() {
 #[test]
 fn a_study_for_a_partner_that_is_down_waits_in_the_outbox_and_is_delivered_later() {
     let _turn = ports();
-    let dir = tempfile::tempdir().unwrap();
-    let out = bin()
-        .args(["demo", "--slices", "2", "--size", "32", "--data-dir"])
-        .arg(dir.path())
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let dir = demo_sites("2", "32");
     let cfg = |site: &str| dir.path().join(site).join("node.toml");
     // A new study while telerad-c is down: queued, exit 2, and the reason is given.
     let study = dir.path().join("second-study");
@@ -342,19 +338,7 @@ fn a_study_for_a_partner_that_is_down_waits_in_the_outbox_and_is_delivered_later
     assert_eq!(list.status.code(), Some(2), "{text}");
     assert!(text.contains("pending, attempt 2"), "{text}");
     // telerad-c comes back; an operator retries now.
-    let listen = pacs_broker::config::NodeConfig::load(&cfg("telerad-c"))
-        .unwrap()
-        .listen;
-    let _server = Running(
-        bin()
-            .args(["serve", "--config"])
-            .arg(cfg("telerad-c"))
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    wait_listening(&listen);
+    let _server = serve(&cfg("telerad-c"));
     let out = bin()
         .args(["outbox", "--retry", "--config"])
         .arg(cfg("hospital-a"))

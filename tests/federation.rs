@@ -258,6 +258,14 @@ async fn a_plaintext_connection_fails() {
 }
 
 async fn offer(client: &mut PeerClient, study: &str, inst: &[OutgoingInstance]) -> String {
+    offer_answer(client, study, inst).await.transfer_id
+}
+
+async fn offer_answer(
+    client: &mut PeerClient,
+    study: &str,
+    inst: &[OutgoingInstance],
+) -> pacs_broker::federation::proto::OfferResponse {
     client
         .raw()
         .offer(OfferRequest {
@@ -278,7 +286,6 @@ async fn offer(client: &mut PeerClient, study: &str, inst: &[OutgoingInstance]) 
         .await
         .unwrap()
         .into_inner()
-        .transfer_id
 }
 
 fn chunks_of(transfer_id: &str, inst: &[OutgoingInstance], corrupt: bool) -> Vec<TransferChunk> {
@@ -359,26 +366,7 @@ async fn a_truncated_stream_stores_nothing_and_the_next_offer_resumes() {
     );
 
     // The next offer of the same study resumes: the receiver already has the first instance.
-    let answer = client
-        .raw()
-        .offer(OfferRequest {
-            agreement_id: AGREEMENT.into(),
-            flow: FLOW.into(),
-            study_token: study.clone(),
-            purpose: "treatment".into(),
-            modalities: vec!["CT".into()],
-            instances: inst
-                .iter()
-                .map(|i| InstanceManifest {
-                    sop_instance_uid: i.sop_instance_uid.clone(),
-                    sha256: i.sha256.to_vec(),
-                    size: i.size,
-                })
-                .collect(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let answer = offer_answer(&mut client, &study, &inst).await;
     assert_eq!(answer.already_have, vec![inst[0].sha256.to_vec()]);
     let receipt = client
         .raw()

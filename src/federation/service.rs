@@ -419,8 +419,9 @@ impl Federation for Receiver {
 }
 
 impl Receiver {
-    /// Streams every wanted instance to staging, verifying each; returns them all or an error
-    /// (on error the staged files are removed).
+    /// Streams every wanted instance to staging (`staging`), verifying each (`done`), and says
+    /// on failure whether the stream was interrupted (verified instances may be kept for
+    /// resumption) or something was wrong (everything is discarded).
     async fn receive(
         &self,
         plan: &Plan,
