@@ -64,6 +64,56 @@ fn has_value(elem: &InMemElement) -> bool {
     }
 }
 
+/// Gives public elements read with VR UN (implicit files with unknown dictionary, or explicit
+/// files written by tools that lost the VR) their dictionary VR when it is a text or UID VR, so
+/// they are de-identified like any other value; recurses into sequences. Other UN values stay UN
+/// (and are removed by the policy, as they cannot be inspected).
+pub(super) fn normalise_un(obj: &mut InMemDicomObject) {
+    use dicom_core::dictionary::{DataDictionary, DataDictionaryEntry};
+    let tags_: Vec<Tag> = obj.tags().collect();
+    for tag in tags_ {
+        let needs = obj
+            .get(tag)
+            .is_some_and(|e| e.vr() == VR::UN || matches!(e.value(), Value::Sequence(_)));
+        if !needs {
+            continue;
+        }
+        let Some(mut elem) = obj.take(tag) else {
+            continue;
+        };
+        if let Some(items) = elem.items_mut() {
+            for item in items.iter_mut() {
+                normalise_un(item);
+            }
+            obj.put(elem);
+            continue;
+        }
+        let dict_vr = dicom_dictionary_std::StandardDataDictionary
+            .by_tag(tag)
+            .and_then(|e| e.vr().exact())
+            .filter(|_| tag.group() % 2 == 0);
+        let converted = match (dict_vr, elem.value()) {
+            (Some(vr), Value::Primitive(p)) if values::is_text(vr) || vr == VR::UI => {
+                let bytes = p.to_bytes();
+                let text: String = bytes.iter().map(|&b| b as char).collect();
+                let parts: Vec<String> = text
+                    .trim_end_matches(['\0', ' '])
+                    .split('\\')
+                    .map(str::to_string)
+                    .collect();
+                Some(DataElement::new(
+                    tag,
+                    vr,
+                    PrimitiveValue::Strs(parts.into()),
+                ))
+            }
+            _ => None,
+        };
+        elem = converted.unwrap_or(elem);
+        obj.put(elem);
+    }
+}
+
 impl Work<'_> {
     fn record(
         &mut self,

@@ -368,6 +368,7 @@ impl Deidentifier {
                 });
             }
         }
+        engine::normalise_un(&mut obj);
         let terms = PhiTerms::collect(&obj, &self.config);
         let patient_id = text(&obj, tags::PATIENT_ID).unwrap_or_default();
         let patient_key = if patient_id.is_empty() {

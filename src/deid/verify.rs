@@ -83,6 +83,23 @@ const INSTITUTION: &[Tag] = &[
     tags::INSTITUTION_ADDRESS,
     tags::INSTITUTIONAL_DEPARTMENT_NAME,
 ];
+/// Coded entry attributes: concepts of a coding scheme.
+const CODED: &[Tag] = &[
+    tags::CODE_VALUE,
+    tags::CODING_SCHEME_DESIGNATOR,
+    tags::CODING_SCHEME_VERSION,
+    tags::CODE_MEANING,
+    tags::LONG_CODE_VALUE,
+    tags::URN_CODE_VALUE,
+    tags::CONTEXT_IDENTIFIER,
+    tags::MAPPING_RESOURCE,
+];
+/// Equipment make and model.
+const EQUIPMENT: &[Tag] = &[
+    tags::MANUFACTURER,
+    tags::MANUFACTURER_MODEL_NAME,
+    tags::SOFTWARE_VERSIONS,
+];
 const INSTANCE_UIDS: &[Tag] = &[
     tags::STUDY_INSTANCE_UID,
     tags::SERIES_INSTANCE_UID,
@@ -234,14 +251,26 @@ impl PhiTerms {
             .collect()
     }
 
-    /// The kinds of identifying value found in `text` of VR `vr`.
-    fn find(&self, text: &str, vr: VR) -> Option<&'static str> {
+    /// The kinds of identifying value found in `text` of VR `vr` in attribute `tag`.
+    ///
+    /// Two exemptions keep the verifier from refusing every instance of a site: single name parts
+    /// are not searched in coded entries (a code meaning names a concept of a coding scheme, and a
+    /// patient called "Report" would otherwise block every SR), and institution names are not
+    /// searched in the manufacturer and model (sites often type the vendor as the institution).
+    fn find(&self, text: &str, vr: VR, tag: Tag) -> Option<&'static str> {
         let folded = fold(text.trim_matches(['\0', ' ']));
         if folded.is_empty() {
             return None;
         }
         let free = values::is_free_text(vr) || vr == VR::CS || vr == VR::UN || vr == VR::OB;
+        let coded = CODED.contains(&tag);
+        let equipment = EQUIPMENT.contains(&tag);
         for t in &self.terms {
+            if (coded && t.mode == Mode::Word && t.kind.ends_with("name"))
+                || (equipment && t.kind == "institution")
+            {
+                continue;
+            }
             let hit = match t.mode {
                 Mode::Uid => {
                     if vr == VR::UI {
@@ -249,7 +278,7 @@ impl PhiTerms {
                             .split('\\')
                             .any(|u| u.trim_matches(['\0', ' ']) == t.folded)
                     } else {
-                        free && folded.contains(&t.folded)
+                        free && t.folded.len() >= 8 && folded.contains(&t.folded)
                     }
                 }
                 Mode::Word => free && !word_matches(&folded, &t.folded).is_empty(),
@@ -304,7 +333,7 @@ fn scan(obj: &InMemDicomObject, terms: &PhiTerms, path: &str, out: &mut Vec<Find
                     vr if values::is_text(vr) || vr == VR::UI => p.to_str().into_owned(),
                     _ => continue,
                 };
-                if let Some(kind) = terms.find(&text, vr) {
+                if let Some(kind) = terms.find(&text, vr, tag) {
                     out.push(Finding {
                         path: format!("{path}{tag}"),
                         keyword: keyword_of(tag).to_string(),
@@ -322,7 +351,7 @@ pub fn find_residual_phi(output: &DefaultDicomObject, terms: &PhiTerms) -> Vec<F
     scan(output, terms, "", &mut out);
     let meta = output.meta();
     for (name, vr, value) in meta_strings(meta) {
-        if let Some(kind) = terms.find(value, vr) {
+        if let Some(kind) = terms.find(value, vr, Tag(0x0002, 0x0000)) {
             out.push(Finding {
                 path: format!("meta/{name}"),
                 keyword: name.to_string(),
