@@ -64,11 +64,13 @@ fn has_value(elem: &InMemElement) -> bool {
     }
 }
 
-/// Gives public elements read with VR UN (implicit files with unknown dictionary, or explicit
-/// files written by tools that lost the VR) their dictionary VR when it is a text or UID VR, so
-/// they are de-identified like any other value; recurses into sequences. Other UN values stay UN
-/// (and are removed by the policy, as they cannot be inspected).
-pub(super) fn normalise_un(obj: &mut InMemDicomObject) {
+/// Gives public elements read with VR UN (explicit files written by tools that lost the VR, or
+/// implicit files read without a dictionary entry) their dictionary VR, so they are de-identified
+/// like any other value: text, DS/IS and UIDs always; binary numbers when the file is little
+/// endian; sequences when their items have defined lengths (UN sequences are implicit VR little
+/// endian, PS3.5 6.2.2). Recurses into sequences. Values it cannot decode stay UN, and the policy
+/// removes them (they cannot be inspected).
+pub(super) fn normalise_un(obj: &mut InMemDicomObject, little_endian: bool) {
     use dicom_core::dictionary::{DataDictionary, DataDictionaryEntry};
     let tags_: Vec<Tag> = obj.tags().collect();
     for tag in tags_ {
@@ -83,7 +85,7 @@ pub(super) fn normalise_un(obj: &mut InMemDicomObject) {
         };
         if let Some(items) = elem.items_mut() {
             for item in items.iter_mut() {
-                normalise_un(item);
+                normalise_un(item, little_endian);
             }
             obj.put(elem);
             continue;
@@ -93,25 +95,91 @@ pub(super) fn normalise_un(obj: &mut InMemDicomObject) {
             .and_then(|e| e.vr().exact())
             .filter(|_| tag.group() % 2 == 0);
         let converted = match (dict_vr, elem.value()) {
-            (Some(vr), Value::Primitive(p)) if values::is_text(vr) || vr == VR::UI => {
-                let bytes = p.to_bytes();
-                let text: String = bytes.iter().map(|&b| b as char).collect();
-                let parts: Vec<String> = text
-                    .trim_end_matches(['\0', ' '])
-                    .split('\\')
-                    .map(str::to_string)
-                    .collect();
-                Some(DataElement::new(
-                    tag,
-                    vr,
-                    PrimitiveValue::Strs(parts.into()),
-                ))
-            }
+            (Some(vr), Value::Primitive(p)) => decode_un(tag, vr, &p.to_bytes(), little_endian),
             _ => None,
         };
         elem = converted.unwrap_or(elem);
         obj.put(elem);
     }
+}
+
+fn decode_un(tag: Tag, vr: VR, bytes: &[u8], little_endian: bool) -> Option<InMemElement> {
+    let le16 = |c: &[u8]| u16::from_le_bytes([c[0], c[1]]);
+    let le32 = |c: &[u8]| u32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+    let value = match vr {
+        vr if values::is_text(vr) || matches!(vr, VR::UI | VR::DS | VR::IS) => {
+            let text: String = bytes.iter().map(|&b| b as char).collect();
+            let parts: Vec<String> = text
+                .trim_end_matches(['\0', ' '])
+                .split('\\')
+                .map(str::to_string)
+                .collect();
+            PrimitiveValue::Strs(parts.into())
+        }
+        _ if !little_endian => return None,
+        VR::US if bytes.len() % 2 == 0 => PrimitiveValue::U16(bytes.chunks(2).map(le16).collect()),
+        VR::SS if bytes.len() % 2 == 0 => {
+            PrimitiveValue::I16(bytes.chunks(2).map(|c| le16(c) as i16).collect())
+        }
+        VR::UL if bytes.len() % 4 == 0 => PrimitiveValue::U32(bytes.chunks(4).map(le32).collect()),
+        VR::SL if bytes.len() % 4 == 0 => {
+            PrimitiveValue::I32(bytes.chunks(4).map(|c| le32(c) as i32).collect())
+        }
+        VR::FL if bytes.len() % 4 == 0 => {
+            PrimitiveValue::F32(bytes.chunks(4).map(|c| f32::from_bits(le32(c))).collect())
+        }
+        VR::FD if bytes.len() % 8 == 0 => PrimitiveValue::F64(
+            bytes
+                .chunks(8)
+                .map(|c| f64::from_le_bytes(c.try_into().unwrap_or([0; 8])))
+                .collect(),
+        ),
+        VR::AT if bytes.len() % 4 == 0 => PrimitiveValue::Tags(
+            bytes
+                .chunks(4)
+                .map(|c| Tag(le16(&c[..2]), le16(&c[2..])))
+                .collect(),
+        ),
+        VR::SQ => return decode_un_sequence(tag, bytes),
+        _ => return None,
+    };
+    Some(DataElement::new(tag, vr, value))
+}
+
+/// Items of a sequence stored as UN: implicit VR little endian, each item of defined length.
+fn decode_un_sequence(tag: Tag, bytes: &[u8]) -> Option<InMemElement> {
+    use dicom_transfer_syntax_registry::entries::IMPLICIT_VR_LITTLE_ENDIAN;
+    let mut items = Vec::new();
+    let mut pos = 0usize;
+    while pos < bytes.len() {
+        let head = bytes.get(pos..pos + 8)?;
+        let (g, e) = (
+            u16::from_le_bytes([head[0], head[1]]),
+            u16::from_le_bytes([head[2], head[3]]),
+        );
+        let len = u32::from_le_bytes([head[4], head[5], head[6], head[7]]);
+        pos += 8;
+        match (g, e) {
+            (0xFFFE, 0xE0DD) => break,
+            (0xFFFE, 0xE000) if len != u32::MAX => {
+                let body = bytes.get(pos..pos.checked_add(len as usize)?)?;
+                let mut item = InMemDicomObject::read_dataset_with_ts(
+                    body,
+                    &IMPLICIT_VR_LITTLE_ENDIAN.erased(),
+                )
+                .ok()?;
+                normalise_un(&mut item, true);
+                items.push(item);
+                pos += len as usize;
+            }
+            _ => return None,
+        }
+    }
+    Some(DataElement::new(
+        tag,
+        VR::SQ,
+        DataSetSequence::new(items, Length::UNDEFINED),
+    ))
 }
 
 impl Work<'_> {

@@ -368,7 +368,9 @@ impl Deidentifier {
                 });
             }
         }
-        engine::normalise_un(&mut obj);
+        let little_endian =
+            obj.meta().transfer_syntax().trim_end_matches('\0') != "1.2.840.10008.1.2.2";
+        engine::normalise_un(&mut obj, little_endian);
         let terms = PhiTerms::collect(&obj, &self.config);
         let patient_id = text(&obj, tags::PATIENT_ID).unwrap_or_default();
         let patient_key = if patient_id.is_empty() {

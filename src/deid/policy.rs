@@ -131,6 +131,8 @@ pub const SAFE_TEXT: &[Tag] = &[
     tags::PIXEL_SPACING_CALIBRATION_DESCRIPTION,
     tags::FRAME_LABEL_VECTOR,
     tags::SPECIFIC_CHARACTER_SET,
+    tags::SEGMENT_LABEL,
+    tags::SEGMENT_ALGORITHM_NAME,
 ];
 
 /// Composite-action attributes that are Type 1 (or Type 2 for X/D) in some IOD — SR, enhanced
@@ -153,7 +155,12 @@ const DUMMY_WHEN_PRESENT: &[Tag] = &[
     tags::MOST_RECENT_TREATMENT_DATE,
     tags::INTENDED_PHASE_START_DATE,
     tags::INTENDED_PHASE_END_DATE,
+    tags::DEVICE_SERIAL_NUMBER,
 ];
+
+/// Text attributes outside Table E.1-1 that are Type 2 in some IOD: emptied (Z) rather than
+/// removed, so the output stays conformant; an empty value carries nothing.
+const EMPTY_BY_DEFAULT: &[Tag] = &[tags::CONTENT_DESCRIPTION];
 
 /// Attributes outside Table E.1-1 that pacs-broker gives a table-like row: SR Text Value, which
 /// Content Sequence (D, or C with Clean Structured Content) would otherwise leave to the default.
@@ -299,6 +306,9 @@ fn default_for(tag: Tag, vr: VR, options: &BTreeSet<ProfileOption>) -> (Act, &'s
         | VR::OL
         | VR::OV => (Act::Keep, "coded, numeric or binary value kept"),
         _ if SAFE_TEXT.contains(&tag) => (Act::Keep, "reviewed technical text kept"),
+        _ if EMPTY_BY_DEFAULT.contains(&tag) => {
+            (Act::Empty, "Type 2 text emptied (kept for IOD conformance)")
+        }
         _ => (
             Act::Remove,
             "text removed by default (keep it with an agreement override)",

@@ -21,7 +21,10 @@ pub fn keys() -> SiteKeys {
 }
 
 pub fn deidentifier(options: &[ProfileOption]) -> Deidentifier {
-    let config = DeidConfig { options: options.iter().copied().collect(), ..DeidConfig::default() };
+    let config = DeidConfig {
+        options: options.iter().copied().collect(),
+        ..DeidConfig::default()
+    };
     Deidentifier::new(config, keys().tokenizer("DSA-TEST-1"))
 }
 
@@ -38,7 +41,12 @@ pub fn item(elems: Vec<DataElement<InMemDicomObject>>) -> InMemDicomObject {
 }
 
 /// A small CT instance of patient "DOE^JANE" (ID MRN0042) with the given extra elements.
-pub fn ct(study: &str, series: &str, sop: &str, extra: Vec<DataElement<InMemDicomObject>>) -> DefaultDicomObject {
+pub fn ct(
+    study: &str,
+    series: &str,
+    sop: &str,
+    extra: Vec<DataElement<InMemDicomObject>>,
+) -> DefaultDicomObject {
     let mut o = item(vec![
         text(tags::SOP_CLASS_UID, VR::UI, CT_IMAGE_STORAGE),
         text(tags::SOP_INSTANCE_UID, VR::UI, sop),
@@ -56,7 +64,11 @@ pub fn ct(study: &str, series: &str, sop: &str, extra: Vec<DataElement<InMemDico
         DataElement::new(tags::COLUMNS, VR::US, PrimitiveValue::from(4_u16)),
         DataElement::new(tags::BITS_ALLOCATED, VR::US, PrimitiveValue::from(16_u16)),
         DataElement::new(tags::SAMPLES_PER_PIXEL, VR::US, PrimitiveValue::from(1_u16)),
-        DataElement::new(tags::PIXEL_DATA, VR::OW, PrimitiveValue::U16((0..16u16).collect())),
+        DataElement::new(
+            tags::PIXEL_DATA,
+            VR::OW,
+            PrimitiveValue::U16((0..16u16).collect()),
+        ),
     ]);
     for e in extra {
         o.put(e);
@@ -65,7 +77,12 @@ pub fn ct(study: &str, series: &str, sop: &str, extra: Vec<DataElement<InMemDico
 }
 
 pub fn file(o: InMemDicomObject) -> DefaultDicomObject {
-    let s = |t: Tag| o.get(t).and_then(|e| e.to_str().ok()).map(|v| v.to_string()).unwrap_or_default();
+    let s = |t: Tag| {
+        o.get(t)
+            .and_then(|e| e.to_str().ok())
+            .map(|v| v.to_string())
+            .unwrap_or_default()
+    };
     let (class, sop) = (s(tags::SOP_CLASS_UID), s(tags::SOP_INSTANCE_UID));
     o.with_meta(
         FileMetaTableBuilder::new()
@@ -78,7 +95,11 @@ pub fn file(o: InMemDicomObject) -> DefaultDicomObject {
 
 /// Every (path, element) of a dataset at every depth.
 pub fn walk(obj: &InMemDicomObject) -> Vec<(String, DataElement<InMemDicomObject>)> {
-    fn go(o: &InMemDicomObject, path: &str, out: &mut Vec<(String, DataElement<InMemDicomObject>)>) {
+    fn go(
+        o: &InMemDicomObject,
+        path: &str,
+        out: &mut Vec<(String, DataElement<InMemDicomObject>)>,
+    ) {
         for e in o.iter() {
             out.push((path.to_string(), e.clone()));
             if let Value::Sequence(s) = e.value() {
@@ -94,7 +115,9 @@ pub fn walk(obj: &InMemDicomObject) -> Vec<(String, DataElement<InMemDicomObject
 }
 
 pub fn str_of(e: &DataElement<InMemDicomObject>) -> String {
-    e.to_str().map(|s| s.trim_matches(['\0', ' ']).to_string()).unwrap_or_default()
+    e.to_str()
+        .map(|s| s.trim_matches(['\0', ' ']).to_string())
+        .unwrap_or_default()
 }
 
 /// Serialises a file object to bytes (for determinism checks).
@@ -115,7 +138,10 @@ pub fn pydicom_test_files() -> PathBuf {
         .output()
         .expect("/usr/bin/python3 with pydicom (Debian python3-pydicom) is required");
     let p = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
-    assert!(p.is_dir(), "pydicom test files not found; install python3-pydicom");
+    assert!(
+        p.is_dir(),
+        "pydicom test files not found; install python3-pydicom"
+    );
     p
 }
 
