@@ -70,7 +70,10 @@ fn node() -> impl Strategy<Value = Node> {
         (0..4u16, 0..4u8, "[A-Z]{4,10}").prop_map(|(g, e, v)| Node::Private(0x0009 + 2 * g, e, v)),
     ];
     leaf.prop_recursive(6, 64, 4, |inner| {
-        (0..SEQ_TAGS.len(), prop::collection::vec(prop::collection::vec(inner, 0..4), 1..3))
+        (
+            0..SEQ_TAGS.len(),
+            prop::collection::vec(prop::collection::vec(inner, 0..4), 1..3),
+        )
             .prop_map(|(t, items)| Node::Seq(t, items))
     })
 }
@@ -81,7 +84,11 @@ fn build(nodes: &[Node]) -> InMemDicomObject {
         match n {
             Node::Text(t, v) => {
                 let (tag, vr) = PHI_TEXT[*t];
-                let v = if vr == VR::DA { "20010203".to_string() } else { v.clone() };
+                let v = if vr == VR::DA {
+                    "20010203".to_string()
+                } else {
+                    v.clone()
+                };
                 o.put(text(tag, vr, &v));
             }
             Node::Uid(t, u) => {
@@ -89,7 +96,11 @@ fn build(nodes: &[Node]) -> InMemDicomObject {
             }
             Node::Private(g, e, v) => {
                 o.put(text(Tag(*g, 0x0010), VR::LO, "RANDOM VENDOR"));
-                o.put(DataElement::new(Tag(*g, 0x1000 | u16::from(*e)), VR::UN, PrimitiveValue::from(v.as_bytes().to_vec())));
+                o.put(DataElement::new(
+                    Tag(*g, 0x1000 | u16::from(*e)),
+                    VR::UN,
+                    PrimitiveValue::from(v.as_bytes().to_vec()),
+                ));
             }
             Node::Seq(t, items) => {
                 o.put(seq(SEQ_TAGS[*t], items.iter().map(|i| build(i)).collect()));
@@ -102,7 +113,11 @@ fn build(nodes: &[Node]) -> InMemDicomObject {
 fn instance(nodes: &[Node]) -> dicom_object::DefaultDicomObject {
     let mut inner = build(nodes);
     // The instance's own UIDs come from the same pool as the references.
-    for (tag, i) in [(tags::SOP_INSTANCE_UID, 0), (tags::STUDY_INSTANCE_UID, 1), (tags::SERIES_INSTANCE_UID, 2)] {
+    for (tag, i) in [
+        (tags::SOP_INSTANCE_UID, 0),
+        (tags::STUDY_INSTANCE_UID, 1),
+        (tags::SERIES_INSTANCE_UID, 2),
+    ] {
         inner.put(text(tag, VR::UI, &pool(i)));
     }
     let base = ct(&pool(1), &pool(2), &pool(0), vec![]);

@@ -122,8 +122,17 @@ fn short(e: impl std::fmt::Display) -> String {
     }
 }
 
-/// Reads, de-identifies and writes one file; never panics on bad input.
+/// Reads, de-identifies and writes one file. A panic inside the DICOM parser on a hostile file
+/// is contained here and reported as a failure of that file, so it never stops the batch.
 pub fn process_file(deid: &Deidentifier, input: &Path, target: &Path) -> BatchOutcome {
+    let run = std::panic::AssertUnwindSafe(|| process_file_inner(deid, input, target));
+    std::panic::catch_unwind(run).unwrap_or_else(|_| BatchOutcome::Failed {
+        reason: "malformed: the DICOM parser gave up on this file (internal error contained)"
+            .into(),
+    })
+}
+
+fn process_file_inner(deid: &Deidentifier, input: &Path, target: &Path) -> BatchOutcome {
     let obj = match OpenFileOptions::new().open_file(input) {
         Ok(o) => o,
         Err(e) => {
@@ -201,56 +210,87 @@ pub fn run_batch(
     let mut qfile = fs::File::create(&qpath).map_err(io)?;
     let mut summary = BatchSummary::default();
     let mut taken: HashSet<PathBuf> = HashSet::new();
+    // Decide every item's target first (collisions, the quarantine list's own name), then let a
+    // few workers read, de-identify and write in parallel: most of the time goes to fsync.
+    let mut jobs: Vec<(PathBuf, PathBuf, Option<BatchOutcome>)> = Vec::new();
     for entry in collect_inputs(inputs, out) {
-        let item = match entry {
-            Err((input, reason)) => BatchItem {
-                relative: PathBuf::new(),
-                input,
-                outcome: BatchOutcome::Failed { reason },
-            },
+        match entry {
+            Err((input, reason)) => {
+                jobs.push((input, PathBuf::new(), Some(BatchOutcome::Failed { reason })))
+            }
             Ok((input, relative)) => {
-                let outcome = if relative.as_os_str() == QUARANTINE_FILE {
-                    BatchOutcome::Failed {
+                let early = if relative.as_os_str() == QUARANTINE_FILE {
+                    Some(BatchOutcome::Failed {
                         reason: "input named like the quarantine list".into(),
-                    }
+                    })
                 } else if !taken.insert(relative.clone()) {
-                    BatchOutcome::Failed {
+                    Some(BatchOutcome::Failed {
                         reason: "another input maps to the same output path".into(),
-                    }
+                    })
                 } else {
-                    process_file(deid, &input, &out.join(&relative))
+                    None
                 };
-                BatchItem {
-                    input,
-                    relative,
-                    outcome,
-                }
+                jobs.push((input, relative, early));
             }
-        };
-        let line = match &item.outcome {
-            BatchOutcome::Deidentified { .. } => {
-                summary.deidentified += 1;
-                None
-            }
-            BatchOutcome::Quarantined { reason } => {
-                summary.quarantined += 1;
-                Some(("quarantined", reason))
-            }
-            BatchOutcome::Failed { reason } => {
-                summary.failed += 1;
-                Some(("failed", reason))
-            }
-        };
-        if let Some((outcome, reason)) = line {
-            let json = serde_json::json!({
-                "path": item.input.display().to_string(),
-                "outcome": outcome,
-                "reason": reason,
-            });
-            writeln!(qfile, "{json}").map_err(io)?;
         }
-        on_item(&item);
     }
+    let workers = std::thread::available_parallelism()
+        .map_or(2, |n| n.get())
+        .clamp(2, 8);
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let (tx, rx) = std::sync::mpsc::channel::<BatchItem>();
+    std::thread::scope(|scope| -> Result<(), BatchError> {
+        for _ in 0..workers {
+            let (tx, next, jobs) = (tx.clone(), &next, &jobs);
+            scope.spawn(move || loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let Some((input, relative, early)) = jobs.get(i) else {
+                    break;
+                };
+                let outcome = match early {
+                    Some(BatchOutcome::Failed { reason }) => BatchOutcome::Failed {
+                        reason: reason.clone(),
+                    },
+                    _ => process_file(deid, input, &out.join(relative)),
+                };
+                let item = BatchItem {
+                    input: input.clone(),
+                    relative: relative.clone(),
+                    outcome,
+                };
+                if tx.send(item).is_err() {
+                    break;
+                }
+            });
+        }
+        drop(tx);
+        for item in rx {
+            let line = match &item.outcome {
+                BatchOutcome::Deidentified { .. } => {
+                    summary.deidentified += 1;
+                    None
+                }
+                BatchOutcome::Quarantined { reason } => {
+                    summary.quarantined += 1;
+                    Some(("quarantined", reason))
+                }
+                BatchOutcome::Failed { reason } => {
+                    summary.failed += 1;
+                    Some(("failed", reason))
+                }
+            };
+            if let Some((outcome, reason)) = line {
+                let json = serde_json::json!({
+                    "path": item.input.display().to_string(),
+                    "outcome": outcome,
+                    "reason": reason,
+                });
+                writeln!(qfile, "{json}").map_err(io)?;
+            }
+            on_item(&item);
+        }
+        Ok(())
+    })?;
     qfile.sync_all().map_err(io)?;
     Ok(summary)
 }

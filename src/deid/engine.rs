@@ -54,15 +54,7 @@ fn describe(elem: &InMemElement) -> String {
     }
 }
 
-fn has_value(elem: &InMemElement) -> bool {
-    match elem.value() {
-        Value::Sequence(s) => !s.items().is_empty(),
-        Value::PixelSequence(_) => true,
-        Value::Primitive(p) => {
-            p.calculate_byte_len() > 0 && !p.to_str().trim_matches(['\0', ' ']).is_empty()
-        }
-    }
-}
+use super::verify::has_value;
 
 /// Gives public elements read with VR UN (explicit files written by tools that lost the VR, or
 /// implicit files read without a dictionary entry) their dictionary VR, so they are de-identified

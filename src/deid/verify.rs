@@ -492,16 +492,18 @@ fn is_token(s: &str) -> bool {
             .all(|b| b.is_ascii_digit() || b.is_ascii_uppercase())
 }
 
-fn has_value(elem: &dicom_object::mem::InMemElement) -> bool {
+/// True when an element holds something: items, fragments, non-blank text, or any bytes.
+/// Never renders binary values as text (pixel data would cost a string of millions of numbers).
+pub(super) fn has_value(elem: &dicom_object::mem::InMemElement) -> bool {
     match elem.value() {
         Value::Sequence(s) => !s.items().is_empty(),
         Value::PixelSequence(_) => true,
-        Value::Primitive(p) => match p.to_str() {
-            s if values::is_text(elem.vr()) || elem.vr() == VR::UI => {
-                !s.trim_matches(['\0', ' ']).is_empty()
-            }
-            _ => p.calculate_byte_len() > 0,
-        },
+        Value::Primitive(p)
+            if values::is_text(elem.vr()) || matches!(elem.vr(), VR::UI | VR::DS | VR::IS) =>
+        {
+            !p.to_str().trim_matches(['\0', ' ']).is_empty()
+        }
+        Value::Primitive(p) => p.calculate_byte_len() > 0,
     }
 }
 
