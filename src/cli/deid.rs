@@ -20,7 +20,7 @@ pub struct DeidArgs {
     #[command(subcommand)]
     command: Option<DeidCommand>,
     #[command(flatten)]
-    run: RunArgs,
+    run: Box<RunArgs>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -105,7 +105,7 @@ impl Selection {
 pub fn run(args: DeidArgs) -> anyhow::Result<i32> {
     match args.command {
         Some(DeidCommand::Preview(p)) => preview(p),
-        None => batch(args.run),
+        None => batch(*args.run),
     }
 }
 

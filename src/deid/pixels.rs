@@ -37,9 +37,7 @@ pub fn burned_in_risk(obj: &InMemDicomObject) -> Option<String> {
         Some("NO") => return None,
         _ => {}
     }
-    if obj.get(tags::PIXEL_DATA).is_none() {
-        return None;
-    }
+    obj.get(tags::PIXEL_DATA)?;
     let modality = text(obj, tags::MODALITY)
         .unwrap_or_default()
         .to_ascii_uppercase();
