@@ -12,6 +12,7 @@ use pacs_broker::deid::{check_release_file, run_batch, DeidConfig, Deidentifier,
 use deid_common::*;
 
 #[test]
+#[ignore = "minutes in a debug build (dicom-rs allocates declared element lengths up front); run: cargo test --release --test deid_malformed -- --include-ignored"]
 fn mutated_samples_never_panic_and_releases_pass_the_check() {
     let dir = pydicom_test_files();
     let seeds = [
@@ -35,7 +36,7 @@ fn mutated_samples_never_panic_and_releases_pass_the_check() {
     let mut parsed = 0;
     for name in seeds {
         let original = std::fs::read(dir.join(name)).unwrap();
-        for round in 0..6 {
+        for round in 0..30 {
             let mut bytes = original.clone();
             match round % 3 {
                 0 => bytes.truncate(rng.gen_range(132..bytes.len())),
@@ -69,7 +70,7 @@ fn mutated_samples_never_panic_and_releases_pass_the_check() {
         }
     }
     assert!(
-        parsed > 15,
+        parsed > 40,
         "the mutations should still parse often enough to exercise the engine ({parsed})"
     );
 }
