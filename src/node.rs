@@ -19,7 +19,8 @@ use tokio::sync::watch;
 
 use crate::audit::{AuditLog, Event};
 use crate::config::NodeConfig;
-use crate::deid::{DeidError, Deidentifier};
+use crate::deid::batch::{self, NotDeidentified};
+use crate::deid::Deidentifier;
 use crate::dsa::{Agreement, AgreementSet};
 use crate::federation::client::{OutgoingInstance, PeerClient, SendError};
 use crate::federation::proto::federation_server::FederationServer;
@@ -633,29 +634,24 @@ fn prepare(
         not_selected: Vec::new(),
     };
     for input in files {
-        let obj = match dicom_object::open_file(&input) {
-            Ok(o) => o,
-            Err(e) => {
-                batch
-                    .failed
-                    .push((input, format!("not a readable DICOM file: {e}")));
-                continue;
-            }
+        let mut modality = None;
+        let admit = |obj: &dicom_object::InMemDicomObject| {
+            let facts = study_facts(obj);
+            modality = facts.modalities.first().cloned();
+            select.check(&facts)
         };
-        let facts = study_facts(&obj);
-        if let Err(why) = select.check(&facts) {
-            batch.not_selected.push((input, why));
-            continue;
-        }
-        let modality = facts.modalities.first().cloned();
-        let d = match deid.deidentify(obj) {
+        let d = match batch::read_and_deidentify(deid, &input, admit) {
             Ok(d) => d,
-            Err(DeidError::Quarantined { reason }) => {
+            Err(NotDeidentified::Quarantined { reason }) => {
                 batch.quarantined.push((input, reason));
                 continue;
             }
-            Err(e) => {
-                batch.failed.push((input, e.to_string()));
+            Err(NotDeidentified::Failed { reason }) => {
+                batch.failed.push((input, reason));
+                continue;
+            }
+            Err(NotDeidentified::NotAdmitted { reason }) => {
+                batch.not_selected.push((input, reason));
                 continue;
             }
         };

@@ -1,28 +1,58 @@
-//! De-identification of DICOM objects.
+//! De-identification of DICOM objects: DICOM PS3.15 Annex E, the Basic Application Level
+//! Confidentiality Profile and every option of Table E.1-1.
 //!
 //! Owns: the de-identification configuration a flow asks for ([`DeidConfig`]: PS3.15 profile
-//! options, per-attribute overrides, safe private attributes, pixel cleaning), and the engine
-//! ([`Deidentifier`]) that turns one DICOM object into its de-identified form, reporting the
-//! tokens it issued (for the origin's vault) and the changes it made.
+//! options, per-attribute overrides, safe private attributes, pixel cleaning), the standard's
+//! table compiled in ([`table`], generated from `standard/ps315_table_e1_1.csv`), the engine
+//! ([`Deidentifier`]) that turns one DICOM object into its de-identified form at every nesting
+//! depth, the burned-in text gate and pixel cleaning ([`pixels`]), the fail-closed checks
+//! ([`verify`]: residual-PHI verifier at the origin, [`check_release`] at the receiver), and the
+//! batch runner shared by the `deid` command and the send path ([`batch`]).
 //!
 //! Does not own: the network, the agreement file (that is `dsa`, which builds a [`DeidConfig`]),
 //! nor the keys (that is `pseudonym`, which provides the [`Tokenizer`]).
 //!
-//! This first profile covers the patient, study, accession, institution, physician identifiers and
-//! the dates of PS3.15 Table E.1-1, and remaps every instance UID at every depth.
+//! Behaviour in brief (details beside each piece):
+//! - every element, at every depth, gets the action of its Table E.1-1 row under the flow's
+//!   options (K from an option wins over C; composites: X/Z -> Z, X/D -> X, Z/D and X/Z/D -> Z,
+//!   each -> D for the few attributes that are Type 1 in some IOD, X/Z/U* -> keep the sequence and
+//!   replace the UIDs inside); attributes outside the table get the documented defaults of [`policy`];
+//! - UIDs become `2.25.<HMAC>` wherever they appear, so references stay consistent;
+//! - Patient ID and Name carry the agreement's per-patient token; dates shift by one offset per
+//!   patient and agreement with Retain Longitudinal Modified Dates;
+//! - PatientIdentityRemoved, DeidentificationMethod(CodeSequence) and
+//!   LongitudinalTemporalInformationModified are written;
+//! - the output is refused (quarantined) if it still holds any identifying value of the original
+//!   or fails the receiver's release check; quarantine reasons never contain PHI.
 
 use std::collections::BTreeSet;
 use std::fmt;
 use std::str::FromStr;
 
-use dicom_core::header::Header;
-use dicom_core::value::{DataSetSequence, Value};
-use dicom_core::{DataElement, PrimitiveValue, Tag, VR};
+use std::collections::HashSet;
+
+use dicom_core::value::DataSetSequence;
+use dicom_core::{DataElement, Length, PrimitiveValue, Tag, VR};
 use dicom_dictionary_std::tags;
 use dicom_object::mem::InMemDicomObject;
 use dicom_object::DefaultDicomObject;
 
 use crate::pseudonym::{Tokenizer, VaultEntry};
+
+pub mod batch;
+mod engine;
+pub mod pixels;
+pub mod policy;
+pub mod table;
+#[rustfmt::skip]
+mod table_e1_1;
+pub mod values;
+pub mod verify;
+
+pub use batch::{run_batch, BatchItem, BatchOutcome, BatchSummary};
+pub use table::Action;
+pub use values::shift_date;
+pub use verify::{check_release, check_release_file, find_residual_phi, Finding, PhiTerms};
 
 /// The option columns of PS3.15 Table E.1-1, plus Clean Pixel Data (PS3.15 E.3.1).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -151,12 +181,26 @@ pub enum DeidError {
     Malformed { reason: String },
 }
 
-/// One change made to an attribute, for previews and reports (no values, only the action).
+impl DeidError {
+    /// The reason, without the kind.
+    pub fn reason(&self) -> &str {
+        match self {
+            DeidError::Quarantined { reason } | DeidError::Malformed { reason } => reason,
+        }
+    }
+}
+
+/// One change made to an attribute: where, what, and the rule that caused it. `before`/`after`
+/// are filled only by [`Deidentifier::preview`] (values are PHI: never log them).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Change {
     pub path: String,
     pub keyword: String,
     pub action: &'static str,
+    /// The Table E.1-1 row and column, override or default that chose the action.
+    pub rule: String,
+    pub before: Option<String>,
+    pub after: Option<String>,
 }
 
 /// The result of de-identifying one instance.
@@ -174,6 +218,15 @@ pub struct Deidentified {
     pub changes: Vec<Change>,
 }
 
+/// What a privacy officer reads before signing: every change with its values and rule, and
+/// whether the instance would be released.
+#[derive(Debug)]
+pub struct Preview {
+    pub changes: Vec<Change>,
+    /// `Ok` when the instance would be released, else the quarantine or failure.
+    pub verdict: Result<(), DeidError>,
+}
+
 /// The de-identification engine for one flow: a configuration and the agreement's tokenizer.
 #[derive(Debug, Clone)]
 pub struct Deidentifier {
@@ -181,59 +234,75 @@ pub struct Deidentifier {
     tokenizer: Tokenizer,
 }
 
-/// Identifying attributes the first profile removes (X), at any depth.
-#[allow(deprecated)]
-const REMOVE: &[Tag] = &[
-    tags::PATIENT_BIRTH_TIME,
-    tags::OTHER_PATIENT_I_DS,
-    tags::OTHER_PATIENT_NAMES,
-    tags::OTHER_PATIENT_I_DS_SEQUENCE,
-    tags::PATIENT_BIRTH_NAME,
-    tags::PATIENT_MOTHER_BIRTH_NAME,
-    tags::PATIENT_ADDRESS,
-    tags::PATIENT_TELEPHONE_NUMBERS,
-    tags::MILITARY_RANK,
-    tags::MEDICAL_RECORD_LOCATOR,
-    tags::INSTITUTION_NAME,
-    tags::INSTITUTION_ADDRESS,
-    tags::INSTITUTIONAL_DEPARTMENT_NAME,
-    tags::INSTITUTION_CODE_SEQUENCE,
-    tags::PERFORMING_PHYSICIAN_NAME,
-    tags::NAME_OF_PHYSICIANS_READING_STUDY,
-    tags::OPERATORS_NAME,
-    tags::PHYSICIANS_OF_RECORD,
-    tags::REQUESTING_PHYSICIAN,
-    tags::STATION_NAME,
-    tags::DEVICE_SERIAL_NUMBER,
-    tags::PATIENT_COMMENTS,
-    tags::ADDITIONAL_PATIENT_HISTORY,
-    tags::OTHER_PATIENT_I_DS_SEQUENCE,
-    tags::ISSUER_OF_PATIENT_ID,
-    tags::ADMITTING_DIAGNOSES_DESCRIPTION,
-];
+/// The CID 7050 code of the Basic Profile and of each option (DCM coding scheme).
+fn cid7050(option: Option<ProfileOption>) -> (&'static str, &'static str) {
+    match option {
+        None => ("113100", "Basic Application Confidentiality Profile"),
+        Some(ProfileOption::CleanPixelData) => ("113101", "Clean Pixel Data Option"),
+        Some(ProfileOption::CleanGraphics) => ("113103", "Clean Graphics Option"),
+        Some(ProfileOption::CleanStructuredContent) => {
+            ("113104", "Clean Structured Content Option")
+        }
+        Some(ProfileOption::CleanDescriptors) => ("113105", "Clean Descriptors Option"),
+        Some(ProfileOption::RetainLongitudinalFullDates) => (
+            "113106",
+            "Retain Longitudinal Temporal Information Full Dates Option",
+        ),
+        Some(ProfileOption::RetainLongitudinalModifiedDates) => (
+            "113107",
+            "Retain Longitudinal Temporal Information Modified Dates Option",
+        ),
+        Some(ProfileOption::RetainPatientCharacteristics) => {
+            ("113108", "Retain Patient Characteristics Option")
+        }
+        Some(ProfileOption::RetainDeviceIdentity) => ("113109", "Retain Device Identity Option"),
+        Some(ProfileOption::RetainUids) => ("113110", "Retain UIDs Option"),
+        Some(ProfileOption::RetainSafePrivate) => ("113111", "Retain Safe Private Option"),
+        Some(ProfileOption::RetainInstitutionIdentity) => {
+            ("113112", "Retain Institution Identity Option")
+        }
+    }
+}
 
-/// Attributes replaced by an empty value (Z).
-const EMPTY: &[Tag] = &[
-    tags::PATIENT_BIRTH_DATE,
-    tags::REFERRING_PHYSICIAN_NAME,
-    tags::STUDY_ID,
-];
+/// The keyword of a tag in the standard dictionary ("" for private or unknown tags).
+pub fn keyword_of(tag: Tag) -> &'static str {
+    use dicom_core::dictionary::DataDictionary;
+    dicom_dictionary_std::StandardDataDictionary
+        .by_tag(tag)
+        .map(|e| e.alias)
+        .unwrap_or("")
+}
 
-/// UI attributes that name a class or a coding scheme, not an instance: never remapped.
-const CLASS_UIDS: &[Tag] = &[
-    tags::SOP_CLASS_UID,
-    tags::REFERENCED_SOP_CLASS_UID,
-    tags::MEDIA_STORAGE_SOP_CLASS_UID,
-    tags::TRANSFER_SYNTAX_UID,
-    tags::IMPLEMENTATION_CLASS_UID,
-    tags::CODING_SCHEME_UID,
-    tags::AFFECTED_SOP_CLASS_UID,
-    tags::REQUESTED_SOP_CLASS_UID,
-    tags::REFERENCED_SOP_CLASS_UID_IN_FILE,
-    tags::REFERENCED_TRANSFER_SYNTAX_UID_IN_FILE,
-    tags::CONTEXT_GROUP_EXTENSION_CREATOR_UID,
-    tags::PRIVATE_INFORMATION_CREATOR_UID,
-];
+fn text(o: &InMemDicomObject, tag: Tag) -> Option<String> {
+    o.get(tag)
+        .and_then(|e| e.to_str().ok())
+        .map(|s| s.trim_matches(['\0', ' ']).to_string())
+}
+
+impl DeidConfig {
+    /// Problems with the configuration itself (for the agreement linter).
+    pub fn problems(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if self
+            .options
+            .contains(&ProfileOption::RetainLongitudinalFullDates)
+            && self
+                .options
+                .contains(&ProfileOption::RetainLongitudinalModifiedDates)
+        {
+            out.push("retain-longitudinal-full-dates and retain-longitudinal-modified-dates are exclusive; full dates win".into());
+        }
+        if !self.safe_private.is_empty()
+            && !self.options.contains(&ProfileOption::RetainSafePrivate)
+        {
+            out.push("a safe private list is given but retain-safe-private is not enabled; private attributes are removed".into());
+        }
+        if self.options.contains(&ProfileOption::CleanPixelData) && self.pixel_clean.is_empty() {
+            out.push("clean-pixel-data without any pixel clean rule: images with burned-in text stay quarantined".into());
+        }
+        out
+    }
+}
 
 impl Deidentifier {
     pub fn new(config: DeidConfig, tokenizer: Tokenizer) -> Self {
@@ -248,13 +317,29 @@ impl Deidentifier {
         &self.tokenizer
     }
 
-    /// De-identifies one object. The input is consumed; pixel data is moved, never copied.
-    pub fn deidentify(&self, mut obj: DefaultDicomObject) -> Result<Deidentified, DeidError> {
-        let text = |o: &InMemDicomObject, tag: Tag| -> Option<String> {
-            o.get(tag)
-                .and_then(|e| e.to_str().ok())
-                .map(|s| s.trim_end_matches(['\0', ' ']).to_string())
-        };
+    /// De-identifies one object. The input is consumed; pixel data is moved, never copied, and is
+    /// byte-identical in the output unless Clean Pixel Data blanked part of it.
+    pub fn deidentify(&self, obj: DefaultDicomObject) -> Result<Deidentified, DeidError> {
+        self.run(obj, false)
+            .and_then(|(d, verdict)| verdict.map(|()| d))
+    }
+
+    /// Every change the flow would make to `obj`, with before/after values, and the verdict.
+    pub fn preview(&self, obj: DefaultDicomObject) -> Result<Preview, DeidError> {
+        let (d, verdict) = self.run(obj, true)?;
+        Ok(Preview {
+            changes: d.changes,
+            verdict,
+        })
+    }
+
+    /// Transforms, then judges. The outer error is for objects that could not be transformed at
+    /// all; the inner verdict is the release decision on the transformed object.
+    fn run(
+        &self,
+        mut obj: DefaultDicomObject,
+        record_values: bool,
+    ) -> Result<(Deidentified, Result<(), DeidError>), DeidError> {
         for (tag, name) in [
             (tags::STUDY_INSTANCE_UID, "StudyInstanceUID"),
             (tags::SERIES_INSTANCE_UID, "SeriesInstanceUID"),
@@ -266,27 +351,44 @@ impl Deidentifier {
                 });
             }
         }
-        if text(&obj, tags::BURNED_IN_ANNOTATION).as_deref() == Some("YES")
-            && !self.config.options.contains(&ProfileOption::CleanPixelData)
-        {
-            return Err(DeidError::Quarantined {
-                reason: "BurnedInAnnotation is YES and the flow does not clean pixel data".into(),
-            });
+        let mut gate: Result<(), DeidError> = Ok(());
+        let mut pixels_cleaned = false;
+        if let Some(risk) = pixels::burned_in_risk(&obj) {
+            if self.config.options.contains(&ProfileOption::CleanPixelData) {
+                match pixels::clean_pixels(&mut obj, &self.config.pixel_clean, &risk) {
+                    Ok(_) => pixels_cleaned = true,
+                    Err(DeidError::Malformed { reason }) => {
+                        return Err(DeidError::Malformed { reason })
+                    }
+                    Err(e) => gate = Err(e),
+                }
+            } else {
+                gate = Err(DeidError::Quarantined {
+                    reason: format!("{risk}, and the flow does not enable clean-pixel-data"),
+                });
+            }
         }
+        let little_endian =
+            obj.meta().transfer_syntax().trim_end_matches('\0') != "1.2.840.10008.1.2.2";
+        engine::normalise_un(&mut obj, little_endian);
+        let terms = PhiTerms::collect(&obj, &self.config);
         let patient_id = text(&obj, tags::PATIENT_ID).unwrap_or_default();
         let patient_key = if patient_id.is_empty() {
             text(&obj, tags::PATIENT_NAME).unwrap_or_default()
         } else {
-            patient_id.clone()
+            patient_id
         };
         let patient_token = self.tokenizer.token("PatientID", &patient_key);
-        let mut work = Work {
+        let mut work = engine::Work {
             tok: &self.tokenizer,
             config: &self.config,
             offset: self.tokenizer.date_offset_days(&patient_key),
-            vault: Vec::new(),
-            changes: Vec::new(),
             patient_token: patient_token.clone(),
+            scrub_terms: terms.words(),
+            vault: Vec::new(),
+            vault_seen: HashSet::new(),
+            changes: Vec::new(),
+            record_values,
         };
         if !patient_key.is_empty() {
             work.vault.push((
@@ -297,23 +399,29 @@ impl Deidentifier {
                 },
             ));
         }
+        let originals: Vec<(Tag, Option<String>)> = [
+            tags::STUDY_INSTANCE_UID,
+            tags::SERIES_INSTANCE_UID,
+            tags::SOP_INSTANCE_UID,
+        ]
+        .into_iter()
+        .map(|t| (t, text(&obj, t)))
+        .collect();
         work.dataset(&mut obj, "");
-
-        obj.put(DataElement::new(
-            tags::PATIENT_IDENTITY_REMOVED,
-            VR::CS,
-            "YES",
-        ));
-        obj.put(DataElement::new(
-            tags::DEIDENTIFICATION_METHOD,
-            VR::LO,
-            "pacs-broker PS3.15 Basic Profile (first profile)",
-        ));
-        obj.put(DataElement::new(
-            tags::LONGITUDINAL_TEMPORAL_INFORMATION_MODIFIED,
-            VR::CS,
-            "MODIFIED",
-        ));
+        for (tag, original) in originals {
+            if let (Some(original), Some(new)) = (original, text(&obj, tag)) {
+                if original != new {
+                    work.vault.push((
+                        new,
+                        VaultEntry {
+                            attribute: keyword_of(tag).into(),
+                            original,
+                        },
+                    ));
+                }
+            }
+        }
+        self.write_record(&mut obj, pixels_cleaned);
         let sop = text(&obj, tags::SOP_INSTANCE_UID).unwrap_or_default();
         let meta = obj.meta_mut();
         meta.media_storage_sop_instance_uid = sop.clone();
@@ -323,228 +431,101 @@ impl Deidentifier {
         meta.private_information = None;
         meta.private_information_creator_uid = None;
         meta.update_information_group_length();
-        Ok(Deidentified {
-            study_uid: text(&obj, tags::STUDY_INSTANCE_UID).unwrap_or_default(),
-            series_uid: text(&obj, tags::SERIES_INSTANCE_UID).unwrap_or_default(),
-            sop_instance_uid: sop,
-            object: obj,
-            patient_token,
-            vault_entries: work.vault,
-            changes: work.changes,
-        })
-    }
-}
 
-struct Work<'a> {
-    tok: &'a Tokenizer,
-    config: &'a DeidConfig,
-    offset: i64,
-    vault: Vec<(String, VaultEntry)>,
-    changes: Vec<Change>,
-    patient_token: String,
-}
-
-impl Work<'_> {
-    fn change(&mut self, path: &str, tag: Tag, action: &'static str) {
-        self.changes.push(Change {
-            path: format!("{path}{tag}"),
-            keyword: dicom_dictionary_std::StandardDataDictionary
-                .by_tag_keyword(tag)
-                .unwrap_or("")
-                .to_string(),
-            action,
+        let verdict = gate.and_then(|()| {
+            let findings = find_residual_phi(&obj, &terms);
+            if findings.is_empty() {
+                Ok(())
+            } else {
+                Err(DeidError::Quarantined {
+                    reason: verify::findings_reason(&findings),
+                })
+            }
         });
+        let verdict = verdict.and_then(|()| {
+            check_release_file(&obj, &self.config).map_err(|e| DeidError::Quarantined {
+                reason: format!("output failed the release check: {}", e.reason()),
+            })
+        });
+        Ok((
+            Deidentified {
+                study_uid: text(&obj, tags::STUDY_INSTANCE_UID).unwrap_or_default(),
+                series_uid: text(&obj, tags::SERIES_INSTANCE_UID).unwrap_or_default(),
+                sop_instance_uid: sop,
+                object: obj,
+                patient_token,
+                vault_entries: work.vault,
+                changes: work.changes,
+            },
+            verdict,
+        ))
     }
 
-    fn dataset(&mut self, obj: &mut InMemDicomObject, path: &str) {
-        let all: Vec<Tag> = obj.tags().collect();
-        for tag in all {
-            let Some(elem) = obj.take(tag) else { continue };
-            if let Some(elem) = self.element(elem, path) {
-                obj.put(elem);
-            }
-        }
-    }
-
-    fn element(
-        &mut self,
-        elem: DataElement<InMemDicomObject>,
-        path: &str,
-    ) -> Option<DataElement<InMemDicomObject>> {
-        let tag = elem.tag();
-        let vr = elem.vr();
-        if let Some(ov) = self.config.overrides.iter().find(|o| o.tag == tag) {
-            return match &ov.action {
-                OverrideAction::Keep => Some(elem),
-                OverrideAction::Remove => {
-                    self.change(path, tag, "X (override)");
-                    None
-                }
-                OverrideAction::Fixed(v) => {
-                    self.change(path, tag, "fixed (override)");
-                    Some(DataElement::new(tag, vr, PrimitiveValue::from(v.as_str())))
-                }
-                OverrideAction::Token => {
-                    self.change(path, tag, "token (override)");
-                    let orig = elem
-                        .to_str()
-                        .map(|s| s.trim().to_string())
-                        .unwrap_or_default();
-                    Some(self.tokenise(tag, vr, &orig))
-                }
-            };
-        }
-        if tag.group() % 2 == 1 {
-            self.change(path, tag, "X (private)");
-            return None;
-        }
-        if REMOVE.contains(&tag) || tag.group() & 0xFF00 == 0x5000 || tag == Tag(0x4008, 0x0300) {
-            self.change(path, tag, "X");
-            return None;
-        }
-        if EMPTY.contains(&tag) {
-            self.change(path, tag, "Z");
-            return Some(DataElement::empty(tag, vr));
-        }
-        match tag {
-            tags::PATIENT_NAME | tags::PATIENT_ID => {
-                self.change(path, tag, "D (token)");
-                return Some(DataElement::new(
-                    tag,
-                    vr,
-                    PrimitiveValue::from(self.patient_token.as_str()),
-                ));
-            }
-            tags::ACCESSION_NUMBER => {
-                let orig = elem
-                    .to_str()
-                    .map(|s| s.trim().to_string())
-                    .unwrap_or_default();
-                self.change(path, tag, "D (token)");
-                if orig.is_empty() {
-                    return Some(DataElement::empty(tag, vr));
-                }
-                return Some(self.tokenise(tag, vr, &orig));
-            }
-            _ => {}
-        }
-        match elem.value() {
-            Value::Sequence(_) => {
-                let (header, value) = elem.into_parts();
-                let mut items = value.into_items().expect("sequence value");
-                for (i, item) in items.iter_mut().enumerate() {
-                    self.dataset(item, &format!("{path}{tag}[{i}]/"));
-                }
-                Some(DataElement::new(
-                    tag,
-                    header.vr(),
-                    DataSetSequence::new(items, header.len),
-                ))
-            }
-            Value::Primitive(_) if vr == VR::UI && !CLASS_UIDS.contains(&tag) => {
-                let Ok(values) = elem.to_multi_str() else {
-                    return Some(elem);
-                };
-                let mapped: Vec<String> = values
-                    .iter()
-                    .map(|u| u.trim_end_matches(['\0', ' ']))
-                    .map(|u| {
-                        if u.is_empty() || u.starts_with("1.2.840.10008.") {
-                            u.to_string()
-                        } else {
-                            self.tok.uid(u)
-                        }
-                    })
-                    .collect();
-                self.change(path, tag, "U");
-                Some(DataElement::new(
-                    tag,
-                    VR::UI,
-                    PrimitiveValue::Strs(mapped.into()),
-                ))
-            }
-            Value::Primitive(_) if vr == VR::DA => {
-                let shifted = elem
-                    .to_multi_str()
-                    .ok()
-                    .map(|v| {
-                        v.iter()
-                            .map(|d| shift_date(d.trim(), self.offset))
-                            .collect::<Option<Vec<_>>>()
-                    })
-                    .unwrap_or(None);
-                match shifted {
-                    Some(v) => {
-                        self.change(path, tag, "C (date shifted)");
-                        Some(DataElement::new(
-                            tag,
-                            VR::DA,
-                            PrimitiveValue::Strs(v.into()),
-                        ))
-                    }
-                    None => {
-                        self.change(path, tag, "X (unreadable date)");
-                        None
-                    }
-                }
-            }
-            Value::Primitive(_) if vr == VR::DT => {
-                self.change(path, tag, "X");
-                None
-            }
-            _ => Some(elem),
-        }
-    }
-
-    fn tokenise(&mut self, tag: Tag, vr: VR, orig: &str) -> DataElement<InMemDicomObject> {
-        let keyword = dicom_dictionary_std::StandardDataDictionary
-            .by_tag_keyword(tag)
-            .unwrap_or("attribute")
-            .to_string();
-        let token = self.tok.token(&keyword, orig);
-        if !orig.is_empty() {
-            self.vault.push((
-                token.clone(),
-                VaultEntry {
-                    attribute: keyword,
-                    original: orig.to_string(),
-                },
+    /// PatientIdentityRemoved, DeidentificationMethod, its CID 7050 code sequence and
+    /// LongitudinalTemporalInformationModified (PS3.15 E.1.1 and E.3.6).
+    fn write_record(&self, obj: &mut InMemDicomObject, pixels_cleaned: bool) {
+        let applied: Vec<ProfileOption> = self
+            .config
+            .options
+            .iter()
+            .copied()
+            .filter(|o| *o != ProfileOption::CleanPixelData || pixels_cleaned)
+            .collect();
+        obj.put(DataElement::new(
+            tags::PATIENT_IDENTITY_REMOVED,
+            VR::CS,
+            "YES",
+        ));
+        let mut methods = vec!["pacs-broker PS3.15 E.1-1 (2024b) Basic Profile".to_string()];
+        methods.extend(applied.iter().map(|o| o.name().to_string()));
+        if !self.config.overrides.is_empty() {
+            methods.push(format!(
+                "{} agreement override(s)",
+                self.config.overrides.len()
             ));
         }
-        DataElement::new(tag, vr, PrimitiveValue::from(token.as_str()))
+        obj.put(DataElement::new(
+            tags::DEIDENTIFICATION_METHOD,
+            VR::LO,
+            PrimitiveValue::Strs(methods.into()),
+        ));
+        let items: Vec<InMemDicomObject> = std::iter::once(None)
+            .chain(applied.iter().copied().map(Some))
+            .map(|o| {
+                let (code, meaning) = cid7050(o);
+                InMemDicomObject::from_element_iter([
+                    DataElement::new(tags::CODE_VALUE, VR::SH, code),
+                    DataElement::new(tags::CODING_SCHEME_DESIGNATOR, VR::SH, "DCM"),
+                    DataElement::new(tags::CODE_MEANING, VR::LO, meaning),
+                ])
+            })
+            .collect();
+        obj.put(DataElement::new(
+            tags::DEIDENTIFICATION_METHOD_CODE_SEQUENCE,
+            VR::SQ,
+            DataSetSequence::new(items, Length::UNDEFINED),
+        ));
+        let longitudinal = if self
+            .config
+            .options
+            .contains(&ProfileOption::RetainLongitudinalFullDates)
+        {
+            "UNMODIFIED"
+        } else if self
+            .config
+            .options
+            .contains(&ProfileOption::RetainLongitudinalModifiedDates)
+        {
+            "MODIFIED"
+        } else {
+            "REMOVED"
+        };
+        obj.put(DataElement::new(
+            tags::LONGITUDINAL_TEMPORAL_INFORMATION_MODIFIED,
+            VR::CS,
+            longitudinal,
+        ));
     }
-}
-
-trait KeywordOf {
-    fn by_tag_keyword(&self, tag: Tag) -> Option<&'static str>;
-}
-
-impl KeywordOf for dicom_dictionary_std::StandardDataDictionary {
-    fn by_tag_keyword(&self, tag: Tag) -> Option<&'static str> {
-        use dicom_core::dictionary::DataDictionary;
-        self.by_tag(tag).map(|e| e.alias)
-    }
-}
-
-/// Shifts a DICOM DA value (YYYYMMDD) by `days`; `None` when it is not a full date.
-pub fn shift_date(da: &str, days: i64) -> Option<String> {
-    if da.is_empty() {
-        return Some(String::new());
-    }
-    if da.len() != 8 || !da.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    let y: i32 = da[..4].parse().ok()?;
-    let m: u8 = da[4..6].parse().ok()?;
-    let d: u8 = da[6..8].parse().ok()?;
-    let date = time::Date::from_calendar_date(y, time::Month::try_from(m).ok()?, d).ok()?;
-    let shifted = date.checked_add(time::Duration::days(days))?;
-    Some(format!(
-        "{:04}{:02}{:02}",
-        shifted.year(),
-        u8::from(shifted.month()),
-        shifted.day()
-    ))
 }
 
 #[cfg(test)]
@@ -552,17 +533,22 @@ mod tests {
     use super::*;
 
     #[test]
-    fn date_shift_keeps_intervals() {
-        assert_eq!(shift_date("20240301", -1).as_deref(), Some("20240229"));
-        assert_eq!(shift_date("2024", -1), None);
-        assert_eq!(shift_date("", -5).as_deref(), Some(""));
-    }
-
-    #[test]
     fn option_names_round_trip() {
         for o in ProfileOption::ALL {
             assert_eq!(o.name().parse::<ProfileOption>().unwrap(), o);
         }
         assert!("retain-everything".parse::<ProfileOption>().is_err());
+    }
+
+    #[test]
+    fn every_option_has_its_own_cid7050_code() {
+        let mut codes: Vec<_> = ProfileOption::ALL
+            .iter()
+            .map(|o| cid7050(Some(*o)).0)
+            .collect();
+        codes.push(cid7050(None).0);
+        codes.sort();
+        codes.dedup();
+        assert_eq!(codes.len(), ProfileOption::ALL.len() + 1);
     }
 }

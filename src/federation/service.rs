@@ -24,6 +24,7 @@ use super::receipt::ReceiptSigner;
 use super::tls::PeerInfo;
 use super::CHUNK_SIZE;
 use crate::audit::{AuditLog, Event};
+use crate::deid::DeidConfig;
 use crate::dsa::{AgreementSet, Refusal, StudyFacts, TransferRequest};
 use crate::store::{StagedInstance, Store, StudyKey};
 
@@ -47,6 +48,8 @@ struct Plan {
     already: Vec<(String, [u8; 32])>,
     /// Verified instances kept from an interrupted transfer of this study (resumption).
     resumed: Vec<StagedInstance>,
+    /// The flow's de-identification settings: every received instance must satisfy them.
+    deid: DeidConfig,
     expected: usize,
     created: Instant,
 }
@@ -117,7 +120,7 @@ impl Receiver {
         set: &AgreementSet,
         o: &OfferRequest,
         sender: &str,
-    ) -> Result<(), Refusal> {
+    ) -> Result<DeidConfig, Refusal> {
         let study = StudyFacts {
             modalities: o.modalities.clone(),
             ..StudyFacts::default()
@@ -145,7 +148,7 @@ impl Receiver {
                 flow.check_volume(self.studies_received_today(&o.agreement_id, &o.flow))?;
             }
         }
-        Ok(())
+        Ok(flow.deid.clone())
     }
 
     /// New studies received today (UTC) on one flow, from the store's records.
@@ -201,29 +204,28 @@ impl Drop for Staging {
 }
 
 /// Checks a received instance before it may be stored: it parses as DICOM, carries the SOP
-/// Instance UID the manifest announced, and says its identity was removed.
-fn check_instance(path: &std::path::Path, expected_uid: &str) -> Result<(), String> {
-    let obj =
-        dicom_object::open_file(path).map_err(|e| format!("not a readable DICOM file: {e}"))?;
-    let text = |tag| {
-        obj.get(tag)
+/// Instance UID the manifest announced, and passes the release check of the flow's
+/// de-identification profile (`deid::check_release_file`): the receiver never trusts the sender.
+fn check_instance(
+    path: &std::path::Path,
+    expected_uid: &str,
+    deid: &DeidConfig,
+) -> Result<(), String> {
+    let run = std::panic::AssertUnwindSafe(|| {
+        let obj =
+            dicom_object::open_file(path).map_err(|e| format!("not a readable DICOM file: {e}"))?;
+        let uid = obj
+            .get(dicom_dictionary_std::tags::SOP_INSTANCE_UID)
             .and_then(|e| e.to_str().ok())
             .map(|s| s.trim_end_matches(['\0', ' ']).to_string())
-            .unwrap_or_default()
-    };
-    use dicom_dictionary_std::tags;
-    if text(tags::SOP_INSTANCE_UID) != expected_uid {
-        return Err("SOP Instance UID differs from the manifest".into());
-    }
-    if text(tags::PATIENT_IDENTITY_REMOVED) != "YES" {
-        return Err(
-            "instance is not marked de-identified (PatientIdentityRemoved is not YES)".into(),
-        );
-    }
-    if obj.iter().any(|e| e.header().tag.group() % 2 == 1) {
-        return Err("instance carries private attributes the flow does not allow".into());
-    }
-    Ok(())
+            .unwrap_or_default();
+        if uid != expected_uid {
+            return Err("SOP Instance UID differs from the manifest".to_string());
+        }
+        crate::deid::check_release_file(&obj, deid).map_err(|e| e.reason().to_string())
+    });
+    std::panic::catch_unwind(run)
+        .unwrap_or_else(|_| Err("the DICOM parser gave up on this instance".to_string()))
 }
 
 #[tonic::async_trait]
@@ -242,17 +244,20 @@ impl Federation for Receiver {
         let o = req.into_inner();
         let object = format!("study {}", o.study_token);
         let set = self.agreements.borrow().clone();
-        if let Err(r) = self.authorise_offer(&set, &o, &sender) {
-            self.refuse(
-                &sender,
-                &o.agreement_id,
-                &o.purpose,
-                &object,
-                &r.to_string(),
-            );
-            tracing::warn!(peer = %sender, agreement = %o.agreement_id, reason = %r, "offer refused");
-            return Err(Status::permission_denied(r.to_string()));
-        }
+        let deid = match self.authorise_offer(&set, &o, &sender) {
+            Ok(d) => d,
+            Err(r) => {
+                self.refuse(
+                    &sender,
+                    &o.agreement_id,
+                    &o.purpose,
+                    &object,
+                    &r.to_string(),
+                );
+                tracing::warn!(peer = %sender, agreement = %o.agreement_id, reason = %r, "offer refused");
+                return Err(Status::permission_denied(r.to_string()));
+            }
+        };
         if o.instances.is_empty() {
             return Err(Status::invalid_argument("the offer lists no instances"));
         }
@@ -334,6 +339,7 @@ impl Federation for Receiver {
                 wanted,
                 already,
                 resumed,
+                deid,
                 expected: o.instances.len(),
                 created: Instant::now(),
             },
@@ -565,10 +571,11 @@ impl Receiver {
                         c.size
                     )));
                 }
-                let (path, uid) = (c.path.clone(), c.uid.clone());
-                let checked = tokio::task::spawn_blocking(move || check_instance(&path, &uid))
-                    .await
-                    .map_err(|e| Status::internal(e.to_string()))?;
+                let (path, uid, deid) = (c.path.clone(), c.uid.clone(), plan.deid.clone());
+                let checked =
+                    tokio::task::spawn_blocking(move || check_instance(&path, &uid, &deid))
+                        .await
+                        .map_err(|e| Status::internal(e.to_string()))?;
                 if let Err(why) = checked {
                     return Err(Status::failed_precondition(format!(
                         "instance {} refused: {why}; nothing was stored",

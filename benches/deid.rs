@@ -1,0 +1,273 @@
+//! De-identification throughput: a generated 500-instance CT study (512x512, 16-bit) through
+//! pacs-broker's batch runner, then the same files through dcmtk `dcmodify` (a handful of edits)
+//! and, when installed, the pydicom-based `dicognito`, on the same machine in the same run.
+//!
+//!     cargo bench --bench deid                 # 500 instances
+//!     DEID_BENCH_INSTANCES=100 cargo bench --bench deid
+//!
+//! A benchmark, not a test: it prints instances/s, MB/s and the ratios, and skips a comparison
+//! tool that is not installed.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use dicom_core::value::{DataSetSequence, PrimitiveValue};
+use dicom_core::{DataElement, Length, Tag, VR};
+use dicom_dictionary_std::tags;
+use dicom_object::mem::InMemDicomObject;
+use dicom_object::FileMetaTableBuilder;
+use pacs_broker::deid::{run_batch, DeidConfig, Deidentifier, ProfileOption};
+use pacs_broker::pseudonym::SiteKeys;
+
+fn t(tag: Tag, vr: VR, v: &str) -> DataElement<InMemDicomObject> {
+    DataElement::new(tag, vr, PrimitiveValue::from(v))
+}
+
+fn generate(dir: &Path, n: usize) -> u64 {
+    std::fs::create_dir_all(dir).unwrap();
+    let study = "1.2.826.0.1.3680043.99.7";
+    let series = format!("{study}.1");
+    let pixels: Vec<u16> = (0..512 * 512).map(|i| ((i * 7) % 4096) as u16).collect();
+    let mut total = 0;
+    for i in 0..n {
+        let sop = format!("{series}.{}", i + 1);
+        let refd = DataSetSequence::new(
+            vec![InMemDicomObject::from_element_iter([
+                t(
+                    tags::REFERENCED_SOP_CLASS_UID,
+                    VR::UI,
+                    "1.2.840.10008.5.1.4.1.1.2",
+                ),
+                t(
+                    tags::REFERENCED_SOP_INSTANCE_UID,
+                    VR::UI,
+                    &format!("{series}.{}", (i + 1) % n + 1),
+                ),
+            ])],
+            Length::UNDEFINED,
+        );
+        let obj = InMemDicomObject::from_element_iter([
+            t(tags::SPECIFIC_CHARACTER_SET, VR::CS, "ISO_IR 100"),
+            t(tags::IMAGE_TYPE, VR::CS, "ORIGINAL\\PRIMARY\\AXIAL"),
+            t(tags::SOP_CLASS_UID, VR::UI, "1.2.840.10008.5.1.4.1.1.2"),
+            t(tags::SOP_INSTANCE_UID, VR::UI, &sop),
+            t(tags::STUDY_DATE, VR::DA, "20240110"),
+            t(tags::SERIES_DATE, VR::DA, "20240110"),
+            t(tags::CONTENT_DATE, VR::DA, "20240110"),
+            t(tags::STUDY_TIME, VR::TM, "101500"),
+            t(tags::ACCESSION_NUMBER, VR::SH, "ACC778899"),
+            t(tags::MODALITY, VR::CS, "CT"),
+            t(tags::MANUFACTURER, VR::LO, "ACME Medical"),
+            t(tags::INSTITUTION_NAME, VR::LO, "St Elsewhere General"),
+            t(tags::REFERRING_PHYSICIAN_NAME, VR::PN, "WELBY^MARCUS"),
+            t(tags::STATION_NAME, VR::SH, "CT01"),
+            t(tags::STUDY_DESCRIPTION, VR::LO, "CT CHEST"),
+            t(tags::SERIES_DESCRIPTION, VR::LO, "AXIAL 1MM"),
+            DataElement::new(tags::REFERENCED_IMAGE_SEQUENCE, VR::SQ, refd),
+            t(tags::PATIENT_NAME, VR::PN, "DOE^JANE"),
+            t(tags::PATIENT_ID, VR::LO, "MRN0042"),
+            t(tags::PATIENT_BIRTH_DATE, VR::DA, "19610203"),
+            t(tags::PATIENT_SEX, VR::CS, "F"),
+            t(Tag(0x0009, 0x0010), VR::LO, "ACME 1.0"),
+            t(Tag(0x0009, 0x1001), VR::LO, "scanner internal"),
+            t(tags::SLICE_THICKNESS, VR::DS, "1.0"),
+            t(tags::KVP, VR::DS, "120"),
+            t(tags::STUDY_INSTANCE_UID, VR::UI, study),
+            t(tags::SERIES_INSTANCE_UID, VR::UI, &series),
+            t(tags::STUDY_ID, VR::SH, "1"),
+            t(tags::SERIES_NUMBER, VR::IS, "1"),
+            t(tags::INSTANCE_NUMBER, VR::IS, &(i + 1).to_string()),
+            t(tags::IMAGE_POSITION_PATIENT, VR::DS, &format!("0\\0\\{i}")),
+            t(tags::IMAGE_ORIENTATION_PATIENT, VR::DS, "1\\0\\0\\0\\1\\0"),
+            t(tags::FRAME_OF_REFERENCE_UID, VR::UI, &format!("{study}.9")),
+            t(tags::POSITION_REFERENCE_INDICATOR, VR::LO, ""),
+            DataElement::new(tags::SAMPLES_PER_PIXEL, VR::US, PrimitiveValue::from(1_u16)),
+            t(tags::PHOTOMETRIC_INTERPRETATION, VR::CS, "MONOCHROME2"),
+            DataElement::new(tags::ROWS, VR::US, PrimitiveValue::from(512_u16)),
+            DataElement::new(tags::COLUMNS, VR::US, PrimitiveValue::from(512_u16)),
+            t(tags::PIXEL_SPACING, VR::DS, "0.7\\0.7"),
+            DataElement::new(tags::BITS_ALLOCATED, VR::US, PrimitiveValue::from(16_u16)),
+            DataElement::new(tags::BITS_STORED, VR::US, PrimitiveValue::from(12_u16)),
+            DataElement::new(tags::HIGH_BIT, VR::US, PrimitiveValue::from(11_u16)),
+            DataElement::new(
+                tags::PIXEL_REPRESENTATION,
+                VR::US,
+                PrimitiveValue::from(0_u16),
+            ),
+            t(tags::RESCALE_INTERCEPT, VR::DS, "-1024"),
+            t(tags::RESCALE_SLOPE, VR::DS, "1"),
+            DataElement::new(
+                tags::PIXEL_DATA,
+                VR::OW,
+                PrimitiveValue::U16(pixels.clone().into()),
+            ),
+        ]);
+        let file = obj
+            .with_meta(
+                FileMetaTableBuilder::new()
+                    .transfer_syntax("1.2.840.10008.1.2.1")
+                    .media_storage_sop_class_uid("1.2.840.10008.5.1.4.1.1.2")
+                    .media_storage_sop_instance_uid(sop),
+            )
+            .unwrap();
+        let path = dir.join(format!("IM{i:05}.dcm"));
+        file.write_to_file(&path).unwrap();
+        total += std::fs::metadata(&path).unwrap().len();
+    }
+    total
+}
+
+fn copy_dir(from: &Path, to: &Path) -> Vec<PathBuf> {
+    std::fs::create_dir_all(to).unwrap();
+    let mut files = Vec::new();
+    for e in std::fs::read_dir(from).unwrap() {
+        let p = e.unwrap().path();
+        let dst = to.join(p.file_name().unwrap());
+        std::fs::copy(&p, &dst).unwrap();
+        files.push(dst);
+    }
+    files.sort();
+    files
+}
+
+fn report(name: &str, n: usize, bytes: u64, d: Duration, ours: Option<Duration>) {
+    let s = d.as_secs_f64();
+    let ratio = ours
+        .map(|o| format!("  pacs-broker is {:.1}x faster", s / o.as_secs_f64()))
+        .unwrap_or_default();
+    println!(
+        "{name:<34} {n:>5} instances in {s:>7.2} s  {:>8.1} instances/s  {:>8.1} MB/s{ratio}",
+        n as f64 / s,
+        bytes as f64 / 1e6 / s
+    );
+}
+
+fn python_with_dicognito() -> Option<String> {
+    for py in ["python3", "/usr/bin/python3"] {
+        let ok = Command::new(py)
+            .args(["-c", "import dicognito"])
+            .output()
+            .is_ok_and(|o| o.status.success());
+        if ok {
+            return Some(py.to_string());
+        }
+    }
+    None
+}
+
+fn main() {
+    let n: usize = std::env::var("DEID_BENCH_INSTANCES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(500);
+    let tmp = tempfile::tempdir().unwrap();
+    let input = tmp.path().join("in");
+    println!("generating {n} CT instances (512x512, 16-bit)...");
+    let bytes = generate(&input, n);
+    println!("input: {:.1} MB", bytes as f64 / 1e6);
+
+    let keys = SiteKeys::from_bytes([7; 32], [9; 32]);
+    let config = DeidConfig {
+        options: [ProfileOption::RetainLongitudinalModifiedDates].into(),
+        ..DeidConfig::default()
+    };
+    let deid = Deidentifier::new(config, keys.tokenizer("BENCH"));
+    let out = tmp.path().join("out-pacs-broker");
+    let start = Instant::now();
+    let summary = run_batch(&deid, std::slice::from_ref(&input), &out, |_| {}).unwrap();
+    let ours = start.elapsed();
+    assert_eq!(
+        summary.deidentified, n,
+        "every generated instance is released"
+    );
+    report("pacs-broker deid (full PS3.15)", n, bytes, ours, None);
+
+    // The same work without the durable write (no fsync): parse, de-identify, verify, encode.
+    let start = Instant::now();
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&input)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    files.sort();
+    for f in &files {
+        let obj = dicom_object::OpenFileOptions::new().open_file(f).unwrap();
+        let d = deid.deidentify(obj).unwrap();
+        let mut buf = Vec::with_capacity(600_000);
+        d.object.write_all(&mut buf).unwrap();
+        std::fs::write(tmp.path().join("nosync.dcm"), &buf).unwrap();
+    }
+    report(
+        "pacs-broker, no fsync per file",
+        n,
+        bytes,
+        start.elapsed(),
+        None,
+    );
+
+    // dcmtk dcmodify: a handful of edits, in place on a copy.
+    let dcm_files = copy_dir(&input, &tmp.path().join("dcmodify"));
+    let start = Instant::now();
+    let status = Command::new("dcmodify")
+        .args([
+            "-nb",
+            "-q",
+            "-ie",
+            "-ma",
+            "(0010,0010)=ANON",
+            "-ma",
+            "(0010,0020)=ANON",
+            "-ea",
+            "(0010,0030)",
+        ])
+        .args([
+            "-ea",
+            "(0008,0080)",
+            "-ea",
+            "(0008,0090)",
+            "-ea",
+            "(0008,0050)",
+            "-gin",
+            "-gst",
+            "-gse",
+            "-ep",
+        ])
+        .args(&dcm_files)
+        .status();
+    match status {
+        Ok(s) if s.success() => report(
+            "dcmtk dcmodify (8 edits)",
+            n,
+            bytes,
+            start.elapsed(),
+            Some(ours),
+        ),
+        Ok(s) => println!("dcmtk dcmodify failed: {s}"),
+        Err(_) => println!("dcmtk dcmodify not installed; skipped"),
+    }
+
+    match python_with_dicognito() {
+        Some(py) => {
+            let start = Instant::now();
+            let status = Command::new(&py)
+                .args([
+                    "-m",
+                    "dicognito",
+                    "--quiet",
+                    "--assume-burned-in-annotation",
+                    "never",
+                    "-o",
+                ])
+                .arg(tmp.path().join("out-dicognito"))
+                .arg(&input)
+                .status()
+                .unwrap();
+            if status.success() {
+                report("dicognito (pydicom)", n, bytes, start.elapsed(), Some(ours));
+            } else {
+                println!("dicognito failed: {status}");
+            }
+        }
+        None => println!("dicognito not installed (pip install dicognito); skipped"),
+    }
+}
