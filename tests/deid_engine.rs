@@ -514,12 +514,25 @@ fn pixel_data_is_moved_untouched() {
     let d = deidentifier(&[])
         .deidentify(ct("1.2.3", "1.2.3.1", "1.2.3.1.1", vec![]))
         .unwrap();
-    match d.object.get(tags::PIXEL_DATA).unwrap().value() {
+    // The values are unchanged; native little-endian pixel data is held as its bytes so that it
+    // is written as one block.
+    let expected: Vec<u8> = (0..16u16).flat_map(|v| v.to_le_bytes()).collect();
+    let elem = d.object.get(tags::PIXEL_DATA).unwrap();
+    assert_eq!(elem.vr(), VR::OW);
+    match elem.value() {
+        Value::Primitive(PrimitiveValue::U8(b)) => assert_eq!(b.to_vec(), expected),
         Value::Primitive(PrimitiveValue::U16(v)) => {
             assert_eq!(v.to_vec(), (0..16u16).collect::<Vec<_>>())
         }
         other => panic!("pixel data changed type: {other:?}"),
     }
+    let mut out = Vec::new();
+    d.object.write_all(&mut out).unwrap();
+    assert!(
+        out.windows(expected.len())
+            .any(|w| w == expected.as_slice()),
+        "the written file carries the original pixel bytes"
+    );
 }
 
 #[test]

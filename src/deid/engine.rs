@@ -109,11 +109,15 @@ fn decode_un(tag: Tag, vr: VR, bytes: &[u8], little_endian: bool) -> Option<InMe
             PrimitiveValue::Strs(parts.into())
         }
         _ if !little_endian => return None,
-        VR::US if bytes.len().is_multiple_of(2) => PrimitiveValue::U16(bytes.chunks(2).map(le16).collect()),
+        VR::US if bytes.len().is_multiple_of(2) => {
+            PrimitiveValue::U16(bytes.chunks(2).map(le16).collect())
+        }
         VR::SS if bytes.len().is_multiple_of(2) => {
             PrimitiveValue::I16(bytes.chunks(2).map(|c| le16(c) as i16).collect())
         }
-        VR::UL if bytes.len().is_multiple_of(4) => PrimitiveValue::U32(bytes.chunks(4).map(le32).collect()),
+        VR::UL if bytes.len().is_multiple_of(4) => {
+            PrimitiveValue::U32(bytes.chunks(4).map(le32).collect())
+        }
         VR::SL if bytes.len().is_multiple_of(4) => {
             PrimitiveValue::I32(bytes.chunks(4).map(|c| le32(c) as i32).collect())
         }

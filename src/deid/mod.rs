@@ -431,6 +431,7 @@ impl Deidentifier {
         meta.private_information = None;
         meta.private_information_creator_uid = None;
         meta.update_information_group_length();
+        pack_native_pixel_data(&mut obj);
 
         let verdict = gate.and_then(|()| {
             let findings = find_residual_phi(&obj, &terms);
@@ -526,6 +527,33 @@ impl Deidentifier {
             longitudinal,
         ));
     }
+}
+
+/// Holds native 16-bit pixel data as its little-endian bytes when the transfer syntax is little
+/// endian. The values (and so the bytes written) are unchanged; the encoder then writes the pixel
+/// data as one block instead of value by value, which is most of the cost of writing an image.
+fn pack_native_pixel_data(obj: &mut DefaultDicomObject) {
+    const LITTLE_ENDIAN: [&str; 2] = ["1.2.840.10008.1.2", "1.2.840.10008.1.2.1"];
+    let ts = obj.meta().transfer_syntax().trim_end_matches(['\0', ' ']);
+    if !LITTLE_ENDIAN.contains(&ts) {
+        return;
+    }
+    let Some(elem) = obj.get(tags::PIXEL_DATA) else {
+        return;
+    };
+    let Some(PrimitiveValue::U16(words)) = elem.value().primitive() else {
+        return;
+    };
+    let mut bytes = vec![0u8; words.len() * 2];
+    for (out, w) in bytes.chunks_exact_mut(2).zip(words.iter()) {
+        out.copy_from_slice(&w.to_le_bytes());
+    }
+    let vr = elem.vr();
+    obj.put(DataElement::new(
+        tags::PIXEL_DATA,
+        vr,
+        PrimitiveValue::U8(bytes.into()),
+    ));
 }
 
 #[cfg(test)]
