@@ -322,6 +322,24 @@ impl Node {
         result
     }
 
+    /// The file that holds agreement `id` in the agreements folder.
+    pub fn agreement_file(&self, id: &str) -> Option<PathBuf> {
+        let dir = &self.config.agreements;
+        let files: Vec<PathBuf> = if dir.is_dir() {
+            std::fs::read_dir(dir)
+                .ok()?
+                .flatten()
+                .map(|e| e.path())
+                .filter(|p| p.extension().is_some_and(|e| e == "toml"))
+                .collect()
+        } else {
+            vec![dir.clone()]
+        };
+        files
+            .into_iter()
+            .find(|f| Agreement::from_file(f).is_ok_and(|a| a.id == id))
+    }
+
     /// The node's durable outbox.
     pub fn outbox(&self) -> Outbox {
         Outbox::new(self.config.data_dir.join("outbox"))
@@ -483,7 +501,12 @@ impl Node {
         }
 
         // De-identify into the outbox (blocking work off the async runtime).
-        let deid = Deidentifier::new(flow.deid.clone(), self.keys.tokenizer(agreement_id));
+        let agreement_path = self.agreement_file(agreement_id).ok_or_else(|| {
+            NodeError::Input(format!("the file of agreement {agreement_id:?} is gone"))
+        })?;
+        let deid = flow
+            .deidentifier(agreement_id, &agreement_path, &self.keys)
+            .map_err(|e| NodeError::Input(format!("trial subject IDs: {e}")))?;
         let outbox = self
             .config
             .data_dir

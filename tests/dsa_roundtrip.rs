@@ -117,6 +117,8 @@ fn deid() -> impl Strategy<Value = DeidConfig> {
                 overrides,
                 safe_private,
                 pixel_clean,
+                // Not part of the file: a node derives it from [flows.subject_ids].
+                subject_ids: false,
             }
         })
 }

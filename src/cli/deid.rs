@@ -72,8 +72,9 @@ struct PreviewArgs {
 }
 
 impl Selection {
-    /// The configuration and the token namespace (the agreement id, or one for ad-hoc runs).
-    fn resolve(&self) -> anyhow::Result<(DeidConfig, String)> {
+    /// The engine: the agreement flow's (with its trial subject IDs, if any), or the basic
+    /// profile with the given options in an ad-hoc token namespace.
+    fn resolve(&self, keys: &SiteKeys) -> anyhow::Result<Deidentifier> {
         if let (Some(path), Some(flow)) = (&self.agreement, &self.flow) {
             let agreement = Agreement::from_file(path)?;
             let Some(f) = agreement.flow(flow) else {
@@ -84,7 +85,7 @@ impl Selection {
                     names.join(", ")
                 );
             };
-            return Ok((f.deid.clone(), agreement.id.clone()));
+            return Ok(f.deidentifier(&agreement.id, path, keys)?);
         }
         match self.profile.as_deref() {
             Some("basic") => {}
@@ -92,12 +93,13 @@ impl Selection {
             None => bail!("say how to de-identify: --agreement <file> --flow <name>, or --profile basic [--option <name>]..."),
         }
         let options: BTreeSet<ProfileOption> = self.option.iter().copied().collect();
-        Ok((
-            DeidConfig {
-                options,
-                ..DeidConfig::default()
-            },
-            "adhoc:profile-basic".into(),
+        let config = DeidConfig {
+            options,
+            ..DeidConfig::default()
+        };
+        Ok(Deidentifier::new(
+            config,
+            keys.tokenizer("adhoc:profile-basic"),
         ))
     }
 }
@@ -110,17 +112,16 @@ pub fn run(args: DeidArgs) -> anyhow::Result<i32> {
 }
 
 fn batch(args: RunArgs) -> anyhow::Result<i32> {
-    let (config, namespace) = args.selection.resolve()?;
-    for p in config.problems() {
-        eprintln!("warning: {p}");
-    }
     let key = args.key.context("--key <keyfile> is required")?;
     let out = args.out.context("--out <dir> is required")?;
     if args.inputs.is_empty() {
         bail!("no input files or folders given");
     }
     let keys = SiteKeys::load(&key)?;
-    let deidentifier = Deidentifier::new(config, keys.tokenizer(&namespace));
+    let deidentifier = args.selection.resolve(&keys)?;
+    for p in deidentifier.config().problems() {
+        eprintln!("warning: {p}");
+    }
     let total = deid::batch::collect_inputs(&args.inputs, &out).len() as u64;
     let bar = indicatif::ProgressBar::new(total);
     bar.set_style(
@@ -159,7 +160,6 @@ fn batch(args: RunArgs) -> anyhow::Result<i32> {
 }
 
 fn preview(args: PreviewArgs) -> anyhow::Result<i32> {
-    let (config, namespace) = args.selection.resolve()?;
     let keys = match &args.key {
         Some(k) => SiteKeys::load(k)?,
         None => {
@@ -170,7 +170,7 @@ fn preview(args: PreviewArgs) -> anyhow::Result<i32> {
     let obj = dicom_object::OpenFileOptions::new()
         .open_file(&args.file)
         .with_context(|| format!("{} is not a readable DICOM file", args.file.display()))?;
-    let deidentifier = Deidentifier::new(config, keys.tokenizer(&namespace));
+    let deidentifier = args.selection.resolve(&keys)?;
     let preview = deidentifier
         .preview(obj)
         .map_err(|e| anyhow::anyhow!("{e}"))?;

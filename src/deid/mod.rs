@@ -168,6 +168,9 @@ pub struct DeidConfig {
     pub overrides: Vec<AttributeOverride>,
     pub safe_private: Vec<SafePrivate>,
     pub pixel_clean: Vec<PixelCleanRule>,
+    /// The patient is named by a trial subject ID from the origin's mapping (a trial flow), not
+    /// by a keyed token: Patient ID and Patient Name then hold that subject ID.
+    pub subject_ids: bool,
 }
 
 /// Why an instance was not released.
@@ -232,6 +235,8 @@ pub struct Preview {
 pub struct Deidentifier {
     config: DeidConfig,
     tokenizer: Tokenizer,
+    /// Trial flows: site Patient ID -> trial subject ID, used instead of the token.
+    subject_ids: Option<std::sync::Arc<std::collections::BTreeMap<String, String>>>,
 }
 
 /// The CID 7050 code of the Basic Profile and of each option (DCM coding scheme).
@@ -306,7 +311,20 @@ impl DeidConfig {
 
 impl Deidentifier {
     pub fn new(config: DeidConfig, tokenizer: Tokenizer) -> Self {
-        Deidentifier { config, tokenizer }
+        Deidentifier {
+            config,
+            tokenizer,
+            subject_ids: None,
+        }
+    }
+
+    /// For a trial flow: the patient becomes the trial subject ID of this mapping (site Patient
+    /// ID -> subject ID) instead of a keyed token; a patient not in it is not enrolled, and is
+    /// quarantined rather than sent.
+    pub fn with_subject_ids(mut self, map: std::collections::BTreeMap<String, String>) -> Self {
+        self.config.subject_ids = true;
+        self.subject_ids = Some(std::sync::Arc::new(map));
+        self
     }
 
     pub fn config(&self) -> &DeidConfig {
@@ -378,7 +396,17 @@ impl Deidentifier {
         } else {
             patient_id
         };
-        let patient_token = self.tokenizer.token("PatientID", &patient_key);
+        let patient_token = match &self.subject_ids {
+            None => self.tokenizer.token("PatientID", &patient_key),
+            Some(map) => match map.get(patient_key.trim()) {
+                Some(subject) => subject.clone(),
+                None => {
+                    return Err(DeidError::Quarantined {
+                        reason: "the patient is not enrolled in this trial (no subject ID in the flow's mapping)".into(),
+                    })
+                }
+            },
+        };
         let mut work = engine::Work {
             tok: &self.tokenizer,
             config: &self.config,

@@ -553,7 +553,10 @@ fn check_dataset(obj: &InMemDicomObject, config: &DeidConfig, path: &str) -> Res
             }
             Act::Token if !retained_by_override => {
                 let text = elem.to_str().map(|s| s.into_owned()).unwrap_or_default();
-                if !is_token(&text) {
+                let subject_id = config.subject_ids
+                    && matches!(tag, tags::PATIENT_ID | tags::PATIENT_NAME)
+                    && !text.trim_end_matches(['\0', ' ']).is_empty();
+                if !subject_id && !is_token(&text) {
                     return Err(refuse(format!(
                         "{} holds a value that is not a pseudonym",
                         at()

@@ -81,12 +81,47 @@ impl SubjectIdMap {
         self.by_patient.get(patient_id.trim()).map(String::as_str)
     }
 
+    /// The mapping itself (site patient ID -> subject ID), for the de-identification engine.
+    pub fn into_map(self) -> BTreeMap<String, String> {
+        self.by_patient
+    }
+
     pub fn len(&self) -> usize {
         self.by_patient.len()
     }
 
     pub fn is_empty(&self) -> bool {
         self.by_patient.is_empty()
+    }
+}
+
+impl super::Flow {
+    /// The de-identification settings that what arrives on this flow must satisfy (the
+    /// receiver's release check): the flow's profile, and whether the patient is named by a
+    /// trial subject ID instead of a token.
+    pub fn release_config(&self) -> crate::deid::DeidConfig {
+        crate::deid::DeidConfig {
+            subject_ids: self.subject_ids.is_some(),
+            ..self.deid.clone()
+        }
+    }
+
+    /// The de-identification engine for this flow: its profile and options, the agreement's
+    /// token namespace under the site keys, and for a trial flow (`[flows.subject_ids]`) the
+    /// subject-ID mapping, loaded relative to the agreement file.
+    pub fn deidentifier(
+        &self,
+        agreement_id: &str,
+        agreement_path: &Path,
+        keys: &crate::pseudonym::SiteKeys,
+    ) -> Result<crate::deid::Deidentifier, SubjectIdError> {
+        let d = crate::deid::Deidentifier::new(self.deid.clone(), keys.tokenizer(agreement_id));
+        Ok(match &self.subject_ids {
+            Some(s) => {
+                d.with_subject_ids(SubjectIdMap::load_for(agreement_path, &s.mapping)?.into_map())
+            }
+            None => d,
+        })
     }
 }
 

@@ -148,7 +148,7 @@ impl Receiver {
                 flow.check_volume(self.studies_received_today(&o.agreement_id, &o.flow))?;
             }
         }
-        Ok(flow.deid.clone())
+        Ok(flow.release_config())
     }
 
     /// New studies received today (UTC) on one flow, from the store's records.
