@@ -3,7 +3,7 @@
 //! re-checked. Nothing may panic.
 //!
 //!     cargo install cargo-fuzz
-//!     cargo +nightly fuzz run deid -- -max_total_time=60
+//!     RUSTC_BOOTSTRAP=1 cargo fuzz run deid -- -max_total_time=60
 //!
 //! (Run from this folder; seed the corpus with pydicom's test files for faster coverage:
 //! `mkdir -p corpus/deid && cp /usr/lib/python3/dist-packages/pydicom/data/test_files/*.dcm corpus/deid/`.)
