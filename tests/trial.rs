@@ -6,12 +6,20 @@ use std::path::Path;
 use dicom_dictionary_std::tags;
 use pacs_broker::deid::{check_release_file, DeidError};
 use pacs_broker::demo::{write_synthetic_ct, SyntheticPatient};
-use pacs_broker::dsa::Agreement;
+use pacs_broker::dsa::{Agreement, Flow};
 use pacs_broker::pseudonym::SiteKeys;
 
-fn trial() -> (Agreement, std::path::PathBuf) {
+/// The example trial agreement, its file, and Hospital A's flow to the core lab.
+fn trial() -> (Agreement, std::path::PathBuf, Flow) {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("policies/example-multisite-trial.toml");
-    (Agreement::from_file(&path).unwrap(), path)
+    let agreement = Agreement::from_file(&path).unwrap();
+    let flow = agreement
+        .flows
+        .iter()
+        .find(|f| f.from == "hospital-a")
+        .unwrap()
+        .clone();
+    (agreement, path, flow)
 }
 
 fn text(obj: &dicom_object::DefaultDicomObject, tag: dicom_core::Tag) -> String {
@@ -27,12 +35,7 @@ fn text(obj: &dicom_object::DefaultDicomObject, tag: dicom_core::Tag) -> String 
 
 #[test]
 fn an_enrolled_patient_leaves_as_the_trial_subject_id() {
-    let (agreement, path) = trial();
-    let flow = agreement
-        .flows
-        .iter()
-        .find(|f| f.from == "hospital-a")
-        .unwrap();
+    let (agreement, path, flow) = trial();
     let keys = SiteKeys::from_bytes([1; 32], [2; 32]);
     let deid = flow.deidentifier(&agreement.id, &path, &keys).unwrap();
     let dir = tempfile::tempdir().unwrap();
@@ -54,12 +57,7 @@ fn an_enrolled_patient_leaves_as_the_trial_subject_id() {
 
 #[test]
 fn a_patient_who_is_not_enrolled_is_quarantined_without_phi_in_the_reason() {
-    let (agreement, path) = trial();
-    let flow = agreement
-        .flows
-        .iter()
-        .find(|f| f.from == "hospital-a")
-        .unwrap();
+    let (agreement, path, flow) = trial();
     let keys = SiteKeys::from_bytes([1; 32], [2; 32]);
     let deid = flow.deidentifier(&agreement.id, &path, &keys).unwrap();
     let dir = tempfile::tempdir().unwrap();
@@ -78,12 +76,7 @@ fn a_patient_who_is_not_enrolled_is_quarantined_without_phi_in_the_reason() {
 
 #[test]
 fn the_deid_command_uses_the_subject_ids_of_a_trial_flow() {
-    let (agreement, path) = trial();
-    let flow = agreement
-        .flows
-        .iter()
-        .find(|f| f.from == "hospital-a")
-        .unwrap();
+    let (agreement, path, flow) = trial();
     let dir = tempfile::tempdir().unwrap();
     let key = dir.path().join("site.key");
     SiteKeys::generate().write_new(&key).unwrap();
