@@ -76,7 +76,7 @@ fn a_patient_who_is_not_enrolled_is_quarantined_without_phi_in_the_reason() {
 
 #[test]
 fn the_deid_command_uses_the_subject_ids_of_a_trial_flow() {
-    let (agreement, path, flow) = trial();
+    let (_, path, flow) = trial();
     let dir = tempfile::tempdir().unwrap();
     let key = dir.path().join("site.key");
     SiteKeys::generate().write_new(&key).unwrap();
