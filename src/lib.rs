@@ -13,10 +13,10 @@
 //! | [`dsa`] | agreement model, parser with file:line:col errors, authorisation of flows |
 //! | [`deid`] | the de-identification engine (PS3.15 Annex E) and its configuration |
 //! | [`pseudonym`] | site keys, keyed tokens and UIDs, date offsets, the origin-only vault |
-//! | [`store`] | the `Store` trait, its sled + content-addressed-file implementation, the inbox |
-//! | [`federation`] | proto service (tonic), mutual TLS 1.3 (rustls), peer identity, offer/transfer |
+//! | [`store`] | the `Store` trait, its sled + content-addressed-file implementation, the inbox, the durable outbox |
+//! | [`federation`] | proto service (tonic), mutual TLS 1.3 (rustls), peer identity, offer/transfer, signed receipts |
 //! | [`audit`] | the append-only hash-chained audit log and its verification |
-//! | [`node`] | wires the above into a running site; sending a study; graceful shutdown |
+//! | [`node`] | wires the above into a running site: agreement reload, outbox worker, sending, shutdown |
 //! | [`demo`] | the self-contained demo federation behind `pacs-broker demo` |
 //!
 //! The binary (`src/main.rs`) holds the command line only.

@@ -3,13 +3,15 @@
 //! Owns: the [`Store`] trait (what the rest of the node may ask of storage), and its embedded
 //! implementation [`LocalStore`]: a sled index plus content-addressed instance blobs as files
 //! (written under a temporary name, fsynced, renamed), a staging area for transfers that are not yet
-//! verified, and delivery of complete studies to the inbox folder as ordinary DICOM files.
+//! verified (and the verified instances of interrupted ones, kept for resumption), delivery of
+//! complete studies to the inbox folder as ordinary DICOM files, and the durable [`outbox`] of
+//! studies waiting to be sent.
 //!
 //! sled 0.34 only fsyncs on its own every 500 ms, so every method that records something flushes
 //! before it returns: nothing is acknowledged to a peer before it is on disk.
 //!
-//! Does not own: what may be stored (that is `federation` enforcing `dsa`), or the vault's
-//! sealing (that is `pseudonym`; the store only hands it a sled tree).
+//! Does not own: what may be stored (that is `federation` enforcing `dsa`), or the vault (that
+//! is `pseudonym`; the node opens it in its own database, `data/vault`).
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -233,11 +235,6 @@ impl LocalStore {
         }
         self.partial.flush()?;
         Ok(())
-    }
-
-    /// A named sled tree of this store (the vault and the outbox use their own).
-    pub fn tree(&self, name: &str) -> Result<sled::Tree, StoreError> {
-        Ok(self.db.open_tree(name)?)
     }
 
     /// The inbox folder where complete studies are delivered.
