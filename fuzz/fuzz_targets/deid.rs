@@ -14,6 +14,10 @@ use pacs_broker::deid::{check_release_file, DeidConfig, Deidentifier, ProfileOpt
 use pacs_broker::pseudonym::SiteKeys;
 
 fuzz_target!(|data: &[u8]| {
+    // The node refuses, before parsing, a file whose declared lengths run past its end.
+    if pacs_broker::deid::guard::check_declared_lengths(&mut std::io::Cursor::new(data)).is_err() {
+        return;
+    }
     let body = data.get(128..).unwrap_or(data);
     let Ok(obj) = dicom_object::OpenFileOptions::new().from_reader(body) else {
         return;

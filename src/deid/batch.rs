@@ -131,6 +131,12 @@ pub fn read_and_deidentify(
     admit: impl FnOnce(&InMemDicomObject) -> Result<(), String>,
 ) -> Result<super::Deidentified, NotDeidentified> {
     let run = std::panic::AssertUnwindSafe(|| {
+        let mut file = fs::File::open(input).map_err(|e| NotDeidentified::Failed {
+            reason: format!("cannot open: {}", e.kind()),
+        })?;
+        super::guard::check_declared_lengths(&mut file)
+            .map_err(|reason| NotDeidentified::Failed { reason })?;
+        drop(file);
         let obj = OpenFileOptions::new()
             .open_file(input)
             .map_err(|e| NotDeidentified::Failed {

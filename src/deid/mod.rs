@@ -41,6 +41,7 @@ use crate::pseudonym::{Tokenizer, VaultEntry};
 
 pub mod batch;
 mod engine;
+pub mod guard;
 pub mod pixels;
 pub mod policy;
 pub mod table;

@@ -1,0 +1,254 @@
+//! A pre-parse guard against files that declare more than they hold.
+//!
+//! dicom-rs reserves each element's declared length before it reads the value, so a file of a
+//! few kilobytes that declares a 3 GiB element makes the parser allocate 3 GiB (found by fuzzing
+//! `fuzz/fuzz_targets/deid.rs`). On a node that parses what partners and modalities send, that is
+//! a denial of service. [`check_declared_lengths`] walks the element headers (file meta, then the
+//! data set in its transfer syntax, into sequences and items) without reading any value, and
+//! refuses a file in which a defined length runs past the end of the file. It reads headers only
+//! and always moves forward, so it is cheap and it ends.
+
+use std::io::{Read, Seek, SeekFrom};
+
+use dicom_core::dictionary::{DataDictionary, VirtualVr};
+use dicom_core::{Tag, VR};
+use dicom_dictionary_std::StandardDataDictionary;
+
+/// Explicit VRs with a 2-byte reserved field and a 4-byte length.
+const EXPLICIT_LONG: [&[u8; 2]; 13] = [
+    b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"UC", b"UN", b"UR", b"UT", b"SV", b"UV",
+];
+const UNDEFINED: u32 = 0xFFFF_FFFF;
+
+fn u16_of(b: [u8; 2], little: bool) -> u16 {
+    if little {
+        u16::from_le_bytes(b)
+    } else {
+        u16::from_be_bytes(b)
+    }
+}
+
+fn u32_of(b: [u8; 4], little: bool) -> u32 {
+    if little {
+        u32::from_le_bytes(b)
+    } else {
+        u32::from_be_bytes(b)
+    }
+}
+
+/// One element or item header: tag, explicit VR (if any), value length, header size.
+struct Header {
+    group: u16,
+    element: u16,
+    vr: Option<[u8; 2]>,
+    len: u32,
+    size: u64,
+}
+
+fn read_header<R: Read>(src: &mut R, explicit: bool, little: bool) -> std::io::Result<Header> {
+    let mut t = [0u8; 4];
+    src.read_exact(&mut t)?;
+    let (group, element) = (u16_of([t[0], t[1]], little), u16_of([t[2], t[3]], little));
+    let mut b4 = [0u8; 4];
+    if group == 0xFFFE || !explicit {
+        // Items and delimiters never carry a VR; implicit VR elements neither.
+        src.read_exact(&mut b4)?;
+        return Ok(Header {
+            group,
+            element,
+            vr: None,
+            len: u32_of(b4, little),
+            size: 8,
+        });
+    }
+    let mut vr = [0u8; 2];
+    src.read_exact(&mut vr)?;
+    if EXPLICIT_LONG.contains(&&vr) {
+        let mut reserved = [0u8; 2];
+        src.read_exact(&mut reserved)?;
+        src.read_exact(&mut b4)?;
+        Ok(Header {
+            group,
+            element,
+            vr: Some(vr),
+            len: u32_of(b4, little),
+            size: 12,
+        })
+    } else {
+        let mut b2 = [0u8; 2];
+        src.read_exact(&mut b2)?;
+        Ok(Header {
+            group,
+            element,
+            vr: Some(vr),
+            len: u32::from(u16_of(b2, little)),
+            size: 8,
+        })
+    }
+}
+
+/// True when the element is a sequence (by its explicit VR, or by the dictionary).
+fn is_sequence(h: &Header) -> bool {
+    match h.vr {
+        Some(vr) => &vr == b"SQ",
+        None => StandardDataDictionary
+            .by_tag(Tag(h.group, h.element))
+            .is_some_and(|e| matches!(e.vr, VirtualVr::Exact(VR::SQ))),
+    }
+}
+
+/// Checks that no element or item of the file declares a defined length beyond the file's end.
+/// The error names the tag and the sizes, never a value.
+pub fn check_declared_lengths<R: Read + Seek>(src: &mut R) -> Result<(), String> {
+    let io = |e: std::io::Error| format!("cannot read the file: {}", e.kind());
+    let total = src.seek(SeekFrom::End(0)).map_err(io)?;
+    let mut pos = 0;
+    for start in [128u64, 0] {
+        let mut magic = [0u8; 4];
+        if total >= start + 4 {
+            src.seek(SeekFrom::Start(start)).map_err(io)?;
+            src.read_exact(&mut magic).map_err(io)?;
+            if &magic == b"DICM" {
+                pos = start + 4;
+                break;
+            }
+        }
+    }
+    if pos == 0 {
+        return Err("not a DICOM Part 10 file (no DICM marker)".into());
+    }
+    // The file meta group is explicit VR little endian; its transfer syntax decides the rest.
+    let mut explicit = true;
+    let mut little = true;
+    let mut meta = true;
+    let mut syntax_known = false;
+    let mut in_fragments = false;
+    while pos < total {
+        if total - pos < 8 {
+            return Err("the file ends inside an element header".into());
+        }
+        src.seek(SeekFrom::Start(pos)).map_err(io)?;
+        let h = if meta {
+            let h = read_header(src, true, true).map_err(io)?;
+            if h.group != 0x0002 {
+                meta = false;
+                if !syntax_known {
+                    // No transfer syntax in the meta group: the parser guesses; so do not we.
+                    return Ok(());
+                }
+                src.seek(SeekFrom::Start(pos)).map_err(io)?;
+                read_header(src, explicit, little).map_err(io)?
+            } else {
+                if h.element == 0x0010 && h.len <= 64 && pos + h.size + u64::from(h.len) <= total {
+                    syntax_known = true;
+                    let mut v = vec![0u8; h.len as usize];
+                    src.read_exact(&mut v).map_err(io)?;
+                    match String::from_utf8_lossy(&v).trim_end_matches(['\0', ' ']) {
+                        "1.2.840.10008.1.2" => (explicit, little) = (false, true),
+                        "1.2.840.10008.1.2.2" => (explicit, little) = (true, false),
+                        // A deflated data set cannot be walked without inflating it.
+                        "1.2.840.10008.1.2.1.99" => return Ok(()),
+                        _ => (explicit, little) = (true, true),
+                    }
+                }
+                h
+            }
+        } else {
+            read_header(src, explicit, little).map_err(io)?
+        };
+        let tag = format!("({:04X},{:04X})", h.group, h.element);
+        if h.len == UNDEFINED {
+            // A UN element of undefined length holds a sequence in implicit VR (CP-246): the
+            // encoding changes inside it, so the rest is left to the parser.
+            if h.vr == Some(*b"UN") {
+                return Ok(());
+            }
+            // A sequence or item of undefined length, or encapsulated pixel data: the content
+            // follows as items; walk on. Undefined length outside a sequence means fragments.
+            if h.group != 0xFFFE && !is_sequence(&h) {
+                in_fragments = true;
+            }
+            pos += h.size;
+            continue;
+        }
+        if h.group == 0xFFFE && h.element == 0xE0DD {
+            in_fragments = false;
+        }
+        let end = pos + h.size + u64::from(h.len);
+        if end > total {
+            return Err(format!(
+                "element {tag} declares {} bytes but only {} remain: truncated or malformed file",
+                h.len,
+                total - pos - h.size
+            ));
+        }
+        let walk_into = if h.group == 0xFFFE {
+            h.element == 0xE000 && !in_fragments
+        } else {
+            is_sequence(&h)
+        };
+        pos = if walk_into { pos + h.size } else { end };
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Cursor;
+
+    fn file(dataset: &[u8]) -> Vec<u8> {
+        let mut v = vec![0u8; 128];
+        v.extend_from_slice(b"DICM");
+        // (0002,0010) UI "1.2.840.10008.1.2.1" (explicit VR little endian), 20 bytes padded.
+        v.extend_from_slice(&[0x02, 0x00, 0x10, 0x00, b'U', b'I', 20, 0]);
+        v.extend_from_slice(b"1.2.840.10008.1.2.1\0");
+        v.extend_from_slice(dataset);
+        v
+    }
+
+    #[test]
+    fn accepts_a_well_formed_file_and_refuses_an_oversized_length() {
+        // (0010,0010) PN "DOE^J " then (7FE0,0010) OW 4 bytes.
+        let mut ds = vec![0x10, 0x00, 0x10, 0x00, b'P', b'N', 6, 0];
+        ds.extend_from_slice(b"DOE^J ");
+        ds.extend_from_slice(&[
+            0xE0, 0x7F, 0x10, 0x00, b'O', b'W', 0, 0, 4, 0, 0, 0, 1, 2, 3, 4,
+        ]);
+        assert_eq!(check_declared_lengths(&mut Cursor::new(file(&ds))), Ok(()));
+        // The same pixel data declaring 3 GiB.
+        let mut bad = ds.clone();
+        let n = bad.len();
+        bad[n - 8..n - 4].copy_from_slice(&0xC000_0000u32.to_le_bytes());
+        let e = check_declared_lengths(&mut Cursor::new(file(&bad))).unwrap_err();
+        assert!(e.contains("(7FE0,0010)") && e.contains("3221225472"), "{e}");
+        assert!(!e.contains("DOE"), "{e}");
+    }
+
+    #[test]
+    fn walks_into_sequences_and_skips_fragments() {
+        // (0008,1115) SQ undefined length { item undefined { (0008,1150) UI 2 bytes } } end.
+        let mut ds = vec![
+            0x08, 0x00, 0x15, 0x11, b'S', b'Q', 0, 0, 0xFF, 0xFF, 0xFF, 0xFF,
+        ];
+        ds.extend_from_slice(&[0xFE, 0xFF, 0x00, 0xE0, 0xFF, 0xFF, 0xFF, 0xFF]);
+        ds.extend_from_slice(&[0x08, 0x00, 0x50, 0x11, b'U', b'I', 2, 0, b'1', 0]);
+        ds.extend_from_slice(&[0xFE, 0xFF, 0x0D, 0xE0, 0, 0, 0, 0]);
+        ds.extend_from_slice(&[0xFE, 0xFF, 0xDD, 0xE0, 0, 0, 0, 0]);
+        // Encapsulated pixel data: a fragment whose bytes look like a header with a huge length.
+        ds.extend_from_slice(&[
+            0xE0, 0x7F, 0x10, 0x00, b'O', b'B', 0, 0, 0xFF, 0xFF, 0xFF, 0xFF,
+        ]);
+        ds.extend_from_slice(&[0xFE, 0xFF, 0x00, 0xE0, 0, 0, 0, 0]);
+        ds.extend_from_slice(&[0xFE, 0xFF, 0x00, 0xE0, 8, 0, 0, 0]);
+        ds.extend_from_slice(&[0x10, 0x00, 0x10, 0x00, b'O', b'B', 0, 0]);
+        ds.extend_from_slice(&[0xFE, 0xFF, 0xDD, 0xE0, 0, 0, 0, 0]);
+        assert_eq!(check_declared_lengths(&mut Cursor::new(file(&ds))), Ok(()));
+        // A nested element that lies about its length is found inside the sequence.
+        let mut bad = ds.clone();
+        bad[26] = 0xF0;
+        bad[27] = 0xFF;
+        let e = check_declared_lengths(&mut Cursor::new(file(&bad))).unwrap_err();
+        assert!(e.contains("(0008,1150)"), "{e}");
+    }
+}
