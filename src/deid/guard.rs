@@ -18,6 +18,13 @@ use dicom_dictionary_std::StandardDataDictionary;
 const EXPLICIT_LONG: [&[u8; 2]; 13] = [
     b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"UC", b"UN", b"UR", b"UT", b"SV", b"UV",
 ];
+/// Every VR with a 2-byte length. Anything else, including bytes that are no VR at all, has the
+/// long form: the DICOM library reads an unknown VR as UN, so the guard must too, or the two
+/// would disagree about where the next element starts.
+const EXPLICIT_SHORT: [&[u8; 2]; 21] = [
+    b"AE", b"AS", b"AT", b"CS", b"DA", b"DS", b"DT", b"FL", b"FD", b"IS", b"LO", b"LT", b"PN",
+    b"SH", b"SL", b"SS", b"ST", b"TM", b"UI", b"UL", b"US",
+];
 const UNDEFINED: u32 = 0xFFFF_FFFF;
 
 fn u16_of(b: [u8; 2], little: bool) -> u16 {
@@ -63,7 +70,11 @@ fn read_header<R: Read>(src: &mut R, explicit: bool, little: bool) -> std::io::R
     }
     let mut vr = [0u8; 2];
     src.read_exact(&mut vr)?;
-    if EXPLICIT_LONG.contains(&&vr) {
+    let known = EXPLICIT_LONG.contains(&&vr) || EXPLICIT_SHORT.contains(&&vr);
+    if !known {
+        vr = *b"UN";
+    }
+    if !EXPLICIT_SHORT.contains(&&vr) {
         let mut reserved = [0u8; 2];
         src.read_exact(&mut reserved)?;
         src.read_exact(&mut b4)?;
@@ -158,10 +169,14 @@ pub fn check_declared_lengths<R: Read + Seek>(src: &mut R) -> Result<(), String>
         };
         let tag = format!("({:04X},{:04X})", h.group, h.element);
         if h.len == UNDEFINED {
-            // A UN element of undefined length holds a sequence in implicit VR (CP-246): the
-            // encoding changes inside it, so the rest is left to the parser.
+            // A UN element of undefined length holds a sequence in implicit VR (CP-246). The
+            // DICOM library reads such content as explicit VR and mistakes item tags for
+            // lengths (fuzzing found 3.7 GB requests from a 674-byte file), and it cannot
+            // de-identify these files anyway: refused, by name.
             if h.vr == Some(*b"UN") {
-                return Ok(());
+                return Err(format!(
+                    "element {tag} is a sequence encoded as UN of undefined length (CP-246), which is not supported"
+                ));
             }
             // A sequence or item of undefined length, or encapsulated pixel data: the content
             // follows as items; walk on. Undefined length outside a sequence means fragments.
