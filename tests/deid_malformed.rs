@@ -104,3 +104,19 @@ fn a_batch_survives_hostile_files() {
     names.sort();
     assert_eq!(names, vec!["e_good.dcm", "quarantine.jsonl"]);
 }
+
+/// Inputs that made the DICOM library reserve gigabytes (found by fuzzing) are refused by the
+/// pre-parse guard, with a reason that names the problem, before the parser runs.
+#[test]
+fn fuzz_found_memory_bombs_are_refused_before_parsing() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/fuzz");
+    let mut n = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        let mut f = std::fs::File::open(&path).unwrap();
+        let refused = pacs_broker::deid::guard::check_declared_lengths(&mut f);
+        assert!(refused.is_err(), "{} passed the guard", path.display());
+        n += 1;
+    }
+    assert_eq!(n, 3);
+}

@@ -133,6 +133,8 @@ pub fn check_declared_lengths<R: Read + Seek>(src: &mut R) -> Result<(), String>
     let mut little = true;
     let mut meta = true;
     let mut syntax_known = false;
+    // Where the group length (0002,0000) says the meta group ends, once read.
+    let mut meta_end: Option<u64> = None;
     let mut in_fragments = false;
     while pos < total {
         if total - pos < 8 {
@@ -141,15 +143,27 @@ pub fn check_declared_lengths<R: Read + Seek>(src: &mut R) -> Result<(), String>
         src.seek(SeekFrom::Start(pos)).map_err(io)?;
         let h = if meta {
             let h = read_header(src, true, true).map_err(io)?;
-            if h.group != 0x0002 {
+            if h.group != 0x0002 || meta_end.is_some_and(|e| pos >= e) {
                 meta = false;
+                // The parser bounds the meta group by its group length and needs the transfer
+                // syntax; a file on which the two readings could differ is refused.
                 if !syntax_known {
-                    // No transfer syntax in the meta group: the parser guesses; so do not we.
-                    return Ok(());
+                    return Err("the file meta group has no transfer syntax (0002,0010)".into());
+                }
+                if meta_end.is_some_and(|e| e != pos) {
+                    return Err(
+                        "the file meta group length (0002,0000) disagrees with its elements".into(),
+                    );
                 }
                 src.seek(SeekFrom::Start(pos)).map_err(io)?;
                 read_header(src, explicit, little).map_err(io)?
             } else {
+                if h.element == 0x0000 && h.len == 4 && pos + 12 <= total {
+                    let mut v = [0u8; 4];
+                    src.read_exact(&mut v).map_err(io)?;
+                    meta_end = Some(pos + 12 + u64::from(u32::from_le_bytes(v)));
+                    src.seek(SeekFrom::Start(pos + h.size)).map_err(io)?;
+                }
                 if h.element == 0x0010 && h.len <= 64 && pos + h.size + u64::from(h.len) <= total {
                     syntax_known = true;
                     let mut v = vec![0u8; h.len as usize];
