@@ -11,7 +11,7 @@ use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use dicom_object::{InMemDicomObject, OpenFileOptions};
+use dicom_object::InMemDicomObject;
 
 use super::{DeidError, Deidentifier};
 use crate::pseudonym::VaultEntry;
@@ -131,17 +131,8 @@ pub fn read_and_deidentify(
     admit: impl FnOnce(&InMemDicomObject) -> Result<(), String>,
 ) -> Result<super::Deidentified, NotDeidentified> {
     let run = std::panic::AssertUnwindSafe(|| {
-        let mut file = fs::File::open(input).map_err(|e| NotDeidentified::Failed {
-            reason: format!("cannot open: {}", e.kind()),
-        })?;
-        super::guard::check_declared_lengths(&mut file)
+        let obj = super::guard::read_guarded(input)
             .map_err(|reason| NotDeidentified::Failed { reason })?;
-        drop(file);
-        let obj = OpenFileOptions::new()
-            .open_file(input)
-            .map_err(|e| NotDeidentified::Failed {
-                reason: format!("not a readable DICOM Part 10 file: {}", short(e)),
-            })?;
         admit(&obj).map_err(|reason| NotDeidentified::NotAdmitted { reason })?;
         deid.deidentify(obj).map_err(|e| match e {
             DeidError::Quarantined { reason } => NotDeidentified::Quarantined { reason },
