@@ -679,7 +679,9 @@ fn prepare(
             }
         };
         let mut bytes = Vec::new();
-        if let Err(e) = d.object.write_all(&mut bytes) {
+        if let Err(e) =
+            crate::deid::batch::encode_output(d.object, d.pixel_data.as_ref(), &mut bytes)
+        {
             batch.failed.push((
                 input,
                 format!("cannot encode the de-identified object: {e}"),

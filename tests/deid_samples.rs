@@ -262,3 +262,71 @@ fn compressed_pixel_data_that_needs_cleaning_is_refused_and_native_is_blanked() 
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 }
+
+/// The fast path (pixel data left in the input file and copied into the output by the kernel)
+/// writes exactly the bytes that parsing the whole file and encoding it writes.
+#[test]
+fn pixel_data_passed_through_gives_the_same_bytes_as_a_full_parse() {
+    use pacs_broker::deid::batch::{encode_file, encode_output, read_and_deidentify};
+    use pacs_broker::deid::guard::read_guarded;
+
+    let tmp = tempfile::tempdir().unwrap();
+    let mut inputs = stage(RELEASED, &tmp.path().join("in"));
+    // pydicom's JPEG 2000 sample says OW for its encapsulated pixel data (the encoder writes
+    // OB, so that file is parsed whole); the same file with OB, as modalities write it.
+    let jp2k = std::fs::read(tmp.path().join("in/693_J2KI.dcm")).unwrap();
+    let header = [
+        0xE0, 0x7F, 0x10, 0x00, b'O', b'W', 0, 0, 0xFF, 0xFF, 0xFF, 0xFF,
+    ];
+    let at = jp2k.windows(12).position(|w| w == header).unwrap();
+    let mut ob = jp2k.clone();
+    ob[at + 5] = b'B';
+    let ob_path = tmp.path().join("in/jp2k_ob.dcm");
+    std::fs::write(&ob_path, ob).unwrap();
+    inputs.push(ob_path);
+    let deid = deidentifier(&[ProfileOption::RetainLongitudinalModifiedDates]);
+    let mut passed_through = Vec::new();
+    for input in &inputs {
+        let whole = deid.deidentify(read_guarded(input).unwrap()).unwrap();
+        assert!(whole.pixel_data.is_none());
+        let mut expected = Vec::new();
+        encode_file(whole.object, &mut expected).unwrap();
+
+        let split = read_and_deidentify(&deid, input, |_| Ok(())).unwrap();
+        if split.pixel_data.is_some() {
+            passed_through.push(input.file_name().unwrap().to_string_lossy().to_string());
+        }
+        let mut got = Vec::new();
+        encode_output(split.object, split.pixel_data.as_ref(), &mut got).unwrap();
+        assert!(
+            got == expected,
+            "{}: the pass-through output differs from the full parse",
+            input.display()
+        );
+        // And into a file, where the copy is done by the kernel.
+        let out = tmp.path().join("out").join(input.file_name().unwrap());
+        let split = read_and_deidentify(&deid, input, |_| Ok(())).unwrap();
+        pacs_broker::deid::batch::write_output(split.object, split.pixel_data.as_ref(), &out)
+            .unwrap();
+        assert!(
+            std::fs::read(&out).unwrap() == expected,
+            "{}",
+            out.display()
+        );
+    }
+    // Native (explicit, implicit, big endian, multi-frame) and compressed files take the fast
+    // path; files with trailing padding after the pixel data (CT_small), an unfinished pixel
+    // sequence (MR_small_RLE) or OW on encapsulated data are parsed whole.
+    for name in [
+        "MR_small_implicit.dcm",
+        "MR_small_bigendian.dcm",
+        "liver_1frame.dcm",
+        "rtdose.dcm",
+        "jp2k_ob.dcm",
+    ] {
+        assert!(
+            passed_through.iter().any(|n| n == name),
+            "{name} was parsed whole: {passed_through:?}"
+        );
+    }
+}

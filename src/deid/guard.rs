@@ -7,6 +7,11 @@
 //! data set in its transfer syntax, into sequences and items) without reading any value, and
 //! refuses a file in which a defined length runs past the end of the file. It reads headers only
 //! and always moves forward, so it is cheap and it ends.
+//!
+//! The same walk finds the file's layout ([`Layout`]): when the top-level Pixel Data is the last
+//! element, [`read_guarded_split`] parses everything before it and leaves the pixel data in the
+//! file, to be copied byte for byte into the output ([`PixelSource`]): it passes through
+//! untouched without ever being read into memory.
 
 use std::io::{Read, Seek, SeekFrom};
 
@@ -110,21 +115,131 @@ fn is_sequence(h: &Header) -> bool {
 
 /// Checks a DICOM Part 10 file's declared lengths ([`check_declared_lengths`], through a 64 KiB
 /// buffer: the header walk reads the header region once and seeks past large values), then
-/// parses it: the parser never sees a file the guard refused. Errors name the problem, never a
-/// value.
+/// parses it from the same open file: the parser never sees a file the guard refused. Errors
+/// name the problem, never a value.
 pub fn read_guarded(path: &std::path::Path) -> Result<dicom_object::DefaultDicomObject, String> {
+    let (file, layout) = open_walked(path)?;
+    parse(&file, &layout, false)
+}
+
+/// Pixel data left in its file: the byte range of the whole top-level Pixel Data element
+/// (header and value, in the file's transfer syntax), to be copied verbatim into the output.
+#[derive(Debug)]
+pub struct PixelSource {
+    file: std::fs::File,
+    range: std::ops::Range<u64>,
+}
+
+impl PixelSource {
+    /// The element's size in bytes, header included.
+    pub fn len(&self) -> u64 {
+        self.range.end - self.range.start
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Copies the element's bytes into `to`. Between files this is a copy inside the kernel
+    /// (`copy_file_range`, or shared extents on file systems that can), never through memory of
+    /// ours. Fails if the input no longer holds them all.
+    pub fn copy_to<W: std::io::Write + ?Sized>(&self, to: &mut W) -> Result<(), String> {
+        let io = |e: std::io::Error| format!("cannot copy the pixel data: {}", e.kind());
+        let mut f = &self.file;
+        f.seek(SeekFrom::Start(self.range.start)).map_err(io)?;
+        let copied = std::io::copy(&mut f.take(self.len()), to).map_err(io)?;
+        if copied != self.len() {
+            return Err(
+                "cannot copy the pixel data: the input file changed while it was read".into(),
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Like [`read_guarded`], but when the file ends with its top-level Pixel Data the parser stops
+/// before it and the pixel data stays in the file: the object gets an empty placeholder
+/// element (so that every "has pixel data" check still holds) and the [`PixelSource`] says
+/// where the bytes are. The parsed top-level tags must be exactly those the header walk saw
+/// before Pixel Data; otherwise, or for any other layout, the whole file is parsed as
+/// [`read_guarded`] does and no source is returned.
+pub fn read_guarded_split(
+    path: &std::path::Path,
+) -> Result<(dicom_object::DefaultDicomObject, Option<PixelSource>), String> {
+    let (file, layout) = open_walked(path)?;
+    // Only VRs the encoder would write unchanged: encapsulated pixel data is always written
+    // as OB, so a file that says OW for it is parsed whole and corrected; anything else (UN,
+    // say) takes the ordinary path too, where the engine sees the value.
+    let vr = match layout.pixel_data_vr {
+        None => Some(VR::OW),
+        Some(vr) if &vr == b"OB" => Some(VR::OB),
+        Some(vr) if &vr == b"OW" && !layout.pixel_data_encapsulated => Some(VR::OW),
+        Some(_) => None,
+    };
+    if let (Some(range), Some(vr)) = (layout.pixel_data.clone(), vr) {
+        let mut obj = parse(&file, &layout, true)?;
+        let parsed: Vec<Tag> = obj.tags().collect();
+        if parsed == layout.before_pixel_data
+            && !parsed.contains(&dicom_dictionary_std::tags::PIXEL_DATA)
+        {
+            obj.put(pixel_placeholder(vr));
+            return Ok((obj, Some(PixelSource { file, range })));
+        }
+    }
+    parse(&file, &layout, false).map(|obj| (obj, None))
+}
+
+/// The stand-in for pixel data left in its file: Pixel Data, with its VR, and no value.
+fn pixel_placeholder(vr: VR) -> dicom_object::mem::InMemElement {
+    dicom_core::DataElement::new(
+        dicom_dictionary_std::tags::PIXEL_DATA,
+        vr,
+        dicom_core::PrimitiveValue::Empty,
+    )
+}
+
+/// True when `obj` holds the placeholder of [`read_guarded_split`] (Pixel Data with no value).
+pub fn has_pixel_placeholder(obj: &dicom_object::mem::InMemDicomObject) -> bool {
+    obj.get(dicom_dictionary_std::tags::PIXEL_DATA)
+        .is_some_and(|e| {
+            matches!(
+                e.value(),
+                dicom_core::value::Value::Primitive(dicom_core::PrimitiveValue::Empty)
+            )
+        })
+}
+
+fn open_walked(path: &std::path::Path) -> Result<(std::fs::File, Layout), String> {
     let file =
         std::fs::File::open(path).map_err(|e| format!("cannot open the file: {}", e.kind()))?;
-    check_declared_lengths(&mut std::io::BufReader::with_capacity(64 * 1024, file))?;
-    // Parsing from the path (a buffered file reader) is several times faster in dicom-rs than
-    // parsing the same bytes from a slice; the second read comes from the page cache.
-    dicom_object::OpenFileOptions::new()
-        .open_file(path)
-        .map_err(|e| {
-            let mut m = e.to_string();
-            m.truncate(200);
-            format!("not a readable DICOM Part 10 file: {m}")
-        })
+    let mut reader = std::io::BufReader::with_capacity(64 * 1024, file);
+    let layout = walk(&mut reader)?;
+    Ok((reader.into_inner(), layout))
+}
+
+/// Parses the file from its start (the same open file the walk read, so both saw the same
+/// bytes), optionally stopping before the top-level Pixel Data.
+fn parse(
+    mut file: &std::fs::File,
+    layout: &Layout,
+    until_pixel_data: bool,
+) -> Result<dicom_object::DefaultDicomObject, String> {
+    use dicom_object::file::ReadPreamble;
+    file.seek(SeekFrom::Start(0))
+        .map_err(|e| format!("cannot read the file: {}", e.kind()))?;
+    let mut options = dicom_object::OpenFileOptions::new().read_preamble(if layout.magic_at == 0 {
+        ReadPreamble::Never
+    } else {
+        ReadPreamble::Always
+    });
+    if until_pixel_data {
+        options = options.read_until(dicom_dictionary_std::tags::PIXEL_DATA);
+    }
+    options.from_reader(file).map_err(|e| {
+        let mut m = e.to_string();
+        m.truncate(200);
+        format!("not a readable DICOM Part 10 file: {m}")
+    })
 }
 
 /// A reader that knows its position, so that moving to a header near the current one is a
@@ -156,6 +271,28 @@ impl<R: Read> Read for Tracked<'_, R> {
 /// The error names the tag and the sizes, never a value. Give it a buffered reader: it reads
 /// element headers only, a few bytes each, mostly close together.
 pub fn check_declared_lengths<R: Read + Seek>(src: &mut R) -> Result<(), String> {
+    walk(src).map(|_| ())
+}
+
+/// What the header walk learnt of a file's layout.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Layout {
+    /// Where the "DICM" marker is (128 with the preamble, 0 without).
+    pub magic_at: u64,
+    /// The top-level Pixel Data element, header included, when it is the data set's last
+    /// element and runs to the end of the file, and the walk found the structure well nested.
+    pub pixel_data: Option<std::ops::Range<u64>>,
+    /// Its explicit VR (`None` in implicit VR).
+    pub pixel_data_vr: Option<[u8; 2]>,
+    /// True when it is encapsulated (a sequence of fragments of undefined length).
+    pub pixel_data_encapsulated: bool,
+    /// The tags of the top-level data set elements before it, in file order (file meta
+    /// excluded): what a parser stopping at Pixel Data must have read, for a cross-check.
+    pub before_pixel_data: Vec<Tag>,
+}
+
+/// The header walk behind [`check_declared_lengths`], also reporting the file's [`Layout`].
+pub fn walk<R: Read + Seek>(src: &mut R) -> Result<Layout, String> {
     let io = |e: std::io::Error| format!("cannot read the file: {}", e.kind());
     let total = src.seek(SeekFrom::End(0)).map_err(io)?;
     let src = &mut Tracked {
@@ -177,6 +314,17 @@ pub fn check_declared_lengths<R: Read + Seek>(src: &mut R) -> Result<(), String>
     if pos == 0 {
         return Err("not a DICOM Part 10 file (no DICM marker)".into());
     }
+    let mut layout = Layout {
+        magic_at: pos - 4,
+        ..Layout::default()
+    };
+    // Open sequences, items and pixel sequences around the current position: the end of each
+    // of defined length, `None` for undefined length (closed by a delimitation item).
+    let mut open: Vec<Option<u64>> = Vec::new();
+    // The top-level Pixel Data element's start, and its end once known.
+    let mut pixel: Option<(u64, Option<u64>)> = None;
+    let mut after_pixel = false;
+    let mut irregular = false;
     // The file meta group is explicit VR little endian; its transfer syntax decides the rest.
     let mut explicit = true;
     let mut little = true;
@@ -221,7 +369,7 @@ pub fn check_declared_lengths<R: Read + Seek>(src: &mut R) -> Result<(), String>
                         "1.2.840.10008.1.2" => (explicit, little) = (false, true),
                         "1.2.840.10008.1.2.2" => (explicit, little) = (true, false),
                         // A deflated data set cannot be walked without inflating it.
-                        "1.2.840.10008.1.2.1.99" => return Ok(()),
+                        "1.2.840.10008.1.2.1.99" => return Ok(layout),
                         _ => (explicit, little) = (true, true),
                     }
                 }
@@ -230,6 +378,34 @@ pub fn check_declared_lengths<R: Read + Seek>(src: &mut R) -> Result<(), String>
         } else {
             read_header(src, explicit, little).map_err(io)?
         };
+        while open.last().is_some_and(|end| end.is_some_and(|e| pos >= e)) {
+            open.pop();
+        }
+        let top_level = open.is_empty() && !meta;
+        if top_level && h.group != 0xFFFE {
+            if pixel.is_some() {
+                after_pixel = true;
+            } else if (h.group, h.element) == (0x7FE0, 0x0010) {
+                pixel = Some((pos, None));
+                layout.pixel_data_vr = h.vr;
+                layout.pixel_data_encapsulated = h.len == UNDEFINED;
+            } else {
+                layout.before_pixel_data.push(Tag(h.group, h.element));
+            }
+        }
+        if h.group == 0xFFFE && matches!(h.element, 0xE00D | 0xE0DD) {
+            // A delimitation item closes the innermost open container of undefined length.
+            if open.pop() != Some(None) {
+                irregular = true;
+            }
+            if open.is_empty() {
+                if let Some((_, end @ None)) = &mut pixel {
+                    *end = Some(pos + h.size);
+                }
+            }
+        } else if top_level && h.group == 0xFFFE {
+            irregular = true;
+        }
         let tag = format!("({:04X},{:04X})", h.group, h.element);
         if h.len == UNDEFINED {
             // A UN element of undefined length holds a sequence in implicit VR (CP-246). The
@@ -246,6 +422,7 @@ pub fn check_declared_lengths<R: Read + Seek>(src: &mut R) -> Result<(), String>
             if h.group != 0xFFFE && !is_sequence(&h) {
                 in_fragments = true;
             }
+            open.push(None);
             pos += h.size;
             continue;
         }
@@ -265,9 +442,27 @@ pub fn check_declared_lengths<R: Read + Seek>(src: &mut R) -> Result<(), String>
         } else {
             is_sequence(&h)
         };
-        pos = if walk_into { pos + h.size } else { end };
+        if top_level && pixel.is_some_and(|(start, _)| start == pos) {
+            pixel = Some((pos, Some(end)));
+            // Values have even lengths; an odd one is left to the parser to judge.
+            irregular |= h.len % 2 == 1;
+        }
+        if walk_into {
+            open.push(Some(end));
+            pos += h.size;
+        } else {
+            pos = end;
+        }
     }
-    Ok(())
+    while open.last().is_some_and(|end| end.is_some_and(|e| pos >= e)) {
+        open.pop();
+    }
+    if let Some((start, Some(end))) = pixel {
+        if end == total && open.is_empty() && !after_pixel && !irregular {
+            layout.pixel_data = Some(start..end);
+        }
+    }
+    Ok(layout)
 }
 
 #[cfg(test)]
@@ -328,5 +523,72 @@ mod tests {
         bad[27] = 0xFF;
         let e = check_declared_lengths(&mut Cursor::new(file(&bad))).unwrap_err();
         assert!(e.contains("(0008,1150)"), "{e}");
+    }
+
+    fn layout(ds: &[u8]) -> Layout {
+        walk(&mut Cursor::new(file(ds))).unwrap()
+    }
+
+    /// Where the data set starts in [`file`]'s output: preamble, DICM, one meta element.
+    const DS: u64 = 128 + 4 + 8 + 20;
+
+    #[test]
+    fn finds_the_top_level_pixel_data_only_when_it_ends_the_file() {
+        let mut ds = vec![0x10, 0x00, 0x10, 0x00, b'P', b'N', 6, 0];
+        ds.extend_from_slice(b"DOE^J ");
+        ds.extend_from_slice(&[
+            0xE0, 0x7F, 0x10, 0x00, b'O', b'W', 0, 0, 4, 0, 0, 0, 1, 2, 3, 4,
+        ]);
+        let l = layout(&ds);
+        assert_eq!(l.magic_at, 128);
+        assert_eq!(l.pixel_data, Some(DS + 14..DS + 30));
+        assert_eq!(l.pixel_data_vr, Some(*b"OW"));
+        assert_eq!(l.before_pixel_data, vec![Tag(0x0010, 0x0010)]);
+        // Anything after it (here trailing padding) and the bytes are not passed through.
+        let mut trailing = ds.clone();
+        trailing.extend_from_slice(&[0xFC, 0xFF, 0xFC, 0xFF, b'O', b'B', 0, 0, 0, 0, 0, 0]);
+        assert_eq!(layout(&trailing).pixel_data, None);
+    }
+
+    #[test]
+    fn pixel_data_inside_a_sequence_is_not_the_image() {
+        // (0088,0200) IconImageSequence, defined length, one defined-length item holding
+        // (7FE0,0010) OW 4 bytes, ending exactly at the end of the file.
+        let pixel = [
+            0xE0, 0x7F, 0x10, 0x00, b'O', b'W', 0, 0, 4, 0, 0, 0, 1, 2, 3, 4,
+        ];
+        let mut ds = vec![0x88, 0x00, 0x00, 0x02, b'S', b'Q', 0, 0, 24, 0, 0, 0];
+        ds.extend_from_slice(&[0xFE, 0xFF, 0x00, 0xE0, 16, 0, 0, 0]);
+        ds.extend_from_slice(&pixel);
+        let l = layout(&ds);
+        assert_eq!(l.pixel_data, None);
+        assert_eq!(l.before_pixel_data, vec![Tag(0x0088, 0x0200)]);
+        // The same icon followed by the real image: the image is found.
+        ds.extend_from_slice(&pixel);
+        assert_eq!(layout(&ds).pixel_data, Some(DS + 36..DS + 52));
+    }
+
+    #[test]
+    fn encapsulated_pixel_data_ends_with_its_delimiter() {
+        let mut ds = vec![
+            0x08, 0x00, 0x15, 0x11, b'S', b'Q', 0, 0, 0xFF, 0xFF, 0xFF, 0xFF,
+        ];
+        ds.extend_from_slice(&[0xFE, 0xFF, 0x00, 0xE0, 0xFF, 0xFF, 0xFF, 0xFF]);
+        ds.extend_from_slice(&[0x08, 0x00, 0x50, 0x11, b'U', b'I', 2, 0, b'1', 0]);
+        ds.extend_from_slice(&[0xFE, 0xFF, 0x0D, 0xE0, 0, 0, 0, 0]);
+        ds.extend_from_slice(&[0xFE, 0xFF, 0xDD, 0xE0, 0, 0, 0, 0]);
+        let start = DS + ds.len() as u64;
+        ds.extend_from_slice(&[
+            0xE0, 0x7F, 0x10, 0x00, b'O', b'B', 0, 0, 0xFF, 0xFF, 0xFF, 0xFF,
+        ]);
+        ds.extend_from_slice(&[0xFE, 0xFF, 0x00, 0xE0, 0, 0, 0, 0]);
+        ds.extend_from_slice(&[0xFE, 0xFF, 0x00, 0xE0, 4, 0, 0, 0, 9, 9, 9, 9]);
+        ds.extend_from_slice(&[0xFE, 0xFF, 0xDD, 0xE0, 0, 0, 0, 0]);
+        let l = layout(&ds);
+        assert_eq!(l.pixel_data, Some(start..DS + ds.len() as u64));
+        assert_eq!(l.before_pixel_data, vec![Tag(0x0008, 0x1115)]);
+        // Without its delimiter the structure is unfinished: no pass-through.
+        ds.truncate(ds.len() - 8);
+        assert_eq!(layout(&ds).pixel_data, None);
     }
 }

@@ -220,6 +220,10 @@ pub struct Deidentified {
     /// (token, original) pairs for the origin's vault.
     pub vault_entries: Vec<(String, VaultEntry)>,
     pub changes: Vec<Change>,
+    /// Pixel data left in the input file (see [`guard::read_guarded_split`]): `object` then
+    /// holds an empty placeholder, and writing the output copies these bytes in its place
+    /// ([`batch::encode_output`]).
+    pub pixel_data: Option<guard::PixelSource>,
 }
 
 /// What a privacy officer reads before signing: every change with its values and rule, and
@@ -341,6 +345,13 @@ impl Deidentifier {
     pub fn deidentify(&self, obj: DefaultDicomObject) -> Result<Deidentified, DeidError> {
         self.run(obj, false)
             .and_then(|(d, verdict)| verdict.map(|()| d))
+    }
+
+    /// True when de-identifying `obj` needs its pixel values (Clean Pixel Data on an image
+    /// at risk of burned-in text); otherwise the pixel data passes through untouched.
+    pub fn needs_pixel_values(&self, obj: &InMemDicomObject) -> bool {
+        self.config.options.contains(&ProfileOption::CleanPixelData)
+            && pixels::burned_in_risk(obj).is_some()
     }
 
     /// Every change the flow would make to `obj`, with before/after values, and the verdict.
@@ -486,6 +497,7 @@ impl Deidentifier {
                 patient_token,
                 vault_entries: work.vault,
                 changes: work.changes,
+                pixel_data: None,
             },
             verdict,
         ))
