@@ -11,6 +11,34 @@ use pacs_broker::deid::{check_release_file, run_batch, DeidConfig, Deidentifier,
 
 use deid_common::*;
 
+/// No single allocation in this test binary may exceed 256 MiB: a memory bomb aborts the run
+/// (and so fails it) instead of passing quietly on a machine with enough memory.
+struct Capped;
+
+const CAP: usize = 256 << 20;
+
+// SAFETY: forwards to the system allocator unchanged, refusing (null) only requests over the cap.
+unsafe impl std::alloc::GlobalAlloc for Capped {
+    unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
+        if layout.size() > CAP {
+            return std::ptr::null_mut();
+        }
+        unsafe { std::alloc::System.alloc(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: std::alloc::Layout) {
+        unsafe { std::alloc::System.dealloc(ptr, layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: std::alloc::Layout, new: usize) -> *mut u8 {
+        if new > CAP {
+            return std::ptr::null_mut();
+        }
+        unsafe { std::alloc::System.realloc(ptr, layout, new) }
+    }
+}
+
+#[global_allocator]
+static ALLOCATOR: Capped = Capped;
+
 #[test]
 #[ignore = "minutes in a debug build (dicom-rs allocates declared element lengths up front); run: cargo test --release --test deid_malformed -- --include-ignored"]
 fn mutated_samples_never_panic_and_releases_pass_the_check() {
@@ -119,4 +147,26 @@ fn fuzz_found_memory_bombs_are_refused_before_parsing() {
         n += 1;
     }
     assert_eq!(n, 3);
+}
+
+/// Inputs that pass the file's guard but declare gigabytes inside a value the engine decodes
+/// (a sequence stored as UN): de-identified within the allocation cap, the suspicious value
+/// removed, the output released or refused but never a crash.
+#[test]
+fn memory_bombs_inside_values_are_defused() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/fuzz-deid");
+    let deid = deidentifier(&[]);
+    let mut n = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        let mut f = std::fs::File::open(&path).unwrap();
+        assert!(
+            pacs_broker::deid::guard::check_declared_lengths(&mut f).is_ok(),
+            "{} no longer reaches the engine",
+            path.display()
+        );
+        let _ = pacs_broker::deid::batch::read_and_deidentify(&deid, &path, |_| Ok(()));
+        n += 1;
+    }
+    assert_eq!(n, 1);
 }

@@ -159,6 +159,10 @@ fn decode_un_sequence(tag: Tag, bytes: &[u8]) -> Option<InMemElement> {
             (0xFFFE, 0xE0DD) => break,
             (0xFFFE, 0xE000) if len != u32::MAX => {
                 let body = bytes.get(pos..pos.checked_add(len as usize)?)?;
+                // The parser reserves declared lengths before reading; the file's guard did not
+                // look inside this value, so its item is checked here (else left as UN, and the
+                // UN default removes it).
+                super::guard::check_dataset_lengths(body, false, true).ok()?;
                 let mut item = InMemDicomObject::read_dataset_with_ts(
                     body,
                     &IMPLICIT_VR_LITTLE_ENDIAN.erased(),

@@ -314,10 +314,36 @@ pub fn walk<R: Read + Seek>(src: &mut R) -> Result<Layout, String> {
     if pos == 0 {
         return Err("not a DICOM Part 10 file (no DICM marker)".into());
     }
-    let mut layout = Layout {
-        magic_at: pos - 4,
-        ..Layout::default()
+    let mut layout = walk_from(src, pos, total, true, true, true)?;
+    layout.magic_at = pos - 4;
+    Ok(layout)
+}
+
+/// Checks the declared lengths of a bare data set held in memory (no preamble, no file meta),
+/// in the given encoding: what the parser may be given next, such as the items of a sequence
+/// that arrived as UN. Same rules and messages as [`check_declared_lengths`].
+pub fn check_dataset_lengths(bytes: &[u8], explicit: bool, little: bool) -> Result<(), String> {
+    let mut cursor = std::io::Cursor::new(bytes);
+    let src = &mut Tracked {
+        inner: &mut cursor,
+        cur: 0,
     };
+    walk_from(src, 0, bytes.len() as u64, false, explicit, little).map(|_| ())
+}
+
+/// The walk itself, from `pos` to `total`: starting in the file meta group (explicit VR little
+/// endian, whose transfer syntax then decides the rest) when `in_meta`, else in a data set
+/// encoded as `explicit`/`little` say.
+fn walk_from<R: Read + Seek>(
+    src: &mut Tracked<'_, R>,
+    mut pos: u64,
+    total: u64,
+    in_meta: bool,
+    mut explicit: bool,
+    mut little: bool,
+) -> Result<Layout, String> {
+    let io = |e: std::io::Error| format!("cannot read the file: {}", e.kind());
+    let mut layout = Layout::default();
     // Open sequences, items and pixel sequences around the current position: the end of each
     // of defined length, `None` for undefined length (closed by a delimitation item).
     let mut open: Vec<Option<u64>> = Vec::new();
@@ -325,10 +351,7 @@ pub fn walk<R: Read + Seek>(src: &mut R) -> Result<Layout, String> {
     let mut pixel: Option<(u64, Option<u64>)> = None;
     let mut after_pixel = false;
     let mut irregular = false;
-    // The file meta group is explicit VR little endian; its transfer syntax decides the rest.
-    let mut explicit = true;
-    let mut little = true;
-    let mut meta = true;
+    let mut meta = in_meta;
     let mut syntax_known = false;
     // Where the group length (0002,0000) says the meta group ends, once read.
     let mut meta_end: Option<u64> = None;
