@@ -198,7 +198,38 @@ fn main() {
         );
         took
     });
-    report("pacs-broker deid (full PS3.15)", n, bytes, ours, None);
+    report("pacs-broker deid, in process", n, bytes, ours, None);
+
+    // The same through the command line, as a user runs it (process start, key file, progress).
+    let exe = env!("CARGO_BIN_EXE_pacs-broker");
+    let key = tmp.path().join("site.key");
+    let made = Command::new(exe)
+        .args(["keys", "new", "--out"])
+        .arg(&key)
+        .output()
+        .unwrap();
+    assert!(made.status.success(), "keys new failed: {made:?}");
+    let mut rep = 0;
+    let cli = median(|| {
+        rep += 1;
+        let start = Instant::now();
+        let run = Command::new(exe)
+            .args(["deid", "--profile", "basic", "--option"])
+            .arg("retain-longitudinal-modified-dates")
+            .arg("--key")
+            .arg(&key)
+            .arg(&input)
+            .arg("--out")
+            .arg(tmp.path().join(format!("out-cli-{rep}")))
+            .output()
+            .unwrap();
+        let took = start.elapsed();
+        assert!(run.status.success(), "pacs-broker deid failed: {run:?}");
+        took
+    });
+    report("pacs-broker deid, command line", n, bytes, cli, None);
+    // Ratios below are against the command line, the slower of the two.
+    let ours = ours.max(cli);
     if std::env::var_os("DEID_BENCH_ONLY_OURS").is_some() {
         return;
     }

@@ -192,18 +192,17 @@ impl Work<'_> {
         before: Option<&InMemElement>,
         after: Option<&InMemElement>,
     ) {
-        let (before, after) = if self.record_values {
-            (before.map(describe), after.map(describe))
-        } else {
-            (None, None)
-        };
+        // Only a preview reads the changes; de-identifying for release skips the bookkeeping.
+        if !self.record_values {
+            return;
+        }
         self.changes.push(Change {
             path: format!("{path}{tag}"),
             keyword: keyword_of(tag).to_string(),
             action,
-            rule: d.rule.clone(),
-            before,
-            after,
+            rule: d.rule.to_string(),
+            before: before.map(describe),
+            after: after.map(describe),
         });
     }
 
@@ -257,7 +256,9 @@ impl Work<'_> {
             if !kept_blocks.contains(&(tag.group(), tag.element())) {
                 let d = Decision {
                     act: Act::Remove,
-                    rule: "private creator of a block with no retained attribute".into(),
+                    rule: policy::Rule::Text(
+                        "private creator of a block with no retained attribute",
+                    ),
                     table_action: None,
                 };
                 let before = obj.take(tag);
@@ -269,8 +270,9 @@ impl Work<'_> {
             for tag in rest {
                 let d = Decision {
                     act: Act::Remove,
-                    rule: "rest of an overlay group whose Overlay Data (60xx,3000) was removed"
-                        .into(),
+                    rule: policy::Rule::Text(
+                        "rest of an overlay group whose Overlay Data (60xx,3000) was removed",
+                    ),
                     table_action: None,
                 };
                 let before = obj.take(tag);

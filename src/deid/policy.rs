@@ -55,7 +55,7 @@ impl Act {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Decision {
     pub act: Act,
-    pub rule: String,
+    pub rule: Rule,
     /// The table's action code when a table row decided (for check_release).
     pub table_action: Option<Action>,
 }
@@ -208,14 +208,14 @@ pub fn decide_public(tag: Tag, vr: VR, has_value: bool, config: &DeidConfig) -> 
         };
         return Decision {
             act,
-            rule: "agreement override".into(),
+            rule: Rule::Override,
             table_action: None,
         };
     }
     if tag.element() == 0 {
         return Decision {
             act: Act::Remove,
-            rule: "group length (not needed; removed)".into(),
+            rule: Rule::Text("group length (not needed; removed)"),
             table_action: None,
         };
     }
@@ -245,25 +245,28 @@ pub fn decide_public(tag: Tag, vr: VR, has_value: bool, config: &DeidConfig) -> 
         if vr == VR::UN && matches!(act, Act::Keep | Act::Clean | Act::Dummy | Act::Uid) {
             return Decision {
                 act: Act::Remove,
-                rule: format!(
-                    "E.1-1 {} {}: {} but the value has unknown VR (UN) and cannot be inspected",
-                    row.tag_text(),
+                rule: Rule::TableUnknownVr {
+                    row,
                     column,
-                    action.code()
-                ),
+                    action,
+                },
                 table_action: Some(action),
             };
         }
         return Decision {
             act,
-            rule: format!("E.1-1 {} {}: {}", row.tag_text(), column, action.code()),
+            rule: Rule::Table {
+                row,
+                column,
+                action,
+            },
             table_action: Some(action),
         };
     }
     let (act, why) = default_for(tag, vr, options);
     Decision {
         act,
-        rule: format!("not in E.1-1: {why}"),
+        rule: Rule::Default(why),
         table_action: None,
     }
 }
@@ -316,23 +319,94 @@ fn default_for(tag: Tag, vr: VR, options: &BTreeSet<ProfileOption>) -> (Act, &'s
     }
 }
 
+/// Why an action was chosen, as the preview shows it. Kept as data and written out only when
+/// shown: most elements of most files are decided without anyone reading the reason.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rule {
+    /// An override in the agreement.
+    Override,
+    /// A fixed explanation.
+    Text(&'static str),
+    /// A public attribute not in Table E.1-1, handled by the documented default.
+    Default(&'static str),
+    /// A row of Table E.1-1, the column that applied and its action.
+    Table {
+        row: &'static table::Row,
+        column: &'static str,
+        action: Action,
+    },
+    /// The same, but the action needs the value and its VR is unknown (UN): removed.
+    TableUnknownVr {
+        row: &'static table::Row,
+        column: &'static str,
+        action: Action,
+    },
+    /// The private-attributes row; for C, whether the attribute is on the safe private list.
+    Private {
+        column: &'static str,
+        action: Action,
+        safe: Option<bool>,
+    },
+}
+
+impl std::fmt::Display for Rule {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Rule::Override => f.write_str("agreement override"),
+            Rule::Text(t) => f.write_str(t),
+            Rule::Default(why) => write!(f, "not in E.1-1: {why}"),
+            Rule::Table {
+                row,
+                column,
+                action,
+            } => write!(f, "E.1-1 {} {}: {}", row.tag_text(), column, action.code()),
+            Rule::TableUnknownVr {
+                row,
+                column,
+                action,
+            } => write!(
+                f,
+                "E.1-1 {} {}: {} but the value has unknown VR (UN) and cannot be inspected",
+                row.tag_text(),
+                column,
+                action.code()
+            ),
+            Rule::Private {
+                column,
+                action,
+                safe,
+            } => {
+                write!(f, "E.1-1 (gggg,eeee) odd gggg {column}: {}", action.code())?;
+                match safe {
+                    Some(true) => f.write_str(", on the agreement's safe private list"),
+                    Some(false) => f.write_str(", not on the agreement's safe private list"),
+                    None => Ok(()),
+                }
+            }
+        }
+    }
+}
+
 /// Decides a private data element, given its block's creator (if the dataset has one).
 pub fn decide_private(tag: Tag, creator: Option<&str>, config: &DeidConfig) -> Decision {
     if let Some(ov) = config.overrides.iter().find(|o| o.tag == tag) {
         if ov.action == OverrideAction::Remove {
             return Decision {
                 act: Act::Remove,
-                rule: "agreement override".into(),
+                rule: Rule::Override,
                 table_action: None,
             };
         }
     }
     let (action, column) = table::resolve(table::private_row(), &config.options);
-    let rule_row = "E.1-1 (gggg,eeee) odd gggg";
     if action != Action::C {
         return Decision {
             act: Act::Remove,
-            rule: format!("{rule_row} {column}: {}", action.code()),
+            rule: Rule::Private {
+                column,
+                action,
+                safe: None,
+            },
             table_action: Some(action),
         };
     }
@@ -340,13 +414,21 @@ pub fn decide_private(tag: Tag, creator: Option<&str>, config: &DeidConfig) -> D
     if safe {
         Decision {
             act: Act::Keep,
-            rule: format!("{rule_row} {column}: C, on the agreement's safe private list"),
+            rule: Rule::Private {
+                column,
+                action,
+                safe: Some(true),
+            },
             table_action: Some(action),
         }
     } else {
         Decision {
             act: Act::Remove,
-            rule: format!("{rule_row} {column}: C, not on the agreement's safe private list"),
+            rule: Rule::Private {
+                column,
+                action,
+                safe: Some(false),
+            },
             table_action: Some(action),
         }
     }

@@ -535,7 +535,7 @@ fn check_dataset(obj: &InMemDicomObject, config: &DeidConfig, path: &str) -> Res
         }
         let present = has_value(elem);
         let d = policy::decide_public(tag, elem.vr(), present, config);
-        let retained_by_override = d.rule == "agreement override";
+        let retained_by_override = d.rule == super::policy::Rule::Override;
         match &d.act {
             Act::Remove if present => {
                 let who = if retained_by_override {
