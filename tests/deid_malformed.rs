@@ -170,3 +170,54 @@ fn memory_bombs_inside_values_are_defused() {
     }
     assert_eq!(n, 1);
 }
+
+/// An output that cannot be put in place (its name is taken by a folder) fails on its own, with
+/// the reason in the quarantine list; the others of its commit group are written, and no
+/// temporary file is left behind.
+#[test]
+fn an_output_that_cannot_be_placed_fails_alone_and_leaves_no_temporary_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let input = tmp.path().join("in");
+    std::fs::create_dir_all(&input).unwrap();
+    for i in 0..5 {
+        let sop = format!("1.2.826.0.1.3680043.99.1.1.{i}");
+        ct(
+            "1.2.826.0.1.3680043.99.1",
+            "1.2.826.0.1.3680043.99.1.1",
+            &sop,
+            vec![],
+        )
+        .write_to_file(input.join(format!("im{i}.dcm")))
+        .unwrap();
+    }
+    let out = tmp.path().join("out");
+    std::fs::create_dir_all(out.join("im2.dcm")).unwrap();
+    let summary = run_batch(&deidentifier(&[]), &[input], &out, |_| {}).unwrap();
+    assert_eq!((summary.deidentified, summary.failed), (4, 1));
+    let list = std::fs::read_to_string(out.join("quarantine.jsonl")).unwrap();
+    assert!(
+        list.contains("im2.dcm") && list.contains("cannot rename output into place"),
+        "{list}"
+    );
+    let mut names: Vec<String> = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(
+        names,
+        [
+            "im0.dcm",
+            "im1.dcm",
+            "im2.dcm",
+            "im3.dcm",
+            "im4.dcm",
+            "quarantine.jsonl"
+        ]
+    );
+    assert!(out.join("im2.dcm").is_dir());
+    for n in ["im0.dcm", "im4.dcm"] {
+        let o = dicom_object::open_file(out.join(n)).unwrap();
+        assert!(o.element(dicom_dictionary_std::tags::PIXEL_DATA).is_ok());
+    }
+}
