@@ -269,19 +269,54 @@ pub fn encode_file(obj: DefaultDicomObject, mut to: impl Write) -> Result<(), St
     encoded.map_err(|e| format!("cannot encode output: {}", short(e)))
 }
 
-/// An output written to a temporary file in its final folder: neither durable nor visible
-/// under its name until [`commit_outputs`]. Dropped uncommitted, the temporary file is removed.
+/// An output written in its final folder but not yet durable nor visible under its name: until
+/// [`commit_outputs`] it is an unnamed file (Linux `O_TMPFILE`: a crash leaves nothing behind),
+/// or, where that is not available, a hidden `.deid-*.part` file. Dropped uncommitted, it is
+/// gone.
 #[derive(Debug)]
 pub struct StagedOutput {
-    tmp: tempfile::TempPath,
+    file: Staging,
     target: PathBuf,
     /// The file system holding it (outputs are made durable one file system at a time).
     device: u64,
     bytes: u64,
 }
 
-/// Encodes `obj` into a temporary file beside `target`; [`commit_outputs`] makes it durable and
-/// renames it into place.
+#[derive(Debug)]
+enum Staging {
+    Unnamed(fs::File),
+    Named(tempfile::NamedTempFile),
+}
+
+impl Staging {
+    fn file(&self) -> &fs::File {
+        match self {
+            Staging::Unnamed(f) => f,
+            Staging::Named(t) => t.as_file(),
+        }
+    }
+}
+
+/// A new file in `dir` for an output: unnamed where the system allows it.
+fn new_staging(dir: &Path) -> Result<Staging, String> {
+    #[cfg(target_os = "linux")]
+    {
+        use rustix::fs::{Mode, OFlags};
+        let flags = OFlags::TMPFILE | OFlags::WRONLY | OFlags::CLOEXEC;
+        if let Ok(fd) = rustix::fs::openat(rustix::fs::CWD, dir, flags, Mode::RUSR | Mode::WUSR) {
+            return Ok(Staging::Unnamed(fs::File::from(fd)));
+        }
+    }
+    tempfile::Builder::new()
+        .prefix(".deid-")
+        .suffix(".part")
+        .tempfile_in(dir)
+        .map(Staging::Named)
+        .map_err(|e| format!("cannot create temporary file: {}", e.kind()))
+}
+
+/// Encodes `obj` into a new file beside `target`; [`commit_outputs`] makes it durable and puts
+/// it in place.
 pub fn stage_output(
     obj: DefaultDicomObject,
     pixel_data: Option<&super::guard::PixelSource>,
@@ -291,15 +326,12 @@ pub fn stage_output(
 
     let dir = target.parent().unwrap_or(Path::new("."));
     fs::create_dir_all(dir).map_err(|e| format!("cannot create output folder: {}", e.kind()))?;
-    let tmp = tempfile::Builder::new()
-        .prefix(".deid-")
-        .suffix(".part")
-        .tempfile_in(dir)
-        .map_err(|e| format!("cannot create temporary file: {}", e.kind()))?;
+    let staging = new_staging(dir)?;
+    let file = staging.file();
     {
         // Small on purpose: headers are gathered, and a value larger than the buffer (pixel
         // data) goes to the file straight from its own memory, without another copy.
-        let mut w = std::io::BufWriter::with_capacity(64 * 1024, tmp.as_file());
+        let mut w = std::io::BufWriter::with_capacity(64 * 1024, file);
         encode_output(obj, pixel_data, &mut w)?;
         w.flush()
             .map_err(|e| format!("cannot write output: {}", e.kind()))?;
@@ -308,41 +340,79 @@ pub fn stage_output(
     // left to do and the disk works while the cores de-identify the next files (on Linux this
     // advice starts write-back of the dirty pages; it is only advice, so its result is moot).
     #[cfg(target_os = "linux")]
-    let _ = rustix::fs::fadvise(tmp.as_file(), 0, None, rustix::fs::Advice::DontNeed);
-    let meta = tmp
-        .as_file()
+    let _ = rustix::fs::fadvise(file, 0, None, rustix::fs::Advice::DontNeed);
+    let meta = file
         .metadata()
         .map_err(|e| format!("cannot write output: {}", e.kind()))?;
     Ok(StagedOutput {
-        tmp: tmp.into_temp_path(),
-        target: target.to_path_buf(),
         device: meta.dev(),
         bytes: meta.len(),
+        file: staging,
+        target: target.to_path_buf(),
     })
 }
 
-/// Makes every staged output durable, then renames each into place: one file-system flush
+/// Makes every staged output durable, then puts each in place: one file-system flush
 /// (`syncfs`) per file system for the whole group on Linux instead of one `fsync` per file,
-/// which costs a journal commit each; elsewhere each file is fsynced. An output is renamed only
-/// once its bytes are on disk, so a crash at any point leaves either the whole output or none
-/// (an orphaned `.deid-*.part` file at worst). The renames themselves become durable when the
-/// folders are fsynced ([`run_batch`] does that once per folder at its end).
+/// which costs a journal commit each; elsewhere each file is fsynced. An output gets its name
+/// only once its bytes are on disk, so a crash at any point leaves either the whole output or
+/// none. The names themselves become durable when the folders are fsynced ([`run_batch`] does
+/// that once per folder at its end).
 pub fn commit_outputs(staged: Vec<StagedOutput>) -> Vec<(PathBuf, Result<(), String>)> {
     let flushed = flush_to_disk(&staged);
     staged
         .into_iter()
         .map(|s| {
-            let target = s.target;
             let result = match &flushed {
                 Err(reason) => Err(reason.clone()),
-                Ok(()) => s
-                    .tmp
-                    .persist(&target)
-                    .map_err(|e| format!("cannot rename output into place: {}", e.error.kind())),
+                Ok(()) => place(s.file, &s.target),
             };
-            (target, result)
+            (s.target, result)
         })
         .collect()
+}
+
+/// Gives a flushed output its name, replacing whatever file had it.
+fn place(staging: Staging, target: &Path) -> Result<(), String> {
+    let fail = |e: std::io::Error| format!("cannot rename output into place: {}", e.kind());
+    match staging {
+        Staging::Named(t) => t.persist(target).map(|_| ()).map_err(|e| fail(e.error)),
+        Staging::Unnamed(file) => {
+            #[cfg(target_os = "linux")]
+            {
+                use std::os::fd::AsRawFd;
+                let link = |to: &Path| {
+                    rustix::fs::linkat(
+                        rustix::fs::CWD,
+                        format!("/proc/self/fd/{}", file.as_raw_fd()),
+                        rustix::fs::CWD,
+                        to,
+                        rustix::fs::AtFlags::SYMLINK_FOLLOW,
+                    )
+                };
+                match link(target) {
+                    Ok(()) => Ok(()),
+                    // Something has the name (a re-run into the same folder): link under a
+                    // hidden name, then rename over it, which replaces it in one step.
+                    Err(rustix::io::Errno::EXIST) => {
+                        let hidden = target
+                            .with_file_name(format!(".deid-{:016x}.part", rand::random::<u64>()));
+                        link(&hidden).map_err(|e| fail(e.into()))?;
+                        fs::rename(&hidden, target).map_err(|e| {
+                            let _ = fs::remove_file(&hidden);
+                            fail(e)
+                        })
+                    }
+                    Err(e) => Err(fail(e.into())),
+                }
+            }
+            #[cfg(not(target_os = "linux"))]
+            {
+                let _ = file;
+                Err(fail(std::io::ErrorKind::Unsupported.into()))
+            }
+        }
+    }
 }
 
 fn flush_to_disk(staged: &[StagedOutput]) -> Result<(), String> {
@@ -350,9 +420,7 @@ fn flush_to_disk(staged: &[StagedOutput]) -> Result<(), String> {
     // One or two files: their own fsyncs are cheaper than flushing the file system.
     if staged.len() <= 2 {
         for s in staged {
-            fs::File::open(&s.tmp)
-                .and_then(|f| f.sync_all())
-                .map_err(fail)?;
+            s.file.file().sync_all().map_err(fail)?;
         }
         return Ok(());
     }
@@ -361,16 +429,13 @@ fn flush_to_disk(staged: &[StagedOutput]) -> Result<(), String> {
         let mut done: HashSet<u64> = HashSet::new();
         for s in staged {
             if done.insert(s.device) {
-                let f = fs::File::open(&s.tmp).map_err(fail)?;
-                rustix::fs::syncfs(&f).map_err(|e| fail(e.into()))?;
+                rustix::fs::syncfs(s.file.file()).map_err(|e| fail(e.into()))?;
             }
         }
     }
     #[cfg(not(target_os = "linux"))]
     for s in staged {
-        fs::File::open(&s.tmp)
-            .and_then(|f| f.sync_all())
-            .map_err(fail)?;
+        s.file.file().sync_all().map_err(fail)?;
     }
     Ok(())
 }
