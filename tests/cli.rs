@@ -352,3 +352,95 @@ fn a_study_for_a_partner_that_is_down_waits_in_the_outbox_and_is_delivered_later
     let inbox = common::files_under(&dir.path().join("telerad-c/data/store/inbox"));
     assert_eq!(inbox.len(), 4, "both studies are at the receiver");
 }
+
+/// `deid` killed mid-batch (SIGKILL, as a crash or an out-of-memory kill would) leaves only
+/// whole outputs: every file in the output folder is a complete, parseable instance, and no
+/// partial or temporary file is left. Run again, it completes the batch.
+#[test]
+fn a_deid_batch_killed_midway_leaves_only_whole_outputs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let input = tmp.path().join("in");
+    let files = pacs_broker::demo::write_synthetic_ct(
+        &input,
+        &pacs_broker::demo::SyntheticPatient::default(),
+        400,
+        256,
+    )
+    .unwrap();
+    let key = tmp.path().join("site.key");
+    assert!(bin()
+        .args(["keys", "new", "--out"])
+        .arg(&key)
+        .status()
+        .unwrap()
+        .success());
+    let out = tmp.path().join("out");
+    let deid = |out: &std::path::Path| {
+        let mut c = bin();
+        c.args(["deid", "--profile", "basic", "--key"])
+            .arg(&key)
+            .arg(&input)
+            .arg("--out")
+            .arg(out)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        c
+    };
+    let mut child = deid(&out).spawn().unwrap();
+    let outputs = |dir: &std::path::Path| -> Vec<std::path::PathBuf> {
+        std::fs::read_dir(dir)
+            .map(|d| d.map(|e| e.unwrap().path()).collect())
+            .unwrap_or_default()
+    };
+    let start = std::time::Instant::now();
+    let mut killed_midway = false;
+    while start.elapsed() < std::time::Duration::from_secs(60) {
+        let n = outputs(&out)
+            .iter()
+            .filter(|p| p.extension().is_some_and(|e| e == "dcm"))
+            .count();
+        if n > 0 {
+            child.kill().unwrap();
+            killed_midway = n < files.len();
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    child.wait().unwrap();
+    assert!(
+        killed_midway,
+        "the batch finished before it could be killed"
+    );
+    let left = outputs(&out);
+    let mut whole = 0;
+    for p in &left {
+        let name = p.file_name().unwrap().to_string_lossy().to_string();
+        if name == "quarantine.jsonl" {
+            continue;
+        }
+        assert!(
+            name.ends_with(".dcm") && !name.starts_with('.'),
+            "left behind: {name}"
+        );
+        let obj = dicom_object::open_file(p).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let pixels = obj
+            .element(dicom_dictionary_std::tags::PIXEL_DATA)
+            .unwrap()
+            .to_bytes()
+            .unwrap();
+        assert_eq!(pixels.len(), 256 * 256 * 2, "{name}");
+        whole += 1;
+    }
+    assert!(
+        whole > 0 && whole < files.len(),
+        "{whole} of {}",
+        files.len()
+    );
+    // The same command again completes the batch over what the killed run left.
+    assert!(deid(&out).status().unwrap().success());
+    let done = outputs(&out)
+        .iter()
+        .filter(|p| p.extension().is_some_and(|e| e == "dcm"))
+        .count();
+    assert_eq!(done, files.len());
+}
