@@ -1,7 +1,8 @@
 //! De-identification throughput: a generated 500-instance CT study (512x512, 16-bit) through
-//! pacs-broker's batch runner, then the same files through dcmtk `dcmodify` (a handful of edits)
-//! and, when installed, the pydicom-based `dicognito` and `deid` (PyPI), on the same machine in
-//! the same run. The comparison tools are optional: `pip install dicognito deid`.
+//! pacs-broker (its batch runner in process, and its command line), dcmtk `dcmodify` (a handful
+//! of edits) and, when installed, the pydicom-based `dicognito` and `deid` (PyPI), on the same
+//! machine in the same run, in rounds that run every tool in turn so that they share the
+//! machine's weather. The comparison tools are optional: `pip install dicognito deid`.
 //!
 //!     cargo bench --bench deid                 # 500 instances
 //!     DEID_BENCH_INSTANCES=100 cargo bench --bench deid
@@ -133,20 +134,16 @@ fn copy_dir(from: &Path, to: &Path) -> Vec<PathBuf> {
     files
 }
 
-fn report(name: &str, n: usize, bytes: u64, d: Duration, ours: Option<Duration>) {
+fn report(name: &str, n: usize, bytes: u64, d: Duration, ours: Option<Duration>, spread: &str) {
     let s = d.as_secs_f64();
     let ratio = ours
         .map(|o| format!("  pacs-broker is {:.1}x faster", s / o.as_secs_f64()))
         .unwrap_or_default();
     println!(
-        "{name:<34} {n:>5} instances in {s:>7.2} s  {:>8.1} instances/s  {:>8.1} MB/s{ratio}",
+        "{name:<32} {n:>4} instances in {s:>5.2} s {spread:<20} {:>7.1} instances/s {:>7.1} MB/s{ratio}",
         n as f64 / s,
         bytes as f64 / 1e6 / s
     );
-}
-
-fn python_with_dicognito() -> Option<String> {
-    python_with("dicognito")
 }
 
 /// A Python interpreter on this machine that can import `module`.
@@ -162,6 +159,19 @@ fn python_with(module: &str) -> Option<String> {
     }
     None
 }
+
+/// One contender: a name and a run (given a fresh output folder) that returns its time.
+struct Contender<'a> {
+    name: &'static str,
+    run: Box<dyn FnMut(&Path) -> Duration + 'a>,
+    times: Vec<Duration>,
+}
+
+/// pydicom-deid (PyPI `deid`) with its default recipe, private tags removed.
+const PYDICOM_DEID: &str = "import sys, glob\nfrom deid.logger import bot\nbot.level = 0\n\
+from deid.dicom import replace_identifiers\n\
+files = sorted(glob.glob(sys.argv[1] + '/*.dcm'))\n\
+replace_identifiers(files, save=True, output_folder=sys.argv[2], overwrite=True, remove_private=True)\n";
 
 fn main() {
     let n: usize = std::env::var("DEID_BENCH_INSTANCES")
@@ -180,27 +190,6 @@ fn main() {
         ..DeidConfig::default()
     };
     let deid = Deidentifier::new(config, keys.tokenizer("BENCH"));
-    println!(
-        "each figure: the median of {REPS} runs, each after `sync` (no dirty pages pending)\n"
-    );
-
-    // pacs-broker: the full profile, verifier and release check, every output fsynced.
-    let mut rep = 0;
-    let ours = median(|| {
-        rep += 1;
-        let out = tmp.path().join(format!("out-pacs-broker-{rep}"));
-        let start = Instant::now();
-        let summary = run_batch(&deid, std::slice::from_ref(&input), &out, |_| {}).unwrap();
-        let took = start.elapsed();
-        assert_eq!(
-            summary.deidentified, n,
-            "every generated instance is released"
-        );
-        took
-    });
-    report("pacs-broker deid, in process", n, bytes, ours, None);
-
-    // The same through the command line, as a user runs it (process start, key file, progress).
     let exe = env!("CARGO_BIN_EXE_pacs-broker");
     let key = tmp.path().join("site.key");
     let made = Command::new(exe)
@@ -209,142 +198,141 @@ fn main() {
         .output()
         .unwrap();
     assert!(made.status.success(), "keys new failed: {made:?}");
-    let mut rep = 0;
-    let cli = median(|| {
-        rep += 1;
-        let start = Instant::now();
-        let run = Command::new(exe)
-            .args(["deid", "--profile", "basic", "--option"])
-            .arg("retain-longitudinal-modified-dates")
-            .arg("--key")
-            .arg(&key)
-            .arg(&input)
-            .arg("--out")
-            .arg(tmp.path().join(format!("out-cli-{rep}")))
-            .output()
-            .unwrap();
-        let took = start.elapsed();
-        assert!(run.status.success(), "pacs-broker deid failed: {run:?}");
-        took
-    });
-    report("pacs-broker deid, command line", n, bytes, cli, None);
-    // Ratios below are against the command line, the slower of the two.
-    let ours = ours.max(cli);
-    if std::env::var_os("DEID_BENCH_ONLY_OURS").is_some() {
-        return;
-    }
 
-    // dcmtk dcmodify: a handful of edits, in place on a fresh copy each run.
-    if Command::new("dcmodify").arg("--version").output().is_ok() {
-        let mut rep = 0;
-        let t = median(|| {
-            rep += 1;
-            let files = copy_dir(&input, &tmp.path().join(format!("dcmodify-{rep}")));
-            sync();
+    let input = &input;
+    let timed = |cmd: &mut Command, what: &str| {
+        let start = Instant::now();
+        let out = cmd.output().unwrap();
+        let took = start.elapsed();
+        assert!(out.status.success(), "{what} failed: {out:?}");
+        took
+    };
+    let mut contenders: Vec<Contender> = Vec::new();
+    // pacs-broker: the full profile, verifier and release check, outputs durable on disk.
+    contenders.push(Contender {
+        name: "pacs-broker deid, in process",
+        run: Box::new(|out| {
             let start = Instant::now();
-            let status = Command::new("dcmodify")
-                .args([
-                    "-nb",
-                    "-q",
-                    "-ie",
-                    "-ma",
-                    "(0010,0010)=ANON",
-                    "-ma",
-                    "(0010,0020)=ANON",
-                ])
-                .args([
-                    "-ea",
-                    "(0010,0030)",
-                    "-ea",
-                    "(0008,0080)",
-                    "-ea",
-                    "(0008,0090)",
-                ])
-                .args(["-ea", "(0008,0050)", "-gin", "-gst", "-gse", "-ep"])
-                .args(&files)
-                .status()
-                .unwrap();
-            assert!(status.success(), "dcmodify failed: {status}");
-            start.elapsed()
+            let summary = run_batch(&deid, std::slice::from_ref(input), out, |_| {}).unwrap();
+            let took = start.elapsed();
+            assert_eq!(summary.deidentified, n, "every instance is released");
+            took
+        }),
+        times: Vec::new(),
+    });
+    // The same through the command line, as a user runs it (process start, key file).
+    contenders.push(Contender {
+        name: "pacs-broker deid, command line",
+        run: Box::new(|out| {
+            timed(
+                Command::new(exe)
+                    .args(["deid", "--profile", "basic", "--option"])
+                    .arg("retain-longitudinal-modified-dates")
+                    .arg("--key")
+                    .arg(&key)
+                    .arg(input)
+                    .arg("--out")
+                    .arg(out),
+                "pacs-broker deid",
+            )
+        }),
+        times: Vec::new(),
+    });
+    let others = std::env::var_os("DEID_BENCH_ONLY_OURS").is_none();
+    // dcmtk dcmodify: a handful of edits, in place on a fresh copy (copying is not timed).
+    if others && Command::new("dcmodify").arg("--version").output().is_ok() {
+        contenders.push(Contender {
+            name: "dcmtk dcmodify (8 edits)",
+            run: Box::new(|out| {
+                let files = copy_dir(input, out);
+                sync();
+                timed(
+                    Command::new("dcmodify")
+                        .args(["-nb", "-q", "-ie"])
+                        .args(["-ma", "(0010,0010)=ANON", "-ma", "(0010,0020)=ANON"])
+                        .args(["-ea", "(0010,0030)", "-ea", "(0008,0080)"])
+                        .args(["-ea", "(0008,0090)", "-ea", "(0008,0050)"])
+                        .args(["-gin", "-gst", "-gse", "-ep"])
+                        .args(&files),
+                    "dcmodify",
+                )
+            }),
+            times: Vec::new(),
         });
-        report("dcmtk dcmodify (8 edits)", n, bytes, t, Some(ours));
-    } else {
+    } else if others {
         println!("dcmtk dcmodify not installed; skipped");
     }
-
-    match python_with_dicognito() {
-        Some(py) => {
-            let mut rep = 0;
-            let t = median(|| {
-                rep += 1;
-                let start = Instant::now();
-                let status = Command::new(&py)
-                    .args([
-                        "-m",
-                        "dicognito",
-                        "--quiet",
-                        "--assume-burned-in-annotation",
-                        "never",
-                        "-o",
-                    ])
-                    .arg(tmp.path().join(format!("out-dicognito-{rep}")))
-                    .arg(&input)
-                    .status()
-                    .unwrap();
-                assert!(status.success(), "dicognito failed: {status}");
-                start.elapsed()
-            });
-            report("dicognito (pydicom)", n, bytes, t, Some(ours));
-        }
-        None => println!("dicognito not installed (pip install dicognito); skipped"),
+    match python_with("dicognito").filter(|_| others) {
+        Some(py) => contenders.push(Contender {
+            name: "dicognito (pydicom)",
+            run: Box::new(move |out| {
+                timed(
+                    Command::new(&py)
+                        .args(["-m", "dicognito", "--quiet"])
+                        .args(["--assume-burned-in-annotation", "never", "-o"])
+                        .arg(out)
+                        .arg(input),
+                    "dicognito",
+                )
+            }),
+            times: Vec::new(),
+        }),
+        None if others => println!("dicognito not installed (pip install dicognito); skipped"),
+        None => {}
+    }
+    match python_with("deid.dicom").filter(|_| others) {
+        Some(py) => contenders.push(Contender {
+            name: "pydicom-deid (PyPI deid)",
+            run: Box::new(move |out| {
+                std::fs::create_dir_all(out).unwrap();
+                timed(
+                    Command::new(&py)
+                        .args(["-c", PYDICOM_DEID])
+                        .arg(input)
+                        .arg(out),
+                    "pydicom-deid",
+                )
+            }),
+            times: Vec::new(),
+        }),
+        None if others => println!("pydicom-deid not installed (pip install deid); skipped"),
+        None => {}
     }
 
-    // pydicom-deid (PyPI `deid`) with its default recipe, private tags removed.
-    let script = "import sys, glob\nfrom deid.logger import bot\nbot.level = 0\n\
-from deid.dicom import replace_identifiers\n\
-files = sorted(glob.glob(sys.argv[1] + '/*.dcm'))\n\
-replace_identifiers(files, save=True, output_folder=sys.argv[2], overwrite=True, remove_private=True)\n";
-    match python_with("deid.dicom") {
-        Some(py) => {
-            let mut rep = 0;
-            let t = median(|| {
-                rep += 1;
-                let out = tmp.path().join(format!("out-deid-{rep}"));
-                std::fs::create_dir_all(&out).unwrap();
-                let start = Instant::now();
-                let status = Command::new(&py)
-                    .args(["-c", script])
-                    .arg(&input)
-                    .arg(&out)
-                    .stdout(std::process::Stdio::null())
-                    .stderr(std::process::Stdio::null())
-                    .status()
-                    .unwrap();
-                assert!(status.success(), "deid failed: {status}");
-                start.elapsed()
-            });
-            report("pydicom-deid (PyPI deid)", n, bytes, t, Some(ours));
-        }
-        None => println!("pydicom-deid not installed (pip install deid); skipped"),
-    }
-}
-
-/// Repetitions per tool; the median is reported.
-const REPS: usize = 3;
-
-/// Flushes every dirty page so that one tool's writes do not slow the next one's fsyncs.
-fn sync() {
-    let _ = Command::new("sync").status();
-}
-
-/// The median of [`REPS`] timed runs, each started after [`sync`].
-fn median(mut run: impl FnMut() -> Duration) -> Duration {
-    let mut times: Vec<Duration> = (0..REPS)
-        .map(|_| {
+    println!(
+        "each figure: the median of {REPS} rounds; each round runs every tool once, in turn, \
+         each after `sync` (no dirty pages pending)\n"
+    );
+    for round in 0..REPS {
+        for (i, c) in contenders.iter_mut().enumerate() {
+            let out = tmp.path().join(format!("out-{i}-{round}"));
             sync();
-            run()
+            c.times.push((c.run)(&out));
+        }
+    }
+    let medians: Vec<Duration> = contenders
+        .iter_mut()
+        .map(|c| {
+            c.times.sort();
+            c.times[REPS / 2]
         })
         .collect();
-    times.sort();
-    times[REPS / 2]
+    // Ratios are against the slower of pacs-broker's two figures.
+    let ours = medians[0].max(medians[1]);
+    for (i, (c, t)) in contenders.iter().zip(&medians).enumerate() {
+        let spread = format!(
+            "(runs {:.2}-{:.2} s)",
+            c.times[0].as_secs_f64(),
+            c.times[REPS - 1].as_secs_f64()
+        );
+        report(c.name, n, bytes, *t, (i >= 2).then_some(ours), &spread);
+    }
+}
+
+/// Rounds; the median of each tool's runs is reported.
+const REPS: usize = 5;
+
+/// Flushes every dirty page so that one tool's writes do not slow the next one's.
+fn sync() {
+    let _ = Command::new("sync").status();
 }
