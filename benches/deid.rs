@@ -7,6 +7,8 @@
 //!     cargo bench --bench deid                 # 500 instances
 //!     DEID_BENCH_INSTANCES=100 cargo bench --bench deid
 //!     DEID_BENCH_ONLY_OURS=1 cargo bench --bench deid   # skip the comparison tools
+//!     DEID_BENCH_VERBOSE=1 DEID_BENCH_RUSAGE=1 cargo bench --bench deid   # every run, and the
+//!                                          # command line's CPU time (needs /usr/bin/time)
 //!
 //! A benchmark, not a test: it prints instances/s, MB/s and the ratios, and skips a comparison
 //! tool that is not installed.
@@ -204,6 +206,9 @@ fn main() {
         let start = Instant::now();
         let out = cmd.output().unwrap();
         let took = start.elapsed();
+        if std::env::var_os("DEID_BENCH_RUSAGE").is_some() {
+            eprint!("{}", String::from_utf8_lossy(&out.stderr));
+        }
         assert!(out.status.success(), "{what} failed: {out:?}");
         took
     };
@@ -224,9 +229,19 @@ fn main() {
     contenders.push(Contender {
         name: "pacs-broker deid, command line",
         run: Box::new(|out| {
-            timed(
+            let mut cmd = if std::env::var_os("DEID_BENCH_RUSAGE").is_some() {
+                let mut c = Command::new("/usr/bin/time");
+                c.args([
+                    "-f",
+                    "cli: %e s elapsed %U user %S sys %F majfl %R minfl %w waits %c ctxsw",
+                    exe,
+                ]);
+                c
+            } else {
                 Command::new(exe)
-                    .args(["deid", "--profile", "basic", "--option"])
+            };
+            timed(
+                cmd.args(["deid", "--profile", "basic", "--option"])
                     .arg("retain-longitudinal-modified-dates")
                     .arg("--key")
                     .arg(&key)
@@ -307,7 +322,11 @@ fn main() {
         for (i, c) in contenders.iter_mut().enumerate() {
             let out = tmp.path().join(format!("out-{i}-{round}"));
             sync();
-            c.times.push((c.run)(&out));
+            let t = (c.run)(&out);
+            if std::env::var_os("DEID_BENCH_VERBOSE").is_some() {
+                eprintln!("round {round}: {} {t:?}", c.name);
+            }
+            c.times.push(t);
         }
     }
     let medians: Vec<Duration> = contenders
