@@ -521,9 +521,8 @@ mod tests {
         assert!(!e.contains("DOE"), "{e}");
     }
 
-    #[test]
-    fn walks_into_sequences_and_skips_fragments() {
-        // (0008,1115) SQ undefined length { item undefined { (0008,1150) UI 2 bytes } } end.
+    /// (0008,1115) SQ undefined length { item undefined { (0008,1150) UI 2 bytes } } end.
+    fn undefined_length_sequence() -> Vec<u8> {
         let mut ds = vec![
             0x08, 0x00, 0x15, 0x11, b'S', b'Q', 0, 0, 0xFF, 0xFF, 0xFF, 0xFF,
         ];
@@ -531,6 +530,12 @@ mod tests {
         ds.extend_from_slice(&[0x08, 0x00, 0x50, 0x11, b'U', b'I', 2, 0, b'1', 0]);
         ds.extend_from_slice(&[0xFE, 0xFF, 0x0D, 0xE0, 0, 0, 0, 0]);
         ds.extend_from_slice(&[0xFE, 0xFF, 0xDD, 0xE0, 0, 0, 0, 0]);
+        ds
+    }
+
+    #[test]
+    fn walks_into_sequences_and_skips_fragments() {
+        let mut ds = undefined_length_sequence();
         // Encapsulated pixel data: a fragment whose bytes look like a header with a huge length.
         ds.extend_from_slice(&[
             0xE0, 0x7F, 0x10, 0x00, b'O', b'B', 0, 0, 0xFF, 0xFF, 0xFF, 0xFF,
@@ -593,13 +598,7 @@ mod tests {
 
     #[test]
     fn encapsulated_pixel_data_ends_with_its_delimiter() {
-        let mut ds = vec![
-            0x08, 0x00, 0x15, 0x11, b'S', b'Q', 0, 0, 0xFF, 0xFF, 0xFF, 0xFF,
-        ];
-        ds.extend_from_slice(&[0xFE, 0xFF, 0x00, 0xE0, 0xFF, 0xFF, 0xFF, 0xFF]);
-        ds.extend_from_slice(&[0x08, 0x00, 0x50, 0x11, b'U', b'I', 2, 0, b'1', 0]);
-        ds.extend_from_slice(&[0xFE, 0xFF, 0x0D, 0xE0, 0, 0, 0, 0]);
-        ds.extend_from_slice(&[0xFE, 0xFF, 0xDD, 0xE0, 0, 0, 0, 0]);
+        let mut ds = undefined_length_sequence();
         let start = DS + ds.len() as u64;
         ds.extend_from_slice(&[
             0xE0, 0x7F, 0x10, 0x00, b'O', b'B', 0, 0, 0xFF, 0xFF, 0xFF, 0xFF,
