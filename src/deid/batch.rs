@@ -302,9 +302,14 @@ fn new_staging(dir: &Path) -> Result<Staging, String> {
     #[cfg(target_os = "linux")]
     {
         use rustix::fs::{Mode, OFlags};
-        let flags = OFlags::TMPFILE | OFlags::WRONLY | OFlags::CLOEXEC;
-        if let Ok(fd) = rustix::fs::openat(rustix::fs::CWD, dir, flags, Mode::RUSR | Mode::WUSR) {
-            return Ok(Staging::Unnamed(fs::File::from(fd)));
+        // An unnamed file is given its name through /proc/self/fd (see `place`).
+        static PROC_FD: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        let flags = OFlags::TMPFILE | OFlags::RDWR | OFlags::CLOEXEC;
+        if *PROC_FD.get_or_init(|| Path::new("/proc/self/fd").is_dir()) {
+            if let Ok(fd) = rustix::fs::openat(rustix::fs::CWD, dir, flags, Mode::RUSR | Mode::WUSR)
+            {
+                return Ok(Staging::Unnamed(fs::File::from(fd)));
+            }
         }
     }
     tempfile::Builder::new()
@@ -412,7 +417,8 @@ fn place(staging: Staging, target: &Path) -> Result<(), String> {
                             fail(e)
                         })
                     }
-                    Err(e) => Err(fail(e.into())),
+                    // Linking refused (a sandbox, say): copy it into a named file instead.
+                    Err(e) => copy_into_place(&file, target).map_err(|_| fail(e.into())),
                 }
             }
             #[cfg(not(target_os = "linux"))]
@@ -422,6 +428,22 @@ fn place(staging: Staging, target: &Path) -> Result<(), String> {
             }
         }
     }
+}
+
+/// The slow way to name a flushed unnamed file: copy it into a hidden named file beside the
+/// target, flush that, and rename it into place.
+#[cfg(target_os = "linux")]
+fn copy_into_place(mut file: &fs::File, target: &Path) -> std::io::Result<()> {
+    use std::io::Seek;
+    let dir = target.parent().unwrap_or(Path::new("."));
+    let mut named = tempfile::Builder::new()
+        .prefix(".deid-")
+        .suffix(".part")
+        .tempfile_in(dir)?;
+    file.seek(std::io::SeekFrom::Start(0))?;
+    std::io::copy(&mut file, named.as_file_mut())?;
+    named.as_file().sync_all()?;
+    named.persist(target).map(|_| ()).map_err(|e| e.error)
 }
 
 fn flush_to_disk(staged: &[StagedOutput]) -> Result<(), String> {
@@ -631,4 +653,37 @@ pub fn run_batch(
         }
     }
     Ok(summary)
+}
+
+#[cfg(all(test, target_os = "linux"))]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_unnamed_output_is_named_by_link_or_else_by_copy() {
+        let dir = tempfile::tempdir().unwrap();
+        let stage = |bytes: &[u8]| match new_staging(dir.path()).unwrap() {
+            Staging::Unnamed(mut f) => {
+                f.write_all(bytes).unwrap();
+                f.sync_all().unwrap();
+                f
+            }
+            Staging::Named(_) => panic!("O_TMPFILE is available on this file system"),
+        };
+        let linked = dir.path().join("linked.dcm");
+        place(Staging::Unnamed(stage(b"first")), &linked).unwrap();
+        assert_eq!(fs::read(&linked).unwrap(), b"first");
+        // A second output for the same name replaces the first.
+        place(Staging::Unnamed(stage(b"second")), &linked).unwrap();
+        assert_eq!(fs::read(&linked).unwrap(), b"second");
+        // The fallback used when linking is refused.
+        let copied = dir.path().join("copied.dcm");
+        copy_into_place(&stage(b"third"), &copied).unwrap();
+        assert_eq!(fs::read(&copied).unwrap(), b"third");
+        let names: Vec<_> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names.len(), 2, "{names:?}");
+    }
 }
