@@ -139,8 +139,8 @@ pub fn read_and_deidentify(
         // The pixel data stays in the input file and is copied into the output at the end,
         // unless de-identifying needs its values (cleaning burned-in text).
         let (mut obj, mut pixels) = super::guard::read_guarded_split(input).map_err(failed)?;
-        if pixels.is_some() && deid.needs_pixel_values(&obj) {
-            (obj, pixels) = (super::guard::read_guarded(input).map_err(failed)?, None);
+        if let Some(source) = pixels.take_if(|_| deid.needs_pixel_values(&obj)) {
+            obj = source.parse_whole().map_err(failed)?;
         }
         admit(&obj).map_err(|reason| NotDeidentified::NotAdmitted { reason })?;
         let mut d = deid.deidentify(obj).map_err(|e| match e {
@@ -576,7 +576,7 @@ pub fn run_batch(
                 .map_err(io)?;
         }
         drop(tx);
-        let mut finish = |mut item: BatchItem| -> Result<(), BatchError> {
+        let mut finish = |item: BatchItem| -> Result<(), BatchError> {
             let line = match &item.outcome {
                 BatchOutcome::Deidentified { .. } => {
                     summary.deidentified += 1;
@@ -600,9 +600,6 @@ pub fn run_batch(
                 writeln!(qfile, "{json}").map_err(io)?;
             }
             on_item(&item);
-            item.outcome = BatchOutcome::Failed {
-                reason: String::new(),
-            };
             Ok(())
         };
         // Written outputs wait here until a commit has made them durable and put them in place;

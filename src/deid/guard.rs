@@ -128,6 +128,7 @@ pub fn read_guarded(path: &std::path::Path) -> Result<dicom_object::DefaultDicom
 pub struct PixelSource {
     file: std::fs::File,
     range: std::ops::Range<u64>,
+    layout: Layout,
 }
 
 impl PixelSource {
@@ -154,6 +155,12 @@ impl PixelSource {
             );
         }
         Ok(())
+    }
+
+    /// Parses the whole file after all, pixel values included, from the same open file (for
+    /// de-identification that must change pixels).
+    pub fn parse_whole(self) -> Result<dicom_object::DefaultDicomObject, String> {
+        parse(&self.file, &self.layout, false)
     }
 }
 
@@ -183,7 +190,14 @@ pub fn read_guarded_split(
             && !parsed.contains(&dicom_dictionary_std::tags::PIXEL_DATA)
         {
             obj.put(pixel_placeholder(vr));
-            return Ok((obj, Some(PixelSource { file, range })));
+            return Ok((
+                obj,
+                Some(PixelSource {
+                    file,
+                    range,
+                    layout,
+                }),
+            ));
         }
     }
     parse(&file, &layout, false).map(|obj| (obj, None))
