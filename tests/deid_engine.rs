@@ -394,19 +394,20 @@ fn unknown_public_text_is_removed_by_default_and_kept_by_override() {
 
 #[test]
 fn residual_phi_is_refused_and_reasons_carry_no_phi() {
-    // A name typed into a value the profile keeps (a code string) is caught by the verifier.
+    // A name typed into free text the profile keeps (a reviewed technical attribute) is caught
+    // by the verifier. (Code strings are vocabulary: see tests/deid_realworld.rs.)
     let obj = ct(
         "1.2.3",
         "1.2.3.1",
         "1.2.3.1.1",
-        vec![text(tags::IMAGE_TYPE, VR::CS, "ORIGINAL\\PRIMARY\\DOE")],
+        vec![text(tags::CONVOLUTION_KERNEL, VR::SH, "B30f DOE")],
     );
     let err = deidentifier(&[]).deidentify(obj).unwrap_err();
     let DeidError::Quarantined { reason } = &err else {
         panic!("expected quarantine, got {err}")
     };
     assert!(
-        reason.contains("patient name") && reason.contains("ImageType"),
+        reason.contains("patient name") && reason.contains("ConvolutionKernel"),
         "{reason}"
     );
     // A name in a description is removed (basic) or scrubbed (clean-descriptors).

@@ -227,7 +227,7 @@ fn open_walked(path: &std::path::Path) -> Result<(std::fs::File, Layout), String
     let file =
         std::fs::File::open(path).map_err(|e| format!("cannot open the file: {}", e.kind()))?;
     let mut reader = std::io::BufReader::with_capacity(64 * 1024, file);
-    let layout = walk(&mut reader)?;
+    let layout = walk_tolerant(&mut reader)?;
     Ok((reader.into_inner(), layout))
 }
 
@@ -239,6 +239,9 @@ fn parse(
     until_pixel_data: bool,
 ) -> Result<dicom_object::DefaultDicomObject, String> {
     use dicom_object::file::ReadPreamble;
+    if layout.storage != Storage::Part10 || layout.un_sequences {
+        return parse_rewritten(file, layout);
+    }
     file.seek(SeekFrom::Start(0))
         .map_err(|e| format!("cannot read the file: {}", e.kind()))?;
     let mut options = dicom_object::OpenFileOptions::new().read_preamble(if layout.magic_at == 0 {
@@ -254,6 +257,106 @@ fn parse(
         m.truncate(200);
         format!("not a readable DICOM Part 10 file: {m}")
     })
+}
+
+/// Reads a file the library cannot parse as it is: a bare data set (given a file meta group of
+/// its own), a deflated data set (inflated and checked here, under a bound), or a data set with
+/// CP-246 sequences (rewritten, then checked). The data set is read into memory; the object's
+/// transfer syntax is the file's (deflated stays deflated; a bare data set gets the one it was
+/// written in), so the output is a proper Part 10 file of the same encoding.
+fn parse_rewritten(
+    mut file: &std::fs::File,
+    layout: &Layout,
+) -> Result<dicom_object::DefaultDicomObject, String> {
+    use dicom_transfer_syntax_registry::{TransferSyntaxIndex, TransferSyntaxRegistry};
+    let io = |e: std::io::Error| format!("cannot read the file: {}", e.kind());
+    let unreadable = |e: &dyn std::fmt::Display| {
+        let mut m = e.to_string();
+        m.truncate(200);
+        format!("not a readable DICOM data set: {m}")
+    };
+    file.seek(SeekFrom::Start(0)).map_err(io)?;
+    let mut bytes = Vec::new();
+    file.read_to_end(&mut bytes).map_err(io)?;
+    let start = usize::try_from(layout.dataset_at)
+        .ok()
+        .filter(|&s| s <= bytes.len())
+        .ok_or("the file changed while it was read")?;
+    let meta = match layout.storage {
+        Storage::Bare { .. } => None,
+        _ => Some(
+            dicom_object::FileMetaTable::from_reader(&bytes[layout.magic_at as usize..start])
+                .map_err(|e| unreadable(&e))?,
+        ),
+    };
+    let mut dataset = match layout.storage {
+        Storage::Deflated => inflate_checked(&bytes[start..])?,
+        _ => bytes.split_off(start),
+    };
+    if layout.un_sequences {
+        dataset = super::transcode::rewrite_cp246(&dataset)?;
+        check_dataset_lengths(&dataset, true, true)?;
+    }
+    let (file_ts, read_ts) = match (layout.storage, &meta) {
+        (Storage::Bare { explicit: true }, _) => (EXPLICIT_VR_LE.to_string(), EXPLICIT_VR_LE),
+        (Storage::Bare { explicit: false }, _) => (IMPLICIT_VR_LE.to_string(), IMPLICIT_VR_LE),
+        (Storage::Deflated, _) => (DEFLATED_EXPLICIT_VR_LE.to_string(), EXPLICIT_VR_LE),
+        (Storage::Part10, Some(m)) => {
+            let ts = m
+                .transfer_syntax()
+                .trim_end_matches(['\0', ' '])
+                .to_string();
+            let read = if ts == DEFLATED_EXPLICIT_VR_LE {
+                EXPLICIT_VR_LE
+            } else {
+                ""
+            };
+            (ts, read)
+        }
+        (Storage::Part10, None) => return Err("the file meta group is missing".into()),
+    };
+    let read_uid = if read_ts.is_empty() {
+        file_ts.as_str()
+    } else {
+        read_ts
+    };
+    let ts = TransferSyntaxRegistry
+        .get(read_uid)
+        .ok_or_else(|| format!("unknown transfer syntax {read_uid}"))?;
+    let obj = dicom_object::InMemDicomObject::read_dataset_with_ts(&dataset[..], ts)
+        .map_err(|e| unreadable(&e))?;
+    let meta = match meta {
+        Some(m) => m,
+        None => bare_meta(&obj, &file_ts)?,
+    };
+    Ok(obj.with_exact_meta(meta))
+}
+
+/// A file meta group for a bare data set: its SOP class and instance, and the transfer syntax
+/// it was written in. Without SOP Class or Instance UID it is no storage object.
+fn bare_meta(
+    obj: &dicom_object::InMemDicomObject,
+    ts: &str,
+) -> Result<dicom_object::FileMetaTable, String> {
+    use dicom_dictionary_std::tags;
+    let uid = |tag| {
+        obj.get(tag)
+            .and_then(|e| e.to_str().ok())
+            .map(|s| s.trim_matches(['\0', ' ']).to_string())
+            .filter(|s| !s.is_empty())
+    };
+    let (Some(class), Some(instance)) = (uid(tags::SOP_CLASS_UID), uid(tags::SOP_INSTANCE_UID))
+    else {
+        return Err(
+            "not a storage object: a data set without file meta group, SOP Class UID or SOP Instance UID".into(),
+        );
+    };
+    dicom_object::FileMetaTableBuilder::new()
+        .transfer_syntax(ts)
+        .media_storage_sop_class_uid(class)
+        .media_storage_sop_instance_uid(instance)
+        .build()
+        .map_err(|e| format!("cannot build a file meta group: {e}"))
 }
 
 /// A reader that knows its position, so that moving to a header near the current one is a
@@ -303,10 +406,63 @@ pub struct Layout {
     /// The tags of the top-level data set elements before it, in file order (file meta
     /// excluded): what a parser stopping at Pixel Data must have read, for a cross-check.
     pub before_pixel_data: Vec<Tag>,
+    /// How the data set is stored.
+    pub storage: Storage,
+    /// Where the data set starts: after the file meta group, or 0 for a bare data set.
+    pub dataset_at: u64,
+    /// True when the data set holds sequences stored as UN of undefined length (CP-246), which
+    /// are rewritten ([`super::transcode`]) before parsing. Only a tolerant walk sets it; the
+    /// strict one refuses such files.
+    pub un_sequences: bool,
 }
 
+/// How a file holds its data set.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Storage {
+    /// DICOM Part 10: preamble (or not), `DICM`, file meta group, data set.
+    #[default]
+    Part10,
+    /// A bare data set in little endian, without preamble nor file meta group (ACR-NEMA-style
+    /// files, common in old archives): implicit VR, or explicit VR when the first element has
+    /// one, as dcmtk and pydicom guess.
+    Bare { explicit: bool },
+    /// Deflated Explicit VR Little Endian: the data set after the file meta group is a raw
+    /// deflate stream, inflated (up to [`MAX_INFLATED`]) and checked before parsing.
+    Deflated,
+}
+
+/// The largest data set a deflated file may inflate to: more is refused as a decompression bomb
+/// (deflate compresses up to about 1000:1, so a 1 MB file could ask for a gigabyte).
+pub const MAX_INFLATED: u64 = 512 << 20;
+
+/// Transfer syntax UIDs the guard reads itself.
+const EXPLICIT_VR_LE: &str = "1.2.840.10008.1.2.1";
+const IMPLICIT_VR_LE: &str = "1.2.840.10008.1.2";
+const DEFLATED_EXPLICIT_VR_LE: &str = "1.2.840.10008.1.2.1.99";
+
 /// The header walk behind [`check_declared_lengths`], also reporting the file's [`Layout`].
+///
+/// Strict: it accepts only what the DICOM library can then parse from the file as it is, so it
+/// refuses bare data sets and CP-246 sequences; a deflated data set is inflated (bounded) and
+/// its lengths checked.
 pub fn walk<R: Read + Seek>(src: &mut R) -> Result<Layout, String> {
+    let layout = walk_with(src, false)?;
+    if layout.storage == Storage::Deflated {
+        let io = |e: std::io::Error| format!("cannot read the file: {}", e.kind());
+        src.seek(SeekFrom::Start(layout.dataset_at)).map_err(io)?;
+        inflate_checked(src)?;
+    }
+    Ok(layout)
+}
+
+/// The walk the guarded readers use: like [`walk`], but it also accepts what they read
+/// themselves before the library parses it: bare data sets ([`Storage::Bare`]) and CP-246
+/// sequences ([`Layout::un_sequences`]); deflated data sets are inflated and checked when parsed.
+fn walk_tolerant<R: Read + Seek>(src: &mut R) -> Result<Layout, String> {
+    walk_with(src, true)
+}
+
+fn walk_with<R: Read + Seek>(src: &mut R, tolerant: bool) -> Result<Layout, String> {
     let io = |e: std::io::Error| format!("cannot read the file: {}", e.kind());
     let total = src.seek(SeekFrom::End(0)).map_err(io)?;
     let src = &mut Tracked {
@@ -326,11 +482,62 @@ pub fn walk<R: Read + Seek>(src: &mut R) -> Result<Layout, String> {
         }
     }
     if pos == 0 {
-        return Err("not a DICOM Part 10 file (no DICM marker)".into());
+        let explicit = match bare_dataset(src, total) {
+            Some(explicit) if tolerant => explicit,
+            _ => {
+                return Err("not a DICOM file (no DICM marker, and not a bare little endian data set starting with group 0008)".into())
+            }
+        };
+        let mut layout = walk_from(src, 0, total, false, explicit, true, tolerant)?;
+        layout.storage = Storage::Bare { explicit };
+        // The library cannot stop at the pixel data of a bare data set: no pass-through.
+        layout.pixel_data = None;
+        return Ok(layout);
     }
-    let mut layout = walk_from(src, pos, total, true, true, true)?;
+    let mut layout = walk_from(src, pos, total, true, true, true, tolerant)?;
     layout.magic_at = pos - 4;
+    if layout.un_sequences || layout.storage != Storage::Part10 {
+        layout.pixel_data = None;
+    }
     Ok(layout)
+}
+
+/// Whether the file starts like a bare data set in little endian: an element of group 0008
+/// (every composite object has SOP Class UID there), with an explicit VR or not.
+fn bare_dataset<R: Read + Seek>(src: &mut Tracked<'_, R>, total: u64) -> Option<bool> {
+    if total < 8 {
+        return None;
+    }
+    src.goto(0).ok()?;
+    let mut b = [0u8; 6];
+    src.read_exact(&mut b).ok()?;
+    let (group, element) = (
+        u16::from_le_bytes([b[0], b[1]]),
+        u16::from_le_bytes([b[2], b[3]]),
+    );
+    if group != 0x0008 || element > 0x0018 {
+        return None;
+    }
+    let vr = [b[4], b[5]];
+    Some(EXPLICIT_LONG.contains(&&vr) || EXPLICIT_SHORT.contains(&&vr))
+}
+
+/// Inflates a deflated data set (raw deflate, PS3.5 A.5), refusing more than [`MAX_INFLATED`]
+/// bytes, and checks the declared lengths of the result (explicit VR little endian).
+pub fn inflate_checked<R: Read>(deflated: R) -> Result<Vec<u8>, String> {
+    let mut out = Vec::new();
+    flate2::read::DeflateDecoder::new(deflated)
+        .take(MAX_INFLATED + 1)
+        .read_to_end(&mut out)
+        .map_err(|e| format!("the deflated data set cannot be inflated: {}", e.kind()))?;
+    if out.len() as u64 > MAX_INFLATED {
+        return Err(format!(
+            "the deflated data set inflates to more than {} MiB: refused",
+            MAX_INFLATED >> 20
+        ));
+    }
+    check_dataset_lengths(&out, true, true)?;
+    Ok(out)
 }
 
 /// Checks the declared lengths of a bare data set held in memory (no preamble, no file meta),
@@ -342,7 +549,7 @@ pub fn check_dataset_lengths(bytes: &[u8], explicit: bool, little: bool) -> Resu
         inner: &mut cursor,
         cur: 0,
     };
-    walk_from(src, 0, bytes.len() as u64, false, explicit, little).map(|_| ())
+    walk_from(src, 0, bytes.len() as u64, false, explicit, little, false).map(|_| ())
 }
 
 /// The walk itself, from `pos` to `total`: starting in the file meta group (explicit VR little
@@ -355,6 +562,7 @@ fn walk_from<R: Read + Seek>(
     in_meta: bool,
     mut explicit: bool,
     mut little: bool,
+    tolerant: bool,
 ) -> Result<Layout, String> {
     let io = |e: std::io::Error| format!("cannot read the file: {}", e.kind());
     let mut layout = Layout::default();
@@ -370,7 +578,17 @@ fn walk_from<R: Read + Seek>(
     // Where the group length (0002,0000) says the meta group ends, once read.
     let mut meta_end: Option<u64> = None;
     let mut in_fragments = false;
+    let mut deflated = false;
+    if !in_meta {
+        layout.dataset_at = pos;
+    }
     while pos < total {
+        if meta && deflated && meta_end.is_some_and(|e| pos >= e) {
+            // The rest is a deflate stream: inflated and checked when it is read.
+            layout.storage = Storage::Deflated;
+            layout.dataset_at = pos;
+            return Ok(layout);
+        }
         if total - pos < 8 {
             return Err("the file ends inside an element header".into());
         }
@@ -389,6 +607,7 @@ fn walk_from<R: Read + Seek>(
                         "the file meta group length (0002,0000) disagrees with its elements".into(),
                     );
                 }
+                layout.dataset_at = pos;
                 src.goto(pos).map_err(io)?;
                 read_header(src, explicit, little).map_err(io)?
             } else {
@@ -405,8 +624,14 @@ fn walk_from<R: Read + Seek>(
                     match String::from_utf8_lossy(&v).trim_end_matches(['\0', ' ']) {
                         "1.2.840.10008.1.2" => (explicit, little) = (false, true),
                         "1.2.840.10008.1.2.2" => (explicit, little) = (true, false),
-                        // A deflated data set cannot be walked without inflating it.
-                        "1.2.840.10008.1.2.1.99" => return Ok(layout),
+                        // A deflated data set cannot be walked without inflating it: the
+                        // meta group ends where its group length says, the stream follows.
+                        DEFLATED_EXPLICIT_VR_LE => {
+                            if meta_end.is_none() {
+                                return Err("a deflated file without file meta group length (0002,0000) cannot be read safely".into());
+                            }
+                            deflated = true;
+                        }
                         _ => (explicit, little) = (true, true),
                     }
                 }
@@ -450,6 +675,13 @@ fn walk_from<R: Read + Seek>(
             // lengths (fuzzing found 3.7 GB requests from a 674-byte file), and it cannot
             // de-identify these files anyway: refused, by name.
             if h.vr == Some(*b"UN") {
+                // The guarded readers rewrite such sequences before parsing (little endian
+                // only: the standard's implicit content is little endian): the rest of the
+                // walk is done on the rewritten data set.
+                if tolerant && little && !meta {
+                    layout.un_sequences = true;
+                    return Ok(layout);
+                }
                 return Err(format!(
                     "element {tag} is a sequence encoded as UN of undefined length (CP-246), which is not supported"
                 ));
@@ -493,6 +725,12 @@ fn walk_from<R: Read + Seek>(
     }
     while open.last().is_some_and(|end| end.is_some_and(|e| pos >= e)) {
         open.pop();
+    }
+    if meta {
+        layout.dataset_at = pos;
+        if deflated {
+            layout.storage = Storage::Deflated;
+        }
     }
     if let Some((start, Some(end))) = pixel {
         if end == total && open.is_empty() && !after_pixel && !irregular {

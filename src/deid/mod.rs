@@ -6,8 +6,10 @@
 //! table compiled in ([`table`], generated from `standard/ps315_table_e1_1.csv`), the engine
 //! ([`Deidentifier`]) that turns one DICOM object into its de-identified form at every nesting
 //! depth, the burned-in text gate and pixel cleaning ([`pixels`]), the fail-closed checks
-//! ([`verify`]: residual-PHI verifier at the origin, [`check_release`] at the receiver), and the
-//! batch runner shared by the `deid` command and the send path ([`batch`]).
+//! ([`verify`]: residual-PHI verifier at the origin, [`check_release`] at the receiver), the
+//! recognizable-visual-features gate ([`visual`]), the guarded reader every input goes through
+//! ([`guard`], with [`transcode`] for CP-246 sequences), and the batch runner shared by the
+//! `deid` command and the send path ([`batch`]).
 //!
 //! Does not own: the network, the agreement file (that is `dsa`, which builds a [`DeidConfig`]),
 //! nor the keys (that is `pseudonym`, which provides the [`Tokenizer`]).
@@ -45,10 +47,12 @@ pub mod guard;
 pub mod pixels;
 pub mod policy;
 pub mod table;
+pub mod transcode;
 #[rustfmt::skip]
 mod table_e1_1;
 pub mod values;
 pub mod verify;
+pub mod visual;
 
 pub use batch::{run_batch, BatchItem, BatchOutcome, BatchSummary};
 pub use table::Action;
@@ -370,6 +374,9 @@ impl Deidentifier {
         mut obj: DefaultDicomObject,
         record_values: bool,
     ) -> Result<(Deidentified, Result<(), DeidError>), DeidError> {
+        if let Some(reason) = not_a_storage_object(&obj) {
+            return Err(DeidError::Quarantined { reason });
+        }
         for (tag, name) in [
             (tags::STUDY_INSTANCE_UID, "StudyInstanceUID"),
             (tags::SERIES_INSTANCE_UID, "SeriesInstanceUID"),
@@ -397,6 +404,10 @@ impl Deidentifier {
                     reason: format!("{risk}, and the flow does not enable clean-pixel-data"),
                 });
             }
+        }
+        // A face is held back whatever the burned-in text gate decided (PS3.15 E.3.2).
+        if let Some(reason) = visual::gate(&obj, &self.config) {
+            gate = Err(DeidError::Quarantined { reason });
         }
         let little_endian =
             obj.meta().transfer_syntax().trim_end_matches('\0') != "1.2.840.10008.1.2.2";
@@ -568,6 +579,29 @@ impl Deidentifier {
             longitudinal,
         ));
     }
+}
+
+/// Media Storage Directory Storage: a DICOMDIR.
+const MEDIA_STORAGE_DIRECTORY: &str = "1.2.840.10008.1.3.10";
+
+/// Why `obj` is not an object to share at all, or `None`. A DICOMDIR (media directory) lists
+/// the patients, studies and files of a medium, names and IDs included: it is never sent as it
+/// is (the receiver indexes what it receives itself).
+fn not_a_storage_object(obj: &DefaultDicomObject) -> Option<String> {
+    let class = text(obj, tags::SOP_CLASS_UID)
+        .filter(|c| !c.is_empty())
+        .unwrap_or_else(|| {
+            obj.meta()
+                .media_storage_sop_class_uid()
+                .trim_end_matches(['\0', ' '])
+                .to_string()
+        });
+    if class == MEDIA_STORAGE_DIRECTORY || obj.get(tags::DIRECTORY_RECORD_SEQUENCE).is_some() {
+        return Some(
+            "not a storage object: a DICOMDIR (media directory, which lists patient names and IDs) is never sent; the receiver indexes the instances it gets".into(),
+        );
+    }
+    None
 }
 
 /// Holds native 16-bit pixel data as its little-endian bytes when the transfer syntax is little

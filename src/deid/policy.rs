@@ -135,6 +135,23 @@ pub const SAFE_TEXT: &[Tag] = &[
     tags::SEGMENT_ALGORITHM_NAME,
 ];
 
+/// The text of coded entries (PS3.3 Table 8.8-1), in any sequence: kept as vocabulary, but
+/// cleaned (C) of the identifying words of the instance, because a Code Meaning, a private
+/// coding scheme's code value or its name is typed by someone and can name the patient. The
+/// residual-PHI verifier searches them as well.
+pub const CODED_TEXT: &[Tag] = &[
+    tags::CODE_VALUE,
+    tags::CODING_SCHEME_DESIGNATOR,
+    tags::CODING_SCHEME_VERSION,
+    tags::CODE_MEANING,
+    tags::LONG_CODE_VALUE,
+    tags::URN_CODE_VALUE,
+    tags::MAPPING_RESOURCE,
+    tags::MAPPING_RESOURCE_NAME,
+    tags::CODING_SCHEME_NAME,
+    tags::CODING_SCHEME_RESPONSIBLE_ORGANIZATION,
+];
+
 /// Composite-action attributes that are Type 1 (or Type 2 for X/D) in some IOD — SR, enhanced
 /// multi-frame, RT plan and treatment records — so they get a dummy (D) when present instead of
 /// being removed (X/D) or emptied (Z/D, X/Z/D). All other composites: X/D -> X, X/Z -> Z,
@@ -308,6 +325,10 @@ fn default_for(tag: Tag, vr: VR, options: &BTreeSet<ProfileOption>) -> (Act, &'s
         | VR::OD
         | VR::OL
         | VR::OV => (Act::Keep, "coded, numeric or binary value kept"),
+        _ if CODED_TEXT.contains(&tag) => (
+            Act::Clean,
+            "coded entry text kept, identifying words of the instance scrubbed",
+        ),
         _ if SAFE_TEXT.contains(&tag) => (Act::Keep, "reviewed technical text kept"),
         _ if EMPTY_BY_DEFAULT.contains(&tag) => {
             (Act::Empty, "Type 2 text emptied (kept for IOD conformance)")

@@ -83,16 +83,16 @@ const INSTITUTION: &[Tag] = &[
     tags::INSTITUTION_ADDRESS,
     tags::INSTITUTIONAL_DEPARTMENT_NAME,
 ];
-/// Coded entry attributes: concepts of a coding scheme.
-const CODED: &[Tag] = &[
-    tags::CODE_VALUE,
-    tags::CODING_SCHEME_DESIGNATOR,
-    tags::CODING_SCHEME_VERSION,
-    tags::CODE_MEANING,
-    tags::LONG_CODE_VALUE,
-    tags::URN_CODE_VALUE,
-    tags::CONTEXT_IDENTIFIER,
-    tags::MAPPING_RESOURCE,
+/// Values the engine itself writes as dummies (D action), folded: never PHI.
+const ENGINE_DUMMIES: &[&str] = &["removed", "urn:removed"];
+/// Top-level attributes the engine writes itself after de-identifying (PS3.15 E.1.1): their text
+/// is the engine's (profile and option names, CID 7050 code meanings), never the input's, so a
+/// patient whose name is a word of it ("Clean", "Patient", "Basic") is not refused for it.
+const ENGINE_WRITTEN: &[Tag] = &[
+    tags::PATIENT_IDENTITY_REMOVED,
+    tags::DEIDENTIFICATION_METHOD,
+    tags::DEIDENTIFICATION_METHOD_CODE_SEQUENCE,
+    tags::LONGITUDINAL_TEMPORAL_INFORMATION_MODIFIED,
 ];
 /// Equipment make and model.
 const EQUIPMENT: &[Tag] = &[
@@ -253,20 +253,27 @@ impl PhiTerms {
 
     /// The kinds of identifying value found in `text` of VR `vr` in attribute `tag`.
     ///
-    /// Two exemptions keep the verifier from refusing every instance of a site: single name parts
-    /// are not searched in coded entries (a code meaning names a concept of a coding scheme, and a
-    /// patient called "Report" would otherwise block every SR), and institution names are not
-    /// searched in the manufacturer and model (sites often type the vendor as the institution).
+    /// Every text value is searched, coded entries included: a Code Meaning is typed by someone
+    /// at some point and can name the patient (the engine scrubs identifying words out of coded
+    /// entry text, so what is found here was not removed). Three exemptions keep the verifier
+    /// from refusing instances for nothing:
+    /// - code strings (CS) are defined terms, a closed vocabulary of at most 16 upper-case
+    ///   characters (`ORIGINAL\PRIMARY\PERFUSION`): they are not searched for name parts or
+    ///   institution names, which are words of the language; identifiers, dates and UIDs are
+    ///   still searched;
+    /// - institution names are not searched in the manufacturer and model (sites often type the
+    ///   vendor as the institution);
+    /// - a value that is exactly a dummy the engine writes (`REMOVED`) is the engine's text.
     fn find(&self, text: &str, vr: VR, tag: Tag) -> Option<&'static str> {
         let folded = fold(text.trim_matches(['\0', ' ']));
-        if folded.is_empty() {
+        if folded.is_empty() || ENGINE_DUMMIES.contains(&folded.as_str()) {
             return None;
         }
         let free = values::is_free_text(vr) || vr == VR::CS || vr == VR::UN || vr == VR::OB;
-        let coded = CODED.contains(&tag);
+        let code_string = vr == VR::CS;
         let equipment = EQUIPMENT.contains(&tag);
         for t in &self.terms {
-            if (coded && t.mode == Mode::Word && t.kind.ends_with("name"))
+            if (code_string && (t.mode == Mode::Word || t.kind == "institution"))
                 || (equipment && t.kind == "institution")
             {
                 continue;
@@ -317,6 +324,9 @@ fn scan(obj: &InMemDicomObject, terms: &PhiTerms, path: &str, out: &mut Vec<Find
     for elem in obj.iter() {
         let tag = elem.header().tag;
         let vr = elem.vr();
+        if path.is_empty() && ENGINE_WRITTEN.contains(&tag) {
+            continue;
+        }
         match elem.value() {
             Value::Sequence(seq) => {
                 for (i, item) in seq.items().iter().enumerate() {
@@ -430,6 +440,9 @@ pub fn check_release(obj: &InMemDicomObject, config: &DeidConfig) -> Result<(), 
         return Err(refuse("PatientIdentityRemoved is not YES".into()));
     }
     if let Some(reason) = super::pixels::burned_in_risk(obj) {
+        return Err(refuse(format!("{reason} (release check)")));
+    }
+    if let Some(reason) = super::visual::gate(obj, config) {
         return Err(refuse(format!("{reason} (release check)")));
     }
     check_dataset(obj, config, "")

@@ -117,6 +117,17 @@ def uid_values(elem):
     return [str(v).strip("\0 ") for v in vals if str(v).strip("\0 ")]
 
 
+def input_syntax(ds):
+    """The input's transfer syntax: from its file meta group, or, for a bare data set without
+    one (read with force=True), the encoding pydicom found it in."""
+    ts = getattr(ds, "file_meta", None) and ds.file_meta.get("TransferSyntaxUID")
+    if ts:
+        return ts
+    if ds.is_little_endian and ds.is_implicit_VR:
+        return "1.2.840.10008.1.2"
+    return "1.2.840.10008.1.2.1" if ds.is_little_endian else "1.2.840.10008.1.2.2"
+
+
 def main():
     table_path, opts = sys.argv[1], sys.argv[2]
     options = [] if opts == "-" else opts.split(",")
@@ -143,7 +154,7 @@ def main():
                     if not u.startswith("1.2.840.10008."):
                         originals.add(u)
     for src, out, a, b in loaded:
-        if a.file_meta.TransferSyntaxUID != b.file_meta.TransferSyntaxUID:
+        if input_syntax(a) != b.file_meta.TransferSyntaxUID:
             problem("%s: transfer syntax changed" % out)
         if "PixelData" in a:
             if "PixelData" not in b or a.PixelData != b.PixelData:
