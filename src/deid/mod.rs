@@ -377,6 +377,12 @@ impl Deidentifier {
         if let Some(reason) = not_a_storage_object(&obj) {
             return Err(DeidError::Quarantined { reason });
         }
+        if text(&obj, tags::SOP_CLASS_UID).is_none_or(|c| c.is_empty()) {
+            return Err(DeidError::Malformed {
+                reason: "not a storage object: the data set has no SOP Class UID (0008,0016)"
+                    .into(),
+            });
+        }
         for (tag, name) in [
             (tags::STUDY_INSTANCE_UID, "StudyInstanceUID"),
             (tags::SERIES_INSTANCE_UID, "SeriesInstanceUID"),
