@@ -631,3 +631,64 @@ fn every_real_sample_is_released_clean_or_held_for_an_accepted_reason() {
         "the unreadable files are exactly the known ones"
     );
 }
+
+/// An RT Structure Set whose Contour Data is longer than an explicit VR 16-bit length can say
+/// (more than 65,534 bytes: large contours), stored as UN as the standard requires (PS3.5
+/// 6.2.2) by the tool that made the file explicit: de-identified, written (it used to fail with
+/// "cannot encode output: Could not write element value"), read back by dcmtk and pydicom with
+/// every coordinate, and accepted by the receiver's check.
+#[test]
+fn rt_structure_sets_with_long_contours_are_written() {
+    use dicom_core::PrimitiveValue;
+    let points: Vec<String> = (0..12000).map(|i| format!("{}.25", i % 512)).collect();
+    let contour = points.join("\\");
+    assert!(contour.len() > 0xFFFE);
+    let contour_item = item(vec![
+        text(tags::CONTOUR_GEOMETRIC_TYPE, VR::CS, "CLOSED_PLANAR"),
+        DataElement::new(
+            tags::NUMBER_OF_CONTOUR_POINTS,
+            VR::IS,
+            PrimitiveValue::from("4000"),
+        ),
+        DataElement::new(
+            tags::CONTOUR_DATA,
+            VR::UN,
+            PrimitiveValue::from(contour.clone().into_bytes()),
+        ),
+    ]);
+    let mut o = ct(
+        "1.2.3",
+        "1.2.3.1",
+        "1.2.3.1.1",
+        vec![seq(
+            tags::ROI_CONTOUR_SEQUENCE,
+            vec![item(vec![
+                text(tags::REFERENCED_ROI_NUMBER, VR::IS, "1"),
+                seq(tags::CONTOUR_SEQUENCE, vec![contour_item]),
+            ])],
+        )],
+    );
+    o.put(text(
+        tags::SOP_CLASS_UID,
+        VR::UI,
+        "1.2.840.10008.5.1.4.1.1.481.3",
+    ));
+    o.put(text(tags::MODALITY, VR::CS, "RTSTRUCT"));
+    o.remove_element(tags::PIXEL_DATA);
+    let tmp = tempfile::tempdir().unwrap();
+    let input = tmp.path().join("rtstruct-long.dcm");
+    o.write_to_file(&input).unwrap();
+    let out = tmp.path().join("out.dcm");
+    deidentify_to(&input, &out);
+    read_back(&out);
+    let script = "import sys,pydicom\nd=pydicom.dcmread(sys.argv[1])\nc=d.ROIContourSequence[0].ContourSequence[0]\nv=c.ContourData if c['ContourData'].VR!='UN' else c['ContourData'].value.decode().split('\\\\')\nprint(len(v))";
+    let o = Command::new("/usr/bin/python3")
+        .args(["-W", "ignore", "-c", script])
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), "12000");
+    let back = pacs_broker::deid::guard::read_guarded(&out).unwrap();
+    pacs_broker::deid::check_release_file(&back, &DeidConfig::default()).unwrap();
+}

@@ -95,6 +95,83 @@ pub(super) fn normalise_un(obj: &mut InMemDicomObject, little_endian: bool) {
     }
 }
 
+/// True for VRs whose explicit VR header has a 16-bit length (PS3.5 Table 7.1-2).
+pub(super) fn has_short_length(vr: VR) -> bool {
+    !matches!(
+        vr,
+        VR::OB
+            | VR::OD
+            | VR::OF
+            | VR::OL
+            | VR::OV
+            | VR::OW
+            | VR::SQ
+            | VR::SV
+            | VR::UC
+            | VR::UN
+            | VR::UR
+            | VR::UT
+            | VR::UV
+    )
+}
+
+/// In explicit VR, a value longer than its VR's 16-bit length field can say (65,534 bytes:
+/// Contour Data of a large structure, say) is written as UN (PS3.5 6.2.2), as dcmtk does; the
+/// encoder would otherwise fail ("Could not write element value"). Only values the engine has
+/// already judged (they are kept as they are) pass here; the receiver's check judges them by
+/// their dictionary VR. Text in any byte order, binary numbers in little endian only.
+pub(super) fn fit_16bit_lengths(obj: &mut InMemDicomObject, little_endian: bool) {
+    let long: Vec<Tag> = obj
+        .iter()
+        .filter(|e| match e.value() {
+            Value::Sequence(_) => true,
+            Value::Primitive(p) => has_short_length(e.vr()) && p.calculate_byte_len() > 0xFFFE,
+            Value::PixelSequence(_) => false,
+        })
+        .map(|e| e.tag())
+        .collect();
+    for tag in long {
+        let Some(mut elem) = obj.take(tag) else {
+            continue;
+        };
+        if let Some(items) = elem.items_mut() {
+            for item in items.iter_mut() {
+                fit_16bit_lengths(item, little_endian);
+            }
+            obj.put(elem);
+            continue;
+        }
+        let bytes = match elem.value() {
+            Value::Primitive(p) => as_un_bytes(elem.vr(), p, little_endian),
+            _ => None,
+        };
+        let elem = match bytes {
+            Some(b) => DataElement::new(tag, VR::UN, PrimitiveValue::from(b)),
+            None => elem,
+        };
+        obj.put(elem);
+    }
+}
+
+/// The bytes of a value as its VR encodes them (even length), for writing it as UN.
+fn as_un_bytes(vr: VR, p: &PrimitiveValue, little_endian: bool) -> Option<Vec<u8>> {
+    let mut b: Vec<u8> = match p {
+        PrimitiveValue::Str(_) | PrimitiveValue::Strs(_) => p.to_str().as_bytes().to_vec(),
+        _ if !little_endian => return None,
+        PrimitiveValue::U16(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        PrimitiveValue::I16(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        PrimitiveValue::U32(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        PrimitiveValue::I32(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        PrimitiveValue::F32(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        PrimitiveValue::F64(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        _ => return None,
+    };
+    if b.len() % 2 == 1 {
+        b.push(if vr == VR::UI { 0 } else { b' ' });
+    }
+    Some(b)
+}
+
 fn decode_un(tag: Tag, vr: VR, bytes: &[u8], little_endian: bool) -> Option<InMemElement> {
     let le16 = |c: &[u8]| u16::from_le_bytes([c[0], c[1]]);
     let le32 = |c: &[u8]| u32::from_le_bytes([c[0], c[1], c[2], c[3]]);

@@ -489,6 +489,9 @@ impl Deidentifier {
         meta.private_information_creator_uid = None;
         meta.update_information_group_length();
         pack_native_pixel_data(&mut obj);
+        if obj.meta().transfer_syntax().trim_end_matches(['\0', ' ']) != "1.2.840.10008.1.2" {
+            engine::fit_16bit_lengths(&mut obj, little_endian);
+        }
 
         let verdict = gate.and_then(|()| {
             let findings = find_residual_phi(&obj, &terms);

@@ -520,6 +520,30 @@ pub(super) fn has_value(elem: &dicom_object::mem::InMemElement) -> bool {
     }
 }
 
+/// The VR to judge an element by: its own, or, for a UN value longer than its dictionary VR's
+/// 16-bit length can say (written as UN on purpose, PS3.5 6.2.2), the dictionary VR.
+fn long_value_vr(elem: &dicom_object::mem::InMemElement) -> VR {
+    use dicom_core::dictionary::{DataDictionary, VirtualVr};
+    let vr = elem.vr();
+    if vr != VR::UN {
+        return vr;
+    }
+    let Value::Primitive(p) = elem.value() else {
+        return vr;
+    };
+    match dicom_dictionary_std::StandardDataDictionary
+        .by_tag(elem.header().tag)
+        .map(|e| e.vr)
+    {
+        Some(VirtualVr::Exact(d))
+            if super::engine::has_short_length(d) && p.calculate_byte_len() > 0xFFFE =>
+        {
+            d
+        }
+        _ => vr,
+    }
+}
+
 fn check_dataset(obj: &InMemDicomObject, config: &DeidConfig, path: &str) -> Result<(), DeidError> {
     let retain_uids = config.options.contains(&ProfileOption::RetainUids);
     let mut creators: BTreeSet<(u16, u16)> = BTreeSet::new();
@@ -547,7 +571,7 @@ fn check_dataset(obj: &InMemDicomObject, config: &DeidConfig, path: &str) -> Res
             continue;
         }
         let present = has_value(elem);
-        let d = policy::decide_public(tag, elem.vr(), present, config);
+        let d = policy::decide_public(tag, long_value_vr(elem), present, config);
         let retained_by_override = d.rule == super::policy::Rule::Override;
         match &d.act {
             Act::Remove if present => {
