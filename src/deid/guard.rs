@@ -865,4 +865,38 @@ mod tests {
         ds.truncate(ds.len() - 8);
         assert_eq!(layout(&ds).pixel_data, None);
     }
+
+    #[test]
+    fn bare_data_sets_are_read_only_by_the_tolerant_walk() {
+        // (0008,0016) UI "1.2" in implicit VR little endian, then (0010,0010) "DOE^J ".
+        let mut ds = vec![0x08, 0x00, 0x16, 0x00, 4, 0, 0, 0];
+        ds.extend_from_slice(b"1.2\0");
+        ds.extend_from_slice(&[0x10, 0x00, 0x10, 0x00, 6, 0, 0, 0]);
+        ds.extend_from_slice(b"DOE^J ");
+        let e = walk(&mut Cursor::new(ds.clone())).unwrap_err();
+        assert!(e.contains("no DICM marker"), "{e}");
+        let l = walk_tolerant(&mut Cursor::new(ds.clone())).unwrap();
+        assert_eq!(l.storage, Storage::Bare { explicit: false });
+        assert_eq!(l.dataset_at, 0);
+        // A bare data set that lies about a length is refused all the same.
+        let mut bad = ds.clone();
+        bad[16..20].copy_from_slice(&0xC000_0000u32.to_le_bytes());
+        assert!(walk_tolerant(&mut Cursor::new(bad)).is_err());
+        // Text is not a data set.
+        assert!(walk_tolerant(&mut Cursor::new(b"This is a README file".to_vec())).is_err());
+    }
+
+    #[test]
+    fn cp246_sequences_are_marked_by_the_tolerant_walk_and_refused_by_the_strict_one() {
+        let mut ds = vec![
+            0x09, 0x00, 0x10, 0x10, b'U', b'N', 0, 0, 0xFF, 0xFF, 0xFF, 0xFF,
+        ];
+        ds.extend_from_slice(&[0xFE, 0xFF, 0xDD, 0xE0, 0, 0, 0, 0]);
+        let e = walk(&mut Cursor::new(file(&ds))).unwrap_err();
+        assert!(e.contains("CP-246"), "{e}");
+        let l = walk_tolerant(&mut Cursor::new(file(&ds))).unwrap();
+        assert!(l.un_sequences);
+        assert_eq!(l.dataset_at, DS);
+        assert_eq!(l.pixel_data, None);
+    }
 }

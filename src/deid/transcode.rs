@@ -322,3 +322,25 @@ mod tests {
         assert!(rewrite_cp246(&cut).is_err());
     }
 }
+
+#[cfg(test)]
+mod props {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Any bytes, alone or as the content of a UN sequence of undefined length: the
+        /// rewrite ends without panicking, and what it returns is at most a small multiple of
+        /// its input (every header grows by at most 4 bytes, every item by a delimiter).
+        #[test]
+        fn any_bytes_are_rewritten_or_refused(body in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let mut un = vec![0x09, 0x00, 0x10, 0x10, b'U', b'N', 0, 0, 0xFF, 0xFF, 0xFF, 0xFF];
+            un.extend_from_slice(&body);
+            for input in [body.clone(), un] {
+                if let Ok(out) = rewrite_cp246(&input) {
+                    prop_assert!(out.len() <= 3 * input.len() + 16);
+                }
+            }
+        }
+    }
+}
