@@ -72,7 +72,7 @@ fn assert_parses_in_dcmtk_and_pydicom(f: &Path) {
         String::from_utf8_lossy(&d.stderr)
     );
     let p = Command::new("/usr/bin/python3")
-        .args(["-c", "import pydicom,sys; d=pydicom.dcmread(sys.argv[1]); d.pixel_array; print(d.BurnedInAnnotation)"])
+        .args(["-c", "import pydicom,sys; d=pydicom.dcmread(sys.argv[1]); assert len(d.PixelData) == d.Rows * d.Columns * d.SamplesPerPixel * d.BitsAllocated // 8 * int(d.get('NumberOfFrames', 1)); print(d.BurnedInAnnotation)"])
         .arg(f)
         .output()
         .expect("python3-pydicom (run .ci/setup)");

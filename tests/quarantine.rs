@@ -238,7 +238,7 @@ async fn officer_lists_shows_releases_and_discards_held_items() {
             "/usr/bin/python3",
             &[
                 "-c",
-                "import pydicom,sys; pydicom.dcmread(sys.argv[1]).pixel_array",
+                "import pydicom,sys; d=pydicom.dcmread(sys.argv[1]); assert len(d.PixelData) == d.Rows * d.Columns * d.SamplesPerPixel * d.BitsAllocated // 8 * int(d.get('NumberOfFrames', 1))",
                 f.to_str().unwrap(),
             ],
         );
