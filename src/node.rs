@@ -57,8 +57,23 @@ pub enum NodeError {
     Serve(String),
     #[error("{0}")]
     Input(String),
-    #[error("nothing to send: no input produced a de-identified instance")]
-    NothingToSend,
+    #[error("nothing to send: no input produced a de-identified instance{}", held_note(.held))]
+    NothingToSend {
+        /// Inputs held for review in the node's quarantine (with the reason and item id).
+        held: Vec<(PathBuf, String)>,
+    },
+}
+
+fn held_note(held: &[(PathBuf, String)]) -> String {
+    if held.is_empty() {
+        return String::new();
+    }
+    let reasons: Vec<&str> = held.iter().map(|(_, r)| r.as_str()).collect();
+    format!(
+        "; {} held back for review (`pacs-broker quarantine list`): {}",
+        held.len(),
+        reasons.join("; ")
+    )
 }
 
 /// Loads the agreements a node may enforce: only those every party has signed over their exact
@@ -564,7 +579,9 @@ impl Node {
             ..Default::default()
         };
         if prepared.studies.is_empty() {
-            return Err(NodeError::NothingToSend);
+            return Err(NodeError::NothingToSend {
+                held: report.quarantined,
+            });
         }
         let outbox = self.outbox();
         for (study_token, study) in prepared.studies {

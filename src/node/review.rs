@@ -295,9 +295,14 @@ impl Node {
             ));
         };
         let file = format!("{}.dcm", store::safe_name(&d.sop_instance_uid));
-        store::write_atomic(&dir.join(&file), &bytes)?;
         let mut entry = match Outbox::load(&dir) {
-            Ok(e) if e.state == OutboxState::Pending && e.flow == flow => e,
+            Ok(e) if e.state == OutboxState::Pending && e.flow != flow => {
+                return Err(NodeError::Input(format!(
+                    "the study waits in the outbox for flow `{}`; let it be delivered first (`pacs-broker outbox --retry`)",
+                    e.flow
+                )))
+            }
+            Ok(e) if e.state == OutboxState::Pending => e,
             _ => OutboxEntry {
                 agreement: agreement.into(),
                 flow: flow.into(),
@@ -314,6 +319,7 @@ impl Node {
                 delivered: None,
             },
         };
+        store::write_atomic(&dir.join(&file), &bytes)?;
         entry
             .instances
             .retain(|i| i.sop_instance_uid != d.sop_instance_uid);
