@@ -176,7 +176,7 @@ pub fn run(args: QuarantineArgs) -> anyhow::Result<i32> {
             let item = node.quarantine()?.get(&id)?;
             print_item(&item);
             if show_phi {
-                node.audit_reveal(&item, &officer(&common));
+                node.audit_reveal(&item, &officer(&common))?;
                 reveal(&node, &item)?;
             }
             Ok(0)

@@ -242,16 +242,18 @@ impl Node {
         Ok(item)
     }
 
-    /// Audits that an officer saw a held item's identifying values (`quarantine show --reveal`).
-    pub fn audit_reveal(&self, item: &HeldItem, officer: &str) {
-        self.audit.record_or_warn(Event {
+    /// Audits that an officer is about to see a held item's identifying values (`quarantine
+    /// show --reveal`). Fails closed: nothing is shown unless the entry is written.
+    pub fn audit_reveal(&self, item: &HeldItem, officer: &str) -> Result<(), NodeError> {
+        self.audit.record(Event {
             actor: format!("user:{officer}"),
             action: "quarantine-reveal".into(),
             object: format!("quarantine item {} (flow {})", item.id, item.flow),
             agreement: item.agreement.clone(),
             purpose: String::new(),
             outcome: "identifying values shown on screen".into(),
-        });
+        })?;
+        Ok(())
     }
 
     /// Queues one de-identified instance for delivery under (agreement, flow) where `send`
