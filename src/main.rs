@@ -41,6 +41,8 @@ enum Command {
     Deid(cli::deid::DeidArgs),
     /// Check, explain, compare, sign and verify data sharing agreements.
     Dsa(cli::dsa::DsaArgs),
+    /// Review what a node held back: list, show, release, discard.
+    Quarantine(cli::quarantine::QuarantineArgs),
     /// Audit log tools.
     #[command(subcommand)]
     Audit(cli::node::AuditCommand),
@@ -70,6 +72,7 @@ fn main() {
         Command::Deid(a) => cli::deid::run(a),
         Command::Dsa(a) => cli::dsa::run(a),
         Command::Audit(c) => cli::node::audit(c),
+        Command::Quarantine(a) => cli::quarantine::run(a),
     };
     match result {
         Ok(code) => std::process::exit(code),

@@ -29,7 +29,11 @@ use crate::federation::service::Receiver;
 use crate::federation::tls::{self, SiteTls};
 use crate::pseudonym::{SiteKeys, Vault};
 use crate::store::outbox::{self, Outbox, OutboxEntry, OutboxInstance, OutboxState};
+use crate::store::quarantine::Quarantine;
 use crate::store::{self, LocalStore, Store};
+
+mod review;
+pub use review::{ReleaseError, Released};
 
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
@@ -53,8 +57,23 @@ pub enum NodeError {
     Serve(String),
     #[error("{0}")]
     Input(String),
-    #[error("nothing to send: no input produced a de-identified instance")]
-    NothingToSend,
+    #[error("nothing to send: no input produced a de-identified instance{}", held_note(.held))]
+    NothingToSend {
+        /// Inputs held for review in the node's quarantine (with the reason and item id).
+        held: Vec<(PathBuf, String)>,
+    },
+}
+
+fn held_note(held: &[(PathBuf, String)]) -> String {
+    if held.is_empty() {
+        return String::new();
+    }
+    let reasons: Vec<&str> = held.iter().map(|(_, r)| r.as_str()).collect();
+    format!(
+        "; {} held back for review (`pacs-broker quarantine list`): {}",
+        held.len(),
+        reasons.join("; ")
+    )
 }
 
 /// Loads the agreements a node may enforce: only those every party has signed over their exact
@@ -146,6 +165,9 @@ fn agreements_fingerprint(path: &Path) -> Vec<(PathBuf, u64, Option<SystemTime>)
 
 /// How often a serving node looks for due outbox entries.
 pub const OUTBOX_POLL: Duration = Duration::from_secs(5);
+
+/// How often a serving node deletes quarantined items whose flow retention ended.
+pub const QUARANTINE_SWEEP: Duration = Duration::from_secs(3600);
 
 /// Outcome of sending.
 #[derive(Debug, Default, Clone)]
@@ -304,7 +326,13 @@ impl Node {
         let worker = {
             let node = self.clone();
             tokio::spawn(async move {
+                let mut last_sweep: Option<std::time::Instant> = None;
                 loop {
+                    if last_sweep.is_none_or(|t| t.elapsed() >= QUARANTINE_SWEEP) {
+                        last_sweep = Some(std::time::Instant::now());
+                        let n = node.clone();
+                        let _ = tokio::task::spawn_blocking(move || n.sweep_quarantine()).await;
+                    }
                     node.drain_outbox(false).await;
                     tokio::time::sleep(OUTBOX_POLL).await;
                 }
@@ -343,6 +371,26 @@ impl Node {
     /// The node's durable outbox.
     pub fn outbox(&self) -> Outbox {
         Outbox::new(self.config.data_dir.join("outbox"))
+    }
+
+    /// The node's quarantine of held-back instances (`data_dir/quarantine`).
+    pub fn quarantine(&self) -> Result<Quarantine, NodeError> {
+        Ok(Quarantine::open(&self.config.data_dir)?)
+    }
+
+    /// Deletes quarantined items whose flow retention has ended, auditing each.
+    pub fn sweep_quarantine(&self) {
+        let Ok(q) = self.quarantine() else { return };
+        for item in q.sweep(outbox::now()) {
+            self.audit.record_or_warn(Event {
+                actor: "node".into(),
+                action: "quarantine-expire".into(),
+                object: format!("quarantine item {}", item.id),
+                agreement: item.agreement,
+                purpose: String::new(),
+                outcome: "deleted (flow retention ended)".into(),
+            });
+        }
     }
 
     /// One delivery attempt of a queued study: the agreement must still allow it; the partner
@@ -522,14 +570,18 @@ impl Node {
         .await
         .map_err(|e| NodeError::Input(e.to_string()))??;
 
+        self.audit_pixel_cleaning(agreement_id, &purpose, &prepared.ocr);
+        let held = self.hold_for_review(agreement_id, flow_name, &flow, prepared.quarantined);
         let mut report = SendReport {
-            quarantined: prepared.quarantined,
+            quarantined: held,
             failed: prepared.failed,
             not_selected: prepared.not_selected,
             ..Default::default()
         };
         if prepared.studies.is_empty() {
-            return Err(NodeError::NothingToSend);
+            return Err(NodeError::NothingToSend {
+                held: report.quarantined,
+            });
         }
         let outbox = self.outbox();
         for (study_token, study) in prepared.studies {
@@ -615,6 +667,8 @@ struct Prepared {
 
 struct PreparedBatch {
     studies: BTreeMap<String, Vec<Prepared>>,
+    /// (de-identified SOP Instance UID, what OCR found and blacked out).
+    ocr: Vec<(String, crate::deid::OcrEvidence)>,
     quarantined: Vec<(PathBuf, String)>,
     failed: Vec<(PathBuf, String)>,
     not_selected: Vec<(PathBuf, String)>,
@@ -652,6 +706,7 @@ fn prepare(
 ) -> Result<PreparedBatch, NodeError> {
     let mut batch = PreparedBatch {
         studies: BTreeMap::new(),
+        ocr: Vec::new(),
         quarantined: Vec::new(),
         failed: Vec::new(),
         not_selected: Vec::new(),
@@ -678,6 +733,11 @@ fn prepare(
                 continue;
             }
         };
+        if let Some(evidence) = &d.ocr_evidence {
+            batch
+                .ocr
+                .push((d.sop_instance_uid.clone(), evidence.clone()));
+        }
         let mut bytes = Vec::new();
         if let Err(e) =
             crate::deid::batch::encode_output(d.object, d.pixel_data.as_ref(), &mut bytes)

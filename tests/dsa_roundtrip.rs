@@ -105,22 +105,26 @@ fn deid() -> impl Strategy<Value = DeidConfig> {
         overrides(),
         safe,
         pixel,
+        prop::sample::select(&pacs_broker::deid::BurnedInTextMode::ALL[..]),
     )
-        .prop_map(|(opts, overrides, safe_private, pixel_clean)| {
-            let mut options: BTreeSet<ProfileOption> =
-                opts.into_iter().map(|i| ProfileOption::ALL[i]).collect();
-            if options.contains(&ProfileOption::RetainLongitudinalFullDates) {
-                options.remove(&ProfileOption::RetainLongitudinalModifiedDates);
-            }
-            DeidConfig {
-                options,
-                overrides,
-                safe_private,
-                pixel_clean,
-                // Not part of the file: a node derives it from [flows.subject_ids].
-                subject_ids: false,
-            }
-        })
+        .prop_map(
+            |(opts, overrides, safe_private, pixel_clean, burned_in_text)| {
+                let mut options: BTreeSet<ProfileOption> =
+                    opts.into_iter().map(|i| ProfileOption::ALL[i]).collect();
+                if options.contains(&ProfileOption::RetainLongitudinalFullDates) {
+                    options.remove(&ProfileOption::RetainLongitudinalModifiedDates);
+                }
+                DeidConfig {
+                    options,
+                    overrides,
+                    safe_private,
+                    pixel_clean,
+                    // Not part of the file: a node derives it from [flows.subject_ids].
+                    subject_ids: false,
+                    burned_in_text,
+                }
+            },
+        )
 }
 
 fn selector() -> impl Strategy<Value = Selector> {

@@ -44,6 +44,14 @@ struct Selection {
     /// PS3.15 option in kebab case (repeatable), e.g. retain-longitudinal-modified-dates.
     #[arg(long = "option", value_name = "NAME")]
     option: Vec<ProfileOption>,
+    /// What to do with images at risk of burned-in text: `quarantine` (default) or
+    /// `clean-pixel-data` (find text with OCR, black it out, release only if none remains).
+    #[arg(
+        long = "burned-in-text",
+        value_name = "MODE",
+        conflicts_with = "agreement"
+    )]
+    burned_in_text: Option<deid::BurnedInTextMode>,
 }
 
 #[derive(Debug, Args)]
@@ -95,6 +103,7 @@ impl Selection {
         let options: BTreeSet<ProfileOption> = self.option.iter().copied().collect();
         let config = DeidConfig {
             options,
+            burned_in_text: self.burned_in_text.unwrap_or_default(),
             ..DeidConfig::default()
         };
         Ok(Deidentifier::new(

@@ -44,6 +44,7 @@ use crate::pseudonym::{Tokenizer, VaultEntry};
 pub mod batch;
 mod engine;
 pub mod guard;
+pub mod ocr;
 pub mod pixels;
 pub mod policy;
 pub mod table;
@@ -55,6 +56,7 @@ pub mod verify;
 pub mod visual;
 
 pub use batch::{run_batch, BatchItem, BatchOutcome, BatchSummary};
+pub use ocr::{BurnedInTextMode, OcrEngine, OcrEvidence};
 pub use table::Action;
 pub use values::shift_date;
 pub use verify::{check_release, check_release_file, find_residual_phi, Finding, PhiTerms};
@@ -176,6 +178,9 @@ pub struct DeidConfig {
     /// The patient is named by a trial subject ID from the origin's mapping (a trial flow), not
     /// by a keyed token: Patient ID and Patient Name then hold that subject ID.
     pub subject_ids: bool,
+    /// What happens to images at risk of burned-in text: held back (the default), or cleaned
+    /// with OCR (`burned_in_text = "clean-pixel-data"`, see [`ocr`]).
+    pub burned_in_text: BurnedInTextMode,
 }
 
 /// Why an instance was not released.
@@ -228,6 +233,9 @@ pub struct Deidentified {
     /// holds an empty placeholder, and writing the output copies these bytes in its place
     /// ([`batch::encode_output`]).
     pub pixel_data: Option<guard::PixelSource>,
+    /// What OCR found and blacked out, when the flow's burned-in text mode is
+    /// `clean-pixel-data` and the image was at risk (for the audit entry; no text in it).
+    pub ocr_evidence: Option<OcrEvidence>,
 }
 
 /// What a privacy officer reads before signing: every change with its values and rule, and
@@ -246,6 +254,8 @@ pub struct Deidentifier {
     tokenizer: Tokenizer,
     /// Trial flows: site Patient ID -> trial subject ID, used instead of the token.
     subject_ids: Option<std::sync::Arc<std::collections::BTreeMap<String, String>>>,
+    /// The OCR engine of the `clean-pixel-data` burned-in text mode.
+    ocr: OcrEngine,
 }
 
 /// The CID 7050 code of the Basic Profile and of each option (DCM coding scheme).
@@ -311,7 +321,10 @@ impl DeidConfig {
         {
             out.push("a safe private list is given but retain-safe-private is not enabled; private attributes are removed".into());
         }
-        if self.options.contains(&ProfileOption::CleanPixelData) && self.pixel_clean.is_empty() {
+        if self.options.contains(&ProfileOption::CleanPixelData)
+            && self.pixel_clean.is_empty()
+            && self.burned_in_text == BurnedInTextMode::Quarantine
+        {
             out.push("clean-pixel-data without any pixel clean rule: images with burned-in text stay quarantined".into());
         }
         out
@@ -324,7 +337,15 @@ impl Deidentifier {
             config,
             tokenizer,
             subject_ids: None,
+            ocr: OcrEngine::from_env(),
         }
+    }
+
+    /// Uses this OCR engine for the `clean-pixel-data` burned-in text mode (by default, the
+    /// Tesseract named by `PACS_BROKER_TESSERACT`, else `tesseract` on the `PATH`).
+    pub fn with_ocr_engine(mut self, engine: OcrEngine) -> Self {
+        self.ocr = engine;
+        self
     }
 
     /// For a trial flow: the patient becomes the trial subject ID of this mapping (site Patient
@@ -351,10 +372,21 @@ impl Deidentifier {
             .and_then(|(d, verdict)| verdict.map(|()| d))
     }
 
+    /// For a privacy officer's release from quarantine: the de-identified object and the verdict
+    /// on it, so that an officer's explicit override can release what the verifier refuses (the
+    /// caller records the decision). Only an object that cannot be transformed is an error.
+    pub fn deidentify_for_review(
+        &self,
+        obj: DefaultDicomObject,
+    ) -> Result<(Deidentified, Result<(), DeidError>), DeidError> {
+        self.run(obj, false)
+    }
+
     /// True when de-identifying `obj` needs its pixel values (Clean Pixel Data on an image
     /// at risk of burned-in text); otherwise the pixel data passes through untouched.
     pub fn needs_pixel_values(&self, obj: &InMemDicomObject) -> bool {
-        self.config.options.contains(&ProfileOption::CleanPixelData)
+        (self.config.options.contains(&ProfileOption::CleanPixelData)
+            || self.config.burned_in_text == BurnedInTextMode::CleanPixelData)
             && pixels::burned_in_risk(obj).is_some()
     }
 
@@ -394,27 +426,11 @@ impl Deidentifier {
                 });
             }
         }
-        let mut gate: Result<(), DeidError> = Ok(());
-        let mut pixels_cleaned = false;
-        if let Some(risk) = pixels::burned_in_risk(&obj) {
-            if self.config.options.contains(&ProfileOption::CleanPixelData) {
-                match pixels::clean_pixels(&mut obj, &self.config.pixel_clean, &risk) {
-                    Ok(_) => pixels_cleaned = true,
-                    Err(DeidError::Malformed { reason }) => {
-                        return Err(DeidError::Malformed { reason })
-                    }
-                    Err(e) => gate = Err(e),
-                }
-            } else {
-                gate = Err(DeidError::Quarantined {
-                    reason: format!("{risk}, and the flow does not enable clean-pixel-data"),
-                });
-            }
-        }
-        // A face is held back whatever the burned-in text gate decided (PS3.15 E.3.2).
-        if let Some(reason) = visual::gate(&obj, &self.config) {
-            gate = Err(DeidError::Quarantined { reason });
-        }
+        // A face is held back whatever could be done about text (PS3.15 E.3.2): no OCR for it.
+        let (gate, pixels_cleaned, ocr_evidence) = match visual::gate(&obj, &self.config) {
+            Some(reason) => (Err(DeidError::Quarantined { reason }), false, None),
+            None => self.burned_in_gate(&mut obj)?,
+        };
         let little_endian =
             obj.meta().transfer_syntax().trim_end_matches('\0') != "1.2.840.10008.1.2.2";
         engine::normalise_un(&mut obj, little_endian);
@@ -518,20 +534,63 @@ impl Deidentifier {
                 vault_entries: work.vault,
                 changes: work.changes,
                 pixel_data: None,
+                ocr_evidence,
             },
             verdict,
         ))
     }
 
+    /// The burned-in text gate: `(verdict so far, pixels cleaned, OCR evidence)`. Images not at
+    /// risk pass; the others are cleaned by the flow's masks (Clean Pixel Data option) and/or by
+    /// OCR (`clean-pixel-data` mode), or held back. Only a malformed image is an outer error.
+    #[allow(clippy::type_complexity)]
+    fn burned_in_gate(
+        &self,
+        obj: &mut DefaultDicomObject,
+    ) -> Result<(Result<(), DeidError>, bool, Option<OcrEvidence>), DeidError> {
+        let Some(risk) = pixels::burned_in_risk(obj) else {
+            return Ok((Ok(()), false, None));
+        };
+        let masks = self.config.options.contains(&ProfileOption::CleanPixelData);
+        let by_ocr = self.config.burned_in_text == BurnedInTextMode::CleanPixelData;
+        if !masks && !by_ocr {
+            let reason = format!("{risk}, and the flow does not enable clean-pixel-data");
+            return Ok((Err(DeidError::Quarantined { reason }), false, None));
+        }
+        let declared = text(obj, tags::BURNED_IN_ANNOTATION).as_deref() == Some("YES");
+        let mut cleaned = false;
+        if masks && (!by_ocr || pixels::has_matching_rule(&self.config.pixel_clean, obj)) {
+            match pixels::clean_pixels(obj, &self.config.pixel_clean, &risk) {
+                Ok(_) => cleaned = true,
+                Err(e @ DeidError::Malformed { .. }) => return Err(e),
+                Err(e) => return Ok((Err(e), false, None)),
+            }
+        }
+        if !by_ocr {
+            return Ok((Ok(()), cleaned, None));
+        }
+        let ts = obj
+            .meta()
+            .transfer_syntax()
+            .trim_end_matches(['\0', ' '])
+            .to_string();
+        match ocr::clean_burned_in_text(obj, &ts, &self.ocr, &risk, declared && !cleaned) {
+            Ok(evidence) => Ok((Ok(()), true, Some(evidence))),
+            Err(e @ DeidError::Malformed { .. }) => Err(e),
+            Err(e) => Ok((Err(e), false, None)),
+        }
+    }
+
     /// PatientIdentityRemoved, DeidentificationMethod, its CID 7050 code sequence and
     /// LongitudinalTemporalInformationModified (PS3.15 E.1.1 and E.3.6).
     fn write_record(&self, obj: &mut InMemDicomObject, pixels_cleaned: bool) {
-        let applied: Vec<ProfileOption> = self
-            .config
-            .options
-            .iter()
-            .copied()
-            .filter(|o| *o != ProfileOption::CleanPixelData || pixels_cleaned)
+        // Clean Pixel Data is claimed only when pixels were actually cleaned (by masks or OCR).
+        let applied: Vec<ProfileOption> = ProfileOption::ALL
+            .into_iter()
+            .filter(|o| match o {
+                ProfileOption::CleanPixelData => pixels_cleaned,
+                _ => self.config.options.contains(o),
+            })
             .collect();
         obj.put(DataElement::new(
             tags::PATIENT_IDENTITY_REMOVED,

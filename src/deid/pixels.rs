@@ -67,6 +67,11 @@ fn matches(rule: &PixelCleanRule, obj: &InMemDicomObject) -> bool {
         && eq(&rule.model, tags::MANUFACTURER_MODEL_NAME)
 }
 
+/// True when one of the flow's fixed-rectangle rules applies to this instance.
+pub fn has_matching_rule(rules: &[PixelCleanRule], obj: &InMemDicomObject) -> bool {
+    rules.iter().any(|r| matches(r, obj))
+}
+
 fn quarantine(reason: impl Into<String>) -> DeidError {
     DeidError::Quarantined {
         reason: reason.into(),

@@ -478,6 +478,24 @@ fn diff_deid(c: &mut Changes, f: &str, o: &Flow, n: &Flow) {
             ),
         );
     }
+    if o.deid.burned_in_text != n.deid.burned_in_text {
+        use crate::deid::BurnedInTextMode;
+        let wider = n.deid.burned_in_text == BurnedInTextMode::CleanPixelData;
+        c.compare(
+            wider,
+            !wider,
+            format!(
+                "flow {f:?}: burned-in text mode {} -> {} ({})",
+                o.deid.burned_in_text,
+                n.deid.burned_in_text,
+                if wider {
+                    "images with text found and removed by OCR are now sent instead of held back"
+                } else {
+                    "images at risk of burned-in text are now held back"
+                }
+            ),
+        );
+    }
     if o.deid.pixel_clean != n.deid.pixel_clean {
         c.push(
             Impact::Neutral,

@@ -228,15 +228,7 @@ fn explain_flow(w: &mut String, a: &Agreement, f: &Flow) {
     if let Some(s) = &f.subject_ids {
         let _ = writeln!(w, "- The trial subject ID comes from the mapping {:?}, held only at the sender; patients not in it are not sent.", s.mapping);
     }
-    let pixel = if f.deid.options.contains(&ProfileOption::CleanPixelData) {
-        format!(
-            "images with burned-in text are cleaned ({} region rule(s)) or held back",
-            f.deid.pixel_clean.len()
-        )
-    } else {
-        "images that declare burned-in text are held back, not sent".into()
-    };
-    let _ = writeln!(w, "- burned-in text in images: {pixel}");
+    let _ = writeln!(w, "- burned-in text in images: {}", burned_in_text(&f.deid));
     let private = if f.deid.options.contains(&ProfileOption::RetainSafePrivate) {
         format!(
             "removed, except {} listed safe private attribute(s)",
@@ -257,6 +249,30 @@ fn explain_flow(w: &mut String, a: &Agreement, f: &Flow) {
                 o.justification
             );
         }
+    }
+}
+
+/// In plain words: which images are held back, which are cleaned and how, and why.
+pub fn burned_in_text(d: &crate::deid::DeidConfig) -> String {
+    use crate::deid::BurnedInTextMode;
+    let at_risk = "ultrasound, angiography, fluoroscopy, endoscopy, photographs, secondary and screen captures, and any image declaring burned-in annotation, unless it declares BurnedInAnnotation NO";
+    let masks = d.options.contains(&ProfileOption::CleanPixelData) && !d.pixel_clean.is_empty();
+    let mask_text = format!(
+        "the agreed regions of {} pixel clean rule(s) are blanked first where a rule matches the device; ",
+        d.pixel_clean.len()
+    );
+    match d.burned_in_text {
+        BurnedInTextMode::CleanPixelData => format!(
+            "images at risk of text in their pixels ({at_risk}) are read with OCR (Tesseract); {}every text box found is blacked out, the image is read again, and it is sent only if nothing readable remains; an image where OCR finds no text is sent as it is. Held back, not sent: images where text is still readable after cleaning, images that declare burned-in annotation but where OCR finds none, compressed images (not yet re-encoded), and every image at risk when OCR is not available on the sending node. Images with a recognisable face stay held back whatever OCR finds. The audit log records for each image the mode, the OCR engine's version and the number of boxes found and blacked out",
+            if masks { mask_text.as_str() } else { "" }
+        ),
+        BurnedInTextMode::Quarantine if masks => format!(
+            "images at risk of text in their pixels ({at_risk}) are cleaned by blanking the agreed regions of {} pixel clean rule(s) when a rule matches the device; the others are held back, not sent",
+            d.pixel_clean.len()
+        ),
+        BurnedInTextMode::Quarantine => format!(
+            "images at risk of text in their pixels ({at_risk}) are held back, not sent: nothing in this agreement removes such text (burned_in_text = \"clean-pixel-data\" would find and remove it with OCR)"
+        ),
     }
 }
 

@@ -129,6 +129,13 @@ fn format_flow(w: &mut String, f: &Flow) {
         "options = {}",
         list(f.deid.options.iter().map(|o| o.name()))
     );
+    if f.deid.burned_in_text != crate::deid::BurnedInTextMode::default() {
+        let _ = writeln!(
+            w,
+            "burned_in_text = {}",
+            quote(f.deid.burned_in_text.name())
+        );
+    }
     for o in &f.deid.overrides {
         let _ = writeln!(w, "\n[[flows.deid.overrides]]");
         let _ = writeln!(w, "attribute = {}", quote(&o.keyword));

@@ -123,6 +123,12 @@ pub fn lint(file: &str, text: &str, a: &Agreement, spans: &Spans, today: Date) -
                 );
             }
         }
+        if f.deid.burned_in_text == crate::deid::BurnedInTextMode::CleanPixelData {
+            warn(
+                &format!("{fp}.deid.burned_in_text"),
+                format!("flow {:?} sends images whose burned-in text OCR removed: OCR can miss text it cannot read (handwriting, tiny or rotated fonts); sample the released images, and install Tesseract (tesseract-ocr, tesseract-ocr-eng) on the sending node or every image at risk is held back", f.name),
+            );
+        }
         if f.subject_ids.is_some()
             && f.deid
                 .overrides

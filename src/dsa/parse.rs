@@ -16,7 +16,8 @@ use super::identifiers::known_keywords;
 use super::model::*;
 use super::Located;
 use crate::deid::{
-    AttributeOverride, DeidConfig, OverrideAction, PixelCleanRule, ProfileOption, SafePrivate,
+    AttributeOverride, BurnedInTextMode, DeidConfig, OverrideAction, PixelCleanRule, ProfileOption,
+    SafePrivate,
 };
 
 /// Byte offsets of the keys and values of a parsed file, by path (`flows[0].deid.options[1]`),
@@ -896,6 +897,7 @@ fn read_deid(r: &mut Reader, t: Tbl, p: &str) -> Option<DeidConfig> {
             "overrides",
             "safe_private",
             "pixel_clean",
+            "burned_in_text",
         ],
     );
     let mut ok = true;
@@ -930,6 +932,18 @@ fn read_deid(r: &mut Reader, t: Tbl, p: &str) -> Option<DeidConfig> {
         let at = r.spans.at(&format!("{p}.options"));
         r.error(at, "choose one of retain-longitudinal-full-dates and retain-longitudinal-modified-dates, not both");
         ok = false;
+    }
+    if let Some(mode) = r.string(t, "burned_in_text", p, Optional, n) {
+        match mode.parse::<BurnedInTextMode>() {
+            Ok(m) => cfg.burned_in_text = m,
+            Err(_) => {
+                let at = r.spans.at(&format!("{p}.burned_in_text"));
+                let names: Vec<&str> = BurnedInTextMode::ALL.iter().map(|m| m.name()).collect();
+                let h = hint(&mode, &names);
+                r.error(at, format!("unknown burned-in text mode {mode:?}{h} (\"quarantine\" holds images at risk back; \"clean-pixel-data\" removes text found by OCR)"));
+                ok = false;
+            }
+        }
     }
     let on = "[[flows.deid.overrides]]";
     let mut seen: BTreeMap<String, usize> = BTreeMap::new();

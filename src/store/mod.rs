@@ -21,6 +21,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 pub mod outbox;
+pub mod quarantine;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
