@@ -44,6 +44,9 @@ enum Command {
     /// Audit log tools.
     #[command(subcommand)]
     Audit(cli::node::AuditCommand),
+    /// A node's received-instance store.
+    #[command(subcommand)]
+    Store(cli::node::StoreCommand),
 }
 
 fn main() {
@@ -70,6 +73,7 @@ fn main() {
         Command::Deid(a) => cli::deid::run(a),
         Command::Dsa(a) => cli::dsa::run(a),
         Command::Audit(c) => cli::node::audit(c),
+        Command::Store(c) => cli::node::store(c),
     };
     match result {
         Ok(code) => std::process::exit(code),

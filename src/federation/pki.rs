@@ -41,6 +41,12 @@ pub enum PkiError {
     BadSiteId(String),
     #[error("certificate generation failed: {0}")]
     Generate(#[from] rcgen::Error),
+    #[error(
+        "key file {path} is readable by group or others (mode {mode:o}); run `chmod 600 {path}`"
+    )]
+    KeyTooOpen { path: PathBuf, mode: u32 },
+    #[error("{path}: {message}")]
+    Crl { path: PathBuf, message: String },
 }
 
 /// Checks the form of a site id: `[a-z0-9][a-z0-9-]{0,62}`.
@@ -74,6 +80,44 @@ pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, PkiError>
         });
     }
     Ok(certs)
+}
+
+/// Refuses a private key file that group or others may read (the same rule, and the same
+/// message, as for the site key file).
+pub fn check_private_key_mode(path: &Path) -> Result<(), PkiError> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let meta = fs::metadata(path).map_err(|source| PkiError::Io {
+            path: path.to_owned(),
+            source,
+        })?;
+        let mode = meta.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            return Err(PkiError::KeyTooOpen {
+                path: path.to_owned(),
+                mode,
+            });
+        }
+    }
+    let _ = path;
+    Ok(())
+}
+
+/// Sets a file's mode to 0600 (owner read and write only).
+pub fn restrict_to_owner(path: &Path) -> Result<(), PkiError> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        fs::set_permissions(path, fs::Permissions::from_mode(0o600)).map_err(|source| {
+            PkiError::Io {
+                path: path.to_owned(),
+                source,
+            }
+        })?;
+    }
+    let _ = path;
+    Ok(())
 }
 
 /// Reads a private key (PKCS#8, SEC1 or PKCS#1) from a PEM file.
@@ -128,6 +172,26 @@ fn write(path: &Path, text: &str) -> Result<(), PkiError> {
     })
 }
 
+/// Writes a private key: created with mode 0600 (and set to 0600 if the file existed).
+fn write_private(path: &Path, text: &str) -> Result<(), PkiError> {
+    use std::io::Write;
+    let io = |source| PkiError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    let mut opts = fs::OpenOptions::new();
+    opts.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(0o600);
+    }
+    let mut f = opts.open(path).map_err(io)?;
+    restrict_to_owner(path)?;
+    f.write_all(text.as_bytes()).map_err(io)?;
+    f.sync_all().map_err(io)
+}
+
 /// Files written by [`generate_dev_federation`].
 #[derive(Debug, Clone)]
 pub struct DevFederation {
@@ -171,7 +235,7 @@ pub fn generate_dev_federation(out: &Path, sites: &[String]) -> Result<DevFedera
     let issuer = Issuer::new(ca, ca_key);
     let ca_path = out.join("ca.pem");
     write(&ca_path, &ca_cert.pem())?;
-    write(&out.join("ca.key"), &issuer.key().serialize_pem())?;
+    write_private(&out.join("ca.key"), &issuer.key().serialize_pem())?;
 
     let mut written = Vec::new();
     for site in sites {
@@ -199,7 +263,7 @@ pub fn generate_dev_federation(out: &Path, sites: &[String]) -> Result<DevFedera
         let cert_path = out.join(format!("{site}.pem"));
         let key_path = out.join(format!("{site}.key"));
         write(&cert_path, &cert.pem())?;
-        write(&key_path, &key.serialize_pem())?;
+        write_private(&key_path, &key.serialize_pem())?;
         written.push((site.clone(), cert_path, key_path));
     }
     write(
