@@ -73,8 +73,8 @@ pub struct Manifest {
 }
 
 impl Manifest {
-    /// Writes `entries` (sorted here by SHA-256) to `file` at `path`, fsync not needed: the file
-    /// does not outlive the process in any meaningful way.
+    /// Writes `entries` (sorted here by SHA-256) to `file` (opened for reading and writing) at
+    /// `path`. No fsync: a pending offer does not survive a restart (staging is cleared).
     pub fn write(file: File, path: PathBuf, mut entries: Vec<Entry>) -> std::io::Result<Manifest> {
         entries.sort_by(|a, b| a.sha256.cmp(&b.sha256));
         let len = entries.len();
@@ -144,6 +144,15 @@ impl Manifest {
 mod tests {
     use super::*;
 
+    fn open_rw(path: &Path) -> File {
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(path)
+            .unwrap()
+    }
+
     #[test]
     fn records_are_found_by_hash() {
         let dir = tempfile::tempdir().unwrap();
@@ -165,7 +174,7 @@ mod tests {
             })
             .collect();
         let m =
-            Manifest::write(File::create(&path).unwrap(), path.clone(), entries.clone()).unwrap();
+            Manifest::write(open_rw(&path), path.clone(), entries.clone()).unwrap();
         assert_eq!(
             std::fs::metadata(&path).unwrap().len(),
             (1000 * RECORD) as u64

@@ -576,9 +576,12 @@ impl Store for LocalStore {
             let dest = self.blob_path(&s.sha256);
             let dir = dest.parent().expect("blob has a folder").to_owned();
             fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+            let existed = dest.exists();
             fs::rename(&s.path, &dest).map_err(io_err(&dest))?;
             touched_dirs.insert(dir);
-            stored += 1;
+            if !existed {
+                stored += 1;
+            }
             entries.push((s.sop_instance_uid, s.sha256));
         }
         for d in &touched_dirs {
