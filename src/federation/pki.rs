@@ -192,6 +192,70 @@ fn write_private(path: &Path, text: &str) -> Result<(), PkiError> {
     f.sync_all().map_err(io)
 }
 
+/// Issues a site certificate (new ECDSA P-256 key) signed by `issuer` and writes
+/// `<out>/<site>.pem` and `<out>/<site>.key` (0600).
+fn write_site_certificate(
+    issuer: &Issuer<'_, KeyPair>,
+    site: &str,
+    out: &Path,
+    not_before: time::OffsetDateTime,
+    not_after: time::OffsetDateTime,
+) -> Result<(PathBuf, PathBuf), PkiError> {
+    let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+    let mut p = CertificateParams::new(vec!["localhost".to_string()])?;
+    p.subject_alt_names
+        .push(SanType::IpAddress(IpAddr::V4(Ipv4Addr::LOCALHOST)));
+    p.subject_alt_names
+        .push(SanType::URI(format!("{SITE_URI_PREFIX}{site}").try_into()?));
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, site);
+    dn.push(
+        DnType::OrganizationName,
+        "pacs-broker dev (NOT FOR CLINICAL USE)",
+    );
+    p.distinguished_name = dn;
+    p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    p.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    p.not_before = not_before;
+    p.not_after = not_after;
+    let cert = p.signed_by(&key, issuer)?;
+    let cert_path = out.join(format!("{site}.pem"));
+    let key_path = out.join(format!("{site}.key"));
+    write(&cert_path, &cert.pem())?;
+    write_private(&key_path, &key.serialize_pem())?;
+    Ok((cert_path, key_path))
+}
+
+/// Issues one more development site certificate, with a new key, from the CA in `ca_dir`
+/// (`ca.pem`, `ca.key`), into `out` (a re-issued or a second certificate of a site).
+pub fn issue_dev_site_certificate(
+    ca_dir: &Path,
+    site: &str,
+    out: &Path,
+) -> Result<(PathBuf, PathBuf), PkiError> {
+    validate_site_id(site)?;
+    let read = |p: PathBuf| {
+        fs::read_to_string(&p).map_err(|source| PkiError::Io { path: p, source })
+    };
+    let key = KeyPair::from_pem(&read(ca_dir.join("ca.key"))?)?;
+    let issuer = Issuer::from_ca_cert_pem(&read(ca_dir.join("ca.pem"))?, key)?;
+    fs::create_dir_all(out).map_err(|source| PkiError::Io {
+        path: out.to_owned(),
+        source,
+    })?;
+    let now = time::OffsetDateTime::now_utc();
+    write_site_certificate(
+        &issuer,
+        site,
+        out,
+        now - time::Duration::days(1),
+        now + time::Duration::days(365),
+    )
+}
+
 /// Files written by [`generate_dev_federation`].
 #[derive(Debug, Clone)]
 pub struct DevFederation {
@@ -239,31 +303,8 @@ pub fn generate_dev_federation(out: &Path, sites: &[String]) -> Result<DevFedera
 
     let mut written = Vec::new();
     for site in sites {
-        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
-        let mut p = CertificateParams::new(vec!["localhost".to_string()])?;
-        p.subject_alt_names
-            .push(SanType::IpAddress(IpAddr::V4(Ipv4Addr::LOCALHOST)));
-        p.subject_alt_names
-            .push(SanType::URI(format!("{SITE_URI_PREFIX}{site}").try_into()?));
-        let mut dn = DistinguishedName::new();
-        dn.push(DnType::CommonName, site.as_str());
-        dn.push(
-            DnType::OrganizationName,
-            "pacs-broker dev (NOT FOR CLINICAL USE)",
-        );
-        p.distinguished_name = dn;
-        p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        p.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
-        p.not_before = not_before;
-        p.not_after = not_after;
-        let cert = p.signed_by(&key, &issuer)?;
-        let cert_path = out.join(format!("{site}.pem"));
-        let key_path = out.join(format!("{site}.key"));
-        write(&cert_path, &cert.pem())?;
-        write_private(&key_path, &key.serialize_pem())?;
+        let (cert_path, key_path) =
+            write_site_certificate(&issuer, site, out, not_before, not_after)?;
         written.push((site.clone(), cert_path, key_path));
     }
     write(
