@@ -47,8 +47,60 @@ pub struct TlsPaths {
     pub ca: PathBuf,
     /// This site's certificate (PEM).
     pub cert: PathBuf,
-    /// This site's private key (PEM, PKCS#8).
+    /// This site's private key (PEM, PKCS#8). Refused when group or others can read it.
     pub key: PathBuf,
+    /// Certificate revocation lists of the federation CA (PEM, one or more CRLs). Checked on
+    /// every handshake in both directions and reloaded within a second of a change.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub crl: Option<PathBuf>,
+}
+
+/// What one partner (and all partners together) may hold of this node's receiver. A valid
+/// certificate does not make a partner benign: every limit applies per peer site, and in total.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Offers waiting for their transfer, per peer site.
+    pub pending_offers_per_peer: usize,
+    /// Offers waiting for their transfer, all peers together.
+    pub pending_offers_total: usize,
+    /// Seconds an offer stays valid without its transfer.
+    pub offer_ttl_secs: u64,
+    /// Transfers streaming at once, per peer site.
+    pub transfers_per_peer: usize,
+    /// Transfers streaming at once, all peers together.
+    pub transfers_total: usize,
+    /// Open connections, per peer site (over it, every call answers RESOURCE_EXHAUSTED).
+    pub connections_per_peer: usize,
+    /// Open connections (and handshakes in progress), all peers together.
+    pub connections_total: usize,
+    /// Most instances one offer may announce.
+    pub max_instances_per_offer: usize,
+    /// Seconds a connection may stay open with no call in progress before it is closed.
+    pub idle_timeout_secs: u64,
+    /// Seconds a transfer stream may send nothing before it is cut.
+    pub stall_timeout_secs: u64,
+    /// Refusals of one kind from one peer audited one by one within this many seconds; the
+    /// rest of the window is summarised in one audit entry.
+    pub refusal_summary_secs: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            pending_offers_per_peer: 8,
+            pending_offers_total: 256,
+            offer_ttl_secs: 300,
+            transfers_per_peer: 4,
+            transfers_total: 32,
+            connections_per_peer: 16,
+            connections_total: 512,
+            max_instances_per_offer: 100_000,
+            idle_timeout_secs: 60,
+            stall_timeout_secs: 120,
+            refusal_summary_secs: 60,
+        }
+    }
 }
 
 /// One site node's configuration.
@@ -69,6 +121,9 @@ pub struct NodeConfig {
     /// Partner nodes by site id.
     #[serde(default)]
     pub peers: BTreeMap<String, Peer>,
+    /// Per-peer and total limits and timeouts of the receiver (`[limits]`).
+    #[serde(default)]
+    pub limits: Limits,
 }
 
 impl NodeConfig {
@@ -101,6 +156,9 @@ impl NodeConfig {
             if p.is_relative() {
                 *p = base.join(&*p);
             }
+        }
+        if let Some(p) = cfg.tls.crl.as_mut().filter(|p| p.is_relative()) {
+            *p = base.join(&*p);
         }
         Ok(cfg)
     }

@@ -332,13 +332,19 @@ fn lay_out_site(
         (format!("{site}.pem"), "site.pem".into()),
         (format!("{site}.key"), "site-tls.key".into()),
     ] {
-        std::fs::copy(certs.join(&from), dir.join("tls").join(to)).map_err(|e| {
+        let dest = dir.join("tls").join(&to);
+        std::fs::copy(certs.join(&from), &dest).map_err(|e| {
             DemoError::Setup(format!(
                 "cannot copy {} from {}: {e}",
                 from,
                 certs.display()
             ))
         })?;
+        if to.ends_with(".key") {
+            // A private key is for this process only, whatever the mode of its source.
+            crate::federation::pki::restrict_to_owner(&dest)
+                .map_err(|e| DemoError::Setup(e.to_string()))?;
+        }
     }
     copy_dir_files(policies, &dir.join("agreements"))?;
     let key = dir.join("site.key");
@@ -357,8 +363,10 @@ fn lay_out_site(
             ca: PathBuf::from("tls/ca.pem"),
             cert: PathBuf::from("tls/site.pem"),
             key: PathBuf::from("tls/site-tls.key"),
+            crl: None,
         },
         peers,
+        limits: Default::default(),
     };
     let path = dir.join("node.toml");
     std::fs::write(

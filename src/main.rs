@@ -46,6 +46,9 @@ enum Command {
     /// Audit log tools.
     #[command(subcommand)]
     Audit(cli::node::AuditCommand),
+    /// A node's received-instance store.
+    #[command(subcommand)]
+    Store(cli::node::StoreCommand),
 }
 
 fn main() {
@@ -73,6 +76,7 @@ fn main() {
         Command::Dsa(a) => cli::dsa::run(a),
         Command::Audit(c) => cli::node::audit(c),
         Command::Quarantine(a) => cli::quarantine::run(a),
+        Command::Store(c) => cli::node::store(c),
     };
     match result {
         Ok(code) => std::process::exit(code),

@@ -218,11 +218,14 @@ impl Node {
             .map_err(|e| NodeError::Input(e.to_string()))?;
         let keys = SiteKeys::load(&config.key_file)?;
         let tls = SiteTls::load(&config.site_id, &config.tls)?;
+        store::private_dir(&config.data_dir)?;
         let audit = Arc::new(AuditLog::open(&config.data_dir.join("audit.log"))?);
+        store::private_file(audit.path())?;
         let (set, rejected) = load_agreements(&config.agreements, &config.tls.ca, None);
         for (f, why) in &rejected {
             tracing::error!(file = %f.display(), reason = %why, "agreement not enforced");
         }
+        tls.pins.update(&set);
         let (agreements, _) = watch::channel(Arc::new(set));
         Ok(Node {
             config,
@@ -239,9 +242,10 @@ impl Node {
     pub fn store(&self) -> Result<Arc<LocalStore>, NodeError> {
         let mut slot = self.store.lock().unwrap_or_else(|p| p.into_inner());
         if slot.is_none() {
-            *slot = Some(Arc::new(LocalStore::open(
-                &self.config.data_dir.join("store"),
-            )?));
+            let path = self.config.data_dir.join("store");
+            store::guard_component(&self.config.data_dir, "store", &path, false)?;
+            *slot = Some(Arc::new(LocalStore::open(&path)?));
+            store::mark_component(&self.config.data_dir, "store")?;
         }
         Ok(slot.clone().expect("just opened"))
     }
@@ -251,6 +255,7 @@ impl Node {
         let mut slot = self.vault.lock().unwrap_or_else(|p| p.into_inner());
         if slot.is_none() {
             let path = self.config.data_dir.join("vault");
+            store::guard_component(&self.config.data_dir, "vault", &path, false)?;
             let db = sled::open(&path).map_err(|e| match &e {
                 sled::Error::Io(io) if io.to_string().contains("lock") => {
                     crate::store::StoreError::InUse(path.clone())
@@ -260,6 +265,9 @@ impl Node {
             let tree = db
                 .open_tree("vault")
                 .map_err(crate::store::StoreError::Index)?;
+            db.flush().map_err(crate::store::StoreError::Index)?;
+            store::restrict_tree(&path)?;
+            store::mark_component(&self.config.data_dir, "vault")?;
             *slot = Some(Arc::new(Vault::new(&self.keys, tree)));
         }
         Ok(slot.clone().expect("just opened"))
@@ -292,6 +300,7 @@ impl Node {
             tracing::error!(file = %f.display(), reason = %why, "agreement not enforced");
         }
         tracing::info!(agreements = set.agreements.len(), "agreements reloaded");
+        self.tls.update_pins(&set);
         self.agreements.send_replace(Arc::new(set));
     }
 
@@ -302,23 +311,33 @@ impl Node {
         listener: TcpListener,
         shutdown: impl std::future::Future<Output = ()> + Send,
     ) -> Result<(), NodeError> {
-        let receiver = Receiver::new(
-            self.config.site_id.clone(),
-            self.store()? as Arc<dyn Store>,
-            self.agreements.subscribe(),
-            self.audit.clone(),
-            ReceiptSigner::new(&self.tls.key_pkcs8),
+        let receiver = Arc::new(
+            Receiver::new(
+                self.config.site_id.clone(),
+                self.store()? as Arc<dyn Store>,
+                self.agreements.subscribe(),
+                self.audit.clone(),
+                ReceiptSigner::new(&self.tls.key_pkcs8),
+            )
+            .with_limits(self.config.limits.clone())
+            .with_connections(self.tls.connections.clone()),
         );
         let watcher = {
-            let node = self.clone();
+            let (node, receiver) = (self.clone(), receiver.clone());
             tokio::spawn(async move {
                 let mut last = agreements_fingerprint(&node.config.agreements);
+                let mut tick = 0u32;
                 loop {
                     tokio::time::sleep(Duration::from_millis(250)).await;
                     let now = agreements_fingerprint(&node.config.agreements);
                     if now != last {
                         last = now;
                         node.reload_agreements();
+                    }
+                    node.tls.reload_crl_if_changed();
+                    tick = tick.wrapping_add(1);
+                    if tick % 4 == 0 {
+                        receiver.housekeeping();
                     }
                 }
             })
@@ -340,9 +359,9 @@ impl Node {
         };
         let addr = listener.local_addr().ok();
         tracing::info!(site = %self.config.site_id, ?addr, "federation endpoint listening (mutual TLS 1.3)");
-        let incoming = tls::incoming(listener, &self.tls);
+        let incoming = tls::incoming(listener, &self.tls, &self.config.limits);
         let result = tonic::transport::Server::builder()
-            .serve_with_incoming_shutdown(FederationServer::new(receiver), incoming, shutdown)
+            .serve_with_incoming_shutdown(FederationServer::from_arc(receiver), incoming, shutdown)
             .await
             .map_err(|e| NodeError::Serve(e.to_string()));
         watcher.abort();

@@ -185,6 +185,7 @@ async fn a_valid_site_that_is_not_the_flow_sender_is_denied() {
             ca: pki.join("ca.pem"),
             cert: pki.join("hospital-b.pem"),
             key: pki.join("hospital-b.key"),
+            crl: None,
         },
     )
     .unwrap();
@@ -223,6 +224,7 @@ async fn a_certificate_from_another_ca_fails_the_handshake() {
             ca: fed.pki().join("ca.pem"),
             cert: rogue.path().join("hospital-a.pem"),
             key: rogue.path().join("hospital-a.key"),
+            crl: None,
         },
     )
     .unwrap();

@@ -23,6 +23,31 @@ pub enum CertsCommand {
         )]
         sites: Vec<String>,
     },
+    /// Revoke certificates of the DEVELOPMENT CA: add them to its CRL and write the CRL (PEM).
+    /// A real federation CA issues its own CRL; every site points `[tls] crl` at it.
+    Revoke {
+        /// Folder of the development CA (`ca.pem` and `ca.key`).
+        #[arg(long, default_value = "certs-dev")]
+        ca_dir: PathBuf,
+        /// The CRL file to write (default: `<ca-dir>/crl.pem`). Revocations already in it are kept.
+        #[arg(long)]
+        crl: Option<PathBuf>,
+        /// Days until the CRL's next update.
+        #[arg(long, default_value_t = 30)]
+        days: u32,
+        /// Certificate files (PEM) to revoke; none writes the CRL with what it already lists.
+        certs: Vec<PathBuf>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum StoreCommand {
+    /// Re-hash every stored instance (blob) and check the index: exits 3 on any mismatch.
+    Verify {
+        /// The node configuration file.
+        #[arg(long)]
+        config: PathBuf,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -100,7 +125,91 @@ pub fn certs(cmd: CertsCommand) -> anyhow::Result<i32> {
             );
             Ok(0)
         }
+        CertsCommand::Revoke {
+            ca_dir,
+            crl,
+            days,
+            certs,
+        } => revoke(ca_dir, crl, days, certs),
     }
+}
+
+fn revoke(
+    ca_dir: PathBuf,
+    crl: Option<PathBuf>,
+    days: u32,
+    certs: Vec<PathBuf>,
+) -> anyhow::Result<i32> {
+    let out = crl.unwrap_or_else(|| ca_dir.join("crl.pem"));
+    let r = federation::crl::revoke_with_dev_ca(
+        &ca_dir.join("ca.pem"),
+        &ca_dir.join("ca.key"),
+        &certs,
+        &out,
+        days,
+    )?;
+    println!(
+        "wrote CRL {} (number {}, {} revoked certificates, next update in {days} days)",
+        r.crl.display(),
+        r.crl_number,
+        r.serials.len()
+    );
+    for s in &r.serials {
+        println!("  revoked serial {s}");
+    }
+    println!(
+        "Copy it to every site's `[tls] crl` file; running nodes reload it within a second and cut \
+         the revoked certificates' connections."
+    );
+    Ok(0)
+}
+
+/// `pacs-broker store verify`: every blob re-hashed, every indexed instance present.
+pub fn store(cmd: StoreCommand) -> anyhow::Result<i32> {
+    let StoreCommand::Verify { config } = cmd;
+    let cfg = pacs_broker::config::NodeConfig::load(&config)?;
+    let root = cfg.data_dir.join("store");
+    if !root.exists() {
+        anyhow::bail!(
+            "no store at {} (has this node received anything?)",
+            root.display()
+        );
+    }
+    let blobs = pacs_broker::store::LocalStore::verify_blobs(&root)?;
+    let mut bad = blobs.mismatched.len();
+    for p in &blobs.mismatched {
+        println!(
+            "MISMATCH {}: its bytes do not match its SHA-256",
+            p.display()
+        );
+    }
+    match pacs_broker::store::LocalStore::open(&root) {
+        Ok(store) => {
+            let missing = store.missing_blobs()?;
+            for (key, uid) in &missing {
+                println!(
+                    "MISSING instance {uid} of study {} ({} from site {}): its blob is gone",
+                    key.study_token, key.agreement, key.from_site
+                );
+            }
+            bad += missing.len();
+        }
+        Err(pacs_broker::store::StoreError::InUse(_)) => println!(
+            "note: the index is in use by the running node; blobs were checked, index references were not"
+        ),
+        Err(e) => return Err(e.into()),
+    }
+    println!(
+        "checked {} blobs ({} bytes): {}",
+        blobs.checked,
+        blobs.bytes,
+        if bad == 0 {
+            "all intact".to_string()
+        } else {
+            format!("{bad} problems")
+        }
+    );
+    Ok(if bad == 0 { 0 } else { 3 })
 }
 
 pub fn keys(cmd: KeysCommand) -> anyhow::Result<i32> {
@@ -258,7 +367,8 @@ pub struct OutboxArgs {
     /// The node configuration file.
     #[arg(long)]
     pub config: PathBuf,
-    /// Attempt every pending entry now (whatever its backoff), then list.
+    /// Re-queue FAILED entries and attempt every pending entry now (whatever its backoff),
+    /// then list.
     #[arg(long)]
     pub retry: bool,
 }
@@ -267,6 +377,10 @@ pub struct OutboxArgs {
 pub fn outbox(args: OutboxArgs) -> anyhow::Result<i32> {
     let node = Node::open_config(&args.config)?;
     if args.retry {
+        let requeued = node.outbox().requeue_failed()?;
+        if requeued > 0 {
+            println!("{requeued} failed studies re-queued");
+        }
         let rt = runtime()?;
         let n = rt.block_on(node.drain_outbox(true));
         println!("{n} queued studies delivered");

@@ -486,6 +486,96 @@ pub fn check_release_file(obj: &DefaultDicomObject, config: &DeidConfig) -> Resu
     Ok(())
 }
 
+/// The receiving node's check on every delivery (instances received, and instances answered as
+/// already held): [`check_release_file`], and stricter:
+/// - an attribute the flow's profile removes is absent, not merely empty;
+/// - pseudonymised attributes hold a token of exactly the form the project writes (16 Crockford
+///   base32 characters);
+/// - on a trial flow, PatientID and PatientName hold the same trial subject ID (one component
+///   of letters, digits, '.', '_' or '-': a person's name or a value with spaces is refused).
+pub fn check_delivery_file(obj: &DefaultDicomObject, config: &DeidConfig) -> Result<(), DeidError> {
+    check_release_file(obj, config)?;
+    check_delivery_forms(obj, config, "")?;
+    if config.subject_ids {
+        let text = |tag| {
+            obj.get(tag)
+                .and_then(|e| e.to_str().ok())
+                .map(|s| s.trim_matches(['\0', ' ']).to_string())
+                .unwrap_or_default()
+        };
+        let (id, name) = (text(tags::PATIENT_ID), text(tags::PATIENT_NAME));
+        if !is_subject_id(&id) {
+            return Err(refuse(
+                "PatientID is not a trial subject ID (trial flow)".into(),
+            ));
+        }
+        if name != id {
+            return Err(refuse(
+                "PatientName is not the trial subject ID of PatientID (trial flow)".into(),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The form of a trial subject ID as the origin's mapping gives it: 1-64 of `[A-Za-z0-9._-]`,
+/// starting with a letter or digit.
+fn is_subject_id(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && s.as_bytes()[0].is_ascii_alphanumeric()
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+/// A token exactly as `pseudonym::Tokenizer::token` writes it.
+fn is_strict_token(s: &str) -> bool {
+    const CROCKFORD: &[u8] = b"0123456789ABCDEFGHJKMNPQRSTVWXYZ";
+    let s = s.trim_end_matches(['\0', ' ']);
+    s.len() == 16 && s.bytes().all(|b| CROCKFORD.contains(&b))
+}
+
+fn check_delivery_forms(
+    obj: &InMemDicomObject,
+    config: &DeidConfig,
+    path: &str,
+) -> Result<(), DeidError> {
+    for elem in obj.iter() {
+        let tag = elem.header().tag;
+        if let Value::Sequence(seq) = elem.value() {
+            for (i, item) in seq.items().iter().enumerate() {
+                check_delivery_forms(item, config, &format!("{path}{tag}[{i}]/"))?;
+            }
+        }
+        if tag.group() % 2 == 1 || tag.group() == 0x0002 {
+            continue;
+        }
+        let d = policy::decide_public(tag, elem.vr(), has_value(elem), config);
+        let at = || format!("{} {path}{tag}", keyword_of(tag));
+        match d.act {
+            Act::Remove => {
+                return Err(refuse(format!(
+                    "{} is present although the profile removes it",
+                    at()
+                )));
+            }
+            Act::Token => {
+                let trial_patient =
+                    config.subject_ids && matches!(tag, tags::PATIENT_ID | tags::PATIENT_NAME);
+                let text = elem.to_str().map(|s| s.into_owned()).unwrap_or_default();
+                if !trial_patient && !is_strict_token(&text) {
+                    return Err(refuse(format!(
+                        "{} holds a value that is not a pseudonym of the form this project writes",
+                        at()
+                    )));
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
 fn refuse(reason: String) -> DeidError {
     DeidError::Quarantined { reason }
 }

@@ -43,13 +43,19 @@ pub enum SendError {
 }
 
 impl SendError {
-    /// True for failures worth retrying later (network, peer unavailable).
+    /// True for failures worth retrying later: the network, a peer that is unavailable, busy
+    /// (RESOURCE_EXHAUSTED: over its limits for now) or timed out. The study stays pending and
+    /// is retried with backoff.
     pub fn is_transient(&self) -> bool {
         match self {
             SendError::Connect { .. } => true,
             SendError::Offer { status, .. } | SendError::Transfer { status, .. } => matches!(
                 status.code(),
-                tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Unknown
+                tonic::Code::Unavailable
+                    | tonic::Code::ResourceExhausted
+                    | tonic::Code::DeadlineExceeded
+                    | tonic::Code::Unknown
+                    | tonic::Code::Aborted
             ),
             _ => false,
         }
@@ -95,23 +101,25 @@ impl PeerClient {
             reason,
         };
         let peer_cert = Arc::new(Mutex::new(None));
-        let (cfg, addr, name, expected, slot) = (
+        let (cfg, addr, name, expected, slot, pins) = (
             tls.client.clone(),
             address.to_string(),
             server_name.to_string(),
             site.to_string(),
             peer_cert.clone(),
+            tls.pins.clone(),
         );
         let connector = tower::service_fn(move |_uri: tonic::codegen::http::Uri| {
-            let (cfg, addr, name, expected, slot) = (
+            let (cfg, addr, name, expected, slot, pins) = (
                 cfg.clone(),
                 addr.clone(),
                 name.clone(),
                 expected.clone(),
                 slot.clone(),
+                pins.clone(),
             );
             async move {
-                let (stream, identity) = tls::connect(cfg, &addr, &name, &expected).await?;
+                let (stream, identity) = tls::connect(cfg, &addr, &name, &expected, &pins).await?;
                 *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(identity.certificate);
                 Ok::<_, std::io::Error>(TokioIo::new(stream))
             }

@@ -4,14 +4,21 @@
 //! the peer identity taken from the verified certificate ([`tls`], [`pki`]), the receiving side of
 //! offer/transfer with its enforcement ([`service`]) and the sending side ([`client`]).
 //!
+//! Peers are not trusted to be benign: per-peer limits and timeouts, bounded peer strings, CRLs
+//! and pins apply to every connection ([`tls`], [`crl`], [`wire`], [`refusals`], [`manifest`]).
+//!
 //! Does not own: de-identification (the sender calls `deid` before anything reaches this module;
 //! the receiver calls `deid::check_release` to re-check what arrives), nor storage (`store`).
 
 pub mod client;
+pub mod crl;
+pub mod manifest;
 pub mod pki;
 pub mod receipt;
+pub mod refusals;
 pub mod service;
 pub mod tls;
+pub mod wire;
 
 /// Generated protocol types and service stubs.
 #[allow(clippy::all)]

@@ -41,6 +41,12 @@ pub enum PkiError {
     BadSiteId(String),
     #[error("certificate generation failed: {0}")]
     Generate(#[from] rcgen::Error),
+    #[error(
+        "key file {path} is readable by group or others (mode {mode:o}); run `chmod 600 {path}`"
+    )]
+    KeyTooOpen { path: PathBuf, mode: u32 },
+    #[error("{path}: {message}")]
+    Crl { path: PathBuf, message: String },
 }
 
 /// Checks the form of a site id: `[a-z0-9][a-z0-9-]{0,62}`.
@@ -74,6 +80,44 @@ pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, PkiError>
         });
     }
     Ok(certs)
+}
+
+/// Refuses a private key file that group or others may read (the same rule, and the same
+/// message, as for the site key file).
+pub fn check_private_key_mode(path: &Path) -> Result<(), PkiError> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let meta = fs::metadata(path).map_err(|source| PkiError::Io {
+            path: path.to_owned(),
+            source,
+        })?;
+        let mode = meta.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            return Err(PkiError::KeyTooOpen {
+                path: path.to_owned(),
+                mode,
+            });
+        }
+    }
+    let _ = path;
+    Ok(())
+}
+
+/// Sets a file's mode to 0600 (owner read and write only).
+pub fn restrict_to_owner(path: &Path) -> Result<(), PkiError> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        fs::set_permissions(path, fs::Permissions::from_mode(0o600)).map_err(|source| {
+            PkiError::Io {
+                path: path.to_owned(),
+                source,
+            }
+        })?;
+    }
+    let _ = path;
+    Ok(())
 }
 
 /// Reads a private key (PKCS#8, SEC1 or PKCS#1) from a PEM file.
@@ -128,6 +172,90 @@ fn write(path: &Path, text: &str) -> Result<(), PkiError> {
     })
 }
 
+/// Writes a private key: created with mode 0600 (and set to 0600 if the file existed).
+fn write_private(path: &Path, text: &str) -> Result<(), PkiError> {
+    use std::io::Write;
+    let io = |source| PkiError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    let mut opts = fs::OpenOptions::new();
+    opts.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(0o600);
+    }
+    let mut f = opts.open(path).map_err(io)?;
+    restrict_to_owner(path)?;
+    f.write_all(text.as_bytes()).map_err(io)?;
+    f.sync_all().map_err(io)
+}
+
+/// Issues a site certificate (new ECDSA P-256 key) signed by `issuer` and writes
+/// `<out>/<site>.pem` and `<out>/<site>.key` (0600).
+fn write_site_certificate(
+    issuer: &Issuer<'_, KeyPair>,
+    site: &str,
+    out: &Path,
+    not_before: time::OffsetDateTime,
+    not_after: time::OffsetDateTime,
+) -> Result<(PathBuf, PathBuf), PkiError> {
+    let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+    let mut p = CertificateParams::new(vec!["localhost".to_string()])?;
+    p.subject_alt_names
+        .push(SanType::IpAddress(IpAddr::V4(Ipv4Addr::LOCALHOST)));
+    p.subject_alt_names
+        .push(SanType::URI(format!("{SITE_URI_PREFIX}{site}").try_into()?));
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, site);
+    dn.push(
+        DnType::OrganizationName,
+        "pacs-broker dev (NOT FOR CLINICAL USE)",
+    );
+    p.distinguished_name = dn;
+    p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    p.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    p.not_before = not_before;
+    p.not_after = not_after;
+    let cert = p.signed_by(&key, issuer)?;
+    let cert_path = out.join(format!("{site}.pem"));
+    let key_path = out.join(format!("{site}.key"));
+    write(&cert_path, &cert.pem())?;
+    write_private(&key_path, &key.serialize_pem())?;
+    Ok((cert_path, key_path))
+}
+
+/// Issues one more development site certificate, with a new key, from the CA in `ca_dir`
+/// (`ca.pem`, `ca.key`), into `out` (a re-issued or a second certificate of a site).
+pub fn issue_dev_site_certificate(
+    ca_dir: &Path,
+    site: &str,
+    out: &Path,
+) -> Result<(PathBuf, PathBuf), PkiError> {
+    validate_site_id(site)?;
+    let read = |p: PathBuf| {
+        fs::read_to_string(&p).map_err(|source| PkiError::Io { path: p, source })
+    };
+    let key = KeyPair::from_pem(&read(ca_dir.join("ca.key"))?)?;
+    let issuer = Issuer::from_ca_cert_pem(&read(ca_dir.join("ca.pem"))?, key)?;
+    fs::create_dir_all(out).map_err(|source| PkiError::Io {
+        path: out.to_owned(),
+        source,
+    })?;
+    let now = time::OffsetDateTime::now_utc();
+    write_site_certificate(
+        &issuer,
+        site,
+        out,
+        now - time::Duration::days(1),
+        now + time::Duration::days(365),
+    )
+}
+
 /// Files written by [`generate_dev_federation`].
 #[derive(Debug, Clone)]
 pub struct DevFederation {
@@ -171,35 +299,12 @@ pub fn generate_dev_federation(out: &Path, sites: &[String]) -> Result<DevFedera
     let issuer = Issuer::new(ca, ca_key);
     let ca_path = out.join("ca.pem");
     write(&ca_path, &ca_cert.pem())?;
-    write(&out.join("ca.key"), &issuer.key().serialize_pem())?;
+    write_private(&out.join("ca.key"), &issuer.key().serialize_pem())?;
 
     let mut written = Vec::new();
     for site in sites {
-        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
-        let mut p = CertificateParams::new(vec!["localhost".to_string()])?;
-        p.subject_alt_names
-            .push(SanType::IpAddress(IpAddr::V4(Ipv4Addr::LOCALHOST)));
-        p.subject_alt_names
-            .push(SanType::URI(format!("{SITE_URI_PREFIX}{site}").try_into()?));
-        let mut dn = DistinguishedName::new();
-        dn.push(DnType::CommonName, site.as_str());
-        dn.push(
-            DnType::OrganizationName,
-            "pacs-broker dev (NOT FOR CLINICAL USE)",
-        );
-        p.distinguished_name = dn;
-        p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        p.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
-        p.not_before = not_before;
-        p.not_after = not_after;
-        let cert = p.signed_by(&key, &issuer)?;
-        let cert_path = out.join(format!("{site}.pem"));
-        let key_path = out.join(format!("{site}.key"));
-        write(&cert_path, &cert.pem())?;
-        write(&key_path, &key.serialize_pem())?;
+        let (cert_path, key_path) =
+            write_site_certificate(&issuer, site, out, not_before, not_after)?;
         written.push((site.clone(), cert_path, key_path));
     }
     write(

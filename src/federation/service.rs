@@ -1,11 +1,27 @@
 //! The receiving side of the federation protocol.
 //!
 //! Owns: [`Receiver`], the tonic service that answers offers and transfers. It never trusts the
-//! sender: the caller's site comes from its verified certificate; every offer is authorised
-//! against the agreements in force (and re-authorised while a transfer streams, so a suspension
-//! cuts it off); every instance is streamed to a staging file (memory does not grow with study
-//! size), checked against its SHA-256 and size, parsed as DICOM and re-checked against the flow's
-//! de-identification profile before anything is stored; a failed transfer leaves nothing behind.
+//! sender, and a valid certificate does not make a sender benign:
+//! - the caller's site comes from its verified certificate; a party whose agreement pins its key
+//!   must present that key;
+//! - every string the peer sends is checked for length and character set before it is logged,
+//!   audited or used ([`super::wire`]); refusals are audited with bounded fields, and repeated
+//!   refusals from one peer are summarised ([`super::refusals`]);
+//! - pending offers and concurrent transfers are limited per peer and in total (`[limits]`);
+//!   a pending offer expires after `offer_ttl_secs` and holds a few hundred bytes of memory, its
+//!   manifest waiting on disk ([`super::manifest`]);
+//! - "already held" is answered only for instances the same site sent under the same agreement
+//!   and flow, after re-hashing the blob and re-running the release check (a blob damaged at
+//!   rest is quarantined and asked for again); nothing tells a peer what others sent;
+//! - every offer is authorised against the agreements in force (and re-authorised while a
+//!   transfer streams, so a suspension cuts it off); a transfer that sends nothing for
+//!   `stall_timeout_secs` is cut;
+//! - every instance is streamed to a staging file (memory does not grow with study size),
+//!   checked against its SHA-256 and size, parsed through the guarded reader (`deid::guard`),
+//!   and must carry the announced SOP Instance UID and the offered study token as its Study
+//!   Instance UID, and pass the delivery check of the flow (`deid::verify::check_delivery_file`)
+//!   before anything is stored; a failed transfer leaves nothing behind, an interrupted one is
+//!   audited and logged at WARN.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -16,62 +32,107 @@ use tokio::io::AsyncWriteExt;
 use tokio::sync::watch;
 use tonic::{Request, Response, Status, Streaming};
 
+use super::manifest::{Disposition, Entry, Manifest};
 use super::proto::federation_server::Federation;
 use super::proto::{
     HelloRequest, HelloResponse, OfferRequest, OfferResponse, Receipt, TransferChunk,
 };
 use super::receipt::ReceiptSigner;
-use super::tls::PeerInfo;
+use super::refusals::{Refusal as Refused, Refusals};
+use super::tls::{Connections, PeerInfo};
+use super::wire::{self, shown};
 use super::CHUNK_SIZE;
 use crate::audit::{AuditLog, Event};
+use crate::config::Limits;
 use crate::deid::DeidConfig;
 use crate::dsa::{AgreementSet, Refusal, StudyFacts, TransferRequest};
-use crate::store::{StagedInstance, Store, StudyKey};
+use crate::store::{BlobCheck, StagedInstance, Store, StoreError, StudyKey};
 
-/// Most instances one offer may announce.
-pub const MAX_INSTANCES_PER_OFFER: usize = 100_000;
 /// Largest single instance accepted (4 GiB).
 pub const MAX_INSTANCE_SIZE: u64 = 4 << 30;
-/// Most offers waiting for their transfer at once.
-pub const MAX_PENDING_OFFERS: usize = 1024;
-/// How long an offer stays valid without its transfer.
-pub const OFFER_TTL: Duration = Duration::from_secs(3600);
+/// Most modalities one offer may list.
+const MAX_MODALITIES: usize = 16;
 
+/// A pending offer: a few hundred bytes here, its instances in a manifest file on disk.
 struct Plan {
+    transfer_id: String,
     agreement: String,
     flow: String,
     purpose: String,
     sender: String,
     study_token: String,
-    /// Instances to receive: sha -> (SOP Instance UID, size).
-    wanted: HashMap<[u8; 32], (String, u64)>,
-    already: Vec<(String, [u8; 32])>,
-    /// Verified instances kept from an interrupted transfer of this study (resumption).
-    resumed: Vec<StagedInstance>,
-    /// The flow's de-identification settings: every received instance must satisfy them.
-    deid: DeidConfig,
+    manifest: Manifest,
+    /// Instances to receive in the transfer.
+    wanted: usize,
+    /// How many instances the offer announced.
     expected: usize,
     created: Instant,
 }
 
 impl Plan {
     fn key(&self) -> StudyKey {
-        StudyKey {
-            agreement: self.agreement.clone(),
-            flow: self.flow.clone(),
-            from_site: self.sender.clone(),
-            study_token: self.study_token.clone(),
-        }
+        StudyKey::new(&self.agreement, &self.flow, &self.sender, &self.study_token)
     }
 }
 
 /// Why a transfer did not complete.
 enum Failure {
-    /// The stream broke or ended early: verified instances are kept for resumption.
+    /// The stream broke, ended early or stalled: verified instances are kept for resumption.
     Interrupted(Status),
     /// Something was wrong with what arrived, or the agreement no longer allows it: everything
     /// received for the study is discarded.
     Rejected(Status),
+}
+
+#[derive(Default)]
+struct Slots {
+    per_peer: HashMap<String, usize>,
+    total: usize,
+}
+
+/// A transfer slot of one peer, released on drop.
+struct TransferSlot<'a> {
+    slots: &'a Mutex<Slots>,
+    peer: String,
+}
+
+impl Drop for TransferSlot<'_> {
+    fn drop(&mut self) {
+        let mut s = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        s.total = s.total.saturating_sub(1);
+        if let Some(n) = s.per_peer.get_mut(&self.peer) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                s.per_peer.remove(&self.peer);
+            }
+        }
+    }
+}
+
+/// Audits a transfer that ends without an outcome (the connection dropped, or it was cut and
+/// the call abandoned), unless disarmed.
+struct InterruptionWatch<'a> {
+    refusals: &'a Refusals,
+    site: String,
+    agreement: String,
+    purpose: String,
+    object: String,
+    armed: bool,
+}
+
+impl Drop for InterruptionWatch<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.refusals.record(Refused {
+                site: &self.site,
+                kind: "transfer interrupted",
+                agreement: &self.agreement,
+                purpose: &self.purpose,
+                object: &self.object,
+                reason: "the connection ended during the transfer; nothing was stored",
+            });
+        }
+    }
 }
 
 /// The receiving service of one node.
@@ -81,7 +142,16 @@ pub struct Receiver {
     agreements: watch::Receiver<Arc<AgreementSet>>,
     audit: Arc<AuditLog>,
     signer: ReceiptSigner,
+    limits: Limits,
     plans: Mutex<HashMap<String, Plan>>,
+    transfers: Mutex<Slots>,
+    refusals: Refusals,
+    connections: Option<Arc<Connections>>,
+}
+
+fn status_of_store(e: StoreError) -> Status {
+    tracing::error!(error = %e, "storage error");
+    Status::internal(format!("the receiver's storage failed: {e}"))
 }
 
 impl Receiver {
@@ -92,60 +162,132 @@ impl Receiver {
         audit: Arc<AuditLog>,
         signer: ReceiptSigner,
     ) -> Self {
+        let limits = Limits::default();
         Receiver {
             site_id,
             store,
             agreements,
+            refusals: Refusals::new(
+                audit.clone(),
+                Duration::from_secs(limits.refusal_summary_secs),
+            ),
             audit,
             signer,
+            limits,
             plans: Mutex::new(HashMap::new()),
+            transfers: Mutex::new(Slots::default()),
+            connections: None,
         }
     }
 
-    fn refuse(&self, peer: &str, agreement: &str, purpose: &str, object: &str, why: &str) {
-        self.audit.record_or_warn(Event {
-            actor: format!("site:{peer}"),
-            action: "refuse".into(),
-            object: object.into(),
-            agreement: agreement.into(),
-            purpose: purpose.into(),
-            outcome: why.into(),
+    /// The node's `[limits]`.
+    pub fn with_limits(mut self, limits: Limits) -> Self {
+        self.refusals = Refusals::new(
+            self.audit.clone(),
+            Duration::from_secs(limits.refusal_summary_secs),
+        );
+        self.limits = limits;
+        self
+    }
+
+    /// The endpoint's connections, whose events (idle closes, cuts) this receiver audits.
+    pub fn with_connections(mut self, connections: Arc<Connections>) -> Self {
+        self.connections = Some(connections);
+        self
+    }
+
+    /// Expires pending offers past their TTL (removing their manifests), audits connection
+    /// events, and writes the refusal summaries of windows that ended. Call about once a second.
+    pub fn housekeeping(&self) {
+        let ttl = Duration::from_secs(self.limits.offer_ttl_secs);
+        let expired: Vec<Plan> = {
+            let mut plans = self.plans.lock().unwrap_or_else(|p| p.into_inner());
+            let ids: Vec<String> = plans
+                .iter()
+                .filter(|(_, p)| p.created.elapsed() >= ttl)
+                .map(|(id, _)| id.clone())
+                .collect();
+            ids.iter().filter_map(|id| plans.remove(id)).collect()
+        };
+        for p in expired {
+            tracing::info!(peer = %p.sender, study = %p.study_token, "offer expired without its transfer");
+            p.manifest.remove();
+        }
+        if let Some(c) = &self.connections {
+            for e in c.take_events() {
+                self.refusals.record(Refused {
+                    site: &e.site,
+                    kind: e.kind,
+                    agreement: "",
+                    purpose: "",
+                    object: "connection",
+                    reason: &e.detail,
+                });
+            }
+        }
+        self.refusals.flush(false);
+    }
+
+    /// Pending offers now (all peers).
+    pub fn pending_offers(&self) -> usize {
+        self.plans.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    fn refuse(&self, site: &str, kind: &'static str, o: (&str, &str), object: &str, why: &str) {
+        self.refusals.record(Refused {
+            site,
+            kind,
+            agreement: o.0,
+            purpose: o.1,
+            object,
+            reason: why,
         });
     }
 
     /// Checks an offer: agreement active, valid and fully signed, both sites parties and not
-    /// suspended, the flow's direction, purpose and modality selector, and the daily volume.
+    /// suspended, the sender's key matching its pin, the flow's direction, purpose and modality
+    /// selector, and the daily volume.
     fn authorise_offer(
         &self,
         set: &AgreementSet,
         o: &OfferRequest,
-        sender: &str,
-    ) -> Result<DeidConfig, Refusal> {
+        peer: &PeerInfo,
+    ) -> Result<DeidConfig, String> {
+        let sender = peer.identity.site_id.as_str();
         let study = StudyFacts {
             modalities: o.modalities.clone(),
             ..StudyFacts::default()
         };
         let today = time::OffsetDateTime::now_utc().date();
-        let (_, flow) = set.authorise_transfer(&TransferRequest {
-            agreement: &o.agreement_id,
-            flow: &o.flow,
-            purpose: &o.purpose,
-            sender,
-            receiver: &self.site_id,
-            study: &study,
-            today,
-        })?;
+        let (agreement, flow) = set
+            .authorise_transfer(&TransferRequest {
+                agreement: &o.agreement_id,
+                flow: &o.flow,
+                purpose: &o.purpose,
+                sender,
+                receiver: &self.site_id,
+                study: &study,
+                today,
+            })
+            .map_err(|r| r.to_string())?;
+        if let Some(pin) = agreement
+            .party(sender)
+            .and_then(|p| p.certificate_pin.as_deref())
+        {
+            if hex::encode(peer.identity.spki_sha256) != pin {
+                return Err(format!(
+                    "the certificate's public key does not match the certificate_pin of party {sender:?} in agreement {:?}",
+                    agreement.id
+                ));
+            }
+        }
         if flow.studies_per_day.is_some() {
-            let key = StudyKey {
-                agreement: o.agreement_id.clone(),
-                flow: o.flow.clone(),
-                from_site: sender.to_string(),
-                study_token: o.study_token.clone(),
-            };
+            let key = StudyKey::new(&o.agreement_id, &o.flow, sender, &o.study_token);
             // A study already (partly) held is a resend, not one more study.
             let known = self.store.study(&key).ok().flatten().is_some();
             if !known {
-                flow.check_volume(self.studies_received_today(&o.agreement_id, &o.flow))?;
+                flow.check_volume(self.studies_received_today(&o.agreement_id, &o.flow))
+                    .map_err(|r| r.to_string())?;
             }
         }
         Ok(flow.release_config())
@@ -171,13 +313,65 @@ impl Receiver {
         let today = time::OffsetDateTime::now_utc().date();
         set.still_allowed(&plan.agreement, &plan.sender, &self.site_id, today)
     }
+
+    /// RESOURCE_EXHAUSTED when `sender` already has its share of pending offers (or all peers
+    /// together have theirs). Expired offers are dropped first.
+    fn check_pending(&self, plans: &mut HashMap<String, Plan>, sender: &str) -> Result<(), Status> {
+        let ttl = Duration::from_secs(self.limits.offer_ttl_secs);
+        let expired: Vec<String> = plans
+            .iter()
+            .filter(|(_, p)| p.created.elapsed() >= ttl)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in expired {
+            if let Some(p) = plans.remove(&id) {
+                p.manifest.remove();
+            }
+        }
+        let mine = plans.values().filter(|p| p.sender == sender).count();
+        if mine >= self.limits.pending_offers_per_peer {
+            return Err(Status::resource_exhausted(format!(
+                "your site has {mine} offers waiting for their transfer (the limit per site); transfer or let them expire ({} s), then retry",
+                self.limits.offer_ttl_secs
+            )));
+        }
+        if plans.len() >= self.limits.pending_offers_total {
+            return Err(Status::resource_exhausted(
+                "too many offers are waiting for their transfer; retry later",
+            ));
+        }
+        Ok(())
+    }
+
+    /// A transfer slot for `sender`, or RESOURCE_EXHAUSTED.
+    fn transfer_slot(&self, sender: &str) -> Result<TransferSlot<'_>, Status> {
+        let mut s = self.transfers.lock().unwrap_or_else(|p| p.into_inner());
+        let mine = s.per_peer.get(sender).copied().unwrap_or(0);
+        if mine >= self.limits.transfers_per_peer {
+            return Err(Status::resource_exhausted(format!(
+                "your site already has {mine} transfers in progress (the limit per site); retry later"
+            )));
+        }
+        if s.total >= self.limits.transfers_total {
+            return Err(Status::resource_exhausted(
+                "too many transfers are in progress; retry later",
+            ));
+        }
+        s.total += 1;
+        *s.per_peer.entry(sender.to_string()).or_default() += 1;
+        Ok(TransferSlot {
+            slots: &self.transfers,
+            peer: sender.to_string(),
+        })
+    }
 }
 
 fn peer_of<T>(req: &Request<T>) -> Result<PeerInfo, Status> {
-    req.extensions()
-        .get::<PeerInfo>()
-        .cloned()
-        .ok_or_else(|| Status::unauthenticated("no verified client certificate on this connection"))
+    let peer = req.extensions().get::<PeerInfo>().cloned().ok_or_else(|| {
+        Status::unauthenticated("no verified client certificate on this connection")
+    })?;
+    peer.connection.admit()?;
+    Ok(peer)
 }
 
 fn sha_of(bytes: &[u8]) -> Result<[u8; 32], Status> {
@@ -188,6 +382,33 @@ fn sha_of(bytes: &[u8]) -> Result<[u8; 32], Status> {
 
 fn short(sha: &[u8; 32]) -> String {
     hex::encode(&sha[..6])
+}
+
+/// Checks the offer's own strings (agreement, flow, purpose, study token, modalities).
+fn check_offer_fields(o: &OfferRequest) -> Result<(), wire::BadField> {
+    wire::check_name("agreement id", &o.agreement_id)?;
+    wire::check_name("flow", &o.flow)?;
+    wire::check_name("purpose", &o.purpose)?;
+    wire::check_uid("study token", &o.study_token)?;
+    if o.modalities.len() > MAX_MODALITIES {
+        return Err(wire::BadField {
+            field: "modalities",
+            why: format!("{} listed; at most {MAX_MODALITIES}", o.modalities.len()),
+        });
+    }
+    for m in &o.modalities {
+        let ok = !m.is_empty()
+            && m.len() <= 16
+            && m.bytes()
+                .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_');
+        if !ok {
+            return Err(wire::BadField {
+                field: "modality",
+                why: "a DICOM modality code is 1-16 of A-Z, 0-9 and '_'".into(),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Staged files of one transfer; removed on drop unless committed.
@@ -203,35 +424,164 @@ impl Drop for Staging {
     }
 }
 
-/// Checks a received instance before it may be stored: it parses as DICOM, carries the SOP
-/// Instance UID the manifest announced, and passes the release check of the flow's
-/// de-identification profile (`deid::check_release_file`): the receiver never trusts the sender.
+/// Checks a received (or held) instance before it may be delivered: it parses as DICOM through
+/// the guarded reader (a length bomb is refused before any allocation), carries the SOP Instance
+/// UID the manifest announced and the offered study token as its Study Instance UID, and passes
+/// the flow's delivery check (`deid::verify::check_delivery_file`): the receiver never trusts the
+/// sender.
 fn check_instance(
     path: &std::path::Path,
     expected_uid: &str,
+    study_token: &str,
     deid: &DeidConfig,
 ) -> Result<(), String> {
     let run = std::panic::AssertUnwindSafe(|| {
-        let obj =
-            dicom_object::open_file(path).map_err(|e| format!("not a readable DICOM file: {e}"))?;
-        let uid = obj
-            .get(dicom_dictionary_std::tags::SOP_INSTANCE_UID)
-            .and_then(|e| e.to_str().ok())
-            .map(|s| s.trim_end_matches(['\0', ' ']).to_string())
-            .unwrap_or_default();
-        if uid != expected_uid {
+        let obj = crate::deid::guard::read_guarded(path)
+            .map_err(|e| format!("not a readable DICOM file: {e}"))?;
+        let text = |tag| {
+            obj.get(tag)
+                .and_then(|e| e.to_str().ok())
+                .map(|s| s.trim_end_matches(['\0', ' ']).to_string())
+                .unwrap_or_default()
+        };
+        if text(dicom_dictionary_std::tags::SOP_INSTANCE_UID) != expected_uid {
             return Err("SOP Instance UID differs from the manifest".to_string());
         }
-        crate::deid::check_release_file(&obj, deid).map_err(|e| e.reason().to_string())
+        if text(dicom_dictionary_std::tags::STUDY_INSTANCE_UID) != study_token {
+            return Err("Study Instance UID differs from the offered study token".to_string());
+        }
+        crate::deid::verify::check_delivery_file(&obj, deid).map_err(|e| e.reason().to_string())
     });
     std::panic::catch_unwind(run)
         .unwrap_or_else(|_| Err("the DICOM parser gave up on this instance".to_string()))
+}
+
+/// One instance as announced, after its fields were checked.
+struct Announced {
+    sha256: [u8; 32],
+    size: u64,
+    uid: String,
+}
+
+/// Checks the announced instances: count, hashes, sizes, UIDs, and no instance twice.
+fn check_instances(o: &OfferRequest, max: usize) -> Result<Vec<Announced>, Status> {
+    if o.instances.is_empty() {
+        return Err(Status::invalid_argument("the offer lists no instances"));
+    }
+    if o.instances.len() > max {
+        return Err(Status::invalid_argument(format!(
+            "the offer lists {} instances; at most {max} per study",
+            o.instances.len()
+        )));
+    }
+    let mut out = Vec::with_capacity(o.instances.len());
+    for inst in &o.instances {
+        let sha256 = sha_of(&inst.sha256)?;
+        if inst.size == 0 || inst.size > MAX_INSTANCE_SIZE {
+            return Err(Status::invalid_argument(format!(
+                "instance {} has size {}; sizes must be 1..={MAX_INSTANCE_SIZE}",
+                short(&sha256),
+                inst.size
+            )));
+        }
+        wire::check_uid("SOP Instance UID", &inst.sop_instance_uid)
+            .map_err(|e| Status::invalid_argument(format!("instance {}: {e}", short(&sha256))))?;
+        out.push(Announced {
+            sha256,
+            size: inst.size,
+            uid: inst.sop_instance_uid.clone(),
+        });
+    }
+    let mut shas: Vec<&[u8; 32]> = out.iter().map(|a| &a.sha256).collect();
+    shas.sort_unstable();
+    if shas.windows(2).any(|w| w[0] == w[1]) {
+        return Err(Status::invalid_argument(
+            "the offer lists the same instance (SHA-256) twice",
+        ));
+    }
+    let mut uids: Vec<&str> = out.iter().map(|a| a.uid.as_str()).collect();
+    uids.sort_unstable();
+    if uids.windows(2).any(|w| w[0] == w[1]) {
+        return Err(Status::invalid_argument(
+            "the offer lists the same SOP Instance UID twice",
+        ));
+    }
+    Ok(out)
+}
+
+/// What the receiver found for the announced instances of one offer.
+struct Dispositions {
+    entries: Vec<Entry>,
+    /// SOP Instance UIDs whose held blob failed its SHA-256 check (quarantined, asked again).
+    quarantined: Vec<String>,
+}
+
+/// Decides for every announced instance whether it is wanted, held already or resumed. Only the
+/// study record of the same sender, agreement and flow counts: a blob another party sent is
+/// never "held" for this one. A held blob is re-hashed (a mismatch quarantines it) and
+/// re-checked against the flow before it counts. Blocking.
+fn dispositions(
+    store: &dyn Store,
+    key: &StudyKey,
+    announced: Vec<Announced>,
+    deid: &DeidConfig,
+) -> Result<Dispositions, Status> {
+    let record = store.study(key).map_err(status_of_store)?;
+    let mut partials: HashMap<[u8; 32], StagedInstance> = store
+        .partials(key)
+        .map_err(status_of_store)?
+        .into_iter()
+        .map(|p| (p.sha256, p))
+        .collect();
+    let mut out = Dispositions {
+        entries: Vec::with_capacity(announced.len()),
+        quarantined: Vec::new(),
+    };
+    for a in announced {
+        let held = record.as_ref().and_then(|r| r.instances.get(&a.uid));
+        let disposition = match held {
+            Some(sha_hex) if *sha_hex != hex::encode(a.sha256) => {
+                return Err(Status::already_exists(format!(
+                    "instance {} was already received from your site in this study with different content; a changed instance needs a new SOP Instance UID",
+                    a.uid
+                )));
+            }
+            Some(_) => match store.check_blob(&a.sha256).map_err(status_of_store)? {
+                BlobCheck::Intact(path) => {
+                    match check_instance(&path, &a.uid, &key.study_token, deid) {
+                        Ok(()) => Disposition::Held,
+                        Err(_) => Disposition::Wanted,
+                    }
+                }
+                BlobCheck::Quarantined(_) => {
+                    store
+                        .forget_instance(key, &a.uid)
+                        .map_err(status_of_store)?;
+                    out.quarantined.push(a.uid.clone());
+                    Disposition::Wanted
+                }
+                BlobCheck::Missing => Disposition::Wanted,
+            },
+            None => match partials.remove(&a.sha256) {
+                Some(p) if p.sop_instance_uid == a.uid && p.size == a.size => Disposition::Resumed,
+                _ => Disposition::Wanted,
+            },
+        };
+        out.entries.push(Entry {
+            sha256: a.sha256,
+            size: a.size,
+            disposition,
+            sop_instance_uid: a.uid,
+        });
+    }
+    Ok(out)
 }
 
 #[tonic::async_trait]
 impl Federation for Receiver {
     async fn hello(&self, req: Request<HelloRequest>) -> Result<Response<HelloResponse>, Status> {
         let peer = peer_of(&req)?;
+        let _call = peer.connection.begin_call();
         Ok(Response::new(HelloResponse {
             receiver_site: self.site_id.clone(),
             caller_site: peer.identity.site_id,
@@ -240,107 +590,174 @@ impl Federation for Receiver {
 
     async fn offer(&self, req: Request<OfferRequest>) -> Result<Response<OfferResponse>, Status> {
         let peer = peer_of(&req)?;
+        let _call = peer.connection.begin_call();
         let sender = peer.identity.site_id.clone();
-        let o = req.into_inner();
+        let mut o = req.into_inner();
+        if let Err(e) = check_offer_fields(&o) {
+            let (a, p) = (shown(&o.agreement_id), shown(&o.purpose));
+            self.refuse(&sender, "offer refused", (&a, &p), "offer", &e.to_string());
+            return Err(Status::invalid_argument(e.to_string()));
+        }
+        // From here on the offer's own strings are bounded and of a safe character set.
+        let ids = (o.agreement_id.as_str(), o.purpose.as_str());
         let object = format!("study {}", o.study_token);
         let set = self.agreements.borrow().clone();
-        let deid = match self.authorise_offer(&set, &o, &sender) {
+        let deid = match self.authorise_offer(&set, &o, &peer) {
             Ok(d) => d,
-            Err(r) => {
-                self.refuse(
-                    &sender,
-                    &o.agreement_id,
-                    &o.purpose,
-                    &object,
-                    &r.to_string(),
-                );
-                tracing::warn!(peer = %sender, agreement = %o.agreement_id, reason = %r, "offer refused");
-                return Err(Status::permission_denied(r.to_string()));
+            Err(why) => {
+                self.refuse(&sender, "offer refused", ids, &object, &why);
+                return Err(Status::permission_denied(why));
             }
         };
-        if o.instances.is_empty() {
-            return Err(Status::invalid_argument("the offer lists no instances"));
+        {
+            let mut plans = self.plans.lock().unwrap_or_else(|p| p.into_inner());
+            if let Err(s) = self.check_pending(&mut plans, &sender) {
+                drop(plans);
+                self.refuse(&sender, "offer over limit", ids, &object, s.message());
+                return Err(s);
+            }
         }
-        if o.instances.len() > MAX_INSTANCES_PER_OFFER {
-            return Err(Status::invalid_argument(format!(
-                "the offer lists {} instances; at most {MAX_INSTANCES_PER_OFFER} per study",
-                o.instances.len()
-            )));
+        let announced =
+            check_instances(&o, self.limits.max_instances_per_offer).inspect_err(|s| {
+                self.refuse(&sender, "offer refused", ids, &object, s.message());
+            })?;
+        o.instances = Vec::new(); // the manifest goes to disk; free the request's copy
+        let key = StudyKey::new(&o.agreement_id, &o.flow, &sender, &o.study_token);
+        let store = self.store.clone();
+        let key2 = key.clone();
+        let found = tokio::task::spawn_blocking(move || {
+            let d = dispositions(store.as_ref(), &key2, announced, &deid)?;
+            let (file, path) = store.stage_file().map_err(status_of_store)?;
+            let m = Manifest::write(file, path.clone(), d.entries)
+                .inspect_err(|_| {
+                    let _ = std::fs::remove_file(&path);
+                })
+                .map_err(|e| Status::resource_exhausted(format!("cannot stage the offer: {e}")))?;
+            Ok::<_, Status>((m, d.quarantined))
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))?;
+        let (manifest, quarantined) = found.inspect_err(|s| {
+            self.refuse(&sender, "offer refused", ids, &object, s.message());
+        })?;
+        for uid in &quarantined {
+            self.audit.record_or_warn(Event {
+                actor: "node".into(),
+                action: "quarantine".into(),
+                object: format!("instance {uid} of {object} from site:{sender}"),
+                agreement: o.agreement_id.clone(),
+                purpose: o.purpose.clone(),
+                outcome: "the stored copy failed its SHA-256 check at rest; quarantined, and asked for again".into(),
+            });
         }
-        if o.study_token.is_empty() || o.study_token.len() > 64 {
-            return Err(Status::invalid_argument(
-                "the study token must be 1-64 characters",
-            ));
-        }
-        let key = StudyKey {
-            agreement: o.agreement_id.clone(),
-            flow: o.flow.clone(),
-            from_site: sender.clone(),
-            study_token: o.study_token.clone(),
+        self.plan_offer(o, sender, manifest)
+    }
+
+    async fn transfer(
+        &self,
+        req: Request<Streaming<TransferChunk>>,
+    ) -> Result<Response<Receipt>, Status> {
+        let peer = peer_of(&req)?;
+        let _call = peer.connection.begin_call();
+        let sender = peer.identity.site_id.clone();
+        let _slot = self.transfer_slot(&sender).inspect_err(|s| {
+            self.refuse(
+                &sender,
+                "transfer over limit",
+                ("", ""),
+                "transfer",
+                s.message(),
+            );
+        })?;
+        let mut stream = req.into_inner();
+        let stall = Duration::from_secs(self.limits.stall_timeout_secs.max(1));
+        let first = match tokio::time::timeout(stall, stream.message()).await {
+            Err(_) => {
+                return Err(Status::deadline_exceeded(format!(
+                    "the transfer sent nothing for {} s",
+                    stall.as_secs()
+                )))
+            }
+            Ok(m) => m?.ok_or_else(|| Status::invalid_argument("the transfer stream is empty"))?,
         };
-        let mut partials: HashMap<[u8; 32], StagedInstance> = self
-            .store
-            .partials(&key)
-            .map_err(|e| Status::internal(e.to_string()))?
-            .into_iter()
-            .map(|p| (p.sha256, p))
-            .collect();
-        let mut wanted = HashMap::new();
-        let mut already = Vec::new();
-        let mut resumed = Vec::new();
+        wire::check_transfer_id(&first.transfer_id)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let plan = {
+            let mut plans = self.plans.lock().unwrap_or_else(|p| p.into_inner());
+            match plans.get(&first.transfer_id) {
+                Some(p) if p.sender != sender => {
+                    return Err(Status::permission_denied(
+                        "this transfer was offered by another site",
+                    ))
+                }
+                Some(_) => plans.remove(&first.transfer_id).expect("present"),
+                None => {
+                    return Err(Status::not_found(
+                        "unknown or expired transfer id; make a new offer",
+                    ))
+                }
+            }
+        };
+        let object = format!("study {}", plan.study_token);
+        let mut watch = InterruptionWatch {
+            refusals: &self.refusals,
+            site: sender.clone(),
+            agreement: plan.agreement.clone(),
+            purpose: plan.purpose.clone(),
+            object: object.clone(),
+            armed: true,
+        };
+        let outcome = self.run_transfer(plan, first, &mut stream, &sender).await;
+        watch.armed = false;
+        outcome
+    }
+}
+
+impl Receiver {
+    /// Records a checked offer as pending (the limits are checked again under the lock).
+    fn plan_offer(
+        &self,
+        o: OfferRequest,
+        sender: String,
+        manifest: Manifest,
+    ) -> Result<Response<OfferResponse>, Status> {
         let mut have = Vec::new();
-        for inst in &o.instances {
-            let sha = sha_of(&inst.sha256)?;
-            if inst.size == 0 || inst.size > MAX_INSTANCE_SIZE {
-                return Err(Status::invalid_argument(format!(
-                    "instance {} has size {}; sizes must be 1..={MAX_INSTANCE_SIZE}",
-                    short(&sha),
-                    inst.size
-                )));
-            }
-            if inst.sop_instance_uid.is_empty() || inst.sop_instance_uid.len() > 64 {
-                return Err(Status::invalid_argument(
-                    "a SOP Instance UID must be 1-64 characters",
-                ));
-            }
-            let held = self
-                .store
-                .has_instance(&sha)
-                .map_err(|e| Status::internal(e.to_string()))?;
-            if held {
-                have.push(sha.to_vec());
-                already.push((inst.sop_instance_uid.clone(), sha));
-            } else if let Some(p) = partials
-                .remove(&sha)
-                .filter(|p| p.sop_instance_uid == inst.sop_instance_uid && p.size == inst.size)
-            {
-                have.push(sha.to_vec());
-                resumed.push(p);
-            } else {
-                wanted.insert(sha, (inst.sop_instance_uid.clone(), inst.size));
+        let mut wanted = 0;
+        for i in 0..manifest.len() {
+            let e = manifest
+                .get(i)
+                .map_err(|e| Status::internal(format!("cannot read the staged offer: {e}")))?;
+            match e.disposition {
+                Disposition::Wanted => wanted += 1,
+                Disposition::Held | Disposition::Resumed => have.push(e.sha256.to_vec()),
             }
         }
         let transfer_id = hex::encode(rand::random::<[u8; 16]>());
         let mut plans = self.plans.lock().unwrap_or_else(|p| p.into_inner());
-        plans.retain(|_, p| p.created.elapsed() < OFFER_TTL);
-        if plans.len() >= MAX_PENDING_OFFERS {
-            return Err(Status::resource_exhausted(
-                "too many offers are waiting for their transfer; retry later",
-            ));
+        if let Err(s) = self.check_pending(&mut plans, &sender) {
+            drop(plans);
+            manifest.remove();
+            self.refuse(
+                &sender,
+                "offer over limit",
+                (&o.agreement_id, &o.purpose),
+                "offer",
+                s.message(),
+            );
+            return Err(s);
         }
         plans.insert(
             transfer_id.clone(),
             Plan {
+                transfer_id: transfer_id.clone(),
                 agreement: o.agreement_id,
                 flow: o.flow,
                 purpose: o.purpose,
                 sender,
                 study_token: o.study_token,
+                expected: manifest.len(),
+                manifest,
                 wanted,
-                already,
-                resumed,
-                deid,
-                expected: o.instances.len(),
                 created: Instant::now(),
             },
         );
@@ -350,48 +767,31 @@ impl Federation for Receiver {
         }))
     }
 
-    async fn transfer(
+    /// Receives, then commits or reports the failure of, one planned transfer.
+    async fn run_transfer(
         &self,
-        req: Request<Streaming<TransferChunk>>,
+        plan: Plan,
+        first: TransferChunk,
+        stream: &mut Streaming<TransferChunk>,
+        sender: &str,
     ) -> Result<Response<Receipt>, Status> {
-        let peer = peer_of(&req)?;
-        let sender = peer.identity.site_id.clone();
-        let mut stream = req.into_inner();
-        let first = stream
-            .message()
-            .await?
-            .ok_or_else(|| Status::invalid_argument("the transfer stream is empty"))?;
-        let plan = self
-            .plans
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&first.transfer_id)
-            .ok_or_else(|| Status::not_found("unknown or expired transfer id; make a new offer"))?;
-        if plan.sender != sender {
-            return Err(Status::permission_denied(
-                "this transfer was offered by another site",
-            ));
-        }
         let object = format!("study {}", plan.study_token);
-        let transfer_id = first.transfer_id.clone();
+        let ids = (plan.agreement.clone(), plan.purpose.clone());
         let mut staging = Staging { files: Vec::new() };
         let mut done = Vec::new();
         let result = self
-            .receive(&plan, first, &mut stream, &mut staging, &mut done)
+            .receive(&plan, first, stream, &mut staging, &mut done)
             .await;
         let key = plan.key();
         let store = self.store.clone();
         match result {
-            Ok(()) => {
-                done.extend(plan.resumed.iter().cloned());
-                self.commit(plan, (staging, done), &sender, transfer_id)
-                    .await
-            }
+            Ok(()) => self.commit(plan, (staging, done), sender).await,
             Err(Failure::Interrupted(status)) => {
+                plan.manifest.remove();
                 // Keep what was verified, so that the next offer resumes after it.
                 let kept: Vec<_> = done.iter().map(|d| d.path.clone()).collect();
                 staging.files.retain(|f| !kept.contains(f));
-                let n = done.len() + plan.resumed.len();
+                let n = done.len();
                 let kept_ok = tokio::task::spawn_blocking(move || store.keep_partial(&key, done))
                     .await
                     .map(|r| r.is_ok())
@@ -404,27 +804,30 @@ impl Federation for Receiver {
                 } else {
                     status.message().to_string()
                 };
-                self.refuse(&sender, &plan.agreement, &plan.purpose, &object, &message);
-                tracing::warn!(peer = %sender, agreement = %plan.agreement, reason = %message, "transfer interrupted; nothing stored");
+                self.refuse(
+                    sender,
+                    "transfer interrupted",
+                    (&ids.0, &ids.1),
+                    &object,
+                    &message,
+                );
                 Err(Status::new(status.code(), message))
             }
             Err(Failure::Rejected(status)) => {
+                plan.manifest.remove();
                 let _ = tokio::task::spawn_blocking(move || store.discard_partials(&key)).await;
                 self.refuse(
-                    &sender,
-                    &plan.agreement,
-                    &plan.purpose,
+                    sender,
+                    "transfer rejected",
+                    (&ids.0, &ids.1),
                     &object,
                     status.message(),
                 );
-                tracing::warn!(peer = %sender, agreement = %plan.agreement, reason = %status.message(), "transfer rejected; nothing stored");
                 Err(status)
             }
         }
     }
-}
 
-impl Receiver {
     /// Streams every wanted instance to staging (`staging`), verifying each (`done`), and says
     /// on failure whether the stream was interrupted (verified instances may be kept for
     /// resumption) or something was wrong (everything is discarded).
@@ -448,8 +851,45 @@ impl Receiver {
             })
     }
 
-    /// The chunk loop; on error, `interrupted` says whether the stream broke or ended early
-    /// (rather than something being wrong with what arrived).
+    /// The next chunk: `None` at the end of the stream. A stream that sends nothing for the
+    /// stall timeout is cut (`interrupted`); a change of the agreements re-authorises the plan.
+    async fn next_chunk(
+        &self,
+        plan: &Plan,
+        stream: &mut Streaming<TransferChunk>,
+        agreements: &mut watch::Receiver<Arc<AgreementSet>>,
+        interrupted: &mut bool,
+    ) -> Result<Option<TransferChunk>, Status> {
+        let stall = Duration::from_secs(self.limits.stall_timeout_secs.max(1));
+        let deadline = tokio::time::Instant::now() + stall;
+        loop {
+            tokio::select! {
+                m = tokio::time::timeout_at(deadline, stream.message()) => {
+                    return match m {
+                        Err(_) => {
+                            *interrupted = true;
+                            Err(Status::deadline_exceeded(format!(
+                                "the transfer sent nothing for {} s; it was cut and its incomplete instance removed",
+                                stall.as_secs()
+                            )))
+                        }
+                        Ok(m) => m.inspect_err(|_| *interrupted = true),
+                    };
+                },
+                changed = agreements.changed() => {
+                    if changed.is_ok() {
+                        let set = agreements.borrow_and_update().clone();
+                        if let Err(r) = self.still_allowed(&set, plan) {
+                            return Err(Status::permission_denied(format!("transfer cut off: {r}")));
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// The chunk loop; on error, `interrupted` says whether the stream broke, stalled or ended
+    /// early (rather than something being wrong with what arrived).
     async fn receive_chunks(
         &self,
         plan: &Plan,
@@ -470,27 +910,28 @@ impl Receiver {
         }
         let mut current: Option<Current> = None;
         let mut agreements = self.agreements.clone();
+        let mut received = vec![0u64; plan.manifest.len().div_ceil(64)];
+        let deid = {
+            let set = self.agreements.borrow().clone();
+            set.agreements
+                .get(&plan.agreement)
+                .and_then(|a| a.flow(&plan.flow))
+                .map(|f| f.release_config())
+                .ok_or_else(|| {
+                    Status::permission_denied("transfer cut off: the flow is no longer in force")
+                })?
+        };
         let mut next = Some(first);
         loop {
             let chunk = match next.take() {
                 Some(c) => c,
-                None => {
-                    tokio::select! {
-                        m = stream.message() => match m.inspect_err(|_| *interrupted = true)? {
-                            Some(c) => c,
-                            None => break,
-                        },
-                        changed = agreements.changed() => {
-                            if changed.is_ok() {
-                                let set = agreements.borrow_and_update().clone();
-                                if let Err(r) = self.still_allowed(&set, plan) {
-                                    return Err(Status::permission_denied(format!("transfer cut off: {r}")));
-                                }
-                            }
-                            continue;
-                        }
-                    }
-                }
+                None => match self
+                    .next_chunk(plan, stream, &mut agreements, interrupted)
+                    .await?
+                {
+                    Some(c) => c,
+                    None => break,
+                },
             };
             if chunk.instance_sha256.is_empty() && chunk.data.is_empty() {
                 continue; // header-only message (the first one carries the transfer id)
@@ -508,18 +949,24 @@ impl Receiver {
                 ));
             }
             if current.is_none() {
-                if done.iter().any(|d| d.sha256 == sha) {
+                let (index, entry) = plan
+                    .manifest
+                    .find(&sha)
+                    .map_err(|e| Status::internal(format!("cannot read the staged offer: {e}")))?
+                    .filter(|(_, e)| e.disposition == Disposition::Wanted)
+                    .ok_or_else(|| {
+                        Status::invalid_argument(format!(
+                            "instance {} is not in the offer (or is already held)",
+                            short(&sha)
+                        ))
+                    })?;
+                if received[index / 64] & (1 << (index % 64)) != 0 {
                     return Err(Status::invalid_argument(format!(
                         "instance {} was sent twice",
                         short(&sha)
                     )));
                 }
-                let (uid, size) = plan.wanted.get(&sha).cloned().ok_or_else(|| {
-                    Status::invalid_argument(format!(
-                        "instance {} is not in the offer (or is already held)",
-                        short(&sha)
-                    ))
-                })?;
+                received[index / 64] |= 1 << (index % 64);
                 let store = self.store.clone();
                 let (file, path) = tokio::task::spawn_blocking(move || store.stage_file())
                     .await
@@ -528,8 +975,8 @@ impl Receiver {
                 staging.files.push(path.clone());
                 current = Some(Current {
                     sha,
-                    uid,
-                    size,
+                    uid: entry.sop_instance_uid,
+                    size: entry.size,
                     written: 0,
                     hasher: Sha256::new(),
                     file: tokio::fs::File::from_std(file),
@@ -558,36 +1005,13 @@ impl Receiver {
             })?;
             c.written += chunk.data.len() as u64;
             if chunk.last {
-                let mut c = current.take().expect("current instance");
-                c.file.sync_all().await.map_err(|e| {
-                    Status::resource_exhausted(format!("cannot sync staging file: {e}"))
-                })?;
-                let digest: [u8; 32] = std::mem::take(&mut c.hasher).finalize().into();
-                if c.written != c.size || digest != c.sha {
-                    return Err(Status::data_loss(format!(
-                        "instance {} failed its SHA-256/size check ({} of {} bytes received); nothing was stored",
-                        short(&c.sha),
-                        c.written,
-                        c.size
-                    )));
-                }
-                let (path, uid, deid) = (c.path.clone(), c.uid.clone(), plan.deid.clone());
-                let checked =
-                    tokio::task::spawn_blocking(move || check_instance(&path, &uid, &deid))
-                        .await
-                        .map_err(|e| Status::internal(e.to_string()))?;
-                if let Err(why) = checked {
-                    return Err(Status::failed_precondition(format!(
-                        "instance {} refused: {why}; nothing was stored",
-                        short(&c.sha)
-                    )));
-                }
-                done.push(StagedInstance {
-                    path: c.path,
-                    sha256: c.sha,
-                    size: c.size,
-                    sop_instance_uid: c.uid,
-                });
+                let c = current.take().expect("current instance");
+                done.push(
+                    self.finish_instance(
+                        c.sha, c.uid, c.size, c.written, c.hasher, c.file, c.path, plan, &deid,
+                    )
+                    .await?,
+                );
             }
         }
         if let Some(c) = current {
@@ -597,55 +1021,161 @@ impl Receiver {
                 short(&c.sha)
             )));
         }
-        if done.len() != plan.wanted.len() {
+        if done.len() != plan.wanted {
             *interrupted = true;
             return Err(Status::aborted(format!(
                 "the stream ended after {} of {} instances; nothing was stored",
                 done.len(),
-                plan.wanted.len()
+                plan.wanted
             )));
         }
         Ok(())
     }
 
+    /// Checks one completely received instance: size and SHA-256, then the guarded parse and
+    /// the delivery check.
+    #[allow(clippy::too_many_arguments)]
+    async fn finish_instance(
+        &self,
+        sha: [u8; 32],
+        uid: String,
+        size: u64,
+        written: u64,
+        hasher: Sha256,
+        file: tokio::fs::File,
+        path: std::path::PathBuf,
+        plan: &Plan,
+        deid: &DeidConfig,
+    ) -> Result<StagedInstance, Status> {
+        file.sync_all()
+            .await
+            .map_err(|e| Status::resource_exhausted(format!("cannot sync staging file: {e}")))?;
+        let digest: [u8; 32] = hasher.finalize().into();
+        if written != size || digest != sha {
+            return Err(Status::data_loss(format!(
+                "instance {} failed its SHA-256/size check ({written} of {size} bytes received); nothing was stored",
+                short(&sha),
+            )));
+        }
+        let (p, u, t, d) = (
+            path.clone(),
+            uid.clone(),
+            plan.study_token.clone(),
+            deid.clone(),
+        );
+        let checked = tokio::task::spawn_blocking(move || check_instance(&p, &u, &t, &d))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?;
+        if let Err(why) = checked {
+            return Err(Status::failed_precondition(format!(
+                "instance {} refused: {why}; nothing was stored",
+                short(&sha)
+            )));
+        }
+        Ok(StagedInstance {
+            path,
+            sha256: sha,
+            size,
+            sop_instance_uid: uid,
+        })
+    }
+
+    /// Makes a completely received study durable (the commit path): last authorisation check,
+    /// store commit (received, resumed and already held instances), delivery of a complete study
+    /// to the inbox (re-hashing every blob it copies), signed receipt, audit.
     async fn commit(
         &self,
         plan: Plan,
         (staging, staged): (Staging, Vec<StagedInstance>),
         sender: &str,
-        transfer_id: String,
+    ) -> Result<Response<Receipt>, Status> {
+        let result = self.commit_plan(&plan, staging, staged, sender).await;
+        plan.manifest.remove();
+        result
+    }
+
+    async fn commit_plan(
+        &self,
+        plan: &Plan,
+        staging: Staging,
+        staged: Vec<StagedInstance>,
+        sender: &str,
     ) -> Result<Response<Receipt>, Status> {
         // Last authorisation check before anything becomes durable.
         let set = self.agreements.borrow().clone();
-        if let Err(r) = self.still_allowed(&set, &plan) {
+        if let Err(r) = self.still_allowed(&set, plan) {
             return Err(Status::permission_denied(format!("transfer cut off: {r}")));
         }
-        let key = StudyKey {
-            agreement: plan.agreement.clone(),
-            flow: plan.flow.clone(),
-            from_site: sender.to_string(),
-            study_token: plan.study_token.clone(),
-        };
+        let key = plan.key();
+        let already: Vec<(String, [u8; 32])> = plan
+            .manifest
+            .with(Disposition::Held)
+            .map_err(|e| Status::internal(format!("cannot read the staged offer: {e}")))?
+            .into_iter()
+            .map(|e| (e.sop_instance_uid, e.sha256))
+            .collect();
+        let resumed: Vec<[u8; 32]> = plan
+            .manifest
+            .with(Disposition::Resumed)
+            .map_err(|e| Status::internal(format!("cannot read the staged offer: {e}")))?
+            .into_iter()
+            .map(|e| e.sha256)
+            .collect();
         let store = self.store.clone();
         let expected = plan.expected;
-        let already = plan.already.clone();
         let key2 = key.clone();
+        let mut staged_now = staged;
         let committed = tokio::task::spawn_blocking(move || {
-            let c = store.commit(&key2, expected, staged, already)?;
+            staged_now.extend(
+                store
+                    .partials(&key2)?
+                    .into_iter()
+                    .filter(|p| resumed.contains(&p.sha256)),
+            );
+            let c = store.commit(&key2, expected, staged_now, already)?;
             let delivered = if c.study.is_complete() {
                 Some(store.deliver(&c.study)?)
             } else {
                 None
             };
-            Ok::<_, crate::store::StoreError>((c, delivered))
+            Ok::<_, StoreError>((c, delivered))
         })
         .await
         .map_err(|e| Status::internal(e.to_string()))?;
         drop(staging);
-        let (c, delivered) = committed.map_err(|e| {
-            tracing::error!(error = %e, "commit failed");
-            Status::internal(format!("the receiver could not store the study: {e}"))
+        let (c, delivered) = committed.map_err(|e| match e {
+            StoreError::BlobCorrupted(_) => {
+                self.audit.record_or_warn(Event {
+                    actor: "node".into(),
+                    action: "quarantine".into(),
+                    object: format!(
+                        "an instance of study {} from site:{sender}",
+                        plan.study_token
+                    ),
+                    agreement: plan.agreement.clone(),
+                    purpose: plan.purpose.clone(),
+                    outcome: format!("{e}"),
+                });
+                Status::unavailable(format!("{e}; offer the study again"))
+            }
+            e => status_of_store(e),
         })?;
+        Ok(Response::new(self.receipt_for(
+            plan,
+            &c,
+            delivered.is_some(),
+            sender,
+        )))
+    }
+
+    /// The signed receipt of a committed study, audited.
+    fn receipt_for(
+        &self,
+        plan: &Plan,
+        c: &crate::store::Committed,
+        delivered: bool,
+        sender: &str,
+    ) -> Receipt {
         let mut shas: Vec<&String> = c.study.instances.values().collect();
         shas.sort();
         let mut h = Sha256::new();
@@ -653,7 +1183,7 @@ impl Receiver {
             h.update(s.as_bytes());
         }
         let mut receipt = Receipt {
-            transfer_id,
+            transfer_id: plan.transfer_id.clone(),
             receiver_site: self.site_id.clone(),
             study_token: plan.study_token.clone(),
             instances_stored: c.stored as u32,
@@ -670,7 +1200,7 @@ impl Receiver {
                 plan.study_token,
                 c.stored,
                 c.already_held,
-                if delivered.is_some() {
+                if delivered {
                     ", delivered to inbox"
                 } else {
                     ""
@@ -681,6 +1211,6 @@ impl Receiver {
             outcome: "ok".into(),
         });
         tracing::info!(peer = %sender, agreement = %plan.agreement, study = %plan.study_token, stored = c.stored, already_held = c.already_held, "study received");
-        Ok(Response::new(receipt))
+        receipt
     }
 }

@@ -4,6 +4,13 @@
 //! and verified against the federation CA, ALPN h2), the accept loop that completes the handshake
 //! before gRPC sees a connection, and [`PeerInfo`]: the peer's site id read from its verified
 //! certificate, carried into every request. A request field never names the caller.
+//!
+//! Also owns what a connection may hold of the node: a total connection limit (checked before
+//! the handshake) and a per-peer one (over it, every call on the connection answers
+//! RESOURCE_EXHAUSTED), the idle timeout (a connection with no call in progress is closed), the
+//! `certificate_pin`s of the agreements in force (a pinned party must present that key, on
+//! incoming and outgoing connections), and cutting the open connections of a certificate that a
+//! reloaded CRL revokes or a pin no longer admits ([`Connections`]).
 
 use std::io;
 use std::net::SocketAddr;
@@ -12,15 +19,23 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use rustls::server::WebPkiClientVerifier;
-use rustls::{ClientConfig, RootCertStore, ServerConfig};
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Mutex, RwLock};
+use std::time::Instant;
+
+use futures::task::AtomicWaker;
+use rustls::{ClientConfig, ServerConfig};
 use rustls_pki_types::{CertificateDer, ServerName};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 
+use super::crl::Revocation;
 use super::pki::{self, PkiError};
-use crate::config::TlsPaths;
+use crate::config::{Limits, TlsPaths};
 
 /// Installs the one process-wide crypto provider (ring). Safe to call more than once.
 pub fn install_crypto_provider() {
@@ -67,6 +82,243 @@ impl PeerIdentity {
 pub struct PeerInfo {
     pub identity: PeerIdentity,
     pub remote: SocketAddr,
+    /// The connection's state: its admission, calls in progress, and whether it was cut.
+    pub connection: Arc<Connection>,
+}
+
+/// The `certificate_pin`s of the agreements in force: site id -> SHA-256 of the public keys it
+/// may present. A site with no pin may present any key the CA certified.
+#[derive(Debug, Default)]
+pub struct Pins(RwLock<HashMap<String, Vec<[u8; 32]>>>);
+
+impl Pins {
+    /// Replaces the pins with those of `set` (every party with a `certificate_pin`).
+    pub fn update(&self, set: &crate::dsa::AgreementSet) {
+        let mut map: HashMap<String, Vec<[u8; 32]>> = HashMap::new();
+        for a in set.agreements.values() {
+            for p in &a.parties {
+                let Some(pin) = &p.certificate_pin else {
+                    continue;
+                };
+                let mut key = [0u8; 32];
+                if hex::decode_to_slice(pin, &mut key).is_ok() {
+                    map.entry(p.site.clone()).or_default().push(key);
+                }
+            }
+        }
+        *self.0.write().unwrap_or_else(|p| p.into_inner()) = map;
+    }
+
+    /// Refuses a key that is not one of the site's pins (when it has any).
+    pub fn check(&self, site: &str, spki_sha256: &[u8; 32]) -> Result<(), String> {
+        let map = self.0.read().unwrap_or_else(|p| p.into_inner());
+        match map.get(site) {
+            Some(pins) if !pins.contains(spki_sha256) => Err(format!(
+                "the certificate's public key does not match the certificate_pin of party {site:?}"
+            )),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Whether calls on a connection are served.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Admission {
+    Admitted,
+    /// The peer already holds its share of connections.
+    OverLimit,
+    /// The peer's key does not match its pin.
+    PinMismatch(String),
+}
+
+/// What happened to a connection, for the receiver's audit (drained by [`Connections::take_events`]).
+#[derive(Debug, Clone)]
+pub struct ConnectionEvent {
+    pub site: String,
+    /// Short kind: `idle connection closed`, `connection cut`, `connection over limit`.
+    pub kind: &'static str,
+    pub detail: String,
+}
+
+/// One open connection.
+pub struct Connection {
+    id: u64,
+    pub site: String,
+    certificate: CertificateDer<'static>,
+    spki_sha256: [u8; 32],
+    admission: Admission,
+    cut: Mutex<Option<String>>,
+    is_cut: AtomicBool,
+    waker: AtomicWaker,
+    calls: AtomicUsize,
+    last_call: Mutex<Instant>,
+}
+
+impl std::fmt::Debug for Connection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Connection")
+            .field("id", &self.id)
+            .field("site", &self.site)
+            .field("admission", &self.admission)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Held while a call is in progress: the connection is not idle.
+pub struct CallGuard(Arc<Connection>);
+
+impl Drop for CallGuard {
+    fn drop(&mut self) {
+        *self.0.last_call.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+        self.0.calls.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+impl Connection {
+    /// Marks a call in progress until the guard drops.
+    pub fn begin_call(self: &Arc<Self>) -> CallGuard {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        CallGuard(self.clone())
+    }
+
+    /// The status every call on this connection gets when it may not be served.
+    pub fn admit(&self) -> Result<(), tonic::Status> {
+        if let Some(why) = self.cut.lock().unwrap_or_else(|p| p.into_inner()).clone() {
+            return Err(tonic::Status::unavailable(format!("connection cut: {why}")));
+        }
+        match &self.admission {
+            Admission::Admitted => Ok(()),
+            Admission::OverLimit => Err(tonic::Status::resource_exhausted(
+                "too many connections from your site; reuse one, or retry later",
+            )),
+            Admission::PinMismatch(why) => Err(tonic::Status::permission_denied(why.clone())),
+        }
+    }
+
+    fn cut(&self, why: String) {
+        *self.cut.lock().unwrap_or_else(|p| p.into_inner()) = Some(why);
+        self.is_cut.store(true, Ordering::SeqCst);
+        self.waker.wake();
+    }
+
+    /// When the connection counts as idle from (no call in progress since then), if it is idle.
+    fn idle_since(&self) -> Option<Instant> {
+        if self.calls.load(Ordering::SeqCst) > 0 {
+            None
+        } else {
+            Some(*self.last_call.lock().unwrap_or_else(|p| p.into_inner()))
+        }
+    }
+}
+
+/// Every open connection of the federation endpoint.
+#[derive(Debug, Default)]
+pub struct Connections {
+    next: AtomicU64,
+    open: Mutex<HashMap<u64, Arc<Connection>>>,
+    events: Mutex<Vec<ConnectionEvent>>,
+}
+
+/// Most connection events kept between two drains (the rest are counted in the last one).
+const MAX_EVENTS: usize = 1024;
+
+impl Connections {
+    fn register(&self, identity: &PeerIdentity, per_peer: usize, pins: &Pins) -> Arc<Connection> {
+        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        let held = open
+            .values()
+            .filter(|c| c.site == identity.site_id && c.admission == Admission::Admitted)
+            .count();
+        let admission = if let Err(why) = pins.check(&identity.site_id, &identity.spki_sha256) {
+            Admission::PinMismatch(why)
+        } else if held >= per_peer {
+            Admission::OverLimit
+        } else {
+            Admission::Admitted
+        };
+        let c = Arc::new(Connection {
+            id: self.next.fetch_add(1, Ordering::SeqCst),
+            site: identity.site_id.clone(),
+            certificate: identity.certificate.clone(),
+            spki_sha256: identity.spki_sha256,
+            admission,
+            cut: Mutex::new(None),
+            is_cut: AtomicBool::new(false),
+            waker: AtomicWaker::new(),
+            calls: AtomicUsize::new(0),
+            last_call: Mutex::new(Instant::now()),
+        });
+        open.insert(c.id, c.clone());
+        c
+    }
+
+    fn remove(&self, id: u64) {
+        self.open
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&id);
+    }
+
+    /// Open connections of one site (admitted ones).
+    pub fn count(&self, site: &str) -> usize {
+        self.open
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .filter(|c| c.site == site && c.admission == Admission::Admitted)
+            .count()
+    }
+
+    /// All open connections.
+    pub fn total(&self) -> usize {
+        self.open.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    fn event(&self, site: &str, kind: &'static str, detail: String) {
+        let mut ev = self.events.lock().unwrap_or_else(|p| p.into_inner());
+        if ev.len() < MAX_EVENTS {
+            ev.push(ConnectionEvent {
+                site: site.to_string(),
+                kind,
+                detail,
+            });
+        }
+    }
+
+    /// Takes the events since the last call.
+    pub fn take_events(&self) -> Vec<ConnectionEvent> {
+        std::mem::take(&mut *self.events.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Re-checks every open connection against the CRLs and pins in force now and cuts those
+    /// they no longer admit (calls in progress on them fail at once). Returns how many were cut.
+    pub fn recheck(&self, revocation: &Revocation, pins: &Pins) -> usize {
+        let open: Vec<Arc<Connection>> = self
+            .open
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        let mut n = 0;
+        for c in open {
+            if c.is_cut.load(Ordering::SeqCst) {
+                continue;
+            }
+            let why = if !revocation.still_valid(&c.certificate) {
+                Some("the peer's certificate is revoked".to_string())
+            } else {
+                pins.check(&c.site, &c.spki_sha256).err()
+            };
+            if let Some(why) = why {
+                tracing::warn!(peer = %c.site, reason = %why, "open connection cut");
+                self.event(&c.site, "connection cut", why.clone());
+                c.cut(why);
+                n += 1;
+            }
+        }
+        n
+    }
 }
 
 /// The site's own TLS material, loaded once.
@@ -78,21 +330,21 @@ pub struct SiteTls {
     /// This site's certificate and PKCS#8 key (also used to sign receipts).
     pub cert: CertificateDer<'static>,
     pub key_pkcs8: Vec<u8>,
-}
-
-fn roots(tls: &TlsPaths) -> Result<RootCertStore, TlsError> {
-    let mut roots = RootCertStore::empty();
-    for c in pki::load_certs(&tls.ca)? {
-        roots.add(c)?;
-    }
-    Ok(roots)
+    /// The federation CA's CRLs in force (both verifiers ask it at every handshake).
+    pub revocation: Arc<Revocation>,
+    /// The `certificate_pin`s of the agreements in force.
+    pub pins: Arc<Pins>,
+    /// The open connections of this site's federation endpoint.
+    pub connections: Arc<Connections>,
 }
 
 impl SiteTls {
-    /// Loads the CA, the site certificate and key; checks the certificate names `site_id`.
+    /// Loads the CA, the site certificate and key (refusing a key that group or others can read),
+    /// and the CRL file when configured; checks the certificate names `site_id`.
     pub fn load(site_id: &str, tls: &TlsPaths) -> Result<SiteTls, TlsError> {
         install_crypto_provider();
         let provider = Arc::new(rustls::crypto::ring::default_provider());
+        pki::check_private_key_mode(&tls.key)?;
         let chain = pki::load_certs(&tls.cert)?;
         let key = pki::load_key(&tls.key)?;
         let found = pki::site_id_of(&chain[0])?;
@@ -102,18 +354,20 @@ impl SiteTls {
                 found,
             });
         }
-        let roots = Arc::new(roots(tls)?);
-        let verifier = WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone())
-            .build()
-            .map_err(|e| TlsError::Verifier(e.to_string()))?;
+        let revocation = Revocation::new(
+            pki::load_certs(&tls.ca)?,
+            tls.crl.as_deref(),
+            provider.clone(),
+        )?;
         let mut server = ServerConfig::builder_with_provider(provider.clone())
             .with_protocol_versions(&[&rustls::version::TLS13])?
-            .with_client_cert_verifier(verifier)
+            .with_client_cert_verifier(revocation.client_verifier())
             .with_single_cert(chain.clone(), key.clone_key())?;
         server.alpn_protocols = vec![b"h2".to_vec()];
         let mut client = ClientConfig::builder_with_provider(provider)
             .with_protocol_versions(&[&rustls::version::TLS13])?
-            .with_root_certificates(roots)
+            .dangerous()
+            .with_custom_certificate_verifier(revocation.server_verifier())
             .with_client_auth_cert(chain.clone(), key.clone_key())?;
         client.alpn_protocols = vec![b"h2".to_vec()];
         let key_pkcs8 = match &key {
@@ -126,14 +380,53 @@ impl SiteTls {
             client: Arc::new(client),
             cert: chain[0].clone(),
             key_pkcs8,
+            revocation,
+            pins: Arc::default(),
+            connections: Arc::default(),
         })
+    }
+
+    /// Puts the pins of `set` in force and cuts open connections they no longer admit.
+    pub fn update_pins(&self, set: &crate::dsa::AgreementSet) {
+        self.pins.update(set);
+        self.connections.recheck(&self.revocation, &self.pins);
+    }
+
+    /// Re-reads the CRL file if it changed; on a change, cuts the open connections of every
+    /// certificate it revokes. A broken file is reported and the previous CRLs stay in force.
+    pub fn reload_crl_if_changed(&self) {
+        match self.revocation.reload_if_changed() {
+            None => {}
+            Some(Ok(n)) => {
+                let cut = self.connections.recheck(&self.revocation, &self.pins);
+                tracing::info!(
+                    crls = n,
+                    connections_cut = cut,
+                    "certificate revocation list reloaded"
+                );
+            }
+            Some(Err(e)) => {
+                tracing::error!(error = %e, "certificate revocation list not reloaded; the previous one stays in force")
+            }
+        }
     }
 }
 
-/// A server-side TLS connection with its verified peer.
+/// A server-side TLS connection with its verified peer. It ends (the read side fails) when the
+/// connection has had no call in progress for the idle timeout, or when it is cut.
 pub struct PeerStream {
     inner: tokio_rustls::server::TlsStream<TcpStream>,
     info: PeerInfo,
+    idle: Duration,
+    timer: Pin<Box<tokio::time::Sleep>>,
+    connections: Arc<Connections>,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Drop for PeerStream {
+    fn drop(&mut self) {
+        self.connections.remove(self.info.connection.id);
+    }
 }
 
 impl tonic::transport::server::Connected for PeerStream {
@@ -143,12 +436,56 @@ impl tonic::transport::server::Connected for PeerStream {
     }
 }
 
+impl PeerStream {
+    /// `Some(error)` when the connection must end now: cut, or idle for too long. Otherwise
+    /// arms the timer (and the cut waker) to be woken when that may change.
+    fn should_end(&mut self, cx: &mut Context<'_>) -> Option<io::Error> {
+        let conn = self.info.connection.clone();
+        conn.waker.register(cx.waker());
+        if conn.is_cut.load(Ordering::SeqCst) {
+            return Some(io::Error::new(
+                io::ErrorKind::ConnectionAborted,
+                "connection cut",
+            ));
+        }
+        loop {
+            let deadline = match conn.idle_since() {
+                Some(since) => since + self.idle,
+                None => Instant::now() + self.idle,
+            };
+            if Instant::now() >= deadline {
+                let secs = self.idle.as_secs_f64();
+                tracing::warn!(peer = %conn.site, remote = %self.info.remote, idle_secs = secs, "idle connection closed");
+                self.connections.event(
+                    &conn.site,
+                    "idle connection closed",
+                    format!("no call for {secs:.0} s"),
+                );
+                return Some(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "idle connection closed",
+                ));
+            }
+            let deadline = tokio::time::Instant::from_std(deadline);
+            if self.timer.deadline() != deadline {
+                self.timer.as_mut().reset(deadline);
+            }
+            if self.timer.as_mut().poll(cx).is_pending() {
+                return None;
+            }
+        }
+    }
+}
+
 impl AsyncRead for PeerStream {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
+        if let Some(e) = self.should_end(cx) {
+            return Poll::Ready(Err(e));
+        }
         Pin::new(&mut self.inner).poll_read(cx, buf)
     }
 }
@@ -179,16 +516,30 @@ impl AsyncWrite for PeerStream {
     }
 }
 
+/// Idle timeout of a connection over its peer's limit or refused by a pin: long enough for the
+/// peer to read the status of one call.
+const REFUSED_CONNECTION_IDLE: Duration = Duration::from_secs(2);
+
 /// Accepts TCP connections, completes the TLS handshake (10 s limit) and yields only connections
-/// whose client certificate chains to the federation CA and names a site. Failed handshakes are
-/// logged with the remote address and dropped.
+/// whose client certificate chains to the federation CA, is not revoked, and names a site.
+/// At most `limits.connections_total` connections (handshakes included) are open at once: over
+/// it, a new TCP connection is closed at once. Failed handshakes are logged with the remote
+/// address and dropped.
 pub fn incoming(
     listener: TcpListener,
     tls: &SiteTls,
+    limits: &Limits,
 ) -> tokio_stream::wrappers::ReceiverStream<Result<PeerStream, io::Error>> {
     let (tx, rx) = tokio::sync::mpsc::channel(64);
     let acceptor = TlsAcceptor::from(tls.server.clone());
+    let total = Arc::new(Semaphore::new(limits.connections_total.max(1)));
+    let (per_peer, idle) = (
+        limits.connections_per_peer.max(1),
+        Duration::from_secs(limits.idle_timeout_secs.max(1)),
+    );
+    let (connections, pins) = (tls.connections.clone(), tls.pins.clone());
     tokio::spawn(async move {
+        let mut over_total = 0u64;
         loop {
             let (tcp, remote) = match listener.accept().await {
                 Ok(x) => x,
@@ -198,53 +549,97 @@ pub fn incoming(
                     continue;
                 }
             };
-            let _ = tcp.set_nodelay(true);
             if tx.is_closed() {
                 break;
             }
-            let acceptor = acceptor.clone();
-            let tx = tx.clone();
+            let Ok(permit) = total.clone().try_acquire_owned() else {
+                over_total += 1;
+                if over_total.is_power_of_two() {
+                    tracing::warn!(%remote, refused = over_total, "connection limit reached; new connections are closed");
+                }
+                drop(tcp);
+                continue;
+            };
+            let _ = tcp.set_nodelay(true);
+            let (acceptor, tx) = (acceptor.clone(), tx.clone());
+            let (connections, pins) = (connections.clone(), pins.clone());
             tokio::spawn(async move {
-                let hs = tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await;
-                let stream = match hs {
-                    Ok(Ok(s)) => s,
-                    Ok(Err(e)) => {
-                        tracing::warn!(%remote, error = %e, "TLS handshake refused");
-                        return;
-                    }
-                    Err(_) => {
-                        tracing::warn!(%remote, "TLS handshake timed out");
-                        return;
-                    }
+                let Some((stream, identity)) = handshake(&acceptor, tcp, remote).await else {
+                    return;
                 };
-                let chain = stream.get_ref().1.peer_certificates().unwrap_or(&[]);
-                let identity = match PeerIdentity::from_verified_chain(chain) {
-                    Ok(id) => id,
-                    Err(e) => {
-                        tracing::warn!(%remote, error = %e, "peer certificate names no site; connection closed");
-                        return;
+                let connection = connections.register(&identity, per_peer, &pins);
+                let idle = match &connection.admission {
+                    Admission::Admitted => idle,
+                    other => {
+                        tracing::warn!(%remote, peer = %identity.site_id, admission = ?other, "connection refused its calls");
+                        connections.event(
+                            &identity.site_id,
+                            "connection refused",
+                            match other {
+                                Admission::OverLimit => "over the per-peer connection limit".into(),
+                                Admission::PinMismatch(why) => why.clone(),
+                                Admission::Admitted => String::new(),
+                            },
+                        );
+                        idle.min(REFUSED_CONNECTION_IDLE)
                     }
                 };
                 tracing::debug!(%remote, peer = %identity.site_id, "mutual TLS established");
-                let _ = tx
-                    .send(Ok(PeerStream {
-                        inner: stream,
-                        info: PeerInfo { identity, remote },
-                    }))
-                    .await;
+                let stream = PeerStream {
+                    inner: stream,
+                    info: PeerInfo {
+                        identity,
+                        remote,
+                        connection,
+                    },
+                    idle,
+                    timer: Box::pin(tokio::time::sleep(idle)),
+                    connections,
+                    _permit: permit,
+                };
+                let _ = tx.send(Ok(stream)).await;
             });
         }
     });
     tokio_stream::wrappers::ReceiverStream::new(rx)
 }
 
+async fn handshake(
+    acceptor: &TlsAcceptor,
+    tcp: TcpStream,
+    remote: SocketAddr,
+) -> Option<(tokio_rustls::server::TlsStream<TcpStream>, PeerIdentity)> {
+    let hs = tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await;
+    let stream = match hs {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            tracing::warn!(%remote, error = %e, "TLS handshake refused");
+            return None;
+        }
+        Err(_) => {
+            tracing::warn!(%remote, "TLS handshake timed out");
+            return None;
+        }
+    };
+    let chain = stream.get_ref().1.peer_certificates().unwrap_or(&[]);
+    match PeerIdentity::from_verified_chain(chain) {
+        Ok(id) => Some((stream, id)),
+        Err(e) => {
+            tracing::warn!(%remote, error = %e, "peer certificate names no site; connection closed");
+            None
+        }
+    }
+}
+
 /// Opens a mutual-TLS connection to `address`, verifying the server certificate against the CA
-/// for `server_name`, and checking that it names `expected_site`.
+/// (and its CRLs) for `server_name`, and checking that it names `expected_site` and matches that
+/// site's `certificate_pin`s in `pins`.
 pub async fn connect(
     client: Arc<ClientConfig>,
     address: &str,
     server_name: &str,
     expected_site: &str,
+    pins: &Pins,
 ) -> io::Result<(tokio_rustls::client::TlsStream<TcpStream>, PeerIdentity)> {
     let tcp = TcpStream::connect(address).await?;
     let _ = tcp.set_nodelay(true);
@@ -263,5 +658,7 @@ pub async fn connect(
             ),
         ));
     }
+    pins.check(&identity.site_id, &identity.spki_sha256)
+        .map_err(|why| io::Error::new(io::ErrorKind::PermissionDenied, why))?;
     Ok((tls, identity))
 }

@@ -37,6 +37,14 @@ pub enum StoreError {
     InUse(PathBuf),
     #[error("storage index record is corrupt: {0}")]
     Corrupt(String),
+    #[error("stored instance {0} failed its SHA-256 check at rest; it was quarantined and must be received again")]
+    BlobCorrupted(String),
+    #[error("the {what} of data folder {dir} is missing ({path}) although the folder was used before; refusing to start with an empty one. Restore it from backup (or move the data folder away to start afresh)")]
+    Missing {
+        what: &'static str,
+        dir: PathBuf,
+        path: PathBuf,
+    },
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
@@ -88,8 +96,15 @@ pub struct Committed {
 /// What the node needs from storage. [`LocalStore`] is the embedded implementation; an object
 /// store could implement the same trait.
 pub trait Store: Send + Sync + 'static {
-    /// True when an instance with these exact bytes is held.
+    /// True when an instance with these exact bytes is held. Internal use only: answering a
+    /// peer with it would tell that peer what other parties sent (use [`Store::check_blob`] on
+    /// an instance of the same study record instead).
     fn has_instance(&self, sha256: &[u8; 32]) -> Result<bool, StoreError>;
+    /// Re-hashes a held blob. A blob whose bytes no longer match its SHA-256 is moved to the
+    /// quarantine folder (never delivered again) and reported as [`BlobCheck::Quarantined`].
+    fn check_blob(&self, sha256: &[u8; 32]) -> Result<BlobCheck, StoreError>;
+    /// Forgets one instance of a study record (it will be asked for again).
+    fn forget_instance(&self, key: &StudyKey, sop_instance_uid: &str) -> Result<(), StoreError>;
     /// A fresh file in the staging area (same file system as the blobs, so commit is a rename).
     fn stage_file(&self) -> Result<(fs::File, PathBuf), StoreError>;
     /// Moves verified staged instances into the store and records them under the study, durably.
@@ -118,6 +133,17 @@ pub trait Store: Send + Sync + 'static {
     fn discard_partials(&self, key: &StudyKey) -> Result<(), StoreError>;
 }
 
+/// What re-hashing a held blob found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BlobCheck {
+    /// The bytes match: the blob at this path may be delivered.
+    Intact(PathBuf),
+    /// No such blob.
+    Missing,
+    /// The bytes did not match; the blob was moved to this path in the quarantine folder.
+    Quarantined(PathBuf),
+}
+
 /// How long the verified instances of an interrupted transfer wait for its resumption.
 pub const PARTIAL_TTL_SECS: u64 = 24 * 3600;
 
@@ -138,6 +164,16 @@ pub struct StudyKey {
 }
 
 impl StudyKey {
+    /// The key of a study received from `from_site` under (agreement, flow).
+    pub fn new(agreement: &str, flow: &str, from_site: &str, study_token: &str) -> StudyKey {
+        StudyKey {
+            agreement: agreement.to_string(),
+            flow: flow.to_string(),
+            from_site: from_site.to_string(),
+            study_token: study_token.to_string(),
+        }
+    }
+
     fn partial_prefix(&self) -> Vec<u8> {
         format!(
             "{}\u{1f}{}\u{1f}{}\u{1f}{}\u{1f}",
@@ -148,8 +184,8 @@ impl StudyKey {
 
     fn index_key(&self) -> Vec<u8> {
         format!(
-            "study\u{1f}{}\u{1f}{}\u{1f}{}",
-            self.agreement, self.from_site, self.study_token
+            "study\u{1f}{}\u{1f}{}\u{1f}{}\u{1f}{}",
+            self.agreement, self.flow, self.from_site, self.study_token
         )
         .into_bytes()
     }
@@ -165,10 +201,21 @@ pub struct LocalStore {
 
 impl LocalStore {
     /// Opens (creating if needed) the store under `root`.
+    ///
+    /// Refuses to start with an empty index beside blobs or an inbox that exist (or when the
+    /// index was created here before): a lost index is restored from backup, never recreated
+    /// empty. Folders are 0700, index files 0600.
     pub fn open(root: &Path) -> Result<LocalStore, StoreError> {
-        for d in ["blobs", "staging", "staging/resume", "inbox"] {
-            let p = root.join(d);
-            fs::create_dir_all(&p).map_err(io_err(&p))?;
+        let used_before = ["blobs", "inbox"].iter().any(|d| {
+            walkdir::WalkDir::new(root.join(d))
+                .into_iter()
+                .flatten()
+                .any(|e| e.file_type().is_file())
+        });
+        guard_component(root, "index", &root.join("index"), used_before)?;
+        private_dir(root)?;
+        for d in ["blobs", "staging", "staging/resume", "inbox", "quarantine"] {
+            private_dir(&root.join(d))?;
         }
         // Anything left in staging is from a transfer that never completed: it was never
         // acknowledged, so it is discarded.
@@ -190,6 +237,9 @@ impl LocalStore {
             })?;
         let index = db.open_tree("index")?;
         let partial = db.open_tree("partial")?;
+        db.flush()?;
+        restrict_tree(&root.join("index"))?;
+        mark_component(root, "index")?;
         let store = LocalStore {
             root: root.to_owned(),
             db,
@@ -238,6 +288,90 @@ impl LocalStore {
         Ok(())
     }
 
+    /// Moves a blob whose bytes no longer match its name to the quarantine folder.
+    fn quarantine(&self, sha256: &[u8; 32]) -> Result<PathBuf, StoreError> {
+        let from = self.blob_path(sha256);
+        let to =
+            self.root
+                .join("quarantine")
+                .join(format!("{}.{}", hex::encode(sha256), Self::now()));
+        fs::rename(&from, &to).map_err(io_err(&to))?;
+        tracing::error!(blob = %hex::encode(&sha256[..6]), "stored instance failed its SHA-256 check at rest; quarantined");
+        Ok(to)
+    }
+
+    /// Copies a blob to `to` (fsynced), hashing what it copies: a blob that no longer matches
+    /// its hash is quarantined and nothing is left at `to`.
+    fn copy_verified(&self, sha256: &[u8; 32], to: &Path) -> Result<(), StoreError> {
+        use sha2::{Digest, Sha256};
+        use std::io::Read;
+        let src = self.blob_path(sha256);
+        let mut input = fs::File::open(&src).map_err(io_err(&src))?;
+        let mut out = fs::File::create(to).map_err(io_err(to))?;
+        let mut h = Sha256::new();
+        let mut buf = vec![0u8; 256 * 1024];
+        loop {
+            let n = input.read(&mut buf).map_err(io_err(&src))?;
+            if n == 0 {
+                break;
+            }
+            h.update(&buf[..n]);
+            out.write_all(&buf[..n]).map_err(io_err(to))?;
+        }
+        let digest: [u8; 32] = h.finalize().into();
+        if digest != *sha256 {
+            drop(out);
+            let _ = fs::remove_file(to);
+            self.quarantine(sha256)?;
+            return Err(StoreError::BlobCorrupted(hex::encode(&sha256[..6])));
+        }
+        out.sync_all().map_err(io_err(to))
+    }
+
+    /// Re-hashes every blob (`pacs-broker store verify`). Nothing is moved.
+    pub fn verify_blobs(root: &Path) -> Result<BlobReport, StoreError> {
+        let mut report = BlobReport::default();
+        let blobs = root.join("blobs");
+        for e in walkdir::WalkDir::new(&blobs).sort_by_file_name() {
+            let e = e.map_err(|e| StoreError::Io {
+                path: blobs.clone(),
+                source: e.into(),
+            })?;
+            if !e.file_type().is_file() {
+                continue;
+            }
+            let name = e.file_name().to_string_lossy().to_string();
+            let mut want = [0u8; 32];
+            let named = hex::decode_to_slice(&name, &mut want).is_ok();
+            let got = hash_file(e.path()).map_err(io_err(e.path()))?;
+            report.checked += 1;
+            report.bytes += e.metadata().map(|m| m.len()).unwrap_or(0);
+            if !named || got != want {
+                report.mismatched.push(e.into_path());
+            }
+        }
+        Ok(report)
+    }
+
+    /// Instances the index lists whose blob is missing (`pacs-broker store verify`).
+    pub fn missing_blobs(&self) -> Result<Vec<(StudyKey, String)>, StoreError> {
+        let mut out = Vec::new();
+        for rec in self.studies()? {
+            for (uid, sha_hex) in &rec.instances {
+                let mut sha = [0u8; 32];
+                hex::decode_to_slice(sha_hex, &mut sha)
+                    .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                if !self.blob_path(&sha).exists() {
+                    out.push((
+                        StudyKey::new(&rec.agreement, &rec.flow, &rec.from_site, &rec.study_token),
+                        uid.clone(),
+                    ));
+                }
+            }
+        }
+        Ok(out)
+    }
+
     /// The inbox folder where complete studies are delivered.
     pub fn inbox(&self) -> PathBuf {
         self.root.join("inbox")
@@ -256,6 +390,32 @@ impl LocalStore {
     }
 }
 
+/// What `store verify` found among the blobs.
+#[derive(Debug, Default, Clone)]
+pub struct BlobReport {
+    pub checked: usize,
+    pub bytes: u64,
+    /// Blobs whose bytes do not match their name (SHA-256).
+    pub mismatched: Vec<PathBuf>,
+}
+
+/// SHA-256 of a file, read in 256 KiB blocks.
+pub fn hash_file(path: &Path) -> std::io::Result<[u8; 32]> {
+    use sha2::{Digest, Sha256};
+    use std::io::Read;
+    let mut f = fs::File::open(path)?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 256 * 1024];
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(h.finalize().into())
+}
+
 /// fsyncs a directory so that a rename inside it is durable.
 pub fn sync_dir(dir: &Path) -> Result<(), StoreError> {
     #[cfg(unix)]
@@ -266,6 +426,83 @@ pub fn sync_dir(dir: &Path) -> Result<(), StoreError> {
     }
     let _ = dir;
     Ok(())
+}
+
+/// Creates a folder (and its parents) and makes it private to the node's user (0700).
+pub fn private_dir(dir: &Path) -> Result<(), StoreError> {
+    fs::create_dir_all(dir).map_err(io_err(dir))?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(io_err(dir))?;
+    }
+    Ok(())
+}
+
+/// Makes a file private to the node's user (0600).
+pub fn private_file(path: &Path) -> Result<(), StoreError> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        fs::set_permissions(path, fs::Permissions::from_mode(0o600)).map_err(io_err(path))?;
+    }
+    let _ = path;
+    Ok(())
+}
+
+/// Makes every file under a folder 0600 and every folder 0700 (a sled database, say).
+pub fn restrict_tree(dir: &Path) -> Result<(), StoreError> {
+    for e in walkdir::WalkDir::new(dir).into_iter().flatten() {
+        if e.file_type().is_dir() {
+            private_dir(e.path())?;
+        } else if e.file_type().is_file() {
+            private_file(e.path())?;
+        }
+    }
+    Ok(())
+}
+
+const LAYOUT_FILE: &str = ".pacs-broker-layout";
+
+fn layout_lists(dir: &Path, what: &str) -> bool {
+    fs::read_to_string(dir.join(LAYOUT_FILE))
+        .map(|t| t.lines().any(|l| l.trim() == what))
+        .unwrap_or(false)
+}
+
+/// Refuses to (re)create `what` at `path` when it is missing but `dir` shows it existed: its
+/// layout file lists it, or `used_before` (data that only exists beside it). An index or vault
+/// that silently started empty would hide lost records (and a lost vault loses re-identification).
+pub fn guard_component(
+    dir: &Path,
+    what: &'static str,
+    path: &Path,
+    used_before: bool,
+) -> Result<(), StoreError> {
+    if !path.exists() && (used_before || layout_lists(dir, what)) {
+        return Err(StoreError::Missing {
+            what,
+            dir: dir.to_owned(),
+            path: path.to_owned(),
+        });
+    }
+    Ok(())
+}
+
+/// Records in `dir`'s layout file that `what` exists, so that losing it is noticed.
+pub fn mark_component(dir: &Path, what: &str) -> Result<(), StoreError> {
+    if layout_lists(dir, what) {
+        return Ok(());
+    }
+    let path = dir.join(LAYOUT_FILE);
+    let mut text = fs::read_to_string(&path).unwrap_or_else(|_| {
+        "# Parts of this data folder that exist; pacs-broker refuses to start if one goes missing.\n"
+            .to_string()
+    });
+    text.push_str(what);
+    text.push('\n');
+    write_atomic(&path, text.as_bytes())?;
+    private_file(&path)
 }
 
 /// Writes `bytes` to `path` atomically: temporary name in the same folder, fsync, rename, fsync dir.
@@ -285,6 +522,29 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
 impl Store for LocalStore {
     fn has_instance(&self, sha256: &[u8; 32]) -> Result<bool, StoreError> {
         Ok(self.blob_path(sha256).exists())
+    }
+
+    fn check_blob(&self, sha256: &[u8; 32]) -> Result<BlobCheck, StoreError> {
+        let path = self.blob_path(sha256);
+        match hash_file(&path) {
+            Ok(h) if h == *sha256 => Ok(BlobCheck::Intact(path)),
+            Ok(_) => Ok(BlobCheck::Quarantined(self.quarantine(sha256)?)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(BlobCheck::Missing),
+            Err(source) => Err(StoreError::Io { path, source }),
+        }
+    }
+
+    fn forget_instance(&self, key: &StudyKey, sop_instance_uid: &str) -> Result<(), StoreError> {
+        let k = key.index_key();
+        if let Some(v) = self.index.get(&k)? {
+            let mut rec: StudyRecord =
+                serde_json::from_slice(&v).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            rec.instances.remove(sop_instance_uid);
+            self.index
+                .insert(k, serde_json::to_vec(&rec).expect("record serialises"))?;
+            self.db.flush()?;
+        }
+        Ok(())
     }
 
     fn stage_file(&self) -> Result<(fs::File, PathBuf), StoreError> {
@@ -312,14 +572,15 @@ impl Store for LocalStore {
         let mut touched_dirs = std::collections::BTreeSet::new();
         let mut entries = Vec::new();
         for s in staged {
+            // A verified staged file always replaces the blob of the same hash: that repairs a
+            // blob damaged at rest, and costs a rename.
             let dest = self.blob_path(&s.sha256);
-            if dest.exists() {
-                let _ = fs::remove_file(&s.path);
-            } else {
-                let dir = dest.parent().expect("blob has a folder").to_owned();
-                fs::create_dir_all(&dir).map_err(io_err(&dir))?;
-                fs::rename(&s.path, &dest).map_err(io_err(&dest))?;
-                touched_dirs.insert(dir);
+            let dir = dest.parent().expect("blob has a folder").to_owned();
+            fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+            let existed = dest.exists();
+            fs::rename(&s.path, &dest).map_err(io_err(&dest))?;
+            touched_dirs.insert(dir);
+            if !existed {
                 stored += 1;
             }
             entries.push((s.sop_instance_uid, s.sha256));
@@ -453,12 +714,20 @@ impl Store for LocalStore {
             let mut sha = [0u8; 32];
             hex::decode_to_slice(sha_hex, &mut sha)
                 .map_err(|e| StoreError::Corrupt(e.to_string()))?;
-            let src = self.blob_path(&sha);
             let tmp = dir.join(format!(".{}.part", safe_name(uid)));
-            fs::copy(&src, &tmp).map_err(io_err(&src))?;
-            fs::File::open(&tmp)
-                .and_then(|f| f.sync_all())
-                .map_err(io_err(&tmp))?;
+            if let Err(e) = self.copy_verified(&sha, &tmp) {
+                if matches!(e, StoreError::BlobCorrupted(_)) {
+                    // Never delivered: the study waits for this instance to be received again.
+                    let key = StudyKey::new(
+                        &study.agreement,
+                        &study.flow,
+                        &study.from_site,
+                        &study.study_token,
+                    );
+                    self.forget_instance(&key, uid)?;
+                }
+                return Err(e);
+            }
             fs::rename(&tmp, &target).map_err(io_err(&target))?;
         }
         sync_dir(&dir)?;

@@ -189,6 +189,21 @@ impl Outbox {
         Ok(())
     }
 
+    /// Puts every FAILED study back in the queue, due now (an operator's `outbox --retry`, after
+    /// fixing what failed it). Returns how many were re-queued.
+    pub fn requeue_failed(&self) -> Result<usize, StoreError> {
+        let mut n = 0;
+        for (_, mut e) in self.entries() {
+            if e.state == OutboxState::Failed {
+                e.state = OutboxState::Pending;
+                e.next_attempt = 0;
+                self.save(&e)?;
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
     /// Records a failed attempt: retried later with backoff when `transient`, else failed for good.
     pub fn mark_attempt_failed(
         &self,
@@ -260,6 +275,14 @@ mod tests {
             .unwrap();
         assert!(ob.due(now()).is_empty(), "not due before its backoff");
         assert_eq!(ob.due(now() + 5).len(), 1);
+        ob.mark_attempt_failed(&mut e, "refused", false).unwrap();
+        assert!(
+            ob.due(u64::MAX).is_empty(),
+            "a failed study is not retried on its own"
+        );
+        assert_eq!(ob.requeue_failed().unwrap(), 1);
+        assert_eq!(ob.due(now()).len(), 1, "re-queued by an operator");
+        e = Outbox::load(&study).unwrap();
         ob.mark_delivered(&study, &mut e, 1, 0).unwrap();
         assert!(ob.due(u64::MAX).is_empty());
         assert!(

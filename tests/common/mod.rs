@@ -78,6 +78,11 @@ pub struct Federation {
 impl Federation {
     /// Starts nodes for `sites` (all sharing one CA and the test agreement), each serving.
     pub async fn start(sites: &[&str]) -> Federation {
+        Federation::start_with(sites, |_| {}).await
+    }
+
+    /// Like [`Federation::start`], with each site's config adjusted by `tune` before it opens.
+    pub async fn start_with(sites: &[&str], tune: impl Fn(&mut NodeConfig)) -> Federation {
         let dir = tempfile::tempdir().unwrap();
         let all: Vec<String> = ["hospital-a", "hospital-b", "telerad-c"]
             .iter()
@@ -97,7 +102,8 @@ impl Federation {
         let mut nodes = BTreeMap::new();
         let mut servers = Vec::new();
         for (site, listener) in listeners {
-            let cfg = site_config(dir.path(), &site, &addrs);
+            let mut cfg = site_config(dir.path(), &site, &addrs);
+            tune(&mut cfg);
             let node = Arc::new(Node::open(cfg).unwrap());
             let n = node.clone();
             let mut rx = stop_rx.clone();
@@ -160,6 +166,7 @@ pub fn site_config(base: &Path, site: &str, addrs: &BTreeMap<String, String>) ->
             ca: pki.join("ca.pem"),
             cert: pki.join(format!("{site}.pem")),
             key: pki.join(format!("{site}.key")),
+            crl: None,
         },
         peers: addrs
             .iter()
@@ -174,6 +181,7 @@ pub fn site_config(base: &Path, site: &str, addrs: &BTreeMap<String, String>) ->
                 )
             })
             .collect(),
+        limits: Default::default(),
     }
 }
 
