@@ -21,6 +21,7 @@ use crate::audit::{AuditLog, Event};
 use crate::config::NodeConfig;
 use crate::deid::batch::{self, NotDeidentified};
 use crate::deid::Deidentifier;
+use crate::dicom_net::deliver::PacsDelivery;
 use crate::dsa::{Agreement, AgreementSet};
 use crate::federation::client::{OutgoingInstance, PeerClient, SendError};
 use crate::federation::proto::federation_server::FederationServer;
@@ -55,6 +56,8 @@ pub enum NodeError {
     Input(String),
     #[error("nothing to send: no input produced a de-identified instance")]
     NothingToSend,
+    #[error("{0}")]
+    PacsDelivery(String),
 }
 
 /// Loads the agreements a node may enforce: only those every party has signed over their exact
@@ -287,6 +290,15 @@ impl Node {
             self.audit.clone(),
             ReceiptSigner::new(&self.tls.key_pkcs8),
         );
+        // [dicom.deliver]: queue every received instance for the site's PACS and forward it.
+        let pacs = match &self.config.dicom.deliver {
+            Some(target) => Some(
+                PacsDelivery::new(target, self.site_id(), self.store()?, self.audit.clone())
+                    .map_err(NodeError::PacsDelivery)?
+                    .start(),
+            ),
+            None => None,
+        };
         let watcher = {
             let node = self.clone();
             tokio::spawn(async move {
@@ -319,6 +331,9 @@ impl Node {
             .map_err(|e| NodeError::Serve(e.to_string()));
         watcher.abort();
         worker.abort();
+        if let Some(pacs) = pacs {
+            pacs.stop().await;
+        }
         result
     }
 
