@@ -169,7 +169,8 @@ impl DeliverConfig {
         ] {
             if v.trim().is_empty()
                 || v.len() > 16
-                || v.chars().any(|c| !c.is_ascii() || c.is_ascii_control() || c == '\\')
+                || v.chars()
+                    .any(|c| !c.is_ascii() || c.is_ascii_control() || c == '\\')
             {
                 return Err(format!(
                     "[dicom.deliver] {key} `{v}` is not a DICOM AE title (1 to 16 ASCII characters, no backslash)"
@@ -191,7 +192,11 @@ impl DeliverConfig {
         if !(4096..=16_777_216).contains(&self.max_pdu_length) {
             return Err("[dicom.deliver] max_pdu_length must be between 4096 and 16777216".into());
         }
-        if self.address.rsplit_once(':').is_none_or(|(_, p)| p.parse::<u16>().is_err()) {
+        if self
+            .address
+            .rsplit_once(':')
+            .is_none_or(|(_, p)| p.parse::<u16>().is_err())
+        {
             return Err(format!(
                 "[dicom.deliver] address `{}` is not host:port",
                 self.address

@@ -16,7 +16,7 @@
 //! | [`store`] | the `Store` trait, its sled + content-addressed-file implementation, the inbox, the durable outbox |
 //! | [`federation`] | proto service (tonic), mutual TLS 1.3 (rustls), peer identity, offer/transfer, signed receipts |
 //! | [`dicom_net`] | DIMSE with the site's own systems: C-STORE delivery to the local PACS from a durable queue |
-| [`audit`] | the append-only hash-chained audit log and its verification |
+//! | [`audit`] | the append-only hash-chained audit log and its verification |
 //! | [`node`] | wires the above into a running site: agreement reload, outbox worker, sending, shutdown |
 //! | [`demo`] | the self-contained demo federation behind `pacs-broker demo` |
 //!

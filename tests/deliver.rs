@@ -26,7 +26,10 @@ const COMPRESSED: &[(&str, &str)] = &[
 
 fn pydicom_test_files() -> PathBuf {
     let p = Path::new("/usr/lib/python3/dist-packages/pydicom/data/test_files");
-    assert!(p.is_dir(), "python3-pydicom's test files are required (run .ci/setup)");
+    assert!(
+        p.is_dir(),
+        "python3-pydicom's test files are required (run .ci/setup)"
+    );
     p.to_owned()
 }
 
@@ -101,7 +104,11 @@ impl Sites {
             if let Some(s) = served.child.try_wait().unwrap() {
                 panic!("telerad-c exited with {s}:\n{}", served.log());
             }
-            assert!(Instant::now() < deadline, "telerad-c did not listen:\n{}", served.log());
+            assert!(
+                Instant::now() < deadline,
+                "telerad-c did not listen:\n{}",
+                served.log()
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
         served
@@ -214,7 +221,11 @@ impl Served {
             .status();
         let deadline = Instant::now() + Duration::from_secs(20);
         while self.child.try_wait().unwrap().is_none() {
-            assert!(Instant::now() < deadline, "telerad-c did not stop:\n{}", self.log());
+            assert!(
+                Instant::now() < deadline,
+                "telerad-c did not stop:\n{}",
+                self.log()
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -239,13 +250,19 @@ fn assert_deidentified_in_pacs(pacs: &Orthanc, ids: &[String], originals: &BTree
             "SOPInstanceUID",
         ] {
             let v = tags[key].as_str().unwrap_or_default().trim().to_string();
-            assert!(!originals.contains(&v), "{key} of {id} is an original value");
+            assert!(
+                !originals.contains(&v),
+                "{key} of {id} is an original value"
+            );
         }
         let patient_id = tags["PatientID"].as_str().unwrap_or_default();
         assert!(!patient_id.is_empty(), "no patient token in {id}");
         for key in ["StudyInstanceUID", "SOPInstanceUID"] {
             let uid = tags[key].as_str().unwrap_or_default();
-            assert!(uid.starts_with("2.25."), "{key} of {id} is not a pseudonymous UID: {uid}");
+            assert!(
+                uid.starts_with("2.25."),
+                "{key} of {id} is not a pseudonymous UID: {uid}"
+            );
         }
     }
 }
@@ -284,14 +301,20 @@ async fn a_sent_study_reaches_the_partners_pacs_deidentified_and_as_stored() {
     // Compressed instances arrive in their own transfer syntax: sent as stored, not transcoded.
     let syntaxes: BTreeSet<String> = ids.iter().map(|id| pacs.transfer_syntax(id)).collect();
     for (name, ts) in COMPRESSED {
-        assert!(syntaxes.contains(*ts), "{name} not delivered in {ts}: {syntaxes:?}");
+        assert!(
+            syntaxes.contains(*ts),
+            "{name} not delivered in {ts}: {syntaxes:?}"
+        );
     }
 
     // Each delivery is audited (counts add up), and the audit log names no original value.
     assert_eq!(sites.instances_audited_delivered(), sent);
     let audit = std::fs::read_to_string(sites.telerad.data_dir.join("audit.log")).unwrap();
     for v in &originals {
-        assert!(!audit.contains(v.as_str()), "the audit log names an original value");
+        assert!(
+            !audit.contains(v.as_str()),
+            "the audit log names an original value"
+        );
     }
     telerad.stop();
 
@@ -304,7 +327,12 @@ async fn a_sent_study_reaches_the_partners_pacs_deidentified_and_as_stored() {
     #[cfg(unix)]
     for f in inbox {
         use std::os::unix::fs::MetadataExt;
-        assert_eq!(std::fs::metadata(&f).unwrap().nlink(), 2, "{} is a copy", f.display());
+        assert_eq!(
+            std::fs::metadata(&f).unwrap().nlink(),
+            2,
+            "{} is a copy",
+            f.display()
+        );
     }
 }
 
@@ -324,7 +352,11 @@ async fn nothing_is_lost_while_the_pacs_is_down_or_the_node_restarts() {
         .iter()
         .any(|(_, outcome)| outcome.starts_with("queued for retry"))
     {
-        assert!(Instant::now() < deadline, "no failed attempt audited:\n{}", telerad.log());
+        assert!(
+            Instant::now() < deadline,
+            "no failed attempt audited:\n{}",
+            telerad.log()
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 
@@ -334,7 +366,11 @@ async fn nothing_is_lost_while_the_pacs_is_down_or_the_node_restarts() {
     let telerad = sites.serve_telerad();
     let deadline = Instant::now() + Duration::from_secs(20);
     while sites.deliveries_audited().len() == audited_before {
-        assert!(Instant::now() < deadline, "the restarted node did not retry:\n{}", telerad.log());
+        assert!(
+            Instant::now() < deadline,
+            "the restarted node did not retry:\n{}",
+            telerad.log()
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     assert_eq!(sites.instances_audited_delivered(), 0);

@@ -84,7 +84,9 @@ impl DeliverError {
     pub fn is_association_level(&self) -> bool {
         matches!(
             self,
-            DeliverError::Unreachable { .. } | DeliverError::Rejected { .. } | DeliverError::Broken(_)
+            DeliverError::Unreachable { .. }
+                | DeliverError::Rejected { .. }
+                | DeliverError::Broken(_)
         )
     }
 }
@@ -162,8 +164,13 @@ struct BatchOutcome {
 /// Opens a stored instance: its meta information, and a reader positioned at its data set.
 fn open_instance(
     path: &std::path::Path,
-) -> Result<(dicom_object::meta::FileMetaTable, std::io::BufReader<std::fs::File>), DeliverError>
-{
+) -> Result<
+    (
+        dicom_object::meta::FileMetaTable,
+        std::io::BufReader<std::fs::File>,
+    ),
+    DeliverError,
+> {
     let unreadable = |e: &dyn std::fmt::Display| DeliverError::Unreadable(format!("{e}"));
     let mut f = std::fs::File::open(path).map_err(|e| unreadable(&e))?;
     let mut head = [0u8; 132];
@@ -224,7 +231,10 @@ fn read_response(
     use dicom_transfer_syntax_registry::entries::IMPLICIT_VR_LITTLE_ENDIAN;
     let mut command = Vec::new();
     loop {
-        match assoc.receive().map_err(|e| DeliverError::Broken(chain(&e)))? {
+        match assoc
+            .receive()
+            .map_err(|e| DeliverError::Broken(chain(&e)))?
+        {
             Pdu::PData { data } => {
                 let mut last = false;
                 for v in data {
@@ -293,11 +303,7 @@ fn c_store(
 ) -> Result<(u16, Option<String>), DeliverError> {
     // Open before the command goes out: once it is sent, the data set must follow.
     let (_, mut dataset) = open_instance(&item.path)?;
-    let command = store_request(
-        &item.sop_class,
-        &item.entry.sop_instance_uid,
-        message_id,
-    );
+    let command = store_request(&item.sop_class, &item.entry.sop_instance_uid, message_id);
     assoc
         .send(&Pdu::PData {
             data: vec![PDataValue {
@@ -427,7 +433,8 @@ impl PacsDelivery {
     fn idle_wait(&self) -> Duration {
         let cap = Duration::from_secs(1);
         match self.queue.next_due() {
-            Ok(Some(at)) => Duration::from_millis(at.saturating_sub(now_ms())).clamp(Duration::from_millis(10), cap),
+            Ok(Some(at)) => Duration::from_millis(at.saturating_sub(now_ms()))
+                .clamp(Duration::from_millis(10), cap),
             _ => cap,
         }
     }
@@ -655,7 +662,12 @@ impl PacsDelivery {
         }
         let delivered: Vec<QueueKey> = outcome.delivered.iter().map(|(k, _, _)| *k).collect();
         self.queue.settle(&delivered, &updated)?;
-        self.audit_outcome(&outcome.delivered, &updated, &failed_now, outcome.association.as_ref());
+        self.audit_outcome(
+            &outcome.delivered,
+            &updated,
+            &failed_now,
+            outcome.association.as_ref(),
+        );
         Ok(())
     }
 
@@ -703,12 +715,18 @@ impl PacsDelivery {
             tracing::error!(study = %e.study_token, instance = %e.sop_instance_uid, reason = %why, "instance not delivered to the PACS; marked failed");
             self.audit.record_or_warn(event(
                 &e.agreement,
-                format!("instance {} of study {} to {to}", e.sop_instance_uid, e.study_token),
+                format!(
+                    "instance {} of study {} to {to}",
+                    e.sop_instance_uid, e.study_token
+                ),
                 format!("failed after {} attempts: {why}", e.attempts),
             ));
         }
         let mut retry: BTreeMap<(&str, &str), usize> = BTreeMap::new();
-        for (_, e) in retried.iter().filter(|(_, e)| e.state == DeliveryState::Pending) {
+        for (_, e) in retried
+            .iter()
+            .filter(|(_, e)| e.state == DeliveryState::Pending)
+        {
             *retry.entry((&e.agreement, &e.study_token)).or_default() += 1;
         }
         for ((agreement, study), n) in retry {
@@ -738,11 +756,20 @@ mod tests {
         assert_eq!(classify_status(0x0000), StoreStatus::Success);
         assert!(matches!(classify_status(0xB000), StoreStatus::Warning(_)));
         assert!(matches!(classify_status(0xB007), StoreStatus::Warning(_)));
-        assert!(matches!(classify_status(0xA700), StoreStatus::Failure(m) if m.contains("out of resources")));
-        assert!(matches!(classify_status(0xA900), StoreStatus::Failure(m) if m.contains("does not match")));
-        assert!(matches!(classify_status(0xC123), StoreStatus::Failure(m) if m.contains("cannot understand")));
+        assert!(
+            matches!(classify_status(0xA700), StoreStatus::Failure(m) if m.contains("out of resources"))
+        );
+        assert!(
+            matches!(classify_status(0xA900), StoreStatus::Failure(m) if m.contains("does not match"))
+        );
+        assert!(
+            matches!(classify_status(0xC123), StoreStatus::Failure(m) if m.contains("cannot understand"))
+        );
         assert!(matches!(classify_status(0x0122), StoreStatus::Failure(_)));
-        assert!(matches!(classify_status(0xFF00), StoreStatus::Failure(_)), "pending is not an answer to C-STORE");
+        assert!(
+            matches!(classify_status(0xFF00), StoreStatus::Failure(_)),
+            "pending is not an answer to C-STORE"
+        );
     }
 
     #[test]
@@ -760,7 +787,11 @@ mod tests {
         assert_eq!(int(tags::MESSAGE_ID), 7);
         assert_eq!(int(tags::COMMAND_DATA_SET_TYPE), 0);
         assert_eq!(int(tags::COMMAND_GROUP_LENGTH) as usize, bytes.len() - 12);
-        let uid = obj.element(tags::AFFECTED_SOP_INSTANCE_UID).unwrap().to_str().unwrap();
+        let uid = obj
+            .element(tags::AFFECTED_SOP_INSTANCE_UID)
+            .unwrap()
+            .to_str()
+            .unwrap();
         assert_eq!(uid.trim_end_matches('\0'), "2.25.123");
         assert_eq!(bytes.len() % 2, 0);
     }
@@ -770,6 +801,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("x");
         std::fs::write(&p, b"not dicom at all").unwrap();
-        assert!(matches!(open_instance(&p), Err(DeliverError::Unreadable(_))));
+        assert!(matches!(
+            open_instance(&p),
+            Err(DeliverError::Unreadable(_))
+        ));
     }
 }

@@ -254,7 +254,10 @@ mod tests {
         let s = LocalStore::open(dir.path()).unwrap();
         let q = s.delivery_queue();
         let due = q.due(now_ms(), 10).unwrap();
-        let uids: Vec<_> = due.iter().map(|(_, e)| e.sop_instance_uid.as_str()).collect();
+        let uids: Vec<_> = due
+            .iter()
+            .map(|(_, e)| e.sop_instance_uid.as_str())
+            .collect();
         assert_eq!(uids, ["2.25.11", "2.25.12"], "oldest first, after a reopen");
         assert_eq!(due[0].1.study_token, "2.25.1");
 

@@ -369,9 +369,7 @@ impl Store for LocalStore {
                 last_received: now,
             },
         };
-        let to_pacs = self
-            .pacs_delivery
-            .load(std::sync::atomic::Ordering::SeqCst);
+        let to_pacs = self.pacs_delivery.load(std::sync::atomic::Ordering::SeqCst);
         for (uid, sha) in entries {
             let sha = hex::encode(sha);
             let known = rec.instances.insert(uid.clone(), sha.clone());
@@ -677,7 +675,11 @@ mod inbox_tests {
             use std::os::unix::fs::MetadataExt;
             let a = fs::metadata(&inbox_file).unwrap();
             let b = fs::metadata(s.instance_path(&sha)).unwrap();
-            assert_eq!((a.dev(), a.ino()), (b.dev(), b.ino()), "one file, two names");
+            assert_eq!(
+                (a.dev(), a.ino()),
+                (b.dev(), b.ino()),
+                "one file, two names"
+            );
             assert_eq!(b.nlink(), 2);
         }
         // Where no link is possible (another file system) the copy is whole and leaves no

@@ -120,7 +120,11 @@ impl Orthanc {
             if self.get("/system").is_some_and(|(code, _)| code == 200) {
                 return;
             }
-            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
                 panic!("Orthanc exited with {status}:\n{}", self.log());
             }
             std::thread::sleep(Duration::from_millis(50));
@@ -170,7 +174,12 @@ impl Orthanc {
         let (code, body) = self
             .get(path)
             .unwrap_or_else(|| panic!("Orthanc REST {path}: no answer"));
-        assert_eq!(code, 200, "Orthanc REST {path}: {}", String::from_utf8_lossy(&body));
+        assert_eq!(
+            code,
+            200,
+            "Orthanc REST {path}: {}",
+            String::from_utf8_lossy(&body)
+        );
         serde_json::from_slice(&body).unwrap_or_else(|e| panic!("Orthanc REST {path}: {e}"))
     }
 
