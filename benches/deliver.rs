@@ -30,9 +30,13 @@ fn main() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(500);
     let dir = tempfile::tempdir().unwrap();
-    let files =
-        write_synthetic_ct(&dir.path().join("study"), &SyntheticPatient::default(), n, 512)
-            .unwrap();
+    let files = write_synthetic_ct(
+        &dir.path().join("study"),
+        &SyntheticPatient::default(),
+        n,
+        512,
+    )
+    .unwrap();
     let bytes: u64 = files
         .iter()
         .map(|f| std::fs::metadata(f).unwrap().len())
@@ -97,7 +101,12 @@ fn main() {
     let started = Instant::now();
     let status = std::process::Command::new("storescu")
         .env("TCP_NODELAY", "1")
-        .args(["-aec", &other.aet, "127.0.0.1", &other.dicom_port.to_string()])
+        .args([
+            "-aec",
+            &other.aet,
+            "127.0.0.1",
+            &other.dicom_port.to_string(),
+        ])
         .args(&files)
         .status()
         .expect("dcmtk storescu (run .ci/setup)");

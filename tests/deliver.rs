@@ -52,6 +52,15 @@ pub struct Sites {
 
 impl Sites {
     pub fn new(pacs_ae: &str, pacs_address: &str) -> Sites {
+        Sites::new_with(pacs_ae, pacs_address, |_| {})
+    }
+
+    /// As [`Sites::new`], with telerad-c's `[dicom.deliver]` adjusted.
+    pub fn new_with(
+        pacs_ae: &str,
+        pacs_address: &str,
+        adjust: impl FnOnce(&mut DeliverConfig),
+    ) -> Sites {
         let dir = tempfile::tempdir().unwrap();
         let all: Vec<String> = ["hospital-a", "hospital-b", "telerad-c"]
             .iter()
@@ -66,12 +75,14 @@ impl Sites {
         );
         let hospital = site_config(dir.path(), "hospital-a", &addrs);
         let mut telerad = site_config(dir.path(), "telerad-c", &addrs);
-        telerad.dicom.deliver = Some(DeliverConfig {
+        let mut deliver = DeliverConfig {
             retry_initial_ms: 200,
             retry_max_ms: 1_000,
             timeout_ms: 10_000,
             ..DeliverConfig::new(pacs_ae, pacs_address)
-        });
+        };
+        adjust(&mut deliver);
+        telerad.dicom.deliver = Some(deliver);
         let telerad_config = dir.path().join("telerad-c").join("node.toml");
         std::fs::write(&telerad_config, telerad.to_toml()).unwrap();
         Sites {
@@ -400,4 +411,63 @@ async fn nothing_is_lost_while_the_pacs_is_down_or_the_node_restarts() {
     let store =
         pacs_broker::store::LocalStore::open(&sites.telerad.data_dir.join("store")).unwrap();
     assert!(store.delivery_queue().entries().unwrap().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn instances_whose_transfer_syntax_the_pacs_refuses_are_marked_failed_with_the_reason() {
+    // A PACS that takes uncompressed data only: the compressed instances are not transcoded to
+    // fit; they are refused, retried, then marked failed with a clear reason and kept.
+    let pacs = Orthanc::start_with(serde_json::json!({
+        "AcceptedTransferSyntaxes": ["1.2.840.10008.1.2", "1.2.840.10008.1.2.1"]
+    }));
+    let sites = Sites::new_with(&pacs.aet, &pacs.dicom_address(), |d| d.max_attempts = 2);
+    let slices = 3;
+    let (study, _) = sites.write_study(slices);
+    let telerad = sites.serve_telerad();
+    let sent = sites.send(&study).await;
+    assert_eq!(sent, slices + COMPRESSED.len());
+
+    let failed = || {
+        sites
+            .deliveries_audited()
+            .into_iter()
+            .filter(|(_, outcome)| outcome.starts_with("failed after 2 attempts"))
+            .collect::<Vec<_>>()
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while failed().len() < COMPRESSED.len() {
+        assert!(
+            Instant::now() < deadline,
+            "not marked failed:\n{}",
+            telerad.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(
+        pacs.wait_for_instances(slices, Duration::from_secs(10))
+            .len(),
+        slices
+    );
+    for (_, ts) in COMPRESSED {
+        assert!(
+            failed().iter().any(|(_, outcome)| outcome
+                .contains("refused the presentation context")
+                && outcome.contains(ts)),
+            "no clear reason for {ts}: {:?}",
+            failed()
+        );
+    }
+    assert_eq!(sites.instances_audited_delivered(), slices);
+    telerad.stop();
+
+    // They stay in the queue, marked failed, with the reason, for an operator.
+    let store =
+        pacs_broker::store::LocalStore::open(&sites.telerad.data_dir.join("store")).unwrap();
+    let left = store.delivery_queue().entries().unwrap();
+    assert_eq!(left.len(), COMPRESSED.len());
+    for (_, e) in left {
+        assert_eq!(e.state, pacs_broker::store::delivery::DeliveryState::Failed);
+        assert_eq!(e.attempts, 2);
+        assert!(e.last_error.unwrap().contains("never transcoded"));
+    }
 }

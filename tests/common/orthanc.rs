@@ -29,6 +29,8 @@ pub struct Orthanc {
     pub dicom_port: u16,
     pub http_port: u16,
     child: Option<Child>,
+    /// Extra configuration keys (merged over the defaults).
+    extra: serde_json::Value,
 }
 
 fn free_port() -> u16 {
@@ -41,6 +43,12 @@ fn free_port() -> u16 {
 impl Orthanc {
     /// Starts an Orthanc with AE title `ORTHANC` and waits until its REST API answers.
     pub fn start() -> Orthanc {
+        Orthanc::start_with(serde_json::json!({}))
+    }
+
+    /// Starts an Orthanc with extra configuration keys, e.g.
+    /// `{"AcceptedTransferSyntaxes": ["1.2.840.10008.1.2.1"]}`.
+    pub fn start_with(extra: serde_json::Value) -> Orthanc {
         let dir = tempfile::tempdir().unwrap();
         let mut o = Orthanc {
             dir,
@@ -48,6 +56,7 @@ impl Orthanc {
             dicom_port: free_port(),
             http_port: free_port(),
             child: None,
+            extra,
         };
         o.write_config();
         o.restart();
@@ -71,7 +80,7 @@ impl Orthanc {
     fn write_config(&self) {
         let storage = self.dir.path().join("storage");
         std::fs::create_dir_all(&storage).unwrap();
-        let config = serde_json::json!({
+        let mut config = serde_json::json!({
             "Name": "pacs-broker-test",
             "StorageDirectory": storage,
             "IndexDirectory": storage,
@@ -94,6 +103,9 @@ impl Orthanc {
             "DicomScpTimeout": 30,
             "UnknownSopClassAccepted": false,
         });
+        if let (Some(c), Some(extra)) = (config.as_object_mut(), self.extra.as_object()) {
+            c.extend(extra.clone());
+        }
         std::fs::write(self.config_path(), config.to_string()).unwrap();
     }
 
