@@ -252,3 +252,71 @@ impl NodeConfig {
         toml::to_string_pretty(self).expect("config serialises")
     }
 }
+
+#[cfg(test)]
+mod dicom_deliver_tests {
+    use super::*;
+
+    const BASE: &str = r#"
+site_id = "telerad-c"
+listen = "127.0.0.1:7443"
+data_dir = "data"
+key_file = "site.key"
+agreements = "agreements"
+[tls]
+ca = "ca.pem"
+cert = "site.pem"
+key = "site-tls.key"
+"#;
+
+    fn load(extra: &str) -> Result<NodeConfig, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("node.toml");
+        std::fs::write(&p, format!("{BASE}{extra}")).unwrap();
+        NodeConfig::load(&p)
+    }
+
+    #[test]
+    fn dicom_may_be_absent_and_deliver_takes_its_defaults() {
+        assert_eq!(load("").unwrap().dicom, DicomConfig::default());
+        let cfg = load("[dicom.deliver]\nae_title = \"ORTHANC\"\naddress = \"127.0.0.1:4242\"\n")
+            .unwrap();
+        let d = cfg.dicom.deliver.unwrap();
+        assert_eq!(d, DeliverConfig::new("ORTHANC", "127.0.0.1:4242"));
+        assert_eq!(d.calling_ae("telerad-c"), "TELERAD-C");
+        assert_eq!(
+            d.calling_ae("a-very-long-site-identifier"),
+            "A-VERY-LONG-SITE"
+        );
+    }
+
+    #[test]
+    fn bad_deliver_values_are_refused_with_the_key_named() {
+        let cases = [
+            ("ae_title = \"\"\naddress = \"127.0.0.1:4242\"", "ae_title"),
+            (
+                "ae_title = \"ORTHANC-WITH-A-LONG-NAME\"\naddress = \"127.0.0.1:4242\"",
+                "ae_title",
+            ),
+            ("ae_title = \"ORTHANC\"\naddress = \"127.0.0.1\"", "address"),
+            (
+                "ae_title = \"ORTHANC\"\naddress = \"h:1\"\nretry_initial_ms = 0",
+                "retry_initial_ms",
+            ),
+            (
+                "ae_title = \"ORTHANC\"\naddress = \"h:1\"\nmax_pdu_length = 10",
+                "max_pdu_length",
+            ),
+        ];
+        for (table, key) in cases {
+            let err = load(&format!("[dicom.deliver]\n{table}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(key), "{table}: {err}");
+        }
+        let err = load("[dicom.deliver]\nae_title = \"X\"\naddress = \"h:1\"\nretries = 3\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("retries"), "unknown keys are refused: {err}");
+    }
+}
