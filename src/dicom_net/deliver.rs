@@ -796,6 +796,220 @@ mod tests {
         assert_eq!(bytes.len() % 2, 0);
     }
 
+    /// A scripted C-STORE SCP: answers the C-STOREs of one association with `statuses` in turn.
+    /// (Orthanc cannot be made to answer a given failure status; the end-to-end behaviour with a
+    /// real PACS is in tests/deliver.rs.)
+    fn scripted_pacs(statuses: Vec<u16>) -> (String, std::thread::JoinHandle<usize>) {
+        use dicom_core::{DataElement, PrimitiveValue, VR};
+        use dicom_dictionary_std::tags;
+        use dicom_transfer_syntax_registry::entries::IMPLICIT_VR_LITTLE_ENDIAN;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let handle = std::thread::spawn(move || {
+            let (stream, _) = listener.accept().unwrap();
+            let mut a = dicom_ul::ServerAssociationOptions::new()
+                .accept_any()
+                .promiscuous(true)
+                .with_transfer_syntax("1.2.840.10008.1.2.1")
+                .establish(stream)
+                .unwrap();
+            let mut statuses = statuses.into_iter();
+            let mut answered = 0;
+            let mut request = None;
+            loop {
+                match a.receive().unwrap() {
+                    Pdu::PData { data } => {
+                        for v in data {
+                            if v.value_type == PDataValueType::Command {
+                                request = Some(
+                                    dicom_object::InMemDicomObject::read_dataset_with_ts(
+                                        &v.data[..],
+                                        &IMPLICIT_VR_LITTLE_ENDIAN.erased(),
+                                    )
+                                    .unwrap(),
+                                );
+                            } else if v.is_last {
+                                let rq = request.take().unwrap();
+                                let int = |t| rq.element(t).unwrap().to_int::<u16>().unwrap();
+                                let text = |t| rq.element(t).unwrap().to_str().unwrap().to_string();
+                                let rsp =
+                                    dicom_object::InMemDicomObject::command_from_element_iter([
+                                        DataElement::new(
+                                            tags::AFFECTED_SOP_CLASS_UID,
+                                            VR::UI,
+                                            PrimitiveValue::from(text(
+                                                tags::AFFECTED_SOP_CLASS_UID,
+                                            )),
+                                        ),
+                                        DataElement::new(
+                                            tags::COMMAND_FIELD,
+                                            VR::US,
+                                            PrimitiveValue::from(0x8001u16),
+                                        ),
+                                        DataElement::new(
+                                            tags::MESSAGE_ID_BEING_RESPONDED_TO,
+                                            VR::US,
+                                            PrimitiveValue::from(int(tags::MESSAGE_ID)),
+                                        ),
+                                        DataElement::new(
+                                            tags::COMMAND_DATA_SET_TYPE,
+                                            VR::US,
+                                            PrimitiveValue::from(0x0101u16),
+                                        ),
+                                        DataElement::new(
+                                            tags::STATUS,
+                                            VR::US,
+                                            PrimitiveValue::from(statuses.next().unwrap()),
+                                        ),
+                                        DataElement::new(
+                                            tags::AFFECTED_SOP_INSTANCE_UID,
+                                            VR::UI,
+                                            PrimitiveValue::from(text(
+                                                tags::AFFECTED_SOP_INSTANCE_UID,
+                                            )),
+                                        ),
+                                    ]);
+                                let mut bytes = Vec::new();
+                                rsp.write_dataset_with_ts(
+                                    &mut bytes,
+                                    &IMPLICIT_VR_LITTLE_ENDIAN.erased(),
+                                )
+                                .unwrap();
+                                a.send(&Pdu::PData {
+                                    data: vec![PDataValue {
+                                        presentation_context_id: v.presentation_context_id,
+                                        value_type: PDataValueType::Command,
+                                        is_last: true,
+                                        data: bytes,
+                                    }],
+                                })
+                                .unwrap();
+                                answered += 1;
+                            }
+                        }
+                    }
+                    Pdu::ReleaseRQ => {
+                        a.send(&Pdu::ReleaseRP).unwrap();
+                        return answered;
+                    }
+                    other => panic!("unexpected {other:?}"),
+                }
+            }
+        });
+        (addr, handle)
+    }
+
+    /// A store with `n` committed synthetic CT instances queued for delivery to `address`.
+    fn queued_store(
+        dir: &std::path::Path,
+        n: usize,
+        address: &str,
+    ) -> (PacsDelivery, DeliveryQueue, PathBuf) {
+        use crate::store::{StagedInstance, Store, StudyKey};
+        use sha2::{Digest, Sha256};
+        use std::io::Write;
+        let files = crate::demo::write_synthetic_ct(
+            &dir.join("in"),
+            &crate::demo::SyntheticPatient::default(),
+            n,
+            16,
+        )
+        .unwrap();
+        let store = Arc::new(LocalStore::open(&dir.join("store")).unwrap());
+        let audit_path = dir.join("audit.log");
+        let audit = Arc::new(AuditLog::open(&audit_path).unwrap());
+        let mut target = DeliverConfig::new("PACS", address);
+        target.max_attempts = 2;
+        target.retry_initial_ms = 1;
+        let delivery = PacsDelivery::new(&target, "telerad-c", store.clone(), audit).unwrap();
+        let staged = files
+            .iter()
+            .map(|f| {
+                let bytes = std::fs::read(f).unwrap();
+                let (mut file, path) = store.stage_file().unwrap();
+                file.write_all(&bytes).unwrap();
+                let uid = dicom_object::open_file(f)
+                    .unwrap()
+                    .meta()
+                    .media_storage_sop_instance_uid()
+                    .to_string();
+                StagedInstance {
+                    path,
+                    sha256: Sha256::digest(&bytes).into(),
+                    size: bytes.len() as u64,
+                    sop_instance_uid: uid,
+                }
+            })
+            .collect();
+        let key = StudyKey {
+            agreement: "a".into(),
+            flow: "f".into(),
+            from_site: "hospital-a".into(),
+            study_token: "2.25.7".into(),
+        };
+        store.commit(&key, n, staged, vec![]).unwrap();
+        let queue = store.delivery_queue();
+        (delivery, queue, audit_path)
+    }
+
+    #[test]
+    fn statuses_decide_delivered_retried_or_failed_and_each_outcome_is_audited() {
+        let dir = tempfile::tempdir().unwrap();
+        // First association: failure (out of resources), warning, success.
+        let (addr, pacs) = scripted_pacs(vec![0xA700, 0xB000, 0x0000]);
+        let (delivery, queue, audit) = queued_store(dir.path(), 3, &addr);
+        assert!(delivery.deliver_batch(queue.due(now_ms(), 10).unwrap()));
+        assert_eq!(pacs.join().unwrap(), 3, "one association for the batch");
+        let left = queue.entries().unwrap();
+        assert_eq!(left.len(), 1, "the warning counts as delivered");
+        let e = &left[0].1;
+        assert_eq!((e.attempts, e.state), (1, DeliveryState::Pending));
+        assert!(e
+            .last_error
+            .as_ref()
+            .unwrap()
+            .contains("0xA700 (refused: out of resources)"));
+
+        // Second attempt: cannot understand; max_attempts (2) reached: failed, kept, audited.
+        let (addr2, pacs) = scripted_pacs(vec![0xC000]);
+        let mut target = delivery.target.clone();
+        target.address = addr2;
+        let delivery = PacsDelivery { target, ..delivery };
+        assert!(delivery.deliver_batch(queue.due(u64::MAX, 10).unwrap()));
+        assert_eq!(pacs.join().unwrap(), 1);
+        let left = queue.entries().unwrap();
+        assert_eq!(left[0].1.state, DeliveryState::Failed);
+        assert!(left[0]
+            .1
+            .last_error
+            .as_ref()
+            .unwrap()
+            .contains("cannot understand"));
+        assert!(queue.due(u64::MAX, 10).unwrap().is_empty(), "not retried");
+
+        let log = std::fs::read_to_string(audit).unwrap();
+        assert!(log.contains("ok (1 with a warning status)"), "{log}");
+        assert!(log.contains("refused by the PACS; queued for retry"));
+        assert!(log.contains("failed after 2 attempts"));
+        assert!(!log.contains("DOE"), "no PHI in the audit log");
+    }
+
+    #[test]
+    fn a_pacs_that_is_down_costs_the_instances_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = closed.local_addr().unwrap().to_string();
+        drop(closed);
+        let (delivery, queue, _) = queued_store(dir.path(), 2, &addr);
+        assert!(!delivery.deliver_batch(queue.due(now_ms(), 10).unwrap()));
+        let left = queue.entries().unwrap();
+        assert_eq!(left.len(), 2);
+        assert!(left
+            .iter()
+            .all(|(_, e)| e.attempts == 0 && e.next_attempt == 0));
+        assert_eq!(delivery.backoff(1), Duration::from_millis(1));
+    }
+
     #[test]
     fn a_file_that_is_not_dicom_is_unreadable_not_sent() {
         let dir = tempfile::tempdir().unwrap();
