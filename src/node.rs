@@ -6,7 +6,8 @@
 //! (a watcher reloads the agreements folder when a file changes and cuts off transfers that the
 //! new version no longer allows), and sending studies ([`Node::send`]): authorise the flow locally,
 //! de-identify into the outbox, record tokens in the vault, offer and transfer to the partner,
-//! and audit the disclosure.
+//! and audit the disclosure. With `[dicom.deliver]`, `serve` also runs the worker that forwards
+//! received instances to the site's PACS (`dicom_net::deliver`).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

@@ -10,7 +10,7 @@
 //! - success, or a warning status: delivered, removed from the queue (warnings are logged);
 //! - a failure status, or a presentation context the PACS refused: the instance stays queued and
 //!   is retried with exponential backoff, and after `max_attempts` such answers it is marked
-//!   failed with the reason (kept in the queue for an operator);
+//!   failed with the reason (kept in the queue, and tried again when the node next starts);
 //! - the PACS unreachable, the association rejected or broken: nothing is charged to the
 //!   instances (nothing is ever dropped because the PACS is down); the worker backs off
 //!   exponentially and tries again.
@@ -385,6 +385,16 @@ impl PacsDelivery {
 
     async fn run(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
         tracing::info!(pacs = %self.target.ae_title, address = %self.target.address, "delivery to the PACS started");
+        // Instances marked failed get one more round per start: an operator who fixed the
+        // PACS's configuration (an AE title, an accepted transfer syntax) restarts the node.
+        match self.queue.retry_failed() {
+            Ok(0) => {}
+            Ok(n) => tracing::warn!(
+                instances = n,
+                "instances that failed delivery before are tried again"
+            ),
+            Err(e) => tracing::error!(error = %e, "the delivery queue cannot be read"),
+        }
         let mut failures = 0u32;
         while !*stop.borrow() {
             let wait = match self.queue.due(now_ms(), self.target.batch_size) {
