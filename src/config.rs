@@ -26,6 +26,8 @@ pub enum ConfigError {
         col: usize,
         message: String,
     },
+    #[error("config {path}: {message}")]
+    Value { path: PathBuf, message: String },
 }
 
 /// A peer node: where to reach it. Its identity is checked against its certificate.
@@ -124,6 +126,139 @@ pub struct NodeConfig {
     /// Per-peer and total limits and timeouts of the receiver (`[limits]`).
     #[serde(default)]
     pub limits: Limits,
+    /// DICOM networking of the node (`[dicom]`); absent: none.
+    #[serde(default)]
+    pub dicom: DicomConfig,
+}
+
+/// `[dicom]`: DICOM networking of the node.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DicomConfig {
+    /// `[dicom.deliver]`: forward every received instance to the site's own PACS by C-STORE.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deliver: Option<DeliverConfig>,
+}
+
+/// `[dicom.deliver]`: the local PACS that received studies are forwarded to (receiver side).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeliverConfig {
+    /// The PACS's (called) AE title.
+    pub ae_title: String,
+    /// `host:port` of the PACS's DICOM port.
+    pub address: String,
+    /// Our (calling) AE title; default: the site id upper-cased, at most 16 characters.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub calling_ae_title: Option<String>,
+    /// Attempts per instance that the PACS answers with a failure before it is marked failed.
+    /// Attempts that cannot reach the PACS at all never count: nothing is dropped while it is down.
+    #[serde(default = "DeliverConfig::default_max_attempts")]
+    pub max_attempts: u32,
+    /// First wait after a failed attempt, in milliseconds; it doubles on each further failure.
+    #[serde(default = "DeliverConfig::default_retry_initial_ms")]
+    pub retry_initial_ms: u64,
+    /// Longest wait between attempts, in milliseconds.
+    #[serde(default = "DeliverConfig::default_retry_max_ms")]
+    pub retry_max_ms: u64,
+    /// Most instances sent over one association.
+    #[serde(default = "DeliverConfig::default_batch_size")]
+    pub batch_size: usize,
+    /// Largest PDU we accept from the PACS, in bytes.
+    #[serde(default = "DeliverConfig::default_max_pdu_length")]
+    pub max_pdu_length: u32,
+    /// Connect, read and write timeout of the association, in milliseconds.
+    #[serde(default = "DeliverConfig::default_timeout_ms")]
+    pub timeout_ms: u64,
+}
+
+impl DeliverConfig {
+    fn default_max_attempts() -> u32 {
+        10
+    }
+    fn default_retry_initial_ms() -> u64 {
+        5_000
+    }
+    fn default_retry_max_ms() -> u64 {
+        600_000
+    }
+    fn default_batch_size() -> usize {
+        500
+    }
+    fn default_max_pdu_length() -> u32 {
+        65_536
+    }
+    fn default_timeout_ms() -> u64 {
+        30_000
+    }
+
+    /// A delivery target with every optional key at its default.
+    pub fn new(ae_title: &str, address: &str) -> DeliverConfig {
+        DeliverConfig {
+            ae_title: ae_title.to_string(),
+            address: address.to_string(),
+            calling_ae_title: None,
+            max_attempts: Self::default_max_attempts(),
+            retry_initial_ms: Self::default_retry_initial_ms(),
+            retry_max_ms: Self::default_retry_max_ms(),
+            batch_size: Self::default_batch_size(),
+            max_pdu_length: Self::default_max_pdu_length(),
+            timeout_ms: Self::default_timeout_ms(),
+        }
+    }
+
+    /// Our calling AE title: `calling_ae_title`, or the site id upper-cased and cut to 16.
+    pub fn calling_ae(&self, site_id: &str) -> String {
+        match &self.calling_ae_title {
+            Some(t) => t.clone(),
+            None => site_id.to_ascii_uppercase().chars().take(16).collect(),
+        }
+    }
+
+    /// Checks what serde cannot: AE titles (1 to 16 characters of the default repertoire, not
+    /// only spaces, no backslash or control characters) and sane numbers.
+    pub fn validate(&self, site_id: &str) -> Result<(), String> {
+        for (key, v) in [
+            ("ae_title", self.ae_title.clone()),
+            ("calling_ae_title", self.calling_ae(site_id)),
+        ] {
+            if v.trim().is_empty()
+                || v.len() > 16
+                || v.chars()
+                    .any(|c| !c.is_ascii() || c.is_ascii_control() || c == '\\')
+            {
+                return Err(format!(
+                    "[dicom.deliver] {key} `{v}` is not a DICOM AE title (1 to 16 ASCII characters, no backslash)"
+                ));
+            }
+        }
+        if self.max_attempts == 0 || self.batch_size == 0 {
+            return Err("[dicom.deliver] max_attempts and batch_size must be at least 1".into());
+        }
+        if self.retry_initial_ms == 0
+            || self.retry_max_ms < self.retry_initial_ms
+            || self.timeout_ms == 0
+        {
+            return Err(
+                "[dicom.deliver] retry_initial_ms and timeout_ms must be positive, retry_max_ms at least retry_initial_ms"
+                    .into(),
+            );
+        }
+        if !(4096..=16_777_216).contains(&self.max_pdu_length) {
+            return Err("[dicom.deliver] max_pdu_length must be between 4096 and 16777216".into());
+        }
+        if self
+            .address
+            .rsplit_once(':')
+            .is_none_or(|(_, p)| p.parse::<u16>().is_err())
+        {
+            return Err(format!(
+                "[dicom.deliver] address `{}` is not host:port",
+                self.address
+            ));
+        }
+        Ok(())
+    }
 }
 
 impl NodeConfig {
@@ -144,6 +279,13 @@ impl NodeConfig {
                 message: e.message().to_string(),
             }
         })?;
+        if let Some(d) = &cfg.dicom.deliver {
+            d.validate(&cfg.site_id)
+                .map_err(|message| ConfigError::Value {
+                    path: path.to_owned(),
+                    message,
+                })?;
+        }
         let base = path.parent().unwrap_or(Path::new("."));
         for p in [
             &mut cfg.data_dir,
@@ -166,5 +308,73 @@ impl NodeConfig {
     /// The config as TOML text.
     pub fn to_toml(&self) -> String {
         toml::to_string_pretty(self).expect("config serialises")
+    }
+}
+
+#[cfg(test)]
+mod dicom_deliver_tests {
+    use super::*;
+
+    const BASE: &str = r#"
+site_id = "telerad-c"
+listen = "127.0.0.1:7443"
+data_dir = "data"
+key_file = "site.key"
+agreements = "agreements"
+[tls]
+ca = "ca.pem"
+cert = "site.pem"
+key = "site-tls.key"
+"#;
+
+    fn load(extra: &str) -> Result<NodeConfig, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("node.toml");
+        std::fs::write(&p, format!("{BASE}{extra}")).unwrap();
+        NodeConfig::load(&p)
+    }
+
+    #[test]
+    fn dicom_may_be_absent_and_deliver_takes_its_defaults() {
+        assert_eq!(load("").unwrap().dicom, DicomConfig::default());
+        let cfg = load("[dicom.deliver]\nae_title = \"ORTHANC\"\naddress = \"127.0.0.1:4242\"\n")
+            .unwrap();
+        let d = cfg.dicom.deliver.unwrap();
+        assert_eq!(d, DeliverConfig::new("ORTHANC", "127.0.0.1:4242"));
+        assert_eq!(d.calling_ae("telerad-c"), "TELERAD-C");
+        assert_eq!(
+            d.calling_ae("a-very-long-site-identifier"),
+            "A-VERY-LONG-SITE"
+        );
+    }
+
+    #[test]
+    fn bad_deliver_values_are_refused_with_the_key_named() {
+        let cases = [
+            ("ae_title = \"\"\naddress = \"127.0.0.1:4242\"", "ae_title"),
+            (
+                "ae_title = \"ORTHANC-WITH-A-LONG-NAME\"\naddress = \"127.0.0.1:4242\"",
+                "ae_title",
+            ),
+            ("ae_title = \"ORTHANC\"\naddress = \"127.0.0.1\"", "address"),
+            (
+                "ae_title = \"ORTHANC\"\naddress = \"h:1\"\nretry_initial_ms = 0",
+                "retry_initial_ms",
+            ),
+            (
+                "ae_title = \"ORTHANC\"\naddress = \"h:1\"\nmax_pdu_length = 10",
+                "max_pdu_length",
+            ),
+        ];
+        for (table, key) in cases {
+            let err = load(&format!("[dicom.deliver]\n{table}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(key), "{table}: {err}");
+        }
+        let err = load("[dicom.deliver]\nae_title = \"X\"\naddress = \"h:1\"\nretries = 3\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("retries"), "unknown keys are refused: {err}");
     }
 }

@@ -367,6 +367,7 @@ fn lay_out_site(
         },
         peers,
         limits: Default::default(),
+        dicom: Default::default(),
     };
     let path = dir.join("node.toml");
     std::fs::write(

@@ -15,6 +15,7 @@
 //! | [`pseudonym`] | site keys, keyed tokens and UIDs, date offsets, the origin-only vault |
 //! | [`store`] | the `Store` trait, its sled + content-addressed-file implementation, the inbox, the durable outbox |
 //! | [`federation`] | proto service (tonic), mutual TLS 1.3 (rustls), peer identity, offer/transfer, signed receipts |
+//! | [`dicom_net`] | DIMSE with the site's own systems: C-STORE delivery to the local PACS from a durable queue |
 //! | [`audit`] | the append-only hash-chained audit log and its verification |
 //! | [`node`] | wires the above into a running site: agreement reload, outbox worker, sending, shutdown |
 //! | [`demo`] | the self-contained demo federation behind `pacs-broker demo` |
@@ -26,6 +27,7 @@ pub mod audit;
 pub mod config;
 pub mod deid;
 pub mod demo;
+pub mod dicom_net;
 pub mod dsa;
 pub mod federation;
 pub mod node;

@@ -6,7 +6,8 @@
 //! (a watcher reloads the agreements folder when a file changes and cuts off transfers that the
 //! new version no longer allows), and sending studies ([`Node::send`]): authorise the flow locally,
 //! de-identify into the outbox, record tokens in the vault, offer and transfer to the partner,
-//! and audit the disclosure.
+//! and audit the disclosure. With `[dicom.deliver]`, `serve` also runs the worker that forwards
+//! received instances to the site's PACS (`dicom_net::deliver`).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -21,6 +22,7 @@ use crate::audit::{AuditLog, Event};
 use crate::config::NodeConfig;
 use crate::deid::batch::{self, NotDeidentified};
 use crate::deid::Deidentifier;
+use crate::dicom_net::deliver::PacsDelivery;
 use crate::dsa::{Agreement, AgreementSet};
 use crate::federation::client::{OutgoingInstance, PeerClient, SendError};
 use crate::federation::proto::federation_server::FederationServer;
@@ -62,6 +64,8 @@ pub enum NodeError {
         /// Inputs held for review in the node's quarantine (with the reason and item id).
         held: Vec<(PathBuf, String)>,
     },
+    #[error("{0}")]
+    PacsDelivery(String),
 }
 
 fn held_note(held: &[(PathBuf, String)]) -> String {
@@ -322,6 +326,15 @@ impl Node {
             .with_limits(self.config.limits.clone())
             .with_connections(self.tls.connections.clone()),
         );
+        // [dicom.deliver]: queue every received instance for the site's PACS and forward it.
+        let pacs = match &self.config.dicom.deliver {
+            Some(target) => Some(
+                PacsDelivery::new(target, self.site_id(), self.store()?, self.audit.clone())
+                    .map_err(NodeError::PacsDelivery)?
+                    .start(),
+            ),
+            None => None,
+        };
         let watcher = {
             let (node, receiver) = (self.clone(), receiver.clone());
             tokio::spawn(async move {
@@ -366,6 +379,9 @@ impl Node {
             .map_err(|e| NodeError::Serve(e.to_string()));
         watcher.abort();
         worker.abort();
+        if let Some(pacs) = pacs {
+            pacs.stop().await;
+        }
         result
     }
 

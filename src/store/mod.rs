@@ -20,6 +20,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+pub mod delivery;
 pub mod outbox;
 pub mod quarantine;
 
@@ -197,6 +198,9 @@ pub struct LocalStore {
     db: sled::Db,
     index: sled::Tree,
     partial: sled::Tree,
+    /// Instances waiting for the site's PACS; filled by `commit` only once delivery is enabled.
+    delivery: delivery::DeliveryQueue,
+    pacs_delivery: std::sync::atomic::AtomicBool,
 }
 
 impl LocalStore {
@@ -237,6 +241,7 @@ impl LocalStore {
             })?;
         let index = db.open_tree("index")?;
         let partial = db.open_tree("partial")?;
+        let delivery = delivery::DeliveryQueue::open(&db)?;
         db.flush()?;
         restrict_tree(&root.join("index"))?;
         mark_component(root, "index")?;
@@ -245,6 +250,8 @@ impl LocalStore {
             db,
             index,
             partial,
+            delivery,
+            pacs_delivery: Default::default(),
         };
         store.sweep_partials()?;
         Ok(store)
@@ -375,6 +382,24 @@ impl LocalStore {
     /// The inbox folder where complete studies are delivered.
     pub fn inbox(&self) -> PathBuf {
         self.root.join("inbox")
+    }
+
+    /// From now on, every instance a commit adds to a study is also queued for the site's PACS
+    /// (in the same flush); returns the queue.
+    pub fn enable_pacs_delivery(&self) -> delivery::DeliveryQueue {
+        self.pacs_delivery
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        self.delivery.clone()
+    }
+
+    /// The queue of instances waiting for the site's PACS.
+    pub fn delivery_queue(&self) -> delivery::DeliveryQueue {
+        self.delivery.clone()
+    }
+
+    /// The file holding a stored instance (to stream it without reading it whole).
+    pub fn instance_path(&self, sha256: &[u8; 32]) -> PathBuf {
+        self.blob_path(sha256)
     }
 
     fn blob_path(&self, sha256: &[u8; 32]) -> PathBuf {
@@ -606,8 +631,13 @@ impl Store for LocalStore {
                 last_received: now,
             },
         };
+        let to_pacs = self.pacs_delivery.load(std::sync::atomic::Ordering::SeqCst);
         for (uid, sha) in entries {
-            rec.instances.insert(uid, hex::encode(sha));
+            let sha = hex::encode(sha);
+            let known = rec.instances.insert(uid.clone(), sha.clone());
+            if to_pacs && known.as_ref() != Some(&sha) {
+                self.delivery.push(key, &uid, &sha)?;
+            }
         }
         rec.expected = rec.expected.max(expected);
         rec.last_received = now;
@@ -714,10 +744,11 @@ impl Store for LocalStore {
             let mut sha = [0u8; 32];
             hex::decode_to_slice(sha_hex, &mut sha)
                 .map_err(|e| StoreError::Corrupt(e.to_string()))?;
-            let tmp = dir.join(format!(".{}.part", safe_name(uid)));
-            if let Err(e) = self.copy_verified(&sha, &tmp) {
-                if matches!(e, StoreError::BlobCorrupted(_)) {
-                    // Never delivered: the study waits for this instance to be received again.
+            // Re-hashed before it is delivered: a blob corrupted at rest is quarantined, never
+            // delivered, and the study waits for this instance to be received again.
+            match self.check_blob(&sha)? {
+                BlobCheck::Intact(blob) => link_or_copy(&blob, &dir, &target, uid)?,
+                BlobCheck::Quarantined(_) | BlobCheck::Missing => {
                     let key = StudyKey::new(
                         &study.agreement,
                         &study.flow,
@@ -725,14 +756,39 @@ impl Store for LocalStore {
                         &study.study_token,
                     );
                     self.forget_instance(&key, uid)?;
+                    return Err(StoreError::BlobCorrupted(hex::encode(&sha[..6])));
                 }
-                return Err(e);
             }
-            fs::rename(&tmp, &target).map_err(io_err(&target))?;
         }
         sync_dir(&dir)?;
         Ok(dir)
     }
+}
+
+/// Puts the stored instance `src` at `target` in the inbox as a hard link, so that a received
+/// instance is kept on disk once, not twice. Blobs are never rewritten in place (written once
+/// under a temporary name, then renamed), and whatever reads the inbox must not edit its files in
+/// place either: they are the store's blobs under a second name. Where a link is impossible (the inbox on another file
+/// system, or a file system without links) it is copied instead: under a temporary name, fsynced,
+/// renamed, so the inbox never shows a partial file.
+fn link_or_copy(src: &Path, dir: &Path, target: &Path, uid: &str) -> Result<(), StoreError> {
+    match fs::hard_link(src, target) {
+        Ok(()) => return Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(io_err(src)(e)),
+        Err(e) => tracing::debug!(error = %e, "inbox: no hard link possible, copying"),
+    }
+    copy_into_place(src, dir, target, uid)
+}
+
+/// Copies `src` to `target` under a temporary name in `dir`, fsynced, then renamed.
+fn copy_into_place(src: &Path, dir: &Path, target: &Path, uid: &str) -> Result<(), StoreError> {
+    let tmp = dir.join(format!(".{}.part", safe_name(uid)));
+    fs::copy(src, &tmp).map_err(io_err(src))?;
+    fs::File::open(&tmp)
+        .and_then(|f| f.sync_all())
+        .map_err(io_err(&tmp))?;
+    fs::rename(&tmp, target).map_err(io_err(target))
 }
 
 /// A file-name-safe form of a token or UID (they are already [0-9A-Za-z.-], this guards the rest).
@@ -857,5 +913,57 @@ mod lock_tests {
             Err(other) => panic!("unexpected error: {other}"),
             Ok(_) => panic!("a second store opened the same data directory"),
         }
+    }
+}
+
+#[cfg(test)]
+mod inbox_tests {
+    use super::*;
+    use sha2::{Digest, Sha256};
+
+    #[test]
+    fn the_inbox_holds_a_link_to_the_blob_not_a_second_copy() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = LocalStore::open(dir.path()).unwrap();
+        let key = StudyKey {
+            agreement: "a".into(),
+            flow: "f".into(),
+            from_site: "x".into(),
+            study_token: "2.25.3".into(),
+        };
+        let (mut f, path) = s.stage_file().unwrap();
+        f.write_all(b"pixels").unwrap();
+        let sha: [u8; 32] = Sha256::digest(b"pixels").into();
+        let staged = StagedInstance {
+            path,
+            sha256: sha,
+            size: 6,
+            sop_instance_uid: "2.25.31".into(),
+        };
+        let c = s.commit(&key, 1, vec![staged], vec![]).unwrap();
+        let out = s.deliver(&c.study).unwrap();
+        // Delivering again (a re-sent study) is a no-op, not an error.
+        s.deliver(&c.study).unwrap();
+        let inbox_file = out.join("2.25.31.dcm");
+        assert_eq!(fs::read(&inbox_file).unwrap(), b"pixels");
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::MetadataExt;
+            let a = fs::metadata(&inbox_file).unwrap();
+            let b = fs::metadata(s.instance_path(&sha)).unwrap();
+            assert_eq!(
+                (a.dev(), a.ino()),
+                (b.dev(), b.ino()),
+                "one file, two names"
+            );
+            assert_eq!(b.nlink(), 2);
+        }
+        // Where no link is possible (another file system) the copy is whole and leaves no
+        // temporary file behind.
+        let elsewhere = tempfile::tempdir().unwrap();
+        let target = elsewhere.path().join("x.dcm");
+        copy_into_place(&s.instance_path(&sha), elsewhere.path(), &target, "x").unwrap();
+        assert_eq!(fs::read(&target).unwrap(), b"pixels");
+        assert_eq!(fs::read_dir(elsewhere.path()).unwrap().count(), 1);
     }
 }
