@@ -307,34 +307,6 @@ impl LocalStore {
         Ok(to)
     }
 
-    /// Copies a blob to `to` (fsynced), hashing what it copies: a blob that no longer matches
-    /// its hash is quarantined and nothing is left at `to`.
-    fn copy_verified(&self, sha256: &[u8; 32], to: &Path) -> Result<(), StoreError> {
-        use sha2::{Digest, Sha256};
-        use std::io::Read;
-        let src = self.blob_path(sha256);
-        let mut input = fs::File::open(&src).map_err(io_err(&src))?;
-        let mut out = fs::File::create(to).map_err(io_err(to))?;
-        let mut h = Sha256::new();
-        let mut buf = vec![0u8; 256 * 1024];
-        loop {
-            let n = input.read(&mut buf).map_err(io_err(&src))?;
-            if n == 0 {
-                break;
-            }
-            h.update(&buf[..n]);
-            out.write_all(&buf[..n]).map_err(io_err(to))?;
-        }
-        let digest: [u8; 32] = h.finalize().into();
-        if digest != *sha256 {
-            drop(out);
-            let _ = fs::remove_file(to);
-            self.quarantine(sha256)?;
-            return Err(StoreError::BlobCorrupted(hex::encode(&sha256[..6])));
-        }
-        out.sync_all().map_err(io_err(to))
-    }
-
     /// Re-hashes every blob (`pacs-broker store verify`). Nothing is moved.
     pub fn verify_blobs(root: &Path) -> Result<BlobReport, StoreError> {
         let mut report = BlobReport::default();
