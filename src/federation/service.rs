@@ -51,6 +51,8 @@ struct Plan {
     /// The flow's de-identification settings: every received instance must satisfy them.
     deid: DeidConfig,
     expected: usize,
+    /// The sender says this offer lists the whole study.
+    complete: bool,
     created: Instant,
 }
 
@@ -341,6 +343,7 @@ impl Federation for Receiver {
                 resumed,
                 deid,
                 expected: o.instances.len(),
+                complete: o.complete,
                 created: Instant::now(),
             },
         );
@@ -666,7 +669,7 @@ impl Receiver {
             actor: format!("site:{sender}"),
             action: "receive".into(),
             object: format!(
-                "study {} ({} stored, {} already held{})",
+                "study {} ({} stored, {} already held{}{})",
                 plan.study_token,
                 c.stored,
                 c.already_held,
@@ -674,13 +677,18 @@ impl Receiver {
                     ", delivered to inbox"
                 } else {
                     ""
+                },
+                if plan.complete {
+                    "; study complete"
+                } else {
+                    "; more instances to come"
                 }
             ),
             agreement: plan.agreement.clone(),
             purpose: plan.purpose.clone(),
             outcome: "ok".into(),
         });
-        tracing::info!(peer = %sender, agreement = %plan.agreement, study = %plan.study_token, stored = c.stored, already_held = c.already_held, "study received");
+        tracing::info!(peer = %sender, agreement = %plan.agreement, study = %plan.study_token, stored = c.stored, already_held = c.already_held, complete = plan.complete, "study received");
         Ok(Response::new(receipt))
     }
 }
