@@ -399,8 +399,15 @@ impl OpenStudies {
                 busy: false,
             });
         let e = &mut open.entry;
-        if !e.instances.iter().any(|i| i.file == instance.file) {
-            e.instances.push(instance);
+        // The same SOP instance sent again replaces what was there (its file was replaced).
+        match e.instances.iter().position(|i| i.file == instance.file) {
+            Some(at) if e.instances[at] != instance => {
+                e.instances.remove(at);
+                open.forwarded = open.forwarded.min(at);
+                e.instances.push(instance);
+            }
+            Some(_) => {}
+            None => e.instances.push(instance),
         }
         let mut m: BTreeSet<String> = e.modalities.drain(..).collect();
         m.extend(modality);
