@@ -146,6 +146,21 @@ fn agreements_fingerprint(path: &Path) -> Vec<(PathBuf, u64, Option<SystemTime>)
         .collect()
 }
 
+/// Opens the vault database under `data_dir/vault` (locked while open).
+fn open_vault(data_dir: &Path, keys: &SiteKeys) -> Result<Vault, crate::store::StoreError> {
+    let path = data_dir.join("vault");
+    let db = sled::open(&path).map_err(|e| match &e {
+        sled::Error::Io(io) if io.to_string().contains("lock") => {
+            crate::store::StoreError::InUse(path.clone())
+        }
+        _ => crate::store::StoreError::Index(e),
+    })?;
+    let tree = db
+        .open_tree("vault")
+        .map_err(crate::store::StoreError::Index)?;
+    Ok(Vault::new(keys, tree))
+}
+
 /// How often a serving node looks for due outbox entries.
 pub const OUTBOX_POLL: Duration = Duration::from_secs(5);
 
@@ -226,17 +241,7 @@ impl Node {
     pub fn vault(&self) -> Result<Arc<Vault>, NodeError> {
         let mut slot = self.vault.lock().unwrap_or_else(|p| p.into_inner());
         if slot.is_none() {
-            let path = self.config.data_dir.join("vault");
-            let db = sled::open(&path).map_err(|e| match &e {
-                sled::Error::Io(io) if io.to_string().contains("lock") => {
-                    crate::store::StoreError::InUse(path.clone())
-                }
-                _ => crate::store::StoreError::Index(e),
-            })?;
-            let tree = db
-                .open_tree("vault")
-                .map_err(crate::store::StoreError::Index)?;
-            *slot = Some(Arc::new(Vault::new(&self.keys, tree)));
+            *slot = Some(Arc::new(open_vault(&self.config.data_dir, &self.keys)?));
         }
         Ok(slot.clone().expect("just opened"))
     }
@@ -610,7 +615,10 @@ impl Node {
             cfg.routes.clone(),
             resolve,
             self.outbox(),
-            self.vault()?,
+            {
+                let (dir, keys) = (self.config.data_dir.clone(), self.keys.clone());
+                Box::new(move || open_vault(&dir, &keys).map_err(|e| e.to_string()))
+            },
             self.audit.clone(),
             open.clone(),
         ));

@@ -29,12 +29,19 @@ use crate::store::safe_name;
 pub type FlowResolver =
     dyn Fn(&DicomRoute) -> Result<IngestFlow, super::IngestError> + Send + Sync + 'static;
 
+/// Opens the site's vault (its sled database takes a lock while open).
+pub type VaultOpener = dyn Fn() -> Result<Vault, String> + Send + Sync + 'static;
+
 /// The listener's side of the pipeline.
 pub struct DimseIngest {
     routes: Vec<DicomRoute>,
     resolve: Box<FlowResolver>,
     outbox: Outbox,
-    vault: Arc<Vault>,
+    open_vault: Box<VaultOpener>,
+    /// The vault while associations are in progress, and how many. It is opened for the first
+    /// and closed after the last, so that `send` can run beside an idle listener (each sled
+    /// database is locked by the one process that opens it).
+    vault: Mutex<(Option<Arc<Vault>>, usize)>,
     audit: Arc<AuditLog>,
     open: Arc<OpenStudies>,
 }
@@ -42,7 +49,8 @@ pub struct DimseIngest {
 /// One association's view: who it is and which flow its instances go to.
 pub struct Session {
     peer: AssociationPeer,
-    flow: Result<Arc<IngestFlow>, String>,
+    /// The flow and vault, or why this association's instances are refused and with what status.
+    flow: Result<(Arc<IngestFlow>, Arc<Vault>), (String, StoreStatus)>,
     received: u64,
     stored: u64,
     held_back: Vec<HeldBack>,
@@ -53,7 +61,7 @@ impl DimseIngest {
         routes: Vec<DicomRoute>,
         resolve: Box<FlowResolver>,
         outbox: Outbox,
-        vault: Arc<Vault>,
+        open_vault: Box<VaultOpener>,
         audit: Arc<AuditLog>,
         open: Arc<OpenStudies>,
     ) -> DimseIngest {
@@ -61,9 +69,29 @@ impl DimseIngest {
             routes,
             resolve,
             outbox,
-            vault,
+            open_vault,
+            vault: Mutex::new((None, 0)),
             audit,
             open,
+        }
+    }
+
+    /// The vault for one more association.
+    fn vault_for_association(&self) -> Result<Arc<Vault>, String> {
+        let mut v = self.vault.lock().unwrap_or_else(|p| p.into_inner());
+        if v.0.is_none() {
+            v.0 = Some(Arc::new((self.open_vault)()?));
+        }
+        v.1 += 1;
+        Ok(v.0.clone().expect("just opened"))
+    }
+
+    /// One association fewer; the last one closes the vault.
+    fn vault_released(&self) {
+        let mut v = self.vault.lock().unwrap_or_else(|p| p.into_inner());
+        v.1 = v.1.saturating_sub(1);
+        if v.1 == 0 {
+            v.0 = None;
         }
     }
 
@@ -98,6 +126,7 @@ impl DimseIngest {
     fn take(
         &self,
         flow: &IngestFlow,
+        vault: &Vault,
         peer: &AssociationPeer,
         n: u64,
         spool: &Path,
@@ -128,17 +157,15 @@ impl DimseIngest {
         // The vault record is durable before the instance is: a token never exists at the
         // partner without the means to resolve it here.
         for (token, entry) in &d.vault_entries {
-            self.vault
-                .record(&flow.agreement, token, entry)
-                .map_err(|_| {
-                    held(
-                        HeldBackKind::Failed,
-                        "the vault could not record its tokens".into(),
-                        StoreStatus::OUT_OF_RESOURCES,
-                    )
-                })?;
+            vault.record(&flow.agreement, token, entry).map_err(|_| {
+                held(
+                    HeldBackKind::Failed,
+                    "the vault could not record its tokens".into(),
+                    StoreStatus::OUT_OF_RESOURCES,
+                )
+            })?;
         }
-        self.vault.flush().map_err(|_| {
+        vault.flush().map_err(|_| {
             held(
                 HeldBackKind::Failed,
                 "the vault could not be flushed".into(),
@@ -191,15 +218,27 @@ impl StoreService for DimseIngest {
 
     fn begin(&self, peer: &AssociationPeer) -> Session {
         let flow = match self.route(peer) {
-            None => Err(format!(
-                "no [[dicom.routes]] entry matches calling AE `{}` and called AE `{}`",
-                peer.calling_ae, peer.called_ae
+            None => Err((
+                format!(
+                    "no [[dicom.routes]] entry matches calling AE `{}` and called AE `{}`",
+                    peer.calling_ae, peer.called_ae
+                ),
+                StoreStatus::NOT_AUTHORIZED,
             )),
             Some(route) => (self.resolve)(route)
                 .map(Arc::new)
-                .map_err(|e| e.to_string()),
+                .map_err(|e| (e.to_string(), StoreStatus::NOT_AUTHORIZED))
+                .and_then(|flow| {
+                    let vault = self.vault_for_association().map_err(|e| {
+                        (
+                            format!("the vault cannot be opened: {e}"),
+                            StoreStatus::OUT_OF_RESOURCES,
+                        )
+                    })?;
+                    Ok((flow, vault))
+                }),
         };
-        if let Err(why) = &flow {
+        if let Err((why, _)) = &flow {
             tracing::warn!(calling_ae = %peer.calling_ae, reason = %why, "association has no usable flow; its instances will be refused");
         }
         Session {
@@ -214,21 +253,26 @@ impl StoreService for DimseIngest {
     fn store(&self, s: &mut Session, spool: &Path) -> StoreOutcome {
         s.received += 1;
         let n = s.received;
-        let flow = match &s.flow {
-            Ok(f) => f.clone(),
-            Err(why) => {
+        let (flow, vault) = match &s.flow {
+            Ok((f, v)) => (f.clone(), v.clone()),
+            Err((why, status)) => {
+                let kind = if *status == StoreStatus::OUT_OF_RESOURCES {
+                    HeldBackKind::Failed
+                } else {
+                    HeldBackKind::NotCovered
+                };
                 let held = HeldBack {
                     input: format!("instance {n} from {}", s.peer.calling_ae),
                     path: None,
-                    kind: HeldBackKind::NotCovered,
+                    kind,
                     reason: why.clone(),
                 };
                 self.audit(&s.peer, None, held.input.clone(), format!("refused: {why}"));
                 s.held_back.push(held);
-                return StoreOutcome::refused(StoreStatus::NOT_AUTHORIZED, why.clone());
+                return StoreOutcome::refused(*status, why.clone());
             }
         };
-        match self.take(&flow, &s.peer, n, spool) {
+        match self.take(&flow, &vault, &s.peer, n, spool) {
             Ok(()) => {
                 s.stored += 1;
                 StoreOutcome::Stored
@@ -249,7 +293,7 @@ impl StoreService for DimseIngest {
     }
 
     fn end(&self, s: Session) {
-        let flow = s.flow.as_ref().ok().map(|f| f.as_ref());
+        let flow = s.flow.as_ref().ok().map(|(f, _)| f.as_ref());
         if s.received > 0 {
             self.audit(
                 &s.peer,
@@ -266,6 +310,10 @@ impl StoreService for DimseIngest {
             );
         }
         tracing::info!(calling_ae = %s.peer.calling_ae, received = s.received, stored = s.stored, held_back = s.held_back.len(), "association ended");
+        if s.flow.is_ok() {
+            drop(s);
+            self.vault_released();
+        }
     }
 }
 
