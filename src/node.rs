@@ -651,6 +651,12 @@ impl Node {
         loop {
             for f in open.due() {
                 let mut entry = f.entry.clone();
+                // The outbox worker may be retrying the same study (after a failed final
+                // offer): one attempt at a time.
+                let Some(_claim) = Outbox::try_claim(&f.dir) else {
+                    open.done(&f, Err(Duration::from_secs(1)));
+                    continue;
+                };
                 let outcome = match self.outbox().save(&entry) {
                     Err(e) => {
                         tracing::error!(error = %e, "cannot update an open outbox study");

@@ -555,10 +555,7 @@ impl OpenStudies {
             .values()
             .filter(|o| !o.busy)
             .map(|o| {
-                let quiet_at = o.last_arrival + self.quiet;
-                let at = o
-                    .retry_at
-                    .map_or(quiet_at, |r| r.max(quiet_at).min(r.max(now)));
+                let at = o.retry_at.unwrap_or(o.last_arrival + self.quiet);
                 at.saturating_duration_since(now)
             })
             .min()
