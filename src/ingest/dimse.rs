@@ -572,3 +572,70 @@ impl OpenStudies {
         self.len() == 0
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn flow() -> IngestFlow {
+        let keys = crate::pseudonym::SiteKeys::from_bytes([7; 32], [9; 32]);
+        IngestFlow {
+            agreement: "a".into(),
+            flow: "f".into(),
+            purpose: "treatment".into(),
+            to: "c".into(),
+            deid: crate::deid::Deidentifier::new(Default::default(), keys.tokenizer("a")),
+            select: Default::default(),
+        }
+    }
+
+    fn instance(name: &str, sha: u8) -> OutboxInstance {
+        OutboxInstance {
+            file: format!("{name}.dcm"),
+            sha256: hex::encode([sha; 32]),
+            size: 10,
+            sop_instance_uid: name.into(),
+        }
+    }
+
+    #[test]
+    fn an_open_study_is_forwarded_as_it_arrives_and_completed_after_its_quiet_time() {
+        let open = OpenStudies::new(Duration::from_millis(100));
+        let f = flow();
+        let dir = PathBuf::from("unused");
+        open.arrived(
+            &f,
+            "s",
+            dir.clone(),
+            instance("1", 1),
+            Some("CT".into()),
+            "p".into(),
+        );
+        let due = open.due();
+        assert_eq!(due.len(), 1);
+        assert!(!due[0].entry.complete, "not quiet yet: a partial offer");
+        assert!(open.due().is_empty(), "busy while it is being sent");
+        // A second instance arrives while the first is on its way.
+        open.arrived(&f, "s", dir.clone(), instance("2", 2), None, "p".into());
+        open.done(&due[0], Ok(()));
+        let due = open.due();
+        assert_eq!(due.len(), 1);
+        assert_eq!(due[0].entry.instances.len(), 2);
+        open.done(&due[0], Ok(()));
+        assert!(open.due().is_empty(), "nothing new, not quiet");
+        // A failed attempt waits before the next one.
+        std::thread::sleep(Duration::from_millis(120));
+        let due = open.due();
+        assert!(due[0].entry.complete, "quiet: the final offer");
+        open.done(&due[0], Err(Duration::from_secs(60)));
+        assert!(open.due().is_empty(), "waiting for the retry");
+        assert_eq!(open.len(), 1);
+        // The same instance again with other bytes replaces the first and is sent again.
+        open.arrived(&f, "s", dir, instance("1", 3), None, "p".into());
+        let e = &open.lock()[&("a".to_string(), "s".to_string())].entry;
+        assert_eq!(e.instances.len(), 2);
+        assert_eq!(e.instances[1].sha256, hex::encode([3u8; 32]));
+        assert_eq!(e.patient_tokens, vec!["p".to_string()]);
+        assert_eq!(e.modalities, vec!["CT".to_string()]);
+    }
+}
