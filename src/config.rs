@@ -4,6 +4,10 @@
 //! certificate paths, the agreements folder, and the addresses of its partner nodes. Relative
 //! paths are resolved against the folder of the config file, so a node folder can be moved whole.
 //!
+//! It also owns the `[dicom]` table: the DICOM listener's address and AE title, the devices that
+//! may associate ([`DicomAllow`]), and which agreement's flow what arrives goes to
+//! ([`DicomRoute`]).
+//!
 //! Does not own: the agreements themselves (`dsa`) or the keys (`pseudonym`).
 
 use std::collections::BTreeMap;
@@ -126,18 +130,149 @@ pub struct NodeConfig {
     /// Per-peer and total limits and timeouts of the receiver (`[limits]`).
     #[serde(default)]
     pub limits: Limits,
-    /// DICOM networking of the node (`[dicom]`); absent: none.
-    #[serde(default)]
-    pub dicom: DicomConfig,
+    /// The DICOM edge of the node (absent: no DICOM listener).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dicom: Option<DicomConfig>,
 }
 
-/// `[dicom]`: DICOM networking of the node.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+/// `[dicom]`: the node's DICOM networking: the DIMSE listener (C-ECHO and C-STORE SCP), when
+/// `listen` is set, and delivery of received studies to the site's PACS (`[dicom.deliver]`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DicomConfig {
+    /// `host:port` the DICOM listener binds, e.g. `127.0.0.1:11112`; empty: no listener.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub listen: String,
+    /// The AE title this node answers to (the called AE title devices must use).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub ae_title: String,
+    /// Local devices that may associate: AE title and address, both must match.
+    #[serde(default)]
+    pub allow: Vec<DicomAllow>,
+    /// Where what arrives goes: the first route whose optional matches hold.
+    #[serde(default)]
+    pub routes: Vec<DicomRoute>,
+    /// Most associations served at once; one more is rejected (transient, local limit exceeded).
+    #[serde(default = "default_max_associations")]
+    pub max_associations: usize,
+    /// Seconds without a new instance after which a study counts as complete.
+    #[serde(default = "default_study_quiet_secs")]
+    pub study_quiet_secs: u64,
+    /// Largest PDU this node receives (bytes), offered in the association negotiation.
+    #[serde(default = "default_max_pdu")]
+    pub max_pdu: u32,
+    /// Seconds a silent association may wait for its next PDU before it is aborted.
+    #[serde(default = "default_idle_timeout_secs")]
+    pub idle_timeout_secs: u64,
     /// `[dicom.deliver]`: forward every received instance to the site's own PACS by C-STORE.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deliver: Option<DeliverConfig>,
+}
+
+impl Default for DicomConfig {
+    fn default() -> Self {
+        DicomConfig {
+            listen: String::new(),
+            ae_title: String::new(),
+            allow: Vec::new(),
+            routes: Vec::new(),
+            max_associations: default_max_associations(),
+            study_quiet_secs: default_study_quiet_secs(),
+            max_pdu: default_max_pdu(),
+            idle_timeout_secs: default_idle_timeout_secs(),
+            deliver: None,
+        }
+    }
+}
+
+fn default_max_associations() -> usize {
+    8
+}
+fn default_study_quiet_secs() -> u64 {
+    10
+}
+fn default_max_pdu() -> u32 {
+    262_144
+}
+fn default_idle_timeout_secs() -> u64 {
+    60
+}
+
+/// `[[dicom.allow]]`: one device that may associate.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DicomAllow {
+    /// The device's (calling) AE title.
+    pub ae_title: String,
+    /// The IP address it connects from (`127.0.0.1`, `10.1.2.3`, `::1`).
+    pub address: std::net::IpAddr,
+}
+
+/// `[[dicom.routes]]`: instances matching it go to an agreement's flow.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DicomRoute {
+    pub agreement: String,
+    pub flow: String,
+    /// Only associations from this calling AE title (default: any allowed one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub calling_ae: Option<String>,
+    /// Only associations to this called AE title (default: any the node answers to).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub called_ae: Option<String>,
+    /// Purpose of use declared to the partner (default: the flow's first purpose).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub purpose: Option<String>,
+}
+
+impl DicomConfig {
+    /// Problems a loaded `[dicom]` table has (AE titles are 1-16 characters of the default
+    /// repertoire without backslash; at least one device and one route).
+    pub fn problems(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if !self.has_listener() {
+            if !self.ae_title.is_empty() || !self.allow.is_empty() || !self.routes.is_empty() {
+                out.push("[dicom] ae_title, [[dicom.allow]] and [[dicom.routes]] need `listen` (the DICOM listener's address)".into());
+            }
+            return out;
+        }
+        let ae_ok = |ae: &str| {
+            let t = ae.trim();
+            !t.is_empty()
+                && t.len() <= 16
+                && t.chars().all(|c| c.is_ascii_graphic() || c == ' ')
+                && !t.contains('\\')
+        };
+        if !ae_ok(&self.ae_title) {
+            out.push(format!(
+                "[dicom] ae_title `{}` is not a valid AE title (1-16 characters, no backslash)",
+                self.ae_title
+            ));
+        }
+        for a in &self.allow {
+            if !ae_ok(&a.ae_title) {
+                out.push(format!(
+                    "[[dicom.allow]] ae_title `{}` is not a valid AE title",
+                    a.ae_title
+                ));
+            }
+        }
+        if self.routes.is_empty() {
+            out.push("[dicom] has no [[dicom.routes]]: nothing received could go anywhere".into());
+        }
+        if self.max_associations == 0 {
+            out.push("[dicom] max_associations must be at least 1".into());
+        }
+        if !(4096..=16 << 20).contains(&self.max_pdu) {
+            out.push("[dicom] max_pdu must be between 4096 and 16777216 bytes".into());
+        }
+        out
+    }
+
+    /// Whether `[dicom]` configures a listener (`listen` set).
+    pub fn has_listener(&self) -> bool {
+        !self.listen.is_empty()
+    }
 }
 
 /// `[dicom.deliver]`: the local PACS that received studies are forwarded to (receiver side).
@@ -279,7 +414,7 @@ impl NodeConfig {
                 message: e.message().to_string(),
             }
         })?;
-        if let Some(d) = &cfg.dicom.deliver {
+        if let Some(d) = cfg.dicom.as_ref().and_then(|d| d.deliver.as_ref()) {
             d.validate(&cfg.site_id)
                 .map_err(|message| ConfigError::Value {
                     path: path.to_owned(),
@@ -301,6 +436,20 @@ impl NodeConfig {
         }
         if let Some(p) = cfg.tls.crl.as_mut().filter(|p| p.is_relative()) {
             *p = base.join(&*p);
+        }
+        if let Some(problem) = cfg
+            .dicom
+            .as_ref()
+            .and_then(|d| d.problems().into_iter().next())
+        {
+            let at = text.find("[dicom]").unwrap_or(0);
+            let line = text[..at].matches('\n').count() + 1;
+            return Err(ConfigError::Invalid {
+                path: path.to_owned(),
+                line,
+                col: 1,
+                message: problem,
+            });
         }
         Ok(cfg)
     }
@@ -336,10 +485,12 @@ key = "site-tls.key"
 
     #[test]
     fn dicom_may_be_absent_and_deliver_takes_its_defaults() {
-        assert_eq!(load("").unwrap().dicom, DicomConfig::default());
+        assert_eq!(load("").unwrap().dicom, None);
         let cfg = load("[dicom.deliver]\nae_title = \"ORTHANC\"\naddress = \"127.0.0.1:4242\"\n")
             .unwrap();
-        let d = cfg.dicom.deliver.unwrap();
+        let dicom = cfg.dicom.unwrap();
+        assert!(!dicom.has_listener());
+        let d = dicom.deliver.unwrap();
         assert_eq!(d, DeliverConfig::new("ORTHANC", "127.0.0.1:4242"));
         assert_eq!(d.calling_ae("telerad-c"), "TELERAD-C");
         assert_eq!(

@@ -2,8 +2,10 @@
 //!
 //! Owns: laying out two site nodes (hospital-a sending, telerad-c receiving) on loopback with the
 //! development certificates and the example agreement, generating a realistic CT study full of
-//! (fictitious) PHI, sending it, and the before/after report of what the receiver stored. The
-//! node folders it writes are complete: `pacs-broker serve --config <dir>/<site>/node.toml` starts
+//! (fictitious) PHI, sending it, and the before/after report of what the receiver stored.
+//! hospital-a also gets a DICOM listener (AE `HOSP_A_BROKER`, the device `MODALITY` allowed from
+//! 127.0.0.1, routed to the teleradiology flow), and the demo prints the dcmtk `storescu`
+//! command that sends a study into it. The node folders it writes are complete: `pacs-broker serve --config <dir>/<site>/node.toml` starts
 //! the same site by hand.
 
 use std::collections::BTreeMap;
@@ -15,7 +17,7 @@ use dicom_dictionary_std::tags;
 use dicom_object::meta::FileMetaTableBuilder;
 use dicom_object::InMemDicomObject;
 
-use crate::config::{NodeConfig, Peer, TlsPaths};
+use crate::config::{DicomAllow, DicomConfig, DicomRoute, NodeConfig, Peer, TlsPaths};
 use crate::dsa::Agreement;
 use crate::node::{Node, SendReport};
 use crate::pseudonym::SiteKeys;
@@ -26,6 +28,45 @@ pub const RECEIVER: &str = "telerad-c";
 /// The example agreement and its flow.
 pub const AGREEMENT_FILE: &str = "example-teleradiology.toml";
 pub const FLOW: &str = "ct-reads";
+/// The DICOM listener of the sending site, and the device allowed to send to it.
+pub const SENDER_AE: &str = "HOSP_A_BROKER";
+pub const MODALITY_AE: &str = "MODALITY";
+/// The listener's port when it is free (else any free port).
+pub const DICOM_PORT: u16 = 11112;
+
+/// hospital-a's `[dicom]` table: the listener, the allowed modality, the route to the
+/// teleradiology flow.
+fn sender_dicom(listen: std::net::SocketAddr, agreement: &str) -> DicomConfig {
+    DicomConfig {
+        listen: listen.to_string(),
+        ae_title: SENDER_AE.into(),
+        allow: vec![DicomAllow {
+            ae_title: MODALITY_AE.into(),
+            address: std::net::IpAddr::from([127, 0, 0, 1]),
+        }],
+        routes: vec![DicomRoute {
+            agreement: agreement.into(),
+            flow: FLOW.into(),
+            calling_ae: None,
+            called_ae: None,
+            purpose: None,
+        }],
+        max_associations: 8,
+        study_quiet_secs: 10,
+        max_pdu: 262_144,
+        idle_timeout_secs: 60,
+        deliver: None,
+    }
+}
+
+/// The `storescu` command (dcmtk) that sends the files of `study` to the demo's listener.
+pub fn storescu_command(listen: &str, study: &Path) -> String {
+    let (host, port) = listen.rsplit_once(':').unwrap_or((listen, "11112"));
+    format!(
+        "TCP_NODELAY=1 storescu -aet {MODALITY_AE} -aec {SENDER_AE} +sd +r {host} {port} {}",
+        study.display()
+    )
+}
 
 /// The fictitious patient of the synthetic study.
 #[derive(Debug, Clone)]
@@ -301,6 +342,8 @@ pub struct DemoOutcome {
     pub received: PathBuf,
     pub inbox: PathBuf,
     pub configs: Vec<PathBuf>,
+    /// The `storescu` command that sends a study into hospital-a's DICOM listener.
+    pub storescu: String,
 }
 
 fn copy_dir_files(from: &Path, to: &Path) -> std::io::Result<()> {
@@ -324,6 +367,7 @@ fn lay_out_site(
     site: &str,
     listen: &str,
     peers: BTreeMap<String, Peer>,
+    dicom: Option<DicomConfig>,
 ) -> Result<PathBuf, DemoError> {
     let dir = base.join(site);
     std::fs::create_dir_all(dir.join("tls"))?;
@@ -367,7 +411,7 @@ fn lay_out_site(
         },
         peers,
         limits: Default::default(),
-        dicom: Default::default(),
+        dicom,
     };
     let path = dir.join("node.toml");
     std::fs::write(
@@ -415,6 +459,10 @@ pub async fn run(
         address: a.to_string(),
         server_name: Some("localhost".into()),
     };
+    let dicom_addr = match std::net::TcpListener::bind(("127.0.0.1", DICOM_PORT)) {
+        Ok(l) => l.local_addr()?,
+        Err(_) => std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?,
+    };
     let cfg_a = lay_out_site(
         &base,
         &certs,
@@ -422,6 +470,7 @@ pub async fn run(
         SENDER,
         &addr_a.to_string(),
         BTreeMap::from([(RECEIVER.to_string(), peer(addr_c))]),
+        Some(sender_dicom(dicom_addr, &agreement.id)),
     )?;
     let cfg_c = lay_out_site(
         &base,
@@ -430,6 +479,7 @@ pub async fn run(
         RECEIVER,
         &addr_c.to_string(),
         BTreeMap::from([(SENDER.to_string(), peer(addr_a))]),
+        None,
     )?;
     let node_a = Arc::new(Node::open_config(&cfg_a)?);
     let node_c = Arc::new(Node::open_config(&cfg_c)?);
@@ -480,6 +530,7 @@ pub async fn run(
         received,
         inbox,
         configs: vec![cfg_a, cfg_c],
+        storescu: storescu_command(&dicom_addr.to_string(), &study_dir),
     })
 }
 

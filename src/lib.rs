@@ -12,6 +12,8 @@
 //! | [`config`] | the node configuration file (TOML): site id, listen address, paths, peers |
 //! | [`dsa`] | agreement model, parser with file:line:col errors, authorisation of flows |
 //! | [`deid`] | the de-identification engine (PS3.15 Annex E) and its configuration |
+//! | [`ingest`] | the one guarded pipeline every input goes through: files and DIMSE -> guard -> admit against the flow -> de-identify -> outbox |
+//! | [`dicom_net`] | the DICOM listener (dicom-ul): associations, allow-list, C-ECHO, C-STORE |
 //! | [`pseudonym`] | site keys, keyed tokens and UIDs, date offsets, the origin-only vault |
 //! | [`store`] | the `Store` trait, its sled + content-addressed-file implementation, the inbox, the durable outbox |
 //! | [`federation`] | proto service (tonic), mutual TLS 1.3 (rustls), peer identity, offer/transfer, signed receipts |
@@ -30,6 +32,7 @@ pub mod demo;
 pub mod dicom_net;
 pub mod dsa;
 pub mod federation;
+pub mod ingest;
 pub mod node;
 pub mod pseudonym;
 pub mod store;

@@ -2,35 +2,35 @@
 //! federation service together.
 //!
 //! Owns: opening a node from its config ([`Node::open`]), serving the federation endpoint until a
-//! shutdown signal ([`Node::serve`]), keeping the agreements in force current without a restart
+//! shutdown signal ([`Node::serve`]) with the DICOM listener of `[dicom]` beside it, keeping the agreements in force current without a restart
 //! (a watcher reloads the agreements folder when a file changes and cuts off transfers that the
-//! new version no longer allows), and sending studies ([`Node::send`]): authorise the flow locally,
-//! de-identify into the outbox, record tokens in the vault, offer and transfer to the partner,
-//! and audit the disclosure. With `[dicom.deliver]`, `serve` also runs the worker that forwards
-//! received instances to the site's PACS (`dicom_net::deliver`).
+//! new version no longer allows), and sending studies: [`Node::send`] stages files through the
+//! `ingest` pipeline into the outbox and offers them to the partner; the forwarder sends what the
+//! DICOM listener receives as it arrives; the outbox worker retries what could not go, and every
+//! disclosure is audited. The pipeline itself (guard, admission, de-identification, staging)
+//! lives in `ingest`, the DIMSE association layer in `dicom_net`. With `[dicom.deliver]`, `serve`
+//! also runs the worker that forwards received instances to the site's PACS (`dicom_net::deliver`).
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use sha2::{Digest, Sha256};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::audit::{AuditLog, Event};
 use crate::config::NodeConfig;
-use crate::deid::batch::{self, NotDeidentified};
-use crate::deid::Deidentifier;
 use crate::dicom_net::deliver::PacsDelivery;
 use crate::dsa::{Agreement, AgreementSet};
-use crate::federation::client::{OutgoingInstance, PeerClient, SendError};
+use crate::federation::client::{PeerClient, SendError};
 use crate::federation::proto::federation_server::FederationServer;
 use crate::federation::receipt::ReceiptSigner;
 use crate::federation::service::Receiver;
 use crate::federation::tls::{self, SiteTls};
+use crate::ingest::dimse::{DimseIngest, OpenStudies};
+use crate::ingest::{files, HeldBack, IngestError, IngestFlow};
 use crate::pseudonym::{SiteKeys, Vault};
-use crate::store::outbox::{self, Outbox, OutboxEntry, OutboxInstance, OutboxState};
+use crate::store::outbox::{self, Outbox, OutboxEntry, OutboxState};
 use crate::store::quarantine::Quarantine;
 use crate::store::{self, LocalStore, Store};
 
@@ -59,25 +59,12 @@ pub enum NodeError {
     Serve(String),
     #[error("{0}")]
     Input(String),
-    #[error("nothing to send: no input produced a de-identified instance{}", held_note(.held))]
-    NothingToSend {
-        /// Inputs held for review in the node's quarantine (with the reason and item id).
-        held: Vec<(PathBuf, String)>,
-    },
+    #[error(transparent)]
+    Ingest(#[from] IngestError),
+    #[error("nothing to send: the inputs hold no files")]
+    NothingToSend,
     #[error("{0}")]
     PacsDelivery(String),
-}
-
-fn held_note(held: &[(PathBuf, String)]) -> String {
-    if held.is_empty() {
-        return String::new();
-    }
-    let reasons: Vec<&str> = held.iter().map(|(_, r)| r.as_str()).collect();
-    format!(
-        "; {} held back for review (`pacs-broker quarantine list`): {}",
-        held.len(),
-        reasons.join("; ")
-    )
 }
 
 /// Loads the agreements a node may enforce: only those every party has signed over their exact
@@ -167,6 +154,26 @@ fn agreements_fingerprint(path: &Path) -> Vec<(PathBuf, u64, Option<SystemTime>)
         .collect()
 }
 
+/// Opens the vault database under `data_dir/vault` (locked while open).
+fn open_vault(data_dir: &Path, keys: &SiteKeys) -> Result<Vault, crate::store::StoreError> {
+    let path = data_dir.join("vault");
+    // A data folder in use whose vault went missing refuses to start (never a new empty vault).
+    store::guard_component(data_dir, "vault", &path, false)?;
+    let db = sled::open(&path).map_err(|e| match &e {
+        sled::Error::Io(io) if io.to_string().contains("lock") => {
+            crate::store::StoreError::InUse(path.clone())
+        }
+        _ => crate::store::StoreError::Index(e),
+    })?;
+    let tree = db
+        .open_tree("vault")
+        .map_err(crate::store::StoreError::Index)?;
+    db.flush().map_err(crate::store::StoreError::Index)?;
+    store::restrict_tree(&path)?;
+    store::mark_component(data_dir, "vault")?;
+    Ok(Vault::new(keys, tree))
+}
+
 /// How often a serving node looks for due outbox entries.
 pub const OUTBOX_POLL: Duration = Duration::from_secs(5);
 
@@ -177,12 +184,8 @@ pub const QUARANTINE_SWEEP: Duration = Duration::from_secs(3600);
 #[derive(Debug, Default, Clone)]
 pub struct SendReport {
     pub studies: Vec<SentStudy>,
-    /// (input path, reason) for instances held back on purpose.
-    pub quarantined: Vec<(PathBuf, String)>,
-    /// (input path, reason) for inputs that are not usable DICOM.
-    pub failed: Vec<(PathBuf, String)>,
-    /// (input path, reason) for instances the flow's study selector does not cover.
-    pub not_selected: Vec<(PathBuf, String)>,
+    /// Inputs that did not go, each with why (quarantined, not covered by the flow, failed).
+    pub held_back: Vec<HeldBack>,
     /// (study token, reason) for studies that could not be delivered now and wait in the
     /// outbox; the running node retries them with backoff.
     pub queued: Vec<(String, String)>,
@@ -258,21 +261,7 @@ impl Node {
     pub fn vault(&self) -> Result<Arc<Vault>, NodeError> {
         let mut slot = self.vault.lock().unwrap_or_else(|p| p.into_inner());
         if slot.is_none() {
-            let path = self.config.data_dir.join("vault");
-            store::guard_component(&self.config.data_dir, "vault", &path, false)?;
-            let db = sled::open(&path).map_err(|e| match &e {
-                sled::Error::Io(io) if io.to_string().contains("lock") => {
-                    crate::store::StoreError::InUse(path.clone())
-                }
-                _ => crate::store::StoreError::Index(e),
-            })?;
-            let tree = db
-                .open_tree("vault")
-                .map_err(crate::store::StoreError::Index)?;
-            db.flush().map_err(crate::store::StoreError::Index)?;
-            store::restrict_tree(&path)?;
-            store::mark_component(&self.config.data_dir, "vault")?;
-            *slot = Some(Arc::new(Vault::new(&self.keys, tree)));
+            *slot = Some(Arc::new(open_vault(&self.config.data_dir, &self.keys)?));
         }
         Ok(slot.clone().expect("just opened"))
     }
@@ -327,7 +316,7 @@ impl Node {
             .with_connections(self.tls.connections.clone()),
         );
         // [dicom.deliver]: queue every received instance for the site's PACS and forward it.
-        let pacs = match &self.config.dicom.deliver {
+        let pacs = match self.config.dicom.as_ref().and_then(|d| d.deliver.as_ref()) {
             Some(target) => Some(
                 PacsDelivery::new(target, self.site_id(), self.store()?, self.audit.clone())
                     .map_err(NodeError::PacsDelivery)?
@@ -370,13 +359,33 @@ impl Node {
                 }
             })
         };
+        let (stop_tx, stop) = watch::channel(false);
+        let dicom = match self.config.dicom.clone().filter(|d| d.has_listener()) {
+            Some(cfg) => match self.start_dicom(cfg, stop).await {
+                Ok(tasks) => tasks,
+                Err(e) => {
+                    watcher.abort();
+                    worker.abort();
+                    return Err(e);
+                }
+            },
+            None => Vec::new(),
+        };
         let addr = listener.local_addr().ok();
         tracing::info!(site = %self.config.site_id, ?addr, "federation endpoint listening (mutual TLS 1.3)");
         let incoming = tls::incoming(listener, &self.tls, &self.config.limits);
+        let shutdown = async move {
+            shutdown.await;
+            let _ = stop_tx.send(true);
+        };
         let result = tonic::transport::Server::builder()
             .serve_with_incoming_shutdown(FederationServer::from_arc(receiver), incoming, shutdown)
             .await
             .map_err(|e| NodeError::Serve(e.to_string()));
+        // The DICOM listener drains its associations; the forwarder ends its round.
+        for t in dicom {
+            let _ = t.await;
+        }
         watcher.abort();
         worker.abort();
         if let Some(pacs) = pacs {
@@ -452,6 +461,13 @@ impl Node {
         };
         let result = self.try_deliver(dir, entry).await;
         match &result {
+            Ok(d) if !entry.complete => {
+                // Part of a study still arriving: the files stay until the study is complete.
+                self.audit.record_or_warn(audit(
+                    "ok (signed receipt verified; more instances to come)".into(),
+                    d.instances_sent,
+                ));
+            }
             Ok(d) => {
                 self.audit.record_or_warn(audit(
                     "ok (signed receipt verified)".into(),
@@ -518,6 +534,7 @@ impl Node {
                 &entry.study_token,
                 entry.modalities.clone(),
                 &instances,
+                entry.complete,
             )
             .await
     }
@@ -549,8 +566,38 @@ impl Node {
         delivered
     }
 
-    /// De-identifies `inputs` under (agreement, flow) and sends every resulting study to the
-    /// flow's receiver. Inputs that are quarantined or unreadable are reported, never sent.
+    /// The flow `agreement`/`flow` resolved for sending from this site (see
+    /// [`IngestFlow::resolve`]), with a partner address configured for its receiver.
+    pub fn ingest_flow(
+        &self,
+        agreement: &str,
+        flow: &str,
+        purpose: Option<&str>,
+    ) -> Result<IngestFlow, IngestError> {
+        let set = self.agreements();
+        let file = set
+            .agreements
+            .contains_key(agreement)
+            .then(|| self.agreement_file(agreement))
+            .flatten();
+        let resolved = IngestFlow::resolve(
+            &set,
+            self.site_id(),
+            agreement,
+            flow,
+            purpose,
+            file.as_deref(),
+            &self.keys,
+        )?;
+        if !self.config.peers.contains_key(&resolved.to) {
+            return Err(IngestError::NoPeer(resolved.to.clone()));
+        }
+        Ok(resolved)
+    }
+
+    /// De-identifies `inputs` under (agreement, flow) through the ingest pipeline and sends
+    /// every resulting study to the flow's receiver. Inputs held back (quarantined, not covered
+    /// by the flow, failed) are reported with their reason, never sent.
     pub async fn send(
         &self,
         agreement_id: &str,
@@ -558,104 +605,49 @@ impl Node {
         purpose: Option<&str>,
         inputs: &[PathBuf],
     ) -> Result<SendReport, NodeError> {
-        let set = self.agreements();
-        let flow = set
-            .agreements
-            .get(agreement_id)
-            .and_then(|a| a.flow(flow_name))
-            .cloned()
-            .ok_or_else(|| crate::dsa::Refusal::UnknownFlow {
-                agreement: agreement_id.to_string(),
-                flow: flow_name.to_string(),
-            })?;
-        let purpose = purpose
-            .map(str::to_string)
-            .or_else(|| flow.purposes.iter().next().map(|p| p.name().to_string()))
-            .unwrap_or_default();
-        set.authorise(
-            agreement_id,
-            flow_name,
-            Some(&purpose),
-            self.site_id(),
-            &flow.to,
-        )?;
-        if !self.config.peers.contains_key(&flow.to) {
-            return Err(NodeError::NoPeer(flow.to.clone()));
-        }
-
-        // De-identify into the outbox (blocking work off the async runtime).
-        let agreement_path = self.agreement_file(agreement_id).ok_or_else(|| {
-            NodeError::Input(format!("the file of agreement {agreement_id:?} is gone"))
-        })?;
-        let deid = flow
-            .deidentifier(agreement_id, &agreement_path, &self.keys)
-            .map_err(|e| NodeError::Input(format!("trial subject IDs: {e}")))?;
-        let outbox = self
-            .config
-            .data_dir
-            .join("outbox")
-            .join(store::safe_name(agreement_id));
-        let files = collect_inputs(inputs).map_err(NodeError::Input)?;
+        let flow = Arc::new(self.ingest_flow(agreement_id, flow_name, purpose)?);
         let vault = self.vault()?;
-        let agreement = agreement_id.to_string();
-        let select = flow.select.clone();
-        let prepared = tokio::task::spawn_blocking(move || {
-            prepare(&deid, &select, &vault, &agreement, &outbox, files)
-        })
-        .await
-        .map_err(|e| NodeError::Input(e.to_string()))??;
-
-        self.audit_pixel_cleaning(agreement_id, &purpose, &prepared.ocr);
-        let held = self.hold_for_review(agreement_id, flow_name, &flow, prepared.quarantined);
+        let outbox = self.outbox();
+        let (f, inputs) = (flow.clone(), inputs.to_vec());
+        let staged =
+            tokio::task::spawn_blocking(move || files::ingest_files(&f, &inputs, &outbox, &vault))
+                .await
+                .map_err(|e| NodeError::Serve(format!("de-identification stopped: {e}")))??;
         let mut report = SendReport {
-            quarantined: held,
-            failed: prepared.failed,
-            not_selected: prepared.not_selected,
+            held_back: staged.held_back,
             ..Default::default()
         };
-        if prepared.studies.is_empty() {
-            return Err(NodeError::NothingToSend {
-                held: report.quarantined,
-            });
+        if staged.studies.is_empty() && report.held_back.is_empty() {
+            return Err(NodeError::NothingToSend);
+        }
+        self.hold_for_review(&flow.agreement, &flow.flow, "send", &mut report.held_back);
+        for study in staged.studies.values() {
+            self.audit_pixel_cleaning(&flow.agreement, &flow.purpose, &study.cleaned);
         }
         let outbox = self.outbox();
-        for (study_token, study) in prepared.studies {
-            let mut modalities: Vec<String> =
-                study.iter().filter_map(|p| p.modality.clone()).collect();
-            modalities.sort();
-            modalities.dedup();
+        for (study_token, study) in staged.studies {
             let mut entry = OutboxEntry {
-                agreement: agreement_id.to_string(),
-                flow: flow_name.to_string(),
-                purpose: purpose.clone(),
+                agreement: flow.agreement.clone(),
+                flow: flow.flow.clone(),
+                purpose: flow.purpose.clone(),
                 to: flow.to.clone(),
                 study_token: study_token.clone(),
-                modalities,
-                instances: study
-                    .iter()
-                    .map(|p| OutboxInstance {
-                        file: p
-                            .out
-                            .path
-                            .file_name()
-                            .map(|f| f.to_string_lossy().to_string())
-                            .unwrap_or_default(),
-                        sha256: hex::encode(p.out.sha256),
-                        size: p.out.size,
-                        sop_instance_uid: p.out.sop_instance_uid.clone(),
-                    })
-                    .collect(),
+                modalities: study.modalities.iter().cloned().collect(),
+                instances: study.instances.iter().map(|(_, i)| i.clone()).collect(),
                 state: OutboxState::Pending,
                 created: outbox::now(),
                 attempts: 0,
                 next_attempt: 0,
                 last_error: None,
                 delivered: None,
+                patient_tokens: study.patient_tokens.iter().cloned().collect(),
+                complete: true,
             };
             let dir = outbox.save(&entry)?;
             let files = study
+                .instances
                 .iter()
-                .map(|p| (p.input.clone(), p.out.path.clone()))
+                .map(|(input, i)| (input.clone(), dir.join(&i.file)))
                 .collect();
             match self.attempt(&dir, &mut entry).await {
                 Ok(delivery) => report.studies.push(SentStudy {
@@ -672,141 +664,92 @@ impl Node {
         }
         Ok(report)
     }
-}
 
-/// Every file under the given files and folders (recursively), sorted.
-pub fn collect_inputs(inputs: &[PathBuf]) -> Result<Vec<PathBuf>, String> {
-    let mut files = Vec::new();
-    for i in inputs {
-        if !i.exists() {
-            return Err(format!("input {} does not exist", i.display()));
+    /// Starts the DICOM listener of `[dicom]` and the forwarder that sends what it receives on
+    /// to the partner as it arrives; both stop when `stop` turns true (the listener drains).
+    async fn start_dicom(
+        self: &Arc<Self>,
+        cfg: crate::config::DicomConfig,
+        stop: watch::Receiver<bool>,
+    ) -> Result<Vec<tokio::task::JoinHandle<()>>, NodeError> {
+        let open = Arc::new(OpenStudies::new(Duration::from_secs(cfg.study_quiet_secs)));
+        let recovered = open.recover(&self.outbox());
+        if recovered > 0 {
+            tracing::info!(
+                studies = recovered,
+                "studies left open by the last run are forwarded again"
+            );
         }
-        for e in walkdir::WalkDir::new(i)
-            .follow_links(false)
-            .sort_by_file_name()
-        {
-            let e = e.map_err(|e| format!("cannot read input {}: {e}", i.display()))?;
-            if e.file_type().is_file() {
-                files.push(e.into_path());
-            }
-        }
-    }
-    Ok(files)
-}
-
-struct Prepared {
-    input: PathBuf,
-    out: OutgoingInstance,
-    modality: Option<String>,
-}
-
-struct PreparedBatch {
-    studies: BTreeMap<String, Vec<Prepared>>,
-    /// (de-identified SOP Instance UID, what OCR found and blacked out).
-    ocr: Vec<(String, crate::deid::OcrEvidence)>,
-    quarantined: Vec<(PathBuf, String)>,
-    failed: Vec<(PathBuf, String)>,
-    not_selected: Vec<(PathBuf, String)>,
-}
-
-/// What the flow's selector looks at, read from the original instance (before de-identification).
-fn study_facts(obj: &dicom_object::InMemDicomObject) -> crate::dsa::StudyFacts {
-    use dicom_dictionary_std::tags;
-    let text = |tag| {
-        obj.get(tag)
-            .and_then(|e| e.to_str().ok())
-            .map(|s| s.trim_end_matches(['\0', ' ']).trim().to_string())
-            .filter(|s| !s.is_empty())
-    };
-    let study_date = text(tags::STUDY_DATE).and_then(|d| {
-        let f = time::macros::format_description!("[year][month][day]");
-        time::Date::parse(&d, &f).ok()
-    });
-    crate::dsa::StudyFacts {
-        modalities: text(tags::MODALITY).into_iter().collect(),
-        body_parts: text(tags::BODY_PART_EXAMINED).into_iter().collect(),
-        study_date,
-        description: text(tags::STUDY_DESCRIPTION),
-        source_ae: None,
-    }
-}
-
-fn prepare(
-    deid: &Deidentifier,
-    select: &crate::dsa::Selector,
-    vault: &Vault,
-    agreement: &str,
-    outbox: &Path,
-    files: Vec<PathBuf>,
-) -> Result<PreparedBatch, NodeError> {
-    let mut batch = PreparedBatch {
-        studies: BTreeMap::new(),
-        ocr: Vec::new(),
-        quarantined: Vec::new(),
-        failed: Vec::new(),
-        not_selected: Vec::new(),
-    };
-    for input in files {
-        let mut modality = None;
-        let admit = |obj: &dicom_object::InMemDicomObject| {
-            let facts = study_facts(obj);
-            modality = facts.modalities.first().cloned();
-            select.check(&facts)
+        let node = self.clone();
+        let resolve = Box::new(move |route: &crate::config::DicomRoute| {
+            node.ingest_flow(&route.agreement, &route.flow, route.purpose.as_deref())
+        });
+        let service = Arc::new(DimseIngest::new(
+            cfg.routes.clone(),
+            resolve,
+            self.outbox(),
+            {
+                let (dir, keys) = (self.config.data_dir.clone(), self.keys.clone());
+                Box::new(move || open_vault(&dir, &keys).map_err(|e| e.to_string()))
+            },
+            self.audit.clone(),
+            open.clone(),
+        ));
+        let tcp = TcpListener::bind(&cfg.listen).await.map_err(|e| {
+            NodeError::Serve(format!("cannot listen for DICOM on {}: {e}", cfg.listen))
+        })?;
+        tracing::info!(addr = %cfg.listen, ae_title = %cfg.ae_title, "DICOM listener ready");
+        let spool = self.config.data_dir.join("ingest").join("spool");
+        let listener = Arc::new(
+            crate::dicom_net::scp::Listener::new(cfg, service, self.audit.clone(), spool).map_err(
+                |e| NodeError::Serve(format!("cannot prepare the DICOM spool folder: {e}")),
+            )?,
+        );
+        let until = |mut stop: watch::Receiver<bool>| async move {
+            let _ = stop.wait_for(|s| *s).await;
         };
-        let d = match batch::read_and_deidentify(deid, &input, admit) {
-            Ok(d) => d,
-            Err(NotDeidentified::Quarantined { reason }) => {
-                batch.quarantined.push((input, reason));
-                continue;
-            }
-            Err(NotDeidentified::Failed { reason }) => {
-                batch.failed.push((input, reason));
-                continue;
-            }
-            Err(NotDeidentified::NotAdmitted { reason }) => {
-                batch.not_selected.push((input, reason));
-                continue;
-            }
-        };
-        if let Some(evidence) = &d.ocr_evidence {
-            batch
-                .ocr
-                .push((d.sop_instance_uid.clone(), evidence.clone()));
-        }
-        let mut bytes = Vec::new();
-        if let Err(e) =
-            crate::deid::batch::encode_output(d.object, d.pixel_data.as_ref(), &mut bytes)
-        {
-            batch.failed.push((
-                input,
-                format!("cannot encode the de-identified object: {e}"),
-            ));
-            continue;
-        }
-        for (token, entry) in &d.vault_entries {
-            vault
-                .record(agreement, token, entry)
-                .map_err(|e| NodeError::Store(e.into()))?;
-        }
-        let path = outbox
-            .join(store::safe_name(&d.study_uid))
-            .join(format!("{}.dcm", store::safe_name(&d.sop_instance_uid)));
-        store::write_atomic(&path, &bytes)?;
-        batch
-            .studies
-            .entry(d.study_uid.clone())
-            .or_default()
-            .push(Prepared {
-                input,
-                out: OutgoingInstance {
-                    path,
-                    sha256: Sha256::digest(&bytes).into(),
-                    size: bytes.len() as u64,
-                    sop_instance_uid: d.sop_instance_uid,
-                },
-                modality,
-            });
+        let serving = tokio::spawn(listener.serve(tcp, until(stop.clone())));
+        let forwarder = tokio::spawn(self.clone().forward_open_studies(open, stop));
+        Ok(vec![serving, forwarder])
     }
-    vault.flush().map_err(|e| NodeError::Store(e.into()))?;
-    Ok(batch)
+
+    /// Sends each study arriving over DICOM on to its partner as its instances come (several
+    /// offers, each with what has arrived), and once it has been quiet for the configured time,
+    /// a last offer that tells the partner the study is complete.
+    async fn forward_open_studies(
+        self: Arc<Self>,
+        open: Arc<OpenStudies>,
+        mut stop: watch::Receiver<bool>,
+    ) {
+        loop {
+            for f in open.due() {
+                let mut entry = f.entry.clone();
+                // The outbox worker may be retrying the same study (after a failed final
+                // offer): one attempt at a time.
+                let Some(_claim) = Outbox::try_claim(&f.dir) else {
+                    open.done(&f, Err(Duration::from_secs(1)));
+                    continue;
+                };
+                let outcome = match self.outbox().save(&entry) {
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot update an open outbox study");
+                        Err(Duration::from_secs(5))
+                    }
+                    Ok(_) => match self.attempt(&f.dir, &mut entry).await {
+                        Ok(_) => Ok(()),
+                        Err(e) if e.is_transient() => {
+                            Err(Duration::from_secs(outbox::backoff_secs(entry.attempts)))
+                        }
+                        Err(_) => Err(Duration::from_secs(24 * 3600)),
+                    },
+                };
+                open.done(&f, outcome);
+            }
+            tokio::select! {
+                _ = open.wake.notified() => {}
+                _ = tokio::time::sleep(open.next_check()) => {}
+                _ = stop.wait_for(|s| *s) => break,
+            }
+        }
+    }
 }

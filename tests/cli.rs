@@ -277,7 +277,27 @@ fn sites_left_by_the_demo_serve_by_hand_and_send_beside_serve() {
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("no flow \"no-such-flow\""));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("has no flow `no-such-flow`")
+            && stderr.contains("its flows are: `ct-reads`"),
+        "{stderr}"
+    );
+    // A misspelt agreement id is unknown, with a did-you-mean.
+    let out = bin()
+        .args(["send", "--config"])
+        .arg(cfg("hospital-a"))
+        .args(["--agreement", "example-teleradiolgy", "--flow", "ct-reads"])
+        .arg(dir.path().join("source-study"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("agreement `example-teleradiolgy` is unknown")
+            && stderr.contains("did you mean `example-teleradiology`?"),
+        "{stderr}"
+    );
     // SIGTERM (docker stop, systemd) stops a node cleanly.
     for mut s in servers {
         let pid = s.0.id().to_string();

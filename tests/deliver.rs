@@ -82,7 +82,7 @@ impl Sites {
             ..DeliverConfig::new(pacs_ae, pacs_address)
         };
         adjust(&mut deliver);
-        telerad.dicom.deliver = Some(deliver);
+        telerad.dicom.get_or_insert_with(Default::default).deliver = Some(deliver);
         let telerad_config = dir.path().join("telerad-c").join("node.toml");
         std::fs::write(&telerad_config, telerad.to_toml()).unwrap();
         Sites {
@@ -166,10 +166,9 @@ impl Sites {
             .await
             .unwrap();
         assert!(
-            report.quarantined.is_empty() && report.failed.is_empty() && report.queued.is_empty(),
-            "held back: {:?} {:?} {:?}",
-            report.quarantined,
-            report.failed,
+            report.held_back.is_empty() && report.queued.is_empty(),
+            "held back: {:?} {:?}",
+            report.held_back,
             report.queued
         );
         report.studies.iter().map(|s| s.instances).sum()

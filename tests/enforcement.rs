@@ -43,6 +43,7 @@ async fn suspending_a_party_cuts_it_off_within_a_second() {
         study_token: study.clone(),
         purpose: "treatment".into(),
         modalities: vec!["CT".into()],
+        complete: true,
         instances: blobs
             .iter()
             .map(|(uid, b)| InstanceManifest {
@@ -142,6 +143,7 @@ async fn offer_with_purpose(client: &mut PeerClient, purpose: &str) -> Result<()
             study_token: "2.25.1".into(),
             purpose: purpose.into(),
             modalities: vec!["CT".into()],
+            complete: true,
             instances: vec![InstanceManifest {
                 sop_instance_uid: "2.25.2".into(),
                 sha256: vec![7; 32],

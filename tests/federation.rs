@@ -87,7 +87,7 @@ async fn two_sites_exchange_a_deidentified_study_idempotently() {
     assert_eq!(report.studies.len(), 1);
     assert_eq!(report.studies[0].instances, 6);
     assert_eq!(report.studies[0].instances_sent, 6);
-    assert!(report.quarantined.is_empty() && report.failed.is_empty());
+    assert!(report.held_back.is_empty(), "{:?}", report.held_back);
 
     let c = fed.node("telerad-c");
     let blobs = files_under(&store_dir(c).join("blobs"));
@@ -192,7 +192,7 @@ async fn a_valid_site_that_is_not_the_flow_sender_is_denied() {
     let (study, inst) = prepared_instances(fed.node("hospital-a"), fed.dir.path(), 2);
     let mut client = client_for(&fed, &b_tls).await.unwrap();
     let err = client
-        .send_study(AGREEMENT, FLOW, "treatment", &study, vec![], &inst)
+        .send_study(AGREEMENT, FLOW, "treatment", &study, vec![], &inst, true)
         .await
         .unwrap_err();
     match err {
@@ -276,6 +276,7 @@ async fn offer_answer(
             study_token: study.into(),
             purpose: "treatment".into(),
             modalities: vec!["CT".into()],
+            complete: true,
             instances: inst
                 .iter()
                 .map(|i| InstanceManifest {
@@ -403,5 +404,47 @@ async fn a_large_instance_streams_in_chunks() {
         files_under(&store_dir(fed.node("telerad-c")).join("inbox")).len(),
         1
     );
+    fed.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn send_says_per_file_why_anything_was_held_back_and_a_suspension_as_such() {
+    use pacs_broker::ingest::HeldBackKind;
+    let fed = Federation::start(&["hospital-a", "telerad-c"]).await;
+    let src = fed.dir.path().join("study");
+    write_synthetic_ct(&src, &SyntheticPatient::default(), 2, 32).unwrap();
+    std::fs::write(src.join("notes.txt"), b"not DICOM").unwrap();
+    let a = fed.node("hospital-a");
+    let report = a
+        .send(AGREEMENT, FLOW, None, std::slice::from_ref(&src))
+        .await
+        .unwrap();
+    assert_eq!(report.studies.len(), 1);
+    assert_eq!(report.studies[0].instances, 2);
+    assert_eq!(report.held_back.len(), 1, "{:?}", report.held_back);
+    let held = &report.held_back[0];
+    assert_eq!(held.kind, HeldBackKind::Failed);
+    assert!(held.input.ends_with("notes.txt"), "{held:?}");
+    assert!(!held.reason.is_empty());
+    assert_eq!(held.path.as_deref(), Some(src.join("notes.txt").as_path()));
+    // The outbox entry names the patient token(s) that left.
+    let entries = a.outbox().entries();
+    assert_eq!(entries.len(), 1);
+    assert_eq!(entries[0].1.patient_tokens.len(), 1);
+    assert!(!entries[0].1.patient_tokens[0].contains("MRN"));
+
+    // hospital-a's privacy officer suspends hospital-a in the agreement: send says so.
+    std::fs::write(
+        a.config.agreements.join("test.toml"),
+        agreement_toml("active", "true"),
+    )
+    .unwrap();
+    a.reload_agreements();
+    let err = a
+        .send(AGREEMENT, FLOW, None, std::slice::from_ref(&src))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("suspended"), "{err}");
     fed.stop().await;
 }

@@ -340,14 +340,8 @@ pub fn send(args: SendArgs) -> anyhow::Result<i32> {
             s.study_token, s.instances, s.instances_sent, s.already_held, s.bytes_sent
         );
     }
-    for (p, why) in &report.quarantined {
-        println!("quarantined {}: {why}", p.display());
-    }
-    for (p, why) in &report.failed {
-        println!("failed {}: {why}", p.display());
-    }
-    for (p, why) in &report.not_selected {
-        println!("not covered by the flow {}: {why}", p.display());
+    for h in &report.held_back {
+        println!("{} {}: {}", h.kind.describe(), h.input, h.reason);
     }
     for (study, why) in &report.queued {
         println!(
@@ -355,11 +349,25 @@ pub fn send(args: SendArgs) -> anyhow::Result<i32> {
              (`pacs-broker serve`) retries it with backoff (`pacs-broker outbox` shows it)"
         );
     }
-    let clean = report.failed.is_empty()
-        && report.quarantined.is_empty()
-        && report.not_selected.is_empty()
-        && report.queued.is_empty();
-    Ok(if clean { 0 } else { 2 })
+    Ok(send_exit_code(&report))
+}
+
+/// Exit codes of `send`, one meaning each: 0 every input was sent; 2 nothing was held back but
+/// some studies wait in the outbox for a retry; 3 some inputs were held back (quarantined, not
+/// covered by the flow, or failed), whatever happened to the rest; 1 (from `main`) an error
+/// stopped the command.
+pub const SEND_ALL_SENT: i32 = 0;
+pub const SEND_QUEUED: i32 = 2;
+pub const SEND_HELD_BACK: i32 = 3;
+
+fn send_exit_code(report: &pacs_broker::node::SendReport) -> i32 {
+    if !report.held_back.is_empty() {
+        SEND_HELD_BACK
+    } else if !report.queued.is_empty() {
+        SEND_QUEUED
+    } else {
+        SEND_ALL_SENT
+    }
 }
 
 #[derive(Debug, Args)]
@@ -468,8 +476,13 @@ pub fn demo(args: DemoArgs) -> anyhow::Result<i32> {
             demo::show(&after, *tag)
         );
     }
-    for (p, why) in out.report.quarantined.iter().chain(&out.report.failed) {
-        println!("not sent: {} ({why})", p.display());
+    for h in &out.report.held_back {
+        println!(
+            "not sent: {} ({}: {})",
+            h.input,
+            h.kind.describe(),
+            h.reason
+        );
     }
     println!(
         "\nSet-up, generation, de-identification and transfer took {:.2} s.",
@@ -483,6 +496,13 @@ pub fn demo(args: DemoArgs) -> anyhow::Result<i32> {
             c.display()
         );
     }
+    println!(
+        "With both sites running, send a study from a \"modality\" into {}'s DICOM listener \
+         (dcmtk); it reaches {} de-identified as it arrives:\n  {}",
+        demo::SENDER,
+        demo::RECEIVER,
+        out.storescu
+    );
     Ok(0)
 }
 

@@ -280,6 +280,45 @@ pub struct StagedOutput {
     /// The file system holding it (outputs are made durable one file system at a time).
     device: u64,
     bytes: u64,
+    sha256: Option<[u8; 32]>,
+}
+
+impl StagedOutput {
+    /// Where the output goes once committed.
+    pub fn target(&self) -> &Path {
+        &self.target
+    }
+
+    /// Its size in bytes.
+    pub fn size(&self) -> u64 {
+        self.bytes
+    }
+
+    /// SHA-256 of the bytes written, when staged by [`stage_output_hashed`].
+    pub fn sha256(&self) -> Option<[u8; 32]> {
+        self.sha256
+    }
+
+    /// Reads the written bytes back (from the page cache: called before write-back starts).
+    fn hash(&self) -> Result<[u8; 32], String> {
+        use sha2::{Digest, Sha256};
+        use std::os::unix::fs::FileExt;
+        let file = self.file.file();
+        let mut hasher = Sha256::new();
+        let mut buf = vec![0u8; 256 * 1024];
+        let mut at = 0u64;
+        while at < self.bytes {
+            let n = file
+                .read_at(&mut buf, at)
+                .map_err(|e| format!("cannot read back the output: {}", e.kind()))?;
+            if n == 0 {
+                return Err("cannot read back the output: it is shorter than written".into());
+            }
+            hasher.update(&buf[..n]);
+            at += n as u64;
+        }
+        Ok(hasher.finalize().into())
+    }
 }
 
 #[derive(Debug)]
@@ -327,6 +366,25 @@ pub fn stage_output(
     pixel_data: Option<&super::guard::PixelSource>,
     target: &Path,
 ) -> Result<StagedOutput, String> {
+    stage(obj, pixel_data, target, false)
+}
+
+/// [`stage_output`], and the SHA-256 of the output's bytes ([`StagedOutput::sha256`]), for
+/// outputs that leave the site with a manifest.
+pub fn stage_output_hashed(
+    obj: DefaultDicomObject,
+    pixel_data: Option<&super::guard::PixelSource>,
+    target: &Path,
+) -> Result<StagedOutput, String> {
+    stage(obj, pixel_data, target, true)
+}
+
+fn stage(
+    obj: DefaultDicomObject,
+    pixel_data: Option<&super::guard::PixelSource>,
+    target: &Path,
+    hashed: bool,
+) -> Result<StagedOutput, String> {
     use std::os::unix::fs::MetadataExt;
 
     let dir = target.parent().unwrap_or(Path::new("."));
@@ -341,20 +399,25 @@ pub fn stage_output(
         w.flush()
             .map_err(|e| format!("cannot write output: {}", e.kind()))?;
     }
-    // Start writing it to disk now, in the background, so that the commit's flush finds little
-    // left to do and the disk works while the cores de-identify the next files (on Linux this
-    // advice starts write-back of the dirty pages; it is only advice, so its result is moot).
-    #[cfg(target_os = "linux")]
-    let _ = rustix::fs::fadvise(file, 0, None, rustix::fs::Advice::DontNeed);
     let meta = file
         .metadata()
         .map_err(|e| format!("cannot write output: {}", e.kind()))?;
-    Ok(StagedOutput {
+    let mut staged = StagedOutput {
         device: meta.dev(),
         bytes: meta.len(),
         file: staging,
         target: target.to_path_buf(),
-    })
+        sha256: None,
+    };
+    if hashed {
+        staged.sha256 = Some(staged.hash()?);
+    }
+    // Start writing it to disk now, in the background, so that the commit's flush finds little
+    // left to do and the disk works while the cores de-identify the next files (on Linux this
+    // advice starts write-back of the dirty pages; it is only advice, so its result is moot).
+    #[cfg(target_os = "linux")]
+    let _ = rustix::fs::fadvise(staged.file.file(), 0, None, rustix::fs::Advice::DontNeed);
+    Ok(staged)
 }
 
 /// Makes every staged output durable, then puts each in place: one file-system flush
@@ -485,8 +548,98 @@ pub fn write_output(
 
 /// Outputs staged before a commit: enough that the flush is shared widely, few enough that
 /// progress and the callers' per-item work keep moving.
-const COMMIT_FILES: usize = 64;
+pub const COMMIT_FILES: usize = 64;
 const COMMIT_BYTES: u64 = 128 << 20;
+
+/// Why [`run_parallel`] stopped early.
+#[derive(Debug)]
+pub enum ParallelError<E> {
+    /// A worker thread could not be started.
+    Spawn(std::io::Error),
+    /// The caller's `finish` step failed.
+    Finish(E),
+}
+
+/// How many workers read, de-identify and write at once: flushing to disk is left to the
+/// grouped commits, so a worker rarely waits and one per core keeps the cores busy; twice that
+/// covers inputs that must come from disk rather than the page cache. Each worker holds one
+/// instance in memory. PACS_BROKER_DEID_WORKERS overrides it (1-64).
+pub fn worker_count() -> usize {
+    std::env::var("PACS_BROKER_DEID_WORKERS")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .filter(|n| (1..=64).contains(n))
+        .unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map_or(4, |n| n.get() * 2)
+                .clamp(2, 16)
+        })
+}
+
+/// The fast path shared by every file batch (the `deid` command, `send`): a few workers run
+/// `process` on the jobs in parallel (read, de-identify, stage an output); staged outputs are
+/// made durable in groups ([`commit_outputs`]: one file-system flush for up to
+/// [`COMMIT_FILES`] outputs) and only then handed to `finish` with the commit's result. Items
+/// without an output go to `finish` at once with `None`. `finish` runs on the calling thread,
+/// one item at a time.
+pub fn run_parallel<J, I, E>(
+    jobs: &[J],
+    process: impl Fn(&J) -> (I, Option<StagedOutput>) + Sync,
+    finish: &mut dyn FnMut(I, Option<Result<(), String>>) -> Result<(), E>,
+) -> Result<(), ParallelError<E>>
+where
+    J: Sync,
+    I: Send,
+{
+    let workers = worker_count().min(jobs.len().max(1));
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let (tx, rx) = std::sync::mpsc::channel::<(I, Option<StagedOutput>)>();
+    std::thread::scope(|scope| {
+        for _ in 0..workers {
+            let (tx, next, process) = (tx.clone(), &next, &process);
+            let worker = move || loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let Some(job) = jobs.get(i) else {
+                    break;
+                };
+                if tx.send(process(job)).is_err() {
+                    break;
+                }
+            };
+            std::thread::Builder::new()
+                .name("deid-worker".into())
+                .spawn_scoped(scope, worker)
+                .map_err(ParallelError::Spawn)?;
+        }
+        drop(tx);
+        // Written outputs wait here until a commit has made them durable and put them in place.
+        let mut pending: Vec<(I, StagedOutput)> = Vec::new();
+        let mut pending_bytes = 0;
+        let commit = |pending: &mut Vec<(I, StagedOutput)>,
+                      finish: &mut dyn FnMut(I, Option<Result<(), String>>) -> Result<(), E>|
+         -> Result<(), ParallelError<E>> {
+            let (items, staged): (Vec<_>, Vec<_>) = std::mem::take(pending).into_iter().unzip();
+            for (item, (_, result)) in items.into_iter().zip(commit_outputs(staged)) {
+                finish(item, Some(result)).map_err(ParallelError::Finish)?;
+            }
+            Ok(())
+        };
+        for (item, staged) in rx {
+            match staged {
+                None => finish(item, None).map_err(ParallelError::Finish)?,
+                Some(staged) => {
+                    pending_bytes += staged.bytes;
+                    pending.push((item, staged));
+                    if pending.len() >= COMMIT_FILES || pending_bytes >= COMMIT_BYTES {
+                        commit(&mut pending, &mut *finish)?;
+                        pending_bytes = 0;
+                    }
+                }
+            }
+        }
+        commit(&mut pending, finish)
+    })
+}
 
 /// De-identifies every file under `inputs` into `out`, keeping relative paths, and writes
 /// `<out>/quarantine.jsonl`. `on_item` sees every item as it finishes (progress, vault, send).
@@ -529,109 +682,56 @@ pub fn run_batch(
             }
         }
     }
-    // The workers read, de-identify, encode and write; flushing to disk is left to the commits
-    // here, shared by many outputs, so a worker rarely waits and one per core keeps the cores
-    // busy. Twice that covers inputs that must come from disk rather than the page cache. Each
-    // worker holds one instance in memory. PACS_BROKER_DEID_WORKERS overrides it (1-64).
-    let workers = std::env::var("PACS_BROKER_DEID_WORKERS")
-        .ok()
-        .and_then(|v| v.parse::<usize>().ok())
-        .filter(|n| (1..=64).contains(n))
-        .unwrap_or_else(|| {
-            std::thread::available_parallelism()
-                .map_or(4, |n| n.get() * 2)
-                .clamp(2, 16)
-        });
-    let next = std::sync::atomic::AtomicUsize::new(0);
-    let (tx, rx) = std::sync::mpsc::channel::<(BatchItem, Option<StagedOutput>)>();
-    std::thread::scope(|scope| -> Result<(), BatchError> {
-        for _ in 0..workers {
-            let (tx, next, jobs) = (tx.clone(), &next, &jobs);
-            let worker = move || loop {
-                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let Some((input, relative, early)) = jobs.get(i) else {
-                    break;
-                };
-                let (outcome, staged) = match early {
-                    Some(BatchOutcome::Failed { reason }) => (
-                        BatchOutcome::Failed {
-                            reason: reason.clone(),
-                        },
-                        None,
-                    ),
-                    _ => process_file(deid, input, &out.join(relative)),
-                };
-                let item = BatchItem {
-                    input: input.clone(),
-                    relative: relative.clone(),
-                    outcome,
-                };
-                if tx.send((item, staged)).is_err() {
-                    break;
-                }
-            };
-            std::thread::Builder::new()
-                .name("deid-worker".into())
-                .spawn_scoped(scope, worker)
-                .map_err(io)?;
+    let mut finish = |item: BatchItem, committed: Option<Result<(), String>>| {
+        let mut item = item;
+        if let Some(Err(reason)) = committed {
+            item.outcome = BatchOutcome::Failed { reason };
         }
-        drop(tx);
-        let mut finish = |item: BatchItem| -> Result<(), BatchError> {
-            let line = match &item.outcome {
-                BatchOutcome::Deidentified { .. } => {
-                    summary.deidentified += 1;
-                    None
-                }
-                BatchOutcome::Quarantined { reason } => {
-                    summary.quarantined += 1;
-                    Some(("quarantined", reason))
-                }
-                BatchOutcome::Failed { reason } => {
-                    summary.failed += 1;
-                    Some(("failed", reason))
-                }
-            };
-            if let Some((outcome, reason)) = line {
-                let json = serde_json::json!({
-                    "path": item.input.display().to_string(),
-                    "outcome": outcome,
-                    "reason": reason,
-                });
-                writeln!(qfile, "{json}").map_err(io)?;
+        let line = match &item.outcome {
+            BatchOutcome::Deidentified { .. } => {
+                summary.deidentified += 1;
+                None
             }
-            on_item(&item);
-            Ok(())
+            BatchOutcome::Quarantined { reason } => {
+                summary.quarantined += 1;
+                Some(("quarantined", reason))
+            }
+            BatchOutcome::Failed { reason } => {
+                summary.failed += 1;
+                Some(("failed", reason))
+            }
         };
-        // Written outputs wait here until a commit has made them durable and put them in place;
-        // only then are they reported as de-identified.
-        let mut pending: Vec<(BatchItem, StagedOutput)> = Vec::new();
-        let mut pending_bytes = 0;
-        let commit = |pending: &mut Vec<(BatchItem, StagedOutput)>,
-                      finish: &mut dyn FnMut(BatchItem) -> Result<(), BatchError>|
-         -> Result<(), BatchError> {
-            let (items, staged): (Vec<_>, Vec<_>) = std::mem::take(pending).into_iter().unzip();
-            for (mut item, (_, result)) in items.into_iter().zip(commit_outputs(staged)) {
-                if let Err(reason) = result {
-                    item.outcome = BatchOutcome::Failed { reason };
-                }
-                finish(item)?;
-            }
-            Ok(())
-        };
-        for (item, staged) in rx {
-            match staged {
-                None => finish(item)?,
-                Some(staged) => {
-                    pending_bytes += staged.bytes;
-                    pending.push((item, staged));
-                    if pending.len() >= COMMIT_FILES || pending_bytes >= COMMIT_BYTES {
-                        commit(&mut pending, &mut finish)?;
-                        pending_bytes = 0;
-                    }
-                }
-            }
+        if let Some((outcome, reason)) = line {
+            let json = serde_json::json!({
+                "path": item.input.display().to_string(),
+                "outcome": outcome,
+                "reason": reason,
+            });
+            writeln!(qfile, "{json}").map_err(io)?;
         }
-        commit(&mut pending, &mut finish)
+        on_item(&item);
+        Ok(())
+    };
+    let process = |(input, relative, early): &(PathBuf, PathBuf, Option<BatchOutcome>)| {
+        let (outcome, staged) = match early {
+            Some(BatchOutcome::Failed { reason }) => (
+                BatchOutcome::Failed {
+                    reason: reason.clone(),
+                },
+                None,
+            ),
+            _ => process_file(deid, input, &out.join(relative)),
+        };
+        let item = BatchItem {
+            input: input.clone(),
+            relative: relative.clone(),
+            outcome,
+        };
+        (item, staged)
+    };
+    run_parallel(&jobs, process, &mut finish).map_err(|e| match e {
+        ParallelError::Spawn(e) => io(e),
+        ParallelError::Finish(e) => e,
     })?;
     qfile.sync_all().map_err(io)?;
     // The renames are durable once their folders are: one fsync per output folder.

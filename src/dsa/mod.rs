@@ -34,6 +34,13 @@ pub use model::*;
 pub use sign::{FederationCa, SignatureState, Verdict, Verification};
 pub use subjects::SubjectIdMap;
 
+/// "; did you mean `x`?" when one of `candidates` is close to `word` (a likely typo), else "".
+pub fn did_you_mean<'c>(word: &str, candidates: impl IntoIterator<Item = &'c str>) -> String {
+    parse::suggest(word, candidates)
+        .map(|s| format!("; did you mean `{s}`?"))
+        .unwrap_or_default()
+}
+
 /// A DSA error: the file cannot be read, or it has one or more problems at file:line:col.
 #[derive(Debug, thiserror::Error)]
 pub enum DsaError {

@@ -164,6 +164,9 @@ impl PeerClient {
     }
 
     /// Offers a study and streams what the receiver lacks; verifies the signed receipt.
+    /// `complete` tells the receiver the instances listed are the whole study (false while a
+    /// study is still arriving at this site and is forwarded as it comes).
+    #[allow(clippy::too_many_arguments)]
     pub async fn send_study(
         &mut self,
         agreement: &str,
@@ -172,6 +175,7 @@ impl PeerClient {
         study_token: &str,
         modalities: Vec<String>,
         instances: &[OutgoingInstance],
+        complete: bool,
     ) -> Result<Delivery, SendError> {
         let offer = OfferRequest {
             agreement_id: agreement.to_string(),
@@ -179,6 +183,7 @@ impl PeerClient {
             study_token: study_token.to_string(),
             purpose: purpose.to_string(),
             modalities,
+            complete,
             instances: instances
                 .iter()
                 .map(|i| InstanceManifest {

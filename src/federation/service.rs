@@ -66,6 +66,8 @@ struct Plan {
     wanted: usize,
     /// How many instances the offer announced.
     expected: usize,
+    /// The sender says this offer lists the whole study.
+    complete: bool,
     created: Instant,
 }
 
@@ -758,6 +760,7 @@ impl Receiver {
                 expected: manifest.len(),
                 manifest,
                 wanted,
+                complete: o.complete,
                 created: Instant::now(),
             },
         );
@@ -1196,7 +1199,7 @@ impl Receiver {
             actor: format!("site:{sender}"),
             action: "receive".into(),
             object: format!(
-                "study {} ({} stored, {} already held{})",
+                "study {} ({} stored, {} already held{}{})",
                 plan.study_token,
                 c.stored,
                 c.already_held,
@@ -1204,13 +1207,18 @@ impl Receiver {
                     ", delivered to inbox"
                 } else {
                     ""
+                },
+                if plan.complete {
+                    "; study complete"
+                } else {
+                    "; more instances to come"
                 }
             ),
             agreement: plan.agreement.clone(),
             purpose: plan.purpose.clone(),
             outcome: "ok".into(),
         });
-        tracing::info!(peer = %sender, agreement = %plan.agreement, study = %plan.study_token, stored = c.stored, already_held = c.already_held, "study received");
+        tracing::info!(peer = %sender, agreement = %plan.agreement, study = %plan.study_token, stored = c.stored, already_held = c.already_held, complete = plan.complete, "study received");
         receipt
     }
 }

@@ -14,7 +14,7 @@ use sha2::{Digest, Sha256};
 use super::{Node, NodeError};
 use crate::audit::Event;
 use crate::deid::{DeidError, OcrEvidence};
-use crate::dsa::Flow;
+use crate::ingest::{HeldBack, HeldBackKind};
 use crate::store::outbox::{self, Outbox, OutboxEntry, OutboxInstance, OutboxState};
 use crate::store::quarantine::{HeldItem, HoldRequest};
 use crate::store::{self};
@@ -65,53 +65,63 @@ impl Node {
         }
     }
 
-    /// Puts every quarantined input of a `send` into the node's quarantine for review, auditing
-    /// each; returns the (input, reason) list with the item id added to each reason.
-    pub(super) fn hold_for_review(
+    /// Puts every quarantined input that is still on disk into the node's quarantine for
+    /// review, auditing each; the item id is added to its reason.
+    pub(crate) fn hold_for_review(
         &self,
         agreement: &str,
         flow_name: &str,
-        flow: &Flow,
-        quarantined: Vec<(PathBuf, String)>,
-    ) -> Vec<(PathBuf, String)> {
-        let Ok(q) = self.quarantine() else {
-            tracing::error!(
-                "the quarantine folder cannot be opened; held inputs stay where they are"
-            );
-            return quarantined;
-        };
-        quarantined
-            .into_iter()
-            .map(|(input, reason)| {
-                let req = HoldRequest {
-                    agreement,
-                    flow: flow_name,
-                    source: "send",
-                    reason: &reason,
-                    findings: findings_of(&reason),
-                    retention_days: flow.retention.map(|r| r.days),
-                    origin: Some(input.display().to_string()),
-                };
-                match q.hold_file(&req, &input) {
-                    Ok(id) => {
-                        self.audit.record_or_warn(Event {
-                            actor: "node".into(),
-                            action: "quarantine-hold".into(),
-                            object: format!("quarantine item {id} (flow {flow_name})"),
-                            agreement: agreement.into(),
-                            purpose: String::new(),
-                            outcome: format!("held: {reason}"),
-                        });
-                        let reason = format!("{reason} (held for review as {id})");
-                        (input, reason)
-                    }
+        source: &str,
+        held: &mut [HeldBack],
+    ) {
+        let set = self.agreements();
+        let retention_days = set
+            .agreements
+            .get(agreement)
+            .and_then(|a| a.flow(flow_name))
+            .and_then(|f| f.retention.map(|r| r.days));
+        let mut q = None;
+        for h in held
+            .iter_mut()
+            .filter(|h| h.kind == HeldBackKind::Quarantined)
+        {
+            let Some(path) = h.path.clone() else { continue };
+            if q.is_none() {
+                match self.quarantine() {
+                    Ok(opened) => q = Some(opened),
                     Err(e) => {
-                        tracing::error!(error = %e, "a quarantined input could not be held for review");
-                        (input, reason)
+                        tracing::error!(error = %e, "the quarantine folder cannot be opened; held inputs stay where they are");
+                        return;
                     }
                 }
-            })
-            .collect()
+            }
+            let Some(q) = q.as_ref() else { return };
+            let req = HoldRequest {
+                agreement,
+                flow: flow_name,
+                source,
+                reason: &h.reason,
+                findings: findings_of(&h.reason),
+                retention_days,
+                origin: Some(h.input.clone()),
+            };
+            match q.hold_file(&req, &path) {
+                Ok(id) => {
+                    self.audit.record_or_warn(Event {
+                        actor: "node".into(),
+                        action: "quarantine-hold".into(),
+                        object: format!("quarantine item {id} (flow {flow_name})"),
+                        agreement: agreement.into(),
+                        purpose: String::new(),
+                        outcome: format!("held: {}", h.reason),
+                    });
+                    h.reason = format!("{} (held for review as {id})", h.reason);
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "a quarantined input could not be held for review")
+                }
+            }
+        }
     }
 
     /// A privacy officer's release of a held item: the flow's de-identification and verifier run
@@ -319,8 +329,13 @@ impl Node {
                 next_attempt: 0,
                 last_error: None,
                 delivered: None,
+                patient_tokens: Vec::new(),
+                complete: true,
             },
         };
+        if !entry.patient_tokens.contains(&d.patient_token) {
+            entry.patient_tokens.push(d.patient_token.clone());
+        }
         store::write_atomic(&dir.join(&file), &bytes)?;
         entry
             .instances

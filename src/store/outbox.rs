@@ -56,6 +56,18 @@ pub struct OutboxEntry {
     pub last_error: Option<String>,
     /// Instances the receiver stored / already held, from its signed receipt.
     pub delivered: Option<(u32, u32)>,
+    /// The de-identified Patient ID value(s) of the study's instances (the tokens that left).
+    #[serde(default)]
+    pub patient_tokens: Vec<String>,
+    /// False while the study is still arriving over DICOM (the listener's forwarder sends what
+    /// has arrived and owns the entry); true once the whole study is here (files given to
+    /// `send`, or a DICOM study after its quiet time).
+    #[serde(default = "complete_by_default")]
+    pub complete: bool,
+}
+
+fn complete_by_default() -> bool {
+    true
 }
 
 const ENTRY_FILE: &str = "transfer.json";
@@ -134,7 +146,7 @@ impl Outbox {
     pub fn due(&self, now: u64) -> Vec<(PathBuf, OutboxEntry)> {
         self.entries()
             .into_iter()
-            .filter(|(_, e)| e.state == OutboxState::Pending && e.next_attempt <= now)
+            .filter(|(_, e)| e.state == OutboxState::Pending && e.complete && e.next_attempt <= now)
             .collect()
     }
 
@@ -168,6 +180,38 @@ impl Outbox {
                 })
             })
             .collect()
+    }
+
+    /// Adds to `entry` every instance file in its folder that it does not list yet (hashing
+    /// each): a study that was still arriving when the node stopped lists only what had been
+    /// forwarded, while every instance made durable (and so acknowledged) is a file here.
+    /// Returns how many were added.
+    pub fn reconcile(dir: &Path, entry: &mut OutboxEntry) -> Result<usize, StoreError> {
+        use sha2::{Digest, Sha256};
+        let listed: std::collections::HashSet<String> =
+            entry.instances.iter().map(|i| i.file.clone()).collect();
+        let mut added = 0;
+        let mut names: Vec<String> = fs::read_dir(dir)
+            .map_err(io_err(dir))?
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().to_string())
+            .filter(|n| n.ends_with(".dcm") && !n.starts_with('.') && !listed.contains(n))
+            .collect();
+        names.sort();
+        for name in names {
+            let p = dir.join(&name);
+            let mut f = fs::File::open(&p).map_err(io_err(&p))?;
+            let mut h = Sha256::new();
+            let size = std::io::copy(&mut f, &mut h).map_err(io_err(&p))?;
+            entry.instances.push(OutboxInstance {
+                sop_instance_uid: name.trim_end_matches(".dcm").to_string(),
+                file: name,
+                sha256: hex::encode(h.finalize()),
+                size,
+            });
+            added += 1;
+        }
+        Ok(added)
     }
 
     /// Records a verified delivery and deletes the study's instance files.
@@ -246,6 +290,8 @@ mod tests {
             next_attempt: 0,
             last_error: None,
             delivered: None,
+            patient_tokens: vec!["tok".into()],
+            complete: true,
         }
     }
 

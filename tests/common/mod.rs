@@ -182,7 +182,7 @@ pub fn site_config(base: &Path, site: &str, addrs: &BTreeMap<String, String>) ->
             })
             .collect(),
         limits: Default::default(),
-        dicom: Default::default(),
+        dicom: None,
     }
 }
 

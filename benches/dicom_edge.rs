@@ -1,0 +1,338 @@
+//! The DICOM edge against a plain DICOM push, on the same machine in the same run, with a
+//! generated 500-instance CT study (512x512, 16-bit):
+//!
+//! - plain push: dcmtk `storescu` -> `storescp` (loopback, `TCP_NODELAY=1`, one `sync` after);
+//! - send: `pacs-broker send` of the study's files to a running partner (de-identify, outbox,
+//!   durable commits, mutual TLS, receiver verification and commit, signed receipt);
+//! - ingest: `storescu` into hospital-a's listener, every C-STORE acknowledged only once
+//!   durable (partner stopped, so only the ingest is measured), and the listener's peak RSS;
+//! - two hops: `storescu` into hospital-a until all instances are in telerad-c's inbox, with the
+//!   latency of each instance from hospital-a's acknowledgement (its de-identified file is named
+//!   in the outbox just before the answer) to its arrival in telerad-c's inbox.
+//!
+//! ```text
+//! cargo bench --bench dicom_edge
+//! DICOM_BENCH_INSTANCES=100 cargo bench --bench dicom_edge
+//! ```
+//!
+//! Needs dcmtk (`storescu`, `storescp`) and the repository's certs-dev/ and policies/ (the
+//! sites are laid out by `pacs-broker demo`). A benchmark, not a test: it prints the figures.
+
+use std::collections::HashMap;
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use pacs_broker::config::NodeConfig;
+use pacs_broker::demo::{write_synthetic_ct, SyntheticPatient};
+
+const BIN: &str = env!("CARGO_BIN_EXE_pacs-broker");
+const AGREEMENT: &str = "example-teleradiology";
+const FLOW: &str = "ct-reads";
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+struct Proc(Child);
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn wait_port(addr: &str) {
+    let start = Instant::now();
+    while TcpStream::connect(addr).is_err() {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "{addr} never opened"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn sync() {
+    let _ = Command::new("sync").status();
+}
+
+/// Two demo sites under `dir`, hospital-a's listener on a fresh port; returns their configs.
+fn lay_out(dir: &Path, quiet_secs: u64) -> (PathBuf, PathBuf, NodeConfig, NodeConfig) {
+    let out = Command::new(BIN)
+        .args(["demo", "--slices", "1", "--size", "16", "--data-dir"])
+        .arg(dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "demo: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let a = dir.join("hospital-a").join("node.toml");
+    let c = dir.join("telerad-c").join("node.toml");
+    let mut cfg_a = NodeConfig::load(&a).unwrap();
+    let cfg_c = NodeConfig::load(&c).unwrap();
+    let d = cfg_a
+        .dicom
+        .as_mut()
+        .expect("the demo's hospital-a has a listener");
+    d.listen = format!("127.0.0.1:{}", free_port());
+    d.study_quiet_secs = quiet_secs;
+    std::fs::write(&a, cfg_a.to_toml()).unwrap();
+    (a, c, cfg_a, cfg_c)
+}
+
+fn serve(config: &Path, cfg: &NodeConfig) -> Proc {
+    let p = Proc(
+        Command::new(BIN)
+            .args(["serve", "--config"])
+            .arg(config)
+            .env("PACS_BROKER_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    wait_port(&cfg.listen);
+    if let Some(d) = &cfg.dicom {
+        wait_port(&d.listen);
+    }
+    p
+}
+
+fn storescu(port: u16, called: &str, study: &Path) -> Duration {
+    let start = Instant::now();
+    let out = Command::new("storescu")
+        .args(["-aet", "MODALITY", "-aec", called, "+sd", "127.0.0.1"])
+        .arg(port.to_string())
+        .arg(study)
+        .env("TCP_NODELAY", "1")
+        .output()
+        .expect("storescu (dcmtk)");
+    let took = start.elapsed();
+    assert!(
+        out.status.success(),
+        "storescu: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    took
+}
+
+fn dcm_names(dir: &Path) -> Vec<String> {
+    walkdir::WalkDir::new(dir)
+        .into_iter()
+        .flatten()
+        .filter(|e| e.file_type().is_file())
+        .map(|e| e.file_name().to_string_lossy().to_string())
+        .filter(|n| n.ends_with(".dcm") && !n.starts_with('.'))
+        .collect()
+}
+
+fn rate(n: usize, d: Duration) -> String {
+    format!(
+        "{:.3} s ({:.0} instances/s)",
+        d.as_secs_f64(),
+        n as f64 / d.as_secs_f64()
+    )
+}
+
+fn peak_rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+fn main() {
+    let n: usize = std::env::var("DICOM_BENCH_INSTANCES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(500);
+    let base = tempfile::tempdir().unwrap();
+    let study = base.path().join("study");
+    let files = write_synthetic_ct(&study, &SyntheticPatient::default(), n, 512).unwrap();
+    let largest = files
+        .iter()
+        .map(|f| f.metadata().unwrap().len())
+        .max()
+        .unwrap_or(0);
+    let bytes: u64 = files.iter().map(|f| f.metadata().unwrap().len()).sum();
+    println!(
+        "study: {n} CT instances, 512x512 16-bit, {:.1} MB",
+        bytes as f64 / 1e6
+    );
+    sync();
+
+    // Plain push: storescu -> storescp, then one sync.
+    let plain = {
+        let out = base.path().join("storescp");
+        std::fs::create_dir_all(&out).unwrap();
+        let port = free_port();
+        let _scp = Proc(
+            Command::new("storescp")
+                .args(["-od"])
+                .arg(&out)
+                .arg(port.to_string())
+                .env("TCP_NODELAY", "1")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("storescp (dcmtk)"),
+        );
+        wait_port(&format!("127.0.0.1:{port}"));
+        let start = Instant::now();
+        storescu(port, "ANY-SCP", &study);
+        sync();
+        start.elapsed()
+    };
+    println!(
+        "plain push   storescu -> storescp + sync: {}",
+        rate(n, plain)
+    );
+
+    // send: the files to a running partner.
+    let send = {
+        let dir = base.path().join("send");
+        let (a, c, _, cfg_c) = lay_out(&dir, 2);
+        let _c = serve(&c, &cfg_c);
+        sync();
+        let start = Instant::now();
+        let out = Command::new(BIN)
+            .args(["send", "--config"])
+            .arg(&a)
+            .args(["--agreement", AGREEMENT, "--flow", FLOW])
+            .arg(&study)
+            .output()
+            .unwrap();
+        let took = start.elapsed();
+        assert!(
+            out.status.success(),
+            "send: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        took
+    };
+    println!(
+        "send         pacs-broker send to a running partner: {}  = {:.2}x the plain push",
+        rate(n, send),
+        send.as_secs_f64() / plain.as_secs_f64()
+    );
+
+    // Ingest: storescu into the listener (durable acks), partner stopped.
+    let (ingest, rss) = {
+        let dir = base.path().join("ingest");
+        let (a, _, cfg_a, _) = lay_out(&dir, 3600);
+        let node = serve(&a, &cfg_a);
+        let port: u16 = cfg_a
+            .dicom
+            .as_ref()
+            .unwrap()
+            .listen
+            .rsplit(':')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        sync();
+        let took = storescu(port, "HOSP_A_BROKER", &study);
+        (took, peak_rss_kib(node.0.id()))
+    };
+    println!(
+        "ingest       storescu -> hospital-a (durable acks): {}  = {:.2}x storescp's throughput",
+        rate(n, ingest),
+        plain.as_secs_f64() / ingest.as_secs_f64()
+    );
+    println!(
+        "peak RSS     of hospital-a while ingesting: {:.1} MiB (bound: 64 MiB + 2 x {:.2} MiB)",
+        rss as f64 / 1024.0,
+        largest as f64 / 1048576.0
+    );
+
+    two_hops(base.path(), &study, n, plain);
+}
+
+/// storescu into hospital-a until every instance is in telerad-c's inbox, with per-instance
+/// latency from the origin's acknowledgement to the partner.
+fn two_hops(base: &Path, study: &Path, n: usize, plain: Duration) {
+    let dir = base.join("two-hops");
+    let (a, c, cfg_a, cfg_c) = lay_out(&dir, 2);
+    let _c = serve(&c, &cfg_c);
+    let _a = serve(&a, &cfg_a);
+    let port: u16 = cfg_a
+        .dicom
+        .as_ref()
+        .unwrap()
+        .listen
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let outbox = cfg_a.data_dir.join("outbox");
+    let inbox = cfg_c.data_dir.join("store").join("inbox");
+    sync();
+    let start = Instant::now();
+    let watcher = std::thread::spawn(move || {
+        let mut acked: HashMap<String, Duration> = HashMap::new();
+        let mut arrived: HashMap<String, Duration> = HashMap::new();
+        while arrived.len() < n && start.elapsed() < Duration::from_secs(300) {
+            let now = start.elapsed();
+            for name in dcm_names(&outbox) {
+                acked.entry(name).or_insert(now);
+            }
+            for name in dcm_names(&inbox) {
+                arrived.entry(name).or_insert(now);
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        (acked, arrived, start.elapsed())
+    });
+    let ingest = storescu(port, "HOSP_A_BROKER", study);
+    let (acked, arrived, all_there) = watcher.join().unwrap();
+    let mut latencies: Vec<f64> = arrived
+        .iter()
+        .filter_map(|(name, at)| {
+            acked
+                .get(name)
+                .map(|a| at.saturating_sub(*a).as_secs_f64() * 1000.0)
+        })
+        .collect();
+    latencies.sort_by(|x, y| x.partial_cmp(y).unwrap());
+    // The first instance acknowledged: when it was acknowledged, and when it reached the partner.
+    let (first_name, first_ack) = acked
+        .iter()
+        .min_by_key(|(_, at)| **at)
+        .map(|(n, at)| (n.clone(), *at))
+        .unwrap_or_default();
+    let first = arrived.get(&first_name).copied().unwrap_or_default();
+    let pct = |p: f64| {
+        latencies
+            .get(((latencies.len() as f64 - 1.0) * p).round() as usize)
+            .copied()
+            .unwrap_or(f64::NAN)
+    };
+    println!(
+        "two hops     storescu -> hospital-a -> telerad-c inbox: {} (storescu done after {:.3} s); {} of {n} arrived  = {:.2}x the plain push",
+        rate(arrived.len(), all_there),
+        ingest.as_secs_f64(),
+        arrived.len(),
+        all_there.as_secs_f64() / plain.as_secs_f64()
+    );
+    println!(
+        "latency      origin ack -> partner inbox, per instance: median {:.0} ms, p99 {:.0} ms; first image at the partner {:.0} ms after its ack ({:.0} ms after storescu started)",
+        pct(0.5),
+        pct(0.99),
+        first.saturating_sub(first_ack).as_secs_f64() * 1000.0,
+        first.as_secs_f64() * 1000.0
+    );
+}

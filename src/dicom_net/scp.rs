@@ -1,0 +1,756 @@
+//! The DICOM listener: C-ECHO and C-STORE SCP on `dicom-ul` associations.
+//!
+//! Owns: accepting associations (at most `max_associations` at once; one more is rejected as
+//! transient, local limit exceeded), the allow-list (the accepted socket's `peer_addr` is
+//! checked before the association is established, and the AE titles through dicom-ul's
+//! `AccessControl`: a calling AE title not allowed from that address or another called AE title
+//! is answered with A-ASSOCIATE-RJ and the right reason, and audited), presentation contexts
+//! for Verification and every storage SOP class of the standard (decided from the DICOM
+//! dictionary, `dicom-dictionary-std`), with the first transfer syntax the sender proposes that
+//! the registry can parse (compressed ones included; nothing is transcoded), and the DIMSE
+//! message loop: each C-STORE's data set is streamed to a spool file as its PDUs arrive (memory
+//! stays at one PDU per association), handed to the [`StoreService`], and answered with its
+//! status only then: success only once the service has made the instance durable.
+//!
+//! Does not own: what happens to an instance ([`StoreService`]: the ingest pipeline).
+
+use std::io::{Read, Write};
+use std::net::{IpAddr, SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use dicom_core::{dicom_value, DataElement, PrimitiveValue, VR};
+use dicom_dictionary_std::tags;
+use dicom_object::InMemDicomObject;
+use dicom_ul::association::server::AccessControl;
+use dicom_ul::pdu::{
+    AssociationRJ, AssociationRJResult, AssociationRJServiceProviderPresentationReason,
+    AssociationRJServiceUserReason, AssociationRJSource, PDataValue, PDataValueType,
+    PresentationContextResultReason, UserIdentity,
+};
+use dicom_ul::{Pdu, ServerAssociationOptions};
+
+use crate::audit::{AuditLog, Event};
+use crate::config::{DicomAllow, DicomConfig};
+
+/// Who is on the other end of an association.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AssociationPeer {
+    pub calling_ae: String,
+    pub called_ae: String,
+    pub address: SocketAddr,
+}
+
+/// A DIMSE status code (PS3.4 Annex B, PS3.7 Annex C).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StoreStatus(pub u16);
+
+impl StoreStatus {
+    pub const SUCCESS: StoreStatus = StoreStatus(0x0000);
+    /// Refused: out of resources (storage could not be made durable).
+    pub const OUT_OF_RESOURCES: StoreStatus = StoreStatus(0xA700);
+    /// Error: cannot understand (not a usable DICOM data set).
+    pub const CANNOT_UNDERSTAND: StoreStatus = StoreStatus(0xC000);
+    /// Error: cannot understand, held back by de-identification (burned-in text, residual PHI).
+    pub const DEIDENTIFICATION_REFUSED: StoreStatus = StoreStatus(0xC001);
+    /// Refused: not authorised (no route, or the flow does not cover the instance).
+    pub const NOT_AUTHORIZED: StoreStatus = StoreStatus(0x0124);
+    /// Refused: SOP class not supported.
+    pub const SOP_CLASS_NOT_SUPPORTED: StoreStatus = StoreStatus(0x0122);
+}
+
+/// The answer to one C-STORE.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreOutcome {
+    /// Durable; answered with success.
+    Stored,
+    /// Not stored; answered with `status` and `reason` as Error Comment (no PHI).
+    Refused { status: StoreStatus, reason: String },
+}
+
+impl StoreOutcome {
+    pub fn refused(status: StoreStatus, reason: impl Into<String>) -> StoreOutcome {
+        StoreOutcome::Refused {
+            status,
+            reason: reason.into(),
+        }
+    }
+}
+
+/// What the listener hands received instances to.
+pub trait StoreService: Send + Sync + 'static {
+    type Session: Send;
+    /// An association was established.
+    fn begin(&self, peer: &AssociationPeer) -> Self::Session;
+    /// One received instance, as a Part 10 file at `spool` (deleted after this returns).
+    /// `Stored` only once the instance is durable.
+    fn store(&self, session: &mut Self::Session, spool: &Path) -> StoreOutcome;
+    /// The association ended (released, aborted or broken).
+    fn end(&self, session: Self::Session);
+}
+
+/// True for the storage SOP classes of the standard: SOP classes of the DICOM dictionary whose
+/// name ends in "Storage" (retired ones included: old devices still send them), except the
+/// DICOMDIR's Media Storage Directory Storage, which is not sent over the network.
+pub fn is_storage_sop_class(uid: &str) -> bool {
+    use dicom_core::dictionary::{UidDictionary, UidType};
+    let uid = uid.trim_end_matches(['\0', ' ']);
+    dicom_dictionary_std::StandardSopClassDictionary
+        .by_uid(uid)
+        .is_some_and(|e| {
+            e.r#type == UidType::SopClass
+                && e.name.trim_end_matches(" (Retired)").ends_with(" Storage")
+                && uid != dicom_dictionary_std::uids::MEDIA_STORAGE_DIRECTORY_STORAGE
+        })
+}
+
+const VERIFICATION: &str = dicom_dictionary_std::uids::VERIFICATION;
+
+/// Why an association request is rejected, decided from the allow-list.
+fn access_decision(
+    cfg_ae: &str,
+    allow: &[DicomAllow],
+    peer: IpAddr,
+    calling: &str,
+    called: &str,
+) -> Result<(), AssociationRJServiceUserReason> {
+    if called.trim() != cfg_ae.trim() {
+        return Err(AssociationRJServiceUserReason::CalledAETitleNotRecognized);
+    }
+    let peer = canonical(peer);
+    if allow
+        .iter()
+        .any(|a| a.ae_title.trim() == calling.trim() && canonical(a.address) == peer)
+    {
+        Ok(())
+    } else {
+        Err(AssociationRJServiceUserReason::CallingAETitleNotRecognized)
+    }
+}
+
+/// An IPv4 address seen through an IPv6 socket is the IPv4 address.
+fn canonical(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
+        v4 => v4,
+    }
+}
+
+/// dicom-ul's access control hook, holding the peer address checked on the accepted socket.
+struct AllowList {
+    allow: Vec<DicomAllow>,
+    peer: IpAddr,
+}
+
+impl AccessControl for AllowList {
+    fn check_access(
+        &self,
+        this_ae_title: &str,
+        calling_ae_title: &str,
+        called_ae_title: &str,
+        _user_identity: Option<&UserIdentity>,
+    ) -> Result<(), AssociationRJServiceUserReason> {
+        access_decision(
+            this_ae_title,
+            &self.allow,
+            self.peer,
+            calling_ae_title,
+            called_ae_title,
+        )
+    }
+}
+
+/// The DICOM listener of a node.
+pub struct Listener<S: StoreService> {
+    config: DicomConfig,
+    service: Arc<S>,
+    audit: Arc<AuditLog>,
+    spool: PathBuf,
+}
+
+impl<S: StoreService> Listener<S> {
+    /// `spool` is a private folder for instances being received (cleared now: anything there
+    /// was never acknowledged).
+    pub fn new(
+        config: DicomConfig,
+        service: Arc<S>,
+        audit: Arc<AuditLog>,
+        spool: PathBuf,
+    ) -> std::io::Result<Listener<S>> {
+        std::fs::create_dir_all(&spool)?;
+        for e in std::fs::read_dir(&spool)?.flatten() {
+            let _ = std::fs::remove_file(e.path());
+        }
+        Ok(Listener {
+            config,
+            service,
+            audit,
+            spool,
+        })
+    }
+
+    /// Accepts associations on `listener` until `shutdown` completes, then waits for the
+    /// associations in progress to end (each one ends when its peer releases it or goes quiet).
+    pub async fn serve(
+        self: Arc<Self>,
+        listener: tokio::net::TcpListener,
+        shutdown: impl std::future::Future<Output = ()> + Send,
+    ) {
+        let limit = Arc::new(tokio::sync::Semaphore::new(self.config.max_associations));
+        tokio::pin!(shutdown);
+        loop {
+            let accepted = tokio::select! {
+                a = listener.accept() => a,
+                _ = &mut shutdown => break,
+            };
+            let (socket, addr) = match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "DICOM accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let socket = match socket.into_std() {
+                Ok(s) => s,
+                Err(_) => continue,
+            };
+            let permit = limit.clone().try_acquire_owned().ok();
+            let me = self.clone();
+            let spawned = std::thread::Builder::new()
+                .name("dicom-association".into())
+                .spawn(move || {
+                    me.association(socket, addr, permit.is_some());
+                    drop(permit);
+                });
+            if let Err(e) = spawned {
+                tracing::error!(error = %e, "cannot start an association thread");
+            }
+        }
+        // Drain: every permit back means every association ended.
+        let _ = limit
+            .acquire_many(self.config.max_associations as u32)
+            .await;
+    }
+
+    fn record(&self, peer: &str, object: String, outcome: String) {
+        self.audit.record_or_warn(Event {
+            actor: format!("dicom:{peer}"),
+            action: "associate".into(),
+            object,
+            agreement: String::new(),
+            purpose: String::new(),
+            outcome,
+        });
+    }
+
+    /// One association, from the request to its end.
+    fn association(&self, socket: TcpStream, addr: SocketAddr, within_limit: bool) {
+        let _ = socket.set_nonblocking(false);
+        let _ = socket.set_nodelay(true);
+        let idle = Duration::from_secs(self.config.idle_timeout_secs.max(1));
+        let _ = socket.set_read_timeout(Some(idle));
+        let _ = socket.set_write_timeout(Some(idle));
+        let Some(rq) = peek_request(&socket, self.config.max_pdu, idle) else {
+            tracing::debug!(%addr, "connection closed before an association request");
+            return;
+        };
+        let (calling, called, proposed) = match &rq {
+            Pdu::AssociationRQ(r) => (
+                r.calling_ae_title.trim().to_string(),
+                r.called_ae_title.trim().to_string(),
+                r.presentation_contexts
+                    .iter()
+                    .map(|pc| pc.abstract_syntax.trim_end_matches(['\0', ' ']).to_string())
+                    .collect::<Vec<_>>(),
+            ),
+            _ => return,
+        };
+        let who = format!("{calling}@{}", addr.ip());
+        if !within_limit {
+            reject(
+                socket,
+                AssociationRJResult::Transient,
+                AssociationRJSource::ServiceProviderPresentation(
+                    AssociationRJServiceProviderPresentationReason::LocalLimitExceeded,
+                ),
+            );
+            self.record(
+                &who,
+                format!("association to {called}"),
+                format!(
+                    "rejected: {} associations in progress (the configured limit)",
+                    self.config.max_associations
+                ),
+            );
+            return;
+        }
+        if let Err(reason) = access_decision(
+            &self.config.ae_title,
+            &self.config.allow,
+            addr.ip(),
+            &calling,
+            &called,
+        ) {
+            tracing::warn!(calling_ae = %calling, called_ae = %called, address = %addr.ip(), ?reason, "association rejected");
+            self.record(
+                &who,
+                format!("association to {called}"),
+                format!("rejected: {}", describe(&reason)),
+            );
+        }
+        let mut options = ServerAssociationOptions::new()
+            .ae_access_control(AllowList {
+                allow: self.config.allow.clone(),
+                peer: addr.ip(),
+            })
+            .ae_title(self.config.ae_title.trim().to_string())
+            .max_pdu_length(self.config.max_pdu)
+            .read_timeout(idle)
+            .write_timeout(idle)
+            .with_abstract_syntax(VERIFICATION);
+        for uid in proposed.iter().filter(|u| is_storage_sop_class(u)) {
+            options = options.with_abstract_syntax(uid.clone());
+        }
+        let mut assoc = match options.establish(socket) {
+            Ok(a) => a,
+            Err(e) => {
+                // Rejections were audited above; anything else is a protocol failure.
+                if !matches!(e, dicom_ul::association::Error::Rejected { .. }) {
+                    tracing::warn!(%addr, error = %e, "association could not be established");
+                }
+                return;
+            }
+        };
+        let accepted = assoc
+            .presentation_contexts()
+            .iter()
+            .filter(|pc| pc.reason == PresentationContextResultReason::Acceptance)
+            .count();
+        tracing::info!(calling_ae = %calling, address = %addr.ip(), contexts = accepted, "association established");
+        let peer = AssociationPeer {
+            calling_ae: calling,
+            called_ae: called,
+            address: addr,
+        };
+        let mut session = self.service.begin(&peer);
+        if let Err(e) = self.messages(&mut assoc, &mut session, &peer) {
+            tracing::warn!(calling_ae = %peer.calling_ae, error = %e, "association ended abnormally");
+            let _ = assoc.abort();
+        }
+        self.service.end(session);
+    }
+
+    /// The DIMSE loop: commands and data sets until release or abort.
+    fn messages(
+        &self,
+        assoc: &mut dicom_ul::ServerAssociation<TcpStream>,
+        session: &mut S::Session,
+        peer: &AssociationPeer,
+    ) -> Result<(), String> {
+        let mut command: Vec<u8> = Vec::new();
+        let mut incoming: Option<Incoming> = None;
+        loop {
+            let pdu = assoc.receive().map_err(|e| e.to_string())?;
+            match pdu {
+                Pdu::PData { data } => {
+                    for pdv in data {
+                        match pdv.value_type {
+                            PDataValueType::Command => {
+                                command.extend_from_slice(&pdv.data);
+                                if command.len() > 64 * 1024 {
+                                    return Err("command set larger than 64 KiB".into());
+                                }
+                                if pdv.is_last {
+                                    let cmd = std::mem::take(&mut command);
+                                    incoming = self.command(
+                                        assoc,
+                                        &cmd,
+                                        pdv.presentation_context_id,
+                                        peer,
+                                    )?;
+                                }
+                            }
+                            PDataValueType::Data => {
+                                let inc = incoming
+                                    .as_mut()
+                                    .ok_or("a data set arrived without its C-STORE command")?;
+                                inc.write(&pdv.data)?;
+                                if pdv.is_last {
+                                    let inc = incoming.take().expect("incoming instance");
+                                    self.stored(assoc, session, inc)?;
+                                }
+                            }
+                        }
+                    }
+                }
+                Pdu::ReleaseRQ => {
+                    assoc.send(&Pdu::ReleaseRP).map_err(|e| e.to_string())?;
+                    return Ok(());
+                }
+                Pdu::AbortRQ { .. } => return Ok(()),
+                other => return Err(format!("unexpected PDU {:?}", pdu_name(&other))),
+            }
+        }
+    }
+
+    /// A complete command set: C-ECHO is answered at once; C-STORE opens a spool file for its
+    /// data set.
+    fn command(
+        &self,
+        assoc: &mut dicom_ul::ServerAssociation<TcpStream>,
+        bytes: &[u8],
+        pc_id: u8,
+        peer: &AssociationPeer,
+    ) -> Result<Option<Incoming>, String> {
+        let ts = dicom_transfer_syntax_registry::entries::IMPLICIT_VR_LITTLE_ENDIAN.erased();
+        let cmd = InMemDicomObject::read_dataset_with_ts(bytes, &ts)
+            .map_err(|_| "unreadable command set".to_string())?;
+        let u16_of = |tag| cmd.get(tag).and_then(|e| e.to_int::<u16>().ok());
+        let str_of = |tag| {
+            cmd.get(tag)
+                .and_then(|e| e.to_str().ok())
+                .map(|s| s.trim_end_matches(['\0', ' ']).to_string())
+                .unwrap_or_default()
+        };
+        let field = u16_of(tags::COMMAND_FIELD).ok_or("command set without Command Field")?;
+        let id = u16_of(tags::MESSAGE_ID).unwrap_or(0);
+        let sop_class = str_of(tags::AFFECTED_SOP_CLASS_UID);
+        match field {
+            0x0030 => {
+                let rsp = response(0x8030, id, &sop_class, None, StoreStatus::SUCCESS, None);
+                send_command(assoc, pc_id, rsp)?;
+                Ok(None)
+            }
+            0x0001 => {
+                let instance = str_of(tags::AFFECTED_SOP_INSTANCE_UID);
+                let pc = assoc
+                    .presentation_contexts()
+                    .iter()
+                    .find(|pc| {
+                        pc.id == pc_id && pc.reason == PresentationContextResultReason::Acceptance
+                    })
+                    .ok_or("C-STORE on a presentation context that was not accepted")?;
+                let ts_uid = pc.transfer_syntax.trim_end_matches(['\0', ' ']).to_string();
+                let spool = tempfile::Builder::new()
+                    .prefix("incoming-")
+                    .tempfile_in(&self.spool)
+                    .map_err(|e| format!("cannot create a spool file: {}", e.kind()));
+                let mut inc = Incoming {
+                    pc_id,
+                    message_id: id,
+                    sop_class,
+                    sop_instance: instance,
+                    spool: None,
+                    failed: None,
+                    started: Instant::now(),
+                };
+                match spool {
+                    Ok(f) => {
+                        let mut w = std::io::BufWriter::with_capacity(256 * 1024, f);
+                        match write_preamble(&mut w, &inc, &ts_uid, &peer.calling_ae) {
+                            Ok(()) => inc.spool = Some(w),
+                            Err(e) => inc.failed = Some(e),
+                        }
+                    }
+                    Err(e) => inc.failed = Some(e),
+                }
+                Ok(Some(inc))
+            }
+            other => Err(format!("unsupported DIMSE command 0x{other:04X}")),
+        }
+    }
+
+    /// The last fragment of a data set arrived: hand the instance over and answer.
+    fn stored(
+        &self,
+        assoc: &mut dicom_ul::ServerAssociation<TcpStream>,
+        session: &mut S::Session,
+        inc: Incoming,
+    ) -> Result<(), String> {
+        let Incoming {
+            pc_id,
+            message_id,
+            sop_class,
+            sop_instance,
+            spool,
+            failed,
+            started,
+        } = inc;
+        let outcome = match (spool, failed) {
+            (Some(w), None) => match w.into_inner() {
+                Ok(file) => self.service.store(session, file.path()),
+                Err(e) => StoreOutcome::refused(
+                    StoreStatus::OUT_OF_RESOURCES,
+                    format!("cannot write the spool file: {}", e.error().kind()),
+                ),
+            },
+            (_, Some(reason)) => StoreOutcome::refused(StoreStatus::OUT_OF_RESOURCES, reason),
+            (None, None) => StoreOutcome::refused(StoreStatus::OUT_OF_RESOURCES, "no spool file"),
+        };
+        let (status, comment) = match &outcome {
+            StoreOutcome::Stored => (StoreStatus::SUCCESS, None),
+            StoreOutcome::Refused { status, reason } => (*status, Some(reason.as_str())),
+        };
+        tracing::debug!(
+            status = status.0,
+            ms = started.elapsed().as_millis() as u64,
+            "C-STORE answered"
+        );
+        let rsp = response(
+            0x8001,
+            message_id,
+            &sop_class,
+            Some(&sop_instance),
+            status,
+            comment,
+        );
+        send_command(assoc, pc_id, rsp)
+    }
+}
+
+/// A C-STORE whose data set is arriving.
+struct Incoming {
+    pc_id: u8,
+    message_id: u16,
+    sop_class: String,
+    sop_instance: String,
+    spool: Option<std::io::BufWriter<tempfile::NamedTempFile>>,
+    /// Set when the spool failed: the rest of the data set is read and dropped, then answered
+    /// with out of resources.
+    failed: Option<String>,
+    started: Instant,
+}
+
+impl Incoming {
+    fn write(&mut self, bytes: &[u8]) -> Result<(), String> {
+        if let Some(w) = self.spool.as_mut() {
+            if let Err(e) = w.write_all(bytes) {
+                self.failed = Some(format!("cannot write the spool file: {}", e.kind()));
+                self.spool = None;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Preamble, `DICM` and the file meta group, so that the spool file is a Part 10 file the
+/// guarded reader takes like any other; the data set follows as received.
+fn write_preamble(
+    w: &mut impl Write,
+    inc: &Incoming,
+    ts: &str,
+    calling_ae: &str,
+) -> Result<(), String> {
+    let meta = dicom_object::FileMetaTableBuilder::new()
+        .media_storage_sop_class_uid(inc.sop_class.as_str())
+        .media_storage_sop_instance_uid(inc.sop_instance.as_str())
+        .transfer_syntax(ts)
+        .source_application_entity_title(calling_ae)
+        .build()
+        .map_err(|_| "the C-STORE command lacks its SOP class or instance UID".to_string())?;
+    let io = |e: std::io::Error| format!("cannot write the spool file: {}", e.kind());
+    w.write_all(&[0u8; 128]).map_err(io)?;
+    w.write_all(b"DICM").map_err(io)?;
+    meta.write(&mut *w)
+        .map_err(|_| "cannot write the spool file's meta group".to_string())
+}
+
+/// A DIMSE response command set.
+fn response(
+    field: u16,
+    id: u16,
+    sop_class: &str,
+    sop_instance: Option<&str>,
+    status: StoreStatus,
+    comment: Option<&str>,
+) -> InMemDicomObject {
+    let mut elements = vec![
+        DataElement::new(
+            tags::AFFECTED_SOP_CLASS_UID,
+            VR::UI,
+            PrimitiveValue::from(sop_class),
+        ),
+        DataElement::new(tags::COMMAND_FIELD, VR::US, dicom_value!(U16, [field])),
+        DataElement::new(
+            tags::MESSAGE_ID_BEING_RESPONDED_TO,
+            VR::US,
+            dicom_value!(U16, [id]),
+        ),
+        DataElement::new(
+            tags::COMMAND_DATA_SET_TYPE,
+            VR::US,
+            dicom_value!(U16, [0x0101]),
+        ),
+        DataElement::new(tags::STATUS, VR::US, dicom_value!(U16, [status.0])),
+    ];
+    if let Some(uid) = sop_instance {
+        elements.push(DataElement::new(
+            tags::AFFECTED_SOP_INSTANCE_UID,
+            VR::UI,
+            PrimitiveValue::from(uid),
+        ));
+    }
+    if let Some(c) = comment {
+        // Error Comment is LO: at most 64 characters.
+        let c: String = c.chars().filter(|c| *c != '\\').take(64).collect();
+        elements.push(DataElement::new(
+            tags::ERROR_COMMENT,
+            VR::LO,
+            PrimitiveValue::from(c),
+        ));
+    }
+    InMemDicomObject::command_from_element_iter(elements)
+}
+
+fn send_command(
+    assoc: &mut dicom_ul::ServerAssociation<TcpStream>,
+    pc_id: u8,
+    cmd: InMemDicomObject,
+) -> Result<(), String> {
+    let ts = dicom_transfer_syntax_registry::entries::IMPLICIT_VR_LITTLE_ENDIAN.erased();
+    let mut data = Vec::new();
+    cmd.write_dataset_with_ts(&mut data, &ts)
+        .map_err(|e| format!("cannot encode a response: {e}"))?;
+    assoc
+        .send(&Pdu::PData {
+            data: vec![PDataValue {
+                presentation_context_id: pc_id,
+                value_type: PDataValueType::Command,
+                is_last: true,
+                data,
+            }],
+        })
+        .map_err(|e| e.to_string())
+}
+
+/// Reads the A-ASSOCIATE-RQ without consuming it (`MSG_PEEK`), so that the presentation
+/// contexts can be decided before dicom-ul establishes the association from the same bytes.
+fn peek_request(socket: &TcpStream, max_pdu: u32, wait: Duration) -> Option<Pdu> {
+    let deadline = Instant::now() + wait;
+    let mut buf = vec![0u8; 6];
+    loop {
+        let n = socket.peek(&mut buf).ok()?;
+        if n == 0 {
+            return None;
+        }
+        if n >= 6 {
+            let len = u32::from_be_bytes([buf[2], buf[3], buf[4], buf[5]]) as usize;
+            // An association request is small; a huge one is not a request we take.
+            if buf[0] != 0x01 || len > 64 * 1024 {
+                return None;
+            }
+            if buf.len() < 6 + len {
+                buf.resize(6 + len, 0);
+                continue;
+            }
+            if n >= 6 + len {
+                return dicom_ul::read_pdu(&buf[..6 + len], max_pdu.max(16 * 1024), false)
+                    .ok()
+                    .flatten();
+            }
+        }
+        if Instant::now() > deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// Answers an association request with A-ASSOCIATE-RJ and closes.
+fn reject(mut socket: TcpStream, result: AssociationRJResult, source: AssociationRJSource) {
+    // Consume the request first, so the peer reads the rejection rather than a reset.
+    let mut head = [0u8; 6];
+    if socket.read_exact(&mut head).is_ok() {
+        let len = u32::from_be_bytes([head[2], head[3], head[4], head[5]]) as u64;
+        let _ = std::io::copy(&mut (&socket).take(len), &mut std::io::sink());
+    }
+    let mut out = Vec::new();
+    if dicom_ul::write_pdu(
+        &mut out,
+        &Pdu::AssociationRJ(AssociationRJ { result, source }),
+    )
+    .is_ok()
+    {
+        let _ = socket.write_all(&out);
+    }
+    let _ = socket.shutdown(std::net::Shutdown::Both);
+}
+
+fn describe(reason: &AssociationRJServiceUserReason) -> &'static str {
+    match reason {
+        AssociationRJServiceUserReason::CalledAETitleNotRecognized => {
+            "called AE title not recognized (not this node's AE title)"
+        }
+        AssociationRJServiceUserReason::CallingAETitleNotRecognized => {
+            "calling AE title not recognized (not on the allow-list from this address)"
+        }
+        _ => "not allowed",
+    }
+}
+
+fn pdu_name(p: &Pdu) -> &'static str {
+    match p {
+        Pdu::AssociationRQ(_) => "A-ASSOCIATE-RQ",
+        Pdu::AssociationAC(_) => "A-ASSOCIATE-AC",
+        Pdu::AssociationRJ(_) => "A-ASSOCIATE-RJ",
+        Pdu::PData { .. } => "P-DATA-TF",
+        Pdu::ReleaseRQ => "A-RELEASE-RQ",
+        Pdu::ReleaseRP => "A-RELEASE-RP",
+        Pdu::AbortRQ { .. } => "A-ABORT",
+        _ => "unknown",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn storage_sop_classes_come_from_the_dictionary() {
+        use dicom_dictionary_std::uids;
+        assert!(is_storage_sop_class(uids::CT_IMAGE_STORAGE));
+        assert!(is_storage_sop_class(uids::ENHANCED_MR_IMAGE_STORAGE));
+        assert!(is_storage_sop_class(uids::BASIC_TEXT_SR_STORAGE));
+        assert!(is_storage_sop_class(uids::SECONDARY_CAPTURE_IMAGE_STORAGE));
+        assert!(!is_storage_sop_class(uids::VERIFICATION));
+        assert!(!is_storage_sop_class(uids::STORAGE_COMMITMENT_PUSH_MODEL));
+        assert!(!is_storage_sop_class(uids::MEDIA_STORAGE_DIRECTORY_STORAGE));
+        assert!(!is_storage_sop_class(
+            uids::STUDY_ROOT_QUERY_RETRIEVE_INFORMATION_MODEL_FIND
+        ));
+        assert!(!is_storage_sop_class("1.2.3.4.5"));
+    }
+
+    #[test]
+    fn the_allow_list_checks_called_ae_calling_ae_and_address_together() {
+        let allow = vec![DicomAllow {
+            ae_title: "MODALITY".into(),
+            address: "127.0.0.1".parse().unwrap(),
+        }];
+        let local: IpAddr = "127.0.0.1".parse().unwrap();
+        let other: IpAddr = "127.0.0.2".parse().unwrap();
+        assert_eq!(
+            access_decision("BROKER", &allow, local, "MODALITY", "BROKER"),
+            Ok(())
+        );
+        let mapped: IpAddr = "::ffff:127.0.0.1".parse().unwrap();
+        assert_eq!(
+            access_decision("BROKER", &allow, mapped, "MODALITY", "BROKER"),
+            Ok(())
+        );
+        assert_eq!(
+            access_decision("BROKER", &allow, local, "MODALITY", "OTHER"),
+            Err(AssociationRJServiceUserReason::CalledAETitleNotRecognized)
+        );
+        assert_eq!(
+            access_decision("BROKER", &allow, local, "INTRUDER", "BROKER"),
+            Err(AssociationRJServiceUserReason::CallingAETitleNotRecognized)
+        );
+        assert_eq!(
+            access_decision("BROKER", &allow, other, "MODALITY", "BROKER"),
+            Err(AssociationRJServiceUserReason::CallingAETitleNotRecognized)
+        );
+    }
+}

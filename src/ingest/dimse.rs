@@ -1,0 +1,641 @@
+//! The DIMSE source: instances a local device sends to the DICOM listener (C-STORE).
+//!
+//! Owns: routing an association to an agreement's flow (`[[dicom.routes]]`, matched on calling
+//! and called AE title), taking one received instance through the pipeline with the calling AE
+//! as its source AE (so `select.source_aes` is enforced), making it durable in the outbox
+//! before the listener may acknowledge it (vault record flushed, output fsynced and named,
+//! folder fsynced), and the studies still arriving ([`OpenStudies`]): what is new since the last
+//! forward, and which have been quiet long enough to count as complete.
+//!
+//! Does not own: the association layer (`dicom_net::scp` calls [`DimseIngest`] through its
+//! `StoreService` trait) or sending to the partner (`node` runs the forwarder).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use super::{admit_and_deidentify, HeldBack, HeldBackKind, IngestFlow};
+use crate::audit::{AuditLog, Event};
+use crate::config::DicomRoute;
+use crate::deid::batch;
+use crate::dicom_net::scp::{AssociationPeer, StoreOutcome, StoreService, StoreStatus};
+use crate::pseudonym::Vault;
+use crate::store::outbox::{self, Outbox, OutboxEntry, OutboxInstance, OutboxState};
+use crate::store::safe_name;
+
+/// Resolves a route's flow against the agreements in force (called once per association, so
+/// a reloaded agreement applies from the next association on).
+pub type FlowResolver =
+    dyn Fn(&DicomRoute) -> Result<IngestFlow, super::IngestError> + Send + Sync + 'static;
+
+/// Opens the site's vault (its sled database takes a lock while open).
+pub type VaultOpener = dyn Fn() -> Result<Vault, String> + Send + Sync + 'static;
+
+/// The listener's side of the pipeline.
+pub struct DimseIngest {
+    routes: Vec<DicomRoute>,
+    resolve: Box<FlowResolver>,
+    outbox: Outbox,
+    open_vault: Box<VaultOpener>,
+    /// The vault while associations are in progress, and how many. It is opened for the first
+    /// and closed after the last, so that `send` can run beside an idle listener (each sled
+    /// database is locked by the one process that opens it).
+    vault: Mutex<(Option<Arc<Vault>>, usize)>,
+    audit: Arc<AuditLog>,
+    open: Arc<OpenStudies>,
+}
+
+/// One association's view: who it is and which flow its instances go to.
+pub struct Session {
+    peer: AssociationPeer,
+    /// The flow and vault, or why this association's instances are refused and with what status.
+    flow: Result<(Arc<IngestFlow>, Arc<Vault>), (String, StoreStatus)>,
+    received: u64,
+    stored: u64,
+    held_back: Vec<HeldBack>,
+}
+
+impl DimseIngest {
+    pub fn new(
+        routes: Vec<DicomRoute>,
+        resolve: Box<FlowResolver>,
+        outbox: Outbox,
+        open_vault: Box<VaultOpener>,
+        audit: Arc<AuditLog>,
+        open: Arc<OpenStudies>,
+    ) -> DimseIngest {
+        DimseIngest {
+            routes,
+            resolve,
+            outbox,
+            open_vault,
+            vault: Mutex::new((None, 0)),
+            audit,
+            open,
+        }
+    }
+
+    /// The vault for one more association.
+    fn vault_for_association(&self) -> Result<Arc<Vault>, String> {
+        let mut v = self.vault.lock().unwrap_or_else(|p| p.into_inner());
+        if v.0.is_none() {
+            v.0 = Some(Arc::new((self.open_vault)()?));
+        }
+        v.1 += 1;
+        Ok(v.0.clone().expect("just opened"))
+    }
+
+    /// One association fewer; the last one closes the vault.
+    fn vault_released(&self) {
+        let mut v = self.vault.lock().unwrap_or_else(|p| p.into_inner());
+        v.1 = v.1.saturating_sub(1);
+        if v.1 == 0 {
+            v.0 = None;
+        }
+    }
+
+    fn audit(
+        &self,
+        peer: &AssociationPeer,
+        flow: Option<&IngestFlow>,
+        object: String,
+        outcome: String,
+    ) {
+        self.audit.record_or_warn(Event {
+            actor: format!("dicom:{}@{}", peer.calling_ae, peer.address.ip()),
+            action: "ingest".into(),
+            object,
+            agreement: flow.map(|f| f.agreement.clone()).unwrap_or_default(),
+            purpose: flow.map(|f| f.purpose.clone()).unwrap_or_default(),
+            outcome,
+        });
+    }
+
+    /// The first route whose optional AE matches hold for this association.
+    fn route(&self, peer: &AssociationPeer) -> Option<&DicomRoute> {
+        let same = |want: &Option<String>, have: &str| {
+            want.as_deref().is_none_or(|w| w.trim() == have.trim())
+        };
+        self.routes
+            .iter()
+            .find(|r| same(&r.calling_ae, &peer.calling_ae) && same(&r.called_ae, &peer.called_ae))
+    }
+
+    /// Stores one instance durably in the outbox; `Err` says why it was held back.
+    fn take(
+        &self,
+        flow: &IngestFlow,
+        vault: &Vault,
+        peer: &AssociationPeer,
+        n: u64,
+        spool: &Path,
+    ) -> Result<(), (HeldBack, StoreStatus)> {
+        let input = format!("instance {n} from {}", peer.calling_ae);
+        let held = |kind, reason: String, status| {
+            (
+                HeldBack {
+                    input: input.clone(),
+                    path: None,
+                    kind,
+                    reason,
+                },
+                status,
+            )
+        };
+        let admitted =
+            admit_and_deidentify(flow, spool, Some(&peer.calling_ae)).map_err(|why| {
+                let h = HeldBack::new(input.clone(), None, why);
+                let status = match h.kind {
+                    HeldBackKind::Quarantined => StoreStatus::DEIDENTIFICATION_REFUSED,
+                    HeldBackKind::NotCovered => StoreStatus::NOT_AUTHORIZED,
+                    HeldBackKind::Failed => StoreStatus::CANNOT_UNDERSTAND,
+                };
+                (h, status)
+            })?;
+        let d = admitted.deidentified;
+        // The vault record is durable before the instance is: a token never exists at the
+        // partner without the means to resolve it here.
+        for (token, entry) in &d.vault_entries {
+            vault.record(&flow.agreement, token, entry).map_err(|_| {
+                held(
+                    HeldBackKind::Failed,
+                    "the vault could not record its tokens".into(),
+                    StoreStatus::OUT_OF_RESOURCES,
+                )
+            })?;
+        }
+        vault.flush().map_err(|_| {
+            held(
+                HeldBackKind::Failed,
+                "the vault could not be flushed".into(),
+                StoreStatus::OUT_OF_RESOURCES,
+            )
+        })?;
+        let dir = self.outbox.study_dir(&flow.agreement, &d.study_uid);
+        self.open
+            .ensure_entry(&self.outbox, flow, &d.study_uid, &dir)
+            .map_err(|e| {
+                held(
+                    HeldBackKind::Failed,
+                    format!("cannot open the outbox study: {e}"),
+                    StoreStatus::OUT_OF_RESOURCES,
+                )
+            })?;
+        let file = format!("{}.dcm", safe_name(&d.sop_instance_uid));
+        let staged = batch::stage_output_hashed(d.object, d.pixel_data.as_ref(), &dir.join(&file))
+            .map_err(|r| held(HeldBackKind::Failed, r, StoreStatus::OUT_OF_RESOURCES))?;
+        let instance = OutboxInstance {
+            file,
+            sha256: hex::encode(staged.sha256().unwrap_or_default()),
+            size: staged.size(),
+            sop_instance_uid: d.sop_instance_uid,
+        };
+        for (_, result) in batch::commit_outputs(vec![staged]) {
+            result.map_err(|r| held(HeldBackKind::Failed, r, StoreStatus::OUT_OF_RESOURCES))?;
+        }
+        crate::store::sync_dir(&dir).map_err(|e| {
+            held(
+                HeldBackKind::Failed,
+                format!("cannot sync the outbox folder: {e}"),
+                StoreStatus::OUT_OF_RESOURCES,
+            )
+        })?;
+        self.open.arrived(
+            flow,
+            &d.study_uid,
+            dir,
+            instance,
+            admitted.modality,
+            d.patient_token,
+        );
+        Ok(())
+    }
+}
+
+impl StoreService for DimseIngest {
+    type Session = Session;
+
+    fn begin(&self, peer: &AssociationPeer) -> Session {
+        let flow = match self.route(peer) {
+            None => Err((
+                format!(
+                    "no [[dicom.routes]] entry matches calling AE `{}` and called AE `{}`",
+                    peer.calling_ae, peer.called_ae
+                ),
+                StoreStatus::NOT_AUTHORIZED,
+            )),
+            Some(route) => (self.resolve)(route)
+                .map(Arc::new)
+                .map_err(|e| (e.to_string(), StoreStatus::NOT_AUTHORIZED))
+                .and_then(|flow| {
+                    let vault = self.vault_for_association().map_err(|e| {
+                        (
+                            format!("the vault cannot be opened: {e}"),
+                            StoreStatus::OUT_OF_RESOURCES,
+                        )
+                    })?;
+                    Ok((flow, vault))
+                }),
+        };
+        if let Err((why, _)) = &flow {
+            tracing::warn!(calling_ae = %peer.calling_ae, reason = %why, "association has no usable flow; its instances will be refused");
+        }
+        Session {
+            peer: peer.clone(),
+            flow,
+            received: 0,
+            stored: 0,
+            held_back: Vec::new(),
+        }
+    }
+
+    fn store(&self, s: &mut Session, spool: &Path) -> StoreOutcome {
+        s.received += 1;
+        let n = s.received;
+        let (flow, vault) = match &s.flow {
+            Ok((f, v)) => (f.clone(), v.clone()),
+            Err((why, status)) => {
+                let kind = if *status == StoreStatus::OUT_OF_RESOURCES {
+                    HeldBackKind::Failed
+                } else {
+                    HeldBackKind::NotCovered
+                };
+                let held = HeldBack {
+                    input: format!("instance {n} from {}", s.peer.calling_ae),
+                    path: None,
+                    kind,
+                    reason: why.clone(),
+                };
+                self.audit(&s.peer, None, held.input.clone(), format!("refused: {why}"));
+                s.held_back.push(held);
+                return StoreOutcome::refused(*status, why.clone());
+            }
+        };
+        match self.take(&flow, &vault, &s.peer, n, spool) {
+            Ok(()) => {
+                s.stored += 1;
+                StoreOutcome::Stored
+            }
+            Err((held, status)) => {
+                tracing::warn!(calling_ae = %s.peer.calling_ae, instance = n, outcome = held.kind.describe(), reason = %held.reason, "instance held back");
+                self.audit(
+                    &s.peer,
+                    Some(&flow),
+                    held.input.clone(),
+                    format!("{}: {}", held.kind.describe(), held.reason),
+                );
+                let reason = format!("{}: {}", held.kind.describe(), held.reason);
+                s.held_back.push(held);
+                StoreOutcome::refused(status, reason)
+            }
+        }
+    }
+
+    fn end(&self, s: Session) {
+        let flow = s.flow.as_ref().ok().map(|(f, _)| f.as_ref());
+        if s.received > 0 {
+            self.audit(
+                &s.peer,
+                flow,
+                format!(
+                    "association: {} instances received, {} stored",
+                    s.received, s.stored
+                ),
+                if s.held_back.is_empty() {
+                    "ok".into()
+                } else {
+                    format!("{} held back", s.held_back.len())
+                },
+            );
+        }
+        tracing::info!(calling_ae = %s.peer.calling_ae, received = s.received, stored = s.stored, held_back = s.held_back.len(), "association ended");
+        if s.flow.is_ok() {
+            drop(s);
+            self.vault_released();
+        }
+    }
+}
+
+/// A study still arriving over DICOM.
+struct OpenStudy {
+    dir: PathBuf,
+    entry: OutboxEntry,
+    /// How many of `entry.instances` the partner has been sent (in order).
+    forwarded: usize,
+    last_arrival: Instant,
+    /// Not before this instant (after a failed attempt).
+    retry_at: Option<Instant>,
+    busy: bool,
+}
+
+/// What the forwarder should do with one study now.
+pub struct Forward {
+    pub dir: PathBuf,
+    /// The entry to send (its `complete` says whether this is the final offer).
+    pub entry: OutboxEntry,
+}
+
+/// The studies the listener is receiving, shared by the association threads and the forwarder.
+pub struct OpenStudies {
+    quiet: Duration,
+    studies: Mutex<BTreeMap<(String, String), OpenStudy>>,
+    /// Wakes the forwarder when an instance arrives.
+    pub wake: tokio::sync::Notify,
+}
+
+impl OpenStudies {
+    pub fn new(quiet: Duration) -> OpenStudies {
+        OpenStudies {
+            quiet,
+            studies: Mutex::new(BTreeMap::new()),
+            wake: tokio::sync::Notify::new(),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<(String, String), OpenStudy>> {
+        self.studies.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Makes sure the study has an outbox entry marked as still arriving (a new one, or the
+    /// existing one reopened), before its first instance is made durable.
+    fn ensure_entry(
+        &self,
+        outbox: &Outbox,
+        flow: &IngestFlow,
+        study: &str,
+        dir: &Path,
+    ) -> Result<(), crate::store::StoreError> {
+        let key = (flow.agreement.clone(), study.to_string());
+        let mut map = self.lock();
+        if map.contains_key(&key) {
+            return Ok(());
+        }
+        let entry = match Outbox::load(dir) {
+            Ok(mut e) => {
+                e.complete = false;
+                e.state = OutboxState::Pending;
+                e
+            }
+            Err(_) => OutboxEntry {
+                agreement: flow.agreement.clone(),
+                flow: flow.flow.clone(),
+                purpose: flow.purpose.clone(),
+                to: flow.to.clone(),
+                study_token: study.to_string(),
+                modalities: Vec::new(),
+                instances: Vec::new(),
+                state: OutboxState::Pending,
+                created: outbox::now(),
+                attempts: 0,
+                next_attempt: 0,
+                last_error: None,
+                delivered: None,
+                patient_tokens: Vec::new(),
+                complete: false,
+            },
+        };
+        outbox.save(&entry)?;
+        map.insert(
+            key,
+            OpenStudy {
+                dir: dir.to_path_buf(),
+                forwarded: 0,
+                entry,
+                last_arrival: Instant::now(),
+                retry_at: None,
+                busy: false,
+            },
+        );
+        Ok(())
+    }
+
+    fn arrived(
+        &self,
+        flow: &IngestFlow,
+        study: &str,
+        dir: PathBuf,
+        instance: OutboxInstance,
+        modality: Option<String>,
+        patient_token: String,
+    ) {
+        let mut map = self.lock();
+        let open = map
+            .entry((flow.agreement.clone(), study.to_string()))
+            .or_insert_with(|| OpenStudy {
+                dir,
+                forwarded: 0,
+                entry: OutboxEntry {
+                    agreement: flow.agreement.clone(),
+                    flow: flow.flow.clone(),
+                    purpose: flow.purpose.clone(),
+                    to: flow.to.clone(),
+                    study_token: study.to_string(),
+                    modalities: Vec::new(),
+                    instances: Vec::new(),
+                    state: OutboxState::Pending,
+                    created: outbox::now(),
+                    attempts: 0,
+                    next_attempt: 0,
+                    last_error: None,
+                    delivered: None,
+                    patient_tokens: Vec::new(),
+                    complete: false,
+                },
+                last_arrival: Instant::now(),
+                retry_at: None,
+                busy: false,
+            });
+        let e = &mut open.entry;
+        // The same SOP instance sent again replaces what was there (its file was replaced).
+        match e.instances.iter().position(|i| i.file == instance.file) {
+            Some(at) if e.instances[at] != instance => {
+                e.instances.remove(at);
+                open.forwarded = open.forwarded.min(at);
+                e.instances.push(instance);
+            }
+            Some(_) => {}
+            None => e.instances.push(instance),
+        }
+        let mut m: BTreeSet<String> = e.modalities.drain(..).collect();
+        m.extend(modality);
+        e.modalities = m.into_iter().collect();
+        if !e.patient_tokens.contains(&patient_token) {
+            e.patient_tokens.push(patient_token);
+        }
+        open.last_arrival = Instant::now();
+        drop(map);
+        self.wake.notify_one();
+    }
+
+    /// Picks up the studies left open by a node that stopped (or was killed) while they were
+    /// arriving: every instance file in their folders was made durable, so it goes.
+    pub fn recover(&self, outbox: &Outbox) -> usize {
+        let mut n = 0;
+        for (dir, mut entry) in outbox.entries() {
+            if entry.complete || entry.state != OutboxState::Pending {
+                continue;
+            }
+            if let Err(e) = Outbox::reconcile(&dir, &mut entry) {
+                tracing::error!(error = %e, "an open outbox study could not be read back");
+                continue;
+            }
+            self.lock().insert(
+                (entry.agreement.clone(), entry.study_token.clone()),
+                OpenStudy {
+                    dir,
+                    forwarded: 0,
+                    entry,
+                    last_arrival: Instant::now(),
+                    retry_at: None,
+                    busy: false,
+                },
+            );
+            n += 1;
+        }
+        n
+    }
+
+    /// The studies with something to send now: new instances since the last forward, or a
+    /// quiet time passed (then `entry.complete` is set: the final offer). Each returned study
+    /// is busy until [`OpenStudies::done`].
+    pub fn due(&self) -> Vec<Forward> {
+        let now = Instant::now();
+        let mut out = Vec::new();
+        for open in self.lock().values_mut() {
+            if open.busy || open.retry_at.is_some_and(|t| t > now) {
+                continue;
+            }
+            let quiet = now.duration_since(open.last_arrival) >= self.quiet;
+            let new = open.entry.instances.len() > open.forwarded;
+            if !new && !quiet {
+                continue;
+            }
+            open.busy = true;
+            let mut entry = open.entry.clone();
+            entry.complete = quiet;
+            out.push(Forward {
+                dir: open.dir.clone(),
+                entry,
+            });
+        }
+        out
+    }
+
+    /// The outcome of a forward: `Ok` means the partner holds every instance the entry listed
+    /// (a complete study leaves the open set); `Err(retry_in)` waits before the next attempt.
+    pub fn done(&self, f: &Forward, result: Result<(), Duration>) {
+        let mut map = self.lock();
+        let key = (f.entry.agreement.clone(), f.entry.study_token.clone());
+        let Some(open) = map.get_mut(&key) else {
+            return;
+        };
+        open.busy = false;
+        match result {
+            Ok(()) => {
+                open.retry_at = None;
+                open.forwarded = open.forwarded.max(f.entry.instances.len());
+                open.entry.attempts = f.entry.attempts;
+                let more = open.entry.instances.len() > f.entry.instances.len();
+                if f.entry.complete && !more {
+                    map.remove(&key);
+                }
+            }
+            Err(wait) => {
+                open.retry_at = Some(Instant::now() + wait);
+                open.entry.attempts = f.entry.attempts;
+            }
+        }
+    }
+
+    /// How long until the next study may need attention (at most the quiet time).
+    pub fn next_check(&self) -> Duration {
+        let now = Instant::now();
+        self.lock()
+            .values()
+            .filter(|o| !o.busy)
+            .map(|o| {
+                let at = o.retry_at.unwrap_or(o.last_arrival + self.quiet);
+                at.saturating_duration_since(now)
+            })
+            .min()
+            .unwrap_or(self.quiet)
+            .max(Duration::from_millis(5))
+    }
+
+    /// How many studies are still arriving or waiting to be completed.
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn flow() -> IngestFlow {
+        let keys = crate::pseudonym::SiteKeys::from_bytes([7; 32], [9; 32]);
+        IngestFlow {
+            agreement: "a".into(),
+            flow: "f".into(),
+            purpose: "treatment".into(),
+            to: "c".into(),
+            deid: crate::deid::Deidentifier::new(Default::default(), keys.tokenizer("a")),
+            select: Default::default(),
+        }
+    }
+
+    fn instance(name: &str, sha: u8) -> OutboxInstance {
+        OutboxInstance {
+            file: format!("{name}.dcm"),
+            sha256: hex::encode([sha; 32]),
+            size: 10,
+            sop_instance_uid: name.into(),
+        }
+    }
+
+    #[test]
+    fn an_open_study_is_forwarded_as_it_arrives_and_completed_after_its_quiet_time() {
+        let open = OpenStudies::new(Duration::from_millis(100));
+        let f = flow();
+        let dir = PathBuf::from("unused");
+        open.arrived(
+            &f,
+            "s",
+            dir.clone(),
+            instance("1", 1),
+            Some("CT".into()),
+            "p".into(),
+        );
+        let due = open.due();
+        assert_eq!(due.len(), 1);
+        assert!(!due[0].entry.complete, "not quiet yet: a partial offer");
+        assert!(open.due().is_empty(), "busy while it is being sent");
+        // A second instance arrives while the first is on its way.
+        open.arrived(&f, "s", dir.clone(), instance("2", 2), None, "p".into());
+        open.done(&due[0], Ok(()));
+        let due = open.due();
+        assert_eq!(due.len(), 1);
+        assert_eq!(due[0].entry.instances.len(), 2);
+        open.done(&due[0], Ok(()));
+        assert!(open.due().is_empty(), "nothing new, not quiet");
+        // A failed attempt waits before the next one.
+        std::thread::sleep(Duration::from_millis(120));
+        let due = open.due();
+        assert!(due[0].entry.complete, "quiet: the final offer");
+        open.done(&due[0], Err(Duration::from_secs(60)));
+        assert!(open.due().is_empty(), "waiting for the retry");
+        assert_eq!(open.len(), 1);
+        // The same instance again with other bytes replaces the first and is sent again.
+        open.arrived(&f, "s", dir, instance("1", 3), None, "p".into());
+        let e = &open.lock()[&("a".to_string(), "s".to_string())].entry;
+        assert_eq!(e.instances.len(), 2);
+        assert_eq!(e.instances[1].sha256, hex::encode([3u8; 32]));
+        assert_eq!(e.patient_tokens, vec!["p".to_string()]);
+        assert_eq!(e.modalities, vec!["CT".to_string()]);
+    }
+}

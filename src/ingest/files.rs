@@ -1,0 +1,218 @@
+//! The file source: DICOM files and folders given to `send`.
+//!
+//! Every file goes through the guarded reader, the flow's admission and de-identification on a
+//! few worker threads; outputs are written into the outbox study folders with their pixel data
+//! copied by the kernel and made durable in groups (`deid::batch::run_parallel`), so a crash
+//! leaves whole files or none. Files have no source AE (see [`super::admit`]).
+
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::path::{Path, PathBuf};
+
+use super::{admit_and_deidentify, HeldBack, HeldBackKind, IngestError, IngestFlow};
+use crate::deid::batch::{self, StagedOutput};
+use crate::pseudonym::Vault;
+use crate::store::outbox::{Outbox, OutboxInstance};
+use crate::store::safe_name;
+
+/// The instances of one study staged in the outbox by a file batch.
+#[derive(Debug, Default, Clone)]
+pub struct StagedStudy {
+    /// (input file, the instance as the outbox lists it), in input order.
+    pub instances: Vec<(PathBuf, OutboxInstance)>,
+    pub modalities: BTreeSet<String>,
+    pub patient_tokens: BTreeSet<String>,
+    /// (de-identified SOP Instance UID, what OCR found and blacked out), for the audit.
+    pub cleaned: Vec<(String, crate::deid::OcrEvidence)>,
+}
+
+/// What a file batch produced.
+#[derive(Debug, Default)]
+pub struct FileIngest {
+    /// By study token.
+    pub studies: BTreeMap<String, StagedStudy>,
+    pub held_back: Vec<HeldBack>,
+}
+
+struct Item {
+    input: PathBuf,
+    result: Result<Ready, HeldBack>,
+}
+
+struct Ready {
+    study_token: String,
+    patient_token: String,
+    modality: Option<String>,
+    instance: OutboxInstance,
+    ocr: Option<crate::deid::OcrEvidence>,
+}
+
+/// Every file under `inputs` (folders recursively, in name order). A path that does not exist
+/// is an error; an unreadable folder entry is held back as failed.
+fn collect(inputs: &[PathBuf], skip: &Path) -> Result<Vec<Result<PathBuf, HeldBack>>, IngestError> {
+    if let Some(missing) = inputs.iter().find(|i| !i.exists()) {
+        return Err(IngestError::Input {
+            path: missing.clone(),
+            reason: "no such file or folder".into(),
+        });
+    }
+    Ok(batch::collect_inputs(inputs, skip)
+        .into_iter()
+        .map(|r| {
+            r.map(|(path, _)| path).map_err(|(path, reason)| HeldBack {
+                input: path.display().to_string(),
+                path: Some(path),
+                kind: HeldBackKind::Failed,
+                reason,
+            })
+        })
+        .collect())
+}
+
+/// Guards, admits, de-identifies and stages every file under `inputs` into the outbox study
+/// folders of `flow`, recording the tokens in the vault (flushed before this returns, so no
+/// token leaves the site before its vault record is durable).
+pub fn ingest_files(
+    flow: &IngestFlow,
+    inputs: &[PathBuf],
+    outbox: &Outbox,
+    vault: &Vault,
+) -> Result<FileIngest, IngestError> {
+    let root = outbox.study_dir(&flow.agreement, "x");
+    let root = root.parent().unwrap_or(Path::new(".")).to_path_buf();
+    let jobs = collect(inputs, &root)?;
+    let mut out = FileIngest::default();
+    let mut dirs: HashSet<PathBuf> = HashSet::new();
+    let vault_error: std::sync::Mutex<Option<sled::Error>> = Default::default();
+    let process = |job: &Result<PathBuf, HeldBack>| -> (Item, Option<StagedOutput>) {
+        let input = match job {
+            Ok(p) => p.clone(),
+            Err(held) => {
+                let input = held.path.clone().unwrap_or_default();
+                return (
+                    Item {
+                        input,
+                        result: Err(held.clone()),
+                    },
+                    None,
+                );
+            }
+        };
+        let (result, staged) = match stage_one(flow, &input, outbox, vault) {
+            Ok((ready, staged)) => (Ok(ready), Some(staged)),
+            Err(Failure::Held(h)) => (Err(*h), None),
+            Err(Failure::Vault(e)) => {
+                *vault_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
+                let held = HeldBack {
+                    input: input.display().to_string(),
+                    path: Some(input.clone()),
+                    kind: HeldBackKind::Failed,
+                    reason: "the vault could not record its tokens".into(),
+                };
+                (Err(held), None)
+            }
+        };
+        (Item { input, result }, staged)
+    };
+    let mut finish =
+        |item: Item, committed: Option<Result<(), String>>| -> Result<(), IngestError> {
+            let ready = match (item.result, committed) {
+                (Err(held), _) => {
+                    out.held_back.push(held);
+                    return Ok(());
+                }
+                (Ok(_), Some(Err(reason))) => {
+                    out.held_back.push(HeldBack {
+                        input: item.input.display().to_string(),
+                        path: Some(item.input),
+                        kind: HeldBackKind::Failed,
+                        reason,
+                    });
+                    return Ok(());
+                }
+                (Ok(ready), _) => ready,
+            };
+            dirs.insert(outbox.study_dir(&flow.agreement, &ready.study_token));
+            let study = out.studies.entry(ready.study_token).or_default();
+            study.modalities.extend(ready.modality);
+            study.patient_tokens.insert(ready.patient_token);
+            if let Some(evidence) = ready.ocr {
+                study
+                    .cleaned
+                    .push((ready.instance.sop_instance_uid.clone(), evidence));
+            }
+            study.instances.push((item.input, ready.instance));
+            Ok(())
+        };
+    batch::run_parallel(&jobs, process, &mut finish).map_err(|e| match e {
+        batch::ParallelError::Spawn(e) => IngestError::Input {
+            path: PathBuf::from("."),
+            reason: format!("cannot start de-identification workers: {e}"),
+        },
+        batch::ParallelError::Finish(e) => e,
+    })?;
+    if let Some(e) = vault_error.into_inner().unwrap_or_else(|p| p.into_inner()) {
+        return Err(IngestError::Vault(e));
+    }
+    vault.flush()?;
+    // The outputs' names are durable once their folders are.
+    for d in dirs {
+        crate::store::sync_dir(&d)?;
+    }
+    Ok(out)
+}
+
+enum Failure {
+    Held(Box<HeldBack>),
+    Vault(sled::Error),
+}
+
+/// One file: guard, admit, de-identify, record its tokens, stage its output (not yet durable).
+fn stage_one(
+    flow: &IngestFlow,
+    input: &Path,
+    outbox: &Outbox,
+    vault: &Vault,
+) -> Result<(Ready, StagedOutput), Failure> {
+    let held = |kind, reason: String| {
+        Failure::Held(Box::new(HeldBack {
+            input: input.display().to_string(),
+            path: Some(input.to_path_buf()),
+            kind,
+            reason,
+        }))
+    };
+    let admitted = admit_and_deidentify(flow, input, None).map_err(|why| {
+        Failure::Held(Box::new(HeldBack::new(
+            input.display().to_string(),
+            Some(input.to_path_buf()),
+            why,
+        )))
+    })?;
+    let d = admitted.deidentified;
+    for (token, entry) in &d.vault_entries {
+        vault
+            .record(&flow.agreement, token, entry)
+            .map_err(Failure::Vault)?;
+    }
+    let ocr = d.ocr_evidence.clone();
+    let file = format!("{}.dcm", safe_name(&d.sop_instance_uid));
+    let target = outbox.study_dir(&flow.agreement, &d.study_uid).join(&file);
+    let staged = batch::stage_output_hashed(d.object, d.pixel_data.as_ref(), &target)
+        .map_err(|reason| held(HeldBackKind::Failed, reason))?;
+    let sha256 = staged.sha256().unwrap_or_default();
+    Ok((
+        Ready {
+            study_token: d.study_uid,
+            patient_token: d.patient_token,
+            modality: admitted.modality,
+            instance: OutboxInstance {
+                file,
+                sha256: hex::encode(sha256),
+                size: staged.size(),
+                sop_instance_uid: d.sop_instance_uid,
+            },
+            ocr,
+        },
+        staged,
+    ))
+}

@@ -1,0 +1,558 @@
+//! The DICOM edge against real DICOM software nobody here wrote (dcmtk `echoscu`, `storescu`,
+//! `dcmdump`): the listener of hospital-a takes a study from a "modality", de-identifies it and
+//! streams it to telerad-c; associations off the allow-list are rejected and audited; a node
+//! killed in the middle of an ingest loses nothing it acknowledged and sends nothing twice; a
+//! flow restricted to source AEs takes nothing from another device.
+//!
+//! Both sites run as `pacs-broker serve` processes (the durability test kills one with SIGKILL).
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use pacs_broker::config::{DicomAllow, DicomConfig, DicomRoute, NodeConfig};
+use pacs_broker::demo::{write_synthetic_ct, SyntheticPatient};
+
+use common::*;
+
+const BROKER_AE: &str = "HOSP_A_BROKER";
+
+fn free_port(ip: &str) -> u16 {
+    std::net::TcpListener::bind((ip, 0))
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A `pacs-broker serve` process, killed when dropped.
+struct Served {
+    child: Child,
+    config: PathBuf,
+    cfg: NodeConfig,
+}
+
+impl Served {
+    fn start(config: &Path, cfg: &NodeConfig) -> Served {
+        let log = std::fs::File::create(config.with_extension("log")).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_pacs-broker"))
+            .args(["serve", "--config"])
+            .arg(config)
+            .env("PACS_BROKER_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let served = Served {
+            child,
+            config: config.to_path_buf(),
+            cfg: cfg.clone(),
+        };
+        let mut addrs = vec![cfg.listen.clone()];
+        addrs.extend(cfg.dicom.as_ref().map(|d| d.listen.clone()));
+        for a in addrs {
+            wait_for(&format!("{a} to accept"), Duration::from_secs(20), || {
+                TcpStream::connect(&a).is_ok()
+            });
+        }
+        served
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    fn audit(&self) -> String {
+        std::fs::read_to_string(self.cfg.data_dir.join("audit.log")).unwrap_or_default()
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.config.with_extension("log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn wait_for(what: &str, limit: Duration, mut ok: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !ok() {
+        assert!(start.elapsed() < limit, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// hospital-a (with a DICOM listener) and telerad-c, as processes.
+struct Sites {
+    dir: tempfile::TempDir,
+    a: Served,
+    c: Served,
+    dicom_port: u16,
+}
+
+impl Sites {
+    /// `agreement` replaces the test agreement's text (signed by all) when given; `allow`
+    /// lists (AE title, address) pairs.
+    fn start(agreement: Option<String>, allow: &[(&str, &str)]) -> Sites {
+        let dir = tempfile::tempdir().unwrap();
+        let all: Vec<String> = ["hospital-a", "hospital-b", "telerad-c"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        pacs_broker::federation::pki::generate_dev_federation(&dir.path().join("pki"), &all)
+            .unwrap();
+        let addrs: BTreeMap<String, String> = ["hospital-a", "telerad-c"]
+            .iter()
+            .map(|s| {
+                (
+                    s.to_string(),
+                    format!("127.0.0.1:{}", free_port("127.0.0.1")),
+                )
+            })
+            .collect();
+        let dicom_port = free_port("127.0.0.1");
+        let mut cfgs = BTreeMap::new();
+        for site in ["hospital-a", "telerad-c"] {
+            let mut cfg = site_config(dir.path(), site, &addrs);
+            if let Some(text) = &agreement {
+                let policy = dir.path().join(site).join("agreements").join("test.toml");
+                std::fs::write(&policy, text).unwrap();
+                let _ = std::fs::remove_dir_all(pacs_broker::dsa::sign::signature_dir(&policy));
+                sign_by_all(dir.path(), &policy);
+            }
+            if site == "hospital-a" {
+                cfg.dicom = Some(DicomConfig {
+                    listen: format!("127.0.0.1:{dicom_port}"),
+                    ae_title: BROKER_AE.into(),
+                    allow: allow
+                        .iter()
+                        .map(|(ae, ip)| DicomAllow {
+                            ae_title: ae.to_string(),
+                            address: ip.parse().unwrap(),
+                        })
+                        .collect(),
+                    routes: vec![DicomRoute {
+                        agreement: AGREEMENT.into(),
+                        flow: FLOW.into(),
+                        calling_ae: None,
+                        called_ae: None,
+                        purpose: None,
+                    }],
+                    max_associations: 4,
+                    study_quiet_secs: 1,
+                    max_pdu: 65_536,
+                    idle_timeout_secs: 30,
+                    deliver: None,
+                });
+            }
+            let path = dir.path().join(site).join("node.toml");
+            std::fs::write(&path, cfg.to_toml()).unwrap();
+            cfgs.insert(site, (path, cfg));
+        }
+        let c = Served::start(&cfgs["telerad-c"].0, &cfgs["telerad-c"].1);
+        let a = Served::start(&cfgs["hospital-a"].0, &cfgs["hospital-a"].1);
+        Sites {
+            dir,
+            a,
+            c,
+            dicom_port,
+        }
+    }
+
+    /// The DICOM files telerad-c holds in its inbox.
+    fn received(&self) -> Vec<PathBuf> {
+        files_under(&self.c.cfg.data_dir.join("store").join("inbox"))
+            .into_iter()
+            .filter(|p| p.extension().is_some_and(|e| e == "dcm"))
+            .collect()
+    }
+
+    /// Instances hospital-a holds in its outbox (durable, de-identified).
+    fn outbox_instances(&self) -> usize {
+        files_under(&self.a.cfg.data_dir.join("outbox"))
+            .into_iter()
+            .filter(|p| p.extension().is_some_and(|e| e == "dcm"))
+            .count()
+    }
+
+    /// storescu with an association profile that proposes, per SOP class of the test studies,
+    /// the uncompressed transfer syntaxes and the compressed ones the samples are in (storescu
+    /// alone proposes uncompressed only and would decompress, or fail on JPEG).
+    fn storescu(&self, calling: &str, called: &str, files: &[PathBuf]) -> (bool, String) {
+        let port = self.dicom_port.to_string();
+        let profile = self.dir.path().join("storescu.cfg");
+        std::fs::write(&profile, STORESCU_PROFILE).unwrap();
+        let profile = profile.display().to_string();
+        let mut args = vec![
+            "-v",
+            "-xf",
+            profile.as_str(),
+            "Study",
+            "-aet",
+            calling,
+            "-aec",
+            called,
+            "127.0.0.1",
+            port.as_str(),
+        ];
+        let names: Vec<String> = files.iter().map(|f| f.display().to_string()).collect();
+        args.extend(names.iter().map(String::as_str));
+        let out = Command::new("storescu")
+            .args(&args)
+            .env("TCP_NODELAY", "1")
+            .output()
+            .expect("storescu (dcmtk) is required: run .ci/setup");
+        (
+            out.status.success(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        )
+    }
+}
+
+const STORESCU_PROFILE: &str = r"
+[[TransferSyntaxes]]
+[Uncompressed]
+TransferSyntax1 = LittleEndianExplicit
+TransferSyntax2 = LittleEndianImplicit
+[JPEGBaseline]
+TransferSyntax1 = JPEGBaseline
+[JPEG2000Lossless]
+TransferSyntax1 = JPEG2000LosslessOnly
+[RLE]
+TransferSyntax1 = RLELossless
+
+[[PresentationContexts]]
+[Study]
+PresentationContext1 = CTImageStorage\Uncompressed
+PresentationContext2 = MRImageStorage\Uncompressed
+PresentationContext3 = MRImageStorage\JPEG2000Lossless
+PresentationContext4 = MRImageStorage\RLE
+PresentationContext5 = SecondaryCaptureImageStorage\JPEGBaseline
+PresentationContext6 = SecondaryCaptureImageStorage\Uncompressed
+
+[[Profiles]]
+[Study]
+PresentationContexts = Study
+";
+
+fn dump(path: &Path) -> String {
+    let (ok, out) = run_tool(
+        "dcmdump",
+        &[
+            "-M",
+            "+P",
+            "0002,0010",
+            "+P",
+            "0010,0010",
+            "+P",
+            "0010,0020",
+            "+P",
+            "0020,000d",
+            path.to_str().unwrap(),
+        ],
+    );
+    assert!(ok, "dcmdump cannot read {}: {out}", path.display());
+    out
+}
+
+fn pydicom_samples() -> PathBuf {
+    let known = Path::new("/usr/lib/python3/dist-packages/pydicom/data/test_files");
+    assert!(
+        known.is_dir(),
+        "python3-pydicom's sample files are required: run .ci/setup"
+    );
+    known.to_path_buf()
+}
+
+/// A study of `slices` synthetic CT instances (64x64) plus, relabelled into the same study and
+/// patient, pydicom's JPEG baseline, JPEG 2000 and RLE samples (kept compressed).
+fn mixed_study(dir: &Path, slices: usize) -> Vec<PathBuf> {
+    use dicom_dictionary_std::tags;
+    let patient = SyntheticPatient::default();
+    let mut files = write_synthetic_ct(&dir.join("ct"), &patient, slices, 64).unwrap();
+    let study_uid = dicom_object::open_file(&files[0])
+        .unwrap()
+        .element(tags::STUDY_INSTANCE_UID)
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .trim_end_matches('\0')
+        .to_string();
+    for name in [
+        "SC_rgb_jpeg_dcmtk.dcm",
+        "MR_small_jp2klossless.dcm",
+        "MR_small_RLE.dcm",
+    ] {
+        let mut obj = dicom_object::open_file(pydicom_samples().join(name)).unwrap();
+        obj.put_str(
+            tags::STUDY_INSTANCE_UID,
+            dicom_core::VR::UI,
+            study_uid.as_str(),
+        );
+        obj.put_str(
+            tags::PATIENT_NAME,
+            dicom_core::VR::PN,
+            patient.name.as_str(),
+        );
+        obj.put_str(tags::PATIENT_ID, dicom_core::VR::LO, patient.id.as_str());
+        // Two of the samples share one SOP Instance UID; in one study each instance has its own.
+        let uid = format!("2.25.{}", rand::random::<u64>());
+        obj.put_str(tags::SOP_INSTANCE_UID, dicom_core::VR::UI, uid.as_str());
+        obj.update_meta(|m| m.media_storage_sop_instance_uid = uid.clone());
+        // The device states there is no burned-in text (else the burned-in gate holds it back).
+        obj.put_str(tags::BURNED_IN_ANNOTATION, dicom_core::VR::CS, "NO");
+        let out = dir.join(name);
+        obj.write_to_file(&out).unwrap();
+        files.push(out);
+    }
+    files
+}
+
+#[test]
+fn echoscu_and_storescu_reach_the_partner_deidentified_and_strangers_are_rejected() {
+    let sites = Sites::start(None, &[("MODALITY", "127.0.0.1"), ("REMOTE", "127.0.0.2")]);
+    let port = sites.dicom_port.to_string();
+    let (ok, out) = run_tool(
+        "echoscu",
+        &["-aet", "MODALITY", "-aec", BROKER_AE, "127.0.0.1", &port],
+    );
+    assert!(ok, "echoscu failed: {out}");
+
+    let study = mixed_study(&sites.dir.path().join("study"), 6);
+    let (ok, out) = sites.storescu("MODALITY", BROKER_AE, &study);
+    assert!(ok, "storescu failed: {out}\n{}", sites.a.log());
+    assert_eq!(
+        out.matches("Received Store Response (Success)").count(),
+        study.len(),
+        "{out}"
+    );
+    let start = Instant::now();
+    while sites.received().len() != study.len() {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "the study did not reach telerad-c ({} of {}):\n{}\n{}",
+            sites.received().len(),
+            study.len(),
+            sites.a.log(),
+            sites.c.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let received = sites.received();
+    let mut syntaxes = Vec::new();
+    for f in &received {
+        let d = dump(f);
+        assert!(
+            !d.contains("DOE^JANE") && !d.contains("MRN-0042117"),
+            "PHI left in {}: {d}",
+            f.display()
+        );
+        syntaxes.push(d);
+    }
+    for ts in ["JPEGBaseline", "JPEG2000LosslessOnly", "RLELossless"] {
+        assert!(
+            syntaxes.iter().any(|d| d.contains(ts)),
+            "no instance kept {ts}: {syntaxes:?}"
+        );
+    }
+    // One study at the partner, told it is complete after the quiet time.
+    let studies: std::collections::BTreeSet<_> = received
+        .iter()
+        .map(|f| f.parent().unwrap().to_path_buf())
+        .collect();
+    assert_eq!(studies.len(), 1, "{studies:?}");
+    wait_for(
+        "the partner to learn the study is complete",
+        Duration::from_secs(20),
+        || sites.c.audit().contains("study complete"),
+    );
+
+    // Off the allow-list: a stranger's AE title, an allowed AE title from another address, and
+    // another called AE title. Each is rejected at association, audited, and nothing is stored.
+    let ingested = |audit: &str| audit.matches("\"action\":\"ingest\"").count();
+    let before = ingested(&sites.a.audit());
+    let one = &study[..1];
+    for (calling, called, reason) in [
+        ("INTRUDER", BROKER_AE, "Calling AE Title Not Recognized"),
+        ("REMOTE", BROKER_AE, "Calling AE Title Not Recognized"),
+        ("MODALITY", "SOMEONE_ELSE", "Called AE Title Not Recognized"),
+    ] {
+        let (ok, out) = sites.storescu(calling, called, one);
+        assert!(!ok, "{calling} -> {called} was accepted: {out}");
+        assert!(
+            out.contains("Association Rejected") && out.contains(reason),
+            "{calling} -> {called}: {out}"
+        );
+    }
+    let audit = sites.a.audit();
+    assert_eq!(
+        audit.matches("calling AE title not recognized").count(),
+        2,
+        "{audit}"
+    );
+    assert_eq!(
+        audit.matches("called AE title not recognized").count(),
+        1,
+        "{audit}"
+    );
+    assert!(audit.contains("INTRUDER@127.0.0.1") && audit.contains("REMOTE@127.0.0.1"));
+    assert_eq!(
+        ingested(&audit),
+        before,
+        "a rejected association reached the pipeline"
+    );
+    let spool = sites.a.cfg.data_dir.join("ingest").join("spool");
+    assert!(files_under(&spool).is_empty(), "spool files left behind");
+    assert_eq!(sites.received().len(), study.len());
+    // No PHI in the sender's log or audit.
+    for text in [sites.a.log(), audit] {
+        assert!(!text.contains("DOE^JANE") && !text.contains("MRN-0042117"));
+    }
+}
+
+/// (file, acknowledged) per file storescu tried, from its verbose output.
+fn acknowledged(out: &str) -> Vec<(String, bool)> {
+    let mut seen: Vec<(String, bool)> = Vec::new();
+    for line in out.lines() {
+        if let Some(f) = line.split("Sending file: ").nth(1) {
+            seen.push((f.trim().to_string(), false));
+        } else if line.contains("Received Store Response (Success)") {
+            if let Some(last) = seen.last_mut() {
+                last.1 = true;
+            }
+        }
+    }
+    seen
+}
+
+#[test]
+fn a_node_killed_mid_ingest_delivers_every_acknowledged_instance_exactly_once() {
+    let mut sites = Sites::start(None, &[("MODALITY", "127.0.0.1")]);
+    let study = write_synthetic_ct(
+        &sites.dir.path().join("study"),
+        &SyntheticPatient::default(),
+        200,
+        64,
+    )
+    .unwrap();
+    let port = sites.dicom_port.to_string();
+    let mut args = vec![
+        "-v".to_string(),
+        "-aet".into(),
+        "MODALITY".into(),
+        "-aec".into(),
+        BROKER_AE.into(),
+        "127.0.0.1".into(),
+        port.clone(),
+    ];
+    args.extend(study.iter().map(|f| f.display().to_string()));
+    let storescu = Command::new("storescu")
+        .args(&args)
+        .env("TCP_NODELAY", "1")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("storescu (dcmtk) is required");
+    // Kill the origin with SIGKILL once part of the study is in.
+    wait_for("part of the ingest", Duration::from_secs(60), || {
+        sites.outbox_instances() >= 60
+    });
+    sites.a.kill();
+    let out = storescu.wait_with_output().unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let tried = acknowledged(&text);
+    let acked = tried.iter().filter(|(_, a)| *a).count();
+    assert!(
+        (60..200).contains(&acked),
+        "acknowledged {acked} of 200: {text}"
+    );
+
+    // Restart: what it acknowledged reaches the partner without storescu sending it again.
+    let (config, cfg) = (sites.a.config.clone(), sites.a.cfg.clone());
+    sites.a = Served::start(&config, &cfg);
+    wait_for(
+        "the acknowledged instances at telerad-c",
+        Duration::from_secs(60),
+        || sites.received().len() >= acked,
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    let after_restart = sites.received().len();
+    assert!(
+        after_restart <= acked + 1,
+        "{after_restart} at the partner, {acked} acknowledged"
+    );
+
+    // The modality sends what was not acknowledged; everything is there once.
+    let rest: Vec<PathBuf> = study
+        .iter()
+        .filter(|f| !tried.iter().any(|(t, a)| *a && Path::new(t) == f.as_path()))
+        .cloned()
+        .collect();
+    let (ok, out) = sites.storescu("MODALITY", BROKER_AE, &rest);
+    assert!(ok, "{out}");
+    wait_for("all 200 at telerad-c", Duration::from_secs(60), || {
+        sites.received().len() == 200
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(sites.received().len(), 200);
+    let blobs = files_under(&sites.c.cfg.data_dir.join("store").join("blobs")).len();
+    assert_eq!(
+        blobs, 200,
+        "the partner holds {blobs} instance blobs for 200 instances"
+    );
+}
+
+#[test]
+fn a_flow_restricted_to_source_aes_takes_nothing_from_another_device() {
+    let text = agreement_toml("active", "false").replace(
+        "[flows.deid]",
+        "[flows.select]\nsource_aes = [\"CT1\"]\n\n[flows.deid]",
+    );
+    let sites = Sites::start(
+        Some(text),
+        &[("MODALITY", "127.0.0.1"), ("CT1", "127.0.0.1")],
+    );
+    let study = write_synthetic_ct(
+        &sites.dir.path().join("study"),
+        &SyntheticPatient::default(),
+        3,
+        64,
+    )
+    .unwrap();
+    let (_, out) = sites.storescu("MODALITY", BROKER_AE, &study);
+    assert_eq!(
+        out.matches("Received Store Response (Success)").count(),
+        0,
+        "{out}"
+    );
+    assert!(out.contains("Status: 0x124"), "{out}");
+    assert_eq!(sites.outbox_instances(), 0);
+    let audit = sites.a.audit();
+    assert!(audit.contains("not covered by the flow"), "{audit}");
+    assert!(audit.contains("source AEs"), "{audit}");
+    // The device the flow names is taken.
+    let (ok, out) = sites.storescu("CT1", BROKER_AE, &study);
+    assert!(
+        ok && out.matches("Received Store Response (Success)").count() == 3,
+        "{out}"
+    );
+    wait_for("CT1's study at telerad-c", Duration::from_secs(30), || {
+        sites.received().len() == 3
+    });
+}
