@@ -69,6 +69,9 @@ pub struct NodeConfig {
     /// Partner nodes by site id.
     #[serde(default)]
     pub peers: BTreeMap<String, Peer>,
+    /// Audit log: signed checkpoints, live forwarding to syslog, alerts (`[audit]`).
+    #[serde(default, skip_serializing_if = "crate::audit::AuditConfig::is_default")]
+    pub audit: crate::audit::AuditConfig,
 }
 
 impl NodeConfig {
@@ -102,6 +105,7 @@ impl NodeConfig {
                 *p = base.join(&*p);
             }
         }
+        cfg.audit.resolve(base);
         Ok(cfg)
     }
 

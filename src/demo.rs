@@ -359,6 +359,7 @@ fn lay_out_site(
             key: PathBuf::from("tls/site-tls.key"),
         },
         peers,
+        audit: Default::default(),
     };
     let path = dir.join("node.toml");
     std::fs::write(

@@ -196,8 +196,18 @@ impl Node {
             .map_err(|e| NodeError::Input(e.to_string()))?;
         let keys = SiteKeys::load(&config.key_file)?;
         let tls = SiteTls::load(&config.site_id, &config.tls)?;
-        let audit = Arc::new(AuditLog::open(&config.data_dir.join("audit.log"))?);
+        let audit = Arc::new(AuditLog::open_site(
+            &config.data_dir.join("audit.log"),
+            &crate::audit::SiteAudit {
+                site: &config.site_id,
+                key_pkcs8: &tls.key_pkcs8,
+                cert_der: tls.cert.as_ref(),
+                data_dir: &config.data_dir,
+                config: &config.audit,
+            },
+        )?);
         let (set, rejected) = load_agreements(&config.agreements, &config.tls.ca, None);
+        crate::audit::alert::set_volume_limits(&audit, &set);
         for (f, why) in &rejected {
             tracing::error!(file = %f.display(), reason = %why, "agreement not enforced");
         }
@@ -270,6 +280,18 @@ impl Node {
             tracing::error!(file = %f.display(), reason = %why, "agreement not enforced");
         }
         tracing::info!(agreements = set.agreements.len(), "agreements reloaded");
+        crate::audit::alert::set_volume_limits(&self.audit, &set);
+        self.audit.record_or_warn(Event {
+            actor: "node".into(),
+            action: "policy-load".into(),
+            object: format!("{} agreement(s) in force", set.agreements.len()),
+            outcome: if rejected.is_empty() {
+                "ok".into()
+            } else {
+                format!("{} file(s) not enforced", rejected.len())
+            },
+            ..Event::default()
+        });
         self.agreements.send_replace(Arc::new(set));
     }
 
@@ -367,13 +389,30 @@ impl Node {
             purpose: entry.purpose.clone(),
             outcome,
         };
+        let detail = |receipt: Option<String>| crate::audit::Detail {
+            patient_tokens: entry.patient_tokens.clone(),
+            study: Some(entry.study_token.clone()),
+            party: Some(entry.to.clone()),
+            flow: Some(entry.flow.clone()),
+            instances: Some(entry.instances.len() as u64),
+            receipt,
+        };
         let result = self.try_deliver(dir, entry).await;
         match &result {
             Ok(d) => {
-                self.audit.record_or_warn(audit(
-                    "ok (signed receipt verified)".into(),
-                    d.instances_sent,
-                ));
+                use prost::Message;
+                let receipt = Some(hex::encode(d.receipt.encode_to_vec()));
+                self.audit.record_detailed_or_warn(
+                    audit("ok (signed receipt verified)".into(), d.instances_sent),
+                    detail(receipt),
+                );
+                if let Some(cert) = &d.receiver_certificate {
+                    self.audit.accept_partner_checkpoint(
+                        &entry.to,
+                        cert.as_ref(),
+                        &d.receipt.audit_checkpoint,
+                    );
+                }
                 if let Err(e) = outbox.mark_delivered(
                     dir,
                     entry,
@@ -390,7 +429,8 @@ impl Node {
                 } else {
                     "failed: "
                 };
-                self.audit.record_or_warn(audit(format!("{note}{e}"), 0));
+                self.audit
+                    .record_detailed_or_warn(audit(format!("{note}{e}"), 0), detail(None));
                 if let Err(err) = outbox.mark_attempt_failed(entry, &e.to_string(), transient) {
                     tracing::error!(error = %err, "the outbox entry could not be updated");
                 }
@@ -425,8 +465,9 @@ impl Node {
         });
         let instances = Outbox::outgoing(dir, entry)
             .map_err(|e| SendError::Refused(format!("outbox entry unusable: {e}")))?;
-        let mut client =
-            PeerClient::connect(&self.tls, &entry.to, &peer.address, &server_name).await?;
+        let mut client = PeerClient::connect(&self.tls, &entry.to, &peer.address, &server_name)
+            .await?
+            .with_audit_checkpoint(self.audit.checkpoint_for_peer());
         client
             .send_study(
                 &entry.agreement,
@@ -543,6 +584,13 @@ impl Node {
                 purpose: purpose.clone(),
                 to: flow.to.clone(),
                 study_token: study_token.clone(),
+                patient_tokens: {
+                    let mut t: Vec<String> =
+                        study.iter().map(|p| p.patient_token.clone()).collect();
+                    t.sort();
+                    t.dedup();
+                    t
+                },
                 modalities,
                 instances: study
                     .iter()
@@ -611,6 +659,7 @@ struct Prepared {
     input: PathBuf,
     out: OutgoingInstance,
     modality: Option<String>,
+    patient_token: String,
 }
 
 struct PreparedBatch {
@@ -710,6 +759,7 @@ fn prepare(
                     sop_instance_uid: d.sop_instance_uid,
                 },
                 modality,
+                patient_token: d.patient_token,
             });
     }
     vault.flush().map_err(|e| NodeError::Store(e.into()))?;

@@ -46,6 +46,10 @@ pub struct OutboxEntry {
     pub purpose: String,
     pub to: String,
     pub study_token: String,
+    /// Patient tokens of the study under this agreement (never the patient id: the origin's
+    /// disclosure report resolves them through the vault).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub patient_tokens: Vec<String>,
     pub modalities: Vec<String>,
     pub instances: Vec<OutboxInstance>,
     pub state: OutboxState,
@@ -218,6 +222,7 @@ mod tests {
             purpose: "treatment".into(),
             to: "y".into(),
             study_token: "2.25.5".into(),
+            patient_tokens: vec!["TOKEN".into()],
             modalities: vec!["CT".into()],
             instances: vec![OutboxInstance {
                 file: "i.dcm".into(),
