@@ -156,7 +156,7 @@ const GENESIS: &str = "000000000000000000000000000000000000000000000000000000000
 
 /// The hash of an entry: SHA-256 over its canonical JSON (keys sorted), without the hash itself.
 /// An entry without detail hashes as entries did before details existed.
-fn entry_hash(e: &Entry) -> String {
+pub fn entry_hash(e: &Entry) -> String {
     let mut body = serde_json::json!({
         "seq": e.seq, "time": e.time, "actor": e.event.actor, "action": e.event.action,
         "object": e.event.object, "agreement": e.event.agreement, "purpose": e.event.purpose,
