@@ -45,8 +45,11 @@ fn site_with_entries(dir: &Path) -> PathBuf {
         receipt: Some("0a0b".into()),
     };
     let log = &node.audit;
-    log.record_detailed(ev("node", "disclose", "ok (signed receipt verified)"), study.clone())
-        .unwrap();
+    log.record_detailed(
+        ev("node", "disclose", "ok (signed receipt verified)"),
+        study.clone(),
+    )
+    .unwrap();
     log.record_detailed(ev("site:telerad-c", "receive", "ok"), study.clone())
         .unwrap();
     log.record(ev(
@@ -71,7 +74,11 @@ fn export(config: &Path, format: &str) -> String {
         .arg(config)
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8(out.stdout).unwrap()
 }
 
@@ -116,7 +123,10 @@ fn syslog_and_jsonl_exports_carry_every_entry() {
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
     assert_eq!(entries.len(), 8);
-    assert_eq!(entries[0]["detail"]["patient_tokens"][0], "0123456789ABCDEF");
+    assert_eq!(
+        entries[0]["detail"]["patient_tokens"][0],
+        "0123456789ABCDEF"
+    );
     let syslog = export(&config, "syslog");
     let lines: Vec<&str> = syslog.lines().collect();
     assert_eq!(lines.len(), 9, "8 entries and the first export's own entry");
@@ -128,6 +138,14 @@ fn syslog_and_jsonl_exports_carry_every_entry() {
         assert!(l.contains(&format!("seq=\"{}\"", i + 1)), "{l}");
         assert!(l.contains(" hospital-a pacs-broker - "), "{l}");
     }
-    assert!(lines[5].starts_with("<105>1 "), "alerts have severity alert: {}", lines[5]);
-    assert!(lines[2].starts_with("<108>1 "), "refusals are warnings: {}", lines[2]);
+    assert!(
+        lines[5].starts_with("<105>1 "),
+        "alerts have severity alert: {}",
+        lines[5]
+    );
+    assert!(
+        lines[2].starts_with("<108>1 "),
+        "refusals are warnings: {}",
+        lines[2]
+    );
 }

@@ -32,6 +32,10 @@ use super::Entry;
 
 type Tls = StreamOwned<ClientConnection, TcpStream>;
 
+/// Longest wait between attempts to reach a collector that is down (a connection attempt is
+/// cheap; a SIEM that comes back should not wait long for the backlog).
+const RETRY_MAX: Duration = Duration::from_secs(5);
+
 struct Shared {
     dirty: Mutex<bool>,
     wake: Condvar,
@@ -214,8 +218,7 @@ impl Worker {
             Err(e) => {
                 self.conn = None;
                 self.failures += 1;
-                let backoff = Duration::from_millis(250u64 << self.failures.min(7))
-                    .min(Duration::from_secs(30));
+                let backoff = Duration::from_millis(250u64 << self.failures.min(5)).min(RETRY_MAX);
                 if self.failures == 1 || self.failures.is_multiple_of(20) {
                     tracing::warn!(collector = %self.address, error = %e, backlog = entries.len(), "audit syslog collector unreachable; entries wait in the log");
                 }
