@@ -530,13 +530,24 @@ impl Node {
             .map(str::to_string)
             .or_else(|| flow.purposes.iter().next().map(|p| p.name().to_string()))
             .unwrap_or_default();
-        set.authorise(
+        if let Err(r) = set.authorise(
             agreement_id,
             flow_name,
             Some(&purpose),
             self.site_id(),
             &flow.to,
-        )?;
+        ) {
+            // Audit (issue 13): sender-side refusals are accounted for as well.
+            self.audit.record_or_warn(Event {
+                actor: crate::audit::local_user(),
+                action: "refuse".into(),
+                object: format!("send under flow {flow_name} to site:{}", flow.to),
+                agreement: agreement_id.to_string(),
+                purpose: purpose.clone(),
+                outcome: r.to_string(),
+            });
+            return Err(r.into());
+        }
         if !self.config.peers.contains_key(&flow.to) {
             return Err(NodeError::NoPeer(flow.to.clone()));
         }

@@ -187,7 +187,8 @@ pub struct SiteAudit<'a> {
 struct Cadence {
     every: u64,
     interval: Duration,
-    last_seq: u64,
+    /// The latest checkpoint this process knows of (its own, or the file's at open).
+    last: Option<Checkpoint>,
     last_at: Instant,
 }
 
@@ -249,7 +250,7 @@ impl AuditLog {
             }
             Err(e) => return Err(e),
         }
-        Self::open_file(path, None, &AuditConfig::default(), 0)
+        Self::open_file(path, None, &AuditConfig::default(), None)
     }
 
     /// Opens a site's log: checks it against the site's signed checkpoints (a log shorter than
@@ -265,7 +266,7 @@ impl AuditLog {
         }
         let own = checkpoint::own_file(path);
         let cps = checked_checkpoints(&own, site.site, site.cert_der)?;
-        let last_seq = cps.iter().map(|c| c.seq).max().unwrap_or(0);
+        let last = cps.iter().max_by_key(|c| c.seq).cloned();
         if !path.exists() {
             if let Some(c) = cps.iter().max_by_key(|c| c.seq) {
                 return Err(AuditError::Missing {
@@ -296,7 +297,7 @@ impl AuditLog {
         } else {
             verify_against(path, &[(own.display().to_string(), cps)])?;
         }
-        let mut log = Self::open_file(path, signer.map(Arc::new), site.config, last_seq)?;
+        let mut log = Self::open_file(path, signer.map(Arc::new), site.config, last)?;
         log.alerts =
             Some(alert::Alerts::new(site.config.alerts.clone()).map_err(|e| {
                 AuditError::Config(format!("[audit.alerts] reidentify_hours: {e}"))
@@ -314,7 +315,7 @@ impl AuditLog {
         path: &Path,
         signer: Option<Arc<CheckpointSigner>>,
         config: &AuditConfig,
-        last_seq: u64,
+        last: Option<Checkpoint>,
     ) -> Result<AuditLog, AuditError> {
         let io = |source| AuditError::Io {
             path: path.to_owned(),
@@ -338,7 +339,7 @@ impl AuditLog {
             cadence: Mutex::new(Cadence {
                 every: config.checkpoint_every.max(1),
                 interval: Duration::from_secs(config.checkpoint_interval_secs.max(1)),
-                last_seq,
+                last,
                 last_at: Instant::now(),
             }),
             alerts: None,
@@ -439,11 +440,9 @@ impl AuditLog {
         };
         let mut c = self.cadence.lock().unwrap_or_else(|p| p.into_inner());
         if e.seq.is_multiple_of(c.every) || c.last_at.elapsed() >= c.interval {
-            checkpoint::append(
-                &checkpoint::own_file(&self.path),
-                &signer.sign(e.seq, &e.hash),
-            )?;
-            c.last_seq = e.seq;
+            let cp = signer.sign(e.seq, &e.hash);
+            checkpoint::append(&checkpoint::own_file(&self.path), &cp)?;
+            c.last = Some(cp);
             c.last_at = Instant::now();
         }
         Ok(())
@@ -466,15 +465,15 @@ impl AuditLog {
             if seq == 0 {
                 return Ok(None);
             }
-            let own = checkpoint::own_file(&self.path);
             let mut c = self.cadence.lock().unwrap_or_else(|p| p.into_inner());
-            let latest = checkpoint::load(&own)?.into_iter().max_by_key(|c| c.seq);
-            if let Some(l) = latest.filter(|l| l.seq == seq && l.hash == hash) {
-                return Ok(Some(l));
+            if let Some(l) = c.last.as_ref().filter(|l| l.seq == seq && l.hash == hash) {
+                return Ok(Some(l.clone()));
             }
+            // Another process of the site may have signed this head already: a second
+            // checkpoint of the same entry is harmless.
             let cp = signer.sign(seq, &hash);
-            checkpoint::append(&own, &cp)?;
-            c.last_seq = seq;
+            checkpoint::append(&checkpoint::own_file(&self.path), &cp)?;
+            c.last = Some(cp.clone());
             c.last_at = Instant::now();
             Ok(Some(cp))
         });
