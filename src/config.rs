@@ -133,6 +133,9 @@ pub struct NodeConfig {
     /// The DICOM edge of the node (absent: no DICOM listener).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dicom: Option<DicomConfig>,
+    /// Audit log: signed checkpoints, live forwarding to syslog, alerts (`[audit]`).
+    #[serde(default, skip_serializing_if = "crate::audit::AuditConfig::is_default")]
+    pub audit: crate::audit::AuditConfig,
 }
 
 /// `[dicom]`: the node's DICOM networking: the DIMSE listener (C-ECHO and C-STORE SCP), when
@@ -451,6 +454,7 @@ impl NodeConfig {
                 message: problem,
             });
         }
+        cfg.audit.resolve(base);
         Ok(cfg)
     }
 

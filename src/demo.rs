@@ -412,6 +412,7 @@ fn lay_out_site(
         peers,
         limits: Default::default(),
         dicom,
+        audit: Default::default(),
     };
     let path = dir.join("node.toml");
     std::fs::write(

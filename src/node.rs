@@ -226,9 +226,19 @@ impl Node {
         let keys = SiteKeys::load(&config.key_file)?;
         let tls = SiteTls::load(&config.site_id, &config.tls)?;
         store::private_dir(&config.data_dir)?;
-        let audit = Arc::new(AuditLog::open(&config.data_dir.join("audit.log"))?);
+        let audit = Arc::new(AuditLog::open_site(
+            &config.data_dir.join("audit.log"),
+            &crate::audit::SiteAudit {
+                site: &config.site_id,
+                key_pkcs8: &tls.key_pkcs8,
+                cert_der: tls.cert.as_ref(),
+                data_dir: &config.data_dir,
+                config: &config.audit,
+            },
+        )?);
         store::private_file(audit.path())?;
         let (set, rejected) = load_agreements(&config.agreements, &config.tls.ca, None);
+        crate::audit::alert::set_volume_limits(&audit, &set);
         for (f, why) in &rejected {
             tracing::error!(file = %f.display(), reason = %why, "agreement not enforced");
         }
@@ -294,6 +304,18 @@ impl Node {
         }
         tracing::info!(agreements = set.agreements.len(), "agreements reloaded");
         self.tls.update_pins(&set);
+        crate::audit::alert::set_volume_limits(&self.audit, &set);
+        self.audit.record_or_warn(Event {
+            actor: "node".into(),
+            action: "policy-load".into(),
+            object: format!("{} agreement(s) in force", set.agreements.len()),
+            outcome: if rejected.is_empty() {
+                "ok".into()
+            } else {
+                format!("{} file(s) not enforced", rejected.len())
+            },
+            ..Event::default()
+        });
         self.agreements.send_replace(Arc::new(set));
     }
 
@@ -459,6 +481,14 @@ impl Node {
             purpose: entry.purpose.clone(),
             outcome,
         };
+        let detail = |receipt: Option<String>| crate::audit::Detail {
+            patient_tokens: entry.patient_tokens.clone(),
+            study: Some(entry.study_token.clone()),
+            party: Some(entry.to.clone()),
+            flow: Some(entry.flow.clone()),
+            instances: Some(entry.instances.len() as u64),
+            receipt,
+        };
         let result = self.try_deliver(dir, entry).await;
         match &result {
             Ok(d) if !entry.complete => {
@@ -469,10 +499,19 @@ impl Node {
                 ));
             }
             Ok(d) => {
-                self.audit.record_or_warn(audit(
-                    "ok (signed receipt verified)".into(),
-                    d.instances_sent,
-                ));
+                use prost::Message;
+                let receipt = Some(hex::encode(d.receipt.encode_to_vec()));
+                self.audit.record_detailed_or_warn(
+                    audit("ok (signed receipt verified)".into(), d.instances_sent),
+                    detail(receipt),
+                );
+                if let Some(cert) = &d.receiver_certificate {
+                    self.audit.accept_partner_checkpoint(
+                        &entry.to,
+                        cert.as_ref(),
+                        &d.receipt.audit_checkpoint,
+                    );
+                }
                 if let Err(e) = outbox.mark_delivered(
                     dir,
                     entry,
@@ -489,7 +528,8 @@ impl Node {
                 } else {
                     "failed: "
                 };
-                self.audit.record_or_warn(audit(format!("{note}{e}"), 0));
+                self.audit
+                    .record_detailed_or_warn(audit(format!("{note}{e}"), 0), detail(None));
                 if let Err(err) = outbox.mark_attempt_failed(entry, &e.to_string(), transient) {
                     tracing::error!(error = %err, "the outbox entry could not be updated");
                 }
@@ -524,8 +564,9 @@ impl Node {
         });
         let instances = Outbox::outgoing(dir, entry)
             .map_err(|e| SendError::Refused(format!("outbox entry unusable: {e}")))?;
-        let mut client =
-            PeerClient::connect(&self.tls, &entry.to, &peer.address, &server_name).await?;
+        let mut client = PeerClient::connect(&self.tls, &entry.to, &peer.address, &server_name)
+            .await?
+            .with_audit_checkpoint(self.audit.checkpoint_for_peer());
         client
             .send_study(
                 &entry.agreement,
@@ -605,7 +646,21 @@ impl Node {
         purpose: Option<&str>,
         inputs: &[PathBuf],
     ) -> Result<SendReport, NodeError> {
-        let flow = Arc::new(self.ingest_flow(agreement_id, flow_name, purpose)?);
+        let flow = match self.ingest_flow(agreement_id, flow_name, purpose) {
+            Ok(f) => Arc::new(f),
+            Err(e) => {
+                // Audit (issue 13): sender-side refusals are accounted for as well.
+                self.audit.record_or_warn(Event {
+                    actor: crate::audit::local_user(),
+                    action: "refuse".into(),
+                    object: format!("send under flow {flow_name}"),
+                    agreement: agreement_id.to_string(),
+                    purpose: purpose.unwrap_or_default().to_string(),
+                    outcome: e.to_string(),
+                });
+                return Err(e.into());
+            }
+        };
         let vault = self.vault()?;
         let outbox = self.outbox();
         let (f, inputs) = (flow.clone(), inputs.to_vec());

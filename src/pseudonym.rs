@@ -367,6 +367,26 @@ impl Vault {
             .map_err(|_| KeyError::VaultDecrypt)
     }
 
+    /// Every (agreement, token) that stands for `original` of `attribute` (a full scan, for the
+    /// disclosure report: it finds trial subject IDs, which no key can recompute).
+    pub fn find(&self, attribute: &str, original: &str) -> Result<Vec<(String, String)>, KeyError> {
+        let mut out = Vec::new();
+        for item in self.tree.iter() {
+            let (k, sealed) = item.map_err(|_| KeyError::VaultDecrypt)?;
+            let key = String::from_utf8_lossy(&k).to_string();
+            let Some((agreement, token)) = key.split_once('\u{1f}') else {
+                continue;
+            };
+            let plain = self.cipher.open(agreement, token, &sealed)?;
+            let e: VaultEntry =
+                serde_json::from_slice(&plain).map_err(|_| KeyError::VaultDecrypt)?;
+            if e.attribute == attribute && e.original.trim() == original.trim() {
+                out.push((agreement.to_string(), token.to_string()));
+            }
+        }
+        Ok(out)
+    }
+
     /// Crypto-shreds an agreement's vault: every record under it is removed.
     pub fn shred(&self, agreement: &str) -> Result<usize, sled::Error> {
         let prefix = format!("{agreement}\u{1f}");

@@ -52,6 +52,7 @@ async fn suspending_a_party_cuts_it_off_within_a_second() {
                 size: b.len() as u64,
             })
             .collect(),
+        ..Default::default()
     };
     let mut client = PeerClient::connect(&a.tls, "telerad-c", &fed.addrs["telerad-c"], "localhost")
         .await
@@ -149,6 +150,7 @@ async fn offer_with_purpose(client: &mut PeerClient, purpose: &str) -> Result<()
                 sha256: vec![7; 32],
                 size: 10,
             }],
+            ..Default::default()
         })
         .await
         .map(|_| ())

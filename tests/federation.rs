@@ -285,6 +285,7 @@ async fn offer_answer(
                     size: i.size,
                 })
                 .collect(),
+            ..Default::default()
         })
         .await
         .unwrap()

@@ -217,6 +217,7 @@ fn offer_request(
 ) -> OfferRequest {
     OfferRequest {
         complete: true,
+        audit_checkpoint: Vec::new(),
         agreement_id: agreement.into(),
         flow: flow.into(),
         study_token: study.into(),
@@ -361,6 +362,7 @@ async fn memory_stays_bounded_under_large_manifests() {
     const N: usize = 50_000;
     let make = |k: usize| OfferRequest {
         complete: true,
+        audit_checkpoint: Vec::new(),
         agreement_id: AGREEMENT.into(),
         flow: FLOW.into(),
         study_token: format!("2.25.{}", 1000 + k),
@@ -407,6 +409,7 @@ async fn megabyte_sized_ids_grow_the_audit_log_by_a_few_kb() {
     for field in 0..10 {
         let mut o = OfferRequest {
             complete: true,
+            audit_checkpoint: Vec::new(),
             agreement_id: AGREEMENT.into(),
             flow: FLOW.into(),
             study_token: "2.25.1".into(),

@@ -1,5 +1,6 @@
 //! Command-line front ends, one file per command family. Business logic lives in the library.
 
+pub mod audit;
 pub mod deid;
 pub mod dsa;
 pub mod node;

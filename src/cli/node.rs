@@ -6,7 +6,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::{Args, Subcommand};
 
-use pacs_broker::{audit, demo, federation, node::Node, pseudonym::SiteKeys};
+use pacs_broker::{demo, federation, node::Node, pseudonym::SiteKeys};
 
 #[derive(Debug, Subcommand)]
 pub enum CertsCommand {
@@ -103,12 +103,79 @@ pub struct DemoArgs {
 
 #[derive(Debug, Subcommand)]
 pub enum AuditCommand {
-    /// Verify the hash chain of a node's audit log.
+    /// Verify the audit log: hash chain, the site's signed checkpoints, and the checkpoints of
+    /// this site that partners hold. Exit 3 when it fails, naming the entry and line.
     Verify {
         /// The node configuration file.
         #[arg(long)]
         config: PathBuf,
+        /// A file of this site's checkpoints as a partner holds them (`audit checkpoints --of
+        /// <this site>` run at the partner). Repeatable.
+        #[arg(long = "partner-checkpoints")]
+        partner_checkpoints: Vec<PathBuf>,
     },
+    /// Accounting of disclosures: which studies left, to whom, when, under which agreement,
+    /// flow and purpose, in which form, with which receipts. With --party and a time window
+    /// and no --patient: the patients whose data went to that party (incident view).
+    Report(AuditReportArgs),
+    /// Write the audit log to stdout for a SIEM or an IHE ATNA audit repository.
+    Export {
+        /// The node configuration file.
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long, value_enum, default_value = "jsonl")]
+        format: ExportFormat,
+        /// Only entries at or after this time (RFC 3339 or YYYY-MM-DD).
+        #[arg(long)]
+        since: Option<String>,
+    },
+    /// The signed checkpoints this site holds of a partner's audit log (JSON lines), for that
+    /// partner's `audit verify --partner-checkpoints`.
+    Checkpoints {
+        /// The node configuration file.
+        #[arg(long)]
+        config: PathBuf,
+        /// The partner's site id.
+        #[arg(long)]
+        of: String,
+    },
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum ExportFormat {
+    /// One JSON object per line, as in the log.
+    Jsonl,
+    /// RFC 5424 syslog messages, one per line.
+    Syslog,
+    /// DICOM audit messages (PS3.15 A.5), one XML document per line.
+    Dicom,
+}
+
+#[derive(Debug, Args)]
+pub struct AuditReportArgs {
+    /// The node configuration file.
+    #[arg(long)]
+    pub config: PathBuf,
+    /// The local patient id (PatientID) whose disclosures to list.
+    #[arg(long)]
+    pub patient: Option<String>,
+    #[arg(long)]
+    pub agreement: Option<String>,
+    /// Receiving site id.
+    #[arg(long)]
+    pub party: Option<String>,
+    /// From this time (RFC 3339 or YYYY-MM-DD).
+    #[arg(long)]
+    pub since: Option<String>,
+    /// Until this time (RFC 3339 or YYYY-MM-DD, start of that day).
+    #[arg(long)]
+    pub until: Option<String>,
+    /// JSON for tools instead of text.
+    #[arg(long)]
+    pub json: bool,
+    /// Why you are looking (recorded in the audit log with your user name).
+    #[arg(long)]
+    pub reason: Option<String>,
 }
 
 pub fn certs(cmd: CertsCommand) -> anyhow::Result<i32> {
@@ -508,24 +575,16 @@ pub fn demo(args: DemoArgs) -> anyhow::Result<i32> {
 
 pub fn audit(cmd: AuditCommand) -> anyhow::Result<i32> {
     match cmd {
-        AuditCommand::Verify { config } => {
-            let cfg = pacs_broker::config::NodeConfig::load(&config)?;
-            let path = cfg.data_dir.join("audit.log");
-            match audit::verify(&path) {
-                Ok(v) => {
-                    println!(
-                        "audit log {} verified: {} entries, head {}",
-                        path.display(),
-                        v.entries,
-                        v.last_hash
-                    );
-                    Ok(0)
-                }
-                Err(e) => {
-                    eprintln!("audit log FAILED verification: {e}");
-                    Ok(3)
-                }
-            }
-        }
+        AuditCommand::Verify {
+            config,
+            partner_checkpoints,
+        } => super::audit::verify(&config, &partner_checkpoints),
+        AuditCommand::Report(a) => super::audit::report(a),
+        AuditCommand::Export {
+            config,
+            format,
+            since,
+        } => super::audit::export(&config, format, since.as_deref()),
+        AuditCommand::Checkpoints { config, of } => super::audit::checkpoints(&config, &of),
     }
 }

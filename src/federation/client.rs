@@ -77,6 +77,8 @@ pub struct Delivery {
     pub receipt: Receipt,
     pub instances_sent: usize,
     pub bytes_sent: u64,
+    /// The certificate the receiver presented (checks its audit checkpoint in the receipt).
+    pub receiver_certificate: Option<CertificateDer<'static>>,
 }
 
 /// A connected client to one partner node.
@@ -85,6 +87,8 @@ pub struct PeerClient {
     address: String,
     client: FederationClient<Channel>,
     peer_cert: Arc<Mutex<Option<CertificateDer<'static>>>>,
+    /// This site's signed audit checkpoint, carried by every offer (see `audit::partner`).
+    audit_checkpoint: Vec<u8>,
 }
 
 impl PeerClient {
@@ -147,7 +151,14 @@ impl PeerClient {
             address: address.to_string(),
             client: FederationClient::new(channel),
             peer_cert,
+            audit_checkpoint: Vec::new(),
         })
+    }
+
+    /// Sets the signed audit checkpoint that offers carry.
+    pub fn with_audit_checkpoint(mut self, checkpoint: Vec<u8>) -> Self {
+        self.audit_checkpoint = checkpoint;
+        self
     }
 
     pub fn site(&self) -> &str {
@@ -192,6 +203,7 @@ impl PeerClient {
                     size: i.size,
                 })
                 .collect(),
+            audit_checkpoint: self.audit_checkpoint.clone(),
         };
         let answer = self
             .client
@@ -245,7 +257,7 @@ impl PeerClient {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone();
-        if !cert.is_some_and(|c| receipt::verify(&receipt, &c))
+        if !cert.as_ref().is_some_and(|c| receipt::verify(&receipt, c))
             || receipt.receiver_site != self.site
         {
             return Err(SendError::BadReceipt(self.site.clone()));
@@ -254,6 +266,7 @@ impl PeerClient {
             receipt,
             instances_sent: n,
             bytes_sent,
+            receiver_certificate: cert,
         })
     }
 }

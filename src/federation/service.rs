@@ -602,6 +602,12 @@ impl Federation for Receiver {
         }
         // From here on the offer's own strings are bounded and of a safe character set.
         let ids = (o.agreement_id.as_str(), o.purpose.as_str());
+        // Audit (issue 13): hold the sender's signed checkpoint, checked against its certificate.
+        self.audit.accept_partner_checkpoint(
+            &sender,
+            peer.identity.certificate.as_ref(),
+            &o.audit_checkpoint,
+        );
         let object = format!("study {}", o.study_token);
         let set = self.agreements.borrow().clone();
         let deid = match self.authorise_offer(&set, &o, &peer) {
@@ -1193,31 +1199,42 @@ impl Receiver {
             instances_already_held: c.already_held as u32,
             study_digest: h.finalize().to_vec(),
             signature: Vec::new(),
+            audit_checkpoint: Vec::new(),
         };
         self.signer.sign(&mut receipt);
-        self.audit.record_or_warn(Event {
-            actor: format!("site:{sender}"),
-            action: "receive".into(),
-            object: format!(
-                "study {} ({} stored, {} already held{}{})",
-                plan.study_token,
-                c.stored,
-                c.already_held,
-                if delivered {
-                    ", delivered to inbox"
-                } else {
-                    ""
-                },
-                if plan.complete {
-                    "; study complete"
-                } else {
-                    "; more instances to come"
-                }
-            ),
-            agreement: plan.agreement.clone(),
-            purpose: plan.purpose.clone(),
-            outcome: "ok".into(),
-        });
+        self.audit.record_detailed_or_warn(
+            Event {
+                actor: format!("site:{sender}"),
+                action: "receive".into(),
+                object: format!(
+                    "study {} ({} stored, {} already held{}{})",
+                    plan.study_token,
+                    c.stored,
+                    c.already_held,
+                    if delivered {
+                        ", delivered to inbox"
+                    } else {
+                        ""
+                    },
+                    if plan.complete {
+                        "; study complete"
+                    } else {
+                        "; more instances to come"
+                    }
+                ),
+                agreement: plan.agreement.clone(),
+                purpose: plan.purpose.clone(),
+                outcome: "ok".into(),
+            },
+            crate::audit::Detail {
+                study: Some(plan.study_token.clone()),
+                party: Some(sender.to_string()),
+                flow: Some(plan.flow.clone()),
+                ..Default::default()
+            },
+        );
+        // Audit (issue 13): the receipt carries this site's checkpoint, covering the receive.
+        receipt.audit_checkpoint = self.audit.checkpoint_for_peer();
         tracing::info!(peer = %sender, agreement = %plan.agreement, study = %plan.study_token, stored = c.stored, already_held = c.already_held, complete = plan.complete, "study received");
         receipt
     }

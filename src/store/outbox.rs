@@ -46,6 +46,10 @@ pub struct OutboxEntry {
     pub purpose: String,
     pub to: String,
     pub study_token: String,
+    /// Patient tokens of the study under this agreement (never the patient id: the origin's
+    /// disclosure report resolves them through the vault).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub patient_tokens: Vec<String>,
     pub modalities: Vec<String>,
     pub instances: Vec<OutboxInstance>,
     pub state: OutboxState,
@@ -56,9 +60,6 @@ pub struct OutboxEntry {
     pub last_error: Option<String>,
     /// Instances the receiver stored / already held, from its signed receipt.
     pub delivered: Option<(u32, u32)>,
-    /// The de-identified Patient ID value(s) of the study's instances (the tokens that left).
-    #[serde(default)]
-    pub patient_tokens: Vec<String>,
     /// False while the study is still arriving over DICOM (the listener's forwarder sends what
     /// has arrived and owns the entry); true once the whole study is here (files given to
     /// `send`, or a DICOM study after its quiet time).
@@ -277,6 +278,7 @@ mod tests {
             purpose: "treatment".into(),
             to: "y".into(),
             study_token: "2.25.5".into(),
+            patient_tokens: vec!["TOKEN".into()],
             modalities: vec!["CT".into()],
             instances: vec![OutboxInstance {
                 file: "i.dcm".into(),
@@ -290,7 +292,6 @@ mod tests {
             next_attempt: 0,
             last_error: None,
             delivered: None,
-            patient_tokens: vec!["tok".into()],
             complete: true,
         }
     }

@@ -139,6 +139,16 @@ impl Federation {
             let _ = s.await;
         }
     }
+
+    /// Stops every node and hands back the federation's folder, to inspect it afterwards.
+    pub async fn stop_keeping_files(self) -> tempfile::TempDir {
+        let _ = self.stop.send(true);
+        for s in self.servers {
+            let _ = s.await;
+        }
+        drop(self.nodes);
+        self.dir
+    }
 }
 
 /// Lays out one site's folder and returns its config (also usable without serving).
@@ -183,6 +193,7 @@ pub fn site_config(base: &Path, site: &str, addrs: &BTreeMap<String, String>) ->
             .collect(),
         limits: Default::default(),
         dicom: None,
+        audit: Default::default(),
     }
 }
 
