@@ -40,7 +40,7 @@ pub struct Peer {
 }
 
 /// TLS material of the site.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TlsPaths {
     /// The federation CA certificate (PEM) that every site certificate chains to.
@@ -51,8 +51,9 @@ pub struct TlsPaths {
     pub key: PathBuf,
 }
 
-/// One site node's configuration.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// One site node's configuration. `Default` gives empty paths and no tables, for code that
+/// builds a config and sets the required keys itself.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NodeConfig {
     /// This site's id; must equal the site id in its own certificate.
@@ -69,6 +70,9 @@ pub struct NodeConfig {
     /// Partner nodes by site id.
     #[serde(default)]
     pub peers: BTreeMap<String, Peer>,
+    /// Local users and their roles (`[[users]]`), e.g. who may re-identify.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub users: Vec<crate::users::UserConfig>,
 }
 
 impl NodeConfig {

@@ -359,6 +359,7 @@ fn lay_out_site(
             key: PathBuf::from("tls/site-tls.key"),
         },
         peers,
+        users: demo_users(site),
     };
     let path = dir.join("node.toml");
     std::fs::write(
@@ -371,6 +372,21 @@ fn lay_out_site(
         ),
     )?;
     Ok(path)
+}
+
+/// The demo's local users: at hospital-a, the radiologist on duty may re-identify returned
+/// results (`pacs-broker reidentify --user dr-on-duty ...`), as the teleradiology agreement names.
+fn demo_users(site: &str) -> Vec<crate::users::UserConfig> {
+    if site != "hospital-a" {
+        return Vec::new();
+    }
+    vec![crate::users::UserConfig {
+        name: "dr-on-duty".into(),
+        roles: vec![
+            crate::users::ROLE_REIDENTIFY.into(),
+            "radiologist on duty at Hospital A".into(),
+        ],
+    }]
 }
 
 /// Runs the demo: two sites on loopback, one study from hospital-a to telerad-c (the generated

@@ -15,6 +15,8 @@
 //! | [`pseudonym`] | site keys, keyed tokens and UIDs, date offsets, the origin-only vault |
 //! | [`store`] | the `Store` trait, its sled + content-addressed-file implementation, the inbox, the durable outbox |
 //! | [`federation`] | proto service (tonic), mutual TLS 1.3 (rustls), peer identity, offer/transfer, signed receipts |
+//! | [`users`] | local users and roles, behind one small interface (`[[users]]` today) |
+//! | [`reidentify`] | who may see the original behind a token at the origin, audited |
 //! | [`audit`] | the append-only hash-chained audit log and its verification |
 //! | [`node`] | wires the above into a running site: agreement reload, outbox worker, sending, shutdown |
 //! | [`demo`] | the self-contained demo federation behind `pacs-broker demo` |
@@ -30,4 +32,6 @@ pub mod dsa;
 pub mod federation;
 pub mod node;
 pub mod pseudonym;
+pub mod reidentify;
 pub mod store;
+pub mod users;

@@ -41,6 +41,8 @@ enum Command {
     Deid(cli::deid::DeidArgs),
     /// Check, explain, compare, sign and verify data sharing agreements.
     Dsa(cli::dsa::DsaArgs),
+    /// Show the original value behind a token, at the origin, to an authorised user (audited).
+    Reidentify(cli::reidentify::ReidentifyArgs),
     /// Audit log tools.
     #[command(subcommand)]
     Audit(cli::node::AuditCommand),
@@ -70,6 +72,7 @@ fn main() {
         Command::Deid(a) => cli::deid::run(a),
         Command::Dsa(a) => cli::dsa::run(a),
         Command::Audit(c) => cli::node::audit(c),
+        Command::Reidentify(a) => cli::reidentify::run(a),
     };
     match result {
         Ok(code) => std::process::exit(code),

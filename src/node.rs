@@ -53,6 +53,8 @@ pub enum NodeError {
     Serve(String),
     #[error("{0}")]
     Input(String),
+    #[error(transparent)]
+    Reidentify(#[from] crate::reidentify::ReidentifyError),
     #[error("nothing to send: no input produced a de-identified instance")]
     NothingToSend,
 }
@@ -241,6 +243,25 @@ impl Node {
             *slot = Some(Arc::new(Vault::new(&self.keys, tree)));
         }
         Ok(slot.clone().expect("just opened"))
+    }
+
+    /// A person's request for the original behind a token (`pacs-broker reidentify`): decided,
+    /// audited and answered by [`crate::reidentify::reidentify`] against this node's users.
+    pub fn reidentify(
+        &self,
+        req: &crate::reidentify::Request,
+    ) -> Result<crate::pseudonym::VaultEntry, NodeError> {
+        let users = crate::users::LocalUsers::from_config(&self.config.users)
+            .map_err(|e| NodeError::Input(e.to_string()))?;
+        let open = || self.vault().map_err(|e| e.to_string());
+        Ok(crate::reidentify::reidentify(
+            &self.agreements(),
+            self.site_id(),
+            &users,
+            open,
+            &self.audit,
+            req,
+        )?)
     }
 
     /// Opens a node from a config file.

@@ -3,3 +3,4 @@
 pub mod deid;
 pub mod dsa;
 pub mod node;
+pub mod reidentify;

@@ -174,6 +174,7 @@ pub fn site_config(base: &Path, site: &str, addrs: &BTreeMap<String, String>) ->
                 )
             })
             .collect(),
+        ..Default::default()
     }
 }
 
