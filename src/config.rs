@@ -46,7 +46,7 @@ pub struct Peer {
 }
 
 /// TLS material of the site.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TlsPaths {
     /// The federation CA certificate (PEM) that every site certificate chains to.
@@ -109,8 +109,9 @@ impl Default for Limits {
     }
 }
 
-/// One site node's configuration.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// One site node's configuration. `Default` gives empty paths and no tables, for code that
+/// builds a config and sets the required keys itself.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NodeConfig {
     /// This site's id; must equal the site id in its own certificate.
@@ -136,6 +137,9 @@ pub struct NodeConfig {
     /// Audit log: signed checkpoints, live forwarding to syslog, alerts (`[audit]`).
     #[serde(default, skip_serializing_if = "crate::audit::AuditConfig::is_default")]
     pub audit: crate::audit::AuditConfig,
+    /// Local users and their roles (`[[users]]`), e.g. who may re-identify.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub users: Vec<crate::users::UserConfig>,
 }
 
 /// `[dicom]`: the node's DICOM networking: the DIMSE listener (C-ECHO and C-STORE SCP), when

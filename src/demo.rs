@@ -413,6 +413,7 @@ fn lay_out_site(
         limits: Default::default(),
         dicom,
         audit: Default::default(),
+        users: demo_users(site),
     };
     let path = dir.join("node.toml");
     std::fs::write(
@@ -425,6 +426,21 @@ fn lay_out_site(
         ),
     )?;
     Ok(path)
+}
+
+/// The demo's local users: at hospital-a, the radiologist on duty may re-identify returned
+/// results (`pacs-broker reidentify --user dr-on-duty ...`), as the teleradiology agreement names.
+fn demo_users(site: &str) -> Vec<crate::users::UserConfig> {
+    if site != "hospital-a" {
+        return Vec::new();
+    }
+    vec![crate::users::UserConfig {
+        name: "dr-on-duty".into(),
+        roles: vec![
+            crate::users::ROLE_REIDENTIFY.into(),
+            "radiologist on duty at Hospital A".into(),
+        ],
+    }]
 }
 
 /// Runs the demo: two sites on loopback, one study from hospital-a to telerad-c (the generated

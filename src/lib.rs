@@ -18,6 +18,8 @@
 //! | [`store`] | the `Store` trait, its sled + content-addressed-file implementation, the inbox, the durable outbox |
 //! | [`federation`] | proto service (tonic), mutual TLS 1.3 (rustls), peer identity, offer/transfer, signed receipts |
 //! | [`dicom_net`] | DIMSE with the site's own systems: C-STORE delivery to the local PACS from a durable queue |
+//! | [`users`] | local users and roles, behind one small interface (`[[users]]` today) |
+//! | [`reidentify`] | who may see the original behind a token at the origin, audited |
 //! | [`audit`] | the append-only hash-chained audit log and its verification |
 //! | [`node`] | wires the above into a running site: agreement reload, outbox worker, sending, shutdown |
 //! | [`demo`] | the self-contained demo federation behind `pacs-broker demo` |
@@ -35,4 +37,6 @@ pub mod federation;
 pub mod ingest;
 pub mod node;
 pub mod pseudonym;
+pub mod reidentify;
 pub mod store;
+pub mod users;

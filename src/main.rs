@@ -43,6 +43,8 @@ enum Command {
     Dsa(cli::dsa::DsaArgs),
     /// Review what a node held back: list, show, release, discard.
     Quarantine(cli::quarantine::QuarantineArgs),
+    /// Show the original value behind a token, at the origin, to an authorised user (audited).
+    Reidentify(cli::reidentify::ReidentifyArgs),
     /// Audit log tools.
     #[command(subcommand)]
     Audit(cli::node::AuditCommand),
@@ -77,6 +79,7 @@ fn main() {
         Command::Audit(c) => cli::node::audit(c),
         Command::Quarantine(a) => cli::quarantine::run(a),
         Command::Store(c) => cli::node::store(c),
+        Command::Reidentify(a) => cli::reidentify::run(a),
     };
     match result {
         Ok(code) => std::process::exit(code),

@@ -61,6 +61,8 @@ pub enum NodeError {
     Input(String),
     #[error(transparent)]
     Ingest(#[from] IngestError),
+    #[error(transparent)]
+    Reidentify(#[from] crate::reidentify::ReidentifyError),
     #[error("nothing to send: the inputs hold no files")]
     NothingToSend,
     #[error("{0}")]
@@ -274,6 +276,25 @@ impl Node {
             *slot = Some(Arc::new(open_vault(&self.config.data_dir, &self.keys)?));
         }
         Ok(slot.clone().expect("just opened"))
+    }
+
+    /// A person's request for the original behind a token (`pacs-broker reidentify`): decided,
+    /// audited and answered by [`crate::reidentify::reidentify`] against this node's users.
+    pub fn reidentify(
+        &self,
+        req: &crate::reidentify::Request,
+    ) -> Result<crate::pseudonym::VaultEntry, NodeError> {
+        let users = crate::users::LocalUsers::from_config(&self.config.users)
+            .map_err(|e| NodeError::Input(e.to_string()))?;
+        let open = || self.vault().map_err(|e| e.to_string());
+        Ok(crate::reidentify::reidentify(
+            &self.agreements(),
+            self.site_id(),
+            &users,
+            open,
+            &self.audit,
+            req,
+        )?)
     }
 
     /// Opens a node from a config file.

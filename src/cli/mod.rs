@@ -5,3 +5,4 @@ pub mod deid;
 pub mod dsa;
 pub mod node;
 pub mod quarantine;
+pub mod reidentify;

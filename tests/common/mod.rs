@@ -194,6 +194,7 @@ pub fn site_config(base: &Path, site: &str, addrs: &BTreeMap<String, String>) ->
         limits: Default::default(),
         dicom: None,
         audit: Default::default(),
+        users: Vec::new(),
     }
 }
 
