@@ -66,10 +66,7 @@ fn collector(dir: &Path) -> (String, std::path::PathBuf, Arc<AtomicU64>) {
                         break;
                     }
                     buf.extend_from_slice(&chunk[..n]);
-                    loop {
-                        let Some(sp) = buf.iter().position(|&b| b == b' ') else {
-                            break;
-                        };
+                    while let Some(sp) = buf.iter().position(|&b| b == b' ') {
                         let len: usize = std::str::from_utf8(&buf[..sp]).unwrap().parse().unwrap();
                         if buf.len() < sp + 1 + len {
                             break;
@@ -175,13 +172,11 @@ fn records(n: usize) {
     );
 }
 
+/// A site's identity as `identity()` returns it: (key DER, certificate DER).
+type Identity = (Vec<u8>, Vec<u8>);
+
 /// The audit calls one study's delivery makes, on both sides.
-fn audit_work_per_study(
-    a: &AuditLog,
-    c: &AuditLog,
-    ids: &((Vec<u8>, Vec<u8>), (Vec<u8>, Vec<u8>)),
-    i: usize,
-) {
+fn audit_work_per_study(a: &AuditLog, c: &AuditLog, ids: &(Identity, Identity), i: usize) {
     let offer_cp = a.checkpoint_for_peer();
     c.accept_partner_checkpoint("hospital-a", &ids.0 .1, &offer_cp);
     c.record_detailed(

@@ -381,7 +381,7 @@ impl Node {
                     }
                     node.tls.reload_crl_if_changed();
                     tick = tick.wrapping_add(1);
-                    if tick % 4 == 0 {
+                    if tick.is_multiple_of(4) {
                         receiver.housekeeping();
                     }
                 }
@@ -770,6 +770,19 @@ impl Node {
             },
             self.audit.clone(),
             open.clone(),
+            {
+                let node = self.clone();
+                Box::new(
+                    move |flow: &IngestFlow, source: &str, held: &mut HeldBack| {
+                        node.hold_for_review(
+                            &flow.agreement,
+                            &flow.flow,
+                            &format!("dicom:{source}"),
+                            std::slice::from_mut(held),
+                        )
+                    },
+                )
+            },
         ));
         let tcp = TcpListener::bind(&cfg.listen).await.map_err(|e| {
             NodeError::Serve(format!("cannot listen for DICOM on {}: {e}", cfg.listen))

@@ -556,3 +556,91 @@ fn a_flow_restricted_to_source_aes_takes_nothing_from_another_device() {
         sites.received().len() == 3
     });
 }
+
+#[test]
+fn an_instance_quarantined_by_deidentification_is_held_for_review_and_not_sent() {
+    use dicom_dictionary_std::tags;
+    let sites = Sites::start(None, &[("MODALITY", "127.0.0.1")]);
+    let study = write_synthetic_ct(
+        &sites.dir.path().join("study"),
+        &SyntheticPatient::default(),
+        2,
+        64,
+    )
+    .unwrap();
+    // The device says the second image has burned-in text: the flow's burned-in gate holds it.
+    let mut obj = dicom_object::open_file(&study[1]).unwrap();
+    obj.put_str(tags::BURNED_IN_ANNOTATION, dicom_core::VR::CS, "YES");
+    obj.write_to_file(&study[1]).unwrap();
+
+    let (_, out) = sites.storescu("MODALITY", BROKER_AE, &study[1..]);
+    assert!(!out.contains("Received Store Response (Success)"), "{out}");
+    // Cannot understand (0xC001: held back by de-identification), never success.
+    assert!(
+        out.contains("Received Store Response (Error: CannotUnderstand)"),
+        "{out}"
+    );
+
+    // The original is in the quarantine, listed for the privacy officer, its source the AE.
+    let list = Command::new(env!("CARGO_BIN_EXE_pacs-broker"))
+        .args(["quarantine", "list", "--config"])
+        .arg(&sites.a.config)
+        .env("USER", "dpo-a")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&list.stdout).to_string();
+    assert!(
+        list.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&list.stderr)
+    );
+    let held: Vec<&str> = text.lines().filter(|l| l.starts_with('q')).collect();
+    assert_eq!(held.len(), 1, "{text}");
+    let id = held[0].split_whitespace().next().unwrap();
+    assert!(text.contains("BurnedInAnnotation is YES"), "{text}");
+    let item = sites.a.cfg.data_dir.join("quarantine").join(id);
+    let record = std::fs::read_to_string(item.join("item.json")).unwrap();
+    assert!(
+        record.contains("\"source\": \"dicom:MODALITY\""),
+        "{record}"
+    );
+    // The held bytes are the instance as the modality sent it (the spool file is gone).
+    let input = dicom_object::open_file(item.join("input.dcm")).unwrap();
+    assert_eq!(
+        input
+            .element(tags::PATIENT_ID)
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .trim(),
+        SyntheticPatient::default().id.trim()
+    );
+    let spool = sites.a.cfg.data_dir.join("ingest").join("spool");
+    assert!(files_under(&spool).is_empty(), "spool files left behind");
+
+    // Audited (no PHI), and nothing went to the partner.
+    let audit = sites.a.audit();
+    assert!(
+        audit
+            .lines()
+            .any(|l| l.contains("\"action\":\"quarantine-hold\"") && l.contains(id)),
+        "{audit}"
+    );
+    assert!(!audit.contains("DOE^JANE") && !audit.contains("MRN-0042117"));
+    assert_eq!(sites.outbox_instances(), 0);
+
+    // An image without burned-in text from the same association path still goes.
+    let (ok, out) = sites.storescu("MODALITY", BROKER_AE, &study[..1]);
+    assert!(ok, "{out}");
+    wait_for(
+        "the clean image at telerad-c",
+        Duration::from_secs(30),
+        || sites.received().len() == 1,
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(
+        sites.received().len(),
+        1,
+        "the quarantined image reached the partner"
+    );
+}

@@ -503,6 +503,9 @@ async fn a_cross_agreement_claim_delivers_nothing() {
 }
 
 // 4. The delivery check: every gap the issue found, over the wire; and a positive control.
+/// One change to a test instance.
+type Edit = Box<dyn Fn(&mut dicom_object::DefaultDicomObject)>;
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_release_check_gap_is_refused() {
     let fed = Federation::start_with(&["hospital-a", "telerad-c"], tight).await;
@@ -515,11 +518,7 @@ async fn each_release_check_gap_is_refused() {
     let put = |obj: &mut dicom_object::DefaultDicomObject, tag, vr, v: &str| {
         obj.put(DataElement::new(tag, vr, PrimitiveValue::from(v)));
     };
-    let cases: Vec<(
-        &str,
-        &str,
-        Box<dyn Fn(&mut dicom_object::DefaultDicomObject)>,
-    )> = vec![
+    let cases: Vec<(&str, &str, Edit)> = vec![
         (
             "ImageComments with a name, an ID and a birth date",
             FLOW,
@@ -623,7 +622,13 @@ async fn a_length_bomb_over_the_wire_is_refused_without_a_large_allocation() {
         };
         let s = offer_and_send(
             &mut client,
-            offer_request(AGREEMENT, FLOW, "treatment", "2.25.7", &[inst.clone()]),
+            offer_request(
+                AGREEMENT,
+                FLOW,
+                "treatment",
+                "2.25.7",
+                std::slice::from_ref(&inst),
+            ),
             &[inst],
         )
         .await

@@ -5,7 +5,9 @@
 //! as its source AE (so `select.source_aes` is enforced), making it durable in the outbox
 //! before the listener may acknowledge it (vault record flushed, output fsynced and named,
 //! folder fsynced), and the studies still arriving ([`OpenStudies`]): what is new since the last
-//! forward, and which have been quiet long enough to count as complete.
+//! forward, and which have been quiet long enough to count as complete. An instance that
+//! de-identification quarantines is handed to the node's review hold ([`ReviewHold`]) while its
+//! spool file still exists, and is still answered with a failure status.
 //!
 //! Does not own: the association layer (`dicom_net::scp` calls [`DimseIngest`] through its
 //! `StoreService` trait) or sending to the partner (`node` runs the forwarder).
@@ -32,6 +34,11 @@ pub type FlowResolver =
 /// Opens the site's vault (its sled database takes a lock while open).
 pub type VaultOpener = dyn Fn() -> Result<Vault, String> + Send + Sync + 'static;
 
+/// Holds a quarantined instance for review (the node's quarantine, audited there): gets the
+/// flow, the source (the calling AE title) and the held-back record, whose `path` is the spool
+/// file (still on disk), and adds the item id to its reason.
+pub type ReviewHold = dyn Fn(&IngestFlow, &str, &mut HeldBack) + Send + Sync + 'static;
+
 /// The listener's side of the pipeline.
 pub struct DimseIngest {
     routes: Vec<DicomRoute>,
@@ -44,6 +51,7 @@ pub struct DimseIngest {
     vault: Mutex<(Option<Arc<Vault>>, usize)>,
     audit: Arc<AuditLog>,
     open: Arc<OpenStudies>,
+    hold_for_review: Box<ReviewHold>,
 }
 
 /// One association's view: who it is and which flow its instances go to.
@@ -64,6 +72,7 @@ impl DimseIngest {
         open_vault: Box<VaultOpener>,
         audit: Arc<AuditLog>,
         open: Arc<OpenStudies>,
+        hold_for_review: Box<ReviewHold>,
     ) -> DimseIngest {
         DimseIngest {
             routes,
@@ -73,6 +82,7 @@ impl DimseIngest {
             vault: Mutex::new((None, 0)),
             audit,
             open,
+            hold_for_review,
         }
     }
 
@@ -277,7 +287,14 @@ impl StoreService for DimseIngest {
                 s.stored += 1;
                 StoreOutcome::Stored
             }
-            Err((held, status)) => {
+            Err((mut held, status)) => {
+                if held.kind == HeldBackKind::Quarantined {
+                    // Held for review before the spool file goes (it is deleted once answered);
+                    // the answer stays a failure status: nothing quarantined is acknowledged.
+                    held.path = Some(spool.to_path_buf());
+                    (self.hold_for_review)(&flow, s.peer.calling_ae.trim(), &mut held);
+                    held.path = None;
+                }
                 tracing::warn!(calling_ae = %s.peer.calling_ae, instance = n, outcome = held.kind.describe(), reason = %held.reason, "instance held back");
                 self.audit(
                     &s.peer,

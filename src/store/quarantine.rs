@@ -32,7 +32,7 @@ pub struct HeldItem {
     pub held_at: u64,
     pub agreement: String,
     pub flow: String,
-    /// What brought it in: `send`, `dimse`, `partner`, ...
+    /// What brought it in: `send`, `dicom:<calling AE title>` (the DICOM listener), `partner`, ...
     pub source: String,
     /// Why it was held (no PHI).
     pub reason: String,
