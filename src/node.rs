@@ -720,6 +720,15 @@ impl Node {
                 complete: true,
             };
             let dir = outbox.save(&entry)?;
+            // The running node's outbox worker may see the new entry as due: one attempt at a
+            // time (two concurrent transfers of one study would race at the receiver).
+            let Some(_claim) = Outbox::try_claim(&dir) else {
+                report.queued.push((
+                    study_token,
+                    "the site's running node is delivering it now".into(),
+                ));
+                continue;
+            };
             let files = study
                 .instances
                 .iter()

@@ -379,6 +379,30 @@ fn echoscu_and_storescu_reach_the_partner_deidentified_and_strangers_are_rejecte
         || sites.c.audit().contains("study complete"),
     );
 
+    // At most `max_associations` (4 here) at once: one more is rejected as transient.
+    let held: Vec<_> = (0..4)
+        .map(|_| {
+            dicom_ul::ClientAssociationOptions::new()
+                .with_abstract_syntax(dicom_dictionary_std::uids::VERIFICATION)
+                .calling_ae_title("MODALITY")
+                .called_ae_title(BROKER_AE)
+                .establish(("127.0.0.1", sites.dicom_port))
+                .expect("an association within the limit")
+        })
+        .collect();
+    let (ok, out) = sites.storescu("MODALITY", BROKER_AE, &study[..1]);
+    assert!(
+        !ok && out.contains("Association Rejected") && out.contains("Local Limit Exceeded"),
+        "{out}"
+    );
+    for a in held {
+        a.release().unwrap();
+    }
+    assert!(sites
+        .a
+        .audit()
+        .contains("associations in progress (the configured limit)"));
+
     // Off the allow-list: a stranger's AE title, an allowed AE title from another address, and
     // another called AE title. Each is rejected at association, audited, and nothing is stored.
     let ingested = |audit: &str| audit.matches("\"action\":\"ingest\"").count();
