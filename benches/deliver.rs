@@ -43,12 +43,73 @@ fn main() {
         .sum();
     let mb = bytes as f64 / 1e6;
 
-    // Ours: commit into a receiving store (queues every instance), then time the worker.
+    // Into Orthanc (a real PACS: its per-instance commit sets the pace) ...
     let pacs = Orthanc::start();
-    let store = Arc::new(LocalStore::open(&dir.path().join("store")).unwrap());
-    let audit = Arc::new(AuditLog::open(&dir.path().join("audit.log")).unwrap());
+    let ours = deliver_with_worker(
+        &dir.path().join("a"),
+        &files,
+        &pacs.aet,
+        &pacs.dicom_address(),
+    );
+    assert_eq!(pacs.instances().len(), n, "every instance in Orthanc");
+    let other = Orthanc::start();
+    let theirs = storescu(&files, &other.aet, other.dicom_port);
+    assert_eq!(other.instances().len(), n);
+    report("Orthanc", n, mb, ours, theirs);
+
+    // ... and into dcmtk storescp --ignore (receives and discards: the SCU's own pace).
+    let port = free_port();
+    let mut sink = std::process::Command::new("storescp")
+        .env("TCP_NODELAY", "1")
+        .args(["--ignore", "-aet", "SINK", &port.to_string()])
+        .spawn()
+        .expect("dcmtk storescp (run .ci/setup)");
+    std::thread::sleep(Duration::from_millis(500));
+    let ours = deliver_with_worker(
+        &dir.path().join("b"),
+        &files,
+        "SINK",
+        &format!("127.0.0.1:{port}"),
+    );
+    let theirs = storescu(&files, "SINK", port);
+    let _ = sink.kill();
+    let _ = sink.wait();
+    report("dcmtk storescp --ignore", n, mb, ours, theirs);
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn storescu(files: &[std::path::PathBuf], aet: &str, port: u16) -> Duration {
+    let started = Instant::now();
+    let status = std::process::Command::new("storescu")
+        .env("TCP_NODELAY", "1")
+        .args(["-aec", aet, "127.0.0.1", &port.to_string()])
+        .args(files)
+        .status()
+        .expect("dcmtk storescu (run .ci/setup)");
+    assert!(status.success(), "storescu failed");
+    started.elapsed()
+}
+
+/// Commits `files` into a fresh receiving store (which queues them) and times the worker until
+/// the queue is empty.
+fn deliver_with_worker(
+    root: &std::path::Path,
+    files: &[std::path::PathBuf],
+    aet: &str,
+    address: &str,
+) -> Duration {
+    let n = files.len();
+    let store = Arc::new(LocalStore::open(&root.join("store")).unwrap());
+    let audit = Arc::new(AuditLog::open(&root.join("audit.log")).unwrap());
     let delivery = PacsDelivery::new(
-        &DeliverConfig::new(&pacs.aet, &pacs.dicom_address()),
+        &DeliverConfig::new(aet, address),
         "telerad-c",
         store.clone(),
         audit,
@@ -85,7 +146,7 @@ fn main() {
 
     let rt = tokio::runtime::Runtime::new().unwrap();
     let started = Instant::now();
-    let ours = rt.block_on(async {
+    rt.block_on(async {
         let worker = delivery.start();
         while !queue.entries().unwrap().is_empty() {
             tokio::time::sleep(Duration::from_millis(5)).await;
@@ -93,37 +154,20 @@ fn main() {
         let took = started.elapsed();
         worker.stop().await;
         took
-    });
-    assert_eq!(pacs.instances().len(), n, "every instance in Orthanc");
+    })
+}
 
-    // dcmtk storescu of the same files into a fresh Orthanc.
-    let other = Orthanc::start();
-    let started = Instant::now();
-    let status = std::process::Command::new("storescu")
-        .env("TCP_NODELAY", "1")
-        .args([
-            "-aec",
-            &other.aet,
-            "127.0.0.1",
-            &other.dicom_port.to_string(),
-        ])
-        .args(&files)
-        .status()
-        .expect("dcmtk storescu (run .ci/setup)");
-    let theirs = started.elapsed();
-    assert!(status.success(), "storescu failed");
-    assert_eq!(other.instances().len(), n);
-
+fn report(to: &str, n: usize, mb: f64, ours: Duration, theirs: Duration) {
     let rate = |d: Duration| (n as f64 / d.as_secs_f64(), mb / d.as_secs_f64());
     let (oi, om) = rate(ours);
     let (ti, tm) = rate(theirs);
-    println!("delivery of {n} CT instances (512x512, 16-bit; {mb:.0} MB) to Orthanc on loopback:");
+    println!("delivery of {n} CT instances (512x512, 16-bit; {mb:.0} MB) to {to} on loopback:");
     println!(
-        "  pacs-broker delivery worker: {:>7.0} ms  {oi:>6.0} instances/s  {om:>6.1} MB/s",
+        "  pacs-broker delivery worker:    {:>7.0} ms  {oi:>6.0} instances/s  {om:>6.1} MB/s",
         ours.as_secs_f64() * 1e3
     );
     println!(
-        "  dcmtk storescu (TCP_NODELAY=1): {:>4.0} ms  {ti:>6.0} instances/s  {tm:>6.1} MB/s",
+        "  dcmtk storescu (TCP_NODELAY=1): {:>7.0} ms  {ti:>6.0} instances/s  {tm:>6.1} MB/s",
         theirs.as_secs_f64() * 1e3
     );
     println!(

@@ -190,6 +190,16 @@ impl Sites {
             .collect()
     }
 
+    /// Waits (up to 10 s) until the audit log records `n` instances delivered, then checks that
+    /// it records exactly `n` (the PACS may show an instance just before the node audits it).
+    pub fn assert_audited_delivered(&self, n: usize) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.instances_audited_delivered() < n && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert_eq!(self.instances_audited_delivered(), n, "deliveries audited");
+    }
+
     /// How many instances the audit log records as delivered to the PACS.
     pub fn instances_audited_delivered(&self) -> usize {
         self.deliveries_audited()
@@ -318,7 +328,7 @@ async fn a_sent_study_reaches_the_partners_pacs_deidentified_and_as_stored() {
     }
 
     // Each delivery is audited (counts add up), and the audit log names no original value.
-    assert_eq!(sites.instances_audited_delivered(), sent);
+    sites.assert_audited_delivered(sent);
     let audit = std::fs::read_to_string(sites.telerad.data_dir.join("audit.log")).unwrap();
     for v in &originals {
         assert!(
@@ -400,12 +410,7 @@ async fn nothing_is_lost_while_the_pacs_is_down_or_the_node_restarts() {
         back.elapsed().as_millis()
     );
     assert_deidentified_in_pacs(&pacs, &ids, &originals);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while sites.instances_audited_delivered() < sent {
-        assert!(Instant::now() < deadline, "deliveries not audited");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    assert_eq!(sites.instances_audited_delivered(), sent);
+    sites.assert_audited_delivered(sent);
     telerad.stop();
     let store =
         pacs_broker::store::LocalStore::open(&sites.telerad.data_dir.join("store")).unwrap();
@@ -456,7 +461,7 @@ async fn instances_whose_transfer_syntax_the_pacs_refuses_are_marked_failed_with
             failed()
         );
     }
-    assert_eq!(sites.instances_audited_delivered(), slices);
+    sites.assert_audited_delivered(slices);
     telerad.stop();
 
     // They stay in the queue, marked failed, with the reason, for an operator.

@@ -4,8 +4,9 @@
 //! implementation [`LocalStore`]: a sled index plus content-addressed instance blobs as files
 //! (written under a temporary name, fsynced, renamed), a staging area for transfers that are not yet
 //! verified (and the verified instances of interrupted ones, kept for resumption), delivery of
-//! complete studies to the inbox folder as ordinary DICOM files, and the durable [`outbox`] of
-//! studies waiting to be sent.
+//! complete studies to the inbox folder as ordinary DICOM files (hard links to the blobs, so a
+//! received instance is on disk once), the durable [`outbox`] of studies waiting to be sent, and
+//! the durable [`delivery`] queue of received instances waiting for the site's PACS.
 //!
 //! sled 0.34 only fsyncs on its own every 500 ms, so every method that records something flushes
 //! before it returns: nothing is acknowledged to a peer before it is on disk.
@@ -739,10 +740,11 @@ impl Store for LocalStore {
 
 /// Puts the stored instance `src` at `target` in the inbox as a hard link, so that a received
 /// instance is kept on disk once, not twice. Blobs are never rewritten in place (written once
-/// under a temporary name, then renamed), and whatever reads the inbox must not edit its files in
-/// place either: they are the store's blobs under a second name. Where a link is impossible (the inbox on another file
-/// system, or a file system without links) it is copied instead: under a temporary name, fsynced,
-/// renamed, so the inbox never shows a partial file.
+/// under a temporary name, then renamed), and whatever reads the inbox must not edit its files
+/// in place either: they are the store's blobs under a second name. (Deleting a blob leaves the
+/// inbox file whole; retention must delete both.) Where a link is impossible (the inbox on
+/// another file system, or one without links) the blob is copied instead: under a temporary
+/// name, fsynced, renamed, so the inbox never shows a partial file.
 fn link_or_copy(src: &Path, dir: &Path, target: &Path, uid: &str) -> Result<(), StoreError> {
     match fs::hard_link(src, target) {
         Ok(()) => return Ok(()),
