@@ -176,9 +176,11 @@ fn preview(args: PreviewArgs) -> anyhow::Result<i32> {
             SiteKeys::generate()
         }
     };
-    let obj = dicom_object::OpenFileOptions::new()
-        .open_file(&args.file)
-        .with_context(|| format!("{} is not a readable DICOM file", args.file.display()))?;
+    // Through the same guard as every input: length bombs refused; bare, deflated and CP-246
+    // files read.
+    let obj = pacs_broker::deid::guard::read_guarded(&args.file).map_err(|e| {
+        anyhow::anyhow!("{} is not a readable DICOM file: {e}", args.file.display())
+    })?;
     let deidentifier = args.selection.resolve(&keys)?;
     let preview = deidentifier
         .preview(obj)
