@@ -217,6 +217,9 @@ pub struct Node {
     /// the one process that opens it).
     store: std::sync::Mutex<Option<Arc<LocalStore>>>,
     vault: std::sync::Mutex<Option<Arc<Vault>>>,
+    /// The agreements folder as it was when the agreements in force were read: the watcher
+    /// compares against this, so a change made before it first looks is not missed.
+    agreements_read: Vec<(PathBuf, u64, Option<SystemTime>)>,
 }
 
 impl Node {
@@ -239,6 +242,7 @@ impl Node {
             },
         )?);
         store::private_file(audit.path())?;
+        let agreements_read = agreements_fingerprint(&config.agreements);
         let (set, rejected) = load_agreements(&config.agreements, &config.tls.ca, None);
         crate::audit::alert::set_volume_limits(&audit, &set);
         for (f, why) in &rejected {
@@ -254,6 +258,7 @@ impl Node {
             agreements,
             store: Default::default(),
             vault: Default::default(),
+            agreements_read,
         })
     }
 
@@ -370,7 +375,7 @@ impl Node {
         let watcher = {
             let (node, receiver) = (self.clone(), receiver.clone());
             tokio::spawn(async move {
-                let mut last = agreements_fingerprint(&node.config.agreements);
+                let mut last = node.agreements_read.clone();
                 let mut tick = 0u32;
                 loop {
                     tokio::time::sleep(Duration::from_millis(250)).await;

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use orthanc::Orthanc;
-use pacs_broker::config::{DeliverConfig, NodeConfig};
+use pacs_broker::config::{DeliverConfig, DicomAllow, DicomConfig, DicomRoute, NodeConfig};
 use pacs_broker::demo::{write_synthetic_ct, SyntheticPatient};
 use pacs_broker::node::Node;
 
@@ -23,6 +23,9 @@ const COMPRESSED: &[(&str, &str)] = &[
     ("MR_small_RLE.dcm", "1.2.840.10008.1.2.5"),
     ("693_J2KI.dcm", "1.2.840.10008.1.2.4.91"),
 ];
+
+/// The called AE title of hospital-a's DICOM listener.
+const HOSPITAL_AE: &str = "HOSP_A_BROKER";
 
 fn pydicom_test_files() -> PathBuf {
     let p = Path::new("/usr/lib/python3/dist-packages/pydicom/data/test_files");
@@ -95,7 +98,12 @@ impl Sites {
 
     /// Starts `pacs-broker serve` for telerad-c and waits until it listens.
     pub fn serve_telerad(&self) -> Served {
-        let log = self.dir.path().join("telerad-c.log");
+        self.serve("telerad-c", &self.telerad_config, &self.telerad.listen)
+    }
+
+    /// Starts `pacs-broker serve` for `site` with `config` and waits until `addr` accepts.
+    pub fn serve(&self, site: &str, config: &Path, addr: &str) -> Served {
+        let log = self.dir.path().join(format!("{site}.log"));
         let out = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -103,7 +111,7 @@ impl Sites {
             .unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_pacs-broker"))
             .args(["--log", "pacs_broker=info", "serve", "--config"])
-            .arg(&self.telerad_config)
+            .arg(config)
             .stdin(Stdio::null())
             .stdout(out.try_clone().unwrap())
             .stderr(out)
@@ -111,18 +119,50 @@ impl Sites {
             .unwrap();
         let mut served = Served { child, log };
         let deadline = Instant::now() + Duration::from_secs(30);
-        while TcpStream::connect(&self.telerad.listen).is_err() {
+        while TcpStream::connect(addr).is_err() {
             if let Some(s) = served.child.try_wait().unwrap() {
-                panic!("telerad-c exited with {s}:\n{}", served.log());
+                panic!("{site} exited with {s}:\n{}", served.log());
             }
             assert!(
                 Instant::now() < deadline,
-                "telerad-c did not listen:\n{}",
+                "{site} did not listen:\n{}",
                 served.log()
             );
             std::thread::sleep(Duration::from_millis(50));
         }
         served
+    }
+
+    /// Starts hospital-a as `pacs-broker serve` with a DICOM listener (AE `HOSP_A_BROKER`,
+    /// taking `MODALITY` from 127.0.0.1, routed to the test flow, a study complete after 1 s
+    /// of quiet); returns the process and the listener's port.
+    pub fn serve_hospital_listener(&self) -> (Served, u16) {
+        let port = free_port();
+        let mut cfg = self.hospital.clone();
+        cfg.dicom = Some(DicomConfig {
+            listen: format!("127.0.0.1:{port}"),
+            ae_title: HOSPITAL_AE.into(),
+            allow: vec![DicomAllow {
+                ae_title: "MODALITY".into(),
+                address: "127.0.0.1".parse().unwrap(),
+            }],
+            routes: vec![DicomRoute {
+                agreement: AGREEMENT.into(),
+                flow: FLOW.into(),
+                calling_ae: None,
+                called_ae: None,
+                purpose: None,
+            }],
+            max_associations: 4,
+            study_quiet_secs: 1,
+            max_pdu: 65_536,
+            idle_timeout_secs: 30,
+            deliver: None,
+        });
+        let config = self.dir.path().join("hospital-a").join("node.toml");
+        std::fs::write(&config, cfg.to_toml()).unwrap();
+        let served = self.serve("hospital-a", &config, &format!("127.0.0.1:{port}"));
+        (served, port)
     }
 
     /// A study of `slices` synthetic CT images plus the compressed samples; returns its folder
@@ -188,16 +228,6 @@ impl Sites {
                 )
             })
             .collect()
-    }
-
-    /// Waits (up to 10 s) until the audit log records `n` instances delivered, then checks that
-    /// it records exactly `n` (the PACS may show an instance just before the node audits it).
-    pub fn assert_audited_delivered(&self, n: usize) {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while self.instances_audited_delivered() < n && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        assert_eq!(self.instances_audited_delivered(), n, "deliveries audited");
     }
 
     /// How many instances the audit log records as delivered to the PACS.
@@ -327,8 +357,14 @@ async fn a_sent_study_reaches_the_partners_pacs_deidentified_and_as_stored() {
         );
     }
 
-    // Each delivery is audited (counts add up), and the audit log names no original value.
-    sites.assert_audited_delivered(sent);
+    // Each delivery is audited (counts add up; the entry follows the PACS's response, so it
+    // may land just after Orthanc lists the instance), and the audit log names no original value.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while sites.instances_audited_delivered() < sent {
+        assert!(Instant::now() < deadline, "deliveries not audited");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(sites.instances_audited_delivered(), sent);
     let audit = std::fs::read_to_string(sites.telerad.data_dir.join("audit.log")).unwrap();
     for v in &originals {
         assert!(
@@ -410,7 +446,12 @@ async fn nothing_is_lost_while_the_pacs_is_down_or_the_node_restarts() {
         back.elapsed().as_millis()
     );
     assert_deidentified_in_pacs(&pacs, &ids, &originals);
-    sites.assert_audited_delivered(sent);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while sites.instances_audited_delivered() < sent {
+        assert!(Instant::now() < deadline, "deliveries not audited");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(sites.instances_audited_delivered(), sent);
     telerad.stop();
     let store =
         pacs_broker::store::LocalStore::open(&sites.telerad.data_dir.join("store")).unwrap();
@@ -461,7 +502,7 @@ async fn instances_whose_transfer_syntax_the_pacs_refuses_are_marked_failed_with
             failed()
         );
     }
-    sites.assert_audited_delivered(slices);
+    assert_eq!(sites.instances_audited_delivered(), slices);
     telerad.stop();
 
     // They stay in the queue, marked failed, with the reason, for an operator.
@@ -474,4 +515,163 @@ async fn instances_whose_transfer_syntax_the_pacs_refuses_are_marked_failed_with
         assert_eq!(e.attempts, 2);
         assert!(e.last_error.unwrap().contains("never transcoded"));
     }
+}
+
+/// A storescu association profile proposing, for the test study's SOP classes, the uncompressed
+/// syntaxes and the compressed ones its samples are stored in (storescu alone would decompress).
+const STORESCU_PROFILE: &str = r"
+[[TransferSyntaxes]]
+[Uncompressed]
+TransferSyntax1 = LittleEndianExplicit
+TransferSyntax2 = LittleEndianImplicit
+[JPEG2000]
+TransferSyntax1 = JPEG2000
+[RLE]
+TransferSyntax1 = RLELossless
+
+[[PresentationContexts]]
+[Study]
+PresentationContext1 = CTImageStorage\Uncompressed
+PresentationContext2 = CTImageStorage\JPEG2000
+PresentationContext3 = MRImageStorage\Uncompressed
+PresentationContext4 = MRImageStorage\RLE
+
+[[Profiles]]
+[Study]
+PresentationContexts = Study
+";
+
+#[test]
+fn a_study_pushed_by_storescu_travels_through_both_nodes_into_the_pacs_deidentified() {
+    let pacs = Orthanc::start();
+    let sites = Sites::new(&pacs.aet, &pacs.dicom_address());
+    let (study, originals) = sites.write_study(6);
+    let files = files_under(&study);
+    let telerad = sites.serve_telerad();
+    let (hospital, port) = sites.serve_hospital_listener();
+
+    // A "modality" pushes the study into hospital-a's listener, compressed files as stored.
+    let profile = sites.dir.path().join("storescu.cfg");
+    std::fs::write(&profile, STORESCU_PROFILE).unwrap();
+    let started = Instant::now();
+    let out = Command::new("storescu")
+        .arg("-v")
+        .arg("-xf")
+        .arg(&profile)
+        .args([
+            "Study",
+            "-aet",
+            "MODALITY",
+            "-aec",
+            HOSPITAL_AE,
+            "127.0.0.1",
+        ])
+        .arg(port.to_string())
+        .args(&files)
+        .env("TCP_NODELAY", "1")
+        .output()
+        .expect("storescu (dcmtk) is required: run .ci/setup");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success(),
+        "storescu failed: {text}\n{}",
+        hospital.log()
+    );
+    assert_eq!(
+        text.matches("Received Store Response (Success)").count(),
+        files.len(),
+        "{text}\n{}",
+        hospital.log()
+    );
+
+    // hospital-a forwards to telerad-c, which delivers every instance to Orthanc.
+    let ids = pacs.wait_for_instances(files.len(), Duration::from_secs(60));
+    assert_eq!(
+        ids.len(),
+        files.len(),
+        "every instance reaches the PACS\nhospital-a:\n{}\ntelerad-c:\n{}",
+        hospital.log(),
+        telerad.log()
+    );
+    println!(
+        "{} instances: storescu -> hospital-a -> telerad-c -> Orthanc in {} ms",
+        files.len(),
+        started.elapsed().as_millis()
+    );
+    assert_deidentified_in_pacs(&pacs, &ids, &originals);
+    let syntaxes: BTreeSet<String> = ids.iter().map(|id| pacs.transfer_syntax(id)).collect();
+    for (name, ts) in COMPRESSED {
+        assert!(
+            syntaxes.contains(*ts),
+            "{name} not delivered in {ts}: {syntaxes:?}"
+        );
+    }
+
+    // Audited at both nodes: hospital-a took every instance from the modality and disclosed
+    // the study to telerad-c; telerad-c delivered every instance to its PACS.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while sites.instances_audited_delivered() < files.len() {
+        assert!(Instant::now() < deadline, "deliveries not audited");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(sites.instances_audited_delivered(), files.len());
+    let hospital_audit = || -> (String, Vec<serde_json::Value>) {
+        let text =
+            std::fs::read_to_string(sites.hospital.data_dir.join("audit.log")).unwrap_or_default();
+        let entries = text
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect();
+        (text, entries)
+    };
+    // The association's entry is written once storescu releases it: wait for it.
+    let association = format!(
+        "association: {n} instances received, {n} stored",
+        n = files.len()
+    );
+    let ingest_audited = |entries: &[serde_json::Value]| {
+        entries.iter().any(|e| {
+            e["action"] == "ingest"
+                && e["object"].as_str() == Some(association.as_str())
+                && e["outcome"] == "ok"
+                && e["actor"]
+                    .as_str()
+                    .is_some_and(|a| a.starts_with("dicom:MODALITY@"))
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let (audit_a, entries) = loop {
+        let (text, entries) = hospital_audit();
+        if ingest_audited(&entries) {
+            break (text, entries);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the ingest is not audited:\n{text}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(
+        entries.iter().any(|e| e["action"] == "disclose"
+            && e["agreement"] == AGREEMENT
+            && e["object"]
+                .as_str()
+                .is_some_and(|o| o.ends_with("to site:telerad-c"))),
+        "no disclosure to telerad-c audited at hospital-a:\n{audit_a}"
+    );
+    let audit_c = std::fs::read_to_string(sites.telerad.data_dir.join("audit.log")).unwrap();
+    for (site, text) in [("hospital-a", &audit_a), ("telerad-c", &audit_c)] {
+        for v in &originals {
+            assert!(
+                !text.contains(v.as_str()),
+                "the audit log of {site} names an original value"
+            );
+        }
+    }
+    hospital.stop();
+    telerad.stop();
 }

@@ -147,7 +147,7 @@ async fn add_hostile_agreement(fed: &Federation, pin_a: Option<&str>) {
         if Instant::now() >= until {
             let d = fed.dir.path().join("telerad-c").join("agreements");
             let (_, rej) = pacs_broker::node::load_agreements(&d, &fed.pki().join("ca.pem"), None);
-            panic!("the hostile-test agreement was not loaded: {rej:?}");
+            panic!("the hostile-test agreement was not loaded; refused: {rej:?}");
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
