@@ -186,6 +186,8 @@ pub struct Node {
     /// the one process that opens it).
     store: std::sync::Mutex<Option<Arc<LocalStore>>>,
     vault: std::sync::Mutex<Option<Arc<Vault>>>,
+    /// The agreements folder as it was when the node opened.
+    loaded_fingerprint: Vec<(PathBuf, u64, Option<SystemTime>)>,
 }
 
 impl Node {
@@ -195,6 +197,7 @@ impl Node {
         crate::federation::pki::validate_site_id(&config.site_id)
             .map_err(|e| NodeError::Input(e.to_string()))?;
         let keys = SiteKeys::load(&config.key_file)?;
+        let loaded_fingerprint = agreements_fingerprint(&config.agreements);
         let tls = SiteTls::load(&config.site_id, &config.tls)?;
         store::private_dir(&config.data_dir)?;
         let audit = Arc::new(AuditLog::open(&config.data_dir.join("audit.log"))?);
@@ -213,6 +216,7 @@ impl Node {
             agreements,
             store: Default::default(),
             vault: Default::default(),
+            loaded_fingerprint,
         })
     }
 
@@ -303,7 +307,8 @@ impl Node {
         let watcher = {
             let (node, receiver) = (self.clone(), receiver.clone());
             tokio::spawn(async move {
-                let mut last = agreements_fingerprint(&node.config.agreements);
+                // What was loaded at open: a change made since (before this task ran) counts.
+                let mut last = node.loaded_fingerprint.clone();
                 let mut tick = 0u32;
                 loop {
                     tokio::time::sleep(Duration::from_millis(250)).await;

@@ -144,7 +144,14 @@ async fn add_hostile_agreement(fed: &Federation, pin_a: Option<&str>) {
     let c = fed.node("telerad-c");
     let until = Instant::now() + Duration::from_secs(10);
     while !c.agreements().agreements.contains_key(HOSTILE_AGREEMENT) {
-        assert!(Instant::now() < until, "the hostile-test agreement was not loaded");
+        if Instant::now() > until {
+            let (_, why) = pacs_broker::node::load_agreements(
+                &c.config.agreements,
+                &c.config.tls.ca,
+                None,
+            );
+            panic!("the hostile-test agreement was not loaded: {why:?}");
+        }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -359,7 +366,7 @@ async fn memory_stays_bounded_under_large_manifests() {
         modalities: vec!["CT".into()],
         instances: (0..N)
             .map(|i| InstanceManifest {
-                sop_instance_uid: format!("2.25.{k}{i:06}"),
+                sop_instance_uid: format!("2.25.{}", (k + 1) * 1_000_000 + i),
                 sha256: Sha256::digest(format!("{k}/{i}")).to_vec(),
                 size: 1000,
             })
@@ -866,13 +873,23 @@ async fn a_resent_instance_with_other_bytes_is_refused() {
     )
     .await
     .unwrap();
-    let (_, changed) = instances(&node, &fed.dir.path().join("v2"), 1, &p, |o| {
-        o.put(DataElement::new(
-            tags::SERIES_NUMBER,
-            VR::IS,
-            PrimitiveValue::from("99"),
-        ));
-    });
+    // The same instance (same SOP Instance UID), with one attribute changed.
+    let mut obj = dicom_object::open_file(&inst[0].path).unwrap();
+    obj.put(DataElement::new(
+        tags::SERIES_NUMBER,
+        VR::IS,
+        PrimitiveValue::from("99"),
+    ));
+    let mut bytes = Vec::new();
+    obj.write_all(&mut bytes).unwrap();
+    let path = fed.dir.path().join("v2.dcm");
+    std::fs::write(&path, &bytes).unwrap();
+    let changed = vec![OutgoingInstance {
+        path,
+        sha256: Sha256::digest(&bytes).into(),
+        size: bytes.len() as u64,
+        sop_instance_uid: inst[0].sop_instance_uid.clone(),
+    }];
     assert_eq!(changed[0].sop_instance_uid, inst[0].sop_instance_uid);
     let s = offer_and_send(
         &mut client,
@@ -911,7 +928,6 @@ async fn keys_and_data_are_private_and_a_lost_index_or_vault_refuses_to_start() 
     let c = fed.node("telerad-c");
     for f in [
         store_dir(c).join("index/db"),
-        store_dir(c).join("index/conf"),
         fed.node("hospital-a").config.data_dir.join("vault/db"),
     ] {
         assert_eq!(mode(&f), 0o600, "{}", f.display());
