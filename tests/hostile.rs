@@ -945,7 +945,7 @@ async fn keys_and_data_are_private_and_a_lost_index_or_vault_refuses_to_start() 
     );
     let cfg_a = fed.node("hospital-a").config.clone();
     let cfg_c = c.config.clone();
-    fed.stop().await;
+    let _kept = fed.stop_keeping_files().await;
     // Let the stopped nodes' background tasks release their databases.
     tokio::time::sleep(Duration::from_millis(500)).await;
 
