@@ -145,11 +145,8 @@ async fn add_hostile_agreement(fed: &Federation, pin_a: Option<&str>) {
     let until = Instant::now() + Duration::from_secs(10);
     while !c.agreements().agreements.contains_key(HOSTILE_AGREEMENT) {
         if Instant::now() > until {
-            let (_, why) = pacs_broker::node::load_agreements(
-                &c.config.agreements,
-                &c.config.tls.ca,
-                None,
-            );
+            let (_, why) =
+                pacs_broker::node::load_agreements(&c.config.agreements, &c.config.tls.ca, None);
             panic!("the hostile-test agreement was not loaded: {why:?}");
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -330,7 +327,11 @@ async fn an_offer_flood_from_one_partner_leaves_another_partners_send_working() 
     // Pending offers expire in seconds here (minutes by default): the flooder may offer again.
     tokio::time::sleep(Duration::from_millis(2500)).await;
     let o = offer_request(HOSTILE_AGREEMENT, "b-reads", "treatment", &study, &inst);
-    flooder.raw().offer(o).await.expect("expired offers free the slots");
+    flooder
+        .raw()
+        .offer(o)
+        .await
+        .expect("expired offers free the slots");
     // A sender treats RESOURCE_EXHAUSTED as temporary: the study stays pending.
     let busy = SendError::Offer {
         site: "telerad-c".into(),
@@ -424,7 +425,10 @@ async fn megabyte_sized_ids_grow_the_audit_log_by_a_few_kb() {
     let grown = std::fs::metadata(c.audit.path()).unwrap().len() - before;
     assert!(grown < 8 * 1024, "audit log grew by {grown} bytes");
     let log = audit_text(c);
-    assert!(!log.contains("\u{1b}"), "control characters reached the audit log");
+    assert!(
+        !log.contains("\u{1b}"),
+        "control characters reached the audit log"
+    );
     assert!(log.contains("bytes not shown"), "{log}");
     pacs_broker::audit::verify(c.audit.path()).unwrap();
     fed.stop().await;
@@ -505,12 +509,21 @@ async fn each_release_check_gap_is_refused() {
     let put = |obj: &mut dicom_object::DefaultDicomObject, tag, vr, v: &str| {
         obj.put(DataElement::new(tag, vr, PrimitiveValue::from(v)));
     };
-    let cases: Vec<(&str, &str, Box<dyn Fn(&mut dicom_object::DefaultDicomObject)>)> = vec![
+    let cases: Vec<(
+        &str,
+        &str,
+        Box<dyn Fn(&mut dicom_object::DefaultDicomObject)>,
+    )> = vec![
         (
             "ImageComments with a name, an ID and a birth date",
             FLOW,
             Box::new(move |o| {
-                put(o, tags::IMAGE_COMMENTS, VR::LT, "DOE^JOHN MRN-0042117 19700101")
+                put(
+                    o,
+                    tags::IMAGE_COMMENTS,
+                    VR::LT,
+                    "DOE^JOHN MRN-0042117 19700101",
+                )
             }),
         ),
         (
@@ -646,7 +659,10 @@ async fn an_idle_connection_is_closed_and_a_stalled_transfer_is_cut() {
     .await;
     assert!(closed.is_ok(), "the idle connection was not closed");
     let after = started.elapsed();
-    assert!(after >= Duration::from_millis(1500), "closed after {after:?}");
+    assert!(
+        after >= Duration::from_millis(1500),
+        "closed after {after:?}"
+    );
 
     // A transfer that stops sending is cut after the stall timeout.
     let (study, inst) = instances(
@@ -676,7 +692,12 @@ async fn an_idle_connection_is_closed_and_a_stalled_transfer_is_cut() {
     let staging = store_dir(fed.node("telerad-c")).join("staging");
     let left: Vec<_> = files_under(&staging)
         .into_iter()
-        .filter(|f| f.file_name().unwrap().to_string_lossy().starts_with("incoming-"))
+        .filter(|f| {
+            f.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("incoming-")
+        })
         .collect();
     assert!(left.is_empty(), "staging left behind: {left:?}");
     // Both are audited (the idle close by the receiver's housekeeping, within a second).
@@ -700,8 +721,7 @@ async fn a_revoked_certificate_is_refused_after_a_crl_change_without_restart() {
         c.limits.idle_timeout_secs = 30;
         let pki = c.tls.ca.parent().unwrap().to_owned();
         if !crl2.exists() {
-            revoke_with_dev_ca(&pki.join("ca.pem"), &pki.join("ca.key"), &[], &crl2, 30)
-                .unwrap();
+            revoke_with_dev_ca(&pki.join("ca.pem"), &pki.join("ca.key"), &[], &crl2, 30).unwrap();
         }
         c.tls.crl = Some(crl2.clone());
     })
@@ -729,12 +749,19 @@ async fn a_revoked_certificate_is_refused_after_a_crl_change_without_restart() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(refused, "the revoked certificate's connection still works");
-    assert!(cut.elapsed() < Duration::from_millis(1500), "{:?}", cut.elapsed());
+    assert!(
+        cut.elapsed() < Duration::from_millis(1500),
+        "{:?}",
+        cut.elapsed()
+    );
     let fresh = match client_of(&fed, &a).await {
         Err(_) => true,
         Ok(mut c) => c.raw().hello(HelloRequest {}).await.is_err(),
     };
-    assert!(fresh, "a new connection with the revoked certificate got through");
+    assert!(
+        fresh,
+        "a new connection with the revoked certificate got through"
+    );
     // Another site is unaffected.
     let b = site_tls(&fed, "hospital-b");
     client_of(&fed, &b)
@@ -938,7 +965,10 @@ async fn keys_and_data_are_private_and_a_lost_index_or_vault_refuses_to_start() 
     std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o644)).unwrap();
     let mut paths = tls_paths(&pki, "hospital-a");
     paths.key = open.clone();
-    let e = SiteTls::load("hospital-a", &paths).err().unwrap().to_string();
+    let e = SiteTls::load("hospital-a", &paths)
+        .err()
+        .unwrap()
+        .to_string();
     assert!(
         e.contains("is readable by group or others (mode 644); run `chmod 600"),
         "{e}"

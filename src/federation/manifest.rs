@@ -173,8 +173,7 @@ mod tests {
                 sop_instance_uid: format!("2.25.{i}"),
             })
             .collect();
-        let m =
-            Manifest::write(open_rw(&path), path.clone(), entries.clone()).unwrap();
+        let m = Manifest::write(open_rw(&path), path.clone(), entries.clone()).unwrap();
         assert_eq!(
             std::fs::metadata(&path).unwrap().len(),
             (1000 * RECORD) as u64

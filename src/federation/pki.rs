@@ -237,9 +237,8 @@ pub fn issue_dev_site_certificate(
     out: &Path,
 ) -> Result<(PathBuf, PathBuf), PkiError> {
     validate_site_id(site)?;
-    let read = |p: PathBuf| {
-        fs::read_to_string(&p).map_err(|source| PkiError::Io { path: p, source })
-    };
+    let read =
+        |p: PathBuf| fs::read_to_string(&p).map_err(|source| PkiError::Io { path: p, source });
     let key = KeyPair::from_pem(&read(ca_dir.join("ca.key"))?)?;
     let issuer = Issuer::from_ca_cert_pem(&read(ca_dir.join("ca.pem"))?, key)?;
     fs::create_dir_all(out).map_err(|source| PkiError::Io {
