@@ -103,22 +103,24 @@ fn attack(
                     tokio::time::sleep(Duration::from_millis(20)).await;
                     continue;
                 };
+                let template = OfferRequest {
+                    agreement_id: FLOODER_AGREEMENT.into(),
+                    flow: "b-reads".into(),
+                    study_token: String::new(),
+                    purpose: "treatment".into(),
+                    modalities: vec!["CT".into()],
+                    instances: (0..1000u64)
+                        .map(|i| InstanceManifest {
+                            sop_instance_uid: format!("2.25.{}", w * 10_000 + i + 1),
+                            sha256: Sha256::digest(format!("{w}/{i}")).to_vec(),
+                            size: 1000,
+                        })
+                        .collect(),
+                };
                 while !stop.load(Ordering::Relaxed) {
                     k += 1;
-                    let o = OfferRequest {
-                        agreement_id: FLOODER_AGREEMENT.into(),
-                        flow: "b-reads".into(),
-                        study_token: format!("2.25.{}", w * 1_000_000_000 + k),
-                        purpose: "treatment".into(),
-                        modalities: vec!["CT".into()],
-                        instances: (0..1000u64)
-                            .map(|i| InstanceManifest {
-                                sop_instance_uid: format!("2.25.{}", k * 10_000 + i + 1),
-                                sha256: Sha256::digest(format!("{w}/{k}/{i}")).to_vec(),
-                                size: 1000,
-                            })
-                            .collect(),
-                    };
+                    let mut o = template.clone();
+                    o.study_token = format!("2.25.{}", w * 1_000_000_000 + k);
                     // Accepted (up to the per-peer limit) or RESOURCE_EXHAUSTED: either way, more.
                     let _ = c.raw().offer(o).await;
                     offers.fetch_add(1, Ordering::Relaxed);
@@ -128,24 +130,29 @@ fn attack(
     }
     let (addr, stop) = (fed_addr, stop);
     tasks.push(tokio::spawn(async move {
-        let mut held = Vec::new();
+        // 200 connections that say nothing after the handshake, topped up as the receiver
+        // closes them (over the per-peer connection limit after 2 s, the others when idle).
+        let mut held = std::collections::VecDeque::new();
         while !stop.load(Ordering::Relaxed) {
-            if let Ok(c) = pacs_broker::federation::tls::connect(
-                b.client.clone(),
-                &addr,
-                "localhost",
-                "telerad-c",
-                &b.pins,
-            )
-            .await
-            {
-                held.push(c);
-                idle.fetch_add(1, Ordering::Relaxed);
+            let want = if held.len() < 200 { 20 } else { 5 };
+            for _ in 0..want {
+                if let Ok(c) = pacs_broker::federation::tls::connect(
+                    b.client.clone(),
+                    &addr,
+                    "localhost",
+                    "telerad-c",
+                    &b.pins,
+                )
+                .await
+                {
+                    held.push_back(c);
+                    idle.fetch_add(1, Ordering::Relaxed);
+                }
             }
-            if held.len() > 600 {
-                held.drain(..300);
+            while held.len() > 200 {
+                held.pop_front();
             }
-            tokio::time::sleep(Duration::from_millis(5)).await;
+            tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }));
     tasks

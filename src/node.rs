@@ -338,6 +338,9 @@ impl Node {
         tracing::info!(site = %self.config.site_id, ?addr, "federation endpoint listening (mutual TLS 1.3)");
         let incoming = tls::incoming(listener, &self.tls, &self.config.limits);
         let result = tonic::transport::Server::builder()
+            // Calls in flight per connection (each may carry a message of up to 4 MiB); with
+            // `[limits] connections_per_peer` this bounds what one partner has in flight.
+            .max_concurrent_streams(Some(16))
             .serve_with_incoming_shutdown(FederationServer::from_arc(receiver), incoming, shutdown)
             .await
             .map_err(|e| NodeError::Serve(e.to_string()));
