@@ -319,7 +319,7 @@ impl Node {
                     }
                     node.tls.reload_crl_if_changed();
                     tick = tick.wrapping_add(1);
-                    if tick % 4 == 0 {
+                    if tick.is_multiple_of(4) {
                         receiver.housekeeping();
                     }
                 }

@@ -50,6 +50,9 @@ unsafe impl std::alloc::GlobalAlloc for Capped {
 #[global_allocator]
 static ALLOCATOR: Capped = Capped;
 
+/// A change made to a de-identified instance before it is sent.
+type Tweak = Box<dyn Fn(&mut dicom_object::DefaultDicomObject)>;
+
 /// A second agreement beside the test one: Hospital B sends to Telerad C (so B is a legitimate
 /// sender that can flood), and a trial flow from Hospital A whose patients are subject IDs.
 const HOSTILE_AGREEMENT: &str = "hostile-test";
@@ -509,11 +512,7 @@ async fn each_release_check_gap_is_refused() {
     let put = |obj: &mut dicom_object::DefaultDicomObject, tag, vr, v: &str| {
         obj.put(DataElement::new(tag, vr, PrimitiveValue::from(v)));
     };
-    let cases: Vec<(
-        &str,
-        &str,
-        Box<dyn Fn(&mut dicom_object::DefaultDicomObject)>,
-    )> = vec![
+    let cases: Vec<(&str, &str, Tweak)> = vec![
         (
             "ImageComments with a name, an ID and a birth date",
             FLOW,
@@ -617,7 +616,13 @@ async fn a_length_bomb_over_the_wire_is_refused_without_a_large_allocation() {
         };
         let s = offer_and_send(
             &mut client,
-            offer_request(AGREEMENT, FLOW, "treatment", "2.25.7", &[inst.clone()]),
+            offer_request(
+                AGREEMENT,
+                FLOW,
+                "treatment",
+                "2.25.7",
+                std::slice::from_ref(&inst),
+            ),
             &[inst],
         )
         .await

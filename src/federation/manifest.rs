@@ -76,7 +76,7 @@ impl Manifest {
     /// Writes `entries` (sorted here by SHA-256) to `file` (opened for reading and writing) at
     /// `path`. No fsync: a pending offer does not survive a restart (staging is cleared).
     pub fn write(file: File, path: PathBuf, mut entries: Vec<Entry>) -> std::io::Result<Manifest> {
-        entries.sort_by(|a, b| a.sha256.cmp(&b.sha256));
+        entries.sort_by_key(|a| a.sha256);
         let len = entries.len();
         {
             let mut w = BufWriter::with_capacity(64 * 1024, &file);
