@@ -364,13 +364,13 @@ async fn an_offer_flood_from_one_partner_leaves_another_partners_send_working() 
 async fn memory_stays_bounded_under_large_manifests() {
     let fed = Federation::start_with(&["telerad-c"], |c| {
         tight(c);
-        c.limits.pending_offers_per_peer = 8;
+        c.limits.pending_offers_per_peer = 12;
         c.limits.offer_ttl_secs = 600;
     })
     .await;
     let a = site_tls(&fed, "hospital-a");
     let mut client = client_of(&fed, &a).await.unwrap();
-    const N: usize = 50_000;
+    const N: usize = 30_000;
     let make = |k: usize| OfferRequest {
         agreement_id: AGREEMENT.into(),
         flow: FLOW.into(),
@@ -388,20 +388,21 @@ async fn memory_stays_bounded_under_large_manifests() {
     // One offer first, so that the allocator has grown to what one offer needs in flight.
     client.raw().offer(make(0)).await.unwrap();
     let before = rss_kib();
-    for k in 1..8 {
+    for k in 1..12 {
         client.raw().offer(make(k)).await.unwrap();
     }
     let grown_mib = rss_kib().saturating_sub(before) / 1024;
-    // Seven more pending offers of 50,000 instances: the old in-memory plan cost ~8 MB each.
-    eprintln!("RSS grew by {grown_mib} MiB for 7 pending offers of {N} instances");
-    assert!(grown_mib < 24, "RSS grew by {grown_mib} MiB");
+    // Eleven more pending offers of 30,000 instances: an in-memory manifest cost ~5 MB each
+    // (55 MB); what remains is the allocator keeping the buffers of decoding one message.
+    eprintln!("RSS grew by {grown_mib} MiB for 11 more pending offers of {N} instances");
+    assert!(grown_mib < 30, "RSS grew by {grown_mib} MiB");
     let staged: u64 = files_under(&store_dir(fed.node("telerad-c")).join("staging"))
         .iter()
         .map(|f| std::fs::metadata(f).unwrap().len())
         .sum();
     assert_eq!(
         staged,
-        8 * N as u64 * pacs_broker::federation::manifest::RECORD as u64
+        12 * N as u64 * pacs_broker::federation::manifest::RECORD as u64
     );
     fed.stop().await;
 }
