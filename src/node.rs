@@ -217,9 +217,8 @@ pub struct Node {
     /// the one process that opens it).
     store: std::sync::Mutex<Option<Arc<LocalStore>>>,
     vault: std::sync::Mutex<Option<Arc<Vault>>>,
-    /// The agreements folder as it was when the agreements in force were read: the watcher
-    /// compares against this, so a change made before it first looks is not missed.
-    agreements_read: Vec<(PathBuf, u64, Option<SystemTime>)>,
+    /// The agreements folder as it was when the node opened.
+    loaded_fingerprint: Vec<(PathBuf, u64, Option<SystemTime>)>,
 }
 
 impl Node {
@@ -229,6 +228,7 @@ impl Node {
         crate::federation::pki::validate_site_id(&config.site_id)
             .map_err(|e| NodeError::Input(e.to_string()))?;
         let keys = SiteKeys::load(&config.key_file)?;
+        let loaded_fingerprint = agreements_fingerprint(&config.agreements);
         let tls = SiteTls::load(&config.site_id, &config.tls)?;
         store::private_dir(&config.data_dir)?;
         let audit = Arc::new(AuditLog::open_site(
@@ -258,7 +258,7 @@ impl Node {
             agreements,
             store: Default::default(),
             vault: Default::default(),
-            agreements_read,
+            loaded_fingerprint,
         })
     }
 
@@ -375,7 +375,8 @@ impl Node {
         let watcher = {
             let (node, receiver) = (self.clone(), receiver.clone());
             tokio::spawn(async move {
-                let mut last = node.agreements_read.clone();
+                // What was loaded at open: a change made since (before this task ran) counts.
+                let mut last = node.loaded_fingerprint.clone();
                 let mut tick = 0u32;
                 loop {
                     tokio::time::sleep(Duration::from_millis(250)).await;
@@ -427,6 +428,9 @@ impl Node {
             let _ = stop_tx.send(true);
         };
         let result = tonic::transport::Server::builder()
+            // Calls in flight per connection (each may carry a message of up to 4 MiB); with
+            // `[limits] connections_per_peer` this bounds what one partner has in flight.
+            .max_concurrent_streams(Some(16))
             .serve_with_incoming_shutdown(FederationServer::from_arc(receiver), incoming, shutdown)
             .await
             .map_err(|e| NodeError::Serve(e.to_string()));

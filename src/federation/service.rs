@@ -50,6 +50,9 @@ use crate::store::{BlobCheck, StagedInstance, Store, StoreError, StudyKey};
 
 /// Largest single instance accepted (4 GiB).
 pub const MAX_INSTANCE_SIZE: u64 = 4 << 30;
+/// How long a call over its peer's limit waits before RESOURCE_EXHAUSTED is answered: a flood
+/// costs the flooder time, not the receiver CPU.
+const OVER_LIMIT_DELAY: Duration = Duration::from_millis(250);
 /// Most modalities one offer may list.
 const MAX_MODALITIES: usize = 16;
 
@@ -92,7 +95,7 @@ struct Slots {
     total: usize,
 }
 
-/// A transfer slot of one peer, released on drop.
+/// A slot (transfer, or offer being checked) of one peer, released on drop.
 struct TransferSlot<'a> {
     slots: &'a Mutex<Slots>,
     peer: String,
@@ -147,6 +150,8 @@ pub struct Receiver {
     limits: Limits,
     plans: Mutex<HashMap<String, Plan>>,
     transfers: Mutex<Slots>,
+    /// Offers being checked right now (before they are pending), per peer.
+    offering: Mutex<Slots>,
     refusals: Refusals,
     connections: Option<Arc<Connections>>,
 }
@@ -178,6 +183,7 @@ impl Receiver {
             limits,
             plans: Mutex::new(HashMap::new()),
             transfers: Mutex::new(Slots::default()),
+            offering: Mutex::new(Slots::default()),
             connections: None,
         }
     }
@@ -347,26 +353,56 @@ impl Receiver {
 
     /// A transfer slot for `sender`, or RESOURCE_EXHAUSTED.
     fn transfer_slot(&self, sender: &str) -> Result<TransferSlot<'_>, Status> {
-        let mut s = self.transfers.lock().unwrap_or_else(|p| p.into_inner());
-        let mine = s.per_peer.get(sender).copied().unwrap_or(0);
-        if mine >= self.limits.transfers_per_peer {
-            return Err(Status::resource_exhausted(format!(
-                "your site already has {mine} transfers in progress (the limit per site); retry later"
-            )));
-        }
-        if s.total >= self.limits.transfers_total {
-            return Err(Status::resource_exhausted(
-                "too many transfers are in progress; retry later",
-            ));
-        }
-        s.total += 1;
-        *s.per_peer.entry(sender.to_string()).or_default() += 1;
-        Ok(TransferSlot {
-            slots: &self.transfers,
-            peer: sender.to_string(),
-        })
+        take_slot(
+            &self.transfers,
+            sender,
+            (self.limits.transfers_per_peer, self.limits.transfers_total),
+            "transfers",
+        )
+    }
+
+    /// A slot to check an offer in (as many per peer as it may have pending), or
+    /// RESOURCE_EXHAUSTED: a peer cannot have more offers checked at once than it may keep.
+    fn offer_slot(&self, sender: &str) -> Result<TransferSlot<'_>, Status> {
+        take_slot(
+            &self.offering,
+            sender,
+            (
+                self.limits.pending_offers_per_peer,
+                self.limits.pending_offers_total,
+            ),
+            "offers being checked",
+        )
     }
 }
+
+fn take_slot<'a>(
+    slots: &'a Mutex<Slots>,
+    sender: &str,
+    (per_peer, total): (usize, usize),
+    what: &str,
+) -> Result<TransferSlot<'a>, Status> {
+    let mut s = slots.lock().unwrap_or_else(|p| p.into_inner());
+    let mine = s.per_peer.get(sender).copied().unwrap_or(0);
+    if mine >= per_peer {
+        return Err(Status::resource_exhausted(format!(
+            "your site already has {mine} {what} in progress (the limit per site); retry later"
+        )));
+    }
+    if s.total >= total {
+        return Err(Status::resource_exhausted(format!(
+            "too many {what} are in progress; retry later"
+        )));
+    }
+    s.total += 1;
+    *s.per_peer.entry(sender.to_string()).or_default() += 1;
+    Ok(TransferSlot {
+        slots,
+        peer: sender.to_string(),
+    })
+}
+
+impl Receiver {}
 
 fn peer_of<T>(req: &Request<T>) -> Result<PeerInfo, Status> {
     let peer = req.extensions().get::<PeerInfo>().cloned().ok_or_else(|| {
@@ -617,14 +653,25 @@ impl Federation for Receiver {
                 return Err(Status::permission_denied(why));
             }
         };
-        {
-            let mut plans = self.plans.lock().unwrap_or_else(|p| p.into_inner());
-            if let Err(s) = self.check_pending(&mut plans, &sender) {
-                drop(plans);
+        let over_limit = match self.offer_slot(&sender) {
+            Ok(slot) => {
+                let mut plans = self.plans.lock().unwrap_or_else(|p| p.into_inner());
+                match self.check_pending(&mut plans, &sender) {
+                    Ok(()) => Ok(slot),
+                    Err(s) => Err(s),
+                }
+            }
+            Err(s) => Err(s),
+        };
+        let _checking = match over_limit {
+            Ok(slot) => slot,
+            Err(s) => {
                 self.refuse(&sender, "offer over limit", ids, &object, s.message());
+                // Answer a partner over its limit slowly: a flood costs it time, not us CPU.
+                tokio::time::sleep(OVER_LIMIT_DELAY).await;
                 return Err(s);
             }
-        }
+        };
         let announced =
             check_instances(&o, self.limits.max_instances_per_offer).inspect_err(|s| {
                 self.refuse(&sender, "offer refused", ids, &object, s.message());
@@ -668,15 +715,21 @@ impl Federation for Receiver {
         let peer = peer_of(&req)?;
         let _call = peer.connection.begin_call();
         let sender = peer.identity.site_id.clone();
-        let _slot = self.transfer_slot(&sender).inspect_err(|s| {
-            self.refuse(
-                &sender,
-                "transfer over limit",
-                ("", ""),
-                "transfer",
-                s.message(),
-            );
-        })?;
+        let _slot = match self.transfer_slot(&sender) {
+            Ok(slot) => slot,
+            Err(s) => {
+                self.refuse(
+                    &sender,
+                    "transfer over limit",
+                    ("", ""),
+                    "transfer",
+                    s.message(),
+                );
+                drop(req);
+                tokio::time::sleep(OVER_LIMIT_DELAY).await;
+                return Err(s);
+            }
+        };
         let mut stream = req.into_inner();
         let stall = Duration::from_secs(self.limits.stall_timeout_secs.max(1));
         let first = match tokio::time::timeout(stall, stream.message()).await {

@@ -364,12 +364,17 @@ impl SiteTls {
             .with_client_cert_verifier(revocation.client_verifier())
             .with_single_cert(chain.clone(), key.clone_key())?;
         server.alpn_protocols = vec![b"h2".to_vec()];
+        // No session resumption: a resumed session skips certificate verification, so a
+        // certificate revoked since (or a pin changed since) would get back in.
+        server.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+        server.send_tls13_tickets = 0;
         let mut client = ClientConfig::builder_with_provider(provider)
             .with_protocol_versions(&[&rustls::version::TLS13])?
             .dangerous()
             .with_custom_certificate_verifier(revocation.server_verifier())
             .with_client_auth_cert(chain.clone(), key.clone_key())?;
         client.alpn_protocols = vec![b"h2".to_vec()];
+        client.resumption = rustls::client::Resumption::disabled();
         let key_pkcs8 = match &key {
             rustls_pki_types::PrivateKeyDer::Pkcs8(k) => k.secret_pkcs8_der().to_vec(),
             _ => Vec::new(),
@@ -448,25 +453,26 @@ impl PeerStream {
                 "connection cut",
             ));
         }
-        loop {
+        // A few rounds at most: a timer that fires a hair before the idle deadline is re-armed,
+        // never spun on.
+        for _ in 0..3 {
+            let now = tokio::time::Instant::now();
             let deadline = match conn.idle_since() {
-                Some(since) => since + self.idle,
-                None => Instant::now() + self.idle,
+                Some(since) => {
+                    let d = tokio::time::Instant::from_std(since) + self.idle;
+                    if now >= d {
+                        return Some(self.idle_close(&conn));
+                    }
+                    d
+                }
+                // A call is in progress: look again an idle period from now (or when the timer
+                // already armed fires).
+                None if self.timer.deadline() > now => {
+                    let _ = self.timer.as_mut().poll(cx);
+                    return None;
+                }
+                None => now + self.idle,
             };
-            if Instant::now() >= deadline {
-                let secs = self.idle.as_secs_f64();
-                tracing::warn!(peer = %conn.site, remote = %self.info.remote, idle_secs = secs, "idle connection closed");
-                self.connections.event(
-                    &conn.site,
-                    "idle connection closed",
-                    format!("no call for {secs:.0} s"),
-                );
-                return Some(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    "idle connection closed",
-                ));
-            }
-            let deadline = tokio::time::Instant::from_std(deadline);
             if self.timer.deadline() != deadline {
                 self.timer.as_mut().reset(deadline);
             }
@@ -474,6 +480,22 @@ impl PeerStream {
                 return None;
             }
         }
+        self.timer
+            .as_mut()
+            .reset(tokio::time::Instant::now() + Duration::from_millis(10));
+        let _ = self.timer.as_mut().poll(cx);
+        None
+    }
+
+    fn idle_close(&self, conn: &Connection) -> io::Error {
+        let secs = self.idle.as_secs_f64();
+        tracing::warn!(peer = %conn.site, remote = %self.info.remote, idle_secs = secs, "idle connection closed");
+        self.connections.event(
+            &conn.site,
+            "idle connection closed",
+            format!("no call for {secs:.0} s"),
+        );
+        io::Error::new(io::ErrorKind::TimedOut, "idle connection closed")
     }
 }
 
@@ -538,6 +560,7 @@ pub fn incoming(
         Duration::from_secs(limits.idle_timeout_secs.max(1)),
     );
     let (connections, pins) = (tls.connections.clone(), tls.pins.clone());
+    let revocation = tls.revocation.clone();
     tokio::spawn(async move {
         let mut over_total = 0u64;
         loop {
@@ -563,10 +586,15 @@ pub fn incoming(
             let _ = tcp.set_nodelay(true);
             let (acceptor, tx) = (acceptor.clone(), tx.clone());
             let (connections, pins) = (connections.clone(), pins.clone());
+            let revocation = revocation.clone();
             tokio::spawn(async move {
                 let Some((stream, identity)) = handshake(&acceptor, tcp, remote).await else {
                     return;
                 };
+                if !revocation.still_valid(&identity.certificate) {
+                    tracing::warn!(%remote, peer = %identity.site_id, "revoked certificate; connection closed");
+                    return;
+                }
                 let connection = connections.register(&identity, per_peer, &pins);
                 let idle = match &connection.admission {
                     Admission::Admitted => idle,
