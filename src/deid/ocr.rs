@@ -612,6 +612,26 @@ fn padded(frame: u32, w: &Word, layout: &Layout) -> TextBox {
     }
 }
 
+/// SOP classes of photographs of the patient (VL Photographic, Video Photographic).
+const PHOTOGRAPHIC_CLASSES: &[&str] = &[
+    "1.2.840.10008.5.1.4.1.1.77.1.4",
+    "1.2.840.10008.5.1.4.1.1.77.1.4.1",
+];
+
+/// Why an image may show a recognisable face (PS3.15 treats it like burned-in text), or `None`.
+/// OCR removes text, not faces, so such an image is never released by this mode: Recognizable
+/// Visual Features YES, or a photograph (photographic SOP class or modality XC) without NO.
+pub fn face_risk(obj: &InMemDicomObject) -> Option<&'static str> {
+    match text(obj, tags::RECOGNIZABLE_VISUAL_FEATURES).as_str() {
+        "YES" => return Some("Recognizable Visual Features is YES"),
+        "NO" => return None,
+        _ => {}
+    }
+    let class = text(obj, tags::SOP_CLASS_UID);
+    (PHOTOGRAPHIC_CLASSES.contains(&class.as_str()) || text(obj, tags::MODALITY) == "XC")
+        .then_some("a photograph without Recognizable Visual Features NO")
+}
+
 /// Finds burned-in text with OCR, blacks it out in every frame's pixel data, reads the result
 /// again and returns the evidence when nothing readable remains. `declared` is true when the
 /// image says BurnedInAnnotation YES. Any other outcome is a quarantine whose reason gives the
@@ -623,6 +643,11 @@ pub fn clean_burned_in_text(
     risk: &str,
     declared: bool,
 ) -> Result<OcrEvidence, DeidError> {
+    if let Some(face) = face_risk(obj) {
+        return Err(quarantine(format!(
+            "{face}: it may show a face, which OCR does not remove; held back for review"
+        )));
+    }
     let unavailable = |e: OcrError| quarantine(format!("{risk}; {e}, so it is held back"));
     let version = engine.version().map_err(unavailable)?;
     let layout = Layout::of(obj).map_err(|e| quarantine(format!("{risk}; {}", e.reason())))?;
@@ -708,6 +733,32 @@ mod tests {
             assert_eq!(m.name().parse::<BurnedInTextMode>().unwrap(), m);
         }
         assert!("ocr".parse::<BurnedInTextMode>().is_err());
+    }
+
+    #[test]
+    fn photographs_and_declared_faces_are_never_cleaned_by_ocr() {
+        let mut o = mono16(4, 2, 1, vec![0; 8]);
+        o.put(DataElement::new(tags::MODALITY, VR::CS, "XC"));
+        let e = clean_burned_in_text(
+            &mut o,
+            "1.2.840.10008.1.2.1",
+            &OcrEngine::from_env(),
+            "r",
+            false,
+        );
+        assert!(matches!(e, Err(DeidError::Quarantined { reason }) if reason.contains("face")));
+        o.put(DataElement::new(
+            tags::RECOGNIZABLE_VISUAL_FEATURES,
+            VR::CS,
+            "NO",
+        ));
+        assert!(face_risk(&o).is_none());
+        o.put(DataElement::new(
+            tags::RECOGNIZABLE_VISUAL_FEATURES,
+            VR::CS,
+            "YES",
+        ));
+        assert!(face_risk(&o).is_some());
     }
 
     #[test]
