@@ -344,3 +344,76 @@ fn declared_burned_in_text_that_ocr_cannot_find_is_held_back() {
         other => panic!("expected quarantine, got {other:?}"),
     }
 }
+
+#[test]
+fn compressed_images_are_decoded_cleaned_and_written_uncompressed() {
+    let dir = tempfile::tempdir().unwrap();
+    let (obj, bbox) = us_with_text("1.2.826.0.1.3680043.10.1137.13", 7, SCREEN_TEXT);
+    let native = dir.path().join("native.dcm");
+    obj.write_to_file(&native).unwrap();
+    let inputs = dir.path().join("in");
+    std::fs::create_dir_all(&inputs).unwrap();
+    // dcmtk compresses: JPEG baseline (lossy) and RLE (lossless).
+    for (tool, flag, name) in [
+        ("dcmcjpeg", "+eb", "jpeg.dcm"),
+        ("dcmcrle", "+e", "rle.dcm"),
+    ] {
+        let o = Command::new(tool)
+            .arg(flag)
+            .arg(&native)
+            .arg(inputs.join(name))
+            .output()
+            .expect("dcmtk (run .ci/setup)");
+        assert!(
+            o.status.success(),
+            "{tool}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+    let run = deid(
+        dir.path(),
+        "out",
+        Some("clean-pixel-data"),
+        "tesseract",
+        &[&inputs],
+    );
+    assert_eq!(
+        run.code,
+        0,
+        "{}{}\n{}",
+        run.stdout,
+        run.stderr,
+        quarantine_list(&run.out)
+    );
+    let [x0, y0, x1, y1] = bbox.unwrap();
+    for (name, lossy) in [("jpeg.dcm", true), ("rle.dcm", false)] {
+        let output = run.out.join(name);
+        let o = dicom_object::open_file(&output).unwrap();
+        assert_eq!(
+            o.meta().transfer_syntax().trim_end_matches('\0'),
+            "1.2.840.10008.1.2.1",
+            "{name} is written uncompressed"
+        );
+        let lossy_attr = o
+            .element(tags::LOSSY_IMAGE_COMPRESSION)
+            .ok()
+            .and_then(|e| e.to_str().ok().map(|s| s.trim().to_string()));
+        assert_eq!(
+            lossy_attr.as_deref() == Some("01"),
+            lossy,
+            "{name}: LossyImageCompression"
+        );
+        let px = pixels_of(&output);
+        assert!(
+            readable_words(&px, 640, 480).is_empty(),
+            "{name}: text left"
+        );
+        let dark = (y0..y1)
+            .flat_map(|y| (x0..x1).map(move |x| (y * 640 + x) as usize))
+            .filter(|&i| px[i] == 0)
+            .count();
+        let area = ((x1 - x0) * (y1 - y0)) as usize;
+        assert!(dark * 10 > area * 9, "{name}: text region not blacked out");
+        assert_parses_in_dcmtk_and_pydicom(&output);
+    }
+}

@@ -2,10 +2,10 @@
 site = "hospital-a"
 agreement = "example-teaching-file"
 version = 1
-file_sha256 = "bb1f8066170e9b993f915ef727e41c047acf6b66afe5ca91d2b71be1a156fccb"
-signed_at = "2026-11-25T03:12:17.814177381Z"
+file_sha256 = "91539e974ef65537bef91cb6be73eb238f681831dbde405267cbaf0a0e9eb18a"
+signed_at = "2026-12-02T05:25:44.63351375Z"
 algorithm = "ecdsa-p256-sha256"
-signature = "3045022052add53a25391f459ed24815ca2916f68cc4f3fc97d7124b897bbd7f512a435b02210097c366ebe2f5a252503c344ddd6f79a2c7568613031e8f2652cdb806a5671e89"
+signature = "3045022022f547ce659ab2cd64fc90df80b75b06a258e1254db8e9d0c864d8d15274b464022100bc46ef0052f5096fff37f3b87b6bbfd40052819544a0b1283afbff39b8d4cace"
 certificate = """
 -----BEGIN CERTIFICATE-----
 MIICFzCCAb2gAwIBAgIUEq28lWjvtecI2FrXsY2FA3M1eEkwCgYIKoZIzj0EAwIw

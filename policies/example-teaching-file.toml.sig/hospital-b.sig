@@ -2,10 +2,10 @@
 site = "hospital-b"
 agreement = "example-teaching-file"
 version = 1
-file_sha256 = "bb1f8066170e9b993f915ef727e41c047acf6b66afe5ca91d2b71be1a156fccb"
-signed_at = "2026-11-25T03:12:17.822214685Z"
+file_sha256 = "91539e974ef65537bef91cb6be73eb238f681831dbde405267cbaf0a0e9eb18a"
+signed_at = "2026-12-02T05:25:44.745483537Z"
 algorithm = "ecdsa-p256-sha256"
-signature = "3044022038267b74766fc121ddf4ef650e7da8b6bb5dc2dd280d39b31929dd1fa44dc369022052dbab6db6586bf11537748757166c0315c26d414891a3bd983026d77f8106a0"
+signature = "3046022100b5135a05a9f0480d71a2dea252a5f33af0c19cca3e056828781e41bad3868722022100b6f40b91164f4077ec75818a2794d5527a82f8b0c09731a9efbeffae22e8621e"
 certificate = """
 -----BEGIN CERTIFICATE-----
 MIICGDCCAb2gAwIBAgIUVi5UUsiDxFXTLz8EK/UBVN7wxmcwCgYIKoZIzj0EAwIw

@@ -131,6 +131,11 @@ fn batch(args: RunArgs) -> anyhow::Result<i32> {
     for p in deidentifier.config().problems() {
         eprintln!("warning: {p}");
     }
+    if deidentifier.config().burned_in_text == deid::BurnedInTextMode::CleanPixelData {
+        if let Err(e) = deid::OcrEngine::from_env().version() {
+            eprintln!("warning: {e}: every image at risk of burned-in text will be quarantined");
+        }
+    }
     let total = deid::batch::collect_inputs(&args.inputs, &out).len() as u64;
     let bar = indicatif::ProgressBar::new(total);
     bar.set_style(

@@ -569,12 +569,7 @@ impl Deidentifier {
         if !by_ocr {
             return Ok((Ok(()), cleaned, None));
         }
-        let ts = obj
-            .meta()
-            .transfer_syntax()
-            .trim_end_matches(['\0', ' '])
-            .to_string();
-        match ocr::clean_burned_in_text(obj, &ts, &self.ocr, &risk, declared && !cleaned) {
+        match ocr::clean_burned_in_text(obj, &self.ocr, &risk, declared && !cleaned) {
             Ok(evidence) => Ok((Ok(()), true, Some(evidence))),
             Err(e @ DeidError::Malformed { .. }) => Err(e),
             Err(e) => Ok((Err(e), false, None)),

@@ -15,8 +15,10 @@
 //!   readable; OCR that is missing, fails or times out means quarantine, never release;
 //! - an image that declares burned-in text (BurnedInAnnotation YES) but where OCR finds none is
 //!   held back: the declaration is evidence that text is there in a form OCR cannot read;
-//! - compressed (encapsulated) and big-endian pixel data are held back: they would have to be
-//!   decoded and re-encoded, and pacs-broker does not yet re-encode them;
+//! - compressed (encapsulated) pixel data is decoded with dicom-rs's codec where one exists
+//!   (JPEG baseline/extended, RLE lossless), cleaned, and written uncompressed (a second lossy
+//!   generation would degrade the image again); a lossy original keeps LossyImageCompression 01
+//!   and its method, and the evidence says so. Without a codec, or big-endian, it is held back;
 //! - the text OCR reads may be PHI: it is dropped as soon as each word is parsed and never
 //!   reaches a log, a message or the evidence, which holds counts and boxes only.
 
@@ -302,8 +304,11 @@ pub struct OcrEvidence {
     /// Readable words the second pass still found (0 for a released image).
     pub residual_readable: usize,
     pub redacted: Vec<TextBox>,
-    /// True when lossy compressed pixel data was decoded and re-encoded (never today: such
-    /// images are held back).
+    /// The transfer syntax of compressed pixel data that was decoded to be cleaned (the output
+    /// is then written uncompressed, Explicit VR Little Endian: no second lossy generation).
+    pub decoded_from: Option<String>,
+    /// True when that compressed pixel data was lossy: the output keeps LossyImageCompression
+    /// 01 and names the original method, as PS3.3 C.7.6.1.1.5 requires.
     pub lossy_reencoded: bool,
 }
 
@@ -527,6 +532,99 @@ impl Layout {
     }
 }
 
+/// Transfer syntaxes whose compression loses information, and the PS3.3 method name of each.
+const LOSSY: &[(&str, &str)] = &[
+    ("1.2.840.10008.1.2.4.50", "ISO_10918_1"),
+    ("1.2.840.10008.1.2.4.51", "ISO_10918_1"),
+    ("1.2.840.10008.1.2.4.81", "ISO_14495_1"),
+    ("1.2.840.10008.1.2.4.91", "ISO_15444_1"),
+    ("1.2.840.10008.1.2.4.93", "ISO_15444_1"),
+];
+
+/// Decodes compressed (encapsulated) pixel data into native little-endian values with the
+/// codec dicom-rs has for its transfer syntax, and makes the object say so (Explicit VR Little
+/// Endian; RGB, interleaved, for colour, as the decoders deliver it). Returns the original
+/// transfer syntax and whether it was lossy, or `None` for pixel data that was native already.
+fn decode_encapsulated(
+    obj: &mut dicom_object::DefaultDicomObject,
+) -> Result<Option<(String, bool)>, DeidError> {
+    use dicom_encoding::transfer_syntax::Codec;
+    use dicom_transfer_syntax_registry::{entries, TransferSyntaxIndex, TransferSyntaxRegistry};
+    let encapsulated = matches!(
+        obj.get(tags::PIXEL_DATA).map(|e| e.value()),
+        Some(Value::PixelSequence(_))
+    );
+    if !encapsulated {
+        return Ok(None);
+    }
+    let uid = obj
+        .meta()
+        .transfer_syntax()
+        .trim_end_matches(['\0', ' '])
+        .to_string();
+    let ts = TransferSyntaxRegistry
+        .get(&uid)
+        .ok_or_else(|| quarantine(format!("unknown transfer syntax {uid}")))?;
+    let Codec::EncapsulatedPixelData(Some(reader), _) = ts.codec() else {
+        return Err(quarantine(format!(
+            "compressed pixel data ({}) has no decoder here, so it cannot be cleaned by OCR",
+            ts.name()
+        )));
+    };
+    let layout = Layout::of(obj)?;
+    let mut native = Vec::new();
+    reader.decode(&*obj, &mut native).map_err(|_| {
+        quarantine(format!(
+            "compressed pixel data ({}) could not be decoded, so it cannot be cleaned by OCR",
+            ts.name()
+        ))
+    })?;
+    if native.len() < layout.frame_bytes().saturating_mul(layout.frames) {
+        return Err(quarantine("decoded pixel data is shorter than the image"));
+    }
+    let lossy = LOSSY.iter().find(|(u, _)| *u == uid).map(|(_, m)| *m);
+    let declared_lossy = text(obj, tags::LOSSY_IMAGE_COMPRESSION) == "01";
+    let vr = if layout.bytes_per_sample == 1 {
+        VR::OB
+    } else {
+        VR::OW
+    };
+    obj.put(DataElement::new(
+        tags::PIXEL_DATA,
+        vr,
+        PrimitiveValue::U8(native.into()),
+    ));
+    if layout.spp == 3 {
+        obj.put(DataElement::new(
+            tags::PHOTOMETRIC_INTERPRETATION,
+            VR::CS,
+            "RGB",
+        ));
+        obj.put(DataElement::new(
+            tags::PLANAR_CONFIGURATION,
+            VR::US,
+            PrimitiveValue::from(0_u16),
+        ));
+    }
+    if let Some(method) = lossy {
+        obj.put(DataElement::new(
+            tags::LOSSY_IMAGE_COMPRESSION,
+            VR::CS,
+            "01",
+        ));
+        if obj.get(tags::LOSSY_IMAGE_COMPRESSION_METHOD).is_none() {
+            obj.put(DataElement::new(
+                tags::LOSSY_IMAGE_COMPRESSION_METHOD,
+                VR::CS,
+                method,
+            ));
+        }
+    }
+    obj.meta_mut()
+        .set_transfer_syntax(&entries::EXPLICIT_VR_LITTLE_ENDIAN);
+    Ok(Some((uid, lossy.is_some() || declared_lossy)))
+}
+
 /// Native pixel data as little-endian bytes, and its VR.
 fn take_native_pixels(obj: &mut InMemDicomObject, ts: &str) -> Result<(Vec<u8>, VR), DeidError> {
     if ts == "1.2.840.10008.1.2.2" {
@@ -612,19 +710,53 @@ fn padded(frame: u32, w: &Word, layout: &Layout) -> TextBox {
     }
 }
 
+/// SOP classes of photographs of the patient (VL Photographic, Video Photographic).
+const PHOTOGRAPHIC_CLASSES: &[&str] = &[
+    "1.2.840.10008.5.1.4.1.1.77.1.4",
+    "1.2.840.10008.5.1.4.1.1.77.1.4.1",
+];
+
+/// Why an image may show a recognisable face (PS3.15 treats it like burned-in text), or `None`.
+/// OCR removes text, not faces, so such an image is never released by this mode: Recognizable
+/// Visual Features YES, or a photograph (photographic SOP class or modality XC) without NO.
+pub fn face_risk(obj: &InMemDicomObject) -> Option<&'static str> {
+    match text(obj, tags::RECOGNIZABLE_VISUAL_FEATURES).as_str() {
+        "YES" => return Some("Recognizable Visual Features is YES"),
+        "NO" => return None,
+        _ => {}
+    }
+    let class = text(obj, tags::SOP_CLASS_UID);
+    (PHOTOGRAPHIC_CLASSES.contains(&class.as_str()) || text(obj, tags::MODALITY) == "XC")
+        .then_some("a photograph without Recognizable Visual Features NO")
+}
+
 /// Finds burned-in text with OCR, blacks it out in every frame's pixel data, reads the result
 /// again and returns the evidence when nothing readable remains. `declared` is true when the
 /// image says BurnedInAnnotation YES. Any other outcome is a quarantine whose reason gives the
 /// counts (never the text). On success BurnedInAnnotation becomes NO.
 pub fn clean_burned_in_text(
-    obj: &mut InMemDicomObject,
-    ts: &str,
+    obj: &mut dicom_object::DefaultDicomObject,
     engine: &OcrEngine,
     risk: &str,
     declared: bool,
 ) -> Result<OcrEvidence, DeidError> {
+    if let Some(face) = face_risk(obj) {
+        return Err(quarantine(format!(
+            "{face}: it may show a face, which OCR does not remove; held back for review"
+        )));
+    }
     let unavailable = |e: OcrError| quarantine(format!("{risk}; {e}, so it is held back"));
     let version = engine.version().map_err(unavailable)?;
+    let decoded = decode_encapsulated(obj).map_err(|e| match e {
+        DeidError::Quarantined { reason } => quarantine(format!("{risk}; {reason}")),
+        other => other,
+    })?;
+    let ts = obj
+        .meta()
+        .transfer_syntax()
+        .trim_end_matches(['\0', ' '])
+        .to_string();
+    let ts = ts.as_str();
     let layout = Layout::of(obj).map_err(|e| quarantine(format!("{risk}; {}", e.reason())))?;
     let (mut px, vr) = take_native_pixels(obj, ts).map_err(|e| match e {
         DeidError::Quarantined { reason } => quarantine(format!("{risk}; {reason}")),
@@ -649,7 +781,8 @@ pub fn clean_burned_in_text(
         boxes_redacted: boxes.len(),
         residual_readable: 0,
         redacted: boxes.clone(),
-        lossy_reencoded: false,
+        lossy_reencoded: decoded.as_ref().is_some_and(|d| d.1),
+        decoded_from: decoded.map(|d| d.0),
     };
     if boxes.is_empty() && declared {
         return Err(quarantine(format!(
@@ -708,6 +841,35 @@ mod tests {
             assert_eq!(m.name().parse::<BurnedInTextMode>().unwrap(), m);
         }
         assert!("ocr".parse::<BurnedInTextMode>().is_err());
+    }
+
+    #[test]
+    fn photographs_and_declared_faces_are_never_cleaned_by_ocr() {
+        let mut o = mono16(4, 2, 1, vec![0; 8]);
+        o.put(DataElement::new(tags::MODALITY, VR::CS, "XC"));
+        let mut file = o
+            .clone()
+            .with_meta(
+                dicom_object::FileMetaTableBuilder::new()
+                    .transfer_syntax("1.2.840.10008.1.2.1")
+                    .media_storage_sop_class_uid("1.2.840.10008.5.1.4.1.1.77.1.4")
+                    .media_storage_sop_instance_uid("1.2.3"),
+            )
+            .unwrap();
+        let e = clean_burned_in_text(&mut file, &OcrEngine::from_env(), "r", false);
+        assert!(matches!(e, Err(DeidError::Quarantined { reason }) if reason.contains("face")));
+        o.put(DataElement::new(
+            tags::RECOGNIZABLE_VISUAL_FEATURES,
+            VR::CS,
+            "NO",
+        ));
+        assert!(face_risk(&o).is_none());
+        o.put(DataElement::new(
+            tags::RECOGNIZABLE_VISUAL_FEATURES,
+            VR::CS,
+            "YES",
+        ));
+        assert!(face_risk(&o).is_some());
     }
 
     #[test]

@@ -255,7 +255,7 @@ fn explain_flow(w: &mut String, a: &Agreement, f: &Flow) {
 /// In plain words: which images are held back, which are cleaned and how, and why.
 pub fn burned_in_text(d: &crate::deid::DeidConfig) -> String {
     use crate::deid::BurnedInTextMode;
-    let at_risk = "ultrasound, angiography, fluoroscopy, endoscopy, photographs, secondary and screen captures, and any image declaring burned-in annotation, unless it declares BurnedInAnnotation NO";
+    let at_risk = "ultrasound, angiography, fluoroscopy, endoscopy, photographs, secondary and screen captures that do not declare BurnedInAnnotation NO, and every image that declares burned-in annotation";
     let masks = d.options.contains(&ProfileOption::CleanPixelData) && !d.pixel_clean.is_empty();
     let mask_text = format!(
         "the agreed regions of {} pixel clean rule(s) are blanked first where a rule matches the device; ",
@@ -283,5 +283,45 @@ pub fn action_form(a: &OverrideAction) -> Form {
         OverrideAction::Remove => Form::Removed,
         OverrideAction::Token => Form::Token,
         OverrideAction::Fixed(v) => Form::Fixed(v.clone()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::deid::{BurnedInTextMode, DeidConfig, PixelCleanRule};
+
+    #[test]
+    fn burned_in_text_is_explained_for_each_mode() {
+        let mut d = DeidConfig::default();
+        let held = burned_in_text(&d);
+        assert!(
+            held.contains("ultrasound") && held.contains("held back, not sent"),
+            "{held}"
+        );
+        assert!(
+            held.contains("burned_in_text = \"clean-pixel-data\""),
+            "{held}"
+        );
+        d.options.insert(ProfileOption::CleanPixelData);
+        d.pixel_clean.push(PixelCleanRule {
+            modality: Some("US".into()),
+            manufacturer: None,
+            model: None,
+            rects: vec![[0, 0, 10, 10]],
+        });
+        assert!(burned_in_text(&d).contains("1 pixel clean rule(s)"));
+        d.burned_in_text = BurnedInTextMode::CleanPixelData;
+        let ocr = burned_in_text(&d);
+        for words in [
+            "OCR",
+            "blacked out",
+            "read again",
+            "OCR is not available",
+            "face",
+            "audit log",
+        ] {
+            assert!(ocr.contains(words), "{words}: {ocr}");
+        }
     }
 }

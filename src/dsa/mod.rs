@@ -552,4 +552,50 @@ after = "delete"
         );
         assert!(diff::diff(&old, &old).is_empty());
     }
+
+    #[test]
+    fn burned_in_text_mode_parses_round_trips_and_diffs() {
+        let old = Agreement::parse("o.toml", GOOD).unwrap();
+        let text = GOOD.replace(
+            "options = [\"retain-longitudinal-modified-dates\"]",
+            "options = [\"retain-longitudinal-modified-dates\"]\nburned_in_text = \"clean-pixel-data\"",
+        );
+        let new = Agreement::parse("n.toml", &text).unwrap();
+        assert_eq!(
+            new.flows[0].deid.burned_in_text,
+            crate::deid::BurnedInTextMode::CleanPixelData
+        );
+        assert_eq!(
+            Agreement::parse("f.toml", &format::format(&new)).unwrap(),
+            new
+        );
+        let shown: Vec<String> = diff::diff(&old, &new)
+            .iter()
+            .map(|c| c.to_string())
+            .collect();
+        assert!(
+            shown.iter().any(|s| s.starts_with("[WIDENS]")
+                && s.contains("burned-in text mode quarantine -> clean-pixel-data")),
+            "{shown:#?}"
+        );
+        let back: Vec<String> = diff::diff(&new, &old)
+            .iter()
+            .map(|c| c.to_string())
+            .collect();
+        assert!(
+            back.iter()
+                .any(|s| s.starts_with("[narrows]") && s.contains("now held back")),
+            "{back:#?}"
+        );
+        let bad = GOOD.replace(
+            "options = [\"retain-longitudinal-modified-dates\"]",
+            "options = []\nburned_in_text = \"clean-pixel\"",
+        );
+        let err = Agreement::parse("b.toml", &bad).unwrap_err().to_string();
+        assert!(
+            err.starts_with("b.toml:39:18: unknown burned-in text mode \"clean-pixel\"")
+                && err.contains("clean-pixel-data"),
+            "{err}"
+        );
+    }
 }

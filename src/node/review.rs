@@ -42,6 +42,9 @@ pub struct Released {
     pub verifier_reason: Option<String>,
 }
 
+/// Boxes listed in one audit entry (a long cine loop can have thousands; the count is always there).
+const AUDIT_BOXES: usize = 64;
+
 impl Node {
     /// Audits what OCR did to each released instance (mode, engine version, boxes; no text).
     pub(super) fn audit_pixel_cleaning(
@@ -55,8 +58,15 @@ impl Node {
                 actor: "node".into(),
                 action: "clean-pixel-data".into(),
                 object: format!(
-                    "instance {sop}; boxes {}",
-                    serde_json::to_string(&evidence.redacted).unwrap_or_default()
+                    "instance {sop}; boxes {}{}",
+                    serde_json::to_string(
+                        &evidence.redacted[..evidence.redacted.len().min(AUDIT_BOXES)]
+                    )
+                    .unwrap_or_default(),
+                    match evidence.redacted.len().saturating_sub(AUDIT_BOXES) {
+                        0 => String::new(),
+                        more => format!(" and {more} more"),
+                    }
                 ),
                 agreement: agreement.into(),
                 purpose: purpose.into(),
