@@ -66,10 +66,7 @@ fn collector(dir: &Path) -> (String, std::path::PathBuf, Arc<AtomicU64>) {
                         break;
                     }
                     buf.extend_from_slice(&chunk[..n]);
-                    loop {
-                        let Some(sp) = buf.iter().position(|&b| b == b' ') else {
-                            break;
-                        };
+                    while let Some(sp) = buf.iter().position(|&b| b == b' ') {
                         let len: usize = std::str::from_utf8(&buf[..sp]).unwrap().parse().unwrap();
                         if buf.len() < sp + 1 + len {
                             break;
@@ -84,7 +81,10 @@ fn collector(dir: &Path) -> (String, std::path::PathBuf, Arc<AtomicU64>) {
     (addr, ca, count)
 }
 
-fn identity() -> (Vec<u8>, Vec<u8>) {
+/// (PKCS#8 key, certificate), both DER.
+type Identity = (Vec<u8>, Vec<u8>);
+
+fn identity() -> Identity {
     let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
     let cert = rcgen::CertificateParams::new(vec!["bench".into()])
         .unwrap()
@@ -93,7 +93,7 @@ fn identity() -> (Vec<u8>, Vec<u8>) {
     (key.serialize_der(), cert.der().to_vec())
 }
 
-fn open(dir: &Path, name: &str, syslog: Option<SyslogConfig>, id: &(Vec<u8>, Vec<u8>)) -> AuditLog {
+fn open(dir: &Path, name: &str, syslog: Option<SyslogConfig>, id: &Identity) -> AuditLog {
     let data = dir.join(name);
     let config = AuditConfig {
         syslog,
@@ -176,12 +176,7 @@ fn records(n: usize) {
 }
 
 /// The audit calls one study's delivery makes, on both sides.
-fn audit_work_per_study(
-    a: &AuditLog,
-    c: &AuditLog,
-    ids: &((Vec<u8>, Vec<u8>), (Vec<u8>, Vec<u8>)),
-    i: usize,
-) {
+fn audit_work_per_study(a: &AuditLog, c: &AuditLog, ids: &(Identity, Identity), i: usize) {
     let offer_cp = a.checkpoint_for_peer();
     c.accept_partner_checkpoint("hospital-a", &ids.0 .1, &offer_cp);
     c.record_detailed(
