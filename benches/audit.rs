@@ -81,7 +81,10 @@ fn collector(dir: &Path) -> (String, std::path::PathBuf, Arc<AtomicU64>) {
     (addr, ca, count)
 }
 
-fn identity() -> (Vec<u8>, Vec<u8>) {
+/// (PKCS#8 key, certificate), both DER.
+type Identity = (Vec<u8>, Vec<u8>);
+
+fn identity() -> Identity {
     let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
     let cert = rcgen::CertificateParams::new(vec!["bench".into()])
         .unwrap()
@@ -90,7 +93,7 @@ fn identity() -> (Vec<u8>, Vec<u8>) {
     (key.serialize_der(), cert.der().to_vec())
 }
 
-fn open(dir: &Path, name: &str, syslog: Option<SyslogConfig>, id: &(Vec<u8>, Vec<u8>)) -> AuditLog {
+fn open(dir: &Path, name: &str, syslog: Option<SyslogConfig>, id: &Identity) -> AuditLog {
     let data = dir.join(name);
     let config = AuditConfig {
         syslog,
