@@ -104,6 +104,8 @@ fn attack(
                     continue;
                 };
                 let template = OfferRequest {
+                    complete: true,
+                    audit_checkpoint: Vec::new(),
                     agreement_id: FLOODER_AGREEMENT.into(),
                     flow: "b-reads".into(),
                     study_token: String::new(),
@@ -209,7 +211,7 @@ fn main() {
                 .await
                 .unwrap();
             let d = client
-                .send_study(AGREEMENT, FLOW, "treatment", &token, vec!["CT".into()], &inst)
+                .send_study(AGREEMENT, FLOW, "treatment", &token, vec!["CT".into()], &inst, true)
                 .await
                 .unwrap();
             let took = started.elapsed();

@@ -175,9 +175,6 @@ fn records(n: usize) {
     );
 }
 
-/// A site's identity as `identity()` returns it: (key DER, certificate DER).
-type Identity = (Vec<u8>, Vec<u8>);
-
 /// The audit calls one study's delivery makes, on both sides.
 fn audit_work_per_study(a: &AuditLog, c: &AuditLog, ids: &(Identity, Identity), i: usize) {
     let offer_cp = a.checkpoint_for_peer();

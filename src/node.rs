@@ -242,7 +242,6 @@ impl Node {
             },
         )?);
         store::private_file(audit.path())?;
-        let agreements_read = agreements_fingerprint(&config.agreements);
         let (set, rejected) = load_agreements(&config.agreements, &config.tls.ca, None);
         crate::audit::alert::set_volume_limits(&audit, &set);
         for (f, why) in &rejected {

@@ -517,8 +517,6 @@ async fn a_cross_agreement_claim_delivers_nothing() {
 }
 
 // 4. The delivery check: every gap the issue found, over the wire; and a positive control.
-/// One change to a test instance.
-type Edit = Box<dyn Fn(&mut dicom_object::DefaultDicomObject)>;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_release_check_gap_is_refused() {

@@ -137,15 +137,6 @@ impl Federation {
         self.stop_keeping_files().await;
     }
 
-    /// Stops every node and hands back the federation's folder (deleted when it drops).
-    pub async fn stop_keeping_files(self) -> tempfile::TempDir {
-        let _ = self.stop.send(true);
-        for s in self.servers {
-            let _ = s.await;
-        }
-        self.dir
-    }
-
     /// Stops every node and hands back the federation's folder, to inspect it afterwards.
     pub async fn stop_keeping_files(self) -> tempfile::TempDir {
         let _ = self.stop.send(true);
