@@ -13,14 +13,13 @@
 //! | [`dsa`] | agreement model, parser with file:line:col errors, authorisation of flows |
 //! | [`deid`] | the de-identification engine (PS3.15 Annex E) and its configuration |
 //! | [`ingest`] | the one guarded pipeline every input goes through: files and DIMSE -> guard -> admit against the flow -> de-identify -> outbox |
-//! | [`dicom_net`] | the DICOM listener (dicom-ul): associations, allow-list, C-ECHO, C-STORE |
+//! | [`dicom_net`] | DIMSE with the site's own systems (dicom-ul): the listener (associations, allow-list, C-ECHO, C-STORE SCP) and C-STORE delivery to the local PACS from a durable queue |
 //! | [`pseudonym`] | site keys, keyed tokens and UIDs, date offsets, the origin-only vault |
-//! | [`store`] | the `Store` trait, its sled + content-addressed-file implementation, the inbox, the durable outbox |
+//! | [`store`] | the `Store` trait, its sled + content-addressed-file implementation, the inbox, the durable outbox, the PACS delivery queue, the quarantine of held-back instances |
 //! | [`federation`] | proto service (tonic), mutual TLS 1.3 (rustls), peer identity, offer/transfer, signed receipts |
-//! | [`dicom_net`] | DIMSE with the site's own systems: C-STORE delivery to the local PACS from a durable queue |
 //! | [`users`] | local users and roles, behind one small interface (`[[users]]` today) |
 //! | [`reidentify`] | who may see the original behind a token at the origin, audited |
-//! | [`audit`] | the append-only hash-chained audit log and its verification |
+//! | [`audit`] | the append-only hash-chained audit log: bounded entries, signed checkpoints (also held by partners), verification, disclosure reports, exports (JSON lines, RFC 5424, DICOM A.5), syslog/TLS forwarding, alerts |
 //! | [`node`] | wires the above into a running site: agreement reload, outbox worker, sending, shutdown |
 //! | [`demo`] | the self-contained demo federation behind `pacs-broker demo` |
 //!
