@@ -310,14 +310,21 @@ async fn an_offer_flood_from_one_partner_leaves_another_partners_send_working() 
     );
     let b = site_tls(&fed, "hospital-b");
     let mut flooder = client_of(&fed, &b).await.unwrap();
-    // 60 offers at once (a partner over its limit is answered after a short delay).
+    // 60 offers, 12 at a time (a partner over its limit is answered after a short delay).
     let calls = (0..60).map(|_| {
         let mut raw = flooder.raw().clone();
         let o = offer_request(HOSTILE_AGREEMENT, "b-reads", "treatment", &study, &inst);
         async move { raw.offer(o).await }
     });
     let (mut accepted, mut exhausted) = (0, 0);
-    for r in futures::future::join_all(calls).await {
+    // At most 12 in flight: the server allows 16 concurrent streams per connection, and a
+    // stream over that is refused by HTTP/2 before the service sees the offer.
+    use futures::StreamExt;
+    let answers: Vec<_> = futures::stream::iter(calls)
+        .buffer_unordered(12)
+        .collect()
+        .await;
+    for r in answers {
         match r {
             Ok(_) => accepted += 1,
             Err(s) => {
@@ -646,7 +653,13 @@ async fn a_length_bomb_over_the_wire_is_refused_without_a_large_allocation() {
         .await
         .unwrap_err();
         assert_eq!(s.code(), tonic::Code::FailedPrecondition, "{s}");
-        assert!(s.message().contains("not a readable DICOM file"), "{s}");
+        // Refused either as unreadable, or (where the guard defuses the bomb and reads what is
+        // left) because what is left is not the instance the manifest announced.
+        assert!(
+            s.message().contains("not a readable DICOM file")
+                || s.message().contains("differs from the manifest"),
+            "{s}"
+        );
     }
     assert!(rss_kib().saturating_sub(before) < 64 * 1024);
     assert!(files_under(&store_dir(fed.node("telerad-c")).join("blobs")).is_empty());
