@@ -711,21 +711,17 @@ impl Node {
         let outbox = self.outbox();
         for (study_token, study) in staged.studies {
             let mut entry = OutboxEntry {
-                agreement: flow.agreement.clone(),
-                flow: flow.flow.clone(),
-                purpose: flow.purpose.clone(),
-                to: flow.to.clone(),
-                study_token: study_token.clone(),
                 modalities: study.modalities.iter().cloned().collect(),
                 instances: study.instances.iter().map(|(_, i)| i.clone()).collect(),
-                state: OutboxState::Pending,
-                created: outbox::now(),
-                attempts: 0,
-                next_attempt: 0,
-                last_error: None,
-                delivered: None,
                 patient_tokens: study.patient_tokens.iter().cloned().collect(),
-                complete: true,
+                ..OutboxEntry::pending(
+                    &flow.agreement,
+                    &flow.flow,
+                    &flow.purpose,
+                    &flow.to,
+                    &study_token,
+                    true,
+                )
             };
             let dir = outbox.save(&entry)?;
             // The running node's outbox worker may see the new entry as due: one attempt at a

@@ -23,7 +23,7 @@ use crate::config::DicomRoute;
 use crate::deid::batch;
 use crate::dicom_net::scp::{AssociationPeer, StoreOutcome, StoreService, StoreStatus};
 use crate::pseudonym::Vault;
-use crate::store::outbox::{self, Outbox, OutboxEntry, OutboxInstance, OutboxState};
+use crate::store::outbox::{Outbox, OutboxEntry, OutboxInstance, OutboxState};
 use crate::store::safe_name;
 
 /// Resolves a route's flow against the agreements in force (called once per association, so
@@ -394,23 +394,14 @@ impl OpenStudies {
                 e.state = OutboxState::Pending;
                 e
             }
-            Err(_) => OutboxEntry {
-                agreement: flow.agreement.clone(),
-                flow: flow.flow.clone(),
-                purpose: flow.purpose.clone(),
-                to: flow.to.clone(),
-                study_token: study.to_string(),
-                modalities: Vec::new(),
-                instances: Vec::new(),
-                state: OutboxState::Pending,
-                created: outbox::now(),
-                attempts: 0,
-                next_attempt: 0,
-                last_error: None,
-                delivered: None,
-                patient_tokens: Vec::new(),
-                complete: false,
-            },
+            Err(_) => OutboxEntry::pending(
+                &flow.agreement,
+                &flow.flow,
+                &flow.purpose,
+                &flow.to,
+                study,
+                false,
+            ),
         };
         outbox.save(&entry)?;
         map.insert(
@@ -442,23 +433,14 @@ impl OpenStudies {
             .or_insert_with(|| OpenStudy {
                 dir,
                 forwarded: 0,
-                entry: OutboxEntry {
-                    agreement: flow.agreement.clone(),
-                    flow: flow.flow.clone(),
-                    purpose: flow.purpose.clone(),
-                    to: flow.to.clone(),
-                    study_token: study.to_string(),
-                    modalities: Vec::new(),
-                    instances: Vec::new(),
-                    state: OutboxState::Pending,
-                    created: outbox::now(),
-                    attempts: 0,
-                    next_attempt: 0,
-                    last_error: None,
-                    delivered: None,
-                    patient_tokens: Vec::new(),
-                    complete: false,
-                },
+                entry: OutboxEntry::pending(
+                    &flow.agreement,
+                    &flow.flow,
+                    &flow.purpose,
+                    &flow.to,
+                    study,
+                    false,
+                ),
                 last_arrival: Instant::now(),
                 retry_at: None,
                 busy: false,

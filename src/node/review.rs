@@ -15,7 +15,7 @@ use super::{Node, NodeError};
 use crate::audit::Event;
 use crate::deid::{DeidError, OcrEvidence};
 use crate::ingest::{HeldBack, HeldBackKind};
-use crate::store::outbox::{self, Outbox, OutboxEntry, OutboxInstance, OutboxState};
+use crate::store::outbox::{Outbox, OutboxEntry, OutboxInstance, OutboxState};
 use crate::store::quarantine::{HeldItem, HoldRequest};
 use crate::store::{self};
 
@@ -325,23 +325,7 @@ impl Node {
                 )))
             }
             Ok(e) if e.state == OutboxState::Pending => e,
-            _ => OutboxEntry {
-                agreement: agreement.into(),
-                flow: flow.into(),
-                purpose: purpose.into(),
-                to: to.into(),
-                study_token: d.study_uid.clone(),
-                modalities: Vec::new(),
-                instances: Vec::new(),
-                state: OutboxState::Pending,
-                created: outbox::now(),
-                attempts: 0,
-                next_attempt: 0,
-                last_error: None,
-                delivered: None,
-                patient_tokens: Vec::new(),
-                complete: true,
-            },
+            _ => OutboxEntry::pending(agreement, flow, purpose, to, &d.study_uid, true),
         };
         if !entry.patient_tokens.contains(&d.patient_token) {
             entry.patient_tokens.push(d.patient_token.clone());

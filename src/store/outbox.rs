@@ -78,6 +78,38 @@ pub fn backoff_secs(attempts: u32) -> u64 {
     (5u64 << attempts.saturating_sub(1).min(10)).min(3600)
 }
 
+impl OutboxEntry {
+    /// A new pending entry for one study, with no instances yet: the one constructor every
+    /// source (files, DIMSE, a released quarantine item) starts from. `complete` is false while
+    /// the study is still arriving over DICOM.
+    pub fn pending(
+        agreement: &str,
+        flow: &str,
+        purpose: &str,
+        to: &str,
+        study_token: &str,
+        complete: bool,
+    ) -> OutboxEntry {
+        OutboxEntry {
+            agreement: agreement.to_string(),
+            flow: flow.to_string(),
+            purpose: purpose.to_string(),
+            to: to.to_string(),
+            study_token: study_token.to_string(),
+            patient_tokens: Vec::new(),
+            modalities: Vec::new(),
+            instances: Vec::new(),
+            state: OutboxState::Pending,
+            created: now(),
+            attempts: 0,
+            next_attempt: 0,
+            last_error: None,
+            delivered: None,
+            complete,
+        }
+    }
+}
+
 /// Unix seconds now.
 pub fn now() -> u64 {
     std::time::SystemTime::now()
