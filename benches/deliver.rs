@@ -134,12 +134,7 @@ fn deliver_with_worker(
             }
         })
         .collect();
-    let key = StudyKey {
-        agreement: "bench".into(),
-        flow: "bench".into(),
-        from_site: "hospital-a".into(),
-        study_token: "2.25.1".into(),
-    };
+    let key = StudyKey::new("bench", "bench", "hospital-a", "2.25.1");
     store.commit(&key, n, staged, vec![]).unwrap();
     let queue = store.delivery_queue();
     assert_eq!(queue.entries().unwrap().len(), n);

@@ -951,12 +951,7 @@ mod tests {
                 }
             })
             .collect();
-        let key = StudyKey {
-            agreement: "a".into(),
-            flow: "f".into(),
-            from_site: "hospital-a".into(),
-            study_token: "2.25.7".into(),
-        };
+        let key = StudyKey::new("a", "f", "hospital-a", "2.25.7");
         store.commit(&key, n, staged, vec![]).unwrap();
         let queue = store.delivery_queue();
         (delivery, queue, audit_path)

@@ -221,12 +221,7 @@ mod tests {
     }
 
     fn key() -> StudyKey {
-        StudyKey {
-            agreement: "a".into(),
-            flow: "f".into(),
-            from_site: "x".into(),
-            study_token: "2.25.1".into(),
-        }
+        StudyKey::new("a", "f", "x", "2.25.1")
     }
 
     #[test]

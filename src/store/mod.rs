@@ -798,12 +798,7 @@ mod tests {
     #[test]
     fn commit_is_idempotent_and_survives_reopen() {
         let dir = tempfile::tempdir().unwrap();
-        let key = StudyKey {
-            agreement: "a".into(),
-            flow: "f".into(),
-            from_site: "x".into(),
-            study_token: "2.25.1".into(),
-        };
+        let key = StudyKey::new("a", "f", "x", "2.25.1");
         {
             let s = LocalStore::open(dir.path()).unwrap();
             let st = stage(&s, b"one", "2.25.11");
@@ -833,12 +828,7 @@ mod tests {
     fn partials_are_kept_then_committed_or_discarded() {
         let dir = tempfile::tempdir().unwrap();
         let s = LocalStore::open(dir.path()).unwrap();
-        let key = StudyKey {
-            agreement: "a".into(),
-            flow: "f".into(),
-            from_site: "x".into(),
-            study_token: "2.25.9".into(),
-        };
+        let key = StudyKey::new("a", "f", "x", "2.25.9");
         s.keep_partial(&key, vec![stage(&s, b"p1", "2.25.91")])
             .unwrap();
         let kept = s.partials(&key).unwrap();
@@ -899,12 +889,7 @@ mod inbox_tests {
     fn the_inbox_holds_a_link_to_the_blob_not_a_second_copy() {
         let dir = tempfile::tempdir().unwrap();
         let s = LocalStore::open(dir.path()).unwrap();
-        let key = StudyKey {
-            agreement: "a".into(),
-            flow: "f".into(),
-            from_site: "x".into(),
-            study_token: "2.25.3".into(),
-        };
+        let key = StudyKey::new("a", "f", "x", "2.25.3");
         let (mut f, path) = s.stage_file().unwrap();
         f.write_all(b"pixels").unwrap();
         let sha: [u8; 32] = Sha256::digest(b"pixels").into();
