@@ -21,8 +21,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use pacs_broker::config::TlsPaths;
-use pacs_broker::deid::Deidentifier;
-use pacs_broker::demo::{write_synthetic_ct, SyntheticPatient};
+use pacs_broker::demo::SyntheticPatient;
 use pacs_broker::federation::client::{OutgoingInstance, PeerClient};
 use pacs_broker::federation::proto::{InstanceManifest, OfferRequest};
 use pacs_broker::federation::tls::SiteTls;
@@ -56,31 +55,7 @@ fn tls(pki: &Path, site: &str) -> SiteTls {
 
 /// A de-identified study of `n` instances (64x64 CT), ready to send.
 fn study(node: &Node, dir: &Path, n: usize) -> (String, Vec<OutgoingInstance>) {
-    let files = write_synthetic_ct(&dir.join("src"), &SyntheticPatient::default(), n, 64).unwrap();
-    let flow = node.agreements().agreements[AGREEMENT]
-        .flow(FLOW)
-        .unwrap()
-        .clone();
-    let deid = Deidentifier::new(flow.deid, node.keys.tokenizer(AGREEMENT));
-    let mut out = Vec::new();
-    let mut token = String::new();
-    for (i, f) in files.iter().enumerate() {
-        let d = deid
-            .deidentify(dicom_object::open_file(f).unwrap())
-            .unwrap();
-        let mut bytes = Vec::new();
-        d.object.write_all(&mut bytes).unwrap();
-        let path = dir.join(format!("out{i}.dcm"));
-        std::fs::write(&path, &bytes).unwrap();
-        token = d.study_uid.clone();
-        out.push(OutgoingInstance {
-            path,
-            sha256: Sha256::digest(&bytes).into(),
-            size: bytes.len() as u64,
-            sop_instance_uid: d.sop_instance_uid,
-        });
-    }
-    (token, out)
+    prepared_study(node, dir, n, 64, &SyntheticPatient::default(), |_| {})
 }
 
 /// Hospital B's attack until `stop`: a flood of offers (1,000 instances each) on a few

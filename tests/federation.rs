@@ -6,13 +6,11 @@ use std::path::{Path, PathBuf};
 
 use common::*;
 use pacs_broker::config::TlsPaths;
-use pacs_broker::deid::Deidentifier;
 use pacs_broker::demo::{write_synthetic_ct, SyntheticPatient};
 use pacs_broker::federation::client::{OutgoingInstance, PeerClient, SendError};
 use pacs_broker::federation::proto::{InstanceManifest, OfferRequest, TransferChunk};
 use pacs_broker::federation::tls::SiteTls;
 use pacs_broker::node::Node;
-use sha2::{Digest, Sha256};
 
 fn originals(files: &[PathBuf]) -> Vec<String> {
     use dicom_dictionary_std::tags;
@@ -143,32 +141,7 @@ async fn two_sites_exchange_a_deidentified_study_idempotently() {
 
 /// A de-identified instance of the test flow, as the sender would produce it, in `dir`.
 fn prepared_instances(node: &Node, dir: &Path, n: usize) -> (String, Vec<OutgoingInstance>) {
-    let src = dir.join("src");
-    let files = write_synthetic_ct(&src, &SyntheticPatient::default(), n, 32).unwrap();
-    let flow = node.agreements().agreements[AGREEMENT]
-        .flow(FLOW)
-        .unwrap()
-        .clone();
-    let deid = Deidentifier::new(flow.deid, node.keys.tokenizer(AGREEMENT));
-    let mut out = Vec::new();
-    let mut study = String::new();
-    for (i, f) in files.iter().enumerate() {
-        let d = deid
-            .deidentify(dicom_object::open_file(f).unwrap())
-            .unwrap();
-        let mut bytes = Vec::new();
-        d.object.write_all(&mut bytes).unwrap();
-        let path = dir.join(format!("out{i}.dcm"));
-        std::fs::write(&path, &bytes).unwrap();
-        study = d.study_uid.clone();
-        out.push(OutgoingInstance {
-            path,
-            sha256: Sha256::digest(&bytes).into(),
-            size: bytes.len() as u64,
-            sop_instance_uid: d.sop_instance_uid,
-        });
-    }
-    (study, out)
+    prepared_study(node, dir, n, 32, &SyntheticPatient::default(), |_| {})
 }
 
 async fn client_for(fed: &Federation, tls: &SiteTls) -> Result<PeerClient, SendError> {

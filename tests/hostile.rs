@@ -15,7 +15,6 @@ use common::*;
 use dicom_core::{DataElement, PrimitiveValue, VR};
 use dicom_dictionary_std::tags;
 use pacs_broker::config::{NodeConfig, TlsPaths};
-use pacs_broker::deid::Deidentifier;
 use pacs_broker::demo::{write_synthetic_ct, SyntheticPatient};
 use pacs_broker::federation::client::{OutgoingInstance, PeerClient, SendError};
 use pacs_broker::federation::proto::{
@@ -182,34 +181,7 @@ fn instances(
     patient: &SyntheticPatient,
     tweak: impl Fn(&mut dicom_object::DefaultDicomObject),
 ) -> (String, Vec<OutgoingInstance>) {
-    std::fs::create_dir_all(dir).unwrap();
-    let files = write_synthetic_ct(&dir.join("src"), patient, n, 16).unwrap();
-    let flow = node.agreements().agreements[AGREEMENT]
-        .flow(FLOW)
-        .unwrap()
-        .clone();
-    let deid = Deidentifier::new(flow.deid, node.keys.tokenizer(AGREEMENT));
-    let mut out = Vec::new();
-    let mut study = String::new();
-    for (i, f) in files.iter().enumerate() {
-        let d = deid
-            .deidentify(dicom_object::open_file(f).unwrap())
-            .unwrap();
-        let mut obj = d.object;
-        tweak(&mut obj);
-        let mut bytes = Vec::new();
-        obj.write_all(&mut bytes).unwrap();
-        let path = dir.join(format!("out{i}.dcm"));
-        std::fs::write(&path, &bytes).unwrap();
-        study = d.study_uid.clone();
-        out.push(OutgoingInstance {
-            path,
-            sha256: Sha256::digest(&bytes).into(),
-            size: bytes.len() as u64,
-            sop_instance_uid: d.sop_instance_uid,
-        });
-    }
-    (study, out)
+    prepared_study(node, dir, n, 16, patient, tweak)
 }
 
 fn offer_request(

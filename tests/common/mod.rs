@@ -238,3 +238,48 @@ pub fn run_tool(cmd: &str, args: &[&str]) -> (bool, String) {
         ),
     )
 }
+
+/// De-identified instances of a synthetic study under the test flow, as Hospital A's node would
+/// make them (`n` CT slices of `size`²), each changed by `tweak` before it is written to `dir`;
+/// returns the study token and the instances ready to offer.
+pub fn prepared_study(
+    node: &Node,
+    dir: &Path,
+    n: usize,
+    size: u16,
+    patient: &pacs_broker::demo::SyntheticPatient,
+    tweak: impl Fn(&mut dicom_object::DefaultDicomObject),
+) -> (
+    String,
+    Vec<pacs_broker::federation::client::OutgoingInstance>,
+) {
+    use sha2::{Digest, Sha256};
+    std::fs::create_dir_all(dir).unwrap();
+    let files = pacs_broker::demo::write_synthetic_ct(&dir.join("src"), patient, n, size).unwrap();
+    let flow = node.agreements().agreements[AGREEMENT]
+        .flow(FLOW)
+        .unwrap()
+        .clone();
+    let deid = pacs_broker::deid::Deidentifier::new(flow.deid, node.keys.tokenizer(AGREEMENT));
+    let mut out = Vec::new();
+    let mut study = String::new();
+    for (i, f) in files.iter().enumerate() {
+        let d = deid
+            .deidentify(dicom_object::open_file(f).unwrap())
+            .unwrap();
+        let mut obj = d.object;
+        tweak(&mut obj);
+        let mut bytes = Vec::new();
+        obj.write_all(&mut bytes).unwrap();
+        let path = dir.join(format!("out{i}.dcm"));
+        std::fs::write(&path, &bytes).unwrap();
+        study = d.study_uid.clone();
+        out.push(pacs_broker::federation::client::OutgoingInstance {
+            path,
+            sha256: Sha256::digest(&bytes).into(),
+            size: bytes.len() as u64,
+            sop_instance_uid: d.sop_instance_uid,
+        });
+    }
+    (study, out)
+}
