@@ -710,24 +710,11 @@ fn padded(frame: u32, w: &Word, layout: &Layout) -> TextBox {
     }
 }
 
-/// SOP classes of photographs of the patient (VL Photographic, Video Photographic).
-const PHOTOGRAPHIC_CLASSES: &[&str] = &[
-    "1.2.840.10008.5.1.4.1.1.77.1.4",
-    "1.2.840.10008.5.1.4.1.1.77.1.4.1",
-];
-
 /// Why an image may show a recognisable face (PS3.15 treats it like burned-in text), or `None`.
-/// OCR removes text, not faces, so such an image is never released by this mode: Recognizable
-/// Visual Features YES, or a photograph (photographic SOP class or modality XC) without NO.
-pub fn face_risk(obj: &InMemDicomObject) -> Option<&'static str> {
-    match text(obj, tags::RECOGNIZABLE_VISUAL_FEATURES).as_str() {
-        "YES" => return Some("Recognizable Visual Features is YES"),
-        "NO" => return None,
-        _ => {}
-    }
-    let class = text(obj, tags::SOP_CLASS_UID);
-    (PHOTOGRAPHIC_CLASSES.contains(&class.as_str()) || text(obj, tags::MODALITY) == "XC")
-        .then_some("a photograph without Recognizable Visual Features NO")
+/// OCR removes text, not faces, so such an image is never released by this mode. The one
+/// definition of "may show a face" is [`super::visual::recognizable_features`].
+pub fn face_risk(obj: &InMemDicomObject) -> Option<String> {
+    super::visual::recognizable_features(obj)
 }
 
 /// Finds burned-in text with OCR, blacks it out in every frame's pixel data, reads the result
