@@ -18,7 +18,7 @@ use std::time::{Duration, SystemTime};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::audit::{AuditLog, Event};
+use crate::audit::{events, AuditLog, Event};
 use crate::config::NodeConfig;
 use crate::dicom_net::deliver::PacsDelivery;
 use crate::dsa::{Agreement, AgreementSet};
@@ -34,6 +34,7 @@ use crate::store::outbox::{self, Outbox, OutboxEntry, OutboxState};
 use crate::store::quarantine::Quarantine;
 use crate::store::{self, LocalStore, Store};
 
+mod policy;
 mod review;
 pub use review::{ReleaseError, Released};
 
@@ -219,6 +220,8 @@ pub struct Node {
     vault: std::sync::Mutex<Option<Arc<Vault>>>,
     /// The agreements folder as it was when the node opened.
     loaded_fingerprint: Vec<(PathBuf, u64, Option<SystemTime>)>,
+    /// Agreement files not enforced when the node opened, with why (audited at serve start).
+    rejected_at_open: Vec<(PathBuf, String)>,
 }
 
 impl Node {
@@ -258,6 +261,7 @@ impl Node {
             store: Default::default(),
             vault: Default::default(),
             loaded_fingerprint,
+            rejected_at_open: rejected,
         })
     }
 
@@ -330,17 +334,8 @@ impl Node {
         tracing::info!(agreements = set.agreements.len(), "agreements reloaded");
         self.tls.update_pins(&set);
         crate::audit::alert::set_volume_limits(&self.audit, &set);
-        self.audit.record_or_warn(Event {
-            actor: "node".into(),
-            action: "policy-load".into(),
-            object: format!("{} agreement(s) in force", set.agreements.len()),
-            outcome: if rejected.is_empty() {
-                "ok".into()
-            } else {
-                format!("{} file(s) not enforced", rejected.len())
-            },
-            ..Event::default()
-        });
+        let (path, reload) = (&self.config.agreements, policy::Trigger::Reload);
+        policy::audit_policy(&self.audit, path, &set, Some(&previous), &rejected, reload);
         self.agreements.send_replace(Arc::new(set));
     }
 
@@ -421,6 +416,7 @@ impl Node {
         };
         let addr = listener.local_addr().ok();
         tracing::info!(site = %self.config.site_id, ?addr, "federation endpoint listening (mutual TLS 1.3)");
+        self.audit_start(addr);
         let incoming = tls::incoming(listener, &self.tls, &self.config.limits);
         let shutdown = async move {
             shutdown.await;
@@ -430,7 +426,11 @@ impl Node {
             // Calls in flight per connection (each may carry a message of up to 4 MiB); with
             // `[limits] connections_per_peer` this bounds what one partner has in flight.
             .max_concurrent_streams(Some(16))
-            .serve_with_incoming_shutdown(FederationServer::from_arc(receiver), incoming, shutdown)
+            .serve_with_incoming_shutdown(
+                FederationServer::from_arc(receiver.clone()),
+                incoming,
+                shutdown,
+            )
             .await
             .map_err(|e| NodeError::Serve(e.to_string()));
         // The DICOM listener drains its associations; the forwarder ends its round.
@@ -442,7 +442,43 @@ impl Node {
         if let Some(pacs) = pacs {
             pacs.stop().await;
         }
+        receiver.flush_audit();
+        self.audit.record_or_warn(events::admin(
+            events::actor::NODE.into(),
+            events::kind::NODE_STOP,
+            format!("site {} stopped serving", self.site_id()),
+            match &result {
+                Ok(()) => "ok".into(),
+                Err(e) => format!("failed: {e}"),
+            },
+        ));
         result
+    }
+
+    /// Audits that `serve` started (by whom, where) and the policy it enforces.
+    fn audit_start(&self, addr: Option<std::net::SocketAddr>) {
+        let dicom = self
+            .config
+            .dicom
+            .as_ref()
+            .filter(|d| d.has_listener())
+            .map(|d| format!(", DICOM listener {} as {}", d.listen, d.ae_title))
+            .unwrap_or_default();
+        let addr = addr.map_or_else(|| self.config.listen.clone(), |a| a.to_string());
+        self.audit.record_or_warn(events::admin(
+            crate::audit::local_user(),
+            events::kind::NODE_START,
+            format!("site {} serving on {addr}{dicom}", self.site_id()),
+            "ok".into(),
+        ));
+        policy::audit_policy(
+            &self.audit,
+            &self.config.agreements,
+            &self.agreements(),
+            None,
+            &self.rejected_at_open,
+            policy::Trigger::ServeStart,
+        );
     }
 
     /// The file that holds agreement `id` in the agreements folder.

@@ -128,12 +128,23 @@ impl Alerts {
     }
 
     fn refusal(&self, e: &Entry, now: OffsetDateTime) -> Option<Alert> {
-        let peer = e.event.actor.strip_prefix("site:")?;
+        /// Peers tracked before quiet ones are forgotten.
+        const MAX_TRACKED_PEERS: usize = 1024;
+        // A peer site, or a network address refused before it was identified.
+        let actor = e.event.actor.as_str();
+        let peer = actor
+            .strip_prefix("site:")
+            .map(|s| format!("site {s}"))
+            .or_else(|| actor.strip_prefix("remote:").map(|a| format!("address {a}")))?;
         let t = now.unix_timestamp();
         let window = self.config.refusal_window_secs as i64;
         let mut map = self.refusals.lock().unwrap_or_else(|p| p.into_inner());
+        if map.len() > MAX_TRACKED_PEERS {
+            // Addresses come and go: forget those quiet for a window.
+            map.retain(|_, (times, _)| times.back().is_some_and(|&x| x > t - window));
+        }
         let (times, last_alert) = map
-            .entry(peer.to_string())
+            .entry(actor.to_string())
             .or_insert((VecDeque::new(), i64::MIN));
         times.push_back(t);
         while times.front().is_some_and(|&x| x <= t - window) {
@@ -144,9 +155,9 @@ impl Alerts {
             *last_alert = t;
             return Some(Alert {
                 kind: "refusal-burst",
-                subject: format!("site:{peer}"),
+                subject: actor.to_string(),
                 message: format!(
-                    "{} refusals of site {peer} within {window} s (threshold {burst})",
+                    "{} refusals of {peer} within {window} s (threshold {burst})",
                     times.len()
                 ),
             });

@@ -24,6 +24,7 @@
 pub mod alert;
 pub mod checkpoint;
 pub mod config;
+pub mod events;
 pub mod export;
 pub mod partner;
 pub mod report;
@@ -83,10 +84,12 @@ pub enum AuditError {
 /// when it is written ([`text::bound`]).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Event {
-    /// Who acted: `site:<id>` for a peer, `user:<name>` for a local operator, `ae:<title>` for a
-    /// local DICOM device, `node` for the node.
+    /// Who acted: `site:<id>` for a peer identified by its certificate, `remote:<address>` for a
+    /// network peer not identified (yet), `user:<name>` (or `uid:<n>`) for a local operator,
+    /// `dicom:<calling AE>@<address>` for a local DICOM device, `node` for the node
+    /// ([`events::actor`]).
     pub actor: String,
-    /// e.g. `disclose`, `receive`, `refuse`, `reidentify`.
+    /// One of [`events::kind`]: `disclose`, `receive`, `refuse`, `reidentify`...
     pub action: String,
     /// The object: study token, instance count, transfer id.
     pub object: String,

@@ -21,7 +21,7 @@ use crate::dsa::AgreementSet;
 
 /// The action of an entry recording that a receiver destroyed what it received (its signed
 /// destruction receipt came back); its `detail.study` names the study, its actor the receiver.
-pub const DESTRUCTION_RECEIPT: &str = "destruction-receipt";
+pub const DESTRUCTION_RECEIPT: &str = super::events::kind::DESTRUCTION_RECEIPT;
 
 /// What to report on. Empty fields do not filter.
 #[derive(Debug, Clone, Default)]
@@ -86,9 +86,13 @@ fn entry_time(e: &Entry) -> Option<OffsetDateTime> {
 pub fn disclosures(entries: &[Entry], q: &Query, set: &AgreementSet) -> Vec<Disclosure> {
     let destroyed: BTreeMap<(String, String), String> = entries
         .iter()
-        .filter(|e| e.event.action == DESTRUCTION_RECEIPT)
+        // Only a receipt that was verified when it arrived counts as destruction.
+        .filter(|e| e.event.action == DESTRUCTION_RECEIPT && e.event.outcome.starts_with("ok"))
         .filter_map(|e| {
-            let party = e.event.actor.strip_prefix("site:")?.to_string();
+            let party = match &e.detail.party {
+                Some(p) => p.clone(),
+                None => e.event.actor.strip_prefix("site:")?.to_string(),
+            };
             Some(((party, e.detail.study.clone()?), e.time.clone()))
         })
         .collect();

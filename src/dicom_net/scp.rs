@@ -329,6 +329,11 @@ impl<S: StoreService> Listener<S> {
             .filter(|pc| pc.reason == PresentationContextResultReason::Acceptance)
             .count();
         tracing::info!(calling_ae = %calling, address = %addr.ip(), contexts = accepted, "association established");
+        self.record(
+            &who,
+            format!("association to {called}"),
+            format!("accepted: {accepted} presentation context(s)"),
+        );
         let peer = AssociationPeer {
             calling_ae: calling,
             called_ae: called,

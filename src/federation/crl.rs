@@ -317,10 +317,16 @@ impl ClientCertVerifier for LiveClientVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        self.0
+        let verdict = self
+            .0
             .verifiers()
             .client
-            .verify_client_cert(end_entity, intermediates, now)
+            .verify_client_cert(end_entity, intermediates, now);
+        if verdict.is_err() {
+            // So the refused connection is audited with what the certificate claims.
+            super::tls::note_refused_certificate(end_entity);
+        }
+        verdict
     }
     fn verify_tls12_signature(
         &self,

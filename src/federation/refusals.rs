@@ -6,11 +6,18 @@
 //! thousand bad offers a second therefore costs a few audit entries a minute, not a thousand a
 //! second. Every field it writes is already bounded (peer strings pass through
 //! [`super::wire::shown`] before they get here).
+//!
+//! Connections refused before the peer is identified (a failed TLS handshake, a certificate of
+//! another CA or a revoked one, over the total connection limit) have no site to count by: they
+//! share one window per kind, whatever their address, so a flood from many addresses costs as
+//! little as one from a single address ([`Refusals::record_connection`]).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use super::tls::ConnectionEvent;
+use crate::audit::events::{self, actor};
 use crate::audit::{AuditLog, Event};
 
 /// Refusals of one kind from one peer audited one by one per window.
@@ -18,12 +25,19 @@ pub const AUDITED_PER_WINDOW: u32 = 5;
 /// Longest reason written into one entry.
 const MAX_REASON: usize = 300;
 
+/// Most distinct actors counted in one window's summary.
+const MAX_ACTORS_COUNTED: usize = 4096;
+/// The window key of refusals whose peer is not identified.
+const UNIDENTIFIED: &str = "(unidentified peers)";
+
 struct Window {
     started: Instant,
     written: u32,
     suppressed: u64,
     last_reason: String,
     agreement: String,
+    /// The actors of the suppressed refusals (one for a site; addresses for unidentified peers).
+    actors: HashSet<String>,
 }
 
 /// One refusal to audit.
@@ -66,20 +80,52 @@ impl Refusals {
         }
     }
 
-    /// Audits (and logs) a refusal, or counts it for the window's summary.
+    /// Audits (and logs) a refusal of a peer site, or counts it for the window's summary.
     pub fn record(&self, r: Refusal<'_>) {
+        self.record_as(actor::site(r.site), r.site.to_string(), r);
+    }
+
+    /// Audits a connection event of the endpoint: as the peer site's when its certificate was
+    /// verified, otherwise as its address's, in the one window of unidentified peers.
+    pub fn record_connection(&self, e: &ConnectionEvent) {
+        let mut object = match e.remote {
+            Some(a) => format!("connection from {a}"),
+            None => "connection".to_string(),
+        };
+        if let Some(c) = &e.certificate {
+            object.push_str(&format!("; {c}"));
+        }
+        let r = Refusal {
+            site: &e.site,
+            kind: e.kind,
+            agreement: "",
+            purpose: "",
+            object: &object,
+            reason: &e.detail,
+        };
+        if !e.site.is_empty() {
+            return self.record(r);
+        }
+        let who = e
+            .remote
+            .map(|a| actor::remote(a.ip()))
+            .unwrap_or_else(|| actor::NODE.to_string());
+        self.record_as(who, UNIDENTIFIED.to_string(), r);
+    }
+
+    /// Audits (and logs) a refusal by `actor`, counted in the window of (`key`, kind).
+    fn record_as(&self, actor: String, key: String, r: Refusal<'_>) {
         let reason = bounded(r.reason);
         let write = {
             let mut map = self.windows.lock().unwrap_or_else(|p| p.into_inner());
-            let w = map
-                .entry((r.site.to_string(), r.kind))
-                .or_insert_with(|| Window {
-                    started: Instant::now(),
-                    written: 0,
-                    suppressed: 0,
-                    last_reason: String::new(),
-                    agreement: String::new(),
-                });
+            let w = map.entry((key, r.kind)).or_insert_with(|| Window {
+                started: Instant::now(),
+                written: 0,
+                suppressed: 0,
+                last_reason: String::new(),
+                agreement: String::new(),
+                actors: HashSet::new(),
+            });
             if w.written < AUDITED_PER_WINDOW {
                 w.written += 1;
                 true
@@ -87,18 +133,18 @@ impl Refusals {
                 w.suppressed += 1;
                 w.last_reason = reason.clone();
                 w.agreement = r.agreement.to_string();
+                if w.actors.len() < MAX_ACTORS_COUNTED {
+                    w.actors.insert(actor.clone());
+                }
                 false
             }
         };
         if write {
-            tracing::warn!(peer = %r.site, agreement = %r.agreement, reason = %reason, "{}", r.kind);
+            tracing::warn!(peer = %actor, agreement = %r.agreement, reason = %reason, "{}", r.kind);
             self.audit.record_or_warn(Event {
-                actor: format!("site:{}", r.site),
-                action: "refuse".into(),
-                object: bounded(r.object),
-                agreement: r.agreement.to_string(),
                 purpose: r.purpose.to_string(),
-                outcome: format!("{}: {reason}", r.kind),
+                agreement: r.agreement.to_string(),
+                ..events::refusal(actor, bounded(r.object), r.kind, &reason)
             });
         }
     }
@@ -117,19 +163,33 @@ impl Refusals {
                 .filter_map(|k| map.remove(&k).map(|w| (k, w)))
                 .collect()
         };
-        for ((site, kind), w) in ended {
+        for ((key, kind), w) in ended {
             if w.suppressed == 0 {
                 continue;
             }
             let secs = w.started.elapsed().as_secs();
-            tracing::warn!(peer = %site, count = w.suppressed, window_secs = secs, "{kind}: further refusals summarised");
+            // One actor (a site, or a single address): the summary is its own. Several
+            // unidentified addresses: the node writes it and says how many.
+            let (who, from) = match w.actors.len() {
+                1 => (w.actors.into_iter().next().expect("one"), String::new()),
+                n if n >= MAX_ACTORS_COUNTED => (
+                    actor::NODE.to_string(),
+                    format!(" from {n} or more addresses"),
+                ),
+                n => (actor::NODE.to_string(), format!(" from {n} addresses")),
+            };
+            tracing::warn!(peer = %key, count = w.suppressed, window_secs = secs, "{kind}: further refusals summarised");
             self.audit.record_or_warn(Event {
-                actor: format!("site:{site}"),
-                action: "refuse".into(),
-                object: format!("{} further refusals in {secs} s (summary)", w.suppressed),
                 agreement: w.agreement,
-                purpose: String::new(),
-                outcome: format!("{kind}: last reason: {}", w.last_reason),
+                ..events::refusal(
+                    who,
+                    format!(
+                        "{} further refusals{from} in {secs} s (summary)",
+                        w.suppressed
+                    ),
+                    kind,
+                    &format!("last reason: {}", w.last_reason),
+                )
             });
         }
     }

@@ -221,19 +221,23 @@ impl Receiver {
             tracing::info!(peer = %p.sender, study = %p.study_token, "offer expired without its transfer");
             p.manifest.remove();
         }
+        self.audit_connection_events();
+        self.refusals.flush(false);
+    }
+
+    fn audit_connection_events(&self) {
         if let Some(c) = &self.connections {
             for e in c.take_events() {
-                self.refusals.record(Refused {
-                    site: &e.site,
-                    kind: e.kind,
-                    agreement: "",
-                    purpose: "",
-                    object: "connection",
-                    reason: &e.detail,
-                });
+                self.refusals.record_connection(&e);
             }
         }
-        self.refusals.flush(false);
+    }
+
+    /// At shutdown: audits the connection events not yet audited and writes every open refusal
+    /// summary, so nothing counted is lost with the process.
+    pub fn flush_audit(&self) {
+        self.audit_connection_events();
+        self.refusals.flush(true);
     }
 
     /// Pending offers now (all peers).

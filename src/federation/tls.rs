@@ -11,6 +11,11 @@
 //! `certificate_pin`s of the agreements in force (a pinned party must present that key, on
 //! incoming and outgoing connections), and cutting the open connections of a certificate that a
 //! reloaded CRL revokes or a pin no longer admits ([`Connections`]).
+//!
+//! Every connection it refuses or closes becomes a [`ConnectionEvent`] (with the peer's site when
+//! its certificate was verified, otherwise its address and, where it presented a certificate,
+//! that certificate's subject, serial and claimed site); the receiver audits them, summarised per
+//! window (`federation::refusals`).
 
 use std::io;
 use std::net::SocketAddr;
@@ -134,8 +139,16 @@ pub enum Admission {
 /// What happened to a connection, for the receiver's audit (drained by [`Connections::take_events`]).
 #[derive(Debug, Clone)]
 pub struct ConnectionEvent {
+    /// The peer's site from its verified certificate; empty when the peer was not identified.
     pub site: String,
-    /// Short kind: `idle connection closed`, `connection cut`, `connection over limit`.
+    /// The peer's address, where known.
+    pub remote: Option<SocketAddr>,
+    /// What the certificate a refused peer presented says ([`describe_certificate`]): it was not
+    /// accepted, so its claims are shown, not trusted.
+    pub certificate: Option<String>,
+    /// Short kind: `idle connection closed`, `connection cut`, `connection refused`,
+    /// `TLS handshake refused`, `TLS handshake timed out`, `certificate names no site`,
+    /// `certificate revoked`, `over the total connection limit`.
     pub kind: &'static str,
     pub detail: String,
 }
@@ -217,6 +230,8 @@ pub struct Connections {
     next: AtomicU64,
     open: Mutex<HashMap<u64, Arc<Connection>>>,
     events: Mutex<Vec<ConnectionEvent>>,
+    /// Events not kept because the buffer was full (reported by the next drain).
+    dropped: AtomicU64,
 }
 
 /// Most connection events kept between two drains (the rest are counted in the last one).
@@ -275,19 +290,58 @@ impl Connections {
     }
 
     fn event(&self, site: &str, kind: &'static str, detail: String) {
+        self.push(ConnectionEvent {
+            site: site.to_string(),
+            remote: None,
+            certificate: None,
+            kind,
+            detail,
+        });
+    }
+
+    /// A connection refused before its peer was identified.
+    fn refused(
+        &self,
+        remote: SocketAddr,
+        kind: &'static str,
+        detail: String,
+        certificate: Option<String>,
+    ) {
+        self.push(ConnectionEvent {
+            site: String::new(),
+            remote: Some(remote),
+            certificate,
+            kind,
+            detail,
+        });
+    }
+
+    fn push(&self, e: ConnectionEvent) {
         let mut ev = self.events.lock().unwrap_or_else(|p| p.into_inner());
         if ev.len() < MAX_EVENTS {
-            ev.push(ConnectionEvent {
-                site: site.to_string(),
-                kind,
-                detail,
-            });
+            ev.push(e);
+        } else {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
         }
     }
 
-    /// Takes the events since the last call.
+    /// Takes the events since the last call; events the full buffer did not keep are counted in
+    /// one more event at the end.
     pub fn take_events(&self) -> Vec<ConnectionEvent> {
-        std::mem::take(&mut *self.events.lock().unwrap_or_else(|p| p.into_inner()))
+        let mut ev = std::mem::take(&mut *self.events.lock().unwrap_or_else(|p| p.into_inner()));
+        let dropped = self.dropped.swap(0, Ordering::Relaxed);
+        if dropped > 0 {
+            ev.push(ConnectionEvent {
+                site: String::new(),
+                remote: None,
+                certificate: None,
+                kind: "connection events not kept",
+                detail: format!(
+                    "{dropped} more connection events arrived while {MAX_EVENTS} waited to be audited"
+                ),
+            });
+        }
+        ev
     }
 
     /// Re-checks every open connection against the CRLs and pins in force now and cuts those
@@ -554,7 +608,8 @@ pub fn incoming(
 ) -> tokio_stream::wrappers::ReceiverStream<Result<PeerStream, io::Error>> {
     let (tx, rx) = tokio::sync::mpsc::channel(64);
     let acceptor = TlsAcceptor::from(tls.server.clone());
-    let total = Arc::new(Semaphore::new(limits.connections_total.max(1)));
+    let total_limit = limits.connections_total.max(1);
+    let total = Arc::new(Semaphore::new(total_limit));
     let (per_peer, idle) = (
         limits.connections_per_peer.max(1),
         Duration::from_secs(limits.idle_timeout_secs.max(1)),
@@ -580,6 +635,12 @@ pub fn incoming(
                 if over_total.is_power_of_two() {
                     tracing::warn!(%remote, refused = over_total, "connection limit reached; new connections are closed");
                 }
+                connections.refused(
+                    remote,
+                    "over the total connection limit",
+                    format!("{total_limit} connections open (`[limits] connections_total`)"),
+                    None,
+                );
                 drop(tcp);
                 continue;
             };
@@ -588,11 +649,18 @@ pub fn incoming(
             let (connections, pins) = (connections.clone(), pins.clone());
             let revocation = revocation.clone();
             tokio::spawn(async move {
-                let Some((stream, identity)) = handshake(&acceptor, tcp, remote).await else {
+                let Some((stream, identity)) =
+                    handshake(&acceptor, tcp, remote, &connections).await
+                else {
                     return;
                 };
                 if !revocation.still_valid(&identity.certificate) {
                     tracing::warn!(%remote, peer = %identity.site_id, "revoked certificate; connection closed");
+                    connections.event(
+                        &identity.site_id,
+                        "certificate revoked",
+                        format!("connection from {remote} closed: the certificate is revoked"),
+                    );
                     return;
                 }
                 let connection = connections.register(&identity, per_peer, &pins);
@@ -632,20 +700,70 @@ pub fn incoming(
     tokio_stream::wrappers::ReceiverStream::new(rx)
 }
 
+tokio::task_local! {
+    /// What the client certificate refused in this task's handshake says (set by the verifier).
+    static REFUSED_CERTIFICATE: std::cell::RefCell<Option<String>>;
+}
+
+/// Called by the client-certificate verifier when it refuses a certificate (another CA, revoked,
+/// expired...): remembers what the certificate says, so that the refusal is audited with it.
+/// rustls verifies synchronously inside the poll of the handshake, so the handshake task's slot
+/// is in scope; anywhere else this does nothing.
+pub(crate) fn note_refused_certificate(end_entity: &CertificateDer<'_>) {
+    let _ = REFUSED_CERTIFICATE.try_with(|slot| {
+        *slot.borrow_mut() = Some(describe_certificate(end_entity));
+    });
+}
+
+/// What a certificate says of itself, bounded for the audit: subject, serial and the site its
+/// URI SAN names. For a refused certificate these are claims, not facts.
+pub fn describe_certificate(cert: &CertificateDer<'_>) -> String {
+    use crate::audit::text::bound_to;
+    let Ok((_, x)) = x509_parser::parse_x509_certificate(cert.as_ref()) else {
+        return "an unreadable certificate".into();
+    };
+    let site = match pki::site_id_of(cert) {
+        Ok(s) => format!(", names site `{s}`"),
+        Err(_) => ", names no site".into(),
+    };
+    format!(
+        "certificate subject `{}` serial {}{site}",
+        bound_to(&x.subject().to_string(), 128),
+        bound_to(&x.raw_serial_as_string(), 64)
+    )
+}
+
+/// Most bytes of a handshake error kept (rustls errors are short; this bounds the odd one).
+const MAX_HANDSHAKE_ERROR: usize = 200;
+
 async fn handshake(
     acceptor: &TlsAcceptor,
     tcp: TcpStream,
     remote: SocketAddr,
+    connections: &Connections,
 ) -> Option<(tokio_rustls::server::TlsStream<TcpStream>, PeerIdentity)> {
-    let hs = tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await;
+    let (hs, refused_cert) = REFUSED_CERTIFICATE
+        .scope(std::cell::RefCell::new(None), async {
+            let hs = tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await;
+            (hs, REFUSED_CERTIFICATE.with(|c| c.borrow_mut().take()))
+        })
+        .await;
     let stream = match hs {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
             tracing::warn!(%remote, error = %e, "TLS handshake refused");
+            let why = crate::audit::text::bound_to(&e.to_string(), MAX_HANDSHAKE_ERROR);
+            connections.refused(remote, "TLS handshake refused", why, refused_cert);
             return None;
         }
         Err(_) => {
             tracing::warn!(%remote, "TLS handshake timed out");
+            connections.refused(
+                remote,
+                "TLS handshake timed out",
+                "no complete handshake within 10 s".into(),
+                refused_cert,
+            );
             return None;
         }
     };
@@ -654,6 +772,12 @@ async fn handshake(
         Ok(id) => Some((stream, id)),
         Err(e) => {
             tracing::warn!(%remote, error = %e, "peer certificate names no site; connection closed");
+            connections.refused(
+                remote,
+                "certificate names no site",
+                e.to_string(),
+                chain.first().map(describe_certificate),
+            );
             None
         }
     }

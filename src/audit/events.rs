@@ -1,0 +1,259 @@
+//! The audit event catalogue: every action the log records, named in one place, how an actor is
+//! written, and the events whose shape several modules share.
+//!
+//! Owns: the action names ([`kind`]), the actor forms ([`actor`]), and constructors for the
+//! events written from more than one place or by commands: refusals and peer connections
+//! refused ([`refusal`]), the policy in force ([`policy_agreement`], [`policy_summary`]),
+//! administrative commands ([`admin`]), node start and stop, and the destruction receipt a
+//! partner sends back ([`destruction_receipt`]). `docs/audit.md` describes every kind, its fields
+//! and its actor; a test keeps that page and [`kind::ALL`] in step.
+//!
+//! Does not own: deciding when something is audited (the callers do), bounding and escaping
+//! (every field of every event is bounded by [`super::AuditLog::record`], whatever is passed
+//! here), or the rate summary of refusals (`federation::refusals`).
+
+use super::{Detail, Event};
+
+/// Action names. A new kind is added here, to `docs/audit.md`, and to the DICOM export mapping.
+pub mod kind {
+    /// A study left for a partner (sender side; also failures, with the reason).
+    pub const DISCLOSE: &str = "disclose";
+    /// A study arrived from a partner and was stored (receiver side).
+    pub const RECEIVE: &str = "receive";
+    /// Something was refused: an offer, a transfer, a send, a peer connection (with the reason).
+    pub const REFUSE: &str = "refuse";
+    /// A partner's audit checkpoint was not accepted.
+    pub const REFUSE_CHECKPOINT: &str = "refuse-checkpoint";
+    /// Received data was quarantined (it failed a check).
+    pub const QUARANTINE: &str = "quarantine";
+    /// Outgoing data was held back for review.
+    pub const QUARANTINE_HOLD: &str = "quarantine-hold";
+    pub const QUARANTINE_RELEASE: &str = "quarantine-release";
+    pub const QUARANTINE_DISCARD: &str = "quarantine-discard";
+    pub const QUARANTINE_REVEAL: &str = "quarantine-reveal";
+    pub const QUARANTINE_EXPIRE: &str = "quarantine-expire";
+    /// Burned-in text was removed from pixel data before sending.
+    pub const CLEAN_PIXEL_DATA: &str = "clean-pixel-data";
+    /// A person saw the original behind a token.
+    pub const REIDENTIFY: &str = "reidentify";
+    /// An instance from a local DICOM device went through the ingest pipeline.
+    pub const INGEST: &str = "ingest";
+    /// A received instance was delivered to the site's PACS.
+    pub const DELIVER: &str = "deliver";
+    /// A DICOM association was accepted or rejected.
+    pub const ASSOCIATE: &str = "associate";
+    /// The agreements in force: at `serve` start and after every reload.
+    pub const POLICY_LOAD: &str = "policy-load";
+    /// One agreement added, changed or removed by a reload.
+    pub const POLICY_CHANGE: &str = "policy-change";
+    /// `serve` started / stopped.
+    pub const NODE_START: &str = "node-start";
+    pub const NODE_STOP: &str = "node-stop";
+    /// An alert raised by the log itself (a burst of refusals, volume, hours).
+    pub const ALERT: &str = "alert";
+    /// The audit log was read by a person.
+    pub const VERIFY: &str = "verify";
+    pub const EXPORT: &str = "export";
+    pub const REPORT: &str = "report";
+    pub const AUDIT_CHECKPOINTS: &str = "audit-checkpoints";
+    /// Administrative commands.
+    pub const STORE_VERIFY: &str = "store-verify";
+    pub const OUTBOX_RETRY: &str = "outbox-retry";
+    pub const DSA_SIGN: &str = "dsa-sign";
+    pub const KEYS_NEW: &str = "keys-new";
+    pub const CERTS_REVOKE: &str = "certs-revoke";
+    /// A partner's signed receipt that it destroyed what it received.
+    pub const DESTRUCTION_RECEIPT: &str = "destruction-receipt";
+    /// Received data deleted when its flow's retention ended.
+    pub const RETENTION_DELETE: &str = "retention-delete";
+
+    /// Every kind above (the catalogue test checks each is documented).
+    pub const ALL: &[&str] = &[
+        DISCLOSE,
+        RECEIVE,
+        REFUSE,
+        REFUSE_CHECKPOINT,
+        QUARANTINE,
+        QUARANTINE_HOLD,
+        QUARANTINE_RELEASE,
+        QUARANTINE_DISCARD,
+        QUARANTINE_REVEAL,
+        QUARANTINE_EXPIRE,
+        CLEAN_PIXEL_DATA,
+        REIDENTIFY,
+        INGEST,
+        DELIVER,
+        ASSOCIATE,
+        POLICY_LOAD,
+        POLICY_CHANGE,
+        NODE_START,
+        NODE_STOP,
+        ALERT,
+        VERIFY,
+        EXPORT,
+        REPORT,
+        AUDIT_CHECKPOINTS,
+        STORE_VERIFY,
+        OUTBOX_RETRY,
+        DSA_SIGN,
+        KEYS_NEW,
+        CERTS_REVOKE,
+        DESTRUCTION_RECEIPT,
+        RETENTION_DELETE,
+    ];
+}
+
+/// How the actor of an entry is written.
+pub mod actor {
+    /// A partner site, from its verified certificate (never from a request field).
+    pub fn site(id: &str) -> String {
+        format!("site:{id}")
+    }
+
+    /// A network peer not (or not yet) identified by a verified certificate: its address only.
+    pub fn remote(ip: std::net::IpAddr) -> String {
+        format!("remote:{ip}")
+    }
+
+    /// A local DICOM device: its calling AE title (as it sent it) and address.
+    pub fn dicom(calling_ae: &str, ip: std::net::IpAddr) -> String {
+        format!("dicom:{calling_ae}@{ip}")
+    }
+
+    /// The node itself.
+    pub const NODE: &str = "node";
+
+    /// A named local user (from `[[users]]` or a command's `--user`/`--officer`).
+    pub fn user(name: &str) -> String {
+        format!("user:{name}")
+    }
+}
+
+/// Something the receiving endpoint refused: an offer, a transfer, a peer connection. `kind` says
+/// what (`offer refused`, `TLS handshake refused`...), `reason` why. For a connection, `actor` is
+/// [`actor::site`] when the peer's certificate was verified, [`actor::remote`] otherwise, and
+/// `object` says what is known of it (its address, and the certificate's subject and the site it
+/// names where one was presented).
+pub fn refusal(actor: String, object: String, kind: &str, reason: &str) -> Event {
+    Event {
+        actor,
+        action: kind::REFUSE.into(),
+        object,
+        outcome: format!("{kind}: {reason}"),
+        ..Event::default()
+    }
+}
+
+/// One agreement of the policy in force: id, version, status and the SHA-256 of its file.
+/// `outcome` is `in force`, or says how it came to be in force (e.g. narrowed by an unsigned edit).
+pub fn policy_agreement(
+    action: &'static str,
+    agreement: &str,
+    version: u32,
+    status: &str,
+    file_sha256: Option<&str>,
+    outcome: String,
+) -> Event {
+    Event {
+        actor: actor::NODE.into(),
+        action: action.into(),
+        object: format!(
+            "agreement {agreement} version {version} ({status}), file sha256 {}",
+            file_sha256.unwrap_or("unknown")
+        ),
+        agreement: agreement.into(),
+        outcome,
+        ..Event::default()
+    }
+}
+
+/// The policy load as a whole: why it was loaded, how many agreements are in force and how many
+/// files were not enforced.
+pub fn policy_summary(trigger: &str, in_force: usize, not_enforced: usize) -> Event {
+    Event {
+        actor: actor::NODE.into(),
+        action: kind::POLICY_LOAD.into(),
+        object: format!("{in_force} agreement(s) in force ({trigger})"),
+        outcome: if not_enforced == 0 {
+            "ok".into()
+        } else {
+            format!("{not_enforced} agreement file(s) not enforced")
+        },
+        ..Event::default()
+    }
+}
+
+/// An administrative command by `actor` (a named user, or the OS user: [`super::local_user`]).
+pub fn admin(actor: String, action: &'static str, object: String, outcome: String) -> Event {
+    Event {
+        actor,
+        action: action.into(),
+        object,
+        outcome,
+        ..Event::default()
+    }
+}
+
+/// A partner's signed receipt that it destroyed a study it received from this site, under
+/// (agreement, flow). The report joins it to the disclosure of the same party and study.
+pub fn destruction_receipt(
+    party: &str,
+    agreement: &str,
+    flow: &str,
+    study_token: &str,
+    outcome: String,
+) -> (Event, Detail) {
+    (
+        Event {
+            actor: actor::site(party),
+            action: kind::DESTRUCTION_RECEIPT.into(),
+            object: format!("study {study_token}"),
+            agreement: agreement.into(),
+            outcome,
+            ..Event::default()
+        },
+        Detail {
+            study: Some(study_token.into()),
+            party: Some(party.into()),
+            flow: Some(flow.into()),
+            ..Detail::default()
+        },
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kinds_are_unique_and_lowercase() {
+        let mut seen = std::collections::BTreeSet::new();
+        for k in kind::ALL {
+            assert!(seen.insert(*k), "{k} listed twice");
+            assert!(k
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c == '-'));
+        }
+    }
+
+    #[test]
+    fn every_kind_is_documented() {
+        let doc = include_str!("../../docs/audit.md");
+        for k in kind::ALL {
+            assert!(
+                doc.contains(&format!("| `{k}` |")),
+                "audit event kind `{k}` is not in docs/audit.md"
+            );
+        }
+    }
+
+    #[test]
+    fn destruction_receipt_names_party_flow_and_study() {
+        let (e, d) = destruction_receipt("telerad-c", "agr", "reads", "2.25.9", "ok".into());
+        assert_eq!(e.actor, "site:telerad-c");
+        assert_eq!(e.action, "destruction-receipt");
+        assert_eq!(d.study.as_deref(), Some("2.25.9"));
+        assert_eq!(d.flow.as_deref(), Some("reads"));
+        assert_eq!(d.party.as_deref(), Some("telerad-c"));
+    }
+}
