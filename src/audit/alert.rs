@@ -135,7 +135,11 @@ impl Alerts {
         let peer = actor
             .strip_prefix("site:")
             .map(|s| format!("site {s}"))
-            .or_else(|| actor.strip_prefix("remote:").map(|a| format!("address {a}")))?;
+            .or_else(|| {
+                actor
+                    .strip_prefix("remote:")
+                    .map(|a| format!("address {a}"))
+            })?;
         let t = now.unix_timestamp();
         let window = self.config.refusal_window_secs as i64;
         let mut map = self.refusals.lock().unwrap_or_else(|p| p.into_inner());

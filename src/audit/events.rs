@@ -230,9 +230,7 @@ mod tests {
         let mut seen = std::collections::BTreeSet::new();
         for k in kind::ALL {
             assert!(seen.insert(*k), "{k} listed twice");
-            assert!(k
-                .chars()
-                .all(|c| c.is_ascii_lowercase() || c == '-'));
+            assert!(k.chars().all(|c| c.is_ascii_lowercase() || c == '-'));
         }
     }
 

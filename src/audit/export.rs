@@ -137,14 +137,22 @@ fn xml(s: &str) -> String {
 }
 
 /// (code, meaning, EventActionCode) of an action, from DICOM CID 400 (Audit Event ID).
+/// Every kind of [`super::events::kind`] not named here is Application Activity.
 fn dicom_event(action: &str) -> (&'static str, &'static str, &'static str) {
+    use super::events::kind::*;
     match action {
-        "disclose" => ("110106", "Export", "R"),
-        "receive" => ("110107", "Import", "C"),
-        "reidentify" => ("110110", "Patient Record", "R"),
-        "report" | "verify" | "export" => ("110101", "Audit Log Used", "R"),
-        "delete" | "retention-delete" => ("110105", "DICOM Study Deleted", "D"),
-        a if a == "alert" || a.starts_with("refuse") => ("110113", "Security Alert", "E"),
+        DISCLOSE => ("110106", "Export", "R"),
+        RECEIVE => ("110107", "Import", "C"),
+        REIDENTIFY | QUARANTINE_REVEAL => ("110110", "Patient Record", "R"),
+        REPORT | VERIFY | EXPORT | AUDIT_CHECKPOINTS => ("110101", "Audit Log Used", "R"),
+        "delete" | RETENTION_DELETE | DESTRUCTION_RECEIPT | QUARANTINE_DISCARD => {
+            ("110105", "DICOM Study Deleted", "D")
+        }
+        // Changes of what the node enforces or trusts: security configuration.
+        POLICY_LOAD | POLICY_CHANGE | DSA_SIGN | KEYS_NEW | CERTS_REVOKE => {
+            ("110113", "Security Alert", "E")
+        }
+        a if a == ALERT || a.starts_with(REFUSE) => ("110113", "Security Alert", "E"),
         _ => ("110100", "Application Activity", "E"),
     }
 }

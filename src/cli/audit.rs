@@ -6,7 +6,10 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 
-use pacs_broker::audit::{self, export::Format, report, AuditLog, Detail, Event, SiteAudit};
+use pacs_broker::audit::events::kind;
+use pacs_broker::audit::{
+    self, events, export::Format, report, AuditLog, Detail, Event, SiteAudit,
+};
 use pacs_broker::config::NodeConfig;
 use pacs_broker::federation::tls::SiteTls;
 use pacs_broker::node::Node;
@@ -16,7 +19,7 @@ use super::node::{AuditReportArgs, ExportFormat};
 /// Exit code of a failed verification.
 const VERIFY_FAILED: i32 = 3;
 
-fn site_log(cfg: &NodeConfig) -> anyhow::Result<(AuditLog, SiteTls)> {
+pub(super) fn site_log(cfg: &NodeConfig) -> anyhow::Result<(AuditLog, SiteTls)> {
     let tls = SiteTls::load(&cfg.site_id, &cfg.tls)?;
     let log = AuditLog::open_site(
         &cfg.data_dir.join("audit.log"),
@@ -31,15 +34,27 @@ fn site_log(cfg: &NodeConfig) -> anyhow::Result<(AuditLog, SiteTls)> {
     Ok((log, tls))
 }
 
-fn admin_event(action: &str, object: String, purpose: &str) -> Event {
+fn admin_event(action: &'static str, object: String, purpose: &str) -> Event {
     Event {
-        actor: audit::local_user(),
-        action: action.into(),
-        object,
         purpose: purpose.into(),
-        outcome: "ok".into(),
-        ..Event::default()
+        ..events::admin(audit::local_user(), action, object, "ok".into())
     }
+}
+
+/// The event of an administrative command done by the OS user (no local user is named).
+pub(super) fn os_user_event(action: &'static str, object: String, outcome: String) -> Event {
+    events::admin(audit::local_user(), action, object, outcome)
+}
+
+/// Records an administrative command in the audit log of the node that `config` configures.
+/// Commands that also work without a node (`dsa sign`, `keys new`, `certs revoke`) record only
+/// when given `--config`.
+pub(super) fn record_admin(config: &Path, event: Event) -> anyhow::Result<()> {
+    let cfg = NodeConfig::load(config)?;
+    let (log, _) = site_log(&cfg)?;
+    log.record(event)
+        .context("the command was carried out, but the audit log did not record it")?;
+    Ok(())
 }
 
 pub fn verify(config: &Path, partner_files: &[PathBuf]) -> anyhow::Result<i32> {
@@ -67,7 +82,7 @@ pub fn verify(config: &Path, partner_files: &[PathBuf]) -> anyhow::Result<i32> {
             drop(tls);
             let (log, _) = site_log(&cfg)?;
             log.record_or_warn(admin_event(
-                "verify",
+                kind::VERIFY,
                 format!("audit log verified: {} entries", v.verified.entries),
                 "",
             ));
@@ -120,7 +135,7 @@ pub fn export(config: &Path, format: ExportFormat, since: Option<&str>) -> anyho
     }
     out.flush()?;
     log.record_or_warn(admin_event(
-        "export",
+        kind::EXPORT,
         format!("{n} audit entries exported ({format:?})"),
         "",
     ));
@@ -131,6 +146,12 @@ pub fn checkpoints(config: &Path, of: &str) -> anyhow::Result<i32> {
     let cfg = NodeConfig::load(config)?;
     let file = audit::checkpoint::partner_file(&cfg.data_dir.join("audit.log"), of);
     let held = audit::checkpoint::load(&file)?;
+    let (log, _) = site_log(&cfg)?;
+    log.record_or_warn(admin_event(
+        kind::AUDIT_CHECKPOINTS,
+        format!("{} checkpoint(s) of site:{of} handed out", held.len()),
+        "",
+    ));
     if held.is_empty() {
         eprintln!(
             "this site holds no checkpoint of site `{of}` ({})",
@@ -214,7 +235,7 @@ pub fn report(a: AuditReportArgs) -> anyhow::Result<i32> {
         Event {
             agreement: a.agreement.clone().unwrap_or_default(),
             ..admin_event(
-                "report",
+                kind::REPORT,
                 format!(
                     "disclosure report: {} disclosure(s){}{}",
                     ds.len(),

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use clap::{Args, Subcommand};
+use pacs_broker::audit::events::kind;
 use pacs_broker::dsa::{self, sign, Agreement, FederationCa, SignatureState, Verdict};
 use time::OffsetDateTime;
 
@@ -39,6 +40,9 @@ enum DsaCommand {
         #[arg(long)]
         site_key: PathBuf,
         file: PathBuf,
+        /// The signing site's node configuration: record the signature in its audit log.
+        #[arg(long)]
+        config: Option<PathBuf>,
     },
     /// Show who signed which version; exit 0 only when every party signed these exact bytes.
     Verify {
@@ -88,9 +92,13 @@ pub fn run(args: DsaArgs) -> anyhow::Result<i32> {
             site_cert,
             site_key,
             file,
+            config,
         } => {
             let out = sign::sign_file(&file, &site_cert, &site_key, OffsetDateTime::now_utc())?;
             println!("signed {} -> {}", file.display(), out.display());
+            if let Some(config) = config {
+                audit_signature(&config, &file)?;
+            }
             Ok(0)
         }
         DsaCommand::Verify { ca, file } => verify(&ca, &file),
@@ -99,6 +107,23 @@ pub fn run(args: DsaArgs) -> anyhow::Result<i32> {
             Ok(0)
         }
     }
+}
+
+/// Records in the signing site's audit log which agreement version (and exact bytes) it signed.
+fn audit_signature(config: &Path, file: &Path) -> anyhow::Result<()> {
+    let a = load(file)?;
+    let bytes = std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
+    let object = format!(
+        "agreement {} version {}, file sha256 {} signed",
+        a.id,
+        a.version,
+        sign::sha256_hex(&bytes)
+    );
+    let event = pacs_broker::audit::Event {
+        agreement: a.id.clone(),
+        ..super::audit::os_user_event(kind::DSA_SIGN, object, "ok".into())
+    };
+    super::audit::record_admin(config, event)
 }
 
 fn check(files: &[PathBuf], ca: Option<&Path>) -> anyhow::Result<i32> {

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::{Args, Subcommand};
 
+use pacs_broker::audit::events::kind;
 use pacs_broker::{demo, federation, node::Node, pseudonym::SiteKeys};
 
 #[derive(Debug, Subcommand)]
@@ -37,6 +38,9 @@ pub enum CertsCommand {
         days: u32,
         /// Certificate files (PEM) to revoke; none writes the CRL with what it already lists.
         certs: Vec<PathBuf>,
+        /// A node configuration: record the revocation in that site's audit log.
+        #[arg(long)]
+        config: Option<PathBuf>,
     },
 }
 
@@ -56,6 +60,9 @@ pub enum KeysCommand {
     New {
         #[arg(long)]
         out: PathBuf,
+        /// A node configuration: record the new key file in that site's audit log.
+        #[arg(long)]
+        config: Option<PathBuf>,
     },
 }
 
@@ -197,16 +204,25 @@ pub fn certs(cmd: CertsCommand) -> anyhow::Result<i32> {
             crl,
             days,
             certs,
-        } => revoke(ca_dir, crl, days, certs),
+            config,
+        } => {
+            let (code, object) = revoke(ca_dir, crl, days, certs)?;
+            if let Some(config) = config {
+                let event = super::audit::os_user_event(kind::CERTS_REVOKE, object, "ok".into());
+                super::audit::record_admin(&config, event)?;
+            }
+            Ok(code)
+        }
     }
 }
 
+/// Writes the CRL; returns the exit code and what was done, for the audit.
 fn revoke(
     ca_dir: PathBuf,
     crl: Option<PathBuf>,
     days: u32,
     certs: Vec<PathBuf>,
-) -> anyhow::Result<i32> {
+) -> anyhow::Result<(i32, String)> {
     let out = crl.unwrap_or_else(|| ca_dir.join("crl.pem"));
     let r = federation::crl::revoke_with_dev_ca(
         &ca_dir.join("ca.pem"),
@@ -228,7 +244,13 @@ fn revoke(
         "Copy it to every site's `[tls] crl` file; running nodes reload it within a second and cut \
          the revoked certificates' connections."
     );
-    Ok(0)
+    let object = format!(
+        "CRL number {} written with {} revoked certificate(s); serials {}",
+        r.crl_number,
+        r.serials.len(),
+        r.serials.join(" ")
+    );
+    Ok((0, object))
 }
 
 /// `pacs-broker store verify`: every blob re-hashed, every indexed instance present.
@@ -266,7 +288,7 @@ pub fn store(cmd: StoreCommand) -> anyhow::Result<i32> {
         ),
         Err(e) => return Err(e.into()),
     }
-    println!(
+    let summary = format!(
         "checked {} blobs ({} bytes): {}",
         blobs.checked,
         blobs.bytes,
@@ -276,17 +298,31 @@ pub fn store(cmd: StoreCommand) -> anyhow::Result<i32> {
             format!("{bad} problems")
         }
     );
+    println!("{summary}");
+    let outcome = if bad == 0 {
+        "ok".into()
+    } else {
+        format!("failed: {bad} problems")
+    };
+    let event = super::audit::os_user_event(kind::STORE_VERIFY, summary, outcome);
+    super::audit::record_admin(&config, event)?;
     Ok(if bad == 0 { 0 } else { 3 })
 }
 
 pub fn keys(cmd: KeysCommand) -> anyhow::Result<i32> {
     match cmd {
-        KeysCommand::New { out } => {
+        KeysCommand::New { out, config } => {
             SiteKeys::generate().write_new(&out)?;
             println!(
                 "wrote site key file {} (mode 0600). Back it up apart from the data.",
                 out.display()
             );
+            if let Some(config) = config {
+                let name = out.file_name().unwrap_or_default().to_string_lossy();
+                let object = format!("new site key file {name} written");
+                let event = super::audit::os_user_event(kind::KEYS_NEW, object, "ok".into());
+                super::audit::record_admin(&config, event)?;
+            }
             Ok(0)
         }
     }
@@ -459,6 +495,12 @@ pub fn outbox(args: OutboxArgs) -> anyhow::Result<i32> {
         let rt = runtime()?;
         let n = rt.block_on(node.drain_outbox(true));
         println!("{n} queued studies delivered");
+        // Each delivery is audited as a disclosure; this records who asked for the retry.
+        node.audit.record(super::audit::os_user_event(
+            kind::OUTBOX_RETRY,
+            format!("{requeued} failed studies re-queued, {n} queued studies delivered"),
+            "ok".into(),
+        ))?;
     }
     let now = pacs_broker::store::outbox::now();
     let entries = node.outbox().entries();

@@ -220,4 +220,44 @@ mod tests {
         let text = std::fs::read_to_string(audit.path()).unwrap();
         assert!(text.contains("995 further refusals"), "{text}");
     }
+
+    #[test]
+    fn unidentified_peers_share_one_window_whatever_their_address() {
+        let dir = tempfile::tempdir().unwrap();
+        let audit = Arc::new(AuditLog::open(&dir.path().join("audit.log")).unwrap());
+        let r = Refusals::new(audit.clone(), Duration::from_secs(60));
+        for i in 0..500u32 {
+            r.record_connection(&ConnectionEvent {
+                site: String::new(),
+                remote: Some(std::net::SocketAddr::from((
+                    [10, 0, (i / 250) as u8, (i % 250) as u8],
+                    4000,
+                ))),
+                certificate: Some("certificate subject `CN=x` serial 01, names site `x`".into()),
+                kind: "TLS handshake refused",
+                detail: "invalid peer certificate: UnknownIssuer".into(),
+            });
+        }
+        r.flush(true);
+        let entries = crate::audit::read_entries(audit.path()).unwrap();
+        assert_eq!(entries.len() as u32, AUDITED_PER_WINDOW + 1);
+        assert_eq!(entries[0].event.actor, "remote:10.0.0.0");
+        assert_eq!(entries[0].event.action, "refuse");
+        assert_eq!(
+            entries[0].event.object,
+            "connection from 10.0.0.0:4000; certificate subject `CN=x` serial 01, names site `x`"
+        );
+        assert_eq!(
+            entries[0].event.outcome,
+            "TLS handshake refused: invalid peer certificate: UnknownIssuer"
+        );
+        let summary = &entries[AUDITED_PER_WINDOW as usize].event;
+        assert_eq!(summary.actor, "node");
+        assert!(
+            summary
+                .object
+                .starts_with("495 further refusals from 495 addresses in "),
+            "{summary:?}"
+        );
+    }
 }

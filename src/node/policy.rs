@@ -279,9 +279,23 @@ after = "delete"
         assert_eq!(entries[3].event.outcome, "not enforced: not signed by b");
         assert_eq!(entries[4].event.outcome, "1 agreement file(s) not enforced");
         // Nothing changed: only the summary. Removed: said so.
-        audit_policy(&log, &folder, &set, Some(&set.clone()), &[], Trigger::Reload);
+        audit_policy(
+            &log,
+            &folder,
+            &set,
+            Some(&set.clone()),
+            &[],
+            Trigger::Reload,
+        );
         assert_eq!(crate::audit::read_entries(log.path()).unwrap().len(), 6);
-        audit_policy(&log, &folder, &AgreementSet::default(), Some(&set), &[], Trigger::Reload);
+        audit_policy(
+            &log,
+            &folder,
+            &AgreementSet::default(),
+            Some(&set),
+            &[],
+            Trigger::Reload,
+        );
         let entries = crate::audit::read_entries(log.path()).unwrap();
         assert_eq!(entries[6].event.outcome, "removed: no longer in force");
     }
