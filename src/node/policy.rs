@@ -31,9 +31,15 @@ impl Trigger {
     }
 }
 
-/// Each agreement file of `path` (a folder, or one file): its agreement as parsed, and the
-/// SHA-256 of its bytes (what every party signs).
-fn agreement_files(path: &Path) -> BTreeMap<String, (Agreement, String)> {
+/// One agreement file: where, what it says, and the SHA-256 of its bytes (what every party signs).
+struct PolicyFile {
+    path: PathBuf,
+    agreement: Agreement,
+    sha256: String,
+}
+
+/// Each agreement file of `path` (a folder, or one file), by agreement id.
+fn agreement_files(path: &Path) -> BTreeMap<String, PolicyFile> {
     let files: Vec<PathBuf> = if path.is_dir() {
         std::fs::read_dir(path)
             .map(|d| {
@@ -51,8 +57,11 @@ fn agreement_files(path: &Path) -> BTreeMap<String, (Agreement, String)> {
         let (Ok(bytes), Ok(a)) = (std::fs::read(&f), Agreement::from_file(&f)) else {
             continue;
         };
-        out.entry(a.id.clone())
-            .or_insert((a, hex::encode(Sha256::digest(&bytes))));
+        out.entry(a.id.clone()).or_insert(PolicyFile {
+            path: f,
+            agreement: a,
+            sha256: hex::encode(Sha256::digest(&bytes)),
+        });
     }
     out
 }
@@ -116,17 +125,20 @@ pub(super) fn audit_policy(
     let files = agreement_files(path);
     let empty = AgreementSet::default();
     for (id, a) in &set.agreements {
-        // The fingerprint is the file's only when the file holds exactly what is in force (an
-        // unsigned edit leaves the last fully signed version in force, narrowed).
-        let (sha, exact) = match files.get(id) {
-            Some((parsed, sha)) if parsed == a => (Some(sha.as_str()), true),
-            _ => (None, false),
-        };
-        let how = if exact {
-            "in force".to_string()
-        } else {
-            "in force: the last fully signed version, with the suspensions of an unsigned edit applied"
-                .to_string()
+        // The fingerprint is the file's only when every party signed the file and it holds
+        // exactly what is in force. An unsigned edit leaves the last fully signed version in
+        // force, narrowed by the edit's suspensions: the file's hash is then not what was signed.
+        let file = files.get(id);
+        let signed =
+            file.filter(|f| f.agreement == *a && !rejected.iter().any(|(r, _)| *r == f.path));
+        let sha = signed.map(|f| f.sha256.as_str());
+        let how = match (signed, file) {
+            (Some(_), _) => "in force".to_string(),
+            (None, Some(f)) => format!(
+                "in force: the last fully signed version, with the suspensions of an unsigned edit applied (the file now has sha256 {})",
+                f.sha256
+            ),
+            (None, None) => "in force: the last fully signed version (its file is gone)".into(),
         };
         let (action, outcome) = match previous.map(|p| p.agreements.get(id)) {
             None => (kind::POLICY_LOAD, how),
