@@ -235,6 +235,8 @@ pub struct Node {
     /// another, see [`Node::set_clock`]), and whether a retention sweep is due now.
     clock: std::sync::RwLock<Arc<dyn crate::retention::Clock>>,
     retention_due: std::sync::atomic::AtomicBool,
+    /// One retention sweep at a time (the serving loop's and a caller's).
+    retention_sweeping: tokio::sync::Mutex<()>,
 }
 
 impl Node {
@@ -276,6 +278,7 @@ impl Node {
             loaded_fingerprint,
             clock: std::sync::RwLock::new(Arc::new(crate::retention::SystemClock)),
             retention_due: std::sync::atomic::AtomicBool::new(true),
+            retention_sweeping: Default::default(),
         })
     }
 
@@ -337,6 +340,7 @@ impl Node {
     /// received studies whose flow's retention ended and sends their origins the signed
     /// destruction receipts still due (see `retention`).
     pub async fn sweep_retention(&self) -> Result<RetentionRun, NodeError> {
+        let _one_at_a_time = self.retention_sweeping.lock().await;
         self.retention_due
             .store(false, std::sync::atomic::Ordering::SeqCst);
         let store = self.store()?;
@@ -462,9 +466,7 @@ impl Node {
                 let mut last_sweep: Option<std::time::Instant> = None;
                 let mut last_retention: Option<std::time::Instant> = None;
                 loop {
-                    let due = node
-                        .retention_due
-                        .load(std::sync::atomic::Ordering::SeqCst);
+                    let due = node.retention_due.load(std::sync::atomic::Ordering::SeqCst);
                     if due || last_retention.is_none_or(|t| t.elapsed() >= RETENTION_SWEEP) {
                         last_retention = Some(std::time::Instant::now());
                         if let Err(e) = node.sweep_retention().await {

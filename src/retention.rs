@@ -242,7 +242,10 @@ pub async fn deliver_receipts(
         let event = |outcome: String| Event {
             actor: "node".into(),
             action: "destruction-receipt-sent".into(),
-            object: format!("destruction receipt for study {} to site:{}", d.study_token, d.from_site),
+            object: format!(
+                "destruction receipt for study {} to site:{}",
+                d.study_token, d.from_site
+            ),
             agreement: d.agreement.clone(),
             purpose: String::new(),
             outcome,
@@ -339,8 +342,7 @@ purposes = ["treatment"]
 "#;
 
     fn set() -> AgreementSet {
-        let a = crate::dsa::Agreement::parse("agr.toml", AGREEMENT)
-            .expect("test agreement parses");
+        let a = crate::dsa::Agreement::parse("agr.toml", AGREEMENT).expect("test agreement parses");
         let mut s = AgreementSet::default();
         s.agreements.insert(a.id.clone(), a);
         s

@@ -259,13 +259,18 @@ pub async fn receive(
 ) -> Result<DestructionAck, Status> {
     let caller = peer.identity.site_id.as_str();
     if let Err(e) = check_fields(&r) {
-        refuse(&shown(&r.agreement_id), "destruction receipt", &e.to_string());
+        refuse(
+            &shown(&r.agreement_id),
+            "destruction receipt",
+            &e.to_string(),
+        );
         return Err(Status::invalid_argument(e.to_string()));
     }
     // From here on the receipt's strings are bounded and of a safe character set.
     let object = format!("destruction receipt for study {}", r.study_token);
     if r.receiver_site != caller || r.origin_site != origin.site_id {
-        let why = "a destruction receipt must name the calling site as receiver and this site as origin";
+        let why =
+            "a destruction receipt must name the calling site as receiver and this site as origin";
         refuse(&r.agreement_id, &object, why);
         return Err(Status::permission_denied(why));
     }

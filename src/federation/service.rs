@@ -34,10 +34,10 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::manifest::{Disposition, Entry, Manifest};
 use super::proto::federation_server::Federation;
+use super::proto::{DestructionAck, DestructionReceipt};
 use super::proto::{
     HelloRequest, HelloResponse, OfferRequest, OfferResponse, Receipt, TransferChunk,
 };
-use super::proto::{DestructionAck, DestructionReceipt};
 use super::receipt::ReceiptSigner;
 use super::refusals::{Refusal as Refused, Refusals};
 use super::tls::{Connections, PeerInfo};
@@ -657,7 +657,13 @@ impl Federation for Receiver {
         };
         let site = peer.identity.site_id.clone();
         let refuse = |agreement: &str, object: &str, why: &str| {
-            self.refuse(&site, "destruction receipt refused", (agreement, ""), object, why)
+            self.refuse(
+                &site,
+                "destruction receipt refused",
+                (agreement, ""),
+                object,
+                why,
+            )
         };
         super::destruction::receive(origin, &peer, req.into_inner(), refuse)
             .await

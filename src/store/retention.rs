@@ -107,9 +107,7 @@ impl LocalStore {
         let shared: BTreeSet<String> = self
             .studies()?
             .into_iter()
-            .filter(|r| {
-                StudyKey::new(&r.agreement, &r.flow, &r.from_site, &r.study_token) != *key
-            })
+            .filter(|r| StudyKey::new(&r.agreement, &r.flow, &r.from_site, &r.study_token) != *key)
             .flat_map(|r| r.instances.into_values())
             .collect();
         let pending_blobs: BTreeSet<String> = rec
@@ -351,7 +349,10 @@ mod tests {
             .commit(
                 &key,
                 2,
-                vec![stage(&s, b"one", "2.25.11"), stage(&s, b"shared", "2.25.12")],
+                vec![
+                    stage(&s, b"one", "2.25.11"),
+                    stage(&s, b"shared", "2.25.12"),
+                ],
                 vec![],
             )
             .unwrap();
