@@ -427,6 +427,19 @@ pub fn sync_dir(dir: &Path) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// True when a process holds the sled database in `dir` open (sled locks its `db` file
+/// exclusively while open): a node serving from that data folder, or sending beside it.
+pub fn database_in_use(dir: &Path) -> bool {
+    let Ok(f) = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(dir.join("db"))
+    else {
+        return false;
+    };
+    matches!(f.try_lock(), Err(fs::TryLockError::WouldBlock))
+}
+
 /// Creates a folder (and its parents) and makes it private to the node's user (0700).
 pub fn private_dir(dir: &Path) -> Result<(), StoreError> {
     fs::create_dir_all(dir).map_err(io_err(dir))?;
@@ -878,6 +891,19 @@ mod lock_tests {
             Err(other) => panic!("unexpected error: {other}"),
             Ok(_) => panic!("a second store opened the same data directory"),
         }
+    }
+
+    #[test]
+    fn a_database_held_open_is_seen_in_use() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(
+            !database_in_use(&dir.path().join("index")),
+            "no database yet"
+        );
+        let store = LocalStore::open(dir.path()).unwrap();
+        assert!(database_in_use(&dir.path().join("index")));
+        drop(store);
+        assert!(!database_in_use(&dir.path().join("index")));
     }
 }
 
