@@ -328,6 +328,12 @@ pub fn find_repo_dir(name: &str) -> Option<PathBuf> {
 pub enum DemoError {
     #[error("{0}")]
     Setup(String),
+    #[error("site {site} in {dir} is running (a `pacs-broker serve --config {config}` holds its data folder); nothing was changed. Stop it before re-running the demo there, or give another --data-dir")]
+    Running {
+        site: String,
+        dir: PathBuf,
+        config: PathBuf,
+    },
     #[error(transparent)]
     Node(#[from] crate::node::NodeError),
     #[error("{0}")]
@@ -355,6 +361,68 @@ fn copy_dir_files(from: &Path, to: &Path) -> std::io::Result<()> {
         } else if p.is_dir() {
             copy_dir_files(&p, &to.join(e.file_name()))?;
         }
+    }
+    Ok(())
+}
+
+/// Gives `site` the example agreements it is a party to, each with its signatures, and only the
+/// trial subject-ID mappings of the flows it sends: a mapping turns a trial subject back into a
+/// patient, so it stays at the origin. A mapping a site does not send under, left in its folder
+/// by an earlier demo, is removed.
+fn copy_agreements_for(policies: &Path, site: &str, to: &Path) -> Result<(), DemoError> {
+    std::fs::create_dir_all(to)?;
+    let mut files: Vec<PathBuf> = std::fs::read_dir(policies)?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.is_file() && p.extension().is_some_and(|x| x == "toml"))
+        .collect();
+    files.sort();
+    for file in files {
+        let a = Agreement::from_file(&file).map_err(|e| DemoError::Setup(e.to_string()))?;
+        if a.party(site).is_none() {
+            continue;
+        }
+        let name = file.file_name().expect("a file has a name");
+        std::fs::copy(&file, to.join(name))?;
+        let sigs = crate::dsa::sign::signature_dir(&file);
+        if sigs.is_dir() {
+            copy_dir_files(&sigs, &crate::dsa::sign::signature_dir(&to.join(name)))?;
+        }
+        let from_dir = file.parent().unwrap_or(Path::new("."));
+        for f in &a.flows {
+            let Some(ids) = &f.subject_ids else { continue };
+            let target = to.join(&ids.mapping);
+            if f.from == site {
+                std::fs::copy(from_dir.join(&ids.mapping), &target)?;
+            } else if target.is_file() {
+                std::fs::remove_file(&target)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Refuses to lay out a site whose node is running: its `serve` (or a `send`) holds the lock on
+/// the site's store or vault, and rewriting its configuration under it would leave it serving
+/// one set of ports and keys while its files say another.
+fn refuse_running(base: &Path, site: &str) -> Result<(), DemoError> {
+    let dir = base.join(site);
+    let config = dir.join("node.toml");
+    if !config.exists() {
+        return Ok(());
+    }
+    let data = NodeConfig::load(&config)
+        .map(|c| c.data_dir)
+        .unwrap_or_else(|_| dir.join("data"));
+    let held = [data.join("store").join("index"), data.join("vault")]
+        .iter()
+        .any(|db| crate::store::database_in_use(db));
+    if held {
+        return Err(DemoError::Running {
+            site: site.to_string(),
+            dir,
+            config,
+        });
     }
     Ok(())
 }
@@ -390,7 +458,7 @@ fn lay_out_site(
                 .map_err(|e| DemoError::Setup(e.to_string()))?;
         }
     }
-    copy_dir_files(policies, &dir.join("agreements"))?;
+    copy_agreements_for(policies, site, &dir.join("agreements"))?;
     let key = dir.join("site.key");
     if !key.exists() {
         SiteKeys::generate()
@@ -469,6 +537,9 @@ pub async fn run(
             .tempdir()?
             .keep(),
     };
+    for site in [SENDER, RECEIVER] {
+        refuse_running(&base, site)?;
+    }
     let listener_a = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let listener_c = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let (addr_a, addr_c) = (listener_a.local_addr()?, listener_c.local_addr()?);

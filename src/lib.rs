@@ -20,6 +20,7 @@
 //! | [`users`] | local users and roles, behind one small interface (`[[users]]` today) |
 //! | [`reidentify`] | who may see the original behind a token at the origin, audited |
 //! | [`audit`] | the append-only hash-chained audit log: bounded entries, signed checkpoints (also held by partners), verification, disclosure reports, exports (JSON lines, RFC 5424, DICOM A.5), syslog/TLS forwarding, alerts |
+//! | [`retention`] | the receiver's retention: when a received study expires (by a clock tests can set), its destruction through the store, and the signed destruction receipt delivered to the origin |
 //! | [`node`] | wires the above into a running site: agreement reload, outbox worker, sending, shutdown |
 //! | [`demo`] | the self-contained demo federation behind `pacs-broker demo` |
 //!
@@ -37,5 +38,6 @@ pub mod ingest;
 pub mod node;
 pub mod pseudonym;
 pub mod reidentify;
+pub mod retention;
 pub mod store;
 pub mod users;

@@ -183,6 +183,18 @@ pub const OUTBOX_POLL: Duration = Duration::from_secs(5);
 /// How often a serving node deletes quarantined items whose flow retention ended.
 pub const QUARANTINE_SWEEP: Duration = Duration::from_secs(3600);
 
+/// How often a serving node looks for received studies whose retention ended, and for
+/// destruction receipts due for their origin.
+pub const RETENTION_SWEEP: Duration = Duration::from_secs(600);
+
+/// What one retention sweep did.
+#[derive(Debug, Default, Clone)]
+pub struct RetentionRun {
+    /// Studies destroyed by this sweep (or finished after an interruption).
+    pub destroyed: Vec<crate::store::retention::Destruction>,
+    pub receipts: crate::retention::ReceiptsDelivered,
+}
+
 /// Outcome of sending.
 #[derive(Debug, Default, Clone)]
 pub struct SendReport {
@@ -222,6 +234,12 @@ pub struct Node {
     loaded_fingerprint: Vec<(PathBuf, u64, Option<SystemTime>)>,
     /// Agreement files not enforced when the node opened, with why (audited at serve start).
     rejected_at_open: Vec<(PathBuf, String)>,
+    /// The clock retention is judged by (the system clock unless code holding the node sets
+    /// another, see [`Node::set_clock`]), and whether a retention sweep is due now.
+    clock: std::sync::RwLock<Arc<dyn crate::retention::Clock>>,
+    retention_due: std::sync::atomic::AtomicBool,
+    /// One retention sweep at a time (the serving loop's and a caller's).
+    retention_sweeping: tokio::sync::Mutex<()>,
 }
 
 impl Node {
@@ -262,6 +280,9 @@ impl Node {
             vault: Default::default(),
             loaded_fingerprint,
             rejected_at_open: rejected,
+            clock: std::sync::RwLock::new(Arc::new(crate::retention::SystemClock)),
+            retention_due: std::sync::atomic::AtomicBool::new(true),
+            retention_sweeping: Default::default(),
         })
     }
 
@@ -303,6 +324,50 @@ impl Node {
             &self.audit,
             req,
         )?)
+    }
+
+    /// Replaces the clock retention is judged by, and makes a retention sweep due at once.
+    /// For tests and rehearsals in a process that holds the node: nothing in the binary, its
+    /// config or its environment can call this.
+    pub fn set_clock(&self, clock: Arc<dyn crate::retention::Clock>) {
+        *self.clock.write().unwrap_or_else(|p| p.into_inner()) = clock;
+        self.retention_due
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Now, by the node's retention clock (Unix seconds).
+    pub fn now(&self) -> u64 {
+        self.clock.read().unwrap_or_else(|p| p.into_inner()).now()
+    }
+
+    /// One retention sweep (the serving node runs one every [`RETENTION_SWEEP`]): destroys the
+    /// received studies whose flow's retention ended and sends their origins the signed
+    /// destruction receipts still due (see `retention`).
+    pub async fn sweep_retention(&self) -> Result<RetentionRun, NodeError> {
+        let _one_at_a_time = self.retention_sweeping.lock().await;
+        self.retention_due
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+        let store = self.store()?;
+        let (set, audit) = (self.agreements(), self.audit.clone());
+        let (site, now) = (self.site_id().to_string(), self.now());
+        let st = store.clone();
+        let destroyed = tokio::task::spawn_blocking(move || {
+            crate::retention::sweep(&st, &set, &site, &audit, now)
+        })
+        .await
+        .map_err(|e| NodeError::Serve(format!("retention sweep stopped: {e}")))??;
+        let receipts = crate::retention::deliver_receipts(
+            &store,
+            &self.tls,
+            &self.config.peers,
+            &self.audit,
+            now,
+        )
+        .await?;
+        Ok(RetentionRun {
+            destroyed,
+            receipts,
+        })
     }
 
     /// Opens a node from a config file.
@@ -355,7 +420,10 @@ impl Node {
                 ReceiptSigner::new(&self.tls.key_pkcs8),
             )
             .with_limits(self.config.limits.clone())
-            .with_connections(self.tls.connections.clone()),
+            .with_connections(self.tls.connections.clone())
+            .with_destruction_ledger(Arc::new(
+                crate::federation::destruction::DestructionLedger::new(&self.config.data_dir),
+            )),
         );
         // [dicom.deliver]: queue every received instance for the site's PACS and forward it.
         let pacs = match self.config.dicom.as_ref().and_then(|d| d.deliver.as_ref()) {
@@ -391,7 +459,15 @@ impl Node {
             let node = self.clone();
             tokio::spawn(async move {
                 let mut last_sweep: Option<std::time::Instant> = None;
+                let mut last_retention: Option<std::time::Instant> = None;
                 loop {
+                    let due = node.retention_due.load(std::sync::atomic::Ordering::SeqCst);
+                    if due || last_retention.is_none_or(|t| t.elapsed() >= RETENTION_SWEEP) {
+                        last_retention = Some(std::time::Instant::now());
+                        if let Err(e) = node.sweep_retention().await {
+                            tracing::error!(error = %e, "retention sweep failed; retried at the next one");
+                        }
+                    }
                     if last_sweep.is_none_or(|t| t.elapsed() >= QUARANTINE_SWEEP) {
                         last_sweep = Some(std::time::Instant::now());
                         let n = node.clone();

@@ -12,6 +12,7 @@
 
 pub mod client;
 pub mod crl;
+pub mod destruction;
 pub mod manifest;
 pub mod pki;
 pub mod receipt;

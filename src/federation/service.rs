@@ -34,6 +34,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::manifest::{Disposition, Entry, Manifest};
 use super::proto::federation_server::Federation;
+use super::proto::{DestructionAck, DestructionReceipt};
 use super::proto::{
     HelloRequest, HelloResponse, OfferRequest, OfferResponse, Receipt, TransferChunk,
 };
@@ -154,6 +155,8 @@ pub struct Receiver {
     offering: Mutex<Slots>,
     refusals: Refusals,
     connections: Option<Arc<Connections>>,
+    /// Where destruction receipts of studies this site sent are checked and kept (origin side).
+    destructions: Option<Arc<super::destruction::DestructionLedger>>,
 }
 
 fn status_of_store(e: StoreError) -> Status {
@@ -185,7 +188,17 @@ impl Receiver {
             transfers: Mutex::new(Slots::default()),
             offering: Mutex::new(Slots::default()),
             connections: None,
+            destructions: None,
         }
+    }
+
+    /// Takes partners' destruction receipts for the studies this site sent them into `ledger`.
+    pub fn with_destruction_ledger(
+        mut self,
+        ledger: Arc<super::destruction::DestructionLedger>,
+    ) -> Self {
+        self.destructions = Some(ledger);
+        self
     }
 
     /// The node's `[limits]`.
@@ -628,6 +641,37 @@ impl Federation for Receiver {
             receiver_site: self.site_id.clone(),
             caller_site: peer.identity.site_id,
         }))
+    }
+
+    async fn report_destruction(
+        &self,
+        req: Request<DestructionReceipt>,
+    ) -> Result<Response<DestructionAck>, Status> {
+        let peer = peer_of(&req)?;
+        let _call = peer.connection.begin_call();
+        let Some(ledger) = &self.destructions else {
+            return Err(Status::unimplemented(
+                "this node does not take destruction receipts",
+            ));
+        };
+        let origin = super::destruction::Origin {
+            site_id: &self.site_id,
+            ledger,
+            audit: &self.audit,
+        };
+        let site = peer.identity.site_id.clone();
+        let refuse = |agreement: &str, object: &str, why: &str| {
+            self.refuse(
+                &site,
+                "destruction receipt refused",
+                (agreement, ""),
+                object,
+                why,
+            )
+        };
+        super::destruction::receive(origin, &peer, req.into_inner(), refuse)
+            .await
+            .map(Response::new)
     }
 
     async fn offer(&self, req: Request<OfferRequest>) -> Result<Response<OfferResponse>, Status> {

@@ -176,6 +176,26 @@ impl DeliveryQueue {
         Ok(())
     }
 
+    /// Removes every entry of one study (its retention ended), then flushes.
+    pub(super) fn remove_study(&self, key: &super::StudyKey) -> Result<usize, StoreError> {
+        let mut batch = sled::Batch::default();
+        let mut n = 0;
+        for (k, q) in self.entries()? {
+            if q.agreement == key.agreement
+                && q.from_site == key.from_site
+                && q.study_token == key.study_token
+            {
+                batch.remove(k.as_slice());
+                n += 1;
+            }
+        }
+        if n > 0 {
+            self.tree.apply_batch(batch)?;
+            self.db.flush()?;
+        }
+        Ok(n)
+    }
+
     /// Puts every failed entry back in line for an attempt now; returns how many.
     pub fn retry_failed(&self) -> Result<usize, StoreError> {
         let mut again = Vec::new();

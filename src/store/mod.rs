@@ -24,6 +24,7 @@ use serde::{Deserialize, Serialize};
 pub mod delivery;
 pub mod outbox;
 pub mod quarantine;
+pub mod retention;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -424,6 +425,19 @@ pub fn sync_dir(dir: &Path) -> Result<(), StoreError> {
     }
     let _ = dir;
     Ok(())
+}
+
+/// True when a process holds the sled database in `dir` open (sled locks its `db` file
+/// exclusively while open): a node serving from that data folder, or sending beside it.
+pub fn database_in_use(dir: &Path) -> bool {
+    let Ok(f) = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(dir.join("db"))
+    else {
+        return false;
+    };
+    matches!(f.try_lock(), Err(fs::TryLockError::WouldBlock))
 }
 
 /// Creates a folder (and its parents) and makes it private to the node's user (0700).
@@ -877,6 +891,19 @@ mod lock_tests {
             Err(other) => panic!("unexpected error: {other}"),
             Ok(_) => panic!("a second store opened the same data directory"),
         }
+    }
+
+    #[test]
+    fn a_database_held_open_is_seen_in_use() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(
+            !database_in_use(&dir.path().join("index")),
+            "no database yet"
+        );
+        let store = LocalStore::open(dir.path()).unwrap();
+        assert!(database_in_use(&dir.path().join("index")));
+        drop(store);
+        assert!(!database_in_use(&dir.path().join("index")));
     }
 }
 
