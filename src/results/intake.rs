@@ -111,7 +111,10 @@ impl ResultIntake {
             "result {} on study {} to site:{}",
             target.sop_instance_uid, target.study_token, target.origin
         );
-        match self.queue.add(spool, &target) {
+        match self
+            .queue
+            .add(spool, &target, super::queue::ReturnState::Pending)
+        {
             Ok(_) => {
                 self.audit(
                     peer,

@@ -31,6 +31,10 @@ pub const MAX_RESULT_SIZE: u64 = 64 << 20;
 /// Why a result cannot return (at the partner) or be re-identified (at the origin).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ResultError {
+    #[error("agreement `{0}` is not in force at this site")]
+    UnknownAgreement(String),
+    #[error("agreement `{agreement}` has no flow to this site (`{site}`) that lets results return to the origin\n  help: results return only on a flow whose `[flows.results] return_to_origin` is true")]
+    NoReturningFlow { agreement: String, site: String },
     #[error("not a readable DICOM object: {0}")]
     Unreadable(String),
     #[error("the result has no {0}")]

@@ -23,6 +23,9 @@ use crate::store::{sync_dir, StoreError};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum ReturnState {
+    /// Queued by `pacs-broker return` beside a running node (which holds the store): the node
+    /// recognises it ([`super::recognise`]) before it may go.
+    Unchecked,
     Pending,
     /// The origin confirmed it; the file is gone.
     Returned,
@@ -79,6 +82,7 @@ impl ReturnQueue {
         &self,
         file: &Path,
         target: &ReturnTarget,
+        state: ReturnState,
     ) -> Result<(PathBuf, ReturnEntry), StoreError> {
         crate::store::private_dir(&self.root)?;
         let tmp = tempfile::Builder::new()
@@ -105,7 +109,7 @@ impl ReturnQueue {
             attempts: 0,
             next_attempt: 0,
             last_error: None,
-            state: ReturnState::Pending,
+            state,
         };
         write_entry(tmp.path(), &entry)?;
         let tmp = tmp.keep();
@@ -150,12 +154,50 @@ impl ReturnQueue {
         out
     }
 
-    /// Pending entries due at `now` (unix seconds).
+    /// Pending (and unchecked) entries due at `now` (unix seconds).
     pub fn due(&self, now: u64) -> Vec<(PathBuf, ReturnEntry)> {
         self.entries()
             .into_iter()
-            .filter(|(_, e)| e.state == ReturnState::Pending && e.next_attempt <= now)
+            .filter(|(_, e)| {
+                matches!(e.state, ReturnState::Pending | ReturnState::Unchecked)
+                    && e.next_attempt <= now
+            })
             .collect()
+    }
+
+    /// An unchecked entry was recognised: it takes its target and becomes pending.
+    pub fn mark_recognised(
+        dir: &Path,
+        entry: &mut ReturnEntry,
+        target: &ReturnTarget,
+    ) -> Result<(), StoreError> {
+        entry.agreement = target.agreement.clone();
+        entry.flow = target.flow.clone();
+        entry.origin = target.origin.clone();
+        entry.purpose = target.purpose.clone();
+        entry.study_token = target.study_token.clone();
+        entry.sop_instance_uid = target.sop_instance_uid.clone();
+        entry.state = ReturnState::Pending;
+        write_entry(dir, entry)
+    }
+
+    /// The entry may not go (refused here or by the origin): the file goes, the reason stays.
+    pub fn mark_refused(
+        dir: &Path,
+        entry: &mut ReturnEntry,
+        reason: &str,
+    ) -> Result<(), StoreError> {
+        entry.state = ReturnState::Refused;
+        entry.last_error = Some(reason.to_string());
+        write_entry(dir, entry)?;
+        let _ = fs::remove_file(dir.join(RESULT_FILE));
+        sync_dir(dir)
+    }
+
+    /// Takes the entry's lock (a second process handling the same result skips it); held
+    /// while the returned file is open.
+    pub fn try_claim(dir: &Path) -> Option<fs::File> {
+        crate::store::outbox::Outbox::try_claim(dir)
     }
 
     /// The origin confirmed the result: the file goes, the entry stays as the record.
@@ -177,12 +219,11 @@ impl ReturnQueue {
     ) -> Result<(), StoreError> {
         entry.attempts += 1;
         entry.last_error = Some(error.to_string());
-        if transient {
-            entry.next_attempt =
-                crate::store::outbox::now() + crate::store::outbox::backoff_secs(entry.attempts);
-        } else {
-            entry.state = ReturnState::Refused;
+        if !transient {
+            return Self::mark_refused(dir, entry, error);
         }
+        entry.next_attempt =
+            crate::store::outbox::now() + crate::store::outbox::backoff_secs(entry.attempts);
         write_entry(dir, entry)
     }
 }
@@ -233,8 +274,8 @@ mod tests {
         let q = ReturnQueue::new(dir.path());
         let src = dir.path().join("sr.dcm");
         fs::write(&src, b"result bytes").unwrap();
-        let (d1, e1) = q.add(&src, &target()).unwrap();
-        let (d2, _) = q.add(&src, &target()).unwrap();
+        let (d1, e1) = q.add(&src, &target(), ReturnState::Pending).unwrap();
+        let (d2, _) = q.add(&src, &target(), ReturnState::Pending).unwrap();
         assert_eq!(d1, d2);
         assert_eq!(q.entries().len(), 1);
         assert_eq!(q.due(crate::store::outbox::now()).len(), 1);
