@@ -152,6 +152,15 @@ fn status_of(e: &ResultError) -> Status {
     }
 }
 
+/// A result the origin did not take: the status for the partner, and what the receiver's
+/// bounded refusal audit records (`super::refusals`: a flooding partner costs a few entries).
+#[derive(Debug)]
+pub struct ReturnRefusal {
+    pub status: Status,
+    pub agreement: String,
+    pub object: String,
+}
+
 /// Removes a staged file unless disarmed.
 struct StagedFile(Option<PathBuf>);
 
@@ -184,15 +193,15 @@ impl ReturnDesk {
         }
     }
 
-    fn refuse(&self, partner: &str, h: Option<&Header>, status: Status) -> Status {
-        tracing::warn!(peer = %partner, reason = %status.message(), "returned result refused");
-        self.audit.record_or_warn(self.audit_event(
-            partner,
-            h,
-            "",
-            format!("refused: {}", status.message()),
-        ));
-        status
+    fn refuse(&self, h: Option<&Header>, status: Status) -> ReturnRefusal {
+        ReturnRefusal {
+            agreement: h.map(|h| h.agreement.clone()).unwrap_or_default(),
+            object: match h {
+                Some(h) => format!("result {} on study {}", h.sop, h.study_token),
+                None => "result".into(),
+            },
+            status,
+        }
     }
 
     /// Takes one result from `peer` (see the module documentation).
@@ -201,20 +210,20 @@ impl ReturnDesk {
         peer: PeerInfo,
         mut stream: Streaming<ResultChunk>,
         stall: Duration,
-    ) -> Result<ResultReceipt, Status> {
+    ) -> Result<ResultReceipt, ReturnRefusal> {
         let partner = peer.identity.site_id.clone();
         let first = next_chunk(&mut stream, stall)
-            .await?
-            .ok_or_else(|| Status::invalid_argument("the result stream is empty"))?;
+            .await
+            .and_then(|m| m.ok_or_else(|| Status::invalid_argument("the result stream is empty")))
+            .map_err(|s| self.refuse(None, s))?;
         let Some(raw) = first.header.as_ref() else {
             return Err(self.refuse(
-                &partner,
                 None,
                 Status::invalid_argument("the first message carries no header"),
             ));
         };
         let h = check_header(raw)
-            .map_err(|e| self.refuse(&partner, None, Status::invalid_argument(e.to_string())))?;
+            .map_err(|e| self.refuse(None, Status::invalid_argument(e.to_string())))?;
         self.audit.accept_partner_checkpoint(
             &partner,
             peer.identity.certificate.as_ref(),
@@ -228,7 +237,7 @@ impl ReturnDesk {
             &self.site_id,
             &peer.identity.spki_sha256,
         )
-        .map_err(|why| self.refuse(&partner, Some(&h), Status::permission_denied(why)))?;
+        .map_err(|why| self.refuse(Some(&h), Status::permission_denied(why)))?;
         let receipt = ResultReceipt {
             receiver_site: self.site_id.clone(),
             sop_instance_uid: h.sop.clone(),
@@ -252,7 +261,7 @@ impl ReturnDesk {
         let staged = self
             .stage(&h, first.data, &mut stream, stall)
             .await
-            .map_err(|s| self.refuse(&partner, Some(&h), s))?;
+            .map_err(|s| self.refuse(Some(&h), s))?;
         let outcome = self
             .take(staged, &h, &partner, allowed.shift_dates, &allowed.flow)
             .await;
@@ -282,7 +291,7 @@ impl ReturnDesk {
                     ..receipt
                 })
             }
-            Err(e) => Err(self.refuse(&partner, Some(&h), status_of(&e))),
+            Err(e) => Err(self.refuse(Some(&h), status_of(&e))),
         }
     }
 

@@ -805,9 +805,15 @@ impl Federation for Receiver {
             }
         };
         let stall = Duration::from_secs(self.limits.stall_timeout_secs.max(1));
+        let site = peer.identity.site_id.clone();
         desk.receive(peer, req.into_inner(), stall)
             .await
             .map(Response::new)
+            .map_err(|r| {
+                let ids = (r.agreement.as_str(), "");
+                self.refuse(&site, "result refused", ids, &r.object, r.status.message());
+                r.status
+            })
     }
 }
 
