@@ -497,9 +497,10 @@ async fn a_report_comes_home_reidentified_by_return_and_by_dimse() {
 
     // Audited at both ends; no original value in either audit log or any log line.
     let (audit_a, audit_c) = (audit_of(a), audit_of(fed.node("telerad-c")));
+    // Two results taken; the resend was answered by telerad-c's own record (returned already).
     assert_eq!(
         audit_a.matches("\"return-receive\"").count(),
-        3,
+        2,
         "{audit_a}"
     );
     assert!(audit_a.contains("re-identified"), "{audit_a}");
@@ -588,15 +589,9 @@ async fn a_partner_cannot_return_what_it_never_received_and_learns_nothing() {
         ReturnOutcome::Refused { reason } => assert!(reason.contains("never received"), "{reason}"),
         other => panic!("{other:?}"),
     }
-    let (ok, out) = storescu(port, &foreign);
-    assert!(
-        !ok || out.contains("Error") || out.contains("0124"),
-        "storescu: {out}"
-    );
-    assert!(
-        out.contains("never received") || out.contains("0124"),
-        "storescu: {out}"
-    );
+    let (_, out) = storescu(port, &foreign);
+    // Refused: not authorised (0x0124); the Error Comment says why, and the audit has it.
+    assert!(out.contains("Status: 0x124"), "storescu: {out}");
 
     // Under the agreement whose flow allows no returns: refused before anything is read.
     let on_plain = report(

@@ -122,11 +122,17 @@ impl Node {
                     continue;
                 }
             };
-            if entry.state == ReturnState::Unchecked {
-                waiting.push((file, dir));
-                continue;
-            }
-            let outcome = self.return_now(&dir, &mut entry).await;
+            let outcome = match entry.state {
+                ReturnState::Unchecked => {
+                    waiting.push((file, dir));
+                    continue;
+                }
+                ReturnState::Returned => ReturnOutcome::Returned {
+                    sop_instance_uid: entry.sop_instance_uid,
+                    origin: entry.origin,
+                },
+                _ => self.return_now(&dir, &mut entry).await,
+            };
             report.outcomes.push((file, outcome));
         }
         for (file, dir) in waiting {

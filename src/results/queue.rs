@@ -77,7 +77,8 @@ impl ReturnQueue {
     }
 
     /// Queues a copy of `file` for `target`; returns its folder and entry. A result already
-    /// queued (same bytes) is not queued again: its existing entry is returned.
+    /// queued or returned (same bytes) is not queued again: its existing entry is returned. One
+    /// refused before is queued afresh.
     pub fn add(
         &self,
         file: &Path,
@@ -92,8 +93,13 @@ impl ReturnQueue {
         let copy = tmp.path().join(RESULT_FILE);
         let (sha, size) = copy_hashed(file, &copy)?;
         let dir = self.root.join(hex::encode(sha));
-        if let Ok(existing) = Self::load(&dir) {
-            return Ok((dir, existing));
+        match Self::load(&dir) {
+            // Refused before (the agreement suspended then, say): this is a new attempt.
+            Ok(existing) if existing.state == ReturnState::Refused => {
+                fs::remove_dir_all(&dir).map_err(io(&dir))?;
+            }
+            Ok(existing) => return Ok((dir, existing)),
+            Err(_) => {}
         }
         let now = crate::store::outbox::now();
         let entry = ReturnEntry {
