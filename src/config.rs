@@ -264,9 +264,8 @@ impl DicomConfig {
                 ));
             }
         }
-        if self.routes.is_empty() {
-            out.push("[dicom] has no [[dicom.routes]]: nothing received could go anywhere".into());
-        }
+        // A listener without routes is a partner's: it takes only results on studies the site
+        // received, which go home to their origin (`results::intake`).
         if self.max_associations == 0 {
             out.push("[dicom] max_associations must be at least 1".into());
         }

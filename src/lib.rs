@@ -18,6 +18,7 @@
 //! | [`store`] | the `Store` trait, its sled + content-addressed-file implementation, the inbox, the durable outbox, the PACS delivery queue, the quarantine of held-back instances |
 //! | [`federation`] | proto service (tonic), mutual TLS 1.3 (rustls), peer identity, offer/transfer, signed receipts |
 //! | [`users`] | local users and roles, behind one small interface (`[[users]]` today) |
+//! | [`results`] | the return path: results a partner makes on a received study go home (recognised, queued durably), and only the origin re-identifies them through the vault and delivers them to its PACS or results folder |
 //! | [`reidentify`] | who may see the original behind a token at the origin, audited |
 //! | [`audit`] | the append-only hash-chained audit log: bounded entries, signed checkpoints (also held by partners), verification, disclosure reports, exports (JSON lines, RFC 5424, DICOM A.5), syslog/TLS forwarding, alerts |
 //! | [`retention`] | the receiver's retention: when a received study expires (by a clock tests can set), its destruction through the store, and the signed destruction receipt delivered to the origin |
@@ -39,5 +40,6 @@ pub mod node;
 pub mod pseudonym;
 pub mod reidentify;
 pub mod retention;
+pub mod results;
 pub mod store;
 pub mod users;

@@ -45,6 +45,9 @@ enum Command {
     Quarantine(cli::quarantine::QuarantineArgs),
     /// Show the original value behind a token, at the origin, to an authorised user (audited).
     Reidentify(cli::reidentify::ReidentifyArgs),
+    /// Send results (reports, KOS, SEG, PDFs...) on studies this site received back to their
+    /// origin, which alone re-identifies them.
+    Return(cli::returns::ReturnArgs),
     /// Audit log tools.
     #[command(subcommand)]
     Audit(cli::node::AuditCommand),
@@ -80,6 +83,7 @@ fn main() {
         Command::Quarantine(a) => cli::quarantine::run(a),
         Command::Store(c) => cli::node::store(c),
         Command::Reidentify(a) => cli::reidentify::run(a),
+        Command::Return(a) => cli::returns::run(a),
     };
     match result {
         Ok(code) => std::process::exit(code),

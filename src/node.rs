@@ -10,6 +10,9 @@
 //! disclosure is audited. The pipeline itself (guard, admission, de-identification, staging)
 //! lives in `ingest`, the DIMSE association layer in `dicom_net`. With `[dicom.deliver]`, `serve`
 //! also runs the worker that forwards received instances to the site's PACS (`dicom_net::deliver`).
+//! The return path (`results`, `federation::returns`) is wired here too: the origin's
+//! `ReturnResult` desk, the partner's worker that sends queued results home, and the listener's
+//! side door for results ([`returns`]).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -35,7 +38,9 @@ use crate::store::quarantine::Quarantine;
 use crate::store::{self, LocalStore, Store};
 
 mod policy;
+mod returns;
 mod review;
+pub use returns::{ReturnOutcome, ReturnReport};
 pub use review::{ReleaseError, Released};
 
 #[derive(Debug, thiserror::Error)]
@@ -68,6 +73,8 @@ pub enum NodeError {
     NothingToSend,
     #[error("{0}")]
     PacsDelivery(String),
+    #[error(transparent)]
+    Result(#[from] crate::results::ResultError),
 }
 
 /// Loads the agreements a node may enforce: only those every party has signed over their exact
@@ -180,6 +187,9 @@ fn open_vault(data_dir: &Path, keys: &SiteKeys) -> Result<Vault, crate::store::S
 /// How often a serving node looks for due outbox entries.
 pub const OUTBOX_POLL: Duration = Duration::from_secs(5);
 
+/// How often a serving node looks for results queued to go home (`return` beside it).
+pub const RETURNS_POLL: Duration = Duration::from_secs(1);
+
 /// How often a serving node deletes quarantined items whose flow retention ended.
 pub const QUARANTINE_SWEEP: Duration = Duration::from_secs(3600);
 
@@ -230,6 +240,9 @@ pub struct Node {
     /// the one process that opens it).
     store: std::sync::Mutex<Option<Arc<LocalStore>>>,
     vault: std::sync::Mutex<Option<Arc<Vault>>>,
+    /// The vault while a serving node's users hold it (DIMSE associations, returned results):
+    /// opened for the first, closed after the last, so `send` can run beside an idle node.
+    vault_share: std::sync::Mutex<std::sync::Weak<Vault>>,
     /// The agreements folder as it was when the node opened.
     loaded_fingerprint: Vec<(PathBuf, u64, Option<SystemTime>)>,
     /// Agreement files not enforced when the node opened, with why (audited at serve start).
@@ -278,6 +291,7 @@ impl Node {
             agreements,
             store: Default::default(),
             vault: Default::default(),
+            vault_share: Default::default(),
             loaded_fingerprint,
             rejected_at_open: rejected,
             clock: std::sync::RwLock::new(Arc::new(crate::retention::SystemClock)),
@@ -302,9 +316,33 @@ impl Node {
     pub fn vault(&self) -> Result<Arc<Vault>, NodeError> {
         let mut slot = self.vault.lock().unwrap_or_else(|p| p.into_inner());
         if slot.is_none() {
-            *slot = Some(Arc::new(open_vault(&self.config.data_dir, &self.keys)?));
+            let shared = self
+                .vault_share
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .upgrade();
+            *slot = Some(match shared {
+                Some(v) => v,
+                None => Arc::new(open_vault(&self.config.data_dir, &self.keys)?),
+            });
         }
         Ok(slot.clone().expect("just opened"))
+    }
+
+    /// The vault for a serving node's users (DIMSE associations, returned results): the one
+    /// already open in this process if any, else opened until its last user lets it go.
+    pub fn shared_vault(&self) -> Result<Arc<Vault>, NodeError> {
+        let slot = self.vault.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(v) = slot.as_ref() {
+            return Ok(v.clone());
+        }
+        let mut share = self.vault_share.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(v) = share.upgrade() {
+            return Ok(v);
+        }
+        let v = Arc::new(open_vault(&self.config.data_dir, &self.keys)?);
+        *share = Arc::downgrade(&v);
+        Ok(v)
     }
 
     /// A person's request for the original behind a token (`pacs-broker reidentify`): decided,
@@ -423,7 +461,8 @@ impl Node {
             .with_connections(self.tls.connections.clone())
             .with_destruction_ledger(Arc::new(
                 crate::federation::destruction::DestructionLedger::new(&self.config.data_dir),
-            )),
+            ))
+            .with_returns(Arc::new(self.return_desk()?)),
         );
         // [dicom.deliver]: queue every received instance for the site's PACS and forward it.
         let pacs = match self.config.dicom.as_ref().and_then(|d| d.deliver.as_ref()) {
@@ -478,13 +517,28 @@ impl Node {
                 }
             })
         };
+        // The return path at a partner: results queued by the DICOM listener or `return` go home.
+        let returns_wake = Arc::new(tokio::sync::Notify::new());
+        let returner = {
+            let (node, wake) = (self.clone(), returns_wake.clone());
+            tokio::spawn(async move {
+                loop {
+                    node.drain_returns().await;
+                    tokio::select! {
+                        _ = wake.notified() => {}
+                        _ = tokio::time::sleep(RETURNS_POLL) => {}
+                    }
+                }
+            })
+        };
         let (stop_tx, stop) = watch::channel(false);
         let dicom = match self.config.dicom.clone().filter(|d| d.has_listener()) {
-            Some(cfg) => match self.start_dicom(cfg, stop).await {
+            Some(cfg) => match self.start_dicom(cfg, stop, returns_wake).await {
                 Ok(tasks) => tasks,
                 Err(e) => {
                     watcher.abort();
                     worker.abort();
+                    returner.abort();
                     return Err(e);
                 }
             },
@@ -515,6 +569,7 @@ impl Node {
         }
         watcher.abort();
         worker.abort();
+        returner.abort();
         if let Some(pacs) = pacs {
             pacs.stop().await;
         }
@@ -872,6 +927,7 @@ impl Node {
         self: &Arc<Self>,
         cfg: crate::config::DicomConfig,
         stop: watch::Receiver<bool>,
+        returns_wake: Arc<tokio::sync::Notify>,
     ) -> Result<Vec<tokio::task::JoinHandle<()>>, NodeError> {
         let open = Arc::new(OpenStudies::new(Duration::from_secs(cfg.study_quiet_secs)));
         let recovered = open.recover(&self.outbox());
@@ -890,8 +946,8 @@ impl Node {
             resolve,
             self.outbox(),
             {
-                let (dir, keys) = (self.config.data_dir.clone(), self.keys.clone());
-                Box::new(move || open_vault(&dir, &keys).map_err(|e| e.to_string()))
+                let node = self.clone();
+                Box::new(move || node.shared_vault().map_err(|e| e.to_string()))
             },
             self.audit.clone(),
             open.clone(),
@@ -914,6 +970,11 @@ impl Node {
         })?;
         tracing::info!(addr = %cfg.listen, ae_title = %cfg.ae_title, "DICOM listener ready");
         let spool = self.config.data_dir.join("ingest").join("spool");
+        // Results on received studies go home before any route is consulted.
+        let service = Arc::new(crate::results::intake::WithResults {
+            intake: Arc::new(self.result_intake(!cfg.routes.is_empty(), returns_wake)),
+            inner: service,
+        });
         let listener = Arc::new(
             crate::dicom_net::scp::Listener::new(cfg, service, self.audit.clone(), spool).map_err(
                 |e| NodeError::Serve(format!("cannot prepare the DICOM spool folder: {e}")),

@@ -6,3 +6,4 @@ pub mod dsa;
 pub mod node;
 pub mod quarantine;
 pub mod reidentify;
+pub mod returns;

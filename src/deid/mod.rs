@@ -288,6 +288,12 @@ fn cid7050(option: Option<ProfileOption>) -> (&'static str, &'static str) {
     }
 }
 
+/// The vault key under which the origin keeps one more detail of the patient behind
+/// `patient_token` (`PatientName`, `PatientBirthDate`): the token, a slash, the attribute.
+pub fn patient_detail_token(patient_token: &str, attribute: &str) -> String {
+    format!("{patient_token}/{attribute}")
+}
+
 /// The keyword of a tag in the standard dictionary ("" for private or unknown tags).
 pub fn keyword_of(tag: Tag) -> &'static str {
     use dicom_core::dictionary::DataDictionary;
@@ -472,10 +478,31 @@ impl Deidentifier {
                 },
             ));
         }
+        // The patient's name and birth date, under keys derived from the patient token, so that
+        // a result returned on this study can be filed under the patient again (the return
+        // path, `results::restore`); only the origin's vault holds them.
+        for (tag, attribute) in [
+            (tags::PATIENT_NAME, "PatientName"),
+            (tags::PATIENT_BIRTH_DATE, "PatientBirthDate"),
+        ] {
+            if let Some(original) = text(&obj, tag).filter(|v| !v.is_empty()) {
+                work.vault.push((
+                    patient_detail_token(&patient_token, attribute),
+                    VaultEntry {
+                        attribute: attribute.into(),
+                        original,
+                    },
+                ));
+            }
+        }
+        // Study, series and instance UIDs (and the frame of reference, which segmentations and
+        // registrations refer to) are recorded so that references in a returned result can be
+        // mapped back to the originals.
         let originals: Vec<(Tag, Option<String>)> = [
             tags::STUDY_INSTANCE_UID,
             tags::SERIES_INSTANCE_UID,
             tags::SOP_INSTANCE_UID,
+            tags::FRAME_OF_REFERENCE_UID,
         ]
         .into_iter()
         .map(|t| (t, text(&obj, t)))

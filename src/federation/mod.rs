@@ -2,7 +2,8 @@
 //!
 //! Owns: the gRPC protocol (`proto/federation.proto`, package `federation.v1`), mutual TLS 1.3 and
 //! the peer identity taken from the verified certificate ([`tls`], [`pki`]), the receiving side of
-//! offer/transfer with its enforcement ([`service`]) and the sending side ([`client`]).
+//! offer/transfer with its enforcement ([`service`]) and the sending side ([`client`]), and the
+//! return path of results from a partner to the origin ([`returns`]).
 //!
 //! Peers are not trusted to be benign: per-peer limits and timeouts, bounded peer strings, CRLs
 //! and pins apply to every connection ([`tls`], [`crl`], [`wire`], [`refusals`], [`manifest`]).
@@ -17,6 +18,7 @@ pub mod manifest;
 pub mod pki;
 pub mod receipt;
 pub mod refusals;
+pub mod returns;
 pub mod service;
 pub mod tls;
 pub mod wire;

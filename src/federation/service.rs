@@ -36,7 +36,8 @@ use super::manifest::{Disposition, Entry, Manifest};
 use super::proto::federation_server::Federation;
 use super::proto::{DestructionAck, DestructionReceipt};
 use super::proto::{
-    HelloRequest, HelloResponse, OfferRequest, OfferResponse, Receipt, TransferChunk,
+    HelloRequest, HelloResponse, OfferRequest, OfferResponse, Receipt, ResultChunk, ResultReceipt,
+    TransferChunk,
 };
 use super::receipt::ReceiptSigner;
 use super::refusals::{Refusal as Refused, Refusals};
@@ -157,6 +158,8 @@ pub struct Receiver {
     connections: Option<Arc<Connections>>,
     /// Where destruction receipts of studies this site sent are checked and kept (origin side).
     destructions: Option<Arc<super::destruction::DestructionLedger>>,
+    /// The origin's side of the return path (`ReturnResult`), when this node takes results.
+    returns: Option<Arc<super::returns::ReturnDesk>>,
 }
 
 fn status_of_store(e: StoreError) -> Status {
@@ -189,6 +192,7 @@ impl Receiver {
             offering: Mutex::new(Slots::default()),
             connections: None,
             destructions: None,
+            returns: None,
         }
     }
 
@@ -214,6 +218,12 @@ impl Receiver {
     /// The endpoint's connections, whose events (idle closes, cuts) this receiver audits.
     pub fn with_connections(mut self, connections: Arc<Connections>) -> Self {
         self.connections = Some(connections);
+        self
+    }
+
+    /// Takes results returned by partners (`ReturnResult`, see [`super::returns`]).
+    pub fn with_returns(mut self, desk: Arc<super::returns::ReturnDesk>) -> Self {
+        self.returns = Some(desk);
         self
     }
 
@@ -819,6 +829,39 @@ impl Federation for Receiver {
         let outcome = self.run_transfer(plan, first, &mut stream, &sender).await;
         watch.armed = false;
         outcome
+    }
+
+    /// The return path: the handler is [`super::returns::ReturnDesk`]; a call counts against
+    /// the peer's transfer slots.
+    async fn return_result(
+        &self,
+        req: Request<Streaming<ResultChunk>>,
+    ) -> Result<Response<ResultReceipt>, Status> {
+        let peer = peer_of(&req)?;
+        let _call = peer.connection.begin_call();
+        let Some(desk) = self.returns.clone() else {
+            return Err(Status::unimplemented("this node takes no returned results"));
+        };
+        let _slot = match self.transfer_slot(&peer.identity.site_id) {
+            Ok(slot) => slot,
+            Err(s) => {
+                let site = peer.identity.site_id.clone();
+                self.refuse(&site, "return over limit", ("", ""), "result", s.message());
+                drop(req);
+                tokio::time::sleep(OVER_LIMIT_DELAY).await;
+                return Err(s);
+            }
+        };
+        let stall = Duration::from_secs(self.limits.stall_timeout_secs.max(1));
+        let site = peer.identity.site_id.clone();
+        desk.receive(peer, req.into_inner(), stall)
+            .await
+            .map(Response::new)
+            .map_err(|r| {
+                let ids = (r.agreement.as_str(), "");
+                self.refuse(&site, "result refused", ids, &r.object, r.status.message());
+                r.status
+            })
     }
 }
 

@@ -32,7 +32,7 @@ pub type FlowResolver =
     dyn Fn(&DicomRoute) -> Result<IngestFlow, super::IngestError> + Send + Sync + 'static;
 
 /// Opens the site's vault (its sled database takes a lock while open).
-pub type VaultOpener = dyn Fn() -> Result<Vault, String> + Send + Sync + 'static;
+pub type VaultOpener = dyn Fn() -> Result<Arc<Vault>, String> + Send + Sync + 'static;
 
 /// Holds a quarantined instance for review (the node's quarantine, audited there): gets the
 /// flow, the source (the calling AE title) and the held-back record, whose `path` is the spool
@@ -90,7 +90,7 @@ impl DimseIngest {
     fn vault_for_association(&self) -> Result<Arc<Vault>, String> {
         let mut v = self.vault.lock().unwrap_or_else(|p| p.into_inner());
         if v.0.is_none() {
-            v.0 = Some(Arc::new((self.open_vault)()?));
+            v.0 = Some((self.open_vault)()?);
         }
         v.1 += 1;
         Ok(v.0.clone().expect("just opened"))

@@ -371,6 +371,21 @@ impl LocalStore {
         self.delivery.clone()
     }
 
+    /// Queues a result re-identified at the origin (the return path, `results::sink`) for the
+    /// site's PACS: the staged file becomes a blob and the delivery queue gets its entry, in one
+    /// flush. No study record is made: a result is not a received study.
+    pub fn queue_result(&self, staged: StagedInstance, key: &StudyKey) -> Result<(), StoreError> {
+        let dest = self.blob_path(&staged.sha256);
+        let dir = dest.parent().expect("blob has a folder").to_owned();
+        fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+        fs::rename(&staged.path, &dest).map_err(io_err(&dest))?;
+        sync_dir(&dir)?;
+        self.delivery
+            .push(key, &staged.sop_instance_uid, &hex::encode(staged.sha256))?;
+        self.db.flush()?;
+        Ok(())
+    }
+
     /// The file holding a stored instance (to stream it without reading it whole).
     pub fn instance_path(&self, sha256: &[u8; 32]) -> PathBuf {
         self.blob_path(sha256)
