@@ -558,10 +558,17 @@ impl Node {
         match &result {
             Ok(d) if !entry.complete => {
                 // Part of a study still arriving: the files stay until the study is complete.
-                self.audit.record_or_warn(audit(
-                    "ok (signed receipt verified; more instances to come)".into(),
-                    d.instances_sent,
-                ));
+                // These instances have left: the entry carries the patient tokens and receipt
+                // so the accounting of disclosures finds it even if the study never completes.
+                use prost::Message;
+                let receipt = Some(hex::encode(d.receipt.encode_to_vec()));
+                self.audit.record_detailed_or_warn(
+                    audit(
+                        "ok (signed receipt verified; more instances to come)".into(),
+                        d.instances_sent,
+                    ),
+                    detail(receipt),
+                );
             }
             Ok(d) => {
                 use prost::Message;

@@ -343,7 +343,7 @@ fn originals(files: &[PathBuf]) -> Vec<String> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn dicom_associations_accepted_and_rejected_are_audited_without_phi() {
+async fn dicom_associations_are_audited_without_phi_and_the_report_shows_forms_and_destruction() {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -405,8 +405,88 @@ async fn dicom_associations_accepted_and_rejected_are_audited_without_phi() {
         e.event.action == "receive" && e.event.outcome == "ok"
     })
     .await;
+    // The sender records the disclosure once the receipt is verified.
+    wait_for_entry(&log_a, "the study's disclosure at hospital-a", |e| {
+        e.event.action == "disclose" && e.event.outcome == "ok (signed receipt verified)"
+    })
+    .await;
     let secrets = originals(&files);
+    let cfg_a = fed.node("hospital-a").config.clone();
     let dir = fed.stop_keeping_files().await;
+
+    // The partner's destruction receipt comes back (its RPC is another part's): the report at the
+    // origin shows it, with the signed receipt and the form each identifier left in.
+    let study = entries(&log_a)
+        .into_iter()
+        .find(|e| e.event.action == "disclose" && e.event.outcome.starts_with("ok"))
+        .and_then(|e| e.detail.study)
+        .unwrap_or_else(|| {
+            panic!(
+                "no disclosure with its study at hospital-a:\n{}",
+                std::fs::read_to_string(&log_a).unwrap()
+            )
+        });
+    {
+        let node = pacs_broker::node::Node::open(cfg_a.clone()).unwrap();
+        let (event, detail) = pacs_broker::audit::events::destruction_receipt(
+            "telerad-c",
+            AGREEMENT,
+            FLOW,
+            &study,
+            "ok: signature verified".into(),
+        );
+        node.audit.record_detailed(event, detail).unwrap();
+    }
+    let config = dir.path().join("hospital-a/node.toml");
+    std::fs::write(&config, cfg_a.to_toml()).unwrap();
+    let patient = SyntheticPatient::default().id;
+    let out = Command::new(env!("CARGO_BIN_EXE_pacs-broker"))
+        .args([
+            "audit",
+            "report",
+            "--config",
+            config.to_str().unwrap(),
+            "--patient",
+        ])
+        .arg(&patient)
+        .args(["--json", "--reason", "accounting of disclosures request"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let d = &json["disclosures"][0];
+    assert_eq!(d["party"], "telerad-c", "{json:#}");
+    assert_eq!(d["study"], study.as_str());
+    assert_eq!(d["signed_receipt_held"], true);
+    assert!(d["destruction_receipt"].is_string(), "{json:#}");
+    let forms: Vec<(String, String)> = d["identifiers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| {
+            (
+                f["identifiers"].as_str().unwrap().to_string(),
+                f["form"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    let form_of = |cat: &str| {
+        forms
+            .iter()
+            .find(|(c, _)| c == cat)
+            .map(|(_, f)| f.clone())
+            .unwrap_or_else(|| panic!("no form for {cat}: {forms:?}"))
+    };
+    assert_eq!(
+        form_of("patient name and patient ID"),
+        "replaced by a keyed token"
+    );
+    assert!(
+        forms.iter().any(|(_, f)| f.starts_with("shifted")),
+        "{forms:?}"
+    );
+    assert!(forms.iter().any(|(_, f)| f == "removed"), "{forms:?}");
+
     for site in ["hospital-a", "telerad-c"] {
         let text = std::fs::read_to_string(dir.path().join(site).join("data/audit.log")).unwrap();
         for s in &secrets {
