@@ -286,18 +286,19 @@ impl<S: StoreService> Listener<S> {
             );
             return;
         }
-        if let Err(reason) = access_decision(
+        let allowed = access_decision(
             &self.config.ae_title,
             &self.config.allow,
             addr.ip(),
             &calling,
             &called,
-        ) {
+        );
+        if let Err(reason) = &allowed {
             tracing::warn!(calling_ae = %calling, called_ae = %called, address = %addr.ip(), ?reason, "association rejected");
             self.record(
                 &who,
                 format!("association to {called}"),
-                format!("rejected: {}", describe(&reason)),
+                format!("rejected: {}", describe(reason)),
             );
         }
         let mut options = ServerAssociationOptions::new()
@@ -316,9 +317,15 @@ impl<S: StoreService> Listener<S> {
         let mut assoc = match options.establish(socket) {
             Ok(a) => a,
             Err(e) => {
-                // Rejections were audited above; anything else is a protocol failure.
-                if !matches!(e, dicom_ul::association::Error::Rejected { .. }) {
+                // Access rejections were audited above. Anything else (nothing acceptable
+                // proposed, a protocol failure) is audited here, so every request has its entry.
+                if allowed.is_ok() {
                     tracing::warn!(%addr, error = %e, "association could not be established");
+                    self.record(
+                        &who,
+                        format!("association to {called}"),
+                        format!("rejected: not established: {e}"),
+                    );
                 }
                 return;
             }
