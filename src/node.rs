@@ -748,6 +748,7 @@ impl Node {
             return Err(NodeError::NothingToSend);
         }
         self.hold_for_review(&flow.agreement, &flow.flow, "send", &mut report.held_back);
+        self.audit_not_sent(&flow, &report.held_back);
         for study in staged.studies.values() {
             self.audit_pixel_cleaning(&flow.agreement, &flow.purpose, &study.cleaned);
         }

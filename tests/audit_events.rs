@@ -645,3 +645,36 @@ fn admin_commands_are_audited_with_the_os_user() {
     ]);
     assert!(ok, "{out}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inputs_a_send_holds_back_are_audited_without_their_file_names() {
+    let fed = Federation::start(&["hospital-a", "telerad-c"]).await;
+    let src = fed.dir.path().join("study");
+    write_synthetic_ct(&src, &SyntheticPatient::default(), 2, 32).unwrap();
+    // A file that is not DICOM, named as files sometimes are.
+    std::fs::write(src.join("DOE_JANE_QUINN.dcm"), b"not dicom").unwrap();
+    let report = fed
+        .node("hospital-a")
+        .send(AGREEMENT, FLOW, None, std::slice::from_ref(&src))
+        .await
+        .unwrap();
+    assert_eq!(report.held_back.len(), 1, "{:?}", report.held_back);
+    let log = fed.node("hospital-a").audit.path().to_owned();
+    let e = wait_for_entry(&log, "the input not sent", |e| {
+        e.event.action == "refuse" && e.event.object.contains("input(s) not sent")
+    })
+    .await;
+    assert_eq!(
+        e.event.object,
+        format!("send under flow {FLOW}: 1 input(s) not sent")
+    );
+    assert!(e.event.outcome.starts_with("failed: "), "{e:?}");
+    assert_eq!(e.event.agreement, AGREEMENT);
+    assert!(e.event.actor.starts_with("user:") || e.event.actor.starts_with("uid:"));
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        !text.contains("DOE"),
+        "a file name reached the audit log: {text}"
+    );
+    fed.stop().await;
+}
