@@ -290,9 +290,14 @@ impl Connections {
     }
 
     fn event(&self, site: &str, kind: &'static str, detail: String) {
+        self.event_at(site, None, kind, detail);
+    }
+
+    /// An event of a connection whose peer's certificate was verified, from `remote`.
+    fn event_at(&self, site: &str, remote: Option<SocketAddr>, kind: &'static str, detail: String) {
         self.push(ConnectionEvent {
             site: site.to_string(),
-            remote: None,
+            remote,
             certificate: None,
             kind,
             detail,
@@ -544,8 +549,9 @@ impl PeerStream {
     fn idle_close(&self, conn: &Connection) -> io::Error {
         let secs = self.idle.as_secs_f64();
         tracing::warn!(peer = %conn.site, remote = %self.info.remote, idle_secs = secs, "idle connection closed");
-        self.connections.event(
+        self.connections.event_at(
             &conn.site,
+            Some(self.info.remote),
             "idle connection closed",
             format!("no call for {secs:.0} s"),
         );
@@ -656,10 +662,11 @@ pub fn incoming(
                 };
                 if !revocation.still_valid(&identity.certificate) {
                     tracing::warn!(%remote, peer = %identity.site_id, "revoked certificate; connection closed");
-                    connections.event(
+                    connections.event_at(
                         &identity.site_id,
+                        Some(remote),
                         "certificate revoked",
-                        format!("connection from {remote} closed: the certificate is revoked"),
+                        "connection closed: the certificate is revoked".into(),
                     );
                     return;
                 }
@@ -668,8 +675,9 @@ pub fn incoming(
                     Admission::Admitted => idle,
                     other => {
                         tracing::warn!(%remote, peer = %identity.site_id, admission = ?other, "connection refused its calls");
-                        connections.event(
+                        connections.event_at(
                             &identity.site_id,
+                            Some(remote),
                             "connection refused",
                             match other {
                                 Admission::OverLimit => "over the per-peer connection limit".into(),
