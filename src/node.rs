@@ -379,7 +379,9 @@ impl Node {
                         last = now;
                         node.reload_agreements();
                     }
-                    node.tls.reload_crl_if_changed();
+                    if let Some(r) = node.tls.reload_crl_if_changed() {
+                        node.audit.record_or_warn(events::crl_reload(r));
+                    }
                     tick = tick.wrapping_add(1);
                     if tick.is_multiple_of(4) {
                         receiver.housekeeping();

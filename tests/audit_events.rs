@@ -153,6 +153,22 @@ async fn refused_connections_are_audited_with_what_the_certificate_claims_and_bo
     })
     .await;
 
+    // The CA issues a new CRL (same revocations): the node takes it and audits it.
+    pacs_broker::federation::crl::revoke_with_dev_ca(
+        &pki.join("ca.pem"),
+        &pki.join("ca.key"),
+        &[],
+        &pki.join("crl.pem"),
+        30,
+    )
+    .unwrap();
+    let e = wait_for_entry(&log, "crl-reload", |e| e.event.action == "crl-reload").await;
+    assert_eq!(
+        e.event.object,
+        "1 revocation list(s) in force; 0 open connection(s) cut"
+    );
+    assert_eq!(e.event.outcome, "ok");
+
     // A flood: 40 more. Refusals of unidentified peers share one window: at most
     // AUDITED_PER_WINDOW entries one by one, the rest in a summary written at the latest when
     // the node stops.

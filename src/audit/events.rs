@@ -46,6 +46,8 @@ pub mod kind {
     pub const POLICY_LOAD: &str = "policy-load";
     /// One agreement added, changed or removed by a reload.
     pub const POLICY_CHANGE: &str = "policy-change";
+    /// The federation CA's revocation list file changed and was (or was not) taken.
+    pub const CRL_RELOAD: &str = "crl-reload";
     /// `serve` started / stopped.
     pub const NODE_START: &str = "node-start";
     pub const NODE_STOP: &str = "node-stop";
@@ -86,6 +88,7 @@ pub mod kind {
         ASSOCIATE,
         POLICY_LOAD,
         POLICY_CHANGE,
+        CRL_RELOAD,
         NODE_START,
         NODE_STOP,
         ALERT,
@@ -179,6 +182,28 @@ pub fn policy_summary(trigger: &str, in_force: usize, not_enforced: usize) -> Ev
         } else {
             format!("{not_enforced} agreement file(s) not enforced")
         },
+        ..Event::default()
+    }
+}
+
+/// The CRL file changed: `Ok((CRLs in force, open connections cut))`, or why the new file was
+/// not taken (the previous CRLs stay in force).
+pub fn crl_reload(result: Result<(usize, usize), String>) -> Event {
+    let (object, outcome) = match result {
+        Ok((crls, cut)) => (
+            format!("{crls} revocation list(s) in force; {cut} open connection(s) cut"),
+            "ok".to_string(),
+        ),
+        Err(why) => (
+            "revocation list file changed".to_string(),
+            format!("failed: {why}; the previous revocation lists stay in force"),
+        ),
+    };
+    Event {
+        actor: actor::NODE.into(),
+        action: kind::CRL_RELOAD.into(),
+        object,
+        outcome,
         ..Event::default()
     }
 }

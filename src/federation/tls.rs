@@ -458,19 +458,22 @@ impl SiteTls {
 
     /// Re-reads the CRL file if it changed; on a change, cuts the open connections of every
     /// certificate it revokes. A broken file is reported and the previous CRLs stay in force.
-    pub fn reload_crl_if_changed(&self) {
-        match self.revocation.reload_if_changed() {
-            None => {}
-            Some(Ok(n)) => {
+    /// Returns what happened when the file changed (for the audit): the CRLs now in force and
+    /// the connections cut, or why the file was not taken.
+    pub fn reload_crl_if_changed(&self) -> Option<Result<(usize, usize), String>> {
+        match self.revocation.reload_if_changed()? {
+            Ok(n) => {
                 let cut = self.connections.recheck(&self.revocation, &self.pins);
                 tracing::info!(
                     crls = n,
                     connections_cut = cut,
                     "certificate revocation list reloaded"
                 );
+                Some(Ok((n, cut)))
             }
-            Some(Err(e)) => {
-                tracing::error!(error = %e, "certificate revocation list not reloaded; the previous one stays in force")
+            Err(e) => {
+                tracing::error!(error = %e, "certificate revocation list not reloaded; the previous one stays in force");
+                Some(Err(e.to_string()))
             }
         }
     }
