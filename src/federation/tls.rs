@@ -825,3 +825,43 @@ pub async fn connect(
         .map_err(|why| io::Error::new(io::ErrorKind::PermissionDenied, why))?;
     Ok((tls, identity))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn self_signed(cn: &str, san: Option<&str>) -> CertificateDer<'static> {
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.distinguished_name
+            .push(rcgen::DnType::CommonName, cn.to_string());
+        if let Some(uri) = san {
+            p.subject_alt_names
+                .push(rcgen::SanType::URI(uri.try_into().unwrap()));
+        }
+        p.self_signed(&key).unwrap().der().clone()
+    }
+
+    #[test]
+    fn a_refused_certificate_is_described_bounded_and_escaped() {
+        let cert = self_signed(
+            &format!("evil\nforged line\u{202e}{}", "A".repeat(5000)),
+            Some("urn:pacs-broker:site:hospital-b"),
+        );
+        let d = describe_certificate(&cert);
+        assert!(!d.chars().any(|c| c.is_control()), "{d}");
+        assert!(!d.contains('\u{202e}'), "{d}");
+        assert!(d.len() < 500, "{} bytes: {d}", d.len());
+        assert!(d.ends_with(", names site `hospital-b`"), "{d}");
+        let plain = describe_certificate(&self_signed("hospital-a", None));
+        assert!(
+            plain.starts_with("certificate subject `CN=hospital-a` serial ")
+                && plain.ends_with(", names no site"),
+            "{plain}"
+        );
+        assert_eq!(
+            describe_certificate(&CertificateDer::from(vec![1u8, 2, 3])),
+            "an unreadable certificate"
+        );
+    }
+}
