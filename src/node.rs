@@ -445,16 +445,21 @@ impl Node {
             pacs.stop().await;
         }
         receiver.flush_audit();
+        self.audit_stop(&result);
+        result
+    }
+
+    /// Audits that `serve` stopped, and how.
+    fn audit_stop(&self, result: &Result<(), NodeError>) {
         self.audit.record_or_warn(events::admin(
             events::actor::NODE.into(),
             events::kind::NODE_STOP,
             format!("site {} stopped serving", self.site_id()),
-            match &result {
+            match result {
                 Ok(()) => "ok".into(),
                 Err(e) => format!("failed: {e}"),
             },
         ));
-        result
     }
 
     /// Audits that `serve` started (by whom, where) and the policy it enforces.

@@ -616,15 +616,16 @@ pub fn incoming(
     limits: &Limits,
 ) -> tokio_stream::wrappers::ReceiverStream<Result<PeerStream, io::Error>> {
     let (tx, rx) = tokio::sync::mpsc::channel(64);
-    let acceptor = TlsAcceptor::from(tls.server.clone());
     let total_limit = limits.connections_total.max(1);
     let total = Arc::new(Semaphore::new(total_limit));
-    let (per_peer, idle) = (
-        limits.connections_per_peer.max(1),
-        Duration::from_secs(limits.idle_timeout_secs.max(1)),
-    );
-    let (connections, pins) = (tls.connections.clone(), tls.pins.clone());
-    let revocation = tls.revocation.clone();
+    let endpoint = Arc::new(Endpoint {
+        acceptor: TlsAcceptor::from(tls.server.clone()),
+        connections: tls.connections.clone(),
+        pins: tls.pins.clone(),
+        revocation: tls.revocation.clone(),
+        per_peer: limits.connections_per_peer.max(1),
+        idle: Duration::from_secs(limits.idle_timeout_secs.max(1)),
+    });
     tokio::spawn(async move {
         let mut over_total = 0u64;
         loop {
@@ -644,7 +645,7 @@ pub fn incoming(
                 if over_total.is_power_of_two() {
                     tracing::warn!(%remote, refused = over_total, "connection limit reached; new connections are closed");
                 }
-                connections.refused(
+                endpoint.connections.refused(
                     remote,
                     "over the total connection limit",
                     format!("{total_limit} connections open (`[limits] connections_total`)"),
@@ -654,61 +655,81 @@ pub fn incoming(
                 continue;
             };
             let _ = tcp.set_nodelay(true);
-            let (acceptor, tx) = (acceptor.clone(), tx.clone());
-            let (connections, pins) = (connections.clone(), pins.clone());
-            let revocation = revocation.clone();
+            let (endpoint, tx) = (endpoint.clone(), tx.clone());
             tokio::spawn(async move {
-                let Some((stream, identity)) =
-                    handshake(&acceptor, tcp, remote, &connections).await
-                else {
-                    return;
-                };
-                if !revocation.still_valid(&identity.certificate) {
-                    tracing::warn!(%remote, peer = %identity.site_id, "revoked certificate; connection closed");
-                    connections.event_at(
-                        &identity.site_id,
-                        Some(remote),
-                        "certificate revoked",
-                        "connection closed: the certificate is revoked".into(),
-                    );
-                    return;
+                if let Some(stream) = endpoint.establish(tcp, remote, permit).await {
+                    let _ = tx.send(Ok(stream)).await;
                 }
-                let connection = connections.register(&identity, per_peer, &pins);
-                let idle = match &connection.admission {
-                    Admission::Admitted => idle,
-                    other => {
-                        tracing::warn!(%remote, peer = %identity.site_id, admission = ?other, "connection refused its calls");
-                        connections.event_at(
-                            &identity.site_id,
-                            Some(remote),
-                            "connection refused",
-                            match other {
-                                Admission::OverLimit => "over the per-peer connection limit".into(),
-                                Admission::PinMismatch(why) => why.clone(),
-                                Admission::Admitted => String::new(),
-                            },
-                        );
-                        idle.min(REFUSED_CONNECTION_IDLE)
-                    }
-                };
-                tracing::debug!(%remote, peer = %identity.site_id, "mutual TLS established");
-                let stream = PeerStream {
-                    inner: stream,
-                    info: PeerInfo {
-                        identity,
-                        remote,
-                        connection,
-                    },
-                    idle,
-                    timer: Box::pin(tokio::time::sleep(idle)),
-                    connections,
-                    _permit: permit,
-                };
-                let _ = tx.send(Ok(stream)).await;
             });
         }
     });
     tokio_stream::wrappers::ReceiverStream::new(rx)
+}
+
+/// What the accept loop hands each new connection.
+struct Endpoint {
+    acceptor: TlsAcceptor,
+    connections: Arc<Connections>,
+    pins: Arc<Pins>,
+    revocation: Arc<Revocation>,
+    per_peer: usize,
+    idle: Duration,
+}
+
+impl Endpoint {
+    /// The handshake and the checks after it: a verified, unrevoked peer naming a site gets a
+    /// stream (whose calls are refused when it is over its limit or fails its pin); anything
+    /// else is closed and recorded for the audit.
+    async fn establish(
+        &self,
+        tcp: TcpStream,
+        remote: SocketAddr,
+        permit: OwnedSemaphorePermit,
+    ) -> Option<PeerStream> {
+        let connections = &self.connections;
+        let (stream, identity) = handshake(&self.acceptor, tcp, remote, connections).await?;
+        if !self.revocation.still_valid(&identity.certificate) {
+            tracing::warn!(%remote, peer = %identity.site_id, "revoked certificate; connection closed");
+            connections.event_at(
+                &identity.site_id,
+                Some(remote),
+                "certificate revoked",
+                "connection closed: the certificate is revoked".into(),
+            );
+            return None;
+        }
+        let connection = connections.register(&identity, self.per_peer, &self.pins);
+        let idle = match &connection.admission {
+            Admission::Admitted => self.idle,
+            other => {
+                tracing::warn!(%remote, peer = %identity.site_id, admission = ?other, "connection refused its calls");
+                connections.event_at(
+                    &identity.site_id,
+                    Some(remote),
+                    "connection refused",
+                    match other {
+                        Admission::OverLimit => "over the per-peer connection limit".into(),
+                        Admission::PinMismatch(why) => why.clone(),
+                        Admission::Admitted => String::new(),
+                    },
+                );
+                self.idle.min(REFUSED_CONNECTION_IDLE)
+            }
+        };
+        tracing::debug!(%remote, peer = %identity.site_id, "mutual TLS established");
+        Some(PeerStream {
+            inner: stream,
+            info: PeerInfo {
+                identity,
+                remote,
+                connection,
+            },
+            idle,
+            timer: Box::pin(tokio::time::sleep(idle)),
+            connections: connections.clone(),
+            _permit: permit,
+        })
+    }
 }
 
 tokio::task_local! {
