@@ -270,6 +270,42 @@ mod tests {
         }
     }
 
+    /// Every action literal of an event anywhere in the crate is a kind of the catalogue, so a new
+    /// event cannot be added without naming it here and documenting it.
+    #[test]
+    fn every_action_written_in_the_crate_is_in_the_catalogue() {
+        fn rust_files(dir: &std::path::Path, out: &mut Vec<std::path::PathBuf>) {
+            for e in std::fs::read_dir(dir).unwrap().flatten() {
+                let p = e.path();
+                if p.is_dir() {
+                    rust_files(&p, out);
+                } else if p.extension().is_some_and(|x| x == "rs") {
+                    out.push(p);
+                }
+            }
+        }
+        let mut files = Vec::new();
+        rust_files(
+            &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src"),
+            &mut files,
+        );
+        let mut unknown = Vec::new();
+        for f in files {
+            let text = std::fs::read_to_string(&f).unwrap();
+            for (i, _) in text.match_indices("action: \"") {
+                let rest = &text[i + "action: \"".len()..];
+                let name = &rest[..rest.find('"').unwrap_or(0)];
+                if !kind::ALL.contains(&name) {
+                    unknown.push(format!("{}: `{name}`", f.display()));
+                }
+            }
+        }
+        assert!(
+            unknown.is_empty(),
+            "audit actions not in audit::events::kind::ALL (add them there and to docs/audit.md): {unknown:?}"
+        );
+    }
+
     #[test]
     fn destruction_receipt_names_party_flow_and_study() {
         let (e, d) = destruction_receipt("telerad-c", "agr", "reads", "2.25.9", "ok".into());
