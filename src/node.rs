@@ -854,9 +854,11 @@ impl Node {
         tracing::info!(addr = %cfg.listen, ae_title = %cfg.ae_title, "DICOM listener ready");
         let spool = self.config.data_dir.join("ingest").join("spool");
         let listener = Arc::new(
-            crate::dicom_net::scp::Listener::new(cfg, service, self.audit.clone(), spool).map_err(
-                |e| NodeError::Serve(format!("cannot prepare the DICOM spool folder: {e}")),
-            )?,
+            crate::dicom_net::scp::Listener::new(cfg, service, self.audit.clone(), spool)
+                .map_err(|e| {
+                    NodeError::Serve(format!("cannot prepare the DICOM spool folder: {e}"))
+                })?
+                .with_refusal_window(Duration::from_secs(self.config.limits.refusal_summary_secs)),
         );
         let until = |mut stop: watch::Receiver<bool>| async move {
             let _ = stop.wait_for(|s| *s).await;

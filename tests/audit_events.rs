@@ -398,6 +398,11 @@ async fn dicom_associations_are_audited_without_phi_and_the_report_shows_forms_a
     })
     .await;
     assert_eq!(rejected.event.actor, "dicom:INTRUDER@127.0.0.1");
+    // A flood of rejected requests: a few entries one by one, the rest in one summary (written
+    // when the listener stops, at the latest).
+    for _ in 0..10 {
+        assert!(!echoscu("INTRUDER", port).await.0);
+    }
 
     // A study with PHI through the listener to the partner: no original in any audit entry.
     let src = fed.dir.path().join("study");
@@ -502,6 +507,29 @@ async fn dicom_associations_are_audited_without_phi_and_the_report_shows_forms_a
         "{forms:?}"
     );
     assert!(forms.iter().any(|(_, f)| f == "removed"), "{forms:?}");
+
+    let all = entries(&log_a);
+    let one_by_one = all
+        .iter()
+        .filter(|e| e.event.action == "associate" && e.event.outcome.starts_with("rejected: "))
+        .count();
+    assert_eq!(one_by_one, 5, "rejections written one by one");
+    let summary = all
+        .iter()
+        .find(|e| e.event.action == "associate" && e.event.object.contains("(summary)"))
+        .expect("a summary of the rejections");
+    assert_eq!(summary.event.actor, "dicom:INTRUDER@127.0.0.1");
+    assert!(
+        summary.event.object.starts_with("6 further refusals in "),
+        "{summary:?}"
+    );
+    assert!(
+        summary
+            .event
+            .outcome
+            .starts_with("rejected (not allowed): last reason: calling AE title not recognized"),
+        "{summary:?}"
+    );
 
     for site in ["hospital-a", "telerad-c"] {
         let text = std::fs::read_to_string(dir.path().join(site).join("data/audit.log")).unwrap();

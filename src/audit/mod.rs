@@ -28,6 +28,7 @@ pub mod events;
 pub mod export;
 pub mod partner;
 pub mod report;
+pub mod summary;
 pub mod syslog;
 pub mod text;
 
