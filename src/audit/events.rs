@@ -10,7 +10,7 @@
 //!
 //! Does not own: deciding when something is audited (the callers do), bounding and escaping
 //! (every field of every event is bounded by [`super::AuditLog::record`], whatever is passed
-//! here), or the rate summary of refusals (`federation::refusals`).
+//! here), or the rate summary of refusals ([`super::summary`]).
 
 use super::{Detail, Event};
 
