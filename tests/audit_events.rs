@@ -508,6 +508,31 @@ async fn dicom_associations_are_audited_without_phi_and_the_report_shows_forms_a
     );
     assert!(forms.iter().any(|(_, f)| f == "removed"), "{forms:?}");
 
+    // Every entry of this real log (new kinds included) exports as a DICOM audit message that
+    // validates against the PS3.15 A.5 schema (jing).
+    let out = Command::new(env!("CARGO_BIN_EXE_pacs-broker"))
+        .args(["audit", "export", "--format", "dicom", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let xml = String::from_utf8(out.stdout).unwrap();
+    let mut files = Vec::new();
+    for (i, m) in xml.lines().enumerate() {
+        let f = dir.path().join(format!("message-{i}.xml"));
+        std::fs::write(&f, m).unwrap();
+        files.push(f.display().to_string());
+    }
+    assert!(files.len() > 15, "{xml}");
+    let schema = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("docs/schema/dicom-audit-message.rnc")
+        .display()
+        .to_string();
+    let mut args = vec!["-c", schema.as_str()];
+    args.extend(files.iter().map(String::as_str));
+    let (ok, out) = run_tool("jing", &args);
+    assert!(ok, "jing rejected the export: {out}");
+
     let all = entries(&log_a);
     let one_by_one = all
         .iter()
