@@ -1,10 +1,13 @@
 //! The audit events of issue 13's "Every event, bounded" list that the other audit tests do not
 //! cover, each checked to be written with its actor: peer connections refused (a certificate of
-//! another CA, a revoked one, no TLS at all, a flood, over the total connection limit), the policy
-//! in force at `serve` start and its changes, node start and stop, DICOM associations accepted and
-//! rejected (with dcmtk's `echoscu` and `storescu`), and the administrative commands (run as the
-//! `pacs-broker` binary). None of them may carry PHI: the logs are grepped for the originals of a
-//! study that went through the DICOM listener.
+//! another CA, a revoked one, no TLS at all, a flood, over the total connection limit), a CRL
+//! reload, the policy in force at `serve` start and its changes, node start and stop, DICOM
+//! associations accepted and rejected (with dcmtk's `echoscu` and `storescu`; a flood of
+//! rejections summarised), inputs a `send` held back, and the administrative commands (run as
+//! the `pacs-broker` binary). None of them may carry PHI: the logs are grepped for the originals
+//! of a study that went through the DICOM listener. The report at the origin shows the forms the
+//! identifiers left in and a destruction receipt; the real log exports to DICOM audit messages
+//! that jing validates.
 
 mod common;
 
