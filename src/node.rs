@@ -486,7 +486,9 @@ impl Node {
                         last = now;
                         node.reload_agreements();
                     }
-                    node.tls.reload_crl_if_changed();
+                    if let Some(r) = node.tls.reload_crl_if_changed() {
+                        node.audit.record_or_warn(events::crl_reload(r));
+                    }
                     tick = tick.wrapping_add(1);
                     if tick.is_multiple_of(4) {
                         receiver.housekeeping();
@@ -574,16 +576,21 @@ impl Node {
             pacs.stop().await;
         }
         receiver.flush_audit();
+        self.audit_stop(&result);
+        result
+    }
+
+    /// Audits that `serve` stopped, and how.
+    fn audit_stop(&self, result: &Result<(), NodeError>) {
         self.audit.record_or_warn(events::admin(
             events::actor::NODE.into(),
             events::kind::NODE_STOP,
             format!("site {} stopped serving", self.site_id()),
-            match &result {
+            match result {
                 Ok(()) => "ok".into(),
                 Err(e) => format!("failed: {e}"),
             },
         ));
-        result
     }
 
     /// Audits that `serve` started (by whom, where) and the policy it enforces.
@@ -689,10 +696,17 @@ impl Node {
         match &result {
             Ok(d) if !entry.complete => {
                 // Part of a study still arriving: the files stay until the study is complete.
-                self.audit.record_or_warn(audit(
-                    "ok (signed receipt verified; more instances to come)".into(),
-                    d.instances_sent,
-                ));
+                // These instances have left: the entry carries the patient tokens and receipt
+                // so the accounting of disclosures finds it even if the study never completes.
+                use prost::Message;
+                let receipt = Some(hex::encode(d.receipt.encode_to_vec()));
+                self.audit.record_detailed_or_warn(
+                    audit(
+                        "ok (signed receipt verified; more instances to come)".into(),
+                        d.instances_sent,
+                    ),
+                    detail(receipt),
+                );
             }
             Ok(d) => {
                 use prost::Message;
@@ -872,6 +886,7 @@ impl Node {
             return Err(NodeError::NothingToSend);
         }
         self.hold_for_review(&flow.agreement, &flow.flow, "send", &mut report.held_back);
+        self.audit_not_sent(&flow, &report.held_back);
         for study in staged.studies.values() {
             self.audit_pixel_cleaning(&flow.agreement, &flow.purpose, &study.cleaned);
         }
@@ -976,9 +991,11 @@ impl Node {
             inner: service,
         });
         let listener = Arc::new(
-            crate::dicom_net::scp::Listener::new(cfg, service, self.audit.clone(), spool).map_err(
-                |e| NodeError::Serve(format!("cannot prepare the DICOM spool folder: {e}")),
-            )?,
+            crate::dicom_net::scp::Listener::new(cfg, service, self.audit.clone(), spool)
+                .map_err(|e| {
+                    NodeError::Serve(format!("cannot prepare the DICOM spool folder: {e}"))
+                })?
+                .with_refusal_window(Duration::from_secs(self.config.limits.refusal_summary_secs)),
         );
         let until = |mut stop: watch::Receiver<bool>| async move {
             let _ = stop.wait_for(|s| *s).await;

@@ -1,10 +1,13 @@
 //! The audit events of issue 13's "Every event, bounded" list that the other audit tests do not
 //! cover, each checked to be written with its actor: peer connections refused (a certificate of
-//! another CA, a revoked one, no TLS at all, a flood, over the total connection limit), the policy
-//! in force at `serve` start and its changes, node start and stop, DICOM associations accepted and
-//! rejected (with dcmtk's `echoscu` and `storescu`), and the administrative commands (run as the
-//! `pacs-broker` binary). None of them may carry PHI: the logs are grepped for the originals of a
-//! study that went through the DICOM listener.
+//! another CA, a revoked one, no TLS at all, a flood, over the total connection limit), a CRL
+//! reload, the policy in force at `serve` start and its changes, node start and stop, DICOM
+//! associations accepted and rejected (with dcmtk's `echoscu` and `storescu`; a flood of
+//! rejections summarised), inputs a `send` held back, and the administrative commands (run as
+//! the `pacs-broker` binary). None of them may carry PHI: the logs are grepped for the originals
+//! of a study that went through the DICOM listener. The report at the origin shows the forms the
+//! identifiers left in and a destruction receipt; the real log exports to DICOM audit messages
+//! that jing validates.
 
 mod common;
 
@@ -152,6 +155,22 @@ async fn refused_connections_are_audited_with_what_the_certificate_claims_and_bo
         is_refusal(e, "TLS handshake refused") && !e.event.object.contains("certificate")
     })
     .await;
+
+    // The CA issues a new CRL (same revocations): the node takes it and audits it.
+    pacs_broker::federation::crl::revoke_with_dev_ca(
+        &pki.join("ca.pem"),
+        &pki.join("ca.key"),
+        &[],
+        &pki.join("crl.pem"),
+        30,
+    )
+    .unwrap();
+    let e = wait_for_entry(&log, "crl-reload", |e| e.event.action == "crl-reload").await;
+    assert_eq!(
+        e.event.object,
+        "1 revocation list(s) in force; 0 open connection(s) cut"
+    );
+    assert_eq!(e.event.outcome, "ok");
 
     // A flood: 40 more. Refusals of unidentified peers share one window: at most
     // AUDITED_PER_WINDOW entries one by one, the rest in a summary written at the latest when
@@ -343,7 +362,7 @@ fn originals(files: &[PathBuf]) -> Vec<String> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn dicom_associations_accepted_and_rejected_are_audited_without_phi() {
+async fn dicom_associations_are_audited_without_phi_and_the_report_shows_forms_and_destruction() {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -382,6 +401,11 @@ async fn dicom_associations_accepted_and_rejected_are_audited_without_phi() {
     })
     .await;
     assert_eq!(rejected.event.actor, "dicom:INTRUDER@127.0.0.1");
+    // A flood of rejected requests: a few entries one by one, the rest in one summary (written
+    // when the listener stops, at the latest).
+    for _ in 0..10 {
+        assert!(!echoscu("INTRUDER", port).await.0);
+    }
 
     // A study with PHI through the listener to the partner: no original in any audit entry.
     let src = fed.dir.path().join("study");
@@ -405,8 +429,136 @@ async fn dicom_associations_accepted_and_rejected_are_audited_without_phi() {
         e.event.action == "receive" && e.event.outcome == "ok"
     })
     .await;
+    // The sender records the disclosure once the receipt is verified.
+    wait_for_entry(&log_a, "the study's disclosure at hospital-a", |e| {
+        e.event.action == "disclose" && e.event.outcome == "ok (signed receipt verified)"
+    })
+    .await;
     let secrets = originals(&files);
+    let cfg_a = fed.node("hospital-a").config.clone();
     let dir = fed.stop_keeping_files().await;
+
+    // The partner's destruction receipt comes back (its RPC is another part's): the report at the
+    // origin shows it, with the signed receipt and the form each identifier left in.
+    let study = entries(&log_a)
+        .into_iter()
+        .find(|e| e.event.action == "disclose" && e.event.outcome.starts_with("ok"))
+        .and_then(|e| e.detail.study)
+        .unwrap_or_else(|| {
+            panic!(
+                "no disclosure with its study at hospital-a:\n{}",
+                std::fs::read_to_string(&log_a).unwrap()
+            )
+        });
+    {
+        let node = pacs_broker::node::Node::open(cfg_a.clone()).unwrap();
+        let (event, detail) = pacs_broker::audit::events::destruction_receipt(
+            "telerad-c",
+            AGREEMENT,
+            FLOW,
+            &study,
+            "ok: signature verified".into(),
+        );
+        node.audit.record_detailed(event, detail).unwrap();
+    }
+    let config = dir.path().join("hospital-a/node.toml");
+    std::fs::write(&config, cfg_a.to_toml()).unwrap();
+    let patient = SyntheticPatient::default().id;
+    let out = Command::new(env!("CARGO_BIN_EXE_pacs-broker"))
+        .args([
+            "audit",
+            "report",
+            "--config",
+            config.to_str().unwrap(),
+            "--patient",
+        ])
+        .arg(&patient)
+        .args(["--json", "--reason", "accounting of disclosures request"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let d = &json["disclosures"][0];
+    assert_eq!(d["party"], "telerad-c", "{json:#}");
+    assert_eq!(d["study"], study.as_str());
+    assert_eq!(d["signed_receipt_held"], true);
+    assert!(d["destruction_receipt"].is_string(), "{json:#}");
+    let forms: Vec<(String, String)> = d["identifiers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| {
+            (
+                f["identifiers"].as_str().unwrap().to_string(),
+                f["form"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    let form_of = |cat: &str| {
+        forms
+            .iter()
+            .find(|(c, _)| c == cat)
+            .map(|(_, f)| f.clone())
+            .unwrap_or_else(|| panic!("no form for {cat}: {forms:?}"))
+    };
+    assert_eq!(
+        form_of("patient name and patient ID"),
+        "replaced by a keyed token"
+    );
+    assert!(
+        forms.iter().any(|(_, f)| f.starts_with("shifted")),
+        "{forms:?}"
+    );
+    assert!(forms.iter().any(|(_, f)| f == "removed"), "{forms:?}");
+
+    // Every entry of this real log (new kinds included) exports as a DICOM audit message that
+    // validates against the PS3.15 A.5 schema (jing).
+    let out = Command::new(env!("CARGO_BIN_EXE_pacs-broker"))
+        .args(["audit", "export", "--format", "dicom", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let xml = String::from_utf8(out.stdout).unwrap();
+    let mut files = Vec::new();
+    for (i, m) in xml.lines().enumerate() {
+        let f = dir.path().join(format!("message-{i}.xml"));
+        std::fs::write(&f, m).unwrap();
+        files.push(f.display().to_string());
+    }
+    assert!(files.len() > 15, "{xml}");
+    let schema = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("docs/schema/dicom-audit-message.rnc")
+        .display()
+        .to_string();
+    let mut args = vec!["-c", schema.as_str()];
+    args.extend(files.iter().map(String::as_str));
+    let (ok, out) = run_tool("jing", &args);
+    assert!(ok, "jing rejected the export: {out}");
+
+    let all = entries(&log_a);
+    let one_by_one = all
+        .iter()
+        .filter(|e| e.event.action == "associate" && e.event.outcome.starts_with("rejected: "))
+        .count();
+    assert_eq!(one_by_one, 5, "rejections written one by one");
+    let summary = all
+        .iter()
+        .find(|e| e.event.action == "associate" && e.event.object.contains("(summary)"))
+        .expect("a summary of the rejections");
+    assert_eq!(summary.event.actor, "dicom:INTRUDER@127.0.0.1");
+    assert!(
+        summary.event.object.starts_with("6 further refusals in "),
+        "{summary:?}"
+    );
+    assert!(
+        summary
+            .event
+            .outcome
+            .starts_with("rejected (not allowed): last reason: calling AE title not recognized"),
+        "{summary:?}"
+    );
+
     for site in ["hospital-a", "telerad-c"] {
         let text = std::fs::read_to_string(dir.path().join(site).join("data/audit.log")).unwrap();
         for s in &secrets {
@@ -564,4 +716,37 @@ fn admin_commands_are_audited_with_the_os_user() {
         dir.path().join("k2").to_str().unwrap(),
     ]);
     assert!(ok, "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inputs_a_send_holds_back_are_audited_without_their_file_names() {
+    let fed = Federation::start(&["hospital-a", "telerad-c"]).await;
+    let src = fed.dir.path().join("study");
+    write_synthetic_ct(&src, &SyntheticPatient::default(), 2, 32).unwrap();
+    // A file that is not DICOM, named as files sometimes are.
+    std::fs::write(src.join("DOE_JANE_QUINN.dcm"), b"not dicom").unwrap();
+    let report = fed
+        .node("hospital-a")
+        .send(AGREEMENT, FLOW, None, std::slice::from_ref(&src))
+        .await
+        .unwrap();
+    assert_eq!(report.held_back.len(), 1, "{:?}", report.held_back);
+    let log = fed.node("hospital-a").audit.path().to_owned();
+    let e = wait_for_entry(&log, "the input not sent", |e| {
+        e.event.action == "refuse" && e.event.object.contains("input(s) not sent")
+    })
+    .await;
+    assert_eq!(
+        e.event.object,
+        format!("send under flow {FLOW}: 1 input(s) not sent")
+    );
+    assert!(e.event.outcome.starts_with("failed: "), "{e:?}");
+    assert_eq!(e.event.agreement, AGREEMENT);
+    assert!(e.event.actor.starts_with("user:") || e.event.actor.starts_with("uid:"));
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        !text.contains("DOE"),
+        "a file name reached the audit log: {text}"
+    );
+    fed.stop().await;
 }

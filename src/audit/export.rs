@@ -149,7 +149,7 @@ fn dicom_event(action: &str) -> (&'static str, &'static str, &'static str) {
             ("110105", "DICOM Study Deleted", "D")
         }
         // Changes of what the node enforces or trusts: security configuration.
-        POLICY_LOAD | POLICY_CHANGE | DSA_SIGN | KEYS_NEW | CERTS_REVOKE => {
+        POLICY_LOAD | POLICY_CHANGE | CRL_RELOAD | DSA_SIGN | KEYS_NEW | CERTS_REVOKE => {
             ("110113", "Security Alert", "E")
         }
         a if a == ALERT || a.starts_with(REFUSE) => ("110113", "Security Alert", "E"),

@@ -7,7 +7,10 @@
 //!   or reordering is found by [`verify`]. Each append is fsynced before it returns, and appends
 //!   take an exclusive file lock and read the chain head from the file itself, so several processes
 //!   of one site (a `serve` and a `send`) extend one unbroken chain;
-//! - bounding and escaping every field, whatever the caller passes ([`text`]);
+//! - bounding and escaping every field, whatever the caller passes ([`text`]), and the rate
+//!   summary that keeps a flood of refusals to a few entries a minute ([`summary`]);
+//! - the catalogue of event kinds and actor forms, and the constructors of shared events
+//!   ([`events`]; described in `docs/audit.md`);
 //! - signed checkpoints of the chain head every N entries or minutes and when the log is closed,
 //!   the partners' checkpoints this site holds, and the start-up check that refuses a log shorter
 //!   than its last checkpoint or missing while the data directory is in use ([`checkpoint`],
@@ -28,6 +31,7 @@ pub mod events;
 pub mod export;
 pub mod partner;
 pub mod report;
+pub mod summary;
 pub mod syslog;
 pub mod text;
 

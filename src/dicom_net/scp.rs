@@ -31,6 +31,7 @@ use dicom_ul::pdu::{
 };
 use dicom_ul::{Pdu, ServerAssociationOptions};
 
+use crate::audit::summary::Summary;
 use crate::audit::{AuditLog, Event};
 use crate::config::{DicomAllow, DicomConfig};
 
@@ -167,7 +168,14 @@ pub struct Listener<S: StoreService> {
     service: Arc<S>,
     audit: Arc<AuditLog>,
     spool: PathBuf,
+    /// Rejected associations, summarised per window: anyone who can reach the port can ask.
+    rejections: Summary,
 }
+
+/// Default window of the rejection summary (the node passes `[limits] refusal_summary_secs`).
+const REJECTION_WINDOW: Duration = Duration::from_secs(60);
+/// The summary key of rejected associations: their AE titles are claims, not identities.
+const REJECTED_PEERS: &str = "dicom";
 
 impl<S: StoreService> Listener<S> {
     /// `spool` is a private folder for instances being received (cleared now: anything there
@@ -185,9 +193,16 @@ impl<S: StoreService> Listener<S> {
         Ok(Listener {
             config,
             service,
+            rejections: Summary::new(audit.clone(), REJECTION_WINDOW),
             audit,
             spool,
         })
+    }
+
+    /// Rejections beyond a few per kind within `window` are written as one summary entry.
+    pub fn with_refusal_window(mut self, window: Duration) -> Self {
+        self.rejections = Summary::new(self.audit.clone(), window);
+        self
     }
 
     /// Accepts associations on `listener` until `shutdown` completes, then waits for the
@@ -199,9 +214,14 @@ impl<S: StoreService> Listener<S> {
     ) {
         let limit = Arc::new(tokio::sync::Semaphore::new(self.config.max_associations));
         tokio::pin!(shutdown);
+        let mut summaries = tokio::time::interval(Duration::from_secs(1));
         loop {
             let accepted = tokio::select! {
                 a = listener.accept() => a,
+                _ = summaries.tick() => {
+                    self.rejections.flush(false);
+                    continue;
+                }
                 _ = &mut shutdown => break,
             };
             let (socket, addr) = match accepted {
@@ -232,17 +252,31 @@ impl<S: StoreService> Listener<S> {
         let _ = limit
             .acquire_many(self.config.max_associations as u32)
             .await;
+        self.rejections.flush(true);
     }
 
     fn record(&self, peer: &str, object: String, outcome: String) {
-        self.audit.record_or_warn(Event {
+        self.audit
+            .record_or_warn(Self::associate(peer, object, outcome));
+    }
+
+    fn associate(peer: &str, object: String, outcome: String) -> Event {
+        Event {
             actor: format!("dicom:{peer}"),
             action: "associate".into(),
             object,
             agreement: String::new(),
             purpose: String::new(),
             outcome,
-        });
+        }
+    }
+
+    /// A rejected association: audited one by one up to a few per kind and window, then
+    /// summarised, so that a flood of association requests cannot fill the log.
+    fn rejected(&self, peer: &str, called: &str, kind: &'static str, reason: String) {
+        let object = format!("association to {called}");
+        let event = Self::associate(peer, object, format!("rejected: {reason}"));
+        self.rejections.record(REJECTED_PEERS, kind, event, &reason);
     }
 
     /// One association, from the request to its end.
@@ -276,29 +310,24 @@ impl<S: StoreService> Listener<S> {
                     AssociationRJServiceProviderPresentationReason::LocalLimitExceeded,
                 ),
             );
-            self.record(
-                &who,
-                format!("association to {called}"),
-                format!(
-                    "rejected: {} associations in progress (the configured limit)",
-                    self.config.max_associations
-                ),
+            let why = format!(
+                "{} associations in progress (the configured limit)",
+                self.config.max_associations
             );
+            self.rejected(&who, &called, "rejected (association limit)", why);
             return;
         }
-        if let Err(reason) = access_decision(
+        let allowed = access_decision(
             &self.config.ae_title,
             &self.config.allow,
             addr.ip(),
             &calling,
             &called,
-        ) {
+        );
+        if let Err(reason) = &allowed {
             tracing::warn!(calling_ae = %calling, called_ae = %called, address = %addr.ip(), ?reason, "association rejected");
-            self.record(
-                &who,
-                format!("association to {called}"),
-                format!("rejected: {}", describe(&reason)),
-            );
+            let why = describe(reason).to_string();
+            self.rejected(&who, &called, "rejected (not allowed)", why);
         }
         let mut options = ServerAssociationOptions::new()
             .ae_access_control(AllowList {
@@ -316,9 +345,12 @@ impl<S: StoreService> Listener<S> {
         let mut assoc = match options.establish(socket) {
             Ok(a) => a,
             Err(e) => {
-                // Rejections were audited above; anything else is a protocol failure.
-                if !matches!(e, dicom_ul::association::Error::Rejected { .. }) {
+                // Access rejections were audited above. Anything else (nothing acceptable
+                // proposed, a protocol failure) is audited here, so every request has its entry.
+                if allowed.is_ok() {
                     tracing::warn!(%addr, error = %e, "association could not be established");
+                    let why = format!("not established: {e}");
+                    self.rejected(&who, &called, "rejected (not established)", why);
                 }
                 return;
             }

@@ -1,44 +1,32 @@
 //! Audit of what the receiver refuses, bounded per peer.
 //!
-//! Owns: [`Refusals`]. Within each window (`[limits] refusal_summary_secs`), the first few
-//! refusals of one kind from one peer site are audited (and logged at WARN) one by one; the rest
-//! are counted and written as one summary entry when the window ends. A peer that sends a
-//! thousand bad offers a second therefore costs a few audit entries a minute, not a thousand a
-//! second. Every field it writes is already bounded (peer strings pass through
-//! [`super::wire::shown`] before they get here).
+//! Owns: [`Refusals`]: what a receiver's refusal entry says (actor, kind, bounded reason) and
+//! which window it counts in. Within each window (`[limits] refusal_summary_secs`), the first
+//! few refusals of one kind from one peer site are audited (and logged at WARN) one by one; the
+//! rest are counted and written as one summary entry when the window ends
+//! ([`crate::audit::summary`]). A peer that sends a thousand bad offers a second therefore costs
+//! a few audit entries a minute, not a thousand a second. Every field it writes is already
+//! bounded (peer strings pass through [`super::wire::shown`] before they get here).
 //!
 //! Connections refused before the peer is identified (a failed TLS handshake, a certificate of
 //! another CA or a revoked one, over the total connection limit) have no site to count by: they
 //! share one window per kind, whatever their address, so a flood from many addresses costs as
 //! little as one from a single address ([`Refusals::record_connection`]).
 
-use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
 use super::tls::ConnectionEvent;
 use crate::audit::events::{self, actor};
+use crate::audit::summary::Summary;
 use crate::audit::{AuditLog, Event};
 
 /// Refusals of one kind from one peer audited one by one per window.
-pub const AUDITED_PER_WINDOW: u32 = 5;
+pub const AUDITED_PER_WINDOW: u32 = crate::audit::summary::AUDITED_PER_WINDOW;
 /// Longest reason written into one entry.
 const MAX_REASON: usize = 300;
-
-/// Most distinct actors counted in one window's summary.
-const MAX_ACTORS_COUNTED: usize = 4096;
 /// The window key of refusals whose peer is not identified.
 const UNIDENTIFIED: &str = "(unidentified peers)";
-
-struct Window {
-    started: Instant,
-    written: u32,
-    suppressed: u64,
-    last_reason: String,
-    agreement: String,
-    /// The actors of the suppressed refusals (one for a site; addresses for unidentified peers).
-    actors: HashSet<String>,
-}
 
 /// One refusal to audit.
 pub struct Refusal<'a> {
@@ -55,9 +43,7 @@ pub struct Refusal<'a> {
 
 /// The receiver's bounded refusal audit.
 pub struct Refusals {
-    audit: Arc<AuditLog>,
-    window: Duration,
-    windows: Mutex<HashMap<(String, &'static str), Window>>,
+    summary: Summary,
 }
 
 fn bounded(s: &str) -> String {
@@ -74,15 +60,13 @@ fn bounded(s: &str) -> String {
 impl Refusals {
     pub fn new(audit: Arc<AuditLog>, window: Duration) -> Refusals {
         Refusals {
-            audit,
-            window: window.max(Duration::from_secs(1)),
-            windows: Mutex::new(HashMap::new()),
+            summary: Summary::new(audit, window),
         }
     }
 
     /// Audits (and logs) a refusal of a peer site, or counts it for the window's summary.
     pub fn record(&self, r: Refusal<'_>) {
-        self.record_as(actor::site(r.site), r.site.to_string(), r);
+        self.record_as(actor::site(r.site), r.site, r);
     }
 
     /// Audits a connection event of the endpoint: as the peer site's when its certificate was
@@ -110,88 +94,27 @@ impl Refusals {
             .remote
             .map(|a| actor::remote(a.ip()))
             .unwrap_or_else(|| actor::NODE.to_string());
-        self.record_as(who, UNIDENTIFIED.to_string(), r);
+        self.record_as(who, UNIDENTIFIED, r);
     }
 
     /// Audits (and logs) a refusal by `actor`, counted in the window of (`key`, kind).
-    fn record_as(&self, actor: String, key: String, r: Refusal<'_>) {
+    fn record_as(&self, actor: String, key: &str, r: Refusal<'_>) {
         let reason = bounded(r.reason);
-        let write = {
-            let mut map = self.windows.lock().unwrap_or_else(|p| p.into_inner());
-            let w = map.entry((key, r.kind)).or_insert_with(|| Window {
-                started: Instant::now(),
-                written: 0,
-                suppressed: 0,
-                last_reason: String::new(),
-                agreement: String::new(),
-                actors: HashSet::new(),
-            });
-            if w.written < AUDITED_PER_WINDOW {
-                w.written += 1;
-                true
-            } else {
-                w.suppressed += 1;
-                w.last_reason = reason.clone();
-                w.agreement = r.agreement.to_string();
-                if w.actors.len() < MAX_ACTORS_COUNTED {
-                    w.actors.insert(actor.clone());
-                }
-                false
-            }
+        let event = Event {
+            purpose: r.purpose.to_string(),
+            agreement: r.agreement.to_string(),
+            ..events::refusal(actor, bounded(r.object), r.kind, &reason)
         };
-        if write {
-            tracing::warn!(peer = %actor, agreement = %r.agreement, reason = %reason, "{}", r.kind);
-            self.audit.record_or_warn(Event {
-                purpose: r.purpose.to_string(),
-                agreement: r.agreement.to_string(),
-                ..events::refusal(actor, bounded(r.object), r.kind, &reason)
-            });
+        let peer = event.actor.clone();
+        if self.summary.record(key, r.kind, event, &reason) {
+            tracing::warn!(peer = %peer, agreement = %r.agreement, reason = %reason, "{}", r.kind);
         }
     }
 
     /// Writes the summary of every window that has ended (all of them when `all`), and forgets
     /// those windows.
     pub fn flush(&self, all: bool) {
-        let ended: Vec<((String, &'static str), Window)> = {
-            let mut map = self.windows.lock().unwrap_or_else(|p| p.into_inner());
-            let keys: Vec<_> = map
-                .iter()
-                .filter(|(_, w)| all || w.started.elapsed() >= self.window)
-                .map(|(k, _)| k.clone())
-                .collect();
-            keys.into_iter()
-                .filter_map(|k| map.remove(&k).map(|w| (k, w)))
-                .collect()
-        };
-        for ((key, kind), w) in ended {
-            if w.suppressed == 0 {
-                continue;
-            }
-            let secs = w.started.elapsed().as_secs();
-            // One actor (a site, or a single address): the summary is its own. Several
-            // unidentified addresses: the node writes it and says how many.
-            let (who, from) = match w.actors.len() {
-                1 => (w.actors.into_iter().next().expect("one"), String::new()),
-                n if n >= MAX_ACTORS_COUNTED => (
-                    actor::NODE.to_string(),
-                    format!(" from {n} or more addresses"),
-                ),
-                n => (actor::NODE.to_string(), format!(" from {n} addresses")),
-            };
-            tracing::warn!(peer = %key, count = w.suppressed, window_secs = secs, "{kind}: further refusals summarised");
-            self.audit.record_or_warn(Event {
-                agreement: w.agreement,
-                ..events::refusal(
-                    who,
-                    format!(
-                        "{} further refusals{from} in {secs} s (summary)",
-                        w.suppressed
-                    ),
-                    kind,
-                    &format!("last reason: {}", w.last_reason),
-                )
-            });
-        }
+        self.summary.flush(all);
     }
 }
 
@@ -256,7 +179,7 @@ mod tests {
         assert!(
             summary
                 .object
-                .starts_with("495 further refusals from 495 addresses in "),
+                .starts_with("495 further refusals from 495 peers in "),
             "{summary:?}"
         );
     }

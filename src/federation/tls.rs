@@ -290,9 +290,14 @@ impl Connections {
     }
 
     fn event(&self, site: &str, kind: &'static str, detail: String) {
+        self.event_at(site, None, kind, detail);
+    }
+
+    /// An event of a connection whose peer's certificate was verified, from `remote`.
+    fn event_at(&self, site: &str, remote: Option<SocketAddr>, kind: &'static str, detail: String) {
         self.push(ConnectionEvent {
             site: site.to_string(),
-            remote: None,
+            remote,
             certificate: None,
             kind,
             detail,
@@ -453,19 +458,22 @@ impl SiteTls {
 
     /// Re-reads the CRL file if it changed; on a change, cuts the open connections of every
     /// certificate it revokes. A broken file is reported and the previous CRLs stay in force.
-    pub fn reload_crl_if_changed(&self) {
-        match self.revocation.reload_if_changed() {
-            None => {}
-            Some(Ok(n)) => {
+    /// Returns what happened when the file changed (for the audit): the CRLs now in force and
+    /// the connections cut, or why the file was not taken.
+    pub fn reload_crl_if_changed(&self) -> Option<Result<(usize, usize), String>> {
+        match self.revocation.reload_if_changed()? {
+            Ok(n) => {
                 let cut = self.connections.recheck(&self.revocation, &self.pins);
                 tracing::info!(
                     crls = n,
                     connections_cut = cut,
                     "certificate revocation list reloaded"
                 );
+                Some(Ok((n, cut)))
             }
-            Some(Err(e)) => {
-                tracing::error!(error = %e, "certificate revocation list not reloaded; the previous one stays in force")
+            Err(e) => {
+                tracing::error!(error = %e, "certificate revocation list not reloaded; the previous one stays in force");
+                Some(Err(e.to_string()))
             }
         }
     }
@@ -544,8 +552,9 @@ impl PeerStream {
     fn idle_close(&self, conn: &Connection) -> io::Error {
         let secs = self.idle.as_secs_f64();
         tracing::warn!(peer = %conn.site, remote = %self.info.remote, idle_secs = secs, "idle connection closed");
-        self.connections.event(
+        self.connections.event_at(
             &conn.site,
+            Some(self.info.remote),
             "idle connection closed",
             format!("no call for {secs:.0} s"),
         );
@@ -607,15 +616,16 @@ pub fn incoming(
     limits: &Limits,
 ) -> tokio_stream::wrappers::ReceiverStream<Result<PeerStream, io::Error>> {
     let (tx, rx) = tokio::sync::mpsc::channel(64);
-    let acceptor = TlsAcceptor::from(tls.server.clone());
     let total_limit = limits.connections_total.max(1);
     let total = Arc::new(Semaphore::new(total_limit));
-    let (per_peer, idle) = (
-        limits.connections_per_peer.max(1),
-        Duration::from_secs(limits.idle_timeout_secs.max(1)),
-    );
-    let (connections, pins) = (tls.connections.clone(), tls.pins.clone());
-    let revocation = tls.revocation.clone();
+    let endpoint = Arc::new(Endpoint {
+        acceptor: TlsAcceptor::from(tls.server.clone()),
+        connections: tls.connections.clone(),
+        pins: tls.pins.clone(),
+        revocation: tls.revocation.clone(),
+        per_peer: limits.connections_per_peer.max(1),
+        idle: Duration::from_secs(limits.idle_timeout_secs.max(1)),
+    });
     tokio::spawn(async move {
         let mut over_total = 0u64;
         loop {
@@ -635,7 +645,7 @@ pub fn incoming(
                 if over_total.is_power_of_two() {
                     tracing::warn!(%remote, refused = over_total, "connection limit reached; new connections are closed");
                 }
-                connections.refused(
+                endpoint.connections.refused(
                     remote,
                     "over the total connection limit",
                     format!("{total_limit} connections open (`[limits] connections_total`)"),
@@ -645,59 +655,81 @@ pub fn incoming(
                 continue;
             };
             let _ = tcp.set_nodelay(true);
-            let (acceptor, tx) = (acceptor.clone(), tx.clone());
-            let (connections, pins) = (connections.clone(), pins.clone());
-            let revocation = revocation.clone();
+            let (endpoint, tx) = (endpoint.clone(), tx.clone());
             tokio::spawn(async move {
-                let Some((stream, identity)) =
-                    handshake(&acceptor, tcp, remote, &connections).await
-                else {
-                    return;
-                };
-                if !revocation.still_valid(&identity.certificate) {
-                    tracing::warn!(%remote, peer = %identity.site_id, "revoked certificate; connection closed");
-                    connections.event(
-                        &identity.site_id,
-                        "certificate revoked",
-                        format!("connection from {remote} closed: the certificate is revoked"),
-                    );
-                    return;
+                if let Some(stream) = endpoint.establish(tcp, remote, permit).await {
+                    let _ = tx.send(Ok(stream)).await;
                 }
-                let connection = connections.register(&identity, per_peer, &pins);
-                let idle = match &connection.admission {
-                    Admission::Admitted => idle,
-                    other => {
-                        tracing::warn!(%remote, peer = %identity.site_id, admission = ?other, "connection refused its calls");
-                        connections.event(
-                            &identity.site_id,
-                            "connection refused",
-                            match other {
-                                Admission::OverLimit => "over the per-peer connection limit".into(),
-                                Admission::PinMismatch(why) => why.clone(),
-                                Admission::Admitted => String::new(),
-                            },
-                        );
-                        idle.min(REFUSED_CONNECTION_IDLE)
-                    }
-                };
-                tracing::debug!(%remote, peer = %identity.site_id, "mutual TLS established");
-                let stream = PeerStream {
-                    inner: stream,
-                    info: PeerInfo {
-                        identity,
-                        remote,
-                        connection,
-                    },
-                    idle,
-                    timer: Box::pin(tokio::time::sleep(idle)),
-                    connections,
-                    _permit: permit,
-                };
-                let _ = tx.send(Ok(stream)).await;
             });
         }
     });
     tokio_stream::wrappers::ReceiverStream::new(rx)
+}
+
+/// What the accept loop hands each new connection.
+struct Endpoint {
+    acceptor: TlsAcceptor,
+    connections: Arc<Connections>,
+    pins: Arc<Pins>,
+    revocation: Arc<Revocation>,
+    per_peer: usize,
+    idle: Duration,
+}
+
+impl Endpoint {
+    /// The handshake and the checks after it: a verified, unrevoked peer naming a site gets a
+    /// stream (whose calls are refused when it is over its limit or fails its pin); anything
+    /// else is closed and recorded for the audit.
+    async fn establish(
+        &self,
+        tcp: TcpStream,
+        remote: SocketAddr,
+        permit: OwnedSemaphorePermit,
+    ) -> Option<PeerStream> {
+        let connections = &self.connections;
+        let (stream, identity) = handshake(&self.acceptor, tcp, remote, connections).await?;
+        if !self.revocation.still_valid(&identity.certificate) {
+            tracing::warn!(%remote, peer = %identity.site_id, "revoked certificate; connection closed");
+            connections.event_at(
+                &identity.site_id,
+                Some(remote),
+                "certificate revoked",
+                "connection closed: the certificate is revoked".into(),
+            );
+            return None;
+        }
+        let connection = connections.register(&identity, self.per_peer, &self.pins);
+        let idle = match &connection.admission {
+            Admission::Admitted => self.idle,
+            other => {
+                tracing::warn!(%remote, peer = %identity.site_id, admission = ?other, "connection refused its calls");
+                connections.event_at(
+                    &identity.site_id,
+                    Some(remote),
+                    "connection refused",
+                    match other {
+                        Admission::OverLimit => "over the per-peer connection limit".into(),
+                        Admission::PinMismatch(why) => why.clone(),
+                        Admission::Admitted => String::new(),
+                    },
+                );
+                self.idle.min(REFUSED_CONNECTION_IDLE)
+            }
+        };
+        tracing::debug!(%remote, peer = %identity.site_id, "mutual TLS established");
+        Some(PeerStream {
+            inner: stream,
+            info: PeerInfo {
+                identity,
+                remote,
+                connection,
+            },
+            idle,
+            timer: Box::pin(tokio::time::sleep(idle)),
+            connections: connections.clone(),
+            _permit: permit,
+        })
+    }
 }
 
 tokio::task_local! {
@@ -813,4 +845,44 @@ pub async fn connect(
     pins.check(&identity.site_id, &identity.spki_sha256)
         .map_err(|why| io::Error::new(io::ErrorKind::PermissionDenied, why))?;
     Ok((tls, identity))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn self_signed(cn: &str, san: Option<&str>) -> CertificateDer<'static> {
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.distinguished_name
+            .push(rcgen::DnType::CommonName, cn.to_string());
+        if let Some(uri) = san {
+            p.subject_alt_names
+                .push(rcgen::SanType::URI(uri.try_into().unwrap()));
+        }
+        p.self_signed(&key).unwrap().der().clone()
+    }
+
+    #[test]
+    fn a_refused_certificate_is_described_bounded_and_escaped() {
+        let cert = self_signed(
+            &format!("evil\nforged line\u{202e}{}", "A".repeat(5000)),
+            Some("urn:pacs-broker:site:hospital-b"),
+        );
+        let d = describe_certificate(&cert);
+        assert!(!d.chars().any(|c| c.is_control()), "{d}");
+        assert!(!d.contains('\u{202e}'), "{d}");
+        assert!(d.len() < 500, "{} bytes: {d}", d.len());
+        assert!(d.ends_with(", names site `hospital-b`"), "{d}");
+        let plain = describe_certificate(&self_signed("hospital-a", None));
+        assert!(
+            plain.starts_with("certificate subject `CN=hospital-a` serial ")
+                && plain.ends_with(", names no site"),
+            "{plain}"
+        );
+        assert_eq!(
+            describe_certificate(&CertificateDer::from(vec![1u8, 2, 3])),
+            "an unreadable certificate"
+        );
+    }
 }

@@ -134,6 +134,28 @@ impl Node {
         }
     }
 
+    /// Audits the inputs of a `send` held back for another reason than review (not covered by
+    /// the flow, not usable): one entry per kind, with how many and the first reason — a folder
+    /// of ten thousand files outside the flow costs two entries. File names are not written
+    /// (they may name the patient); quarantined inputs have their own `quarantine-hold` entries.
+    pub(super) fn audit_not_sent(&self, flow: &crate::ingest::IngestFlow, held: &[HeldBack]) {
+        for kind in [HeldBackKind::NotCovered, HeldBackKind::Failed] {
+            let mut of_kind = held.iter().filter(|h| h.kind == kind);
+            let Some(first) = of_kind.next() else {
+                continue;
+            };
+            let n = 1 + of_kind.count();
+            self.audit.record_or_warn(Event {
+                actor: crate::audit::local_user(),
+                action: crate::audit::events::kind::REFUSE.into(),
+                object: format!("send under flow {}: {n} input(s) not sent", flow.flow),
+                agreement: flow.agreement.clone(),
+                purpose: flow.purpose.clone(),
+                outcome: format!("{}: {}", kind.describe(), first.reason),
+            });
+        }
+    }
+
     /// A privacy officer's release of a held item: the flow's de-identification and verifier run
     /// again on the original; a pass (or, with `override_verifier`, a failure the officer
     /// accepts) is queued in the flow's outbox and the item deleted. Every attempt is audited
