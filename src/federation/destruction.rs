@@ -350,6 +350,9 @@ fn record(audit: &AuditLog, r: &DestructionReceipt, held: &HeldReceipt) {
 mod tests {
     use super::*;
 
+    /// A change made to a receipt.
+    type Change = Box<dyn Fn(&mut DestructionReceipt)>;
+
     fn receipt() -> DestructionReceipt {
         DestructionReceipt {
             agreement_id: "agr".into(),
@@ -372,7 +375,7 @@ mod tests {
     #[test]
     fn fields_are_checked_before_use() {
         assert!(check_fields(&receipt()).is_ok());
-        let cases: Vec<Box<dyn Fn(&mut DestructionReceipt)>> = vec![
+        let cases: Vec<Change> = vec![
             Box::new(|r| r.agreement_id = "../x".into()),
             Box::new(|r| r.study_token = "2.25.x".into()),
             Box::new(|r| r.after = "keep".into()),
@@ -392,7 +395,7 @@ mod tests {
     #[test]
     fn every_field_is_covered_by_the_signature() {
         let base = signed_bytes(&receipt());
-        let changes: Vec<Box<dyn Fn(&mut DestructionReceipt)>> = vec![
+        let changes: Vec<Change> = vec![
             Box::new(|r| r.agreement_id.push('x')),
             Box::new(|r| r.flow.push('x')),
             Box::new(|r| r.study_token.push('1')),
