@@ -34,6 +34,9 @@ use crate::store::{safe_name, write_atomic, StoreError};
 
 /// Longest signature accepted (a DER ECDSA P-256 signature is at most 72 bytes).
 const MAX_SIGNATURE: usize = 128;
+/// Most destruction receipts kept for one study from one partner (a study re-sent after its
+/// destruction is destroyed again; a partner cannot fill the origin's disk with variants).
+pub const MAX_RECEIPTS_PER_STUDY: usize = 8;
 
 /// The exact bytes a destruction receipt's signature covers.
 pub fn signed_bytes(r: &DestructionReceipt) -> Vec<u8> {
@@ -160,6 +163,8 @@ pub struct DestructionLedger {
 pub enum LedgerError {
     #[error("no such study was sent to your site under this agreement and flow")]
     NotSent,
+    #[error("this site already holds {MAX_RECEIPTS_PER_STUDY} destruction receipts of yours for this study")]
+    TooMany,
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -187,13 +192,32 @@ impl DestructionLedger {
             .then(|| study_digest(e.instances.iter().map(|i| &i.sha256)))
     }
 
+    fn prefix_of(r: &DestructionReceipt) -> String {
+        format!(
+            "{}.{}.",
+            safe_name(&r.study_token),
+            safe_name(&r.receiver_site)
+        )
+    }
+
     fn path_of(&self, r: &DestructionReceipt) -> PathBuf {
         self.dir.join(safe_name(&r.agreement_id)).join(format!(
-            "{}.{}.{}.json",
-            safe_name(&r.study_token),
-            safe_name(&r.receiver_site),
+            "{}{}.json",
+            Self::prefix_of(r),
             r.destroyed_at
         ))
+    }
+
+    /// How many receipts of this partner are held for this study.
+    fn count_for(&self, r: &DestructionReceipt) -> usize {
+        let prefix = Self::prefix_of(r);
+        std::fs::read_dir(self.dir.join(safe_name(&r.agreement_id)))
+            .map(|d| {
+                d.flatten()
+                    .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
+                    .count()
+            })
+            .unwrap_or(0)
     }
 
     /// Keeps a verified receipt durably; `Ok(None)` when it was held already.
@@ -207,6 +231,9 @@ impl DestructionLedger {
         let path = self.path_of(r);
         if path.exists() {
             return Ok(None);
+        }
+        if self.count_for(r) >= MAX_RECEIPTS_PER_STUDY {
+            return Err(LedgerError::TooMany);
         }
         let held = HeldReceipt {
             receiver_site: r.receiver_site.clone(),
@@ -286,10 +313,13 @@ pub async fn receive(
         .map_err(|e| Status::internal(e.to_string()))?;
     let held = match held {
         Ok(h) => h,
-        Err(LedgerError::NotSent) => {
-            let why = LedgerError::NotSent.to_string();
-            refuse(&r.agreement_id, &object, &why);
-            return Err(Status::permission_denied(why));
+        Err(e @ LedgerError::NotSent) => {
+            refuse(&r.agreement_id, &object, &e.to_string());
+            return Err(Status::permission_denied(e.to_string()));
+        }
+        Err(e @ LedgerError::TooMany) => {
+            refuse(&r.agreement_id, &object, &e.to_string());
+            return Err(Status::resource_exhausted(e.to_string()));
         }
         Err(LedgerError::Store(e)) => {
             tracing::error!(error = %e, "cannot keep a destruction receipt");
@@ -414,6 +444,65 @@ mod tests {
             c(&mut r);
             assert_ne!(signed_bytes(&r), base, "field {i} not signed");
         }
+    }
+
+    #[test]
+    fn the_ledger_takes_receipts_only_for_studies_sent_to_that_site_and_bounds_them() {
+        use crate::store::outbox::{OutboxEntry, OutboxInstance};
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = DestructionLedger::new(dir.path());
+        let r = receipt();
+        assert!(matches!(
+            ledger.hold(&r, b"cert"),
+            Err(LedgerError::NotSent)
+        ));
+        let outbox = Outbox::new(dir.path().join("outbox"));
+        let mut e = OutboxEntry::pending("agr", "ct", "treatment", "telerad-c", "2.25.7", true);
+        e.instances.push(OutboxInstance {
+            file: "1.dcm".into(),
+            sha256: "ab".repeat(32),
+            size: 1,
+            sop_instance_uid: "2.25.71".into(),
+        });
+        outbox.save(&e).unwrap();
+        assert!(
+            matches!(ledger.hold(&r, b"cert"), Err(LedgerError::NotSent)),
+            "not delivered yet"
+        );
+        e.state = OutboxState::Delivered;
+        outbox.save(&e).unwrap();
+        let mut other_site = r.clone();
+        other_site.receiver_site = "hospital-b".into();
+        assert!(matches!(
+            ledger.hold(&other_site, b"c"),
+            Err(LedgerError::NotSent)
+        ));
+        let held = ledger.hold(&r, b"cert").unwrap().unwrap();
+        assert!(!held.digest_matches_sent);
+        assert_eq!(held.decode().unwrap(), r);
+        assert!(ledger.hold(&r, b"cert").unwrap().is_none(), "held already");
+        let mut matching = r.clone();
+        matching.destroyed_at += 1;
+        matching.study_digest = study_digest(&["ab".repeat(32)]);
+        assert!(
+            ledger
+                .hold(&matching, b"cert")
+                .unwrap()
+                .unwrap()
+                .digest_matches_sent
+        );
+        for i in 2..MAX_RECEIPTS_PER_STUDY as u64 {
+            let mut again = r.clone();
+            again.destroyed_at += i;
+            ledger.hold(&again, b"cert").unwrap().unwrap();
+        }
+        let mut one_more = r.clone();
+        one_more.destroyed_at += 1000;
+        assert!(matches!(
+            ledger.hold(&one_more, b"cert"),
+            Err(LedgerError::TooMany)
+        ));
+        assert_eq!(ledger.held().len(), MAX_RECEIPTS_PER_STUDY);
     }
 
     #[test]
