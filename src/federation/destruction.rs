@@ -269,11 +269,27 @@ impl DestructionLedger {
     }
 }
 
-/// What `receive` needs from the service: the ledger, the audit log, this site's id.
+/// What `receive` needs from the service: the ledger, the audit log, this site's id, and the
+/// agreements in force (for `certificate_pin`s).
 pub struct Origin<'a> {
     pub site_id: &'a str,
     pub ledger: &'a Arc<DestructionLedger>,
     pub audit: &'a Arc<AuditLog>,
+    pub agreements: Arc<crate::dsa::AgreementSet>,
+}
+
+/// True when the agreement in force pins `site` to keys other than `spki_sha256`.
+fn pin_refuses(
+    set: &crate::dsa::AgreementSet,
+    agreement: &str,
+    site: &str,
+    spki_sha256: &[u8; 32],
+) -> bool {
+    set.agreements
+        .get(agreement)
+        .and_then(|a| a.party(site))
+        .and_then(|p| p.certificate_pin.as_deref())
+        .is_some_and(|pin| !pin.eq_ignore_ascii_case(&hex::encode(spki_sha256)))
 }
 
 /// Handles `ReportDestruction` from `peer`: checks, verifies, keeps and audits the receipt.
@@ -298,6 +314,16 @@ pub async fn receive(
     if r.receiver_site != caller || r.origin_site != origin.site_id {
         let why =
             "a destruction receipt must name the calling site as receiver and this site as origin";
+        refuse(&r.agreement_id, &object, why);
+        return Err(Status::permission_denied(why));
+    }
+    if pin_refuses(
+        &origin.agreements,
+        &r.agreement_id,
+        caller,
+        &peer.identity.spki_sha256,
+    ) {
+        let why = "the certificate's public key does not match the caller's certificate_pin in this agreement";
         refuse(&r.agreement_id, &object, why);
         return Err(Status::permission_denied(why));
     }
@@ -503,6 +529,55 @@ mod tests {
             Err(LedgerError::TooMany)
         ));
         assert_eq!(ledger.held().len(), MAX_RECEIPTS_PER_STUDY);
+    }
+
+    #[test]
+    fn a_pinned_party_must_present_its_pinned_key() {
+        let text = |pin: &str| {
+            format!(
+                r#"[agreement]
+id = "agr"
+version = 1
+title = "t"
+status = "active"
+valid_from = 2020-01-01
+valid_until = 2099-12-31
+governing_law = "x"
+
+[[parties]]
+site = "a"
+organisation = "A"
+privacy_officer = "P"
+privacy_contact = "p@a.example"
+
+[[parties]]
+site = "c"
+organisation = "C"
+privacy_officer = "P"
+privacy_contact = "p@c.example"
+{pin}
+
+[[flows]]
+name = "ct"
+from = "a"
+to = "c"
+purposes = ["treatment"]
+"#
+            )
+        };
+        let key = [7u8; 32];
+        let set = |pin: &str| {
+            let a = crate::dsa::Agreement::parse("agr.toml", &text(pin)).unwrap();
+            let mut s = crate::dsa::AgreementSet::default();
+            s.agreements.insert(a.id.clone(), a);
+            s
+        };
+        let unpinned = set("");
+        assert!(!pin_refuses(&unpinned, "agr", "c", &key));
+        let pinned = set(&format!("certificate_pin = \"{}\"", hex::encode(key)));
+        assert!(!pin_refuses(&pinned, "agr", "c", &key));
+        assert!(pin_refuses(&pinned, "agr", "c", &[8u8; 32]));
+        assert!(!pin_refuses(&pinned, "other", "c", &[8u8; 32]));
     }
 
     #[test]
