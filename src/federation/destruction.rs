@@ -580,6 +580,25 @@ purposes = ["treatment"]
         assert!(!pin_refuses(&pinned, "other", "c", &[8u8; 32]));
     }
 
+    proptest::proptest! {
+        #[test]
+        fn any_peer_strings_are_judged_without_echo(
+            agreement in ".{0,200}", flow in ".{0,80}", token in ".{0,100}", site in ".{0,80}",
+            after in ".{0,20}",
+        ) {
+            // A marker no message contains, carried by every peer string.
+            let mut r = receipt();
+            r.agreement_id = format!("QZX{agreement}");
+            r.flow = format!("QZX{flow}");
+            r.study_token = format!("{token}QZX");
+            r.receiver_site = format!("QZX{site}");
+            r.after = format!("QZX{after}");
+            let m = check_fields(&r).expect_err("QZX is never valid everywhere").to_string();
+            proptest::prop_assert!(m.len() < 120, "{m}");
+            proptest::prop_assert!(!m.contains("QZX"), "{m}");
+        }
+    }
+
     #[test]
     fn digest_is_order_independent() {
         let a = ["bb".to_string(), "aa".to_string()];
