@@ -10,6 +10,8 @@
 //! disclosure is audited. The pipeline itself (guard, admission, de-identification, staging)
 //! lives in `ingest`, the DIMSE association layer in `dicom_net`. With `[dicom.deliver]`, `serve`
 //! also runs the worker that forwards received instances to the site's PACS (`dicom_net::deliver`).
+//! `serve` also runs the retention task (`retention`: expired received studies are destroyed and
+//! their origins get signed destruction receipts) and takes partners' destruction receipts.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
