@@ -141,8 +141,9 @@ pub fn sweep(
         );
     }
     let mut first_error = None;
+    let mut refs = store.blob_refs()?;
     for e in due {
-        match store.destroy_study(&e.key, &e.retention, now) {
+        match store.destroy_study(&e.key, &e.retention, now, &mut refs) {
             Ok(Some(d)) => {
                 audit_destroyed(audit, &d);
                 done.push(d);
