@@ -13,6 +13,8 @@
 //! The return path (`results`, `federation::returns`) is wired here too: the origin's
 //! `ReturnResult` desk, the partner's worker that sends queued results home, and the listener's
 //! side door for results ([`returns`]).
+//! `serve` also runs the retention task (`retention`: expired received studies are destroyed and
+//! their origins get signed destruction receipts) and takes partners' destruction receipts.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -408,6 +410,23 @@ impl Node {
         })
     }
 
+    /// The serving node's retention task: a sweep at start, every [`RETENTION_SWEEP`], and soon
+    /// after the clock is set. (Aborting it mid-sweep is safe: deletions run to their end on the
+    /// blocking pool, and an interrupted destruction is finished by the next sweep.)
+    async fn run_retention(self: Arc<Self>) {
+        let mut last: Option<std::time::Instant> = None;
+        loop {
+            let due = self.retention_due.load(std::sync::atomic::Ordering::SeqCst);
+            if due || last.is_none_or(|t| t.elapsed() >= RETENTION_SWEEP) {
+                last = Some(std::time::Instant::now());
+                if let Err(e) = self.sweep_retention().await {
+                    tracing::error!(error = %e, "retention sweep failed; retried at the next one");
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+
     /// Opens a node from a config file.
     pub fn open_config(path: &Path) -> Result<Node, NodeError> {
         Node::open(NodeConfig::load(path)?)
@@ -500,15 +519,7 @@ impl Node {
             let node = self.clone();
             tokio::spawn(async move {
                 let mut last_sweep: Option<std::time::Instant> = None;
-                let mut last_retention: Option<std::time::Instant> = None;
                 loop {
-                    let due = node.retention_due.load(std::sync::atomic::Ordering::SeqCst);
-                    if due || last_retention.is_none_or(|t| t.elapsed() >= RETENTION_SWEEP) {
-                        last_retention = Some(std::time::Instant::now());
-                        if let Err(e) = node.sweep_retention().await {
-                            tracing::error!(error = %e, "retention sweep failed; retried at the next one");
-                        }
-                    }
                     if last_sweep.is_none_or(|t| t.elapsed() >= QUARANTINE_SWEEP) {
                         last_sweep = Some(std::time::Instant::now());
                         let n = node.clone();
@@ -533,6 +544,7 @@ impl Node {
                 }
             })
         };
+        let retention = tokio::spawn(self.clone().run_retention());
         let (stop_tx, stop) = watch::channel(false);
         let dicom = match self.config.dicom.clone().filter(|d| d.has_listener()) {
             Some(cfg) => match self.start_dicom(cfg, stop, returns_wake).await {
@@ -541,6 +553,7 @@ impl Node {
                     watcher.abort();
                     worker.abort();
                     returner.abort();
+                    retention.abort();
                     return Err(e);
                 }
             },
@@ -572,6 +585,7 @@ impl Node {
         watcher.abort();
         worker.abort();
         returner.abort();
+        retention.abort();
         if let Some(pacs) = pacs {
             pacs.stop().await;
         }

@@ -117,7 +117,9 @@ pub fn expired(
     (out, unknown)
 }
 
-/// One sweep: finishes interrupted destructions, destroys every expired study, audits each.
+/// One sweep: finishes interrupted destructions, destroys every expired study, audits each as
+/// soon as it is done. A study that cannot be destroyed now is audited as such and left for the
+/// next sweep; the others go on (the first such error is returned at the end).
 /// Blocking (file deletions and fsyncs): run it off the async executor.
 pub fn sweep(
     store: &LocalStore,
@@ -126,7 +128,11 @@ pub fn sweep(
     audit: &AuditLog,
     now: u64,
 ) -> Result<Vec<Destruction>, StoreError> {
-    let mut done = store.resume_destructions()?;
+    let done = store.resume_destructions()?;
+    for d in &done {
+        audit_destroyed(audit, d);
+    }
+    let mut done = done;
     let (due, unknown) = expired(&store.studies()?, set, site, now);
     if unknown > 0 {
         tracing::warn!(
@@ -134,9 +140,14 @@ pub fn sweep(
             "received studies whose agreement or flow is not in force here are kept until it is"
         );
     }
+    let mut first_error = None;
+    let mut refs = store.blob_refs()?;
     for e in due {
-        match store.destroy_study(&e.key, &e.retention, now) {
-            Ok(Some(d)) => done.push(d),
+        match store.destroy_study(&e.key, &e.retention, now, &mut refs) {
+            Ok(Some(d)) => {
+                audit_destroyed(audit, &d);
+                done.push(d);
+            }
             Ok(None) => {}
             Err(err) => {
                 audit.record_or_warn(Event {
@@ -147,14 +158,14 @@ pub fn sweep(
                     purpose: String::new(),
                     outcome: format!("failed, retried at the next sweep: {err}"),
                 });
-                return Err(err);
+                first_error.get_or_insert(err);
             }
         }
     }
-    for d in &done {
-        audit_destroyed(audit, d);
+    match first_error {
+        Some(e) => Err(e),
+        None => Ok(done),
     }
-    Ok(done)
 }
 
 fn audit_destroyed(audit: &AuditLog, d: &Destruction) {
@@ -226,9 +237,11 @@ pub struct ReceiptsDelivered {
     pub pending: usize,
 }
 
-/// Sends every due destruction receipt to its origin; an acknowledged one leaves the queue, a
-/// failed one is retried with backoff. Every outcome is audited (a failure once, at its first
-/// attempt, then again when it finally goes).
+/// Sends every due destruction receipt to its origin, over one connection per origin; an
+/// acknowledged one leaves the queue, a failed one is retried with backoff (an origin that
+/// cannot be reached fails all its receipts of this round at once, without a connection
+/// attempt each). Every outcome is audited (a failure once, at its first attempt, then again
+/// when it finally goes).
 pub async fn deliver_receipts(
     store: &LocalStore,
     tls: &SiteTls,
@@ -237,58 +250,92 @@ pub async fn deliver_receipts(
     now: u64,
 ) -> Result<ReceiptsDelivered, StoreError> {
     let mut out = ReceiptsDelivered::default();
+    let mut by_origin: BTreeMap<String, Vec<_>> = BTreeMap::new();
     for (tk, d) in store.receipts_due(now)? {
-        let outcome = send_one(&d, tls, peers, audit).await;
-        let event = |outcome: String| Event {
-            actor: "node".into(),
-            action: "destruction-receipt-sent".into(),
-            object: format!(
-                "destruction receipt for study {} to site:{}",
-                d.study_token, d.from_site
-            ),
-            agreement: d.agreement.clone(),
-            purpose: String::new(),
-            outcome,
-        };
-        match &outcome {
-            Ok(already) => {
-                out.acknowledged += 1;
-                audit.record_or_warn(event(if *already {
-                    "ok (the origin already held it)".into()
-                } else {
-                    "ok (the origin verified and kept it)".into()
-                }));
-            }
-            Err(e) => {
-                out.pending += 1;
-                if d.receipt_attempts == 0 {
-                    audit.record_or_warn(event(format!("not delivered yet, retried: {e}")));
-                }
-                tracing::warn!(study = %d.study_token, origin = %d.from_site, error = %e, "destruction receipt not delivered; retried later");
-            }
+        by_origin
+            .entry(d.from_site.clone())
+            .or_default()
+            .push((tk, d));
+    }
+    for (origin, due) in by_origin {
+        let mut client = connect(&origin, tls, peers).await;
+        for (tk, d) in due {
+            let outcome = match &mut client {
+                Ok(c) => send_one(c, &d, tls, audit).await,
+                Err(e) => Err(e.clone()),
+            };
+            settle(store, audit, &tk, &d, outcome, now, &mut out)?;
         }
-        store.settle_receipt(&tk, outcome.map(|_| ()), now)?;
     }
     Ok(out)
 }
 
-/// One attempt: `Ok(already_held)` when the origin acknowledged.
-async fn send_one(
+/// Records one attempt's outcome in the queue and the audit log.
+fn settle(
+    store: &LocalStore,
+    audit: &AuditLog,
+    tk: &[u8],
     d: &Destruction,
+    outcome: Result<bool, String>,
+    now: u64,
+    out: &mut ReceiptsDelivered,
+) -> Result<(), StoreError> {
+    let event = |outcome: String| Event {
+        actor: "node".into(),
+        action: "destruction-receipt-sent".into(),
+        object: format!(
+            "destruction receipt for study {} to site:{}",
+            d.study_token, d.from_site
+        ),
+        agreement: d.agreement.clone(),
+        purpose: String::new(),
+        outcome,
+    };
+    match &outcome {
+        Ok(already) => {
+            out.acknowledged += 1;
+            audit.record_or_warn(event(if *already {
+                "ok (the origin already held it)".into()
+            } else {
+                "ok (the origin verified and kept it)".into()
+            }));
+        }
+        Err(e) => {
+            out.pending += 1;
+            if d.receipt_attempts == 0 {
+                audit.record_or_warn(event(format!("not delivered yet, retried: {e}")));
+            }
+            tracing::warn!(study = %d.study_token, origin = %d.from_site, error = %e, "destruction receipt not delivered; retried later");
+        }
+    }
+    store.settle_receipt(tk, outcome.map(|_| ()), now)?;
+    Ok(())
+}
+
+/// A connection to the origin `site`'s node.
+async fn connect(
+    site: &str,
     tls: &SiteTls,
     peers: &BTreeMap<String, Peer>,
-    audit: &AuditLog,
-) -> Result<bool, String> {
-    let peer = peers.get(&d.from_site).ok_or_else(|| {
+) -> Result<PeerClient, String> {
+    let peer = peers.get(site).ok_or_else(|| {
         format!(
-            "no peer address is configured for site {} (add [peers.{}] to the node config)",
-            d.from_site, d.from_site
+            "no peer address is configured for site {site} (add [peers.{site}] to the node config)"
         )
     })?;
-    let receipt = receipt_for(d, &tls.site_id, &tls.key_pkcs8, audit.checkpoint_for_peer())?;
-    let mut client = PeerClient::connect(tls, &d.from_site, &peer.address, &server_name(peer))
+    PeerClient::connect(tls, site, &peer.address, &server_name(peer))
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| e.to_string())
+}
+
+/// One attempt: `Ok(already_held)` when the origin acknowledged.
+async fn send_one(
+    client: &mut PeerClient,
+    d: &Destruction,
+    tls: &SiteTls,
+    audit: &AuditLog,
+) -> Result<bool, String> {
+    let receipt = receipt_for(d, &tls.site_id, &tls.key_pkcs8, audit.checkpoint_for_peer())?;
     let ack = client
         .raw()
         .report_destruction(receipt)

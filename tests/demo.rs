@@ -155,3 +155,43 @@ fn rerunning_the_demo_over_a_running_site_refuses_and_changes_nothing() {
         "the other site's node.toml rewritten"
     );
 }
+
+/// The container version of the demo follows the same rule: each service mounts only its own
+/// agreements, and a subject-ID mapping only where the site sends under it.
+#[test]
+fn the_compose_sites_mount_only_what_they_may_hold() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let text = std::fs::read_to_string(root.join("docker-compose.yml")).unwrap();
+    let mut site = String::new();
+    let mut mounts: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+    for line in text.lines() {
+        if let Some(s) = line.strip_prefix("  ").and_then(|l| l.strip_suffix(':')) {
+            if !s.starts_with(' ') {
+                site = s.to_string();
+            }
+        }
+        if let Some(m) = line.trim().strip_prefix("- ./policies") {
+            let host = format!("policies{}", m.split(':').next().unwrap());
+            assert!(root.join(&host).exists(), "{site} mounts a missing {host}");
+            mounts.entry(site.clone()).or_default().push(host);
+        }
+    }
+    let c = &mounts["telerad-c"];
+    assert!(
+        !c.is_empty() && c.iter().all(|m| !m.ends_with(".csv")),
+        "{c:?}"
+    );
+    assert!(
+        !c.iter().any(|m| m == "policies"),
+        "the whole folder: {c:?}"
+    );
+    let a = &mounts["hospital-a"];
+    assert!(
+        a.iter().any(|m| m.ends_with("site01-subjects.csv")),
+        "{a:?}"
+    );
+    assert!(
+        !a.iter().any(|m| m.ends_with("site02-subjects.csv")),
+        "{a:?}"
+    );
+}

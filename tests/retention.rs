@@ -358,3 +358,68 @@ async fn forged_misaddressed_and_unknown_destruction_receipts_are_refused() {
     drop(a);
     fed.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_or_lost_receipt_stays_queued_and_is_retried_until_the_origin_has_it() {
+    use pacs_broker::store::retention::DestructionState;
+    let fed = Federation::start(&["hospital-a", "telerad-c"]).await;
+    let (a, c) = (
+        fed.node("hospital-a").clone(),
+        fed.node("telerad-c").clone(),
+    );
+    let study = send_study(&fed, 2).await;
+    // The origin cannot match the receipt to a study it sent (its outbox record is away).
+    let record = a
+        .outbox()
+        .study_dir(AGREEMENT, &study)
+        .join("transfer.json");
+    let aside = record.with_extension("aside");
+    std::fs::rename(&record, &aside).unwrap();
+    let start = pacs_broker::retention::Clock::now(&pacs_broker::retention::SystemClock);
+    let clock = Arc::new(ManualClock::at(start + 31 * DAY));
+    c.set_clock(clock.clone());
+    let tomb = |c: &Node| c.store().unwrap().destructions().unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while tomb(&c).first().is_none_or(|t| t.1.receipt_attempts == 0) {
+        assert!(std::time::Instant::now() < deadline, "no attempt was made");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let t = &tomb(&c)[0].1;
+    assert_eq!(t.state, DestructionState::Deleted, "{t:?}");
+    assert!(
+        t.last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("no such study was sent to your site")),
+        "{t:?}"
+    );
+    assert!(held_receipts(&a).is_empty());
+    assert!(
+        c.store().unwrap().studies().unwrap().is_empty(),
+        "deleted anyway"
+    );
+    // Not retried before its backoff; retried after it, and then the origin has it.
+    assert_eq!(c.sweep_retention().await.unwrap().receipts.acknowledged, 0);
+    std::fs::rename(&aside, &record).unwrap();
+    assert_eq!(c.sweep_retention().await.unwrap().receipts.acknowledged, 0);
+    clock.advance(pacs_broker::store::retention::receipt_backoff_secs(1));
+    c.set_clock(clock.clone());
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while tomb(&c)[0].1.state != DestructionState::Acknowledged {
+        assert!(std::time::Instant::now() < deadline, "never acknowledged");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(held_receipts(&a).len(), 1);
+    let log = pacs_broker::audit::read_entries(c.audit.path()).unwrap();
+    let sent: Vec<_> = log
+        .iter()
+        .filter(|e| e.event.action == "destruction-receipt-sent")
+        .map(|e| e.event.outcome.clone())
+        .collect();
+    assert_eq!(sent.len(), 2, "{sent:?}");
+    assert!(
+        sent[0].starts_with("not delivered yet") && sent[1].starts_with("ok"),
+        "{sent:?}"
+    );
+    drop((a, c));
+    fed.stop().await;
+}

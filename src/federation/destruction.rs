@@ -34,6 +34,9 @@ use crate::store::{safe_name, write_atomic, StoreError};
 
 /// Longest signature accepted (a DER ECDSA P-256 signature is at most 72 bytes).
 const MAX_SIGNATURE: usize = 128;
+/// Most destruction receipts kept for one study from one partner (a study re-sent after its
+/// destruction is destroyed again; a partner cannot fill the origin's disk with variants).
+pub const MAX_RECEIPTS_PER_STUDY: usize = 8;
 
 /// The exact bytes a destruction receipt's signature covers.
 pub fn signed_bytes(r: &DestructionReceipt) -> Vec<u8> {
@@ -160,6 +163,8 @@ pub struct DestructionLedger {
 pub enum LedgerError {
     #[error("no such study was sent to your site under this agreement and flow")]
     NotSent,
+    #[error("this site already holds {MAX_RECEIPTS_PER_STUDY} destruction receipts of yours for this study")]
+    TooMany,
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -187,13 +192,32 @@ impl DestructionLedger {
             .then(|| study_digest(e.instances.iter().map(|i| &i.sha256)))
     }
 
+    fn prefix_of(r: &DestructionReceipt) -> String {
+        format!(
+            "{}.{}.",
+            safe_name(&r.study_token),
+            safe_name(&r.receiver_site)
+        )
+    }
+
     fn path_of(&self, r: &DestructionReceipt) -> PathBuf {
         self.dir.join(safe_name(&r.agreement_id)).join(format!(
-            "{}.{}.{}.json",
-            safe_name(&r.study_token),
-            safe_name(&r.receiver_site),
+            "{}{}.json",
+            Self::prefix_of(r),
             r.destroyed_at
         ))
+    }
+
+    /// How many receipts of this partner are held for this study.
+    fn count_for(&self, r: &DestructionReceipt) -> usize {
+        let prefix = Self::prefix_of(r);
+        std::fs::read_dir(self.dir.join(safe_name(&r.agreement_id)))
+            .map(|d| {
+                d.flatten()
+                    .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
+                    .count()
+            })
+            .unwrap_or(0)
     }
 
     /// Keeps a verified receipt durably; `Ok(None)` when it was held already.
@@ -207,6 +231,9 @@ impl DestructionLedger {
         let path = self.path_of(r);
         if path.exists() {
             return Ok(None);
+        }
+        if self.count_for(r) >= MAX_RECEIPTS_PER_STUDY {
+            return Err(LedgerError::TooMany);
         }
         let held = HeldReceipt {
             receiver_site: r.receiver_site.clone(),
@@ -242,11 +269,27 @@ impl DestructionLedger {
     }
 }
 
-/// What `receive` needs from the service: the ledger, the audit log, this site's id.
+/// What `receive` needs from the service: the ledger, the audit log, this site's id, and the
+/// agreements in force (for `certificate_pin`s).
 pub struct Origin<'a> {
     pub site_id: &'a str,
     pub ledger: &'a Arc<DestructionLedger>,
     pub audit: &'a Arc<AuditLog>,
+    pub agreements: Arc<crate::dsa::AgreementSet>,
+}
+
+/// True when the agreement in force pins `site` to keys other than `spki_sha256`.
+fn pin_refuses(
+    set: &crate::dsa::AgreementSet,
+    agreement: &str,
+    site: &str,
+    spki_sha256: &[u8; 32],
+) -> bool {
+    set.agreements
+        .get(agreement)
+        .and_then(|a| a.party(site))
+        .and_then(|p| p.certificate_pin.as_deref())
+        .is_some_and(|pin| !pin.eq_ignore_ascii_case(&hex::encode(spki_sha256)))
 }
 
 /// Handles `ReportDestruction` from `peer`: checks, verifies, keeps and audits the receipt.
@@ -274,6 +317,16 @@ pub async fn receive(
         refuse(&r.agreement_id, &object, why);
         return Err(Status::permission_denied(why));
     }
+    if pin_refuses(
+        &origin.agreements,
+        &r.agreement_id,
+        caller,
+        &peer.identity.spki_sha256,
+    ) {
+        let why = "the certificate's public key does not match the caller's certificate_pin in this agreement";
+        refuse(&r.agreement_id, &object, why);
+        return Err(Status::permission_denied(why));
+    }
     let cert = peer.identity.certificate.as_ref().to_vec();
     if !verify(&r, &cert) {
         let why = "the destruction receipt is not signed by the certificate the caller presented";
@@ -286,10 +339,13 @@ pub async fn receive(
         .map_err(|e| Status::internal(e.to_string()))?;
     let held = match held {
         Ok(h) => h,
-        Err(LedgerError::NotSent) => {
-            let why = LedgerError::NotSent.to_string();
-            refuse(&r.agreement_id, &object, &why);
-            return Err(Status::permission_denied(why));
+        Err(e @ LedgerError::NotSent) => {
+            refuse(&r.agreement_id, &object, &e.to_string());
+            return Err(Status::permission_denied(e.to_string()));
+        }
+        Err(e @ LedgerError::TooMany) => {
+            refuse(&r.agreement_id, &object, &e.to_string());
+            return Err(Status::resource_exhausted(e.to_string()));
         }
         Err(LedgerError::Store(e)) => {
             tracing::error!(error = %e, "cannot keep a destruction receipt");
@@ -350,6 +406,9 @@ fn record(audit: &AuditLog, r: &DestructionReceipt, held: &HeldReceipt) {
 mod tests {
     use super::*;
 
+    /// A change made to a receipt.
+    type Change = Box<dyn Fn(&mut DestructionReceipt)>;
+
     fn receipt() -> DestructionReceipt {
         DestructionReceipt {
             agreement_id: "agr".into(),
@@ -372,7 +431,7 @@ mod tests {
     #[test]
     fn fields_are_checked_before_use() {
         assert!(check_fields(&receipt()).is_ok());
-        let cases: Vec<Box<dyn Fn(&mut DestructionReceipt)>> = vec![
+        let cases: Vec<Change> = vec![
             Box::new(|r| r.agreement_id = "../x".into()),
             Box::new(|r| r.study_token = "2.25.x".into()),
             Box::new(|r| r.after = "keep".into()),
@@ -392,7 +451,7 @@ mod tests {
     #[test]
     fn every_field_is_covered_by_the_signature() {
         let base = signed_bytes(&receipt());
-        let changes: Vec<Box<dyn Fn(&mut DestructionReceipt)>> = vec![
+        let changes: Vec<Change> = vec![
             Box::new(|r| r.agreement_id.push('x')),
             Box::new(|r| r.flow.push('x')),
             Box::new(|r| r.study_token.push('1')),
@@ -410,6 +469,133 @@ mod tests {
             let mut r = receipt();
             c(&mut r);
             assert_ne!(signed_bytes(&r), base, "field {i} not signed");
+        }
+    }
+
+    #[test]
+    fn the_ledger_takes_receipts_only_for_studies_sent_to_that_site_and_bounds_them() {
+        use crate::store::outbox::{OutboxEntry, OutboxInstance};
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = DestructionLedger::new(dir.path());
+        let r = receipt();
+        assert!(matches!(
+            ledger.hold(&r, b"cert"),
+            Err(LedgerError::NotSent)
+        ));
+        let outbox = Outbox::new(dir.path().join("outbox"));
+        let mut e = OutboxEntry::pending("agr", "ct", "treatment", "telerad-c", "2.25.7", true);
+        e.instances.push(OutboxInstance {
+            file: "1.dcm".into(),
+            sha256: "ab".repeat(32),
+            size: 1,
+            sop_instance_uid: "2.25.71".into(),
+        });
+        outbox.save(&e).unwrap();
+        assert!(
+            matches!(ledger.hold(&r, b"cert"), Err(LedgerError::NotSent)),
+            "not delivered yet"
+        );
+        e.state = OutboxState::Delivered;
+        outbox.save(&e).unwrap();
+        let mut other_site = r.clone();
+        other_site.receiver_site = "hospital-b".into();
+        assert!(matches!(
+            ledger.hold(&other_site, b"c"),
+            Err(LedgerError::NotSent)
+        ));
+        let held = ledger.hold(&r, b"cert").unwrap().unwrap();
+        assert!(!held.digest_matches_sent);
+        assert_eq!(held.decode().unwrap(), r);
+        assert!(ledger.hold(&r, b"cert").unwrap().is_none(), "held already");
+        let mut matching = r.clone();
+        matching.destroyed_at += 1;
+        matching.study_digest = study_digest(&["ab".repeat(32)]);
+        assert!(
+            ledger
+                .hold(&matching, b"cert")
+                .unwrap()
+                .unwrap()
+                .digest_matches_sent
+        );
+        for i in 2..MAX_RECEIPTS_PER_STUDY as u64 {
+            let mut again = r.clone();
+            again.destroyed_at += i;
+            ledger.hold(&again, b"cert").unwrap().unwrap();
+        }
+        let mut one_more = r.clone();
+        one_more.destroyed_at += 1000;
+        assert!(matches!(
+            ledger.hold(&one_more, b"cert"),
+            Err(LedgerError::TooMany)
+        ));
+        assert_eq!(ledger.held().len(), MAX_RECEIPTS_PER_STUDY);
+    }
+
+    #[test]
+    fn a_pinned_party_must_present_its_pinned_key() {
+        let text = |pin: &str| {
+            format!(
+                r#"[agreement]
+id = "agr"
+version = 1
+title = "t"
+status = "active"
+valid_from = 2020-01-01
+valid_until = 2099-12-31
+governing_law = "x"
+
+[[parties]]
+site = "a"
+organisation = "A"
+privacy_officer = "P"
+privacy_contact = "p@a.example"
+
+[[parties]]
+site = "c"
+organisation = "C"
+privacy_officer = "P"
+privacy_contact = "p@c.example"
+{pin}
+
+[[flows]]
+name = "ct"
+from = "a"
+to = "c"
+purposes = ["treatment"]
+"#
+            )
+        };
+        let key = [7u8; 32];
+        let set = |pin: &str| {
+            let a = crate::dsa::Agreement::parse("agr.toml", &text(pin)).unwrap();
+            let mut s = crate::dsa::AgreementSet::default();
+            s.agreements.insert(a.id.clone(), a);
+            s
+        };
+        let unpinned = set("");
+        assert!(!pin_refuses(&unpinned, "agr", "c", &key));
+        let pinned = set(&format!("certificate_pin = \"{}\"", hex::encode(key)));
+        assert!(!pin_refuses(&pinned, "agr", "c", &key));
+        assert!(pin_refuses(&pinned, "agr", "c", &[8u8; 32]));
+        assert!(!pin_refuses(&pinned, "other", "c", &[8u8; 32]));
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn any_peer_strings_are_judged_without_echo(
+            agreement in ".{0,200}", flow in ".{0,80}", token in ".{0,100}", site in ".{0,80}",
+            after in ".{0,20}",
+        ) {
+            // A marker no message contains, carried by every peer string.
+            let mut r = receipt();
+            r.agreement_id = format!("QZX{agreement}");
+            r.flow = format!("QZX{flow}");
+            r.study_token = format!("{token}QZX");
+            r.receiver_site = format!("QZX{site}");
+            r.after = format!("QZX{after}");
+            let m = check_fields(&r).expect_err("QZX is never valid everywhere").to_string();
+            proptest::prop_assert!(m.len() < 120, "{m}");
+            proptest::prop_assert!(!m.contains("QZX"), "{m}");
         }
     }
 

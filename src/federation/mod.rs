@@ -2,8 +2,9 @@
 //!
 //! Owns: the gRPC protocol (`proto/federation.proto`, package `federation.v1`), mutual TLS 1.3 and
 //! the peer identity taken from the verified certificate ([`tls`], [`pki`]), the receiving side of
-//! offer/transfer with its enforcement ([`service`]) and the sending side ([`client`]), and the
-//! return path of results from a partner to the origin ([`returns`]).
+//! offer/transfer with its enforcement ([`service`]) and the sending side ([`client`]), the
+//! return path of results from a partner to the origin ([`returns`]), and signed destruction
+//! receipts with the origin's ledger of them ([`destruction`]).
 //!
 //! Peers are not trusted to be benign: per-peer limits and timeouts, bounded peer strings, CRLs
 //! and pins apply to every connection ([`tls`], [`crl`], [`wire`], [`refusals`], [`manifest`]).

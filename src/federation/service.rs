@@ -668,6 +668,7 @@ impl Federation for Receiver {
             site_id: &self.site_id,
             ledger,
             audit: &self.audit,
+            agreements: self.agreements.borrow().clone(),
         };
         let site = peer.identity.site_id.clone();
         let refuse = |agreement: &str, object: &str, why: &str| {

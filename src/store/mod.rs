@@ -6,7 +6,9 @@
 //! verified (and the verified instances of interrupted ones, kept for resumption), delivery of
 //! complete studies to the inbox folder as ordinary DICOM files (hard links to the blobs, so a
 //! received instance is on disk once), the durable [`outbox`] of studies waiting to be sent, and
-//! the durable [`delivery`] queue of received instances waiting for the site's PACS.
+//! the durable [`delivery`] queue of received instances waiting for the site's PACS. The
+//! destruction of a received study whose retention ended, and the queue of its receipts, is
+//! [`retention`].
 //!
 //! sled 0.34 only fsyncs on its own every 500 ms, so every method that records something flushes
 //! before it returns: nothing is acknowledged to a peer before it is on disk.

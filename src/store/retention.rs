@@ -78,6 +78,12 @@ pub struct RetentionEnded {
 /// Position of a tombstone in the `destroyed` tree.
 pub type TombstoneKey = Vec<u8>;
 
+/// How many study records list each blob (SHA-256 hex): built once per sweep
+/// ([`LocalStore::blob_refs`]) so that destroying many studies does not rescan the index for
+/// each, and kept current by [`LocalStore::destroy_study`].
+#[derive(Debug, Default, Clone)]
+pub struct BlobRefs(std::collections::HashMap<String, usize>);
+
 /// Seconds before the next attempt to deliver a receipt after `attempts` failures: 30 s
 /// doubling, at most six hours.
 pub fn receipt_backoff_secs(attempts: u32) -> u64 {
@@ -93,29 +99,40 @@ impl LocalStore {
         Ok(self.db.open_tree("destroyed")?)
     }
 
+    /// How many study records list each blob, now.
+    pub fn blob_refs(&self) -> Result<BlobRefs, StoreError> {
+        let mut refs = BlobRefs::default();
+        for r in self.studies()? {
+            let distinct: BTreeSet<String> = r.instances.into_values().collect();
+            for sha in distinct {
+                *refs.0.entry(sha).or_default() += 1;
+            }
+        }
+        Ok(refs)
+    }
+
     /// Destroys everything the store holds of the study `key` (see the module doc for the
-    /// order), as of `now` (Unix seconds). `Ok(None)` when no such study is held.
+    /// order), as of `now` (Unix seconds); a blob that `refs` says another study record lists
+    /// is kept. `Ok(None)` when no such study is held.
     pub fn destroy_study(
         &self,
         key: &StudyKey,
         retention: &RetentionEnded,
         now: u64,
+        refs: &mut BlobRefs,
     ) -> Result<Option<Destruction>, StoreError> {
         let Some(rec) = self.study(key)? else {
             return Ok(None);
         };
-        let shared: BTreeSet<String> = self
-            .studies()?
-            .into_iter()
-            .filter(|r| StudyKey::new(&r.agreement, &r.flow, &r.from_site, &r.study_token) != *key)
-            .flat_map(|r| r.instances.into_values())
-            .collect();
-        let pending_blobs: BTreeSet<String> = rec
-            .instances
-            .values()
-            .filter(|s| !shared.contains(*s))
-            .cloned()
-            .collect();
+        let own: BTreeSet<String> = rec.instances.values().cloned().collect();
+        let mut pending_blobs = Vec::new();
+        for sha in own {
+            let n = refs.0.entry(sha.clone()).or_insert(1);
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                pending_blobs.push(sha);
+            }
+        }
         let forwarded = self.pacs_delivery.load(std::sync::atomic::Ordering::SeqCst);
         // Nothing may be sent to the PACS from here on.
         self.delivery.remove_study(key)?;
@@ -134,7 +151,7 @@ impl LocalStore {
             after: retention.after.clone(),
             forwarded_to_site_pacs: forwarded,
             state: DestructionState::Deleting,
-            pending_blobs: pending_blobs.into_iter().collect(),
+            pending_blobs,
             receipt_attempts: 0,
             next_attempt: 0,
             last_error: None,
@@ -363,7 +380,10 @@ mod tests {
             .unwrap();
         assert_eq!(q.entries().unwrap().len(), 3);
 
-        let t = s.destroy_study(&key, &ended(), 1_000).unwrap().unwrap();
+        let t = s
+            .destroy_study(&key, &ended(), 1_000, &mut s.blob_refs().unwrap())
+            .unwrap()
+            .unwrap();
         assert_eq!(t.state, DestructionState::Deleted);
         assert_eq!(t.instances, 2);
         assert!(t.forwarded_to_site_pacs);
@@ -380,7 +400,10 @@ mod tests {
         assert_eq!(left.len(), 1);
         assert_eq!(left[0].study_token, "2.25.2");
         // Destroying again is a no-op; the receipt waits for the origin.
-        assert!(s.destroy_study(&key, &ended(), 1_001).unwrap().is_none());
+        assert!(s
+            .destroy_study(&key, &ended(), 1_001, &mut s.blob_refs().unwrap())
+            .unwrap()
+            .is_none());
         let due = s.receipts_due(1_000).unwrap();
         assert_eq!(due.len(), 1);
         s.settle_receipt(&due[0].0, Err("origin down".into()), 1_000)
