@@ -34,6 +34,7 @@ pub mod dicom_net;
 pub mod dsa;
 pub mod federation;
 pub mod ingest;
+pub mod keyring;
 pub mod node;
 pub mod pseudonym;
 pub mod reidentify;
