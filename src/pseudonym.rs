@@ -203,6 +203,25 @@ impl SiteKeys {
         })
     }
 
+    /// The agreement's tokenizer if it can have issued tokens, without creating a secret (for
+    /// look-ups such as the disclosure report): `None` once shredded, or when a v2 key file has
+    /// no secret for it yet (no token was ever issued under it).
+    pub fn existing_tokenizer(&self, agreement_id: &str) -> Option<Tokenizer> {
+        self.refresh(false);
+        let ring = self.ring();
+        let key = match ring.agreements.get(agreement_id) {
+            Some(k) if k.shredded.is_some() => return None,
+            Some(k) if k.legacy => self.token_key,
+            Some(k) => k.token_secret?,
+            None if ring.v1 => self.token_key,
+            None => return None,
+        };
+        Some(Tokenizer {
+            key,
+            agreement: agreement_id.to_owned(),
+        })
+    }
+
     fn agreement_secret_known(
         &self,
         agreement: &str,

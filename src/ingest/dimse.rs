@@ -583,7 +583,7 @@ mod tests {
             flow: "f".into(),
             purpose: "treatment".into(),
             to: "c".into(),
-            deid: crate::deid::Deidentifier::new(Default::default(), keys.tokenizer("a")),
+            deid: crate::deid::Deidentifier::new(Default::default(), keys.tokenizer("a").unwrap()),
             select: Default::default(),
         }
     }

@@ -24,6 +24,7 @@ use serde::{Deserialize, Serialize};
 pub mod delivery;
 pub mod outbox;
 pub mod quarantine;
+pub mod sealed;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
