@@ -242,7 +242,9 @@ pub fn store(cmd: StoreCommand) -> anyhow::Result<i32> {
             root.display()
         );
     }
-    let blobs = pacs_broker::store::LocalStore::verify_blobs(&root)?;
+    let keys = SiteKeys::load(&cfg.key_file)?;
+    let at_rest = pacs_broker::store::sealed::AtRest::new(&keys, cfg.storage.encrypt_at_rest);
+    let blobs = pacs_broker::store::LocalStore::verify_blobs(&root, &at_rest)?;
     let mut bad = blobs.mismatched.len();
     for p in &blobs.mismatched {
         println!(
@@ -250,7 +252,7 @@ pub fn store(cmd: StoreCommand) -> anyhow::Result<i32> {
             p.display()
         );
     }
-    match pacs_broker::store::LocalStore::open(&root) {
+    match pacs_broker::store::LocalStore::open_with(&root, at_rest) {
         Ok(store) => {
             let missing = store.missing_blobs()?;
             for (key, uid) in &missing {

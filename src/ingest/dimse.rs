@@ -193,7 +193,12 @@ impl DimseIngest {
                 )
             })?;
         let file = format!("{}.dcm", safe_name(&d.sop_instance_uid));
-        let staged = batch::stage_output_hashed(d.object, d.pixel_data.as_ref(), &dir.join(&file))
+        let staged = batch::stage_output_hashed(
+            d.object,
+            d.pixel_data.as_ref(),
+            &dir.join(&file),
+            self.outbox.at_rest(),
+        )
             .map_err(|r| held(HeldBackKind::Failed, r, StoreStatus::OUT_OF_RESOURCES))?;
         let instance = OutboxInstance {
             file,
@@ -475,7 +480,7 @@ impl OpenStudies {
             if entry.complete || entry.state != OutboxState::Pending {
                 continue;
             }
-            if let Err(e) = Outbox::reconcile(&dir, &mut entry) {
+            if let Err(e) = outbox.reconcile(&dir, &mut entry) {
                 tracing::error!(error = %e, "an open outbox study could not be read back");
                 continue;
             }

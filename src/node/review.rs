@@ -191,8 +191,8 @@ impl Node {
         let deid = flow
             .deidentifier(&item.agreement, &path, &self.keys)
             .map_err(|e| unusable(format!("trial subject IDs: {e}")))?;
-        let input = q.input_path(id).map_err(NodeError::from)?;
-        let obj = crate::deid::guard::read_guarded(&input).map_err(unusable)?;
+        let input = q.input_view(id).map_err(NodeError::from)?;
+        let obj = crate::deid::guard::read_guarded(input.path()).map_err(unusable)?;
         let (mut d, verdict) = deid
             .deidentify_for_review(obj)
             .map_err(|e| unusable(e.to_string()))?;

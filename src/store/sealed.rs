@@ -629,6 +629,58 @@ impl AtRest {
     }
 }
 
+/// A file's plaintext where a reader wants a path (the guarded DICOM reader seeks and copies
+/// pixel data by offset): the file itself when it is plain, or, when it is sealed, its
+/// plaintext in an anonymous memory file (Linux `memfd`) that never reaches a disk and is gone
+/// when this is dropped. The memory cost is one instance per view; a sealed file is never
+/// decrypted into a file on disk.
+#[derive(Debug)]
+pub struct PlainView {
+    path: PathBuf,
+    _memory: Option<fs::File>,
+}
+
+impl PlainView {
+    /// The path to read the plaintext from (valid while this view lives).
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl AtRest {
+    /// The plaintext of `path` as a readable path: see [`PlainView`].
+    pub fn plain_view(&self, path: &Path) -> Result<PlainView, SealError> {
+        if AtRest::key_id_of(path)?.is_none() {
+            return Ok(PlainView {
+                path: path.to_owned(),
+                _memory: None,
+            });
+        }
+        let io = |source| SealError::Io {
+            path: path.to_owned(),
+            source,
+        };
+        #[cfg(target_os = "linux")]
+        {
+            use std::os::fd::AsRawFd;
+            let fd = rustix::fs::memfd_create("pacs-broker-plain", rustix::fs::MemfdFlags::CLOEXEC)
+                .map_err(|e| io(e.into()))?;
+            let mut memory = fs::File::from(fd);
+            let mut r = self.open(path)?;
+            io::copy(&mut r, &mut memory).map_err(|e| SealError::from_io(path, e))?;
+            let view = PathBuf::from(format!("/proc/self/fd/{}", memory.as_raw_fd()));
+            Ok(PlainView {
+                path: view,
+                _memory: Some(memory),
+            })
+        }
+        #[cfg(not(target_os = "linux"))]
+        {
+            Err(io(io::ErrorKind::Unsupported.into()))
+        }
+    }
+}
+
 /// Hashes what passes through it.
 struct HashingWriter<'a, W: Write> {
     inner: &'a mut W,
@@ -736,5 +788,9 @@ mod tests {
         assert_eq!(at_rest.read(&p).unwrap(), b"old plain");
         let (sha, n) = at_rest.hash(&p).unwrap();
         assert_eq!((sha, n), (Sha256::digest(b"old plain").into(), 9));
+        // A sealed file read through a path: its plaintext, in memory only.
+        let view = at_rest.plain_view(&p).unwrap();
+        assert_ne!(view.path(), p.as_path());
+        assert_eq!(fs::read(view.path()).unwrap(), b"old plain");
     }
 }

@@ -192,6 +192,7 @@ pub fn site_config(base: &Path, site: &str, addrs: &BTreeMap<String, String>) ->
         dicom: None,
         audit: Default::default(),
         users: Vec::new(),
+        storage: Default::default(),
     }
 }
 
