@@ -28,6 +28,7 @@
 
 pub mod audit;
 pub mod config;
+pub mod custody;
 pub mod deid;
 pub mod demo;
 pub mod dicom_net;

@@ -45,6 +45,9 @@ enum Command {
     Quarantine(cli::quarantine::QuarantineArgs),
     /// Show the original value behind a token, at the origin, to an authorised user (audited).
     Reidentify(cli::reidentify::ReidentifyArgs),
+    /// The origin-only vault: crypto-shred an ended agreement.
+    #[command(subcommand)]
+    Vault(cli::custody::VaultCommand),
     /// Audit log tools.
     #[command(subcommand)]
     Audit(cli::node::AuditCommand),
@@ -80,6 +83,7 @@ fn main() {
         Command::Quarantine(a) => cli::quarantine::run(a),
         Command::Store(c) => cli::node::store(c),
         Command::Reidentify(a) => cli::reidentify::run(a),
+        Command::Vault(c) => cli::custody::vault(c),
     };
     match result {
         Ok(code) => std::process::exit(code),

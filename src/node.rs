@@ -365,6 +365,11 @@ impl Node {
         listener: TcpListener,
         shutdown: impl std::future::Future<Output = ()> + Send,
     ) -> Result<(), NodeError> {
+        if !self.config.storage.encrypt_at_rest {
+            tracing::warn!(
+                "encryption at rest is OFF ([storage] encrypt_at_rest = false): received, queued and held instances are kept in plaintext; only do this on an encrypted disk"
+            );
+        }
         let receiver = Arc::new(
             Receiver::new(
                 self.config.site_id.clone(),
@@ -823,7 +828,9 @@ impl Node {
         tracing::info!(addr = %cfg.listen, ae_title = %cfg.ae_title, "DICOM listener ready");
         let spool = self.config.data_dir.join("ingest").join("spool");
         let listener = Arc::new(
-            crate::dicom_net::scp::Listener::new(cfg, service, self.audit.clone(), spool).map_err(
+            crate::dicom_net::scp::Listener::new(cfg, service, self.audit.clone(), spool)
+                .map(|l| l.with_at_rest(self.at_rest()))
+                .map_err(
                 |e| NodeError::Serve(format!("cannot prepare the DICOM spool folder: {e}")),
             )?,
         );

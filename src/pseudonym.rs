@@ -233,6 +233,13 @@ impl SiteKeys {
         Ok(if k.legacy { None } else { k.token_secret })
     }
 
+    /// True when the agreement's tokens are made under the site token key (a v1 key file, or an
+    /// agreement listed as legacy when the file was upgraded): shredding cannot destroy that key.
+    pub fn agreement_is_legacy(&self, agreement: &str) -> bool {
+        let ring = self.ring();
+        ring.v1 || ring.agreements.get(agreement).is_some_and(|k| k.legacy)
+    }
+
     /// When the agreement's key material was destroyed, if it was.
     pub fn shredded_at(&self, agreement: &str) -> Option<u64> {
         self.refresh(false);
@@ -639,6 +646,23 @@ impl Vault {
         }
         self.tree.flush()?;
         Ok((resealed, unreadable))
+    }
+
+    /// The agreements that have records in the vault.
+    pub fn agreements(&self) -> Vec<String> {
+        let mut out: Vec<String> = self
+            .tree
+            .iter()
+            .keys()
+            .flatten()
+            .filter_map(|k| {
+                let k = String::from_utf8_lossy(&k).to_string();
+                let (a, _) = k.split_once('\u{1f}')?;
+                (!a.is_empty()).then(|| a.to_string())
+            })
+            .collect();
+        out.dedup();
+        out
     }
 
     /// Makes every record durable before anything that depends on it is acknowledged.

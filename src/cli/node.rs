@@ -57,6 +57,13 @@ pub enum KeysCommand {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Make a new data-encryption key current and re-seal what the node keeps under it, without
+    /// stopping the node (the token key stays; see docs/keys.md). Audited.
+    Rotate {
+        /// The node configuration file.
+        #[arg(long)]
+        config: PathBuf,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -291,6 +298,7 @@ pub fn keys(cmd: KeysCommand) -> anyhow::Result<i32> {
             );
             Ok(0)
         }
+        KeysCommand::Rotate { config } => super::custody::rotate(&config),
     }
 }
 

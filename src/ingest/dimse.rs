@@ -153,8 +153,16 @@ impl DimseIngest {
                 status,
             )
         };
+        // The spool file is sealed at rest; the guarded reader reads its plaintext in memory.
+        let view = self.outbox.at_rest().plain_view(spool).map_err(|e| {
+            held(
+                HeldBackKind::Failed,
+                format!("cannot read the spool file: {e}"),
+                StoreStatus::OUT_OF_RESOURCES,
+            )
+        })?;
         let admitted =
-            admit_and_deidentify(flow, spool, Some(&peer.calling_ae)).map_err(|why| {
+            admit_and_deidentify(flow, view.path(), Some(&peer.calling_ae)).map_err(|why| {
                 let h = HeldBack::new(input.clone(), None, why);
                 let status = match h.kind {
                     HeldBackKind::Quarantined => StoreStatus::DEIDENTIFICATION_REFUSED,
