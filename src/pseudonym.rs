@@ -648,6 +648,16 @@ impl Vault {
         Ok((resealed, unreadable))
     }
 
+    /// The tokens recorded under an agreement (tokens only, never an original).
+    pub fn tokens(&self, agreement: &str) -> Result<Vec<String>, KeyError> {
+        let prefix = format!("{agreement}\u{1f}");
+        let mut out = Vec::new();
+        for k in self.tree.scan_prefix(prefix.as_bytes()).keys() {
+            out.push(String::from_utf8_lossy(&k?[prefix.len()..]).to_string());
+        }
+        Ok(out)
+    }
+
     /// The agreements that have records in the vault.
     pub fn agreements(&self) -> Vec<String> {
         let mut out: Vec<String> = self
