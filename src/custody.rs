@@ -199,8 +199,8 @@ pub fn rotate(
     let new_key = keys.rotate(known_agreements)?;
     let dirs: Vec<PathBuf> = SEALED_DIRS.iter().map(|d| data_dir.join(d)).collect();
     let (mut files, mut failed) = crate::store::reseal_tree(at_rest, &dirs);
-    let outbox = crate::store::outbox::Outbox::new(data_dir.join("outbox"))
-        .with_at_rest(at_rest.clone());
+    let outbox =
+        crate::store::outbox::Outbox::new(data_dir.join("outbox")).with_at_rest(at_rest.clone());
     let (f, x) = outbox.reseal_all();
     files += f;
     failed += x;

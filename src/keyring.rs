@@ -50,11 +50,7 @@ pub struct DataKey {
 #[derive(Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct AgreementKey {
     /// Its own random token secret (absent for a legacy agreement or a shredded one).
-    #[serde(
-        default,
-        skip_serializing_if = "Option::is_none",
-        with = "hex_key_opt"
-    )]
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "hex_key_opt")]
     pub token_secret: Option<[u8; 32]>,
     /// Tokens of this agreement were issued under the site token key before v2: kept so that
     /// they stay stable (its tokens cannot be made irreversible by shredding; docs/keys.md).
@@ -247,7 +243,8 @@ impl KeyRing {
                     toml::from_str(text).map_err(|e| invalid(e.message().to_string()))?;
                 debug_assert_eq!(kf.format, FORMAT_V1);
                 let parse = |name: &str, v: &str| -> Result<[u8; 32], KeyError> {
-                    let bytes = hex::decode(v).map_err(|_| invalid(format!("{name} is not hex")))?;
+                    let bytes =
+                        hex::decode(v).map_err(|_| invalid(format!("{name} is not hex")))?;
                     bytes
                         .try_into()
                         .map_err(|_| invalid(format!("{name} must be 32 bytes")))
@@ -400,7 +397,9 @@ pub fn update<T>(
     let dir = dir.unwrap_or(Path::new("."));
     let tmp = dir.join(format!(
         ".{}.{:08x}.tmp",
-        path.file_name().and_then(|n| n.to_str()).unwrap_or("site.key"),
+        path.file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("site.key"),
         rand::random::<u32>()
     ));
     let written = (|| {
@@ -490,7 +489,11 @@ mod tests {
         let (ring, new_id) = update(&v1, |r| r.rotate(&["agr-old".into()])).unwrap();
         assert!(!ring.v1);
         assert_eq!(ring.current().0, new_id);
-        assert_eq!(ring.data_key(V1_DATA_KEY_ID), Some(&old_key), "old key kept");
+        assert_eq!(
+            ring.data_key(V1_DATA_KEY_ID),
+            Some(&old_key),
+            "old key kept"
+        );
         assert!(ring.agreements["agr-old"].legacy);
         let again = read(&v1).unwrap();
         assert_eq!(again.current().0, new_id);

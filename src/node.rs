@@ -830,9 +830,9 @@ impl Node {
         let listener = Arc::new(
             crate::dicom_net::scp::Listener::new(cfg, service, self.audit.clone(), spool)
                 .map(|l| l.with_at_rest(self.at_rest()))
-                .map_err(
-                |e| NodeError::Serve(format!("cannot prepare the DICOM spool folder: {e}")),
-            )?,
+                .map_err(|e| {
+                    NodeError::Serve(format!("cannot prepare the DICOM spool folder: {e}"))
+                })?,
         );
         let until = |mut stop: watch::Receiver<bool>| async move {
             let _ = stop.wait_for(|s| *s).await;

@@ -126,7 +126,10 @@ impl SiteKeys {
     /// Loads a key file (v2, or v1: see [`crate::keyring`]), refusing one that group or others
     /// may read.
     pub fn load(path: &Path) -> Result<Self, KeyError> {
-        Ok(SiteKeys::with_ring(keyring::read(path)?, Some(path.to_owned())))
+        Ok(SiteKeys::with_ring(
+            keyring::read(path)?,
+            Some(path.to_owned()),
+        ))
     }
 
     fn ring(&self) -> std::sync::RwLockReadGuard<'_, KeyRing> {
@@ -192,10 +195,11 @@ impl SiteKeys {
                 self.agreement_secret_known(agreement_id, &k)?
             }
             _ if self.ring().v1 => None,
-            _ => self
-                .change(|r| r.agreement_secret(agreement_id))?
-                .map_err(|at| shredded(agreement_id, at))?
-                .0,
+            _ => {
+                self.change(|r| r.agreement_secret(agreement_id))?
+                    .map_err(|at| shredded(agreement_id, at))?
+                    .0
+            }
         };
         Ok(Tokenizer {
             key: secret.unwrap_or(self.token_key),
@@ -764,7 +768,10 @@ mod tests {
         assert!(!raw.windows(8).any(|w| w == b"MRN-0001"));
         assert_eq!(v.shred("agr").unwrap(), 1);
         let e = v.reidentify("agr", "TOK").unwrap_err();
-        assert!(e.to_string().contains("agreement `agr` was shredded on"), "{e}");
+        assert!(
+            e.to_string().contains("agreement `agr` was shredded on"),
+            "{e}"
+        );
     }
 
     #[test]

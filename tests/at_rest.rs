@@ -236,7 +236,12 @@ struct Secrets {
 
 /// A synthetic CT study with distinctive values: its own patient, a kept header marker and a
 /// pixel pattern no other file has.
-fn study(dir: &Path, patient: &SyntheticPatient, slices: usize, seed: u8) -> (Vec<PathBuf>, Secrets) {
+fn study(
+    dir: &Path,
+    patient: &SyntheticPatient,
+    slices: usize,
+    seed: u8,
+) -> (Vec<PathBuf>, Secrets) {
     let files = write_synthetic_ct(dir, patient, slices, 64).unwrap();
     let mut originals = vec![
         patient.name.clone(),
@@ -248,15 +253,31 @@ fn study(dir: &Path, patient: &SyntheticPatient, slices: usize, seed: u8) -> (Ve
     let mut pattern = Vec::new();
     for (i, f) in files.iter().enumerate() {
         let mut obj = dicom_object::open_file(f).unwrap();
-        for tag in [tags::STUDY_INSTANCE_UID, tags::SERIES_INSTANCE_UID, tags::SOP_INSTANCE_UID] {
-            originals.push(obj.element(tag).unwrap().to_str().unwrap().trim_end_matches('\0').to_string());
+        for tag in [
+            tags::STUDY_INSTANCE_UID,
+            tags::SERIES_INSTANCE_UID,
+            tags::SOP_INSTANCE_UID,
+        ] {
+            originals.push(
+                obj.element(tag)
+                    .unwrap()
+                    .to_str()
+                    .unwrap()
+                    .trim_end_matches('\0')
+                    .to_string(),
+            );
         }
         obj.put(DataElement::new(
             tags::CONVOLUTION_KERNEL,
             VR::SH,
             PrimitiveValue::from(HEADER_MARKER),
         ));
-        let len = obj.element(tags::PIXEL_DATA).unwrap().to_bytes().unwrap().len();
+        let len = obj
+            .element(tags::PIXEL_DATA)
+            .unwrap()
+            .to_bytes()
+            .unwrap()
+            .len();
         // A pattern that no synthetic image or header produces: bytes of a small LCG.
         let mut x: u32 = 0x9E37_79B9 ^ (u32::from(seed) << 8) ^ i as u32;
         let bytes: Vec<u8> = (0..len)
@@ -370,7 +391,9 @@ fn nothing_is_kept_in_clear_and_rotation_runs_beside_the_nodes() {
         .iter()
         .map(|f| std::fs::read(f).unwrap())
         .collect();
-    assert!(delivered.iter().any(|b| contains(b, HEADER_MARKER.as_bytes())));
+    assert!(delivered
+        .iter()
+        .any(|b| contains(b, HEADER_MARKER.as_bytes())));
     assert!(delivered.iter().any(|b| contains(b, &s1.pixels)));
     assert!(delivered.iter().any(|b| contains(b, &s2.pixels)));
     for b in &delivered {
@@ -395,7 +418,10 @@ fn nothing_is_kept_in_clear_and_rotation_runs_beside_the_nodes() {
     let after = AtRest::key_id_of(&blob).unwrap().unwrap();
     assert_ne!(before, after, "the blob was not re-sealed");
     let key_text = std::fs::read_to_string(&sites.c.cfg.key_file).unwrap();
-    assert!(key_text.contains(&before) && key_text.contains(&after), "old key kept");
+    assert!(
+        key_text.contains(&before) && key_text.contains(&after),
+        "old key kept"
+    );
     // A new study after the rotation, by DIMSE, and the first study sent again (its blobs are
     // re-checked under their new key and count as held).
     let (more, s3) = study(
@@ -424,7 +450,10 @@ fn nothing_is_kept_in_clear_and_rotation_runs_beside_the_nodes() {
         );
     }
     let audit = std::fs::read_to_string(sites.c.cfg.data_dir.join("audit.log")).unwrap();
-    assert!(audit.contains("\"action\":\"keys-rotate\""), "rotation not audited");
+    assert!(
+        audit.contains("\"action\":\"keys-rotate\""),
+        "rotation not audited"
+    );
 }
 
 #[test]
@@ -486,7 +515,10 @@ fn damage_and_wrong_keys_name_the_item_and_lose_nothing_else() {
             .reidentify(AGREEMENT, &tokens[0])
             .unwrap_err()
             .to_string();
-        assert!(e.contains(&tokens[0]) && e.contains("wrong key file"), "{e}");
+        assert!(
+            e.contains(&tokens[0]) && e.contains("wrong key file"),
+            "{e}"
+        );
     }
     {
         let tree = vault_tree(&sites.a.cfg.data_dir);
@@ -499,10 +531,16 @@ fn damage_and_wrong_keys_name_the_item_and_lose_nothing_else() {
     }
     let node = pacs_broker::node::Node::open(sites.a.cfg.clone()).unwrap();
     let vault = node.vault().unwrap();
-    let e = vault.reidentify(AGREEMENT, &tokens[0]).unwrap_err().to_string();
+    let e = vault
+        .reidentify(AGREEMENT, &tokens[0])
+        .unwrap_err()
+        .to_string();
     assert!(e.contains(&tokens[0]) && e.contains("damaged"), "{e}");
     for t in &tokens[1..] {
-        assert!(vault.reidentify(AGREEMENT, t).unwrap().is_some(), "record {t} lost");
+        assert!(
+            vault.reidentify(AGREEMENT, t).unwrap().is_some(),
+            "record {t} lost"
+        );
     }
     drop(vault);
     drop(node);
@@ -522,7 +560,10 @@ fn damage_and_wrong_keys_name_the_item_and_lose_nothing_else() {
     let mut sha = [0u8; 32];
     hex::decode_to_slice(&bad, &mut sha).unwrap();
     let e = store.read_instance(&sha).unwrap_err().to_string();
-    assert!(e.contains(&bad) && e.contains("failed authentication"), "{e}");
+    assert!(
+        e.contains(&bad) && e.contains("failed authentication"),
+        "{e}"
+    );
     assert!(matches!(
         store.check_blob(&sha).unwrap(),
         pacs_broker::store::BlobCheck::Quarantined(_)
@@ -555,12 +596,18 @@ fn shredding_needs_an_ended_agreement_past_retention_and_ends_reidentification()
     sites.c.stop();
     let cfg = sites.a.cfg.clone();
     let key_text = std::fs::read_to_string(&cfg.key_file).unwrap();
-    assert!(key_text.contains("token_secret"), "no per-agreement secret was made");
+    assert!(
+        key_text.contains("token_secret"),
+        "no per-agreement secret was made"
+    );
 
     // Active: refused, audited.
     let (code, out) = sites.a.cli(&["vault", "shred", "--agreement", AGREEMENT]);
     assert_eq!(code, 3, "{out}");
-    assert!(out.contains("is `active`") && out.contains("only an ended agreement"), "{out}");
+    assert!(
+        out.contains("is `active`") && out.contains("only an ended agreement"),
+        "{out}"
+    );
 
     // Ended (signed by all), but its 30-day retention runs from the last disclosure.
     let policy = cfg.agreements.join("test.toml");
@@ -569,7 +616,10 @@ fn shredding_needs_an_ended_agreement_past_retention_and_ends_reidentification()
     sign_by_all(sites.dir.path(), &policy);
     let (code, out) = sites.a.cli(&["vault", "shred", "--agreement", AGREEMENT]);
     assert_eq!(code, 3, "{out}");
-    assert!(out.contains("30 days") && out.contains("runs until"), "{out}");
+    assert!(
+        out.contains("30 days") && out.contains("runs until"),
+        "{out}"
+    );
 
     // 31 days on (the clock is a parameter of the library call): shredded.
     let node = pacs_broker::node::Node::open(cfg.clone()).unwrap();
@@ -587,7 +637,10 @@ fn shredding_needs_an_ended_agreement_past_retention_and_ends_reidentification()
     .unwrap();
     assert!(done.records >= 2 && !done.legacy, "{done:?}");
     let key_text = std::fs::read_to_string(&cfg.key_file).unwrap();
-    assert!(!key_text.contains("token_secret"), "the token secret survived");
+    assert!(
+        !key_text.contains("token_secret"),
+        "the token secret survived"
+    );
     assert!(key_text.contains("shredded"));
     let e = node
         .vault()
@@ -599,7 +652,10 @@ fn shredding_needs_an_ended_agreement_past_retention_and_ends_reidentification()
         e.contains(&format!("agreement `{AGREEMENT}` was shredded on")),
         "{e}"
     );
-    assert!(node.keys.tokenizer(AGREEMENT).is_err(), "new tokens after shred");
+    assert!(
+        node.keys.tokenizer(AGREEMENT).is_err(),
+        "new tokens after shred"
+    );
     drop(node);
     // Through the command a person uses: the same message.
     let mut users = cfg.clone();
@@ -624,7 +680,11 @@ fn shredding_needs_an_ended_agreement_past_retention_and_ends_reidentification()
     let audit = std::fs::read_to_string(cfg.data_dir.join("audit.log")).unwrap();
     assert!(audit.contains("\"action\":\"vault-shred\""));
     assert!(audit.contains("user:privacy-officer"));
-    assert_eq!(audit.matches("\"action\":\"vault-shred\"").count(), 3, "refusals audited too");
+    assert_eq!(
+        audit.matches("\"action\":\"vault-shred\"").count(),
+        3,
+        "refusals audited too"
+    );
 }
 
 fn tokens_of(node: &pacs_broker::node::Node) -> Vec<String> {

@@ -112,7 +112,8 @@ async fn disclosures_are_accounted_for_at_both_ends_without_phi() {
     let (a_cfg, c_cfg) = (a.config.clone(), c.config.clone());
     let token = SiteKeys::load(&a_cfg.key_file)
         .unwrap()
-        .tokenizer(AGREEMENT).unwrap()
+        .tokenizer(AGREEMENT)
+        .unwrap()
         .token("PatientID", &patient.id);
 
     // Origin: a structured disclosure with the patient token and the signed receipt.

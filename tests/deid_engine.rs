@@ -601,7 +601,9 @@ fn same_input_and_key_give_the_same_bytes() {
     assert_eq!(run(), run());
     let other_key = Deidentifier::new(
         DeidConfig::default(),
-        SiteKeys::from_bytes([1; 32], [2; 32]).tokenizer("DSA-TEST-1").unwrap(),
+        SiteKeys::from_bytes([1; 32], [2; 32])
+            .tokenizer("DSA-TEST-1")
+            .unwrap(),
     )
     .deidentify(ct("1.2.3", "1.2.3.1", "1.2.3.1.1", vec![]))
     .unwrap();

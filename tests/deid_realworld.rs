@@ -215,9 +215,9 @@ fn code_strings_are_vocabulary_but_kept_free_text_is_still_searched() {
         ..DeidConfig::default()
     };
     let reason = quarantine_reason(
-        Deidentifier::new(config, keys().tokenizer("DSA-TEST-1").unwrap()).deidentify(perfusion(vec![
-            text(tags::STUDY_DESCRIPTION, VR::LO, "Perfusion CT, Anna"),
-        ])),
+        Deidentifier::new(config, keys().tokenizer("DSA-TEST-1").unwrap()).deidentify(perfusion(
+            vec![text(tags::STUDY_DESCRIPTION, VR::LO, "Perfusion CT, Anna")],
+        )),
     );
     assert!(
         reason.contains("patient name in StudyDescription"),

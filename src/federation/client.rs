@@ -318,7 +318,11 @@ fn stream_file_blocking(
         (&mut f)
             .take(CHUNK_SIZE as u64)
             .read_to_end(&mut buf)
-            .map_err(|e| read(std::io::Error::other(SealError::from_io(&inst.path, e).to_string())))?;
+            .map_err(|e| {
+                read(std::io::Error::other(
+                    SealError::from_io(&inst.path, e).to_string(),
+                ))
+            })?;
         let filled = buf.len();
         let last = offset + filled as u64 >= inst.size;
         if filled == 0 && !last {

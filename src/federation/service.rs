@@ -1073,8 +1073,9 @@ impl Receiver {
                 )));
             }
             c.hasher.update(&chunk.data);
-            let write_err =
-                |e: std::io::Error| Status::resource_exhausted(format!("cannot write staging file: {e}"));
+            let write_err = |e: std::io::Error| {
+                Status::resource_exhausted(format!("cannot write staging file: {e}"))
+            };
             std::io::Write::write_all(&mut c.sealing, &chunk.data).map_err(write_err)?;
             let sealed = std::mem::take(c.sealing.get_mut());
             c.file.write_all(&sealed).await.map_err(write_err)?;

@@ -207,7 +207,7 @@ impl DimseIngest {
             &dir.join(&file),
             self.outbox.at_rest(),
         )
-            .map_err(|r| held(HeldBackKind::Failed, r, StoreStatus::OUT_OF_RESOURCES))?;
+        .map_err(|r| held(HeldBackKind::Failed, r, StoreStatus::OUT_OF_RESOURCES))?;
         let instance = OutboxInstance {
             file,
             sha256: hex::encode(staged.sha256().unwrap_or_default()),

@@ -141,15 +141,13 @@ impl IngestFlow {
             })?;
         let file =
             agreement_file.ok_or_else(|| IngestError::AgreementFileGone(agreement.into()))?;
-        let deid = f
-            .deidentifier(agreement, file, keys)
-            .map_err(|e| match e {
-                crate::dsa::subjects::SubjectIdError::Keys(k) => IngestError::Keys(k),
-                e => IngestError::SubjectIds {
-                    agreement: agreement.into(),
-                    reason: e.to_string(),
-                },
-            })?;
+        let deid = f.deidentifier(agreement, file, keys).map_err(|e| match e {
+            crate::dsa::subjects::SubjectIdError::Keys(k) => IngestError::Keys(k),
+            e => IngestError::SubjectIds {
+                agreement: agreement.into(),
+                reason: e.to_string(),
+            },
+        })?;
         Ok(IngestFlow {
             agreement: agreement.to_string(),
             flow: flow.to_string(),

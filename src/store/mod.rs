@@ -799,12 +799,15 @@ impl LocalStore {
             Ok(()) => Ok(()),
             Err(sealed::SealError::Damaged { .. } | sealed::SealError::Header { .. }) => {
                 self.quarantine(sha)?;
-                self.forget_instance(&StudyKey::new(
-                    &study.agreement,
-                    &study.flow,
-                    &study.from_site,
-                    &study.study_token,
-                ), uid)?;
+                self.forget_instance(
+                    &StudyKey::new(
+                        &study.agreement,
+                        &study.flow,
+                        &study.from_site,
+                        &study.study_token,
+                    ),
+                    uid,
+                )?;
                 Err(StoreError::BlobCorrupted(hex::encode(&sha[..6])))
             }
             Err(e) => Err(e.into()),
@@ -814,7 +817,13 @@ impl LocalStore {
     /// Re-seals every instance file of the store under the current data key (`keys rotate`);
     /// returns (files re-sealed, files that could not be: each logged by path).
     pub fn reseal_all(&self) -> (usize, usize) {
-        reseal_tree(&self.at_rest, &[self.root.join("blobs"), self.root.join("staging").join("resume")])
+        reseal_tree(
+            &self.at_rest,
+            &[
+                self.root.join("blobs"),
+                self.root.join("staging").join("resume"),
+            ],
+        )
     }
 }
 

@@ -446,7 +446,9 @@ impl AtRest {
         match (&self.keys, self.seal) {
             (Some(keys), true) => {
                 let (id, key) = keys.current_data_key();
-                Ok(Sealing::Sealed(Box::new(SealedWriter::new(inner, &id, &key)?)))
+                Ok(Sealing::Sealed(Box::new(SealedWriter::new(
+                    inner, &id, &key,
+                )?)))
             }
             _ => Ok(Sealing::Plain(inner, 0)),
         }
@@ -525,11 +527,9 @@ impl AtRest {
             .prefix(".sealing-")
             .tempfile_in(dir)
             .map_err(io)?;
-        let mut w = self.writer(io::BufWriter::with_capacity(
-            SEGMENT + TAG,
-            tmp.as_file(),
-        ))
-        .map_err(io)?;
+        let mut w = self
+            .writer(io::BufWriter::with_capacity(SEGMENT + TAG, tmp.as_file()))
+            .map_err(io)?;
         let mut hashing = HashingWriter {
             inner: &mut w,
             hash: Sha256::new(),
@@ -725,7 +725,15 @@ mod tests {
     #[test]
     fn round_trips_at_every_size_around_segment_boundaries() {
         let k = keys();
-        for n in [0, 1, SEGMENT - 1, SEGMENT, SEGMENT + 1, 3 * SEGMENT, 3 * SEGMENT + 7] {
+        for n in [
+            0,
+            1,
+            SEGMENT - 1,
+            SEGMENT,
+            SEGMENT + 1,
+            3 * SEGMENT,
+            3 * SEGMENT + 7,
+        ] {
             let data: Vec<u8> = (0..n).map(|i| (i * 7 % 251) as u8).collect();
             let s = seal(&k, &data);
             assert!(s.starts_with(MAGIC));
@@ -749,11 +757,17 @@ mod tests {
         swapped.extend_from_slice(&s[head + seg..head + 2 * seg]);
         swapped.extend_from_slice(&s[head..head + seg]);
         swapped.extend_from_slice(&s[head + 2 * seg..]);
-        assert!(matches!(open(&k, &swapped), Err(SealError::Damaged { segment: 0, .. })));
+        assert!(matches!(
+            open(&k, &swapped),
+            Err(SealError::Damaged { segment: 0, .. })
+        ));
         // One bit flipped in the last segment.
         let mut flipped = s.clone();
         *flipped.last_mut().unwrap() ^= 1;
-        assert!(matches!(open(&k, &flipped), Err(SealError::Damaged { segment: 3, .. })));
+        assert!(matches!(
+            open(&k, &flipped),
+            Err(SealError::Damaged { segment: 3, .. })
+        ));
         // The header's segment size changed.
         let mut hdr = s.clone();
         hdr[head - 1] ^= 1;
