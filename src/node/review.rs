@@ -330,7 +330,10 @@ impl Node {
         if !entry.patient_tokens.contains(&d.patient_token) {
             entry.patient_tokens.push(d.patient_token.clone());
         }
-        store::write_atomic(&dir.join(&file), &bytes)?;
+        outbox
+            .at_rest()
+            .write_atomic(&dir.join(&file), &bytes)
+            .map_err(store::StoreError::from)?;
         entry
             .instances
             .retain(|i| i.sop_instance_uid != d.sop_instance_uid);
