@@ -12,7 +12,7 @@
 //! are `store::sealed`), nor where the data lives (the key file is never kept beside the data).
 //!
 //! Upgrading: a v1 file (token key and vault key only) is read as it is: its data key is derived
-//! from its vault key (id `v1`) and every agreement is "legacy" (tokens under the site token key,
+//! from its vault key (id `v1-<fingerprint>`) and every agreement is "legacy" (tokens under the site token key,
 //! as before). `pacs-broker keys rotate` writes it as v2, listing the agreements it finds in
 //! the agreements folder and the vault as legacy so that their tokens stay stable, and adds a
 //! fresh random data key. See docs/keys.md.
@@ -33,8 +33,13 @@ use crate::pseudonym::KeyError;
 pub const FORMAT_V2: &str = "pacs-broker-site-keys-v2";
 /// The format line of the first key files (token key and vault key only).
 pub const FORMAT_V1: &str = "pacs-broker-site-keys-v1";
-/// The id of the data key derived from a v1 file's vault key.
-pub const V1_DATA_KEY_ID: &str = "v1";
+/// The id of the data key derived from a v1 file's vault key: `v1-` and a fingerprint of the
+/// key, so that another v1 key file is told apart (a wrong key file, not a damaged file).
+pub fn v1_data_key_id(vault_key: &[u8; 32]) -> String {
+    let mut m = <Hmac<Sha256> as Mac>::new_from_slice(vault_key).expect("any key length");
+    m.update(b"pacs-broker data-encryption key id v1");
+    format!("v1-{}", hex::encode(&m.finalize().into_bytes()[..4]))
+}
 
 /// One data-encryption key.
 #[derive(Clone, Serialize, Deserialize)]
@@ -163,9 +168,9 @@ impl KeyRing {
         KeyRing {
             token_key,
             vault_key,
-            current_data_key: V1_DATA_KEY_ID.into(),
+            current_data_key: v1_data_key_id(&vault_key),
             data_keys: vec![DataKey {
-                id: V1_DATA_KEY_ID.into(),
+                id: v1_data_key_id(&vault_key),
                 key: v1_data_key(&vault_key),
                 created: 0,
             }],
@@ -484,13 +489,14 @@ mod tests {
         .unwrap();
         let old = read(&v1).unwrap();
         assert!(old.v1);
-        assert_eq!(old.current().0, V1_DATA_KEY_ID);
+        assert_eq!(old.current().0, v1_data_key_id(&[2; 32]));
+        assert_ne!(old.current().0, v1_data_key_id(&[3; 32]));
         let old_key = *old.current().1;
         let (ring, new_id) = update(&v1, |r| r.rotate(&["agr-old".into()])).unwrap();
         assert!(!ring.v1);
         assert_eq!(ring.current().0, new_id);
         assert_eq!(
-            ring.data_key(V1_DATA_KEY_ID),
+            ring.data_key(&v1_data_key_id(&[2; 32])),
             Some(&old_key),
             "old key kept"
         );

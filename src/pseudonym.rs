@@ -186,10 +186,13 @@ impl SiteKeys {
     /// agreement (one that issued tokens before the key file was v2). Refused once the
     /// agreement was shredded.
     pub fn tokenizer(&self, agreement_id: &str) -> Result<Tokenizer, KeyError> {
-        let known = {
-            let ring = self.ring();
-            ring.agreements.get(agreement_id).cloned()
-        };
+        let lookup = || self.ring().agreements.get(agreement_id).cloned();
+        let mut known = lookup();
+        if known.is_none() {
+            // Another process may have made its secret, or upgraded the file, meanwhile.
+            self.refresh(true);
+            known = lookup();
+        }
         let secret = match known {
             Some(k) if k.shredded.is_some() || k.legacy || k.token_secret.is_some() => {
                 self.agreement_secret_known(agreement_id, &k)?
@@ -771,6 +774,75 @@ mod tests {
         assert!(
             e.to_string().contains("agreement `agr` was shredded on"),
             "{e}"
+        );
+    }
+
+    #[test]
+    fn a_v1_key_file_upgrades_without_changing_tokens_and_processes_see_rotations() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("site.key");
+        fs::write(
+            &p,
+            format!(
+                "format = \"pacs-broker-site-keys-v1\"\ntoken_key = \"{}\"\nvault_key = \"{}\"\n",
+                hex::encode([7; 32]),
+                hex::encode([9; 32])
+            ),
+        )
+        .unwrap();
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            fs::set_permissions(&p, fs::Permissions::from_mode(0o600)).unwrap();
+        }
+        let serving = SiteKeys::load(&p).unwrap();
+        let before = serving
+            .tokenizer("old-agr")
+            .unwrap()
+            .token("PatientID", "MRN-1");
+        assert_eq!(
+            before,
+            keys()
+                .tokenizer("old-agr")
+                .unwrap()
+                .token("PatientID", "MRN-1")
+        );
+        let old_id = serving.current_data_key().0;
+        // Another process (`keys rotate`) upgrades the file.
+        let admin = SiteKeys::load(&p).unwrap();
+        let new_id = admin.rotate(&["old-agr".to_string()]).unwrap();
+        assert!(!admin.is_v1());
+        let after = SiteKeys::load(&p).unwrap();
+        assert_eq!(
+            after
+                .tokenizer("old-agr")
+                .unwrap()
+                .token("PatientID", "MRN-1"),
+            before
+        );
+        // A new agreement gets its own secret: not the site token key.
+        let fresh = after
+            .tokenizer("new-agr")
+            .unwrap()
+            .token("PatientID", "MRN-1");
+        assert_ne!(
+            fresh,
+            keys()
+                .tokenizer("new-agr")
+                .unwrap()
+                .token("PatientID", "MRN-1")
+        );
+        assert!(after.agreement_is_legacy("old-agr") && !after.agreement_is_legacy("new-agr"));
+        // The serving process reads files sealed under the new key (it reloads on a miss).
+        assert!(serving.data_key(&new_id).is_some());
+        assert!(serving.data_key(&old_id).is_some());
+        // And the new agreement's secret is the same in every process.
+        assert_eq!(
+            serving
+                .tokenizer("new-agr")
+                .unwrap()
+                .token("PatientID", "MRN-1"),
+            fresh
         );
     }
 
