@@ -478,6 +478,18 @@ fn damage_and_wrong_keys_name_the_item_and_lose_nothing_else() {
         .unwrap();
     let blobs = files_under(&sites.c.cfg.data_dir.join("store").join("blobs"));
     assert_eq!(blobs.len(), 3);
+    // `store verify` under the wrong key file: every blob is named unreadable, none mismatched.
+    let wrong_toml = sites.dir.path().join("telerad-c").join("wrong-key.toml");
+    std::fs::write(&wrong_toml, wrong.to_toml()).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_pacs-broker"))
+        .args(["store", "verify", "--config"])
+        .arg(&wrong_toml)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(!out.status.success(), "{text}");
+    assert_eq!(text.matches("UNREADABLE").count(), 3, "{text}");
+    assert!(!text.contains("MISMATCH") && text.contains("wrong key file"), "{text}");
     {
         let node = pacs_broker::node::Node::open(wrong).unwrap();
         let store = node.store().unwrap();

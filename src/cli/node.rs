@@ -252,7 +252,10 @@ pub fn store(cmd: StoreCommand) -> anyhow::Result<i32> {
     let keys = SiteKeys::load(&cfg.key_file)?;
     let at_rest = pacs_broker::store::sealed::AtRest::new(&keys, cfg.storage.encrypt_at_rest);
     let blobs = pacs_broker::store::LocalStore::verify_blobs(&root, &at_rest)?;
-    let mut bad = blobs.mismatched.len();
+    let mut bad = blobs.mismatched.len() + blobs.unreadable.len();
+    for (p, why) in &blobs.unreadable {
+        println!("UNREADABLE {}: {why}", p.display());
+    }
     for p in &blobs.mismatched {
         println!(
             "MISMATCH {}: its bytes do not match its SHA-256",

@@ -346,10 +346,13 @@ impl LocalStore {
                 Err(sealed::SealError::Io { path, source }) => {
                     return Err(StoreError::Io { path, source })
                 }
-                Err(err) => {
-                    tracing::error!(error = %err, "blob could not be opened");
-                    None
+                Err(err @ sealed::SealError::UnknownKey { .. }) => {
+                    // Not damage: the key file in use does not hold the blob's key.
+                    report.checked += 1;
+                    report.unreadable.push((e.into_path(), err.to_string()));
+                    continue;
                 }
+                Err(_) => None,
             };
             report.checked += 1;
             report.bytes += e.metadata().map(|m| m.len()).unwrap_or(0);
@@ -420,8 +423,10 @@ impl LocalStore {
 pub struct BlobReport {
     pub checked: usize,
     pub bytes: u64,
-    /// Blobs whose bytes do not match their name (SHA-256).
+    /// Blobs whose bytes do not match their name (SHA-256), or whose seal fails authentication.
     pub mismatched: Vec<PathBuf>,
+    /// Blobs sealed under a data key the key file does not hold (a wrong key file), with why.
+    pub unreadable: Vec<(PathBuf, String)>,
 }
 
 /// SHA-256 of a file, read in 256 KiB blocks.
