@@ -191,7 +191,7 @@ fn main() {
         options: [ProfileOption::RetainLongitudinalModifiedDates].into(),
         ..DeidConfig::default()
     };
-    let deid = Deidentifier::new(config, keys.tokenizer("BENCH"));
+    let deid = Deidentifier::new(config, keys.tokenizer("BENCH").unwrap());
     let exe = env!("CARGO_BIN_EXE_pacs-broker");
     let key = tmp.path().join("site.key");
     let made = Command::new(exe)

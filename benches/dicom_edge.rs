@@ -13,6 +13,7 @@
 //! ```text
 //! cargo bench --bench dicom_edge
 //! DICOM_BENCH_INSTANCES=100 cargo bench --bench dicom_edge
+//! DICOM_BENCH_AT_REST=off cargo bench --bench dicom_edge   # both sites without encryption at rest
 //! ```
 //!
 //! Needs dcmtk (`storescu`, `storescp`) and the repository's certs-dev/ and policies/ (the
@@ -77,7 +78,13 @@ fn lay_out(dir: &Path, quiet_secs: u64) -> (PathBuf, PathBuf, NodeConfig, NodeCo
     let a = dir.join("hospital-a").join("node.toml");
     let c = dir.join("telerad-c").join("node.toml");
     let mut cfg_a = NodeConfig::load(&a).unwrap();
-    let cfg_c = NodeConfig::load(&c).unwrap();
+    let mut cfg_c = NodeConfig::load(&c).unwrap();
+    // `DICOM_BENCH_AT_REST=off`: measure without encryption at rest ([storage] encrypt_at_rest).
+    if std::env::var("DICOM_BENCH_AT_REST").is_ok_and(|v| v == "off") {
+        cfg_a.storage.encrypt_at_rest = false;
+        cfg_c.storage.encrypt_at_rest = false;
+        std::fs::write(&c, cfg_c.to_toml()).unwrap();
+    }
     let d = cfg_a
         .dicom
         .as_mut()

@@ -36,7 +36,9 @@ fn deidentifier() -> Deidentifier {
     };
     Deidentifier::new(
         config,
-        SiteKeys::from_bytes([7; 32], [9; 32]).tokenizer("BENCH"),
+        SiteKeys::from_bytes([7; 32], [9; 32])
+            .tokenizer("BENCH")
+            .unwrap(),
     )
 }
 

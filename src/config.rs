@@ -140,6 +140,38 @@ pub struct NodeConfig {
     /// Local users and their roles (`[[users]]`), e.g. who may re-identify.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub users: Vec<crate::users::UserConfig>,
+    /// What the node keeps on disk (`[storage]`): encryption at rest.
+    #[serde(default, skip_serializing_if = "StorageConfig::is_default")]
+    pub storage: StorageConfig,
+}
+
+/// `[storage]`: how the node keeps data at rest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StorageConfig {
+    /// Seal everything the node keeps besides its delivery folders with AES-256-GCM under the
+    /// key file's data keys (default `true`). `false` only where the disk is encrypted already
+    /// (or to measure the cost); `serve` warns when it is off. Sealed files are read either way.
+    #[serde(default = "default_true")]
+    pub encrypt_at_rest: bool,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        StorageConfig {
+            encrypt_at_rest: true,
+        }
+    }
+}
+
+impl StorageConfig {
+    fn is_default(&self) -> bool {
+        *self == StorageConfig::default()
+    }
 }
 
 /// `[dicom]`: the node's DICOM networking: the DIMSE listener (C-ECHO and C-STORE SCP), when

@@ -482,6 +482,7 @@ fn lay_out_site(
         dicom,
         audit: Default::default(),
         users: demo_users(site),
+        storage: Default::default(),
     };
     let path = dir.join("node.toml");
     std::fs::write(

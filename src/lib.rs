@@ -30,12 +30,14 @@
 
 pub mod audit;
 pub mod config;
+pub mod custody;
 pub mod deid;
 pub mod demo;
 pub mod dicom_net;
 pub mod dsa;
 pub mod federation;
 pub mod ingest;
+pub mod keyring;
 pub mod node;
 pub mod pseudonym;
 pub mod reidentify;

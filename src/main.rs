@@ -48,6 +48,9 @@ enum Command {
     /// Send results (reports, KOS, SEG, PDFs...) on studies this site received back to their
     /// origin, which alone re-identifies them.
     Return(cli::returns::ReturnArgs),
+    /// The origin-only vault: crypto-shred an ended agreement.
+    #[command(subcommand)]
+    Vault(cli::custody::VaultCommand),
     /// Audit log tools.
     #[command(subcommand)]
     Audit(cli::node::AuditCommand),
@@ -84,6 +87,7 @@ fn main() {
         Command::Store(c) => cli::node::store(c),
         Command::Reidentify(a) => cli::reidentify::run(a),
         Command::Return(a) => cli::returns::run(a),
+        Command::Vault(c) => cli::custody::vault(c),
     };
     match result {
         Ok(code) => std::process::exit(code),

@@ -186,6 +186,13 @@ fn open_vault(data_dir: &Path, keys: &SiteKeys) -> Result<Vault, crate::store::S
     Ok(Vault::new(keys, tree))
 }
 
+/// True when `key_file` lies inside `data_dir` (compared as canonical paths where they exist).
+fn key_file_inside(key_file: &Path, data_dir: &Path) -> bool {
+    let key = std::fs::canonicalize(key_file).unwrap_or_else(|_| key_file.to_owned());
+    let data = std::fs::canonicalize(data_dir).unwrap_or_else(|_| data_dir.to_owned());
+    key.starts_with(&data)
+}
+
 /// How often a serving node looks for due outbox entries.
 pub const OUTBOX_POLL: Duration = Duration::from_secs(5);
 
@@ -264,6 +271,13 @@ impl Node {
         crate::federation::pki::validate_site_id(&config.site_id)
             .map_err(|e| NodeError::Input(e.to_string()))?;
         let keys = SiteKeys::load(&config.key_file)?;
+        if key_file_inside(&config.key_file, &config.data_dir) {
+            return Err(NodeError::Input(format!(
+                "the key file {} is inside the data folder {}: a copy of the data would carry the keys that open it\n  help: move it out of the data folder and set `key_file` to its new place",
+                config.key_file.display(),
+                config.data_dir.display()
+            )));
+        }
         let loaded_fingerprint = agreements_fingerprint(&config.agreements);
         let tls = SiteTls::load(&config.site_id, &config.tls)?;
         store::private_dir(&config.data_dir)?;
@@ -308,7 +322,7 @@ impl Node {
         if slot.is_none() {
             let path = self.config.data_dir.join("store");
             store::guard_component(&self.config.data_dir, "store", &path, false)?;
-            *slot = Some(Arc::new(LocalStore::open(&path)?));
+            *slot = Some(Arc::new(LocalStore::open_with(&path, self.at_rest())?));
             store::mark_component(&self.config.data_dir, "store")?;
         }
         Ok(slot.clone().expect("just opened"))
@@ -468,6 +482,11 @@ impl Node {
         listener: TcpListener,
         shutdown: impl std::future::Future<Output = ()> + Send,
     ) -> Result<(), NodeError> {
+        if !self.config.storage.encrypt_at_rest {
+            tracing::warn!(
+                "encryption at rest is OFF ([storage] encrypt_at_rest = false): received, queued and held instances are kept in plaintext; only do this on an encrypted disk"
+            );
+        }
         let receiver = Arc::new(
             Receiver::new(
                 self.config.site_id.clone(),
@@ -653,12 +672,17 @@ impl Node {
 
     /// The node's durable outbox.
     pub fn outbox(&self) -> Outbox {
-        Outbox::new(self.config.data_dir.join("outbox"))
+        Outbox::new(self.config.data_dir.join("outbox")).with_at_rest(self.at_rest())
     }
 
     /// The node's quarantine of held-back instances (`data_dir/quarantine`).
     pub fn quarantine(&self) -> Result<Quarantine, NodeError> {
-        Ok(Quarantine::open(&self.config.data_dir)?)
+        Ok(Quarantine::open(&self.config.data_dir)?.with_at_rest(self.at_rest()))
+    }
+
+    /// How this node seals what it keeps (`[storage] encrypt_at_rest`, keys from the key file).
+    pub fn at_rest(&self) -> store::sealed::AtRest {
+        store::sealed::AtRest::new(&self.keys, self.config.storage.encrypt_at_rest)
     }
 
     /// Deletes quarantined items whose flow retention has ended, auditing each.
@@ -790,7 +814,8 @@ impl Node {
             .map_err(|e| SendError::Refused(format!("outbox entry unusable: {e}")))?;
         let mut client = PeerClient::connect(&self.tls, &entry.to, &peer.address, &server_name)
             .await?
-            .with_audit_checkpoint(self.audit.checkpoint_for_peer());
+            .with_audit_checkpoint(self.audit.checkpoint_for_peer())
+            .reading_at_rest(self.at_rest());
         client
             .send_study(
                 &entry.agreement,
@@ -1006,6 +1031,7 @@ impl Node {
         });
         let listener = Arc::new(
             crate::dicom_net::scp::Listener::new(cfg, service, self.audit.clone(), spool)
+                .map(|l| l.with_at_rest(self.at_rest()))
                 .map_err(|e| {
                     NodeError::Serve(format!("cannot prepare the DICOM spool folder: {e}"))
                 })?

@@ -9,8 +9,9 @@
 //! the vault's sealed records are kept (that is `store`).
 
 use std::fs;
-use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant, SystemTime};
 
 use aes_gcm::aead::{Aead, KeyInit, Payload};
 use aes_gcm::{Aes256Gcm, Nonce};
@@ -18,6 +19,8 @@ use hmac::{Hmac, Mac};
 use rand::RngCore;
 use serde::{Deserialize, Serialize};
 use sha2::Sha256;
+
+use crate::keyring::{self, KeyRing};
 
 type HmacSha256 = Hmac<Sha256>;
 
@@ -40,13 +43,43 @@ pub enum KeyError {
     Exists { path: PathBuf },
     #[error("vault record could not be opened (wrong key or tampered record)")]
     VaultDecrypt,
+    #[error("vault record of token `{token}` under agreement `{agreement}` could not be opened: wrong key file, or the record was damaged or tampered with")]
+    VaultRecord { agreement: String, token: String },
+    #[error("agreement `{agreement}` was shredded on {on}: its tokens can no longer be reversed or issued")]
+    Shredded { agreement: String, on: String },
+    #[error("vault storage: {0}")]
+    VaultStore(#[from] sled::Error),
 }
 
-/// The site's secrets: the HMAC key for tokens and UIDs, and the AES-256 key for the vault.
+/// A date for messages: `2026-12-02 07:40 UTC`.
+pub fn shown_date(unix: u64) -> String {
+    time::OffsetDateTime::from_unix_timestamp(unix as i64)
+        .ok()
+        .and_then(|t| {
+            t.format(time::macros::format_description!(
+                "[year]-[month]-[day] [hour]:[minute] UTC"
+            ))
+            .ok()
+        })
+        .unwrap_or_else(|| format!("unix time {unix}"))
+}
+
+/// The site's secrets, as its key file holds them ([`KeyRing`]): the HMAC key for tokens and
+/// UIDs, per-agreement token secrets, the data-encryption keys and the v1 vault key. Clones share
+/// one ring, so a change made through one (a new agreement secret, a rotation read back from the
+/// file) is seen by all.
 #[derive(Clone)]
 pub struct SiteKeys {
     token_key: [u8; 32],
-    vault_key: [u8; 32],
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    ring: RwLock<KeyRing>,
+    /// The key file, when the keys came from one (changes are written back to it).
+    path: Option<PathBuf>,
+    /// When the file was last looked at, and its modification time then.
+    seen: Mutex<(Instant, Option<SystemTime>)>,
 }
 
 impl std::fmt::Debug for SiteKeys {
@@ -55,126 +88,213 @@ impl std::fmt::Debug for SiteKeys {
     }
 }
 
-#[derive(Serialize, Deserialize)]
-struct KeyFile {
-    format: String,
-    token_key: String,
-    vault_key: String,
-}
-
-const KEY_FORMAT: &str = "pacs-broker-site-keys-v1";
+/// How often a running process looks whether its key file changed (a rotation by `keys rotate`).
+const KEY_FILE_RECHECK: Duration = Duration::from_secs(2);
 
 impl SiteKeys {
-    /// Fresh random keys from the operating system's generator.
-    pub fn generate() -> Self {
-        let mut token_key = [0u8; 32];
-        let mut vault_key = [0u8; 32];
-        rand::rngs::OsRng.fill_bytes(&mut token_key);
-        rand::rngs::OsRng.fill_bytes(&mut vault_key);
+    fn with_ring(ring: KeyRing, path: Option<PathBuf>) -> Self {
+        let mtime = path
+            .as_deref()
+            .and_then(|p| fs::metadata(p).ok())
+            .and_then(|m| m.modified().ok());
         SiteKeys {
-            token_key,
-            vault_key,
+            token_key: ring.token_key,
+            shared: Arc::new(Shared {
+                ring: RwLock::new(ring),
+                path,
+                seen: Mutex::new((Instant::now(), mtime)),
+            }),
         }
     }
 
-    /// Keys from fixed bytes (tests and benchmarks).
+    /// Fresh random keys from the operating system's generator (a v2 ring).
+    pub fn generate() -> Self {
+        SiteKeys::with_ring(KeyRing::generate(), None)
+    }
+
+    /// Keys from fixed bytes (tests and benchmarks), as a v1 key file with these keys would
+    /// give: every agreement's tokens are made under `token_key`.
     pub fn from_bytes(token_key: [u8; 32], vault_key: [u8; 32]) -> Self {
-        SiteKeys {
-            token_key,
-            vault_key,
-        }
+        SiteKeys::with_ring(KeyRing::from_v1_keys(token_key, vault_key), None)
     }
 
     /// Writes a new key file with mode 0600. Refuses to overwrite an existing file.
     pub fn write_new(&self, path: &Path) -> Result<(), KeyError> {
-        let io = |source| KeyError::Io {
-            path: path.to_owned(),
-            source,
-        };
-        let body = KeyFile {
-            format: KEY_FORMAT.into(),
-            token_key: hex::encode(self.token_key),
-            vault_key: hex::encode(self.vault_key),
-        };
-        let text = format!(
-            "# pacs-broker site secret keys. Keep private (mode 0600), apart from the data, and backed up:\n\
-             # without it tokens cannot be reproduced and the vault cannot be opened.\n{}",
-            toml::to_string(&body).expect("key file serialises")
-        );
-        let mut opts = fs::OpenOptions::new();
-        opts.write(true).create_new(true);
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::OpenOptionsExt;
-            opts.mode(0o600);
-        }
-        let mut f = opts.open(path).map_err(|e| {
-            if e.kind() == std::io::ErrorKind::AlreadyExists {
-                KeyError::Exists {
-                    path: path.to_owned(),
-                }
-            } else {
-                io(e)
-            }
-        })?;
-        f.write_all(text.as_bytes()).map_err(io)?;
-        f.sync_all().map_err(io)?;
-        Ok(())
+        keyring::write_new(path, &self.ring())
     }
 
-    /// Loads a key file, refusing one that group or others may read.
+    /// Loads a key file (v2, or v1: see [`crate::keyring`]), refusing one that group or others
+    /// may read.
     pub fn load(path: &Path) -> Result<Self, KeyError> {
-        let io = |source| KeyError::Io {
-            path: path.to_owned(),
-            source,
+        Ok(SiteKeys::with_ring(
+            keyring::read(path)?,
+            Some(path.to_owned()),
+        ))
+    }
+
+    fn ring(&self) -> std::sync::RwLockReadGuard<'_, KeyRing> {
+        self.shared.ring.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Reads the key file again if it changed since it was last looked at (at most every two
+    /// seconds, or at once when `now` is set), so that a running node picks up a rotation.
+    fn refresh(&self, now: bool) {
+        let Some(path) = &self.shared.path else {
+            return;
         };
-        let meta = fs::metadata(path).map_err(io)?;
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::PermissionsExt;
-            let mode = meta.permissions().mode() & 0o777;
-            if mode & 0o077 != 0 {
-                return Err(KeyError::TooOpen {
-                    path: path.to_owned(),
-                    mode,
-                });
+        let mut seen = self.shared.seen.lock().unwrap_or_else(|p| p.into_inner());
+        if !now && seen.0.elapsed() < KEY_FILE_RECHECK {
+            return;
+        }
+        seen.0 = Instant::now();
+        let mtime = fs::metadata(path).ok().and_then(|m| m.modified().ok());
+        if mtime == seen.1 && !now {
+            return;
+        }
+        match keyring::read(path) {
+            Ok(ring) if ring.token_key == self.token_key => {
+                seen.1 = mtime;
+                *self.shared.ring.write().unwrap_or_else(|p| p.into_inner()) = ring;
+            }
+            Ok(_) => tracing::error!(
+                "the key file now holds another token key; keeping the keys loaded at start"
+            ),
+            Err(e) => tracing::error!(error = %e, "the key file could not be read again"),
+        }
+    }
+
+    /// Applies `change` to the ring, writing the key file (under its lock) when there is one.
+    fn change<T>(&self, change: impl FnOnce(&mut KeyRing) -> T) -> Result<T, KeyError> {
+        match &self.shared.path {
+            Some(path) => {
+                let (ring, out) = keyring::update(path, change)?;
+                let mtime = fs::metadata(path).ok().and_then(|m| m.modified().ok());
+                *self.shared.ring.write().unwrap_or_else(|p| p.into_inner()) = ring;
+                *self.shared.seen.lock().unwrap_or_else(|p| p.into_inner()) =
+                    (Instant::now(), mtime);
+                Ok(out)
+            }
+            None => {
+                let mut ring = self.shared.ring.write().unwrap_or_else(|p| p.into_inner());
+                Ok(change(&mut ring))
             }
         }
-        let _ = meta;
-        let text = fs::read_to_string(path).map_err(io)?;
-        let invalid = |reason: String| KeyError::Invalid {
-            path: path.to_owned(),
-            reason,
-        };
-        let kf: KeyFile = toml::from_str(&text).map_err(|e| invalid(e.message().to_string()))?;
-        if kf.format != KEY_FORMAT {
-            return Err(invalid(format!("unknown format {:?}", kf.format)));
+    }
+
+    /// A tokenizer for one agreement's namespace: under the agreement's own secret (created on
+    /// first use and written to the key file), or under the site token key for a legacy
+    /// agreement (one that issued tokens before the key file was v2). Refused once the
+    /// agreement was shredded.
+    pub fn tokenizer(&self, agreement_id: &str) -> Result<Tokenizer, KeyError> {
+        let lookup = || self.ring().agreements.get(agreement_id).cloned();
+        let mut known = lookup();
+        if known.is_none() {
+            // Another process may have made its secret, or upgraded the file, meanwhile.
+            self.refresh(true);
+            known = lookup();
         }
-        let parse = |name: &str, v: &str| -> Result<[u8; 32], KeyError> {
-            let bytes = hex::decode(v).map_err(|_| invalid(format!("{name} is not hex")))?;
-            bytes
-                .try_into()
-                .map_err(|_| invalid(format!("{name} must be 32 bytes")))
+        let secret = match known {
+            Some(k) if k.shredded.is_some() || k.legacy || k.token_secret.is_some() => {
+                self.agreement_secret_known(agreement_id, &k)?
+            }
+            _ if self.ring().v1 => None,
+            _ => {
+                self.change(|r| r.agreement_secret(agreement_id))?
+                    .map_err(|at| shredded(agreement_id, at))?
+                    .0
+            }
         };
-        Ok(SiteKeys {
-            token_key: parse("token_key", &kf.token_key)?,
-            vault_key: parse("vault_key", &kf.vault_key)?,
+        Ok(Tokenizer {
+            key: secret.unwrap_or(self.token_key),
+            agreement: agreement_id.to_owned(),
         })
     }
 
-    /// A tokenizer for one agreement's namespace.
-    pub fn tokenizer(&self, agreement_id: &str) -> Tokenizer {
-        Tokenizer {
-            key: self.token_key,
+    /// The agreement's tokenizer if it can have issued tokens, without creating a secret (for
+    /// look-ups such as the disclosure report): `None` once shredded, or when a v2 key file has
+    /// no secret for it yet (no token was ever issued under it).
+    pub fn existing_tokenizer(&self, agreement_id: &str) -> Option<Tokenizer> {
+        self.refresh(false);
+        let ring = self.ring();
+        let key = match ring.agreements.get(agreement_id) {
+            Some(k) if k.shredded.is_some() => return None,
+            Some(k) if k.legacy => self.token_key,
+            Some(k) => k.token_secret?,
+            None if ring.v1 => self.token_key,
+            None => return None,
+        };
+        Some(Tokenizer {
+            key,
             agreement: agreement_id.to_owned(),
+        })
+    }
+
+    fn agreement_secret_known(
+        &self,
+        agreement: &str,
+        k: &keyring::AgreementKey,
+    ) -> Result<Option<[u8; 32]>, KeyError> {
+        if let Some(at) = k.shredded {
+            return Err(shredded(agreement, at));
         }
+        Ok(if k.legacy { None } else { k.token_secret })
+    }
+
+    /// True when the agreement's tokens are made under the site token key (a v1 key file, or an
+    /// agreement listed as legacy when the file was upgraded): shredding cannot destroy that key.
+    pub fn agreement_is_legacy(&self, agreement: &str) -> bool {
+        let ring = self.ring();
+        ring.v1 || ring.agreements.get(agreement).is_some_and(|k| k.legacy)
+    }
+
+    /// When the agreement's key material was destroyed, if it was.
+    pub fn shredded_at(&self, agreement: &str) -> Option<u64> {
+        self.refresh(false);
+        self.ring()
+            .agreements
+            .get(agreement)
+            .and_then(|k| k.shredded)
+    }
+
+    /// Destroys an agreement's token secret (crypto-shredding; `vault shred`). Returns true when
+    /// the agreement was legacy: its tokens were made under the site token key, which stays.
+    pub fn shred_agreement(&self, agreement: &str) -> Result<bool, KeyError> {
+        let at = keyring::now();
+        self.change(|r| r.shred_agreement(agreement, at))
+    }
+
+    /// Adds a new data-encryption key and makes it current (`keys rotate`); upgrades a v1 key
+    /// file to v2, listing `known_agreements` as legacy. Returns the new key's id.
+    pub fn rotate(&self, known_agreements: &[String]) -> Result<String, KeyError> {
+        self.change(|r| r.rotate(known_agreements))
+    }
+
+    /// The current data-encryption key: (id, key).
+    pub fn current_data_key(&self) -> (String, [u8; 32]) {
+        self.refresh(false);
+        let ring = self.ring();
+        let (id, key) = ring.current();
+        (id.to_string(), *key)
+    }
+
+    /// The data-encryption key with this id (the key file is read again once if it is not
+    /// known yet: another process may have rotated).
+    pub fn data_key(&self, id: &str) -> Option<[u8; 32]> {
+        if let Some(k) = self.ring().data_key(id) {
+            return Some(*k);
+        }
+        self.refresh(true);
+        self.ring().data_key(id).copied()
+    }
+
+    /// Whether the key file is still v1 (not upgraded by `keys rotate`).
+    pub fn is_v1(&self) -> bool {
+        self.ring().v1
     }
 
     /// The vault cipher of this site.
     pub fn vault_cipher(&self) -> VaultCipher {
-        VaultCipher {
-            key: self.vault_key,
-        }
+        VaultCipher { keys: self.clone() }
     }
 
     /// HMAC-SHA256 under the token key of arbitrary labelled input (used for receipts and audit).
@@ -184,6 +304,13 @@ impl SiteKeys {
         m.update(&[0x1f]);
         m.update(data);
         m.finalize().into_bytes().into()
+    }
+}
+
+fn shredded(agreement: &str, at: u64) -> KeyError {
+    KeyError::Shredded {
+        agreement: agreement.to_string(),
+        on: shown_date(at),
     }
 }
 
@@ -263,48 +390,101 @@ pub fn base32(bytes: &[u8]) -> String {
 
 /// AES-256-GCM sealing of vault records; the agreement id and token are bound as associated data,
 /// so a record cannot be moved to another token or agreement.
+///
+/// A record is `PBV2`, the length and id of the data key that sealed it, a 12-byte random nonce
+/// and the ciphertext (the key id is bound as associated data too). Records written before v2
+/// key files (a 12-byte nonce and the ciphertext, under the v1 vault key) are still opened;
+/// `keys rotate` re-seals them.
 #[derive(Clone)]
 pub struct VaultCipher {
-    key: [u8; 32],
+    keys: SiteKeys,
+}
+
+const VAULT_MAGIC: &[u8; 4] = b"PBV2";
+
+fn vault_aad(key_id: Option<&str>, agreement: &str, token: &str) -> String {
+    match key_id {
+        Some(id) => format!("v2\u{1f}{id}\u{1f}{agreement}\u{1f}{token}"),
+        None => format!("{agreement}\u{1f}{token}"),
+    }
+}
+
+fn gcm_seal(key: &[u8; 32], aad: &[u8], plaintext: &[u8]) -> Vec<u8> {
+    let cipher = Aes256Gcm::new_from_slice(key).expect("32-byte key");
+    let mut nonce = [0u8; 12];
+    rand::rngs::OsRng.fill_bytes(&mut nonce);
+    let ct = cipher
+        .encrypt(
+            Nonce::from_slice(&nonce),
+            Payload {
+                msg: plaintext,
+                aad,
+            },
+        )
+        .expect("AES-GCM encryption of an in-memory buffer cannot fail");
+    let mut out = nonce.to_vec();
+    out.extend_from_slice(&ct);
+    out
+}
+
+fn gcm_open(key: &[u8; 32], aad: &[u8], sealed: &[u8]) -> Option<Vec<u8>> {
+    if sealed.len() < 12 + 16 {
+        return None;
+    }
+    let cipher = Aes256Gcm::new_from_slice(key).expect("32-byte key");
+    cipher
+        .decrypt(
+            Nonce::from_slice(&sealed[..12]),
+            Payload {
+                msg: &sealed[12..],
+                aad,
+            },
+        )
+        .ok()
 }
 
 impl VaultCipher {
-    /// Seals `plaintext` for (agreement, token): 12-byte random nonce followed by the ciphertext.
+    /// Seals `plaintext` for (agreement, token) under the current data key.
     pub fn seal(&self, agreement: &str, token: &str, plaintext: &[u8]) -> Vec<u8> {
-        let cipher = Aes256Gcm::new_from_slice(&self.key).expect("32-byte key");
-        let mut nonce = [0u8; 12];
-        rand::rngs::OsRng.fill_bytes(&mut nonce);
-        let aad = format!("{agreement}\u{1f}{token}");
-        let ct = cipher
-            .encrypt(
-                Nonce::from_slice(&nonce),
-                Payload {
-                    msg: plaintext,
-                    aad: aad.as_bytes(),
-                },
-            )
-            .expect("AES-GCM encryption of an in-memory buffer cannot fail");
-        let mut out = nonce.to_vec();
-        out.extend_from_slice(&ct);
+        let (id, key) = self.keys.current_data_key();
+        let aad = vault_aad(Some(&id), agreement, token);
+        let mut out = VAULT_MAGIC.to_vec();
+        out.push(id.len() as u8);
+        out.extend_from_slice(id.as_bytes());
+        out.extend_from_slice(&gcm_seal(&key, aad.as_bytes(), plaintext));
         out
     }
 
-    /// Opens a record sealed by [`VaultCipher::seal`].
+    /// The id of the data key a record was sealed under (`None`: a v1 record).
+    pub fn key_id(sealed: &[u8]) -> Option<&str> {
+        let rest = sealed.strip_prefix(VAULT_MAGIC)?;
+        let (&n, rest) = rest.split_first()?;
+        std::str::from_utf8(rest.get(..n as usize)?).ok()
+    }
+
+    /// Opens a record sealed by [`VaultCipher::seal`] (or by a v1 key file's vault key).
     pub fn open(&self, agreement: &str, token: &str, sealed: &[u8]) -> Result<Vec<u8>, KeyError> {
-        if sealed.len() < 12 + 16 {
-            return Err(KeyError::VaultDecrypt);
+        let failed = || KeyError::VaultRecord {
+            agreement: agreement.to_string(),
+            token: token.to_string(),
+        };
+        if let Some(id) = Self::key_id(sealed) {
+            let body = &sealed[VAULT_MAGIC.len() + 1 + id.len()..];
+            if let Some(key) = self.keys.data_key(id) {
+                let aad = vault_aad(Some(id), agreement, token);
+                if let Some(p) = gcm_open(&key, aad.as_bytes(), body) {
+                    return Ok(p);
+                }
+            }
         }
-        let cipher = Aes256Gcm::new_from_slice(&self.key).expect("32-byte key");
-        let aad = format!("{agreement}\u{1f}{token}");
-        cipher
-            .decrypt(
-                Nonce::from_slice(&sealed[..12]),
-                Payload {
-                    msg: &sealed[12..],
-                    aad: aad.as_bytes(),
-                },
-            )
-            .map_err(|_| KeyError::VaultDecrypt)
+        // A v1 record (whose random nonce may even start like a v2 header).
+        let vault_key = self.keys.ring().vault_key;
+        gcm_open(
+            &vault_key,
+            vault_aad(None, agreement, token).as_bytes(),
+            sealed,
+        )
+        .ok_or_else(failed)
     }
 }
 
@@ -317,15 +497,25 @@ pub struct VaultEntry {
 
 /// The origin-only map from token to original value. Records are sealed before they reach the
 /// store, so the store (and its backups) never hold an original identifier in clear.
+///
+/// Besides the records, the tree holds one marker per shredded agreement (key
+/// `\u{1f}shredded\u{1f}<agreement>`, value the unix time), so that re-identification after
+/// shredding says so rather than "unknown token".
 pub struct Vault {
+    keys: SiteKeys,
     cipher: VaultCipher,
     tree: sled::Tree,
+}
+
+fn shred_marker(agreement: &str) -> Vec<u8> {
+    format!("\u{1f}shredded\u{1f}{agreement}").into_bytes()
 }
 
 impl Vault {
     /// A vault over a sled tree (the node passes its store's vault tree).
     pub fn new(keys: &SiteKeys, tree: sled::Tree) -> Self {
         Vault {
+            keys: keys.clone(),
             cipher: keys.vault_cipher(),
             tree,
         }
@@ -352,34 +542,63 @@ impl Vault {
         Ok(())
     }
 
-    /// The original behind a token, if this site issued it under this agreement.
+    /// When an agreement was shredded, if it was (the vault's marker, or the key file's).
+    pub fn shredded_at(&self, agreement: &str) -> Result<Option<u64>, KeyError> {
+        if let Some(v) = self.tree.get(shred_marker(agreement))? {
+            let at = std::str::from_utf8(&v)
+                .ok()
+                .and_then(|t| t.parse().ok())
+                .unwrap_or(0);
+            return Ok(Some(at));
+        }
+        Ok(self.keys.shredded_at(agreement))
+    }
+
+    /// The original behind a token, if this site issued it under this agreement. An agreement
+    /// that was shredded is [`KeyError::Shredded`]; a record that cannot be opened (wrong key
+    /// file, damaged) is [`KeyError::VaultRecord`] naming the token.
     pub fn reidentify(&self, agreement: &str, token: &str) -> Result<Option<VaultEntry>, KeyError> {
-        let Some(sealed) = self
-            .tree
-            .get(Self::key(agreement, token))
-            .map_err(|_| KeyError::VaultDecrypt)?
-        else {
+        if let Some(at) = self.shredded_at(agreement)? {
+            return Err(shredded(agreement, at));
+        }
+        let Some(sealed) = self.tree.get(Self::key(agreement, token))? else {
             return Ok(None);
         };
         let plain = self.cipher.open(agreement, token, &sealed)?;
         serde_json::from_slice(&plain)
             .map(Some)
-            .map_err(|_| KeyError::VaultDecrypt)
+            .map_err(|_| KeyError::VaultRecord {
+                agreement: agreement.to_string(),
+                token: token.to_string(),
+            })
     }
 
     /// Every (agreement, token) that stands for `original` of `attribute` (a full scan, for the
-    /// disclosure report: it finds trial subject IDs, which no key can recompute).
+    /// disclosure report: it finds trial subject IDs, which no key can recompute). A record that
+    /// cannot be opened is reported by a log line naming its token and skipped: one damaged
+    /// record does not hide every other disclosure.
     pub fn find(&self, attribute: &str, original: &str) -> Result<Vec<(String, String)>, KeyError> {
         let mut out = Vec::new();
         for item in self.tree.iter() {
-            let (k, sealed) = item.map_err(|_| KeyError::VaultDecrypt)?;
+            let (k, sealed) = item?;
             let key = String::from_utf8_lossy(&k).to_string();
             let Some((agreement, token)) = key.split_once('\u{1f}') else {
                 continue;
             };
-            let plain = self.cipher.open(agreement, token, &sealed)?;
-            let e: VaultEntry =
-                serde_json::from_slice(&plain).map_err(|_| KeyError::VaultDecrypt)?;
+            if agreement.is_empty() {
+                continue; // a shred marker
+            }
+            let e: VaultEntry = match self
+                .cipher
+                .open(agreement, token, &sealed)
+                .and_then(|p| serde_json::from_slice(&p).map_err(|_| KeyError::VaultDecrypt))
+            {
+                Ok(e) => e,
+                Err(e) => {
+                    tracing::error!(agreement, token, error = %e, "vault record skipped");
+                    continue;
+                }
+            };
             if e.attribute == attribute && e.original.trim() == original.trim() {
                 out.push((agreement.to_string(), token.to_string()));
             }
@@ -387,8 +606,12 @@ impl Vault {
         Ok(out)
     }
 
-    /// Crypto-shreds an agreement's vault: every record under it is removed.
-    pub fn shred(&self, agreement: &str) -> Result<usize, sled::Error> {
+    /// Crypto-shreds an agreement: every vault record under it is removed, a marker says when,
+    /// and its token secret is destroyed in the key file, so its tokens can never be reversed
+    /// (nor recomputed from a guessed original) again. The policy check (agreement ended,
+    /// retention passed) is the caller's (`pacs-broker vault shred`). Returns how many records
+    /// were removed.
+    pub fn shred(&self, agreement: &str) -> Result<usize, KeyError> {
         let prefix = format!("{agreement}\u{1f}");
         let mut n = 0;
         for item in self.tree.scan_prefix(prefix.as_bytes()) {
@@ -396,8 +619,67 @@ impl Vault {
             self.tree.remove(k)?;
             n += 1;
         }
+        let at = keyring::now();
+        self.tree
+            .insert(shred_marker(agreement), at.to_string().as_bytes())?;
         self.tree.flush()?;
+        self.keys.shred_agreement(agreement)?;
         Ok(n)
+    }
+
+    /// Re-seals every record not sealed under the current data key (`keys rotate`). A record
+    /// that cannot be opened is left as it is and counted in the second number.
+    pub fn reseal(&self) -> Result<(usize, usize), KeyError> {
+        let (current, _) = self.keys.current_data_key();
+        let (mut resealed, mut unreadable) = (0, 0);
+        for item in self.tree.iter() {
+            let (k, sealed) = item?;
+            let key = String::from_utf8_lossy(&k).to_string();
+            let Some((agreement, token)) = key.split_once('\u{1f}') else {
+                continue;
+            };
+            if agreement.is_empty() || VaultCipher::key_id(&sealed) == Some(current.as_str()) {
+                continue;
+            }
+            match self.cipher.open(agreement, token, &sealed) {
+                Ok(plain) => {
+                    let fresh = self.cipher.seal(agreement, token, &plain);
+                    // Only if nobody changed it meanwhile (records are never edited in place).
+                    let _ = self.tree.compare_and_swap(&k, Some(&sealed), Some(fresh))?;
+                    resealed += 1;
+                }
+                Err(_) => unreadable += 1,
+            }
+        }
+        self.tree.flush()?;
+        Ok((resealed, unreadable))
+    }
+
+    /// The tokens recorded under an agreement (tokens only, never an original).
+    pub fn tokens(&self, agreement: &str) -> Result<Vec<String>, KeyError> {
+        let prefix = format!("{agreement}\u{1f}");
+        let mut out = Vec::new();
+        for k in self.tree.scan_prefix(prefix.as_bytes()).keys() {
+            out.push(String::from_utf8_lossy(&k?[prefix.len()..]).to_string());
+        }
+        Ok(out)
+    }
+
+    /// The agreements that have records in the vault.
+    pub fn agreements(&self) -> Vec<String> {
+        let mut out: Vec<String> = self
+            .tree
+            .iter()
+            .keys()
+            .flatten()
+            .filter_map(|k| {
+                let k = String::from_utf8_lossy(&k).to_string();
+                let (a, _) = k.split_once('\u{1f}')?;
+                (!a.is_empty()).then(|| a.to_string())
+            })
+            .collect();
+        out.dedup();
+        out
     }
 
     /// Makes every record durable before anything that depends on it is acknowledged.
@@ -416,8 +698,8 @@ mod tests {
 
     #[test]
     fn tokens_are_stable_and_agreement_scoped() {
-        let a = keys().tokenizer("agr-1");
-        let b = keys().tokenizer("agr-2");
+        let a = keys().tokenizer("agr-1").unwrap();
+        let b = keys().tokenizer("agr-2").unwrap();
         assert_eq!(a.token("PatientID", "12345"), a.token("PatientID", "12345"));
         assert_ne!(a.token("PatientID", "12345"), b.token("PatientID", "12345"));
         assert_ne!(a.token("PatientID", "12345"), a.token("PatientID", "12346"));
@@ -426,7 +708,7 @@ mod tests {
 
     #[test]
     fn uids_are_valid_2_25_and_differ_from_original() {
-        let t = keys().tokenizer("agr-1");
+        let t = keys().tokenizer("agr-1").unwrap();
         let orig = "1.2.840.113619.2.55.3.604688119.969.1268071029.320";
         let u = t.uid(orig);
         assert!(u.starts_with("2.25."));
@@ -440,7 +722,7 @@ mod tests {
 
     #[test]
     fn date_offsets_are_nonzero_and_stable() {
-        let t = keys().tokenizer("agr-1");
+        let t = keys().tokenizer("agr-1").unwrap();
         for p in ["a", "b", "c", "12345"] {
             let d = t.date_offset_days(p);
             assert!((-1095..=-1).contains(&d));
@@ -456,6 +738,7 @@ mod tests {
         k.write_new(&p).unwrap();
         let back = SiteKeys::load(&p).unwrap();
         assert_eq!(back.token_key, k.token_key);
+        assert_eq!(back.current_data_key(), k.current_data_key());
         assert!(matches!(k.write_new(&p), Err(KeyError::Exists { .. })));
         #[cfg(unix)]
         {
@@ -487,7 +770,80 @@ mod tests {
             .1;
         assert!(!raw.windows(8).any(|w| w == b"MRN-0001"));
         assert_eq!(v.shred("agr").unwrap(), 1);
-        assert_eq!(v.reidentify("agr", "TOK").unwrap(), None);
+        let e = v.reidentify("agr", "TOK").unwrap_err();
+        assert!(
+            e.to_string().contains("agreement `agr` was shredded on"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_v1_key_file_upgrades_without_changing_tokens_and_processes_see_rotations() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("site.key");
+        fs::write(
+            &p,
+            format!(
+                "format = \"pacs-broker-site-keys-v1\"\ntoken_key = \"{}\"\nvault_key = \"{}\"\n",
+                hex::encode([7; 32]),
+                hex::encode([9; 32])
+            ),
+        )
+        .unwrap();
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            fs::set_permissions(&p, fs::Permissions::from_mode(0o600)).unwrap();
+        }
+        let serving = SiteKeys::load(&p).unwrap();
+        let before = serving
+            .tokenizer("old-agr")
+            .unwrap()
+            .token("PatientID", "MRN-1");
+        assert_eq!(
+            before,
+            keys()
+                .tokenizer("old-agr")
+                .unwrap()
+                .token("PatientID", "MRN-1")
+        );
+        let old_id = serving.current_data_key().0;
+        // Another process (`keys rotate`) upgrades the file.
+        let admin = SiteKeys::load(&p).unwrap();
+        let new_id = admin.rotate(&["old-agr".to_string()]).unwrap();
+        assert!(!admin.is_v1());
+        let after = SiteKeys::load(&p).unwrap();
+        assert_eq!(
+            after
+                .tokenizer("old-agr")
+                .unwrap()
+                .token("PatientID", "MRN-1"),
+            before
+        );
+        // A new agreement gets its own secret: not the site token key.
+        let fresh = after
+            .tokenizer("new-agr")
+            .unwrap()
+            .token("PatientID", "MRN-1");
+        assert_ne!(
+            fresh,
+            keys()
+                .tokenizer("new-agr")
+                .unwrap()
+                .token("PatientID", "MRN-1")
+        );
+        assert!(after.agreement_is_legacy("old-agr") && !after.agreement_is_legacy("new-agr"));
+        // The serving process reads files sealed under the new key (it reloads on a miss).
+        assert!(serving.data_key(&new_id).is_some());
+        assert!(serving.data_key(&old_id).is_some());
+        // And the new agreement's secret is the same in every process.
+        assert_eq!(
+            serving
+                .tokenizer("new-agr")
+                .unwrap()
+                .token("PatientID", "MRN-1"),
+            fresh
+        );
     }
 
     #[test]

@@ -73,6 +73,9 @@ pub enum ReidentifyError {
     UnknownToken { agreement: String, token: String },
     #[error("the vault cannot be opened: {0}")]
     VaultUnavailable(String),
+    /// The agreement was crypto-shredded (`vault shred`): says when.
+    #[error("{0}")]
+    Shredded(KeyError),
     #[error("the vault entry of token `{token}` cannot be opened (wrong key file, or the entry is corrupted)")]
     Vault {
         token: String,
@@ -258,6 +261,7 @@ pub fn reidentify<V: std::ops::Deref<Target = Vault>>(
     let outcome = match &found {
         Ok(Some(e)) => format!("allowed: original {} shown to the user", e.attribute),
         Ok(None) => "refused: unknown token".to_string(),
+        Err(KeyError::Shredded { on, .. }) => format!("refused: agreement shredded on {on}"),
         Err(_) => "failed: vault entry cannot be opened".to_string(),
     };
     audit.record_or_warn(event(&ok.purpose, outcome));
@@ -267,6 +271,7 @@ pub fn reidentify<V: std::ops::Deref<Target = Vault>>(
             agreement: req.agreement.into(),
             token: req.token.into(),
         }),
+        Err(e @ KeyError::Shredded { .. }) => Err(ReidentifyError::Shredded(e)),
         Err(source) => Err(ReidentifyError::Vault {
             token: req.token.into(),
             source,

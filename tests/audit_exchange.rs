@@ -113,6 +113,7 @@ async fn disclosures_are_accounted_for_at_both_ends_without_phi() {
     let token = SiteKeys::load(&a_cfg.key_file)
         .unwrap()
         .tokenizer(AGREEMENT)
+        .unwrap()
         .token("PatientID", &patient.id);
 
     // Origin: a structured disclosure with the patient token and the signed receipt.

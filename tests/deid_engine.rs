@@ -90,7 +90,7 @@ fn identifiers_are_removed_at_every_depth() {
 #[test]
 fn references_stay_consistent_across_instances() {
     let keys = keys();
-    let tok = keys.tokenizer("DSA-TEST-1");
+    let tok = keys.tokenizer("DSA-TEST-1").unwrap();
     let ct1 = ct("1.2.3", "1.2.3.1", "1.2.3.1.1", vec![]);
     // An RT structure set referencing the CT's frame of reference, study, series and instance.
     let contour_image = item(vec![
@@ -264,7 +264,7 @@ fn dates_shift_by_one_offset_per_patient_and_x_dates_are_removed() {
             options: [ProfileOption::RetainLongitudinalModifiedDates].into(),
             ..DeidConfig::default()
         },
-        keys().tokenizer("DSA-OTHER"),
+        keys().tokenizer("DSA-OTHER").unwrap(),
     )
     .deidentify(ct("1.2.3", "1.2.3.1", "1.2.3.1.1", vec![]))
     .unwrap();
@@ -327,7 +327,7 @@ fn private_attributes_removed_unless_on_the_safe_list() {
         }],
         ..DeidConfig::default()
     };
-    let deid = Deidentifier::new(config.clone(), keys().tokenizer("DSA-TEST-1"));
+    let deid = Deidentifier::new(config.clone(), keys().tokenizer("DSA-TEST-1").unwrap());
     let obj = ct(
         "1.2.3",
         "1.2.3.1",
@@ -383,7 +383,7 @@ fn unknown_public_text_is_removed_by_default_and_kept_by_override() {
         }],
         ..DeidConfig::default()
     };
-    let d = Deidentifier::new(config, keys().tokenizer("DSA-TEST-1"))
+    let d = Deidentifier::new(config, keys().tokenizer("DSA-TEST-1").unwrap())
         .deidentify(ct("1.2.3", "1.2.3.1", "1.2.3.1.1", extra()))
         .unwrap();
     assert_eq!(
@@ -435,7 +435,7 @@ fn residual_phi_is_refused_and_reasons_carry_no_phi() {
         }],
         ..DeidConfig::default()
     };
-    let err = Deidentifier::new(config, keys().tokenizer("DSA-TEST-1"))
+    let err = Deidentifier::new(config, keys().tokenizer("DSA-TEST-1").unwrap())
         .deidentify(ct("1.2.3", "1.2.3.1", "1.2.3.1.1", desc()))
         .unwrap_err();
     for e in [err] {
@@ -487,7 +487,7 @@ fn burned_in_text_is_quarantined_unless_cleaned() {
         }],
         ..DeidConfig::default()
     };
-    let d = Deidentifier::new(config, keys().tokenizer("DSA-TEST-1"))
+    let d = Deidentifier::new(config, keys().tokenizer("DSA-TEST-1").unwrap())
         .deidentify(us(Some("YES")))
         .unwrap();
     let px = d
@@ -601,7 +601,9 @@ fn same_input_and_key_give_the_same_bytes() {
     assert_eq!(run(), run());
     let other_key = Deidentifier::new(
         DeidConfig::default(),
-        SiteKeys::from_bytes([1; 32], [2; 32]).tokenizer("DSA-TEST-1"),
+        SiteKeys::from_bytes([1; 32], [2; 32])
+            .tokenizer("DSA-TEST-1")
+            .unwrap(),
     )
     .deidentify(ct("1.2.3", "1.2.3.1", "1.2.3.1.1", vec![]))
     .unwrap();

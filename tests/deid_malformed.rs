@@ -95,7 +95,7 @@ fn mutated_samples_never_panic_and_releases_pass_the_check() {
             let Ok(Ok(obj)) = read else { continue };
             parsed += 1;
             for config in &configs {
-                let deid = Deidentifier::new(config.clone(), keys().tokenizer("FUZZ"));
+                let deid = Deidentifier::new(config.clone(), keys().tokenizer("FUZZ").unwrap());
                 if let Ok(d) = deid.deidentify(obj.clone()) {
                     check_release_file(&d.object, config)
                         .expect("a released output passes the release check");

@@ -144,7 +144,7 @@ proptest! {
         let options: Vec<ProfileOption> = if modified_dates { vec![ProfileOption::RetainLongitudinalModifiedDates] } else { vec![] };
         let deid = deidentifier(&options);
         let config = DeidConfig { options: options.iter().copied().collect(), ..DeidConfig::default() };
-        let tok = keys().tokenizer("DSA-TEST-1");
+        let tok = keys().tokenizer("DSA-TEST-1").unwrap();
         let input = instance(&nodes);
         let input_uids = uid_paths(&input);
         let first = deid.deidentify(input.clone());

@@ -164,7 +164,7 @@ fn images_with_recognizable_visual_features_are_held_back() {
         }],
         ..DeidConfig::default()
     };
-    let deid = Deidentifier::new(accepting.clone(), keys().tokenizer("DSA-TEST-1"));
+    let deid = Deidentifier::new(accepting.clone(), keys().tokenizer("DSA-TEST-1").unwrap());
     let d = deid.deidentify(face_ct).unwrap();
     pacs_broker::deid::check_release_file(&d.object, &accepting).unwrap();
     // The receiver refuses the same output under a flow that does not accept them.
@@ -215,9 +215,9 @@ fn code_strings_are_vocabulary_but_kept_free_text_is_still_searched() {
         ..DeidConfig::default()
     };
     let reason = quarantine_reason(
-        Deidentifier::new(config, keys().tokenizer("DSA-TEST-1")).deidentify(perfusion(vec![
-            text(tags::STUDY_DESCRIPTION, VR::LO, "Perfusion CT, Anna"),
-        ])),
+        Deidentifier::new(config, keys().tokenizer("DSA-TEST-1").unwrap()).deidentify(perfusion(
+            vec![text(tags::STUDY_DESCRIPTION, VR::LO, "Perfusion CT, Anna")],
+        )),
     );
     assert!(
         reason.contains("patient name in StudyDescription"),

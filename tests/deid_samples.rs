@@ -231,7 +231,7 @@ fn compressed_pixel_data_that_needs_cleaning_is_refused_and_native_is_blanked() 
         }],
         ..DeidConfig::default()
     };
-    let deid = Deidentifier::new(config, keys().tokenizer("DSA-TEST-1"));
+    let deid = Deidentifier::new(config, keys().tokenizer("DSA-TEST-1").unwrap());
     let mut outcomes = Vec::new();
     run_batch(&deid, &inputs, &tmp.path().join("out"), |i| {
         outcomes.push((i.input.clone(), format!("{:?}", i.outcome)))

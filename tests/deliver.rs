@@ -374,19 +374,24 @@ async fn a_sent_study_reaches_the_partners_pacs_deidentified_and_as_stored() {
     }
     telerad.stop();
 
-    // Nothing is left in the queue, and the inbox holds links to the blobs, not second copies.
+    // Nothing is left in the queue, and no plaintext copy remains after delivery: with a PACS
+    // configured the PACS is the delivery, the inbox stays empty and the blobs kept for
+    // deduplication and retention are sealed at rest.
     let store =
         pacs_broker::store::LocalStore::open(&sites.telerad.data_dir.join("store")).unwrap();
     assert!(store.delivery_queue().entries().unwrap().is_empty());
-    let inbox = files_under(&store.inbox());
-    assert_eq!(inbox.len(), sent);
-    #[cfg(unix)]
-    for f in inbox {
-        use std::os::unix::fs::MetadataExt;
-        assert_eq!(
-            std::fs::metadata(&f).unwrap().nlink(),
-            2,
-            "{} is a copy",
+    assert!(
+        files_under(&store.inbox()).is_empty(),
+        "a plaintext inbox copy"
+    );
+    let blobs = files_under(&sites.telerad.data_dir.join("store").join("blobs"));
+    assert_eq!(blobs.len(), sent);
+    for f in blobs {
+        assert!(
+            pacs_broker::store::sealed::AtRest::key_id_of(&f)
+                .unwrap()
+                .is_some(),
+            "{} is in plaintext",
             f.display()
         );
     }

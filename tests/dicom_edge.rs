@@ -628,8 +628,17 @@ fn an_instance_quarantined_by_deidentification_is_held_for_review_and_not_sent()
         record.contains("\"source\": \"dicom:MODALITY\""),
         "{record}"
     );
-    // The held bytes are the instance as the modality sent it (the spool file is gone).
-    let input = dicom_object::open_file(item.join("input.dcm")).unwrap();
+    // The held bytes are the instance as the modality sent it (the spool file is gone), sealed
+    // at rest: read through the node's quarantine.
+    assert!(
+        pacs_broker::store::sealed::AtRest::key_id_of(&item.join("input.dcm"))
+            .unwrap()
+            .is_some(),
+        "the held original is not sealed"
+    );
+    let node = pacs_broker::node::Node::open(sites.a.cfg.clone()).unwrap();
+    let view = node.quarantine().unwrap().input_view(id).unwrap();
+    let input = dicom_object::open_file(view.path()).unwrap();
     assert_eq!(
         input
             .element(tags::PATIENT_ID)

@@ -25,7 +25,7 @@ async fn suspending_a_party_cuts_it_off_within_a_second() {
         .flow(FLOW)
         .unwrap()
         .clone();
-    let deid = Deidentifier::new(flow.deid, a.keys.tokenizer(AGREEMENT));
+    let deid = Deidentifier::new(flow.deid, a.keys.tokenizer(AGREEMENT).unwrap());
     let mut blobs = Vec::new();
     let mut study = String::new();
     for f in &files {

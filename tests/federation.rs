@@ -102,7 +102,19 @@ async fn two_sites_exchange_a_deidentified_study_idempotently() {
                 f.display()
             );
         }
-        dicom_object::open_file(f).expect("stored file parses with dicom-object");
+    }
+    // The stored blobs are sealed at rest (store::sealed); the inbox copies are the delivery.
+    for f in &blobs {
+        assert!(
+            pacs_broker::store::sealed::AtRest::key_id_of(f)
+                .unwrap()
+                .is_some(),
+            "{} is not sealed",
+            f.display()
+        );
+    }
+    for f in &inbox {
+        dicom_object::open_file(f).expect("delivered file parses with dicom-object");
     }
     for f in &inbox {
         let (ok, out) = run_tool("dcmdump", &["-q", f.to_str().unwrap()]);

@@ -218,7 +218,9 @@ fn engine_deidentifier(engine: OcrEngine) -> Deidentifier {
     };
     Deidentifier::new(
         config,
-        SiteKeys::from_bytes([7; 32], [9; 32]).tokenizer("DSA-OCR"),
+        SiteKeys::from_bytes([7; 32], [9; 32])
+            .tokenizer("DSA-OCR")
+            .unwrap(),
     )
     .with_ocr_engine(engine)
 }

@@ -59,7 +59,11 @@ fn site(base: &Path, site: &str) -> (PathBuf, String) {
     let path = base.join(site).join("node.toml");
     std::fs::write(&path, cfg.to_toml()).unwrap();
     let node = Node::open(cfg.clone()).unwrap();
-    let token = node.keys.tokenizer(AGREEMENT).token("PatientID", ORIGINAL);
+    let token = node
+        .keys
+        .tokenizer(AGREEMENT)
+        .unwrap()
+        .token("PatientID", ORIGINAL);
     let vault = node.vault().unwrap();
     vault
         .record(

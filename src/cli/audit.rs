@@ -198,8 +198,10 @@ pub fn report(a: AuditReportArgs) -> anyhow::Result<i32> {
         agreements.sort();
         agreements.dedup();
         for ag in agreements {
-            let t = node.keys.tokenizer(&ag).token("PatientID", patient);
-            q.patient_tokens.push((ag, t));
+            if let Some(tok) = node.keys.existing_tokenizer(&ag) {
+                let t = tok.token("PatientID", patient);
+                q.patient_tokens.push((ag, t));
+            }
         }
         if let Ok(v) = &vault {
             q.patient_tokens.extend(

@@ -108,7 +108,7 @@ impl Selection {
         };
         Ok(Deidentifier::new(
             config,
-            keys.tokenizer("adhoc:profile-basic"),
+            keys.tokenizer("adhoc:profile-basic")?,
         ))
     }
 }

@@ -64,6 +64,13 @@ pub enum KeysCommand {
         #[arg(long)]
         config: Option<PathBuf>,
     },
+    /// Make a new data-encryption key current and re-seal what the node keeps under it, without
+    /// stopping the node (the token key stays; see docs/keys.md). Audited.
+    Rotate {
+        /// The node configuration file.
+        #[arg(long)]
+        config: PathBuf,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -264,15 +271,20 @@ pub fn store(cmd: StoreCommand) -> anyhow::Result<i32> {
             root.display()
         );
     }
-    let blobs = pacs_broker::store::LocalStore::verify_blobs(&root)?;
-    let mut bad = blobs.mismatched.len();
+    let keys = SiteKeys::load(&cfg.key_file)?;
+    let at_rest = pacs_broker::store::sealed::AtRest::new(&keys, cfg.storage.encrypt_at_rest);
+    let blobs = pacs_broker::store::LocalStore::verify_blobs(&root, &at_rest)?;
+    let mut bad = blobs.mismatched.len() + blobs.unreadable.len();
+    for (p, why) in &blobs.unreadable {
+        println!("UNREADABLE {}: {why}", p.display());
+    }
     for p in &blobs.mismatched {
         println!(
             "MISMATCH {}: its bytes do not match its SHA-256",
             p.display()
         );
     }
-    match pacs_broker::store::LocalStore::open(&root) {
+    match pacs_broker::store::LocalStore::open_with(&root, at_rest) {
         Ok(store) => {
             let missing = store.missing_blobs()?;
             for (key, uid) in &missing {
@@ -325,6 +337,7 @@ pub fn keys(cmd: KeysCommand) -> anyhow::Result<i32> {
             }
             Ok(0)
         }
+        KeysCommand::Rotate { config } => super::custody::rotate(&config),
     }
 }
 

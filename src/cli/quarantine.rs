@@ -125,7 +125,7 @@ fn reveal(node: &Node, item: &HeldItem) -> anyhow::Result<()> {
     let origin = q.origin(&item.id)?;
     println!("identifying values (shown at your request; this is audited):");
     println!("  original:  {}", origin.unwrap_or_else(|| "-".into()));
-    let obj = pacs_broker::deid::guard::read_guarded(&q.input_path(&item.id)?)
+    let obj = pacs_broker::deid::guard::read_guarded(q.input_view(&item.id)?.path())
         .map_err(|e| anyhow::anyhow!("the held input cannot be read: {e}"))?;
     for (tag, name) in [
         (tags::PATIENT_NAME, "PatientName"),

@@ -370,13 +370,81 @@ pub fn stage_output(
 }
 
 /// [`stage_output`], and the SHA-256 of the output's bytes ([`StagedOutput::sha256`]), for
-/// outputs that leave the site with a manifest.
+/// outputs that leave the site with a manifest (the outbox). The file is sealed through
+/// `at_rest` when encryption at rest is on; its hash and size are then those of the plaintext,
+/// taken as it is written.
 pub fn stage_output_hashed(
     obj: DefaultDicomObject,
     pixel_data: Option<&super::guard::PixelSource>,
     target: &Path,
+    at_rest: &crate::store::sealed::AtRest,
 ) -> Result<StagedOutput, String> {
+    if at_rest.seals() {
+        return stage_sealed(obj, pixel_data, target, at_rest);
+    }
     stage(obj, pixel_data, target, true)
+}
+
+/// Stages an output sealed at rest: encoder -> buffer -> SHA-256 of the plaintext -> sealing
+/// writer -> file.
+fn stage_sealed(
+    obj: DefaultDicomObject,
+    pixel_data: Option<&super::guard::PixelSource>,
+    target: &Path,
+    at_rest: &crate::store::sealed::AtRest,
+) -> Result<StagedOutput, String> {
+    use sha2::{Digest, Sha256};
+    use std::os::unix::fs::MetadataExt;
+
+    struct Hashing<W: Write> {
+        inner: W,
+        hash: Sha256,
+        bytes: u64,
+    }
+    impl<W: Write> Write for Hashing<W> {
+        fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+            let n = self.inner.write(data)?;
+            self.hash.update(&data[..n]);
+            self.bytes += n as u64;
+            Ok(n)
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            self.inner.flush()
+        }
+    }
+    let write_err = |e: std::io::Error| format!("cannot write output: {}", e.kind());
+    let dir = target.parent().unwrap_or(Path::new("."));
+    fs::create_dir_all(dir).map_err(|e| format!("cannot create output folder: {}", e.kind()))?;
+    let staging = new_staging(dir)?;
+    let (hash, bytes) = {
+        let sealing = at_rest
+            .writer(std::io::BufWriter::with_capacity(
+                crate::store::sealed::SEGMENT + 64,
+                staging.file(),
+            ))
+            .map_err(write_err)?;
+        let mut hashing = Hashing {
+            inner: sealing,
+            hash: Sha256::new(),
+            bytes: 0,
+        };
+        let mut w = std::io::BufWriter::with_capacity(64 * 1024, &mut hashing);
+        encode_output(obj, pixel_data, &mut w)?;
+        w.flush().map_err(write_err)?;
+        drop(w);
+        let Hashing { inner, hash, bytes } = hashing;
+        let (mut buffered, _) = inner.finish().map_err(write_err)?;
+        buffered.flush().map_err(write_err)?;
+        (hash, bytes)
+    };
+    let meta = staging.file().metadata().map_err(write_err)?;
+    Ok(StagedOutput {
+        device: meta.dev(),
+        bytes,
+        file: staging,
+        target: target.to_path_buf(),
+        sha256: Some(hash.finalize().into()),
+    })
 }
 
 fn stage(

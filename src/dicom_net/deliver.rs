@@ -21,7 +21,10 @@
 //! (`federation`), or DICOM input (`ingest`).
 
 use std::collections::BTreeMap;
-use std::io::{Read, Seek, SeekFrom};
+use std::io::Read;
+
+use crate::store::sealed::{AtRest, SealError};
+use crate::store::Store as _;
 use std::net::TcpStream;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -144,6 +147,7 @@ struct Prepared {
     key: QueueKey,
     entry: QueuedInstance,
     path: PathBuf,
+    at_rest: AtRest,
     sop_class: String,
     transfer_syntax: String,
 }
@@ -161,31 +165,34 @@ struct BatchOutcome {
     association: Option<DeliverError>,
 }
 
-/// Opens a stored instance: its meta information, and a reader positioned at its data set.
+/// A stored instance's data set, read (and, when sealed, decrypted and authenticated) as it is
+/// sent.
+type DataSetReader = Box<dyn Read + Send>;
+
+/// Opens a stored instance through `at_rest`: its meta information, and a reader positioned at
+/// its data set.
 fn open_instance(
     path: &std::path::Path,
-) -> Result<
-    (
-        dicom_object::meta::FileMetaTable,
-        std::io::BufReader<std::fs::File>,
-    ),
-    DeliverError,
-> {
+    at_rest: &AtRest,
+) -> Result<(dicom_object::meta::FileMetaTable, DataSetReader), DeliverError> {
     let unreadable = |e: &dyn std::fmt::Display| DeliverError::Unreadable(format!("{e}"));
-    let mut f = std::fs::File::open(path).map_err(|e| unreadable(&e))?;
-    let mut head = [0u8; 132];
-    let n = f.read(&mut head).map_err(|e| unreadable(&e))?;
-    let start = if n == 132 && &head[128..132] == b"DICM" {
+    let mut f = at_rest.open(path).map_err(|e| unreadable(&e))?;
+    let mut head = Vec::with_capacity(132);
+    (&mut f)
+        .take(132)
+        .read_to_end(&mut head)
+        .map_err(|e| unreadable(&SealError::from_io(path, e)))?;
+    // The reader goes on from `DICM`, which the meta table reads itself.
+    let start = if head.len() == 132 && &head[128..132] == b"DICM" {
         128
-    } else if n >= 4 && &head[..4] == b"DICM" {
+    } else if head.len() >= 4 && &head[..4] == b"DICM" {
         0
     } else {
         return Err(DeliverError::Unreadable(
             "not a DICOM file (no `DICM` prefix)".into(),
         ));
     };
-    f.seek(SeekFrom::Start(start)).map_err(|e| unreadable(&e))?;
-    let mut reader = std::io::BufReader::with_capacity(256 * 1024, f);
+    let mut reader: DataSetReader = Box::new(std::io::Cursor::new(head.split_off(start)).chain(f));
     let meta = dicom_object::meta::FileMetaTable::from_reader(&mut reader)
         .map_err(|e| DeliverError::Unreadable(format!("file meta information: {e}")))?;
     Ok((meta, reader))
@@ -302,7 +309,7 @@ fn c_store(
     item: &Prepared,
 ) -> Result<(u16, Option<String>), DeliverError> {
     // Open before the command goes out: once it is sent, the data set must follow.
-    let (_, mut dataset) = open_instance(&item.path)?;
+    let (_, mut dataset) = open_instance(&item.path, &item.at_rest)?;
     let command = store_request(&item.sop_class, &item.entry.sop_instance_uid, message_id);
     assoc
         .send(&Pdu::PData {
@@ -316,8 +323,15 @@ fn c_store(
         .map_err(|e| DeliverError::Broken(chain(&e)))?;
     {
         let mut writer = assoc.send_pdata(pc_id);
-        std::io::copy(&mut dataset, &mut writer)
-            .map_err(|e| DeliverError::Broken(format!("sending the data set: {e}")))?;
+        std::io::copy(&mut dataset, &mut writer).map_err(|e| {
+            // A sealed blob that fails authentication mid-way is unreadable (it will not get
+            // better by retrying); anything else broke the association.
+            if e.get_ref().is_some_and(|i| i.is::<SealError>()) {
+                DeliverError::Unreadable(SealError::from_io(&item.path, e).to_string())
+            } else {
+                DeliverError::Broken(format!("sending the data set: {e}"))
+            }
+        })?;
         writer
             .finish()
             .map_err(|e| DeliverError::Broken(format!("sending the data set: {e}")))?;
@@ -523,7 +537,7 @@ impl PacsDelivery {
         hex::decode_to_slice(&entry.sha256, &mut sha)
             .map_err(|_| DeliverError::Unreadable("queue entry has a malformed SHA-256".into()))?;
         let path = self.store.instance_path(&sha);
-        let (meta, _) = open_instance(&path)?;
+        let (meta, _) = open_instance(&path, &self.store.at_rest())?;
         if meta.media_storage_sop_instance_uid() != entry.sop_instance_uid {
             return Err(DeliverError::Unreadable(
                 "the stored file's SOP Instance UID differs from the queued one".into(),
@@ -535,6 +549,7 @@ impl PacsDelivery {
             key,
             entry,
             path,
+            at_rest: self.store.at_rest(),
         })
     }
 
@@ -1021,7 +1036,7 @@ mod tests {
         let p = dir.path().join("x");
         std::fs::write(&p, b"not dicom at all").unwrap();
         assert!(matches!(
-            open_instance(&p),
+            open_instance(&p, &AtRest::plain()),
             Err(DeliverError::Unreadable(_))
         ));
     }

@@ -14,6 +14,7 @@
 //!
 //! Does not own: what happens to an instance ([`StoreService`]: the ingest pipeline).
 
+use crate::store::sealed::{AtRest, Sealing};
 use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
@@ -170,6 +171,8 @@ pub struct Listener<S: StoreService> {
     spool: PathBuf,
     /// Rejected associations, summarised per window: anyone who can reach the port can ask.
     rejections: Summary,
+    /// Spool files hold original instances (PHI): sealed through this as they arrive.
+    at_rest: AtRest,
 }
 
 /// Default window of the rejection summary (the node passes `[limits] refusal_summary_secs`).
@@ -196,12 +199,20 @@ impl<S: StoreService> Listener<S> {
             rejections: Summary::new(audit.clone(), REJECTION_WINDOW),
             audit,
             spool,
+            at_rest: AtRest::plain(),
         })
     }
 
     /// Rejections beyond a few per kind within `window` are written as one summary entry.
     pub fn with_refusal_window(mut self, window: Duration) -> Self {
         self.rejections = Summary::new(self.audit.clone(), window);
+        self
+    }
+
+    /// Seals spool files through `at_rest` (the node's encryption at rest); the service opens
+    /// them through the same.
+    pub fn with_at_rest(mut self, at_rest: AtRest) -> Self {
+        self.at_rest = at_rest;
         self
     }
 
@@ -485,10 +496,18 @@ impl<S: StoreService> Listener<S> {
                 };
                 match spool {
                     Ok(f) => {
-                        let mut w = std::io::BufWriter::with_capacity(256 * 1024, f);
-                        match write_preamble(&mut w, &inc, &ts_uid, &peer.calling_ae) {
-                            Ok(()) => inc.spool = Some(w),
-                            Err(e) => inc.failed = Some(e),
+                        let w = std::io::BufWriter::with_capacity(256 * 1024, f);
+                        match self.at_rest.writer(w) {
+                            Ok(mut w) => {
+                                match write_preamble(&mut w, &inc, &ts_uid, &peer.calling_ae) {
+                                    Ok(()) => inc.spool = Some(w),
+                                    Err(e) => inc.failed = Some(e),
+                                }
+                            }
+                            Err(e) => {
+                                inc.failed =
+                                    Some(format!("cannot write the spool file: {}", e.kind()))
+                            }
                         }
                     }
                     Err(e) => inc.failed = Some(e),
@@ -516,11 +535,14 @@ impl<S: StoreService> Listener<S> {
             started,
         } = inc;
         let outcome = match (spool, failed) {
-            (Some(w), None) => match w.into_inner() {
+            (Some(w), None) => match w
+                .finish()
+                .and_then(|(w, _)| w.into_inner().map_err(|e| e.into_error()))
+            {
                 Ok(file) => self.service.store(session, file.path()),
                 Err(e) => StoreOutcome::refused(
                     StoreStatus::OUT_OF_RESOURCES,
-                    format!("cannot write the spool file: {}", e.error().kind()),
+                    format!("cannot write the spool file: {}", e.kind()),
                 ),
             },
             (_, Some(reason)) => StoreOutcome::refused(StoreStatus::OUT_OF_RESOURCES, reason),
@@ -553,7 +575,7 @@ struct Incoming {
     message_id: u16,
     sop_class: String,
     sop_instance: String,
-    spool: Option<std::io::BufWriter<tempfile::NamedTempFile>>,
+    spool: Option<Sealing<std::io::BufWriter<tempfile::NamedTempFile>>>,
     /// Set when the spool failed: the rest of the data set is read and dropped, then answered
     /// with out of resources.
     failed: Option<String>,

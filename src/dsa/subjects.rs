@@ -27,6 +27,9 @@ pub enum SubjectIdError {
     },
     #[error("{0}")]
     Invalid(Box<Located>),
+    /// The agreement's token secret could not be had (shredded, or the key file unwritable).
+    #[error(transparent)]
+    Keys(#[from] crate::pseudonym::KeyError),
 }
 
 impl SubjectIdMap {
@@ -115,7 +118,7 @@ impl super::Flow {
         agreement_path: &Path,
         keys: &crate::pseudonym::SiteKeys,
     ) -> Result<crate::deid::Deidentifier, SubjectIdError> {
-        let d = crate::deid::Deidentifier::new(self.deid.clone(), keys.tokenizer(agreement_id));
+        let d = crate::deid::Deidentifier::new(self.deid.clone(), keys.tokenizer(agreement_id)?);
         Ok(match &self.subject_ids {
             Some(s) => {
                 d.with_subject_ids(SubjectIdMap::load_for(agreement_path, &s.mapping)?.into_map())

@@ -10,7 +10,9 @@ use std::sync::{Arc, Mutex};
 
 use hyper_util::rt::TokioIo;
 use rustls_pki_types::CertificateDer;
-use tokio::io::AsyncReadExt;
+use std::io::Read;
+
+use crate::store::sealed::{AtRest, SealError};
 use tonic::transport::{Channel, Endpoint};
 
 use super::proto::federation_client::FederationClient;
@@ -89,6 +91,8 @@ pub struct PeerClient {
     peer_cert: Arc<Mutex<Option<CertificateDer<'static>>>>,
     /// This site's signed audit checkpoint, carried by every offer (see `audit::partner`).
     audit_checkpoint: Vec<u8>,
+    /// How the outbox's instance files are opened (sealed at rest, or plain).
+    at_rest: AtRest,
 }
 
 impl PeerClient {
@@ -152,7 +156,14 @@ impl PeerClient {
             client: FederationClient::new(channel),
             peer_cert,
             audit_checkpoint: Vec::new(),
+            at_rest: AtRest::plain(),
         })
+    }
+
+    /// Opens the instance files it sends through `at_rest` (the node's outbox is sealed).
+    pub fn reading_at_rest(mut self, at_rest: AtRest) -> Self {
+        self.at_rest = at_rest;
+        self
     }
 
     /// Sets the signed audit checkpoint that offers carry.
@@ -224,6 +235,7 @@ impl PeerClient {
         let (tx, rx) = tokio::sync::mpsc::channel::<TransferChunk>(4);
         let (err_tx, err_rx) = tokio::sync::oneshot::channel::<SendError>();
         let transfer_id = answer.transfer_id.clone();
+        let at_rest = self.at_rest.clone();
         tokio::spawn(async move {
             let header = TransferChunk {
                 transfer_id,
@@ -233,7 +245,7 @@ impl PeerClient {
                 return;
             }
             for inst in to_send {
-                if let Err(e) = stream_file(&inst, &tx).await {
+                if let Err(e) = stream_file(inst, &tx, &at_rest).await {
                     let _ = err_tx.send(e);
                     return;
                 }
@@ -272,26 +284,46 @@ impl PeerClient {
 }
 
 async fn stream_file(
+    inst: OutgoingInstance,
+    tx: &tokio::sync::mpsc::Sender<TransferChunk>,
+    at_rest: &AtRest,
+) -> Result<(), SendError> {
+    let (tx, at_rest) = (tx.clone(), at_rest.clone());
+    let path = inst.path.clone();
+    tokio::task::spawn_blocking(move || stream_file_blocking(&inst, &tx, &at_rest))
+        .await
+        .map_err(|e| SendError::Read {
+            path,
+            source: std::io::Error::other(e.to_string()),
+        })?
+}
+
+/// Reads one instance file (decrypting a sealed one, each segment authenticated before it is
+/// sent) and sends it in chunks of at most `CHUNK_SIZE` bytes.
+fn stream_file_blocking(
     inst: &OutgoingInstance,
     tx: &tokio::sync::mpsc::Sender<TransferChunk>,
+    at_rest: &AtRest,
 ) -> Result<(), SendError> {
     let read = |source| SendError::Read {
         path: inst.path.clone(),
         source,
     };
-    let mut f = tokio::fs::File::open(&inst.path).await.map_err(read)?;
+    let mut f = at_rest
+        .open(&inst.path)
+        .map_err(|e| read(std::io::Error::other(e.to_string())))?;
     let mut offset = 0u64;
     loop {
-        let mut buf = vec![0u8; CHUNK_SIZE];
-        let mut filled = 0;
-        while filled < CHUNK_SIZE {
-            let n = f.read(&mut buf[filled..]).await.map_err(read)?;
-            if n == 0 {
-                break;
-            }
-            filled += n;
-        }
-        buf.truncate(filled);
+        let mut buf = Vec::with_capacity(CHUNK_SIZE);
+        (&mut f)
+            .take(CHUNK_SIZE as u64)
+            .read_to_end(&mut buf)
+            .map_err(|e| {
+                read(std::io::Error::other(
+                    SealError::from_io(&inst.path, e).to_string(),
+                ))
+            })?;
+        let filled = buf.len();
         let last = offset + filled as u64 >= inst.size;
         if filled == 0 && !last {
             return Err(read(std::io::Error::new(
@@ -307,7 +339,7 @@ async fn stream_file(
             last,
         };
         offset += filled as u64;
-        if tx.send(chunk).await.is_err() {
+        if tx.blocking_send(chunk).is_err() {
             return Ok(()); // the receiver ended the stream; its status says why
         }
         if last {

@@ -364,7 +364,10 @@ impl ReturnDesk {
         flow: &str,
     ) -> Result<(Restored, Delivered), ResultError> {
         let vault = (self.vault)().map_err(ResultError::Vault)?;
-        let tokenizer = self.keys.tokenizer(&h.agreement);
+        let tokenizer = self
+            .keys
+            .tokenizer(&h.agreement)
+            .map_err(|e| ResultError::Vault(e.to_string()))?;
         let (sink, data_dir) = (self.sink.clone(), self.data_dir.clone());
         let key = StudyKey::new(&h.agreement, flow, partner, &h.study_token);
         let (sop, study, sha) = (h.sop.clone(), h.study_token.clone(), h.sha256);

@@ -48,6 +48,7 @@ use crate::audit::{AuditLog, Event};
 use crate::config::Limits;
 use crate::deid::DeidConfig;
 use crate::dsa::{AgreementSet, Refusal, StudyFacts, TransferRequest};
+use crate::store::sealed::{AtRest, Sealing};
 use crate::store::{BlobCheck, StagedInstance, Store, StoreError, StudyKey};
 
 /// Largest single instance accepted (4 GiB).
@@ -495,13 +496,17 @@ impl Drop for Staging {
 /// the flow's delivery check (`deid::verify::check_delivery_file`): the receiver never trusts the
 /// sender.
 fn check_instance(
+    at_rest: &AtRest,
     path: &std::path::Path,
     expected_uid: &str,
     study_token: &str,
     deid: &DeidConfig,
 ) -> Result<(), String> {
+    let view = at_rest
+        .plain_view(path)
+        .map_err(|e| format!("the staged instance cannot be read: {e}"))?;
     let run = std::panic::AssertUnwindSafe(|| {
-        let obj = crate::deid::guard::read_guarded(path)
+        let obj = crate::deid::guard::read_guarded(view.path())
             .map_err(|e| format!("not a readable DICOM file: {e}"))?;
         let text = |tag| {
             obj.get(tag)
@@ -613,7 +618,7 @@ fn dispositions(
             }
             Some(_) => match store.check_blob(&a.sha256).map_err(status_of_store)? {
                 BlobCheck::Intact(path) => {
-                    match check_instance(&path, &a.uid, &key.study_token, deid) {
+                    match check_instance(&store.at_rest(), &path, &a.uid, &key.study_token, deid) {
                         Ok(()) => Disposition::Held,
                         Err(_) => Disposition::Wanted,
                     }
@@ -1060,9 +1065,12 @@ impl Receiver {
             written: u64,
             hasher: Sha256,
             file: tokio::fs::File,
+            /// Seals what arrives in memory (one segment at a time) before it is written.
+            sealing: Sealing<Vec<u8>>,
             path: std::path::PathBuf,
         }
         let mut current: Option<Current> = None;
+        let at_rest = self.store.at_rest();
         let mut agreements = self.agreements.clone();
         let mut received = vec![0u64; plan.manifest.len().div_ceil(64)];
         let deid = {
@@ -1134,6 +1142,9 @@ impl Receiver {
                     written: 0,
                     hasher: Sha256::new(),
                     file: tokio::fs::File::from_std(file),
+                    sealing: at_rest
+                        .writer(Vec::new())
+                        .map_err(|e| Status::internal(format!("cannot seal: {e}")))?,
                     path,
                 });
             }
@@ -1154,12 +1165,17 @@ impl Receiver {
                 )));
             }
             c.hasher.update(&chunk.data);
-            c.file.write_all(&chunk.data).await.map_err(|e| {
+            let write_err = |e: std::io::Error| {
                 Status::resource_exhausted(format!("cannot write staging file: {e}"))
-            })?;
+            };
+            std::io::Write::write_all(&mut c.sealing, &chunk.data).map_err(write_err)?;
+            let sealed = std::mem::take(c.sealing.get_mut());
+            c.file.write_all(&sealed).await.map_err(write_err)?;
             c.written += chunk.data.len() as u64;
             if chunk.last {
-                let c = current.take().expect("current instance");
+                let mut c = current.take().expect("current instance");
+                let (tail, _) = c.sealing.finish().map_err(write_err)?;
+                c.file.write_all(&tail).await.map_err(write_err)?;
                 done.push(
                     self.finish_instance(
                         c.sha, c.uid, c.size, c.written, c.hasher, c.file, c.path, plan, &deid,
@@ -1211,13 +1227,14 @@ impl Receiver {
                 short(&sha),
             )));
         }
-        let (p, u, t, d) = (
+        let (p, u, t, d, r) = (
             path.clone(),
             uid.clone(),
             plan.study_token.clone(),
             deid.clone(),
+            self.store.at_rest(),
         );
-        let checked = tokio::task::spawn_blocking(move || check_instance(&p, &u, &t, &d))
+        let checked = tokio::task::spawn_blocking(move || check_instance(&r, &p, &u, &t, &d))
             .await
             .map_err(|e| Status::internal(e.to_string()))?;
         if let Err(why) = checked {

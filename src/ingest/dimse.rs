@@ -153,8 +153,16 @@ impl DimseIngest {
                 status,
             )
         };
+        // The spool file is sealed at rest; the guarded reader reads its plaintext in memory.
+        let view = self.outbox.at_rest().plain_view(spool).map_err(|e| {
+            held(
+                HeldBackKind::Failed,
+                format!("cannot read the spool file: {e}"),
+                StoreStatus::OUT_OF_RESOURCES,
+            )
+        })?;
         let admitted =
-            admit_and_deidentify(flow, spool, Some(&peer.calling_ae)).map_err(|why| {
+            admit_and_deidentify(flow, view.path(), Some(&peer.calling_ae)).map_err(|why| {
                 let h = HeldBack::new(input.clone(), None, why);
                 let status = match h.kind {
                     HeldBackKind::Quarantined => StoreStatus::DEIDENTIFICATION_REFUSED,
@@ -193,8 +201,13 @@ impl DimseIngest {
                 )
             })?;
         let file = format!("{}.dcm", safe_name(&d.sop_instance_uid));
-        let staged = batch::stage_output_hashed(d.object, d.pixel_data.as_ref(), &dir.join(&file))
-            .map_err(|r| held(HeldBackKind::Failed, r, StoreStatus::OUT_OF_RESOURCES))?;
+        let staged = batch::stage_output_hashed(
+            d.object,
+            d.pixel_data.as_ref(),
+            &dir.join(&file),
+            self.outbox.at_rest(),
+        )
+        .map_err(|r| held(HeldBackKind::Failed, r, StoreStatus::OUT_OF_RESOURCES))?;
         let instance = OutboxInstance {
             file,
             sha256: hex::encode(staged.sha256().unwrap_or_default()),
@@ -475,7 +488,7 @@ impl OpenStudies {
             if entry.complete || entry.state != OutboxState::Pending {
                 continue;
             }
-            if let Err(e) = Outbox::reconcile(&dir, &mut entry) {
+            if let Err(e) = outbox.reconcile(&dir, &mut entry) {
                 tracing::error!(error = %e, "an open outbox study could not be read back");
                 continue;
             }
@@ -583,7 +596,7 @@ mod tests {
             flow: "f".into(),
             purpose: "treatment".into(),
             to: "c".into(),
-            deid: crate::deid::Deidentifier::new(Default::default(), keys.tokenizer("a")),
+            deid: crate::deid::Deidentifier::new(Default::default(), keys.tokenizer("a").unwrap()),
             select: Default::default(),
         }
     }

@@ -197,8 +197,9 @@ fn stage_one(
     let ocr = d.ocr_evidence.clone();
     let file = format!("{}.dcm", safe_name(&d.sop_instance_uid));
     let target = outbox.study_dir(&flow.agreement, &d.study_uid).join(&file);
-    let staged = batch::stage_output_hashed(d.object, d.pixel_data.as_ref(), &target)
-        .map_err(|reason| held(HeldBackKind::Failed, reason))?;
+    let staged =
+        batch::stage_output_hashed(d.object, d.pixel_data.as_ref(), &target, outbox.at_rest())
+            .map_err(|reason| held(HeldBackKind::Failed, reason))?;
     let sha256 = staged.sha256().unwrap_or_default();
     Ok((
         Ready {

@@ -56,6 +56,8 @@ pub enum IngestError {
     NoPeer(String),
     #[error("the file of agreement `{0}` is gone from the agreements folder")]
     AgreementFileGone(String),
+    #[error(transparent)]
+    Keys(crate::pseudonym::KeyError),
     #[error("trial subject IDs of agreement `{agreement}`: {reason}")]
     SubjectIds { agreement: String, reason: String },
     #[error("input {path}: {reason}")]
@@ -139,12 +141,13 @@ impl IngestFlow {
             })?;
         let file =
             agreement_file.ok_or_else(|| IngestError::AgreementFileGone(agreement.into()))?;
-        let deid = f
-            .deidentifier(agreement, file, keys)
-            .map_err(|e| IngestError::SubjectIds {
+        let deid = f.deidentifier(agreement, file, keys).map_err(|e| match e {
+            crate::dsa::subjects::SubjectIdError::Keys(k) => IngestError::Keys(k),
+            e => IngestError::SubjectIds {
                 agreement: agreement.into(),
                 reason: e.to_string(),
-            })?;
+            },
+        })?;
         Ok(IngestFlow {
             agreement: agreement.to_string(),
             flow: flow.to_string(),

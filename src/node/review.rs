@@ -213,8 +213,8 @@ impl Node {
         let deid = flow
             .deidentifier(&item.agreement, &path, &self.keys)
             .map_err(|e| unusable(format!("trial subject IDs: {e}")))?;
-        let input = q.input_path(id).map_err(NodeError::from)?;
-        let obj = crate::deid::guard::read_guarded(&input).map_err(unusable)?;
+        let input = q.input_view(id).map_err(NodeError::from)?;
+        let obj = crate::deid::guard::read_guarded(input.path()).map_err(unusable)?;
         let (mut d, verdict) = deid
             .deidentify_for_review(obj)
             .map_err(|e| unusable(e.to_string()))?;
@@ -352,7 +352,10 @@ impl Node {
         if !entry.patient_tokens.contains(&d.patient_token) {
             entry.patient_tokens.push(d.patient_token.clone());
         }
-        store::write_atomic(&dir.join(&file), &bytes)?;
+        outbox
+            .at_rest()
+            .write_atomic(&dir.join(&file), &bytes)
+            .map_err(store::StoreError::from)?;
         entry
             .instances
             .retain(|i| i.sop_instance_uid != d.sop_instance_uid);

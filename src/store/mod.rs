@@ -27,6 +27,7 @@ pub mod delivery;
 pub mod outbox;
 pub mod quarantine;
 pub mod retention;
+pub mod sealed;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -38,6 +39,8 @@ pub enum StoreError {
     },
     #[error("storage index: {0}")]
     Index(#[from] sled::Error),
+    #[error(transparent)]
+    Sealed(#[from] sealed::SealError),
     #[error("the data directory {0} is in use by another pacs-broker process (is `serve` running with this config?)")]
     InUse(PathBuf),
     #[error("storage index record is corrupt: {0}")]
@@ -136,6 +139,11 @@ pub trait Store: Send + Sync + 'static {
     fn partials(&self, key: &StudyKey) -> Result<Vec<StagedInstance>, StoreError>;
     /// Forgets (and deletes) what was kept for a study's resumption.
     fn discard_partials(&self, key: &StudyKey) -> Result<(), StoreError>;
+    /// How instance files are sealed at rest: staged files are written through it, and every
+    /// stored instance is read through it (see [`sealed`]).
+    fn at_rest(&self) -> sealed::AtRest {
+        sealed::AtRest::plain()
+    }
 }
 
 /// What re-hashing a held blob found.
@@ -205,6 +213,8 @@ pub struct LocalStore {
     /// Instances waiting for the site's PACS; filled by `commit` only once delivery is enabled.
     delivery: delivery::DeliveryQueue,
     pacs_delivery: std::sync::atomic::AtomicBool,
+    /// Instance files are sealed through this (or written plain when encryption at rest is off).
+    at_rest: sealed::AtRest,
 }
 
 impl LocalStore {
@@ -214,6 +224,12 @@ impl LocalStore {
     /// index was created here before): a lost index is restored from backup, never recreated
     /// empty. Folders are 0700, index files 0600.
     pub fn open(root: &Path) -> Result<LocalStore, StoreError> {
+        LocalStore::open_with(root, sealed::AtRest::plain())
+    }
+
+    /// [`LocalStore::open`] with encryption at rest: staged instances are sealed by whoever
+    /// writes them through [`Store::at_rest`], and every stored instance is read through it.
+    pub fn open_with(root: &Path, at_rest: sealed::AtRest) -> Result<LocalStore, StoreError> {
         let used_before = ["blobs", "inbox"].iter().any(|d| {
             walkdir::WalkDir::new(root.join(d))
                 .into_iter()
@@ -256,6 +272,7 @@ impl LocalStore {
             partial,
             delivery,
             pacs_delivery: Default::default(),
+            at_rest,
         };
         store.sweep_partials()?;
         Ok(store)
@@ -311,8 +328,9 @@ impl LocalStore {
         Ok(to)
     }
 
-    /// Re-hashes every blob (`pacs-broker store verify`). Nothing is moved.
-    pub fn verify_blobs(root: &Path) -> Result<BlobReport, StoreError> {
+    /// Re-hashes every blob (`pacs-broker store verify`), opening sealed blobs through
+    /// `at_rest`. Nothing is moved.
+    pub fn verify_blobs(root: &Path, at_rest: &sealed::AtRest) -> Result<BlobReport, StoreError> {
         let mut report = BlobReport::default();
         let blobs = root.join("blobs");
         for e in walkdir::WalkDir::new(&blobs).sort_by_file_name() {
@@ -326,10 +344,22 @@ impl LocalStore {
             let name = e.file_name().to_string_lossy().to_string();
             let mut want = [0u8; 32];
             let named = hex::decode_to_slice(&name, &mut want).is_ok();
-            let got = hash_file(e.path()).map_err(io_err(e.path()))?;
+            let got = match at_rest.hash(e.path()) {
+                Ok((h, _)) => Some(h),
+                Err(sealed::SealError::Io { path, source }) => {
+                    return Err(StoreError::Io { path, source })
+                }
+                Err(err @ sealed::SealError::UnknownKey { .. }) => {
+                    // Not damage: the key file in use does not hold the blob's key.
+                    report.checked += 1;
+                    report.unreadable.push((e.into_path(), err.to_string()));
+                    continue;
+                }
+                Err(_) => None,
+            };
             report.checked += 1;
             report.bytes += e.metadata().map(|m| m.len()).unwrap_or(0);
-            if !named || got != want {
+            if !named || got != Some(want) {
                 report.mismatched.push(e.into_path());
             }
         }
@@ -411,8 +441,10 @@ impl LocalStore {
 pub struct BlobReport {
     pub checked: usize,
     pub bytes: u64,
-    /// Blobs whose bytes do not match their name (SHA-256).
+    /// Blobs whose bytes do not match their name (SHA-256), or whose seal fails authentication.
     pub mismatched: Vec<PathBuf>,
+    /// Blobs sealed under a data key the key file does not hold (a wrong key file), with why.
+    pub unreadable: Vec<(PathBuf, String)>,
 }
 
 /// SHA-256 of a file, read in 256 KiB blocks.
@@ -555,12 +587,24 @@ impl Store for LocalStore {
 
     fn check_blob(&self, sha256: &[u8; 32]) -> Result<BlobCheck, StoreError> {
         let path = self.blob_path(sha256);
-        match hash_file(&path) {
-            Ok(h) if h == *sha256 => Ok(BlobCheck::Intact(path)),
-            Ok(_) => Ok(BlobCheck::Quarantined(self.quarantine(sha256)?)),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(BlobCheck::Missing),
-            Err(source) => Err(StoreError::Io { path, source }),
+        match self.at_rest.hash(&path) {
+            Ok((h, _)) if h == *sha256 => Ok(BlobCheck::Intact(path)),
+            Ok(_) | Err(sealed::SealError::Damaged { .. } | sealed::SealError::Header { .. }) => {
+                Ok(BlobCheck::Quarantined(self.quarantine(sha256)?))
+            }
+            Err(sealed::SealError::Io { source, .. })
+                if source.kind() == std::io::ErrorKind::NotFound =>
+            {
+                Ok(BlobCheck::Missing)
+            }
+            // A data key this key file does not hold is the wrong key file, not a damaged blob:
+            // nothing is moved.
+            Err(e) => Err(e.into()),
         }
+    }
+
+    fn at_rest(&self) -> sealed::AtRest {
+        self.at_rest.clone()
     }
 
     fn forget_instance(&self, key: &StudyKey, sop_instance_uid: &str) -> Result<(), StoreError> {
@@ -675,8 +719,7 @@ impl Store for LocalStore {
     }
 
     fn read_instance(&self, sha256: &[u8; 32]) -> Result<Vec<u8>, StoreError> {
-        let p = self.blob_path(sha256);
-        fs::read(&p).map_err(io_err(&p))
+        Ok(self.at_rest.read(&self.blob_path(sha256))?)
     }
 
     fn keep_partial(&self, key: &StudyKey, staged: Vec<StagedInstance>) -> Result<(), StoreError> {
@@ -739,6 +782,11 @@ impl Store for LocalStore {
             .inbox()
             .join(safe_name(&study.agreement))
             .join(safe_name(&study.study_token));
+        if self.at_rest.seals() && self.pacs_delivery.load(std::sync::atomic::Ordering::SeqCst) {
+            // The site's PACS is the delivery (`[dicom.deliver]`): no plaintext copy is made
+            // here; the sealed blob stays for deduplication, resumption and retention.
+            return Ok(dir);
+        }
         fs::create_dir_all(&dir).map_err(io_err(&dir))?;
         for (uid, sha_hex) in &study.instances {
             let target = dir.join(format!("{}.dcm", safe_name(uid)));
@@ -750,6 +798,10 @@ impl Store for LocalStore {
                 .map_err(|e| StoreError::Corrupt(e.to_string()))?;
             // Re-hashed before it is delivered: a blob corrupted at rest is quarantined, never
             // delivered, and the study waits for this instance to be received again.
+            if sealed::AtRest::key_id_of(&self.blob_path(&sha))?.is_some() {
+                self.copy_out_sealed(study, uid, &sha, &target)?;
+                continue;
+            }
             match self.check_blob(&sha)? {
                 BlobCheck::Intact(blob) => link_or_copy(&blob, &dir, &target, uid)?,
                 BlobCheck::Quarantined(_) | BlobCheck::Missing => {
@@ -767,6 +819,73 @@ impl Store for LocalStore {
         sync_dir(&dir)?;
         Ok(dir)
     }
+}
+
+impl LocalStore {
+    /// Delivers a sealed blob to the inbox as its plaintext (decrypted, hash checked, written
+    /// under a temporary name and renamed). A blob that fails is quarantined and forgotten.
+    fn copy_out_sealed(
+        &self,
+        study: &StudyRecord,
+        uid: &str,
+        sha: &[u8; 32],
+        target: &Path,
+    ) -> Result<(), StoreError> {
+        match self.at_rest.copy_out(&self.blob_path(sha), target, sha) {
+            Ok(()) => Ok(()),
+            Err(sealed::SealError::Damaged { .. } | sealed::SealError::Header { .. }) => {
+                self.quarantine(sha)?;
+                self.forget_instance(
+                    &StudyKey::new(
+                        &study.agreement,
+                        &study.flow,
+                        &study.from_site,
+                        &study.study_token,
+                    ),
+                    uid,
+                )?;
+                Err(StoreError::BlobCorrupted(hex::encode(&sha[..6])))
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Re-seals every instance file of the store under the current data key (`keys rotate`);
+    /// returns (files re-sealed, files that could not be: each logged by path).
+    pub fn reseal_all(&self) -> (usize, usize) {
+        reseal_tree(
+            &self.at_rest,
+            &[
+                self.root.join("blobs"),
+                self.root.join("staging").join("resume"),
+            ],
+        )
+    }
+}
+
+/// Re-seals every file under `dirs` (see [`sealed::AtRest::reseal`]); hidden files (being
+/// written) are left alone. Returns (re-sealed, failed).
+pub fn reseal_tree(at_rest: &sealed::AtRest, dirs: &[PathBuf]) -> (usize, usize) {
+    let (mut done, mut failed) = (0, 0);
+    for d in dirs {
+        for e in walkdir::WalkDir::new(d).into_iter().flatten() {
+            let hidden = e.file_name().to_string_lossy().starts_with('.');
+            if !e.file_type().is_file() || hidden {
+                continue;
+            }
+            match at_rest.reseal(e.path()) {
+                Ok(true) => done += 1,
+                Ok(false) => {}
+                Err(sealed::SealError::Io { source, .. })
+                    if source.kind() == std::io::ErrorKind::NotFound => {}
+                Err(err) => {
+                    tracing::error!(error = %err, "file not re-sealed");
+                    failed += 1;
+                }
+            }
+        }
+    }
+    (done, failed)
 }
 
 /// Puts the stored instance `src` at `target` in the inbox as a hard link, so that a received

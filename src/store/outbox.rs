@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use super::sealed::AtRest;
 use super::{io_err, safe_name, write_atomic, StoreError};
 use crate::federation::client::OutgoingInstance;
 
@@ -122,11 +123,56 @@ pub fn now() -> u64 {
 #[derive(Debug, Clone)]
 pub struct Outbox {
     root: PathBuf,
+    /// Instance files are sealed through this (`transfer.json` holds no instance bytes and no
+    /// PHI, and stays plain so an operator can read it).
+    at_rest: AtRest,
 }
 
 impl Outbox {
+    /// An outbox whose instance files are written plain (tests, tools); a node uses
+    /// [`Outbox::with_at_rest`].
     pub fn new(root: PathBuf) -> Outbox {
-        Outbox { root }
+        Outbox {
+            root,
+            at_rest: AtRest::plain(),
+        }
+    }
+
+    /// Seals instance files through `at_rest`.
+    pub fn with_at_rest(mut self, at_rest: AtRest) -> Outbox {
+        self.at_rest = at_rest;
+        self
+    }
+
+    /// How instance files here are sealed.
+    pub fn at_rest(&self) -> &AtRest {
+        &self.at_rest
+    }
+
+    /// Re-seals every instance file under the current data key (`keys rotate`), skipping studies
+    /// a running node is sending right now (claimed). Returns (re-sealed, failed).
+    pub fn reseal_all(&self) -> (usize, usize) {
+        let (mut done, mut failed) = (0, 0);
+        for (dir, _) in self.entries() {
+            let Some(_claim) = Outbox::try_claim(&dir) else {
+                continue;
+            };
+            let files: Vec<PathBuf> = fs::read_dir(&dir)
+                .into_iter()
+                .flatten()
+                .flatten()
+                .map(|e| e.path())
+                .filter(|p| p.extension().is_some_and(|e| e == "dcm"))
+                .filter(|p| {
+                    !p.file_name()
+                        .is_some_and(|n| n.to_string_lossy().starts_with('.'))
+                })
+                .collect();
+            let (d, f) = super::reseal_tree(&self.at_rest, &files);
+            done += d;
+            failed += f;
+        }
+        (done, failed)
     }
 
     /// The folder of one study.
@@ -219,8 +265,7 @@ impl Outbox {
     /// each): a study that was still arriving when the node stopped lists only what had been
     /// forwarded, while every instance made durable (and so acknowledged) is a file here.
     /// Returns how many were added.
-    pub fn reconcile(dir: &Path, entry: &mut OutboxEntry) -> Result<usize, StoreError> {
-        use sha2::{Digest, Sha256};
+    pub fn reconcile(&self, dir: &Path, entry: &mut OutboxEntry) -> Result<usize, StoreError> {
         let listed: std::collections::HashSet<String> =
             entry.instances.iter().map(|i| i.file.clone()).collect();
         let mut added = 0;
@@ -233,13 +278,11 @@ impl Outbox {
         names.sort();
         for name in names {
             let p = dir.join(&name);
-            let mut f = fs::File::open(&p).map_err(io_err(&p))?;
-            let mut h = Sha256::new();
-            let size = std::io::copy(&mut f, &mut h).map_err(io_err(&p))?;
+            let (sha, size) = self.at_rest.hash(&p)?;
             entry.instances.push(OutboxInstance {
                 sop_instance_uid: name.trim_end_matches(".dcm").to_string(),
                 file: name,
-                sha256: hex::encode(h.finalize()),
+                sha256: hex::encode(sha),
                 size,
             });
             added += 1;

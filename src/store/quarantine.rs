@@ -18,6 +18,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use super::sealed::{AtRest, PlainView};
 use super::{io_err, sync_dir, StoreError};
 
 const ITEM_FILE: &str = "item.json";
@@ -62,6 +63,8 @@ pub struct HoldRequest<'a> {
 #[derive(Debug, Clone)]
 pub struct Quarantine {
     root: PathBuf,
+    /// `input.dcm` and `source.json` (PHI) are sealed through this; `item.json` (no PHI) is not.
+    at_rest: AtRest,
 }
 
 fn now() -> u64 {
@@ -82,6 +85,27 @@ fn private_dir(path: &Path) -> Result<(), StoreError> {
 #[cfg(not(unix))]
 fn private_dir(path: &Path) -> Result<(), StoreError> {
     fs::create_dir_all(path).map_err(io_err(path))
+}
+
+/// Writes a 0600 file sealed through `at_rest` (plain when encryption at rest is off), flushed.
+fn private_sealed(path: &Path, bytes: &[u8], at_rest: &AtRest) -> Result<(), StoreError> {
+    let mut o = fs::OpenOptions::new();
+    o.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        o.mode(0o600);
+    }
+    let f = o.open(path).map_err(io_err(path))?;
+    let mut w = at_rest
+        .writer(std::io::BufWriter::new(f))
+        .map_err(io_err(path))?;
+    w.write_all(bytes).map_err(io_err(path))?;
+    let (buffered, _) = w.finish().map_err(io_err(path))?;
+    let f = buffered
+        .into_inner()
+        .map_err(|e| io_err(path)(e.into_error()))?;
+    f.sync_all().map_err(io_err(path))
 }
 
 /// Writes a 0600 file, flushed to disk.
@@ -122,7 +146,16 @@ impl Quarantine {
     pub fn open(data_dir: &Path) -> Result<Quarantine, StoreError> {
         let root = data_dir.join("quarantine");
         private_dir(&root)?;
-        Ok(Quarantine { root })
+        Ok(Quarantine {
+            root,
+            at_rest: AtRest::plain(),
+        })
+    }
+
+    /// Seals held inputs through `at_rest` (the node's encryption at rest).
+    pub fn with_at_rest(mut self, at_rest: AtRest) -> Quarantine {
+        self.at_rest = at_rest;
+        self
     }
 
     fn dir(&self, id: &str) -> Result<PathBuf, StoreError> {
@@ -159,11 +192,15 @@ impl Quarantine {
                 .map(|d| held_at.saturating_add(u64::from(d) * 86_400)),
         };
         let written = (|| {
-            private_file(&tmp.join(INPUT_FILE), input)?;
+            private_sealed(&tmp.join(INPUT_FILE), input, &self.at_rest)?;
             let json = serde_json::to_vec_pretty(&item).expect("item serialises");
             private_file(&tmp.join(ITEM_FILE), &json)?;
             let origin = serde_json::json!({ "origin": req.origin });
-            private_file(&tmp.join(SOURCE_FILE), origin.to_string().as_bytes())?;
+            private_sealed(
+                &tmp.join(SOURCE_FILE),
+                origin.to_string().as_bytes(),
+                &self.at_rest,
+            )?;
             sync_dir(&tmp)?;
             let dir = self.root.join(&id);
             fs::rename(&tmp, &dir).map_err(io_err(&dir))?;
@@ -177,7 +214,7 @@ impl Quarantine {
 
     /// Holds the file at `path` (read whole; a held instance is one object).
     pub fn hold_file(&self, req: &HoldRequest<'_>, path: &Path) -> Result<String, StoreError> {
-        let bytes = fs::read(path).map_err(io_err(path))?;
+        let bytes = self.at_rest.read(path)?;
         self.hold(req, &bytes)
     }
 
@@ -219,15 +256,16 @@ impl Quarantine {
     /// The original file name or calling AE of an item (may be PHI: show only on request).
     pub fn origin(&self, id: &str) -> Result<Option<String>, StoreError> {
         let p = self.dir(id)?.join(SOURCE_FILE);
-        let bytes = fs::read(&p).map_err(io_err(&p))?;
+        let bytes = self.at_rest.read(&p)?;
         let v: serde_json::Value = serde_json::from_slice(&bytes)
             .map_err(|e| StoreError::Corrupt(format!("{}: {e}", p.display())))?;
         Ok(v["origin"].as_str().map(str::to_string))
     }
 
-    /// The held original instance (PHI).
-    pub fn input_path(&self, id: &str) -> Result<PathBuf, StoreError> {
-        Ok(self.dir(id)?.join(INPUT_FILE))
+    /// The held original instance (PHI), readable by path for as long as the view lives (its
+    /// plaintext stays in memory when it is sealed; see [`PlainView`]).
+    pub fn input_view(&self, id: &str) -> Result<PlainView, StoreError> {
+        Ok(self.at_rest.plain_view(&self.dir(id)?.join(INPUT_FILE))?)
     }
 
     /// Deletes an item (after release or discard). The bytes are gone once this returns.
@@ -300,7 +338,7 @@ mod tests {
             let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
             assert_eq!(mode(&q.root), 0o700);
             assert_eq!(mode(&q.dir(&id).unwrap()), 0o700);
-            assert_eq!(mode(&q.input_path(&id).unwrap()), 0o600);
+            assert_eq!(mode(&q.dir(&id).unwrap().join(INPUT_FILE)), 0o600);
         }
         q.remove(&id).unwrap();
         assert!(q.list().is_empty());

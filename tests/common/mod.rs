@@ -192,6 +192,7 @@ pub fn site_config(base: &Path, site: &str, addrs: &BTreeMap<String, String>) ->
         dicom: None,
         audit: Default::default(),
         users: Vec::new(),
+        storage: Default::default(),
     }
 }
 
@@ -260,7 +261,8 @@ pub fn prepared_study(
         .flow(FLOW)
         .unwrap()
         .clone();
-    let deid = pacs_broker::deid::Deidentifier::new(flow.deid, node.keys.tokenizer(AGREEMENT));
+    let deid =
+        pacs_broker::deid::Deidentifier::new(flow.deid, node.keys.tokenizer(AGREEMENT).unwrap());
     let mut out = Vec::new();
     let mut study = String::new();
     for (i, f) in files.iter().enumerate() {

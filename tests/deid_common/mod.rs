@@ -25,7 +25,7 @@ pub fn deidentifier(options: &[ProfileOption]) -> Deidentifier {
         options: options.iter().copied().collect(),
         ..DeidConfig::default()
     };
-    Deidentifier::new(config, keys().tokenizer("DSA-TEST-1"))
+    Deidentifier::new(config, keys().tokenizer("DSA-TEST-1").unwrap())
 }
 
 pub fn text(tag: Tag, vr: VR, v: &str) -> DataElement<InMemDicomObject> {

@@ -1,0 +1,110 @@
+//! `pacs-broker keys rotate` and `pacs-broker vault shred`: front ends of `custody`.
+
+use std::path::PathBuf;
+
+use clap::{Args, Subcommand};
+use pacs_broker::custody::{self, CustodyError};
+use pacs_broker::node::Node;
+
+#[derive(Debug, Subcommand)]
+pub enum VaultCommand {
+    /// Crypto-shred an ended agreement whose retention has passed: destroy its vault records
+    /// and its token secret, so its tokens can never be reversed again (audited).
+    Shred(ShredArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ShredArgs {
+    /// The node configuration file.
+    #[arg(long)]
+    pub config: PathBuf,
+    /// The agreement to shred.
+    #[arg(long)]
+    pub agreement: String,
+}
+
+pub fn vault(cmd: VaultCommand) -> anyhow::Result<i32> {
+    let VaultCommand::Shred(args) = cmd;
+    let node = Node::open_config(&args.config)?;
+    let actor = pacs_broker::audit::local_user();
+    let result = custody::shred(
+        &node.agreements(),
+        &args.agreement,
+        &node.keys,
+        || node.vault().map_err(|e| e.to_string()),
+        &node.audit,
+        &actor,
+        time::OffsetDateTime::now_utc(),
+    );
+    match result {
+        Ok(s) => {
+            println!(
+                "agreement `{}` shredded: {} vault records destroyed.",
+                args.agreement, s.records
+            );
+            if s.legacy {
+                println!(
+                    "note: this agreement's tokens were made under the site token key (it predates \
+                     per-agreement secrets), which stays: its vault is gone, but a token can still be \
+                     recomputed from a guessed original value. See docs/keys.md."
+                );
+            } else {
+                println!("Its token secret is destroyed: its tokens can never be reversed again.");
+            }
+            println!("(recorded in the audit log under {actor})");
+            Ok(0)
+        }
+        Err(CustodyError::Refused(r)) => {
+            eprintln!("error: refused: {r}");
+            Ok(3)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// `pacs-broker keys rotate --config node.toml`.
+pub fn rotate(config: &std::path::Path) -> anyhow::Result<i32> {
+    let node = Node::open_config(config)?;
+    let vault = node.vault().map_err(|e| e.to_string());
+    let known = custody::known_agreements(&node.agreements(), vault.as_deref().ok());
+    let actor = pacs_broker::audit::local_user();
+    let r = custody::rotate(
+        &node.keys,
+        &node.config.data_dir,
+        &known,
+        &node.at_rest(),
+        || vault.clone(),
+        &node.audit,
+        &actor,
+    )?;
+    if r.upgraded_from_v1 {
+        println!(
+            "key file {} upgraded to v2 ({} agreements kept as legacy: their tokens stay as they are)",
+            node.config.key_file.display(),
+            known.len()
+        );
+    }
+    println!(
+        "new data-encryption key `{}` is current; {} files re-sealed under it",
+        r.new_key, r.files
+    );
+    match &r.vault_records {
+        Ok(n) => println!("{n} vault records re-sealed"),
+        Err(e) => println!(
+            "vault not re-sealed now ({e}); its records stay readable under their old keys. Run \
+             `keys rotate` again while the node is stopped to re-seal them."
+        ),
+    }
+    println!(
+        "Old data keys stay in the key file (files a running node wrote meanwhile may use them). \
+         The token key is unchanged: tokens stay stable."
+    );
+    if r.failed > 0 {
+        eprintln!(
+            "warning: {} files could not be re-sealed (see the log lines above); they keep their old key",
+            r.failed
+        );
+        return Ok(4);
+    }
+    Ok(0)
+}

@@ -1,0 +1,288 @@
+//! Custody of a site's keys over the data's life: crypto-shredding an ended agreement
+//! (`pacs-broker vault shred`) and rotating the data-encryption keys (`pacs-broker keys rotate`).
+//!
+//! Owns: when an agreement may be shredded ([`may_shred`]: pure policy, the clock a parameter:
+//! the agreement's signed version in force says `ended`, and the longest retention of its flows
+//! has passed since its last disclosure), the two operations ([`shred`], [`rotate`]) and their
+//! audit entries (when, by whom, what).
+//!
+//! Does not own: the cryptography (the key file is `keyring`, the vault `pseudonym`, sealed files
+//! `store::sealed`), nor where the data lives (`store`, `node`).
+
+use std::path::{Path, PathBuf};
+
+use time::OffsetDateTime;
+
+use crate::audit::{AuditLog, Event};
+use crate::dsa::{Agreement, AgreementSet, Status};
+use crate::pseudonym::{KeyError, SiteKeys, Vault};
+use crate::store::sealed::AtRest;
+
+/// Why an agreement may not be shredded (yet). Messages name the agreement, never a value.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ShredRefusal {
+    #[error("agreement `{0}` is not in force at this site (unknown, or not signed by every party); only an agreement whose signed version says `ended` can be shredded")]
+    Unknown(String),
+    #[error("agreement `{id}` is `{status}`; only an ended agreement can be shredded\n  help: sign a version with `status = \"ended\"` by every party first")]
+    NotEnded { id: String, status: &'static str },
+    #[error("agreement `{id}`: its retention ({days} days after its last disclosure on {last}) runs until {until}; shredding is refused until then")]
+    RetentionRunning {
+        id: String,
+        days: u32,
+        last: String,
+        until: String,
+    },
+}
+
+/// Errors of [`shred`] and [`rotate`].
+#[derive(Debug, thiserror::Error)]
+pub enum CustodyError {
+    #[error("refused: {0}")]
+    Refused(#[from] ShredRefusal),
+    #[error(transparent)]
+    Keys(#[from] KeyError),
+    #[error("the vault cannot be opened: {0}")]
+    Vault(String),
+    #[error(transparent)]
+    Audit(#[from] crate::audit::AuditError),
+}
+
+/// The longest retention of an agreement's flows in days (a flow without one counts as 0: its
+/// partners were not promised any time).
+pub fn retention_days(a: &Agreement) -> u32 {
+    a.flows
+        .iter()
+        .filter_map(|f| f.retention.as_ref().map(|r| r.days))
+        .max()
+        .unwrap_or(0)
+}
+
+fn shown(t: OffsetDateTime) -> String {
+    crate::pseudonym::shown_date(t.unix_timestamp().max(0) as u64)
+}
+
+/// Whether agreement `id` may be shredded at `now`, given when data last left under it.
+pub fn may_shred(
+    set: &AgreementSet,
+    id: &str,
+    last_disclosure: Option<OffsetDateTime>,
+    now: OffsetDateTime,
+) -> Result<(), ShredRefusal> {
+    let a = set
+        .agreements
+        .get(id)
+        .ok_or_else(|| ShredRefusal::Unknown(id.to_string()))?;
+    if a.status != Status::Ended {
+        return Err(ShredRefusal::NotEnded {
+            id: id.to_string(),
+            status: a.status.name(),
+        });
+    }
+    let days = retention_days(a);
+    if let Some(last) = last_disclosure {
+        let until = last + time::Duration::days(i64::from(days));
+        if now < until {
+            return Err(ShredRefusal::RetentionRunning {
+                id: id.to_string(),
+                days,
+                last: shown(last),
+                until: shown(until),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// When data last left this site under `agreement`, from the audit log (`disclose` entries).
+pub fn last_disclosure(
+    audit_log: &Path,
+    agreement: &str,
+) -> Result<Option<OffsetDateTime>, CustodyError> {
+    let entries = crate::audit::read_entries(audit_log)?;
+    Ok(entries
+        .iter()
+        .filter(|e| e.event.agreement == agreement && e.event.action == "disclose")
+        .filter_map(|e| {
+            OffsetDateTime::parse(&e.time, &time::format_description::well_known::Rfc3339).ok()
+        })
+        .max())
+}
+
+/// What [`shred`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Shredded {
+    pub records: usize,
+    /// The agreement's tokens were made under the site token key (before v2 key files): its
+    /// vault records are gone, but a token can still be recomputed from a guessed original.
+    pub legacy: bool,
+}
+
+/// Crypto-shreds agreement `id` if [`may_shred`] allows it at `now`: its vault records and its
+/// token secret are destroyed. Audited either way, with `actor` (who asked) and the outcome.
+pub fn shred(
+    set: &AgreementSet,
+    id: &str,
+    keys: &SiteKeys,
+    open_vault: impl FnOnce() -> Result<std::sync::Arc<Vault>, String>,
+    audit: &AuditLog,
+    actor: &str,
+    now: OffsetDateTime,
+) -> Result<Shredded, CustodyError> {
+    let event = |outcome: String| Event {
+        actor: actor.to_string(),
+        action: "vault-shred".into(),
+        object: format!("vault records and token secret of agreement {id}"),
+        agreement: id.to_string(),
+        purpose: String::new(),
+        outcome,
+    };
+    let last = last_disclosure(audit.path(), id)?;
+    if let Err(r) = may_shred(set, id, last, now) {
+        audit.record_or_warn(event(format!("refused: {r}")));
+        return Err(r.into());
+    }
+    let vault = open_vault().map_err(|e| {
+        audit.record_or_warn(event("failed: vault unavailable".into()));
+        CustodyError::Vault(e)
+    })?;
+    // Legacy when its tokens are under the site key: no secret of its own to destroy.
+    let legacy = keys.agreement_is_legacy(id);
+    let records = match vault.shred(id) {
+        Ok(n) => n,
+        Err(e) => {
+            audit.record(event(format!("failed: {e}")))?;
+            return Err(e.into());
+        }
+    };
+    audit.record(event(format!(
+        "ok: {records} vault records destroyed{}",
+        if legacy {
+            "; legacy agreement: its tokens were made under the site token key, which stays"
+        } else {
+            " and its token secret destroyed: its tokens can never be reversed again"
+        }
+    )))?;
+    Ok(Shredded { records, legacy })
+}
+
+/// What [`rotate`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rotated {
+    pub new_key: String,
+    pub upgraded_from_v1: bool,
+    /// Instance files re-sealed under the new key, and those that could not be (logged).
+    pub files: usize,
+    pub failed: usize,
+    /// Vault records re-sealed, or why the vault was left alone.
+    pub vault_records: Result<usize, String>,
+}
+
+/// Where a node keeps sealed files (relative to its data folder).
+const SEALED_DIRS: &[&str] = &["store/blobs", "store/staging/resume", "quarantine"];
+
+/// Rotates the data-encryption key: a new one becomes current in the key file (a v1 file is
+/// upgraded to v2, its agreements kept as legacy so their tokens stay), then every sealed file
+/// under `data_dir` and every vault record is re-sealed under it. A running node keeps reading
+/// old and new files (old keys stay in the key file) and starts sealing under the new key within
+/// seconds; a crash at any point leaves each file under the old key or the new one. The token
+/// key is never changed. Audited.
+pub fn rotate(
+    keys: &SiteKeys,
+    data_dir: &Path,
+    known_agreements: &[String],
+    at_rest: &AtRest,
+    open_vault: impl FnOnce() -> Result<std::sync::Arc<Vault>, String>,
+    audit: &AuditLog,
+    actor: &str,
+) -> Result<Rotated, CustodyError> {
+    let upgraded_from_v1 = keys.is_v1();
+    let new_key = keys.rotate(known_agreements)?;
+    let dirs: Vec<PathBuf> = SEALED_DIRS.iter().map(|d| data_dir.join(d)).collect();
+    let (mut files, mut failed) = crate::store::reseal_tree(at_rest, &dirs);
+    let outbox =
+        crate::store::outbox::Outbox::new(data_dir.join("outbox")).with_at_rest(at_rest.clone());
+    let (f, x) = outbox.reseal_all();
+    files += f;
+    failed += x;
+    let vault_records = match open_vault() {
+        Ok(v) => v.reseal().map(|(n, _)| n).map_err(|e| e.to_string()),
+        Err(e) => Err(e),
+    };
+    let vault_note = match &vault_records {
+        Ok(n) => format!("{n} vault records re-sealed"),
+        Err(e) => format!("vault not re-sealed ({e}); its records stay readable under their keys"),
+    };
+    audit.record(Event {
+        actor: actor.to_string(),
+        action: "keys-rotate".into(),
+        object: format!("data-encryption key {new_key}"),
+        agreement: String::new(),
+        purpose: String::new(),
+        outcome: format!(
+            "ok: {files} files re-sealed, {failed} failed; {vault_note}{}",
+            if upgraded_from_v1 {
+                "; key file upgraded from v1 to v2"
+            } else {
+                ""
+            }
+        ),
+    })?;
+    Ok(Rotated {
+        new_key,
+        upgraded_from_v1,
+        files,
+        failed,
+        vault_records,
+    })
+}
+
+/// Agreement ids a v1 key file may have issued tokens under: those in force and those with
+/// records in the vault (so that `keys rotate` keeps their tokens stable when it upgrades).
+pub fn known_agreements(set: &AgreementSet, vault: Option<&Vault>) -> Vec<String> {
+    let mut ids: Vec<String> = set.agreements.keys().cloned().collect();
+    if let Some(v) = vault {
+        ids.extend(v.agreements());
+    }
+    ids.sort();
+    ids.dedup();
+    ids
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const AGREEMENT: &str = include_str!("../policies/example-teleradiology.toml");
+
+    fn set(status: Status) -> AgreementSet {
+        let mut a = Agreement::parse("t.toml", AGREEMENT).expect("parses");
+        a.status = status;
+        let mut s = AgreementSet::default();
+        s.agreements.insert(a.id.clone(), a);
+        s
+    }
+
+    #[test]
+    fn only_an_ended_agreement_past_its_retention_may_be_shredded() {
+        let s = set(Status::Active);
+        let id = s.agreements.keys().next().unwrap().clone();
+        let now = OffsetDateTime::now_utc();
+        assert!(matches!(
+            may_shred(&s, &id, None, now),
+            Err(ShredRefusal::NotEnded { .. })
+        ));
+        assert!(matches!(
+            may_shred(&s, "nope", None, now),
+            Err(ShredRefusal::Unknown(_))
+        ));
+        let s = set(Status::Ended);
+        let days = retention_days(&s.agreements[&id]);
+        assert!(days > 0, "the example agreement sets a retention");
+        let last = now - time::Duration::days(1);
+        let e = may_shred(&s, &id, Some(last), now).unwrap_err();
+        assert!(e.to_string().contains("runs until"), "{e}");
+        let later = last + time::Duration::days(i64::from(days)) + time::Duration::seconds(1);
+        assert_eq!(may_shred(&s, &id, Some(last), later), Ok(()));
+        assert_eq!(may_shred(&s, &id, None, now), Ok(()));
+    }
+}

@@ -1,0 +1,704 @@
+//! Encryption at rest, key rotation and crypto-shredding across two `pacs-broker serve`
+//! processes (hospital-a with a DICOM listener fed by dcmtk `storescu`, and telerad-c):
+//!
+//! - after a `send` and a DIMSE ingest, no original identifier and no de-identified header or
+//!   pixel bytes appear in plaintext in any file of either data folder except the delivery folder
+//!   (the raw bytes of every file are searched, sled's included), while the delivered copies do
+//!   hold them (so the search can find what it looks for);
+//! - `keys rotate` while both nodes run: files move to the new key, the running receiver keeps
+//!   reading old and new, and a new study still arrives whole;
+//! - a wrong key file, a corrupted vault record and a corrupted sealed blob each give a clear
+//!   error naming the item, nothing else is lost;
+//! - `vault shred` is refused for an active agreement and while retention runs, then destroys
+//!   the vault records and the token secret; re-identification says when it was shredded.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use dicom_core::{DataElement, PrimitiveValue, VR};
+use dicom_dictionary_std::tags;
+use pacs_broker::config::{DicomAllow, DicomConfig, DicomRoute, NodeConfig};
+use pacs_broker::demo::{write_synthetic_ct, SyntheticPatient};
+use pacs_broker::store::sealed::AtRest;
+use pacs_broker::store::Store;
+
+use common::*;
+
+const BROKER_AE: &str = "HOSP_A_BROKER";
+/// A header value the test profile keeps (Convolution Kernel is not in PS3.15 Table E.1-1).
+const HEADER_MARKER: &str = "ZEBRAKERNEL4711";
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind(("127.0.0.1", 0))
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn wait_for(what: &str, limit: Duration, mut ok: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !ok() {
+        assert!(start.elapsed() < limit, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A `pacs-broker serve` process, killed when dropped.
+struct Served {
+    child: Child,
+    config: PathBuf,
+    cfg: NodeConfig,
+}
+
+impl Served {
+    fn start(config: &Path, cfg: &NodeConfig) -> Served {
+        let log = std::fs::File::create(config.with_extension("log")).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_pacs-broker"))
+            .args(["serve", "--config"])
+            .arg(config)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let mut addrs = vec![cfg.listen.clone()];
+        addrs.extend(cfg.dicom.as_ref().map(|d| d.listen.clone()));
+        for a in addrs {
+            wait_for(&format!("{a} to accept"), Duration::from_secs(20), || {
+                TcpStream::connect(&a).is_ok()
+            });
+        }
+        Served {
+            child,
+            config: config.to_path_buf(),
+            cfg: cfg.clone(),
+        }
+    }
+
+    fn stop(&mut self) {
+        // SIGTERM: the node drains and exits (its sled databases flushed and unlocked).
+        let _ = Command::new("kill")
+            .arg(self.child.id().to_string())
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.config.with_extension("log")).unwrap_or_default()
+    }
+
+    fn cli(&self, args: &[&str]) -> (i32, String) {
+        let out = Command::new(env!("CARGO_BIN_EXE_pacs-broker"))
+            .args(args)
+            .arg("--config")
+            .arg(&self.config)
+            .output()
+            .unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        )
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+struct Sites {
+    dir: tempfile::TempDir,
+    a: Served,
+    c: Served,
+    dicom_port: u16,
+}
+
+impl Sites {
+    fn start() -> Sites {
+        let dir = tempfile::tempdir().unwrap();
+        let all: Vec<String> = ["hospital-a", "hospital-b", "telerad-c"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        pacs_broker::federation::pki::generate_dev_federation(&dir.path().join("pki"), &all)
+            .unwrap();
+        let addrs: BTreeMap<String, String> = ["hospital-a", "telerad-c"]
+            .iter()
+            .map(|s| (s.to_string(), format!("127.0.0.1:{}", free_port())))
+            .collect();
+        let dicom_port = free_port();
+        let mut cfgs = BTreeMap::new();
+        for site in ["hospital-a", "telerad-c"] {
+            let mut cfg = site_config(dir.path(), site, &addrs);
+            if site == "hospital-a" {
+                cfg.dicom = Some(DicomConfig {
+                    listen: format!("127.0.0.1:{dicom_port}"),
+                    ae_title: BROKER_AE.into(),
+                    allow: vec![DicomAllow {
+                        ae_title: "MODALITY".into(),
+                        address: "127.0.0.1".parse().unwrap(),
+                    }],
+                    routes: vec![DicomRoute {
+                        agreement: AGREEMENT.into(),
+                        flow: FLOW.into(),
+                        calling_ae: None,
+                        called_ae: None,
+                        purpose: None,
+                    }],
+                    max_associations: 4,
+                    study_quiet_secs: 1,
+                    max_pdu: 65_536,
+                    idle_timeout_secs: 30,
+                    deliver: None,
+                });
+            }
+            let path = dir.path().join(site).join("node.toml");
+            std::fs::write(&path, cfg.to_toml()).unwrap();
+            cfgs.insert(site, (path, cfg));
+        }
+        let c = Served::start(&cfgs["telerad-c"].0, &cfgs["telerad-c"].1);
+        let a = Served::start(&cfgs["hospital-a"].0, &cfgs["hospital-a"].1);
+        Sites {
+            dir,
+            a,
+            c,
+            dicom_port,
+        }
+    }
+
+    fn received(&self) -> Vec<PathBuf> {
+        files_under(&self.c.cfg.data_dir.join("store").join("inbox"))
+            .into_iter()
+            .filter(|p| p.extension().is_some_and(|e| e == "dcm"))
+            .collect()
+    }
+
+    fn wait_received(&self, n: usize) {
+        let start = Instant::now();
+        while self.received().len() < n {
+            assert!(
+                start.elapsed() < Duration::from_secs(40),
+                "{} of {n} instances reached telerad-c:\n{}\n{}",
+                self.received().len(),
+                self.a.log(),
+                self.c.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn storescu(&self, files: &[PathBuf]) -> String {
+        let port = self.dicom_port.to_string();
+        let mut args = vec!["-aet", "MODALITY", "-aec", BROKER_AE, "127.0.0.1", &port];
+        let names: Vec<String> = files.iter().map(|f| f.display().to_string()).collect();
+        args.extend(names.iter().map(String::as_str));
+        let out = Command::new("storescu")
+            .args(&args)
+            .env("TCP_NODELAY", "1")
+            .output()
+            .expect("storescu (dcmtk) is required: run .ci/setup");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(out.status.success(), "storescu failed: {text}");
+        text
+    }
+}
+
+/// What the test study must never show outside the delivery folder.
+struct Secrets {
+    /// Original identifiers (names, ids, dates, UIDs).
+    originals: Vec<String>,
+    /// Pixel bytes (a window from the middle of the pixel data).
+    pixels: Vec<u8>,
+}
+
+/// A synthetic CT study with distinctive values: its own patient, a kept header marker and a
+/// pixel pattern no other file has.
+fn study(
+    dir: &Path,
+    patient: &SyntheticPatient,
+    slices: usize,
+    seed: u8,
+) -> (Vec<PathBuf>, Secrets) {
+    let files = write_synthetic_ct(dir, patient, slices, 64).unwrap();
+    let mut originals = vec![
+        patient.name.clone(),
+        patient.id.clone(),
+        patient.accession.clone(),
+        patient.institution.clone(),
+        patient.referring.clone(),
+    ];
+    let mut pattern = Vec::new();
+    for (i, f) in files.iter().enumerate() {
+        let mut obj = dicom_object::open_file(f).unwrap();
+        for tag in [
+            tags::STUDY_INSTANCE_UID,
+            tags::SERIES_INSTANCE_UID,
+            tags::SOP_INSTANCE_UID,
+        ] {
+            originals.push(
+                obj.element(tag)
+                    .unwrap()
+                    .to_str()
+                    .unwrap()
+                    .trim_end_matches('\0')
+                    .to_string(),
+            );
+        }
+        obj.put(DataElement::new(
+            tags::CONVOLUTION_KERNEL,
+            VR::SH,
+            PrimitiveValue::from(HEADER_MARKER),
+        ));
+        let len = obj
+            .element(tags::PIXEL_DATA)
+            .unwrap()
+            .to_bytes()
+            .unwrap()
+            .len();
+        // A pattern that no synthetic image or header produces: bytes of a small LCG.
+        let mut x: u32 = 0x9E37_79B9 ^ (u32::from(seed) << 8) ^ i as u32;
+        let bytes: Vec<u8> = (0..len)
+            .map(|_| {
+                x = x.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+                (x >> 24) as u8
+            })
+            .collect();
+        if i == 0 {
+            pattern = bytes[len / 2..len / 2 + 48].to_vec();
+        }
+        obj.put(DataElement::new(
+            tags::PIXEL_DATA,
+            VR::OW,
+            PrimitiveValue::from(bytes),
+        ));
+        obj.write_to_file(f).unwrap();
+    }
+    originals.sort();
+    originals.dedup();
+    (
+        files,
+        Secrets {
+            originals,
+            pixels: pattern,
+        },
+    )
+}
+
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    !needle.is_empty() && hay.windows(needle.len()).any(|w| w == needle)
+}
+
+/// Every file under `data_dir` except the delivery folder (the inbox).
+fn kept_files(data_dir: &Path) -> Vec<PathBuf> {
+    let inbox = data_dir.join("store").join("inbox");
+    files_under(data_dir)
+        .into_iter()
+        .filter(|p| !p.starts_with(&inbox))
+        .collect()
+}
+
+fn assert_nothing_in_clear(sites: &Sites, secrets: &[&Secrets]) {
+    let mut checked = 0;
+    for data in [&sites.a.cfg.data_dir, &sites.c.cfg.data_dir] {
+        for f in kept_files(data) {
+            let bytes = std::fs::read(&f).unwrap();
+            checked += 1;
+            for s in secrets {
+                for v in &s.originals {
+                    assert!(
+                        !contains(&bytes, v.as_bytes()),
+                        "an original identifier is in clear in {}",
+                        f.display()
+                    );
+                }
+                assert!(
+                    !contains(&bytes, &s.pixels),
+                    "de-identified pixel bytes are in clear in {}",
+                    f.display()
+                );
+            }
+            assert!(
+                !contains(&bytes, HEADER_MARKER.as_bytes()),
+                "de-identified header bytes are in clear in {}",
+                f.display()
+            );
+        }
+    }
+    assert!(checked > 20, "only {checked} files were searched");
+}
+
+fn patient(name: &str, id: &str) -> SyntheticPatient {
+    SyntheticPatient {
+        name: name.into(),
+        id: id.into(),
+        birth_date: "19470219".into(),
+        accession: format!("ACC-{id}"),
+        institution: "Sealed Valley Infirmary".into(),
+        referring: "QUILL^OTTO^DR".into(),
+    }
+}
+
+#[test]
+fn nothing_is_kept_in_clear_and_rotation_runs_beside_the_nodes() {
+    let mut sites = Sites::start();
+    // 1. A `send` of files and a DIMSE ingest by storescu.
+    let (sent, s1) = study(
+        &sites.dir.path().join("study-1"),
+        &patient("ZWOLINSKA^HALINA", "MRN-AR-77311"),
+        3,
+        1,
+    );
+    let mut args = vec!["send", "--agreement", AGREEMENT, "--flow", FLOW];
+    let names: Vec<String> = sent.iter().map(|f| f.display().to_string()).collect();
+    args.extend(names.iter().map(String::as_str));
+    let (code, out) = sites.a.cli(&args);
+    assert_eq!(code, 0, "send failed: {out}");
+    let (dimse, s2) = study(
+        &sites.dir.path().join("study-2"),
+        &patient("QUENTIN^BARNABY", "MRN-AR-99120"),
+        3,
+        2,
+    );
+    sites.storescu(&dimse);
+    sites.wait_received(6);
+
+    // The delivered copies hold the markers (so the search below looks for real bytes).
+    let delivered: Vec<Vec<u8>> = sites
+        .received()
+        .iter()
+        .map(|f| std::fs::read(f).unwrap())
+        .collect();
+    assert!(delivered
+        .iter()
+        .any(|b| contains(b, HEADER_MARKER.as_bytes())));
+    assert!(delivered.iter().any(|b| contains(b, &s1.pixels)));
+    assert!(delivered.iter().any(|b| contains(b, &s2.pixels)));
+    for b in &delivered {
+        for v in s1.originals.iter().chain(&s2.originals) {
+            assert!(!contains(b, v.as_bytes()), "PHI in a delivered file");
+        }
+    }
+    // The inbox files are ordinary DICOM for dcmtk.
+    let (ok, out) = run_tool("dcmdump", &["-q", sites.received()[0].to_str().unwrap()]);
+    assert!(ok && !out.contains("E: "), "{out}");
+    assert_nothing_in_clear(&sites, &[&s1, &s2]);
+
+    // 2. Rotation while both nodes run.
+    let blob_dir = sites.c.cfg.data_dir.join("store").join("blobs");
+    let blob = files_under(&blob_dir)[0].clone();
+    let before = AtRest::key_id_of(&blob).unwrap().expect("blobs are sealed");
+    for node in [&sites.c, &sites.a] {
+        let (code, out) = node.cli(&["keys", "rotate"]);
+        assert_eq!(code, 0, "keys rotate: {out}");
+        assert!(out.contains("is current"), "{out}");
+    }
+    let after = AtRest::key_id_of(&blob).unwrap().unwrap();
+    assert_ne!(before, after, "the blob was not re-sealed");
+    let key_text = std::fs::read_to_string(&sites.c.cfg.key_file).unwrap();
+    assert!(
+        key_text.contains(&before) && key_text.contains(&after),
+        "old key kept"
+    );
+    // A new study after the rotation, by DIMSE, and the first study sent again (its blobs are
+    // re-checked under their new key and count as held).
+    let (more, s3) = study(
+        &sites.dir.path().join("study-3"),
+        &patient("ALDERWOOD^PIM", "MRN-AR-55012"),
+        2,
+        3,
+    );
+    sites.storescu(&more);
+    sites.wait_received(8);
+    let (code, out) = sites.a.cli(&args);
+    assert_eq!(code, 0, "re-send after rotation failed: {out}");
+    assert!(out.contains("0 transferred, 3 already held"), "{out}");
+    sites.a.stop();
+    sites.c.stop();
+    assert_nothing_in_clear(&sites, &[&s1, &s2, &s3]);
+    let (code, out) = sites.c.cli(&["store", "verify"]);
+    assert_eq!(code, 0, "store verify after rotation: {out}");
+    assert!(out.contains("all intact"), "{out}");
+    for b in files_under(&blob_dir) {
+        assert_eq!(
+            AtRest::key_id_of(&b).unwrap().as_deref(),
+            Some(after.as_str()),
+            "{} is not under the new key",
+            b.display()
+        );
+    }
+    let audit = std::fs::read_to_string(sites.c.cfg.data_dir.join("audit.log")).unwrap();
+    assert!(
+        audit.contains("\"action\":\"keys-rotate\""),
+        "rotation not audited"
+    );
+}
+
+#[test]
+fn damage_and_wrong_keys_name_the_item_and_lose_nothing_else() {
+    let mut sites = Sites::start();
+    let (files, _) = study(
+        &sites.dir.path().join("study"),
+        &patient("MARROW^IDA", "MRN-AR-31337"),
+        3,
+        9,
+    );
+    sites.storescu(&files);
+    sites.wait_received(3);
+    sites.a.stop();
+    sites.c.stop();
+
+    // A wrong key file: blobs and vault records are refused by name, nothing is moved.
+    let mut wrong = sites.c.cfg.clone();
+    wrong.key_file = sites.dir.path().join("other.key");
+    pacs_broker::pseudonym::SiteKeys::generate()
+        .write_new(&wrong.key_file)
+        .unwrap();
+    let blobs = files_under(&sites.c.cfg.data_dir.join("store").join("blobs"));
+    assert_eq!(blobs.len(), 3);
+    // `store verify` under the wrong key file: every blob is named unreadable, none mismatched.
+    let wrong_toml = sites.dir.path().join("telerad-c").join("wrong-key.toml");
+    std::fs::write(&wrong_toml, wrong.to_toml()).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_pacs-broker"))
+        .args(["store", "verify", "--config"])
+        .arg(&wrong_toml)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(!out.status.success(), "{text}");
+    assert_eq!(text.matches("UNREADABLE").count(), 3, "{text}");
+    assert!(!text.contains("MISMATCH") && text.contains("wrong key file"), "{text}");
+    {
+        let node = pacs_broker::node::Node::open(wrong).unwrap();
+        let store = node.store().unwrap();
+        let name = blobs[0].file_name().unwrap().to_string_lossy().to_string();
+        let mut sha = [0u8; 32];
+        hex::decode_to_slice(&name, &mut sha).unwrap();
+        let e = store.check_blob(&sha).unwrap_err().to_string();
+        assert!(
+            e.contains(&name) && e.contains("does not hold") && e.contains("wrong key file"),
+            "{e}"
+        );
+        let e = store.read_instance(&sha).unwrap_err().to_string();
+        assert!(e.contains(&name), "{e}");
+    }
+    assert_eq!(
+        files_under(&sites.c.cfg.data_dir.join("store").join("blobs")).len(),
+        3,
+        "a wrong key file moved blobs"
+    );
+
+    // The vault at hospital-a: a wrong key file names the token; a corrupted record names its
+    // token and the others still open.
+    let tokens = {
+        let a_node = pacs_broker::node::Node::open(sites.a.cfg.clone()).unwrap();
+        tokens_of(&a_node)
+    };
+    assert!(tokens.len() >= 2, "{tokens:?}");
+    {
+        let mut wrong_a = sites.a.cfg.clone();
+        wrong_a.key_file = sites.dir.path().join("other.key");
+        let node = pacs_broker::node::Node::open(wrong_a).unwrap();
+        let e = node
+            .vault()
+            .unwrap()
+            .reidentify(AGREEMENT, &tokens[0])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains(&tokens[0]) && e.contains("wrong key file"),
+            "{e}"
+        );
+    }
+    {
+        let tree = vault_tree(&sites.a.cfg.data_dir);
+        let key = format!("{AGREEMENT}\u{1f}{}", tokens[0]);
+        let mut v = tree.get(&key).unwrap().unwrap().to_vec();
+        let last = v.len() - 1;
+        v[last] ^= 0x40;
+        tree.insert(key.as_bytes(), v).unwrap();
+        tree.flush().unwrap();
+    }
+    let node = pacs_broker::node::Node::open(sites.a.cfg.clone()).unwrap();
+    let vault = node.vault().unwrap();
+    let e = vault
+        .reidentify(AGREEMENT, &tokens[0])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains(&tokens[0]) && e.contains("damaged"), "{e}");
+    for t in &tokens[1..] {
+        assert!(
+            vault.reidentify(AGREEMENT, t).unwrap().is_some(),
+            "record {t} lost"
+        );
+    }
+    drop(vault);
+    drop(node);
+
+    // A corrupted sealed blob: quarantined by name, its siblings intact.
+    let mut bytes = std::fs::read(&blobs[1]).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 1;
+    std::fs::write(&blobs[1], bytes).unwrap();
+    let (code, out) = sites.c.cli(&["store", "verify"]);
+    assert_ne!(code, 0, "{out}");
+    let bad = blobs[1].file_name().unwrap().to_string_lossy().to_string();
+    assert!(out.contains(&bad) && out.contains("MISMATCH"), "{out}");
+    assert_eq!(out.matches("MISMATCH").count(), 1, "{out}");
+    let node = pacs_broker::node::Node::open(sites.c.cfg.clone()).unwrap();
+    let store = node.store().unwrap();
+    let mut sha = [0u8; 32];
+    hex::decode_to_slice(&bad, &mut sha).unwrap();
+    let e = store.read_instance(&sha).unwrap_err().to_string();
+    assert!(
+        e.contains(&bad) && e.contains("failed authentication"),
+        "{e}"
+    );
+    assert!(matches!(
+        store.check_blob(&sha).unwrap(),
+        pacs_broker::store::BlobCheck::Quarantined(_)
+    ));
+    for b in [&blobs[0], &blobs[2]] {
+        let mut sha = [0u8; 32];
+        hex::decode_to_slice(b.file_name().unwrap().to_string_lossy().as_ref(), &mut sha).unwrap();
+        assert!(store.read_instance(&sha).unwrap().len() > 1000);
+    }
+}
+
+/// The vault's sled tree at a data folder (the node must be stopped).
+fn vault_tree(data_dir: &Path) -> sled::Tree {
+    let db = sled::open(data_dir.join("vault")).unwrap();
+    db.open_tree("vault").unwrap()
+}
+
+#[test]
+fn shredding_needs_an_ended_agreement_past_retention_and_ends_reidentification() {
+    let mut sites = Sites::start();
+    let (files, _) = study(
+        &sites.dir.path().join("study"),
+        &patient("PLUMB^WREN", "MRN-AR-24680"),
+        2,
+        5,
+    );
+    sites.storescu(&files);
+    sites.wait_received(2);
+    sites.a.stop();
+    sites.c.stop();
+    let cfg = sites.a.cfg.clone();
+    let key_text = std::fs::read_to_string(&cfg.key_file).unwrap();
+    assert!(
+        key_text.contains("token_secret"),
+        "no per-agreement secret was made"
+    );
+
+    // Active: refused, audited.
+    let (code, out) = sites.a.cli(&["vault", "shred", "--agreement", AGREEMENT]);
+    assert_eq!(code, 3, "{out}");
+    assert!(
+        out.contains("is `active`") && out.contains("only an ended agreement"),
+        "{out}"
+    );
+
+    // Ended (signed by all), but its 30-day retention runs from the last disclosure.
+    let policy = cfg.agreements.join("test.toml");
+    std::fs::write(&policy, agreement_toml("ended", "false")).unwrap();
+    let _ = std::fs::remove_dir_all(pacs_broker::dsa::sign::signature_dir(&policy));
+    sign_by_all(sites.dir.path(), &policy);
+    let (code, out) = sites.a.cli(&["vault", "shred", "--agreement", AGREEMENT]);
+    assert_eq!(code, 3, "{out}");
+    assert!(
+        out.contains("30 days") && out.contains("runs until"),
+        "{out}"
+    );
+
+    // 31 days on (the clock is a parameter of the library call): shredded.
+    let node = pacs_broker::node::Node::open(cfg.clone()).unwrap();
+    let token = tokens_of(&node)[0].clone();
+    let later = time::OffsetDateTime::now_utc() + time::Duration::days(31);
+    let done = pacs_broker::custody::shred(
+        &node.agreements(),
+        AGREEMENT,
+        &node.keys,
+        || node.vault().map_err(|e| e.to_string()),
+        &node.audit,
+        "user:privacy-officer",
+        later,
+    )
+    .unwrap();
+    assert!(done.records >= 2 && !done.legacy, "{done:?}");
+    let key_text = std::fs::read_to_string(&cfg.key_file).unwrap();
+    assert!(
+        !key_text.contains("token_secret"),
+        "the token secret survived"
+    );
+    assert!(key_text.contains("shredded"));
+    let e = node
+        .vault()
+        .unwrap()
+        .reidentify(AGREEMENT, &token)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains(&format!("agreement `{AGREEMENT}` was shredded on")),
+        "{e}"
+    );
+    assert!(
+        node.keys.tokenizer(AGREEMENT).is_err(),
+        "new tokens after shred"
+    );
+    drop(node);
+    // Through the command a person uses: the same message.
+    let mut users = cfg.clone();
+    users.users = vec![pacs_broker::users::UserConfig {
+        name: "dr-on-duty".into(),
+        roles: vec!["reidentify".into()],
+    }];
+    let node = pacs_broker::node::Node::open(users).unwrap();
+    let req = pacs_broker::reidentify::Request {
+        agreement: AGREEMENT,
+        token: &token,
+        user: "dr-on-duty",
+        justification: "follow-up",
+        purpose: None,
+    };
+    if let Err(e) = node.reidentify(&req) {
+        let e = e.to_string();
+        assert!(!e.contains("PLUMB") && !e.contains("MRN-AR-24680"), "{e}");
+    } else {
+        panic!("re-identified after shredding");
+    }
+    let audit = std::fs::read_to_string(cfg.data_dir.join("audit.log")).unwrap();
+    assert!(audit.contains("\"action\":\"vault-shred\""));
+    assert!(audit.contains("user:privacy-officer"));
+    assert_eq!(
+        audit.matches("\"action\":\"vault-shred\"").count(),
+        3,
+        "refusals audited too"
+    );
+}
+
+fn tokens_of(node: &pacs_broker::node::Node) -> Vec<String> {
+    node.vault().unwrap().tokens(AGREEMENT).unwrap()
+}
