@@ -34,8 +34,9 @@ use crate::store::outbox::{self, Outbox, OutboxEntry, OutboxState};
 use crate::store::quarantine::Quarantine;
 use crate::store::{self, LocalStore, Store};
 
-mod policy;
 mod review;
+
+mod policy;
 pub use review::{ReleaseError, Released};
 
 #[derive(Debug, thiserror::Error)]
@@ -213,6 +214,8 @@ pub struct Node {
     pub tls: SiteTls,
     pub audit: Arc<AuditLog>,
     agreements: watch::Sender<Arc<AgreementSet>>,
+    /// Agreement files not enforced when the node opened, with why (audited at serve start).
+    rejected_at_open: Vec<(PathBuf, String)>,
     /// Opened on first use: the receiving store by `serve`, the vault by `send`, so that a
     /// `send` process can run beside the site's `serve` process (each sled database is locked by
     /// the one process that opens it).
@@ -220,8 +223,6 @@ pub struct Node {
     vault: std::sync::Mutex<Option<Arc<Vault>>>,
     /// The agreements folder as it was when the node opened.
     loaded_fingerprint: Vec<(PathBuf, u64, Option<SystemTime>)>,
-    /// Agreement files not enforced when the node opened, with why (audited at serve start).
-    rejected_at_open: Vec<(PathBuf, String)>,
 }
 
 impl Node {
@@ -258,10 +259,10 @@ impl Node {
             tls,
             audit,
             agreements,
+            rejected_at_open: rejected,
             store: Default::default(),
             vault: Default::default(),
             loaded_fingerprint,
-            rejected_at_open: rejected,
         })
     }
 
@@ -420,6 +421,7 @@ impl Node {
         tracing::info!(site = %self.config.site_id, ?addr, "federation endpoint listening (mutual TLS 1.3)");
         self.audit_start(addr);
         let incoming = tls::incoming(listener, &self.tls, &self.config.limits);
+        let flush_at_stop = receiver.clone();
         let shutdown = async move {
             shutdown.await;
             let _ = stop_tx.send(true);
@@ -428,11 +430,7 @@ impl Node {
             // Calls in flight per connection (each may carry a message of up to 4 MiB); with
             // `[limits] connections_per_peer` this bounds what one partner has in flight.
             .max_concurrent_streams(Some(16))
-            .serve_with_incoming_shutdown(
-                FederationServer::from_arc(receiver.clone()),
-                incoming,
-                shutdown,
-            )
+            .serve_with_incoming_shutdown(FederationServer::from_arc(receiver), incoming, shutdown)
             .await
             .map_err(|e| NodeError::Serve(e.to_string()));
         // The DICOM listener drains its associations; the forwarder ends its round.
@@ -444,7 +442,7 @@ impl Node {
         if let Some(pacs) = pacs {
             pacs.stop().await;
         }
-        receiver.flush_audit();
+        flush_at_stop.flush_audit();
         self.audit_stop(&result);
         result
     }
