@@ -11,6 +11,8 @@
 //! lives in `ingest`, the DIMSE association layer in `dicom_net`. With `[dicom.deliver]`, `serve`
 //! also runs the worker that forwards received instances to the site's PACS (`dicom_net::deliver`).
 
+mod policy;
+
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -35,8 +37,6 @@ use crate::store::quarantine::Quarantine;
 use crate::store::{self, LocalStore, Store};
 
 mod review;
-
-mod policy;
 pub use review::{ReleaseError, Released};
 
 #[derive(Debug, thiserror::Error)]
