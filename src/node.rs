@@ -16,6 +16,8 @@
 //! `serve` also runs the retention task (`retention`: expired received studies are destroyed and
 //! their origins get signed destruction receipts) and takes partners' destruction receipts.
 
+mod policy;
+
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -39,7 +41,6 @@ use crate::store::outbox::{self, Outbox, OutboxEntry, OutboxState};
 use crate::store::quarantine::Quarantine;
 use crate::store::{self, LocalStore, Store};
 
-mod policy;
 mod returns;
 mod review;
 pub use returns::{ReturnOutcome, ReturnReport};
@@ -244,6 +245,8 @@ pub struct Node {
     pub tls: SiteTls,
     pub audit: Arc<AuditLog>,
     agreements: watch::Sender<Arc<AgreementSet>>,
+    /// Agreement files not enforced when the node opened, with why (audited at serve start).
+    rejected_at_open: Vec<(PathBuf, String)>,
     /// Opened on first use: the receiving store by `serve`, the vault by `send`, so that a
     /// `send` process can run beside the site's `serve` process (each sled database is locked by
     /// the one process that opens it).
@@ -305,6 +308,7 @@ impl Node {
             tls,
             audit,
             agreements,
+            rejected_at_open: rejected,
             store: Default::default(),
             vault: Default::default(),
             vault_share: Default::default(),
@@ -582,6 +586,7 @@ impl Node {
         tracing::info!(site = %self.config.site_id, ?addr, "federation endpoint listening (mutual TLS 1.3)");
         self.audit_start(addr);
         let incoming = tls::incoming(listener, &self.tls, &self.config.limits);
+        let flush_at_stop = receiver.clone();
         let shutdown = async move {
             shutdown.await;
             let _ = stop_tx.send(true);
@@ -590,11 +595,7 @@ impl Node {
             // Calls in flight per connection (each may carry a message of up to 4 MiB); with
             // `[limits] connections_per_peer` this bounds what one partner has in flight.
             .max_concurrent_streams(Some(16))
-            .serve_with_incoming_shutdown(
-                FederationServer::from_arc(receiver.clone()),
-                incoming,
-                shutdown,
-            )
+            .serve_with_incoming_shutdown(FederationServer::from_arc(receiver), incoming, shutdown)
             .await
             .map_err(|e| NodeError::Serve(e.to_string()));
         // The DICOM listener drains its associations; the forwarder ends its round.
@@ -608,7 +609,7 @@ impl Node {
         if let Some(pacs) = pacs {
             pacs.stop().await;
         }
-        receiver.flush_audit();
+        flush_at_stop.flush_audit();
         self.audit_stop(&result);
         result
     }

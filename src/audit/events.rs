@@ -68,6 +68,16 @@ pub mod kind {
     pub const DESTRUCTION_RECEIPT: &str = "destruction-receipt";
     /// Received data deleted when its flow's retention ended.
     pub const RETENTION_DELETE: &str = "retention-delete";
+    /// The receiver's signed destruction receipt sent back to the origin.
+    pub const DESTRUCTION_RECEIPT_SENT: &str = "destruction-receipt-sent";
+    /// A result (report, SR, PDF) sent back to the origin by a partner, or taken in for return.
+    pub const RETURN: &str = "return";
+    /// A result from a partner received at the origin.
+    pub const RETURN_RECEIVE: &str = "return-receive";
+    /// A new data-encryption key made current, everything at rest re-sealed under it.
+    pub const KEYS_ROTATE: &str = "keys-rotate";
+    /// An ended agreement's vault records and token secret crypto-shredded.
+    pub const VAULT_SHRED: &str = "vault-shred";
 
     /// Every kind above (the catalogue test checks each is documented).
     pub const ALL: &[&str] = &[
@@ -103,6 +113,11 @@ pub mod kind {
         CERTS_REVOKE,
         DESTRUCTION_RECEIPT,
         RETENTION_DELETE,
+        DESTRUCTION_RECEIPT_SENT,
+        RETURN,
+        RETURN_RECEIVE,
+        KEYS_ROTATE,
+        VAULT_SHRED,
     ];
 }
 

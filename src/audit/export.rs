@@ -141,17 +141,18 @@ fn xml(s: &str) -> String {
 fn dicom_event(action: &str) -> (&'static str, &'static str, &'static str) {
     use super::events::kind::*;
     match action {
-        DISCLOSE => ("110106", "Export", "R"),
-        RECEIVE => ("110107", "Import", "C"),
+        DISCLOSE | RETURN => ("110106", "Export", "R"),
+        RECEIVE | RETURN_RECEIVE => ("110107", "Import", "C"),
         REIDENTIFY | QUARANTINE_REVEAL => ("110110", "Patient Record", "R"),
         REPORT | VERIFY | EXPORT | AUDIT_CHECKPOINTS => ("110101", "Audit Log Used", "R"),
-        "delete" | RETENTION_DELETE | DESTRUCTION_RECEIPT | QUARANTINE_DISCARD => {
-            ("110105", "DICOM Study Deleted", "D")
-        }
+        "delete"
+        | RETENTION_DELETE
+        | DESTRUCTION_RECEIPT
+        | DESTRUCTION_RECEIPT_SENT
+        | QUARANTINE_DISCARD => ("110105", "DICOM Study Deleted", "D"),
         // Changes of what the node enforces or trusts: security configuration.
-        POLICY_LOAD | POLICY_CHANGE | CRL_RELOAD | DSA_SIGN | KEYS_NEW | CERTS_REVOKE => {
-            ("110113", "Security Alert", "E")
-        }
+        POLICY_LOAD | POLICY_CHANGE | CRL_RELOAD | DSA_SIGN | KEYS_NEW | KEYS_ROTATE
+        | VAULT_SHRED | CERTS_REVOKE => ("110113", "Security Alert", "E"),
         a if a == ALERT || a.starts_with(REFUSE) => ("110113", "Security Alert", "E"),
         _ => ("110100", "Application Activity", "E"),
     }
