@@ -622,8 +622,15 @@ async fn a_partner_cannot_return_what_it_never_received_and_learns_nothing() {
         .await
         .unwrap_err();
     assert!(e.to_string().contains("lets results return"), "{e}");
-    // A report on a study received under both, named under the one without returns, is refused
-    // by the origin too when a partner tries it at the protocol level (below).
+    // By DIMSE too: telerad-c's listener recognises the study, and refuses the result.
+    let (_, out) = storescu(port, &on_plain);
+    assert!(out.contains("Status: 0x124"), "storescu: {out}");
+    assert!(
+        audit_of(c).contains("does not let results return to the origin"),
+        "{}",
+        audit_of(c)
+    );
+    // The origin refuses it too when a partner tries it at the protocol level (below).
 
     // Every RPC, with every token telerad-c holds, from telerad-c's own certificate.
     let mut tokens: BTreeSet<String> = BTreeSet::new();
