@@ -453,6 +453,8 @@ impl Node {
             tokio::spawn(async move {
                 loop {
                     node.drain_returns().await;
+                    let n = node.clone();
+                    let _ = tokio::task::spawn_blocking(move || n.sweep_delivered_results()).await;
                     tokio::select! {
                         _ = wake.notified() => {}
                         _ = tokio::time::sleep(RETURNS_POLL) => {}

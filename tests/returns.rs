@@ -839,5 +839,24 @@ async fn with_a_pacs_at_the_origin_the_report_is_delivered_there() {
     );
     let audit = audit_of(a);
     assert!(audit.contains("queued for the site's PACS"), "{audit}");
+    // Once the PACS has it, the store keeps no copy with the patient's identifiers.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let store = a.config.data_dir.join("store").join("blobs");
+    loop {
+        let holding: Vec<PathBuf> = files_under(&store)
+            .into_iter()
+            .filter(|f| {
+                let bytes = std::fs::read(f).unwrap_or_default();
+                bytes
+                    .windows(orig.patient.id.len())
+                    .any(|w| w == orig.patient.id.as_bytes())
+            })
+            .collect();
+        if holding.is_empty() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "still in the store: {holding:?}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
     fed.stop().await;
 }

@@ -429,6 +429,25 @@ impl Node {
         returned
     }
 
+    /// At the origin with a PACS: deletes the store's copies of re-identified results the PACS
+    /// has confirmed (see `results::sink::sweep_delivered`).
+    pub fn sweep_delivered_results(&self) {
+        if self
+            .config
+            .dicom
+            .as_ref()
+            .is_none_or(|d| d.deliver.is_none())
+        {
+            return;
+        }
+        let Ok(store) = self.store() else { return };
+        match crate::results::sink::sweep_delivered(&self.config.data_dir, &store) {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(results = n, "delivered results removed from the store"),
+            Err(e) => tracing::error!(error = %e, "cannot remove delivered results from the store"),
+        }
+    }
+
     /// The origin's `ReturnResult` desk: results go to `[dicom.deliver]` when configured
     /// (through the store's delivery queue), otherwise to the results folder.
     pub(super) fn return_desk(self: &Arc<Self>) -> Result<ReturnDesk, NodeError> {
