@@ -125,6 +125,7 @@ fn returnable(
     let not_allowed = |why: String| ResultError::NotAllowed {
         agreement: rec.agreement.clone(),
         partner: site.to_string(),
+        origin: rec.from_site.clone(),
         why,
     };
     let agreement = agreements
