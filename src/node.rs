@@ -556,10 +556,13 @@ impl Node {
         // The return path at a partner: results queued by the DICOM listener or `return` go home.
         let returns_wake = Arc::new(tokio::sync::Notify::new());
         let returner = {
-            let (node, wake) = (self.clone(), returns_wake.clone());
+            // Weak: a stopped node is dropped (its databases closed) even before this task is.
+            let (node, wake) = (Arc::downgrade(self), returns_wake.clone());
             tokio::spawn(async move {
                 loop {
-                    node.drain_returns().await;
+                    let Some(n) = node.upgrade() else { break };
+                    n.drain_returns().await;
+                    let _ = tokio::task::spawn_blocking(move || n.sweep_delivered_results()).await;
                     tokio::select! {
                         _ = wake.notified() => {}
                         _ = tokio::time::sleep(RETURNS_POLL) => {}

@@ -7,6 +7,8 @@
 //! token telerad-c holds, gives it an original value (responses, statuses, logs, audit).
 
 mod common;
+#[path = "common/orthanc.rs"]
+mod orthanc;
 
 use std::collections::BTreeSet;
 use std::io::Write;
@@ -20,7 +22,7 @@ use dicom_core::{DataElement, Length, PrimitiveValue, Tag, VR};
 use dicom_dictionary_std::tags;
 use dicom_object::mem::InMemDicomObject;
 use dicom_object::meta::FileMetaTableBuilder;
-use pacs_broker::config::{DicomAllow, DicomConfig, NodeConfig};
+use pacs_broker::config::{DeliverConfig, DicomAllow, DicomConfig, NodeConfig};
 use pacs_broker::demo::SyntheticPatient;
 use pacs_broker::federation::client::PeerClient;
 use pacs_broker::federation::proto::{
@@ -80,12 +82,28 @@ fn free_port() -> u16 {
 /// hospital-a and telerad-c, both agreements signed; telerad-c listens for DICOM (its RIS may
 /// associate; no routes: it takes only results).
 async fn start() -> (Federation, u16) {
+    start_with_pacs(None).await
+}
+
+/// As [`start`], with hospital-a delivering to the PACS at `pacs` (AE `ORTHANC`) when given
+/// (and then without telerad-c's DICOM listener: that test does not use it).
+async fn start_with_pacs(pacs: Option<String>) -> (Federation, u16) {
+    let listen = pacs.is_none();
     let port = free_port();
     let fed = Federation::start_with(&["hospital-a", "telerad-c"], move |cfg: &mut NodeConfig| {
         let policy = cfg.agreements.join("returns.toml");
         std::fs::write(&policy, returns_agreement()).unwrap();
         sign_by_all(cfg.agreements.parent().unwrap().parent().unwrap(), &policy);
-        if cfg.site_id == "telerad-c" {
+        if let (Some(pacs), "hospital-a") = (&pacs, cfg.site_id.as_str()) {
+            cfg.dicom = Some(DicomConfig {
+                deliver: Some(DeliverConfig {
+                    retry_initial_ms: 200,
+                    ..DeliverConfig::new("ORTHANC", pacs)
+                }),
+                ..DicomConfig::default()
+            });
+        }
+        if cfg.site_id == "telerad-c" && listen {
             cfg.dicom = Some(DicomConfig {
                 listen: format!("127.0.0.1:{port}"),
                 ae_title: TELERAD_AE.into(),
@@ -100,7 +118,7 @@ async fn start() -> (Federation, u16) {
     })
     .await;
     let deadline = Instant::now() + Duration::from_secs(20);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+    while listen && std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
         assert!(Instant::now() < deadline, "telerad-c's DICOM listener");
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -604,8 +622,15 @@ async fn a_partner_cannot_return_what_it_never_received_and_learns_nothing() {
         .await
         .unwrap_err();
     assert!(e.to_string().contains("lets results return"), "{e}");
-    // A report on a study received under both, named under the one without returns, is refused
-    // by the origin too when a partner tries it at the protocol level (below).
+    // By DIMSE too: telerad-c's listener recognises the study, and refuses the result.
+    let (_, out) = storescu(port, &on_plain);
+    assert!(out.contains("Status: 0x124"), "storescu: {out}");
+    assert!(
+        audit_of(c).contains("does not let results return to the origin"),
+        "{}",
+        audit_of(c)
+    );
+    // The origin refuses it too when a partner tries it at the protocol level (below).
 
     // Every RPC, with every token telerad-c holds, from telerad-c's own certificate.
     let mut tokens: BTreeSet<String> = BTreeSet::new();
@@ -765,5 +790,73 @@ async fn a_partner_cannot_return_what_it_never_received_and_learns_nothing() {
     }
     assert!(audit_a.contains("result refused"), "{audit_a}");
     assert!(audit_c.contains("never received"), "{audit_c}");
+    fed.stop().await;
+}
+
+/// Test 1 with a PACS at the origin: the re-identified report reaches hospital-a's Orthanc
+/// through `[dicom.deliver]` (its REST API shows the original patient and study), and no copy is
+/// left in the results folder.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn with_a_pacs_at_the_origin_the_report_is_delivered_there() {
+    let pacs = orthanc::Orthanc::start();
+    let (fed, _) = start_with_pacs(Some(pacs.dicom_address())).await;
+    let work = tempfile::tempdir().unwrap();
+    let orig = original_study(work.path());
+    let a = fed.node("hospital-a");
+    a.send(RETURNS, FLOW, None, &orig.files).await.unwrap();
+    let got = received(&fed, RETURNS);
+    let sop = random_uid();
+    let sr = report(&got, &sop, &work.path().join("report.dcm"));
+    let r = fed
+        .node("telerad-c")
+        .return_results(RETURNS, std::slice::from_ref(&sr))
+        .await
+        .unwrap();
+    assert!(
+        matches!(&r.outcomes[0].1, ReturnOutcome::Returned { .. }),
+        "{:?}",
+        r.outcomes
+    );
+    let ids = pacs.wait_for_instances(1, Duration::from_secs(30));
+    assert_eq!(ids.len(), 1, "the PACS holds the report");
+    let t = pacs.instance_tags(&ids[0]);
+    assert_eq!(t["PatientName"], orig.patient.name.as_str(), "{t}");
+    assert_eq!(t["PatientID"], orig.patient.id.as_str());
+    assert_eq!(t["StudyInstanceUID"], orig.study_uid.as_str());
+    assert_eq!(t["SOPInstanceUID"], sop.as_str());
+    assert_eq!(t["StudyDate"], "20261102");
+    let refs = t["CurrentRequestedProcedureEvidenceSequence"][0]["ReferencedSeriesSequence"][0]
+        ["ReferencedSOPSequence"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["ReferencedSOPInstanceUID"].as_str().unwrap().to_string())
+        .collect::<BTreeSet<_>>();
+    assert_eq!(refs, orig.sop_uids.iter().cloned().collect::<BTreeSet<_>>());
+    assert!(
+        filed_results(&fed).is_empty(),
+        "delivered to the PACS, not the folder"
+    );
+    let audit = audit_of(a);
+    assert!(audit.contains("queued for the site's PACS"), "{audit}");
+    // Once the PACS has it, the store keeps no copy with the patient's identifiers.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let store = a.config.data_dir.join("store").join("blobs");
+    loop {
+        let holding: Vec<PathBuf> = files_under(&store)
+            .into_iter()
+            .filter(|f| {
+                let bytes = std::fs::read(f).unwrap_or_default();
+                bytes
+                    .windows(orig.patient.id.len())
+                    .any(|w| w == orig.patient.id.as_bytes())
+            })
+            .collect();
+        if holding.is_empty() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "still in the store: {holding:?}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
     fed.stop().await;
 }

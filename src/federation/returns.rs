@@ -267,25 +267,7 @@ impl ReturnDesk {
             .await;
         match outcome {
             Ok((restored, delivered)) => {
-                self.audit.record_detailed_or_warn(
-                    self.audit_event(
-                        &partner,
-                        Some(&h),
-                        &allowed.purpose,
-                        format!(
-                            "ok: re-identified ({} UIDs, {} tokens, {} dates mapped back) and {delivered}",
-                            restored.uids, restored.tokens, restored.dates
-                        ),
-                    ),
-                    Detail {
-                        patient_tokens: vec![restored.patient_token],
-                        study: Some(h.study_token.clone()),
-                        party: Some(partner.clone()),
-                        flow: Some(allowed.flow.clone()),
-                        instances: Some(1),
-                        receipt: None,
-                    },
-                );
+                self.audit_taken(&partner, &h, &allowed, restored, delivered);
                 Ok(ResultReceipt {
                     audit_checkpoint: self.audit.checkpoint_for_peer(),
                     ..receipt
@@ -293,6 +275,32 @@ impl ReturnDesk {
             }
             Err(e) => Err(self.refuse(Some(&h), status_of(&e))),
         }
+    }
+
+    /// The audit entry of a result taken: what was mapped back (counts) and where it went.
+    fn audit_taken(
+        &self,
+        partner: &str,
+        h: &Header,
+        allowed: &Allowed,
+        restored: Restored,
+        delivered: Delivered,
+    ) {
+        let outcome = format!(
+            "ok: re-identified ({} UIDs, {} tokens, {} dates mapped back) and {delivered}",
+            restored.uids, restored.tokens, restored.dates
+        );
+        self.audit.record_detailed_or_warn(
+            self.audit_event(partner, Some(h), &allowed.purpose, outcome),
+            Detail {
+                patient_tokens: vec![restored.patient_token],
+                study: Some(h.study_token.clone()),
+                party: Some(partner.to_string()),
+                flow: Some(allowed.flow.clone()),
+                instances: Some(1),
+                receipt: None,
+            },
+        );
     }
 
     /// Streams the result to a staging file, bounded by the announced size, and checks its hash.

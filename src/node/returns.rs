@@ -429,6 +429,25 @@ impl Node {
         returned
     }
 
+    /// At the origin with a PACS: deletes the store's copies of re-identified results the PACS
+    /// has confirmed (see `results::sink::sweep_delivered`).
+    pub fn sweep_delivered_results(&self) {
+        if self
+            .config
+            .dicom
+            .as_ref()
+            .is_none_or(|d| d.deliver.is_none())
+        {
+            return;
+        }
+        let Ok(store) = self.store() else { return };
+        match crate::results::sink::sweep_delivered(&self.config.data_dir, &store) {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(results = n, "delivered results removed from the store"),
+            Err(e) => tracing::error!(error = %e, "cannot remove delivered results from the store"),
+        }
+    }
+
     /// The origin's `ReturnResult` desk: results go to `[dicom.deliver]` when configured
     /// (through the store's delivery queue), otherwise to the results folder.
     pub(super) fn return_desk(self: &Arc<Self>) -> Result<ReturnDesk, NodeError> {
@@ -442,14 +461,19 @@ impl Node {
         } else {
             ResultSink::Folder(results_dir(&self.config.data_dir))
         };
-        let node = self.clone();
+        // Weak: the desk lives in the federation service, which must not keep the node (and
+        // its databases) open after the node is dropped.
+        let node = Arc::downgrade(self);
         Ok(ReturnDesk {
             site_id: self.site_id().to_string(),
             data_dir: self.config.data_dir.clone(),
             agreements: self.agreements.subscribe(),
             audit: self.audit.clone(),
             keys: self.keys.clone(),
-            vault: Box::new(move || node.shared_vault().map_err(|e| e.to_string())),
+            vault: Box::new(move || {
+                let node = node.upgrade().ok_or("the node is shutting down")?;
+                node.shared_vault().map_err(|e| e.to_string())
+            }),
             sink,
         })
     }
@@ -460,9 +484,10 @@ impl Node {
         has_routes: bool,
         wake: Arc<tokio::sync::Notify>,
     ) -> ResultIntake {
-        let (a, b) = (self.clone(), self.clone());
+        let (a, b) = (Arc::downgrade(self), Arc::downgrade(self));
         ResultIntake {
             may_return: Box::new(move || {
+                let Some(a) = a.upgrade() else { return false };
                 a.agreements().agreements.values().any(|ag| {
                     ag.flows
                         .iter()
@@ -470,6 +495,9 @@ impl Node {
                 })
             }),
             recognise: Box::new(move |obj| {
+                let b = b
+                    .upgrade()
+                    .ok_or_else(|| ResultError::Storage("the node is shutting down".into()))?;
                 let store = b.store().map_err(|e| ResultError::Storage(e.to_string()))?;
                 let today = time::OffsetDateTime::now_utc().date();
                 recognise(

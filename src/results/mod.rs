@@ -47,12 +47,11 @@ pub enum ResultError {
     NotReceived { study: String, under: String },
     #[error("flow `{flow}` of agreement `{agreement}` does not let results return to the origin (`results.return_to_origin` is false)")]
     ReturnsNotAllowed { agreement: String, flow: String },
-    #[error(
-        "agreement `{agreement}` does not let results return from `{partner}` to this site: {why}"
-    )]
+    #[error("agreement `{agreement}` does not let results return from `{partner}` to `{origin}` now: {why}")]
     NotAllowed {
         agreement: String,
         partner: String,
+        origin: String,
         why: String,
     },
     #[error("the result's Patient ID is not the patient of study `{study}` it refers to")]

@@ -14,7 +14,7 @@ use dicom_object::mem::InMemDicomObject;
 use super::ResultError;
 use crate::dsa::AgreementSet;
 use crate::federation::wire;
-use crate::store::{BlobCheck, Store, StudyRecord};
+use crate::store::{BlobCheck, Store, StudyKey, StudyRecord};
 
 /// Where a recognised result goes home.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -63,19 +63,30 @@ pub fn recognise(
     }
     let sop = uid(obj, tags::SOP_INSTANCE_UID, "SOP Instance UID")?;
     let study = uid(obj, tags::STUDY_INSTANCE_UID, "Study Instance UID")?;
-    let received: Vec<StudyRecord> = store
-        .studies()
-        .map_err(|e| ResultError::Storage(e.to_string()))?
-        .into_iter()
-        .filter(|r| r.study_token == study)
-        .filter(|r| only_agreement.is_none_or(|a| r.agreement == a))
-        .collect();
+    // Point lookups, one per flow into this site (no scan of every study the site holds: the
+    // DICOM listener asks this for every instance it receives).
+    let mut received: Vec<StudyRecord> = Vec::new();
+    for a in agreements.agreements.values() {
+        if only_agreement.is_some_and(|id| id != a.id) {
+            continue;
+        }
+        for f in a.flows.iter().filter(|f| f.to == site) {
+            let key = StudyKey::new(&a.id, &f.name, &f.from, &study);
+            if let Some(rec) = store
+                .study(&key)
+                .map_err(|e| ResultError::Storage(e.to_string()))?
+            {
+                received.push(rec);
+            }
+        }
+    }
     if received.is_empty() {
         return Err(ResultError::NotReceived {
             study,
-            under: only_agreement
-                .map(|a| format!(" under agreement `{a}`"))
-                .unwrap_or_default(),
+            under: match only_agreement {
+                Some(a) => format!(" under agreement `{a}`"),
+                None => " under any agreement in force here".into(),
+            },
         });
     }
     // The first record whose flow allows returns; otherwise the reason the first one does not.
@@ -98,7 +109,10 @@ pub fn recognise(
             }
         }
     }
-    Err(refusal.expect("at least one record"))
+    Err(refusal.unwrap_or(ResultError::NotReceived {
+        study: String::new(),
+        under: String::new(),
+    }))
 }
 
 /// Whether results on `rec` may go back to its origin now; the flow's first purpose if so.
@@ -111,6 +125,7 @@ fn returnable(
     let not_allowed = |why: String| ResultError::NotAllowed {
         agreement: rec.agreement.clone(),
         partner: site.to_string(),
+        origin: rec.from_site.clone(),
         why,
     };
     let agreement = agreements

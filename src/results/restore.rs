@@ -318,3 +318,233 @@ impl Walk<'_> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pseudonym::SiteKeys;
+    use proptest::prelude::*;
+
+    const AGR: &str = "agr-ret";
+    const MRN: &str = "MRN-555";
+    const NAME: &str = "ROE^RICHARD";
+    const STUDY: &str = "1.2.826.0.1.3680043.10.1432.1.77";
+    const SERIES: &str = "1.2.826.0.1.3680043.10.1432.2.77";
+    const SOP: &str = "1.2.826.0.1.3680043.10.1432.4.77.1";
+
+    fn el(tag: Tag, vr: VR, v: &str) -> InMemElement {
+        DataElement::new(tag, vr, PrimitiveValue::from(v))
+    }
+
+    fn sq(tag: Tag, items: Vec<InMemDicomObject>) -> InMemElement {
+        DataElement::new(
+            tag,
+            VR::SQ,
+            DataSetSequence::new(items, dicom_core::Length::UNDEFINED),
+        )
+    }
+
+    /// A vault holding what sending the study recorded; the tokens the partner saw.
+    fn sent(dir: &std::path::Path) -> (Vault, Tokenizer, [String; 4]) {
+        let keys = SiteKeys::from_bytes([3; 32], [4; 32]);
+        let db = sled::open(dir).unwrap();
+        let vault = Vault::new(&keys, db.open_tree("vault").unwrap());
+        let tok = keys.tokenizer(AGR);
+        let patient = tok.token("PatientID", MRN);
+        let rec = |t: &str, a: &str, o: &str| {
+            let e = VaultEntry {
+                attribute: a.into(),
+                original: o.into(),
+            };
+            vault.record(AGR, t, &e).unwrap();
+        };
+        rec(&patient, "PatientID", MRN);
+        rec(
+            &patient_detail_token(&patient, "PatientName"),
+            "PatientName",
+            NAME,
+        );
+        rec(
+            &patient_detail_token(&patient, "PatientBirthDate"),
+            "PatientBirthDate",
+            "19700101",
+        );
+        let (study, series, sop) = (tok.uid(STUDY), tok.uid(SERIES), tok.uid(SOP));
+        rec(&study, "StudyInstanceUID", STUDY);
+        rec(&series, "SeriesInstanceUID", SERIES);
+        rec(&sop, "SOPInstanceUID", SOP);
+        (vault, tok, [patient, study, series, sop])
+    }
+
+    fn result(t: &[String; 4], shifted_study_date: &str) -> InMemDicomObject {
+        let reference = InMemDicomObject::from_element_iter([
+            el(
+                tags::REFERENCED_SOP_CLASS_UID,
+                VR::UI,
+                "1.2.840.10008.5.1.4.1.1.2",
+            ),
+            el(tags::REFERENCED_SOP_INSTANCE_UID, VR::UI, &t[3]),
+        ]);
+        let series = InMemDicomObject::from_element_iter([
+            el(tags::SERIES_INSTANCE_UID, VR::UI, &t[2]),
+            sq(tags::REFERENCED_SOP_SEQUENCE, vec![reference.clone()]),
+        ]);
+        let evidence = InMemDicomObject::from_element_iter([
+            el(tags::STUDY_INSTANCE_UID, VR::UI, &t[1]),
+            sq(tags::REFERENCED_SERIES_SEQUENCE, vec![series]),
+        ]);
+        InMemDicomObject::from_element_iter([
+            el(tags::SOP_CLASS_UID, VR::UI, "1.2.840.10008.5.1.4.1.1.88.11"),
+            el(tags::SOP_INSTANCE_UID, VR::UI, "2.25.42"),
+            el(tags::SERIES_INSTANCE_UID, VR::UI, "2.25.43"),
+            el(tags::STUDY_INSTANCE_UID, VR::UI, &t[1]),
+            el(tags::PATIENT_ID, VR::LO, &t[0]),
+            el(tags::PATIENT_NAME, VR::PN, &t[0]),
+            el(tags::STUDY_DATE, VR::DA, shifted_study_date),
+            el(tags::CONTENT_DATE, VR::DA, "20261202"),
+            el(tags::PATIENT_IDENTITY_REMOVED, VR::CS, "YES"),
+            sq(
+                tags::CURRENT_REQUESTED_PROCEDURE_EVIDENCE_SEQUENCE,
+                vec![evidence],
+            ),
+            sq(tags::REFERENCED_IMAGE_SEQUENCE, vec![reference]),
+        ])
+    }
+
+    fn find(o: &InMemDicomObject, path: &[Tag], leaf: Tag) -> String {
+        let mut cur = o.clone();
+        for t in path {
+            let items = cur.get(*t).unwrap().items().unwrap().to_vec();
+            cur = items[0].clone();
+        }
+        cur.get(leaf)
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .trim_end_matches('\0')
+            .to_string()
+    }
+
+    #[test]
+    fn a_result_is_filed_under_the_patient_with_original_references_and_its_own_uids() {
+        let dir = tempfile::tempdir().unwrap();
+        let (vault, tok, t) = sent(dir.path());
+        let offset = tok.date_offset_days(MRN);
+        let shifted = values::shift_date("20261102", offset).unwrap();
+        let mut obj = result(&t, &shifted);
+        let cx = RestoreContext {
+            agreement: AGR,
+            vault: &vault,
+            tokenizer: &tok,
+            shift_dates: true,
+        };
+        let done = restore(&mut obj, &cx).unwrap();
+        assert_eq!(done.uids, 5);
+        assert_eq!(text(&obj, tags::PATIENT_ID).unwrap(), MRN);
+        assert_eq!(text(&obj, tags::PATIENT_NAME).unwrap(), NAME);
+        assert_eq!(text(&obj, tags::PATIENT_BIRTH_DATE).unwrap(), "19700101");
+        assert_eq!(text(&obj, tags::STUDY_INSTANCE_UID).unwrap(), STUDY);
+        assert_eq!(text(&obj, tags::STUDY_DATE).unwrap(), "20261102");
+        assert_eq!(
+            text(&obj, tags::CONTENT_DATE).unwrap(),
+            "20261202",
+            "the result's own date"
+        );
+        assert_eq!(
+            text(&obj, tags::SOP_INSTANCE_UID).unwrap(),
+            "2.25.42",
+            "its own UID"
+        );
+        assert_eq!(text(&obj, tags::SERIES_INSTANCE_UID).unwrap(), "2.25.43");
+        assert!(obj.get(tags::PATIENT_IDENTITY_REMOVED).is_none());
+        let ev = tags::CURRENT_REQUESTED_PROCEDURE_EVIDENCE_SEQUENCE;
+        assert_eq!(find(&obj, &[ev], tags::STUDY_INSTANCE_UID), STUDY);
+        assert_eq!(
+            find(
+                &obj,
+                &[ev, tags::REFERENCED_SERIES_SEQUENCE],
+                tags::SERIES_INSTANCE_UID
+            ),
+            SERIES
+        );
+        let refd = [
+            ev,
+            tags::REFERENCED_SERIES_SEQUENCE,
+            tags::REFERENCED_SOP_SEQUENCE,
+        ];
+        assert_eq!(find(&obj, &refd, tags::REFERENCED_SOP_INSTANCE_UID), SOP);
+        assert_eq!(
+            find(
+                &obj,
+                &[tags::REFERENCED_IMAGE_SEQUENCE],
+                tags::REFERENCED_SOP_INSTANCE_UID
+            ),
+            SOP
+        );
+    }
+
+    #[test]
+    fn unknown_tokens_and_studies_are_refused_without_an_original() {
+        let dir = tempfile::tempdir().unwrap();
+        let (vault, tok, t) = sent(dir.path());
+        let cx = RestoreContext {
+            agreement: AGR,
+            vault: &vault,
+            tokenizer: &tok,
+            shift_dates: true,
+        };
+        let mut obj = result(&t, "20240101");
+        obj.put(el(tags::PATIENT_ID, VR::LO, "ZZZZZZZZZZZZZZZZ"));
+        let e = restore(&mut obj, &cx).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                ResultError::UnknownToken {
+                    attribute: "Patient ID",
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        let mut obj = result(&t, "20240101");
+        obj.put(el(tags::STUDY_INSTANCE_UID, VR::UI, "2.25.999"));
+        let e = restore(&mut obj, &cx).unwrap_err();
+        assert!(
+            e.to_string().contains("Study Instance UID `2.25.999`"),
+            "{e}"
+        );
+        // The study token as a patient, the patient's name record as a patient: unknown.
+        for wrong in [t[1].clone(), patient_detail_token(&t[0], "PatientName")] {
+            let mut obj = result(&t, "20240101");
+            obj.put(el(tags::PATIENT_ID, VR::LO, &wrong));
+            let e = restore(&mut obj, &cx).unwrap_err().to_string();
+            for original in [MRN, NAME, STUDY, SERIES, SOP, "19700101"] {
+                assert!(!e.contains(original), "{e}");
+            }
+        }
+        // After the vault is shredded, nothing can be re-identified.
+        vault.shred(AGR).unwrap();
+        let e = restore(&mut result(&t, "20240101"), &cx)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("shredded"), "{e}");
+    }
+
+    proptest! {
+        #[test]
+        fn no_error_names_an_original(patient in "[ -~]{0,40}", study in "[0-9.]{1,64}") {
+            let dir = tempfile::tempdir().unwrap();
+            let (vault, tok, t) = sent(dir.path());
+            let cx = RestoreContext { agreement: AGR, vault: &vault, tokenizer: &tok, shift_dates: true };
+            let mut obj = result(&t, "20240101");
+            obj.put(el(tags::PATIENT_ID, VR::LO, &patient));
+            obj.put(el(tags::STUDY_INSTANCE_UID, VR::UI, &study));
+            if let Err(e) = restore(&mut obj, &cx) {
+                let e = e.to_string();
+                for original in [MRN, NAME, STUDY, SERIES, SOP, "19700101"] {
+                    prop_assert!(!e.contains(original), "{}", e);
+                }
+            }
+        }
+    }
+}

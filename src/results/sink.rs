@@ -7,7 +7,8 @@
 //! a temporary name, fsynced, renamed: the folder never shows a partial file). Folder names are
 //! tokens and the result's own UID, never an original identifier. A result delivered once is
 //! remembered by its SHA-256 (`results/.received/`), so a resend is answered without being
-//! delivered twice.
+//! delivered twice. The store's copy of a result queued for the PACS holds original identifiers:
+//! it is deleted once the PACS confirmed it ([`sweep_delivered`]).
 //!
 //! Does not own: re-identification ([`super::restore`]) or the association with the PACS
 //! (`dicom_net::deliver`).
@@ -64,6 +65,56 @@ fn marker(data_dir: &Path, sha256: &[u8; 32]) -> PathBuf {
         .join(hex::encode(sha256))
 }
 
+/// Notes of re-identified results queued for the PACS whose blob is still in the store.
+fn pacs_pending(data_dir: &Path) -> PathBuf {
+    results_dir(data_dir).join(".pacs-pending")
+}
+
+/// Deletes the store's copy of every re-identified result the PACS has confirmed (no longer in
+/// the delivery queue): it holds original identifiers, and the PACS now has it. A result the
+/// PACS refused for good stays (failed, in the queue) for an operator. Returns how many went.
+pub fn sweep_delivered(data_dir: &Path, store: &LocalStore) -> Result<usize, ResultError> {
+    let dir = pacs_pending(data_dir);
+    let Ok(notes) = fs::read_dir(&dir) else {
+        return Ok(0);
+    };
+    let notes: Vec<PathBuf> = notes.flatten().map(|e| e.path()).collect();
+    if notes.is_empty() {
+        return Ok(0);
+    }
+    let queued: std::collections::BTreeSet<String> = store
+        .delivery_queue()
+        .entries()
+        .map_err(storage)?
+        .into_iter()
+        .map(|(_, q)| q.sha256)
+        .collect();
+    let mut removed = 0;
+    for note in notes {
+        let name = note
+            .file_name()
+            .unwrap_or_default()
+            .to_string_lossy()
+            .to_string();
+        let mut sha = [0u8; 32];
+        if hex::decode_to_slice(&name, &mut sha).is_err() {
+            let _ = fs::remove_file(&note);
+            continue;
+        }
+        if queued.contains(&name) {
+            continue;
+        }
+        match fs::remove_file(store.instance_path(&sha)) {
+            Ok(()) => removed += 1,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(storage(e)),
+        }
+        fs::remove_file(&note).map_err(storage)?;
+    }
+    sync_dir(&dir).map_err(storage)?;
+    Ok(removed)
+}
+
 /// Whether the result with these bytes was delivered before.
 pub fn already_received(data_dir: &Path, sha256: &[u8; 32]) -> bool {
     marker(data_dir, sha256).exists()
@@ -97,6 +148,11 @@ impl ResultSink {
                     size: bytes.len() as u64,
                     sop_instance_uid: sop_instance_uid.to_string(),
                 };
+                let blob = staged.sha256;
+                // Noted before it is queued: a crash in between leaves a note and no blob, which
+                // the sweep drops; never a blob with identifiers that nothing would remove.
+                let note = pacs_pending(data_dir).join(hex::encode(blob));
+                crate::store::write_atomic(&note, b"").map_err(storage)?;
                 store.queue_result(staged, key).map_err(storage)?;
                 Delivered::QueuedForPacs
             }

@@ -552,6 +552,10 @@ pub fn guard_component(
 
 /// Records in `dir`'s layout file that `what` exists, so that losing it is noticed.
 pub fn mark_component(dir: &Path, what: &str) -> Result<(), StoreError> {
+    // Read, append, write: two components opened at once in one process (a node's store as it
+    // starts serving, its vault for a `send`) must not lose each other's line.
+    static LAYOUT: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one_at_a_time = LAYOUT.lock().unwrap_or_else(|p| p.into_inner());
     if layout_lists(dir, what) {
         return Ok(());
     }
