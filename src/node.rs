@@ -257,8 +257,6 @@ pub struct Node {
     vault_share: std::sync::Mutex<std::sync::Weak<Vault>>,
     /// The agreements folder as it was when the node opened.
     loaded_fingerprint: Vec<(PathBuf, u64, Option<SystemTime>)>,
-    /// Agreement files not enforced when the node opened, with why (audited at serve start).
-    rejected_at_open: Vec<(PathBuf, String)>,
     /// The clock retention is judged by (the system clock unless code holding the node sets
     /// another, see [`Node::set_clock`]), and whether a retention sweep is due now.
     clock: std::sync::RwLock<Arc<dyn crate::retention::Clock>>,
@@ -313,7 +311,6 @@ impl Node {
             vault: Default::default(),
             vault_share: Default::default(),
             loaded_fingerprint,
-            rejected_at_open: rejected,
             clock: std::sync::RwLock::new(Arc::new(crate::retention::SystemClock)),
             retention_due: std::sync::atomic::AtomicBool::new(true),
             retention_sweeping: Default::default(),

@@ -166,8 +166,6 @@ impl AccessControl for AllowList {
 /// The DICOM listener of a node.
 pub struct Listener<S: StoreService> {
     config: DicomConfig,
-    /// Rejected associations, summarised per window: anyone who can reach the port can ask.
-    rejections: Summary,
     service: Arc<S>,
     audit: Arc<AuditLog>,
     spool: PathBuf,
@@ -183,12 +181,6 @@ const REJECTION_WINDOW: Duration = Duration::from_secs(60);
 const REJECTED_PEERS: &str = "dicom";
 
 impl<S: StoreService> Listener<S> {
-    /// Rejections beyond a few per kind within `window` are written as one summary entry.
-    pub fn with_refusal_window(mut self, window: Duration) -> Self {
-        self.rejections = Summary::new(self.audit.clone(), window);
-        self
-    }
-
     /// `spool` is a private folder for instances being received (cleared now: anything there
     /// was never acknowledged).
     pub fn new(

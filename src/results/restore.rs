@@ -349,7 +349,7 @@ mod tests {
         let keys = SiteKeys::from_bytes([3; 32], [4; 32]);
         let db = sled::open(dir).unwrap();
         let vault = Vault::new(&keys, db.open_tree("vault").unwrap());
-        let tok = keys.tokenizer(AGR);
+        let tok = keys.tokenizer(AGR).unwrap();
         let patient = tok.token("PatientID", MRN);
         let rec = |t: &str, a: &str, o: &str| {
             let e = VaultEntry {
