@@ -41,7 +41,7 @@ pub mod keyring;
 pub mod node;
 pub mod pseudonym;
 pub mod reidentify;
-pub mod retention;
 pub mod results;
+pub mod retention;
 pub mod store;
 pub mod users;

@@ -21,6 +21,7 @@
 //! Does not own: recognising results at the partner or queueing them (`results`), or the
 //! vault's cryptography (`pseudonym`).
 
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -42,6 +43,7 @@ use crate::pseudonym::{SiteKeys, Vault};
 use crate::results::restore::{restore, RestoreContext, Restored};
 use crate::results::sink::{already_received, Delivered, ResultSink};
 use crate::results::{ResultError, MAX_RESULT_SIZE};
+use crate::store::sealed::{AtRest, SealError};
 use crate::store::StudyKey;
 
 /// Opens the origin's vault for one call (shared with the other users of the serving node).
@@ -143,7 +145,9 @@ fn authorise_return(
 fn status_of(e: &ResultError) -> Status {
     let msg = e.to_string().replace('\n', "; ");
     match e {
-        ResultError::UnknownToken { .. } => Status::failed_precondition(msg),
+        ResultError::UnknownToken { .. } | ResultError::Shredded(_) => {
+            Status::failed_precondition(msg)
+        }
         ResultError::Storage(_) | ResultError::Vault(_) => {
             tracing::error!(error = %msg, "a returned result could not be taken");
             Status::internal("the origin could not store the result; it will be retried")
@@ -375,7 +379,7 @@ impl ReturnDesk {
         let tokenizer = self
             .keys
             .tokenizer(&h.agreement)
-            .map_err(|e| ResultError::Vault(e.to_string()))?;
+            .map_err(ResultError::from_vault)?;
         let (sink, data_dir) = (self.sink.clone(), self.data_dir.clone());
         let key = StudyKey::new(&h.agreement, flow, partner, &h.study_token);
         let (sop, study, sha) = (h.sop.clone(), h.study_token.clone(), h.sha256);
@@ -485,9 +489,51 @@ pub struct OutgoingResult<'a> {
     pub agreement: &'a str,
     pub study_token: &'a str,
     pub sop_instance_uid: &'a str,
+    /// The queued file, opened through `at_rest` (sealed when encryption at rest is on).
     pub path: &'a Path,
+    pub at_rest: &'a AtRest,
     pub sha256: [u8; 32],
     pub size: u64,
+}
+
+/// Reads the queued result's plaintext (each sealed segment authenticated as it is read) and
+/// sends it in chunks of at most `CHUNK_SIZE` bytes, the header on the first; stops at the
+/// first error, which it returns.
+fn stream_result(
+    path: &Path,
+    at_rest: &AtRest,
+    mut header: Option<ResultHeader>,
+    tx: &tokio::sync::mpsc::Sender<ResultChunk>,
+) -> Result<(), ReturnSendError> {
+    let read = |source| ReturnSendError::Read {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut f = at_rest
+        .open(path)
+        .map_err(|e| read(std::io::Error::other(e.to_string())))?;
+    loop {
+        let mut data = Vec::with_capacity(CHUNK_SIZE);
+        (&mut f)
+            .take(CHUNK_SIZE as u64)
+            .read_to_end(&mut data)
+            .map_err(|e| {
+                read(std::io::Error::other(
+                    SealError::from_io(path, e).to_string(),
+                ))
+            })?;
+        let done = data.len() < CHUNK_SIZE;
+        if data.is_empty() && header.is_none() {
+            return Ok(());
+        }
+        let chunk = ResultChunk {
+            header: header.take(),
+            data,
+        };
+        if tx.blocking_send(chunk).is_err() || done {
+            return Ok(());
+        }
+    }
 }
 
 /// Streams one result to its origin and checks the receipt.
@@ -496,35 +542,35 @@ pub async fn send_result(
     result: &OutgoingResult<'_>,
     audit_checkpoint: Vec<u8>,
 ) -> Result<ResultReceipt, ReturnSendError> {
-    let bytes = tokio::fs::read(result.path)
-        .await
-        .map_err(|source| ReturnSendError::Read {
-            path: result.path.to_path_buf(),
-            source,
-        })?;
-    let mut chunks: Vec<ResultChunk> = bytes
-        .chunks(CHUNK_SIZE)
-        .map(|c| ResultChunk {
-            header: None,
-            data: c.to_vec(),
-        })
-        .collect();
-    if chunks.is_empty() {
-        chunks.push(ResultChunk::default());
-    }
-    chunks[0].header = Some(ResultHeader {
+    let header = ResultHeader {
         agreement_id: result.agreement.to_string(),
         study_token: result.study_token.to_string(),
         sop_instance_uid: result.sop_instance_uid.to_string(),
         sha256: result.sha256.to_vec(),
         size: result.size,
         audit_checkpoint,
-    });
+    };
+    let (tx, rx) = tokio::sync::mpsc::channel::<ResultChunk>(4);
+    let (path, at_rest) = (result.path.to_path_buf(), result.at_rest.clone());
+    let reading =
+        tokio::task::spawn_blocking(move || stream_result(&path, &at_rest, Some(header), &tx));
     let site = client.site().to_string();
     let receipt = client
         .raw()
-        .return_result(tokio_stream::iter(chunks))
-        .await
+        .return_result(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await;
+    // A file that could not be read is the reason, whatever the origin made of the cut stream.
+    match reading.await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => return Err(e),
+        Err(e) => {
+            return Err(ReturnSendError::Read {
+                path: result.path.to_path_buf(),
+                source: std::io::Error::other(e.to_string()),
+            })
+        }
+    }
+    let receipt = receipt
         .map_err(|status| ReturnSendError::Refused {
             site: site.clone(),
             status,

@@ -164,6 +164,25 @@ impl Node {
         Ok(())
     }
 
+    /// Reads a result file (one given to `return`, or a queued one, sealed at rest) through the
+    /// guard: its plaintext, bounded by [`crate::results::MAX_RESULT_SIZE`].
+    fn read_result_file(
+        &self,
+        file: &Path,
+    ) -> Result<(dicom_object::DefaultDicomObject, u64), ResultError> {
+        let view = self
+            .at_rest()
+            .plain_view(file)
+            .map_err(|e| ResultError::Unreadable(e.to_string()))?;
+        let size = std::fs::metadata(view.path()).map(|m| m.len()).unwrap_or(0);
+        if size > crate::results::MAX_RESULT_SIZE {
+            return Err(ResultError::TooLarge { size });
+        }
+        let (obj, _pixels) =
+            crate::deid::guard::read_guarded_split(view.path()).map_err(ResultError::Unreadable)?;
+        Ok((obj, size))
+    }
+
     /// Reads `file` through the guard and recognises it against the store.
     fn recognise_file(
         &self,
@@ -171,13 +190,7 @@ impl Node {
         file: &Path,
         agreement: Option<&str>,
     ) -> Result<ReturnTarget, ResultError> {
-        let (obj, _pixels) =
-            crate::deid::guard::read_guarded_split(file).map_err(ResultError::Unreadable)?;
-        if std::fs::metadata(file).map(|m| m.len()).unwrap_or(0) > crate::results::MAX_RESULT_SIZE {
-            return Err(ResultError::TooLarge {
-                size: std::fs::metadata(file).map(|m| m.len()).unwrap_or(0),
-            });
-        }
+        let (obj, _size) = self.read_result_file(file)?;
         let today = time::OffsetDateTime::now_utc().date();
         recognise(
             &obj,
@@ -192,12 +205,7 @@ impl Node {
     /// Without the store (a running node holds it): the file is readable, bounded, and names
     /// its study; the running node recognises it fully.
     fn precheck_file(&self, file: &Path, agreement: &str) -> Result<ReturnTarget, ResultError> {
-        let (obj, _pixels) =
-            crate::deid::guard::read_guarded_split(file).map_err(ResultError::Unreadable)?;
-        let size = std::fs::metadata(file).map(|m| m.len()).unwrap_or(0);
-        if size > crate::results::MAX_RESULT_SIZE {
-            return Err(ResultError::TooLarge { size });
-        }
+        let (obj, _size) = self.read_result_file(file)?;
         let text = |tag| {
             obj.get(tag)
                 .and_then(|e| e.to_str().ok())
@@ -364,11 +372,13 @@ impl Node {
         let mut sha = [0u8; 32];
         hex::decode_to_slice(&entry.sha256, &mut sha)
             .map_err(|_| refused("the queue entry has a malformed SHA-256".into()))?;
+        let at_rest = self.at_rest();
         let result = OutgoingResult {
             agreement: &entry.agreement,
             study_token: &entry.study_token,
             sop_instance_uid: &entry.sop_instance_uid,
             path: &dir.join(RESULT_FILE),
+            at_rest: &at_rest,
             sha256: sha,
             size: entry.size,
         };
@@ -377,7 +387,7 @@ impl Node {
 
     /// The partner's durable queue of results going home.
     pub fn return_queue(&self) -> ReturnQueue {
-        ReturnQueue::new(&self.config.data_dir)
+        ReturnQueue::new(&self.config.data_dir).with_at_rest(self.at_rest())
     }
 
     /// The serving node's round: recognises what `return` queued unchecked, and sends every due

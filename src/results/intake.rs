@@ -2,7 +2,8 @@
 //!
 //! Owns [`WithResults`], a [`StoreService`] around the listener's ordinary one (the ingest
 //! pipeline of `[[dicom.routes]]`): every C-STORE is first asked "is this a result on a study
-//! this site received?" — read through the guarded reader (`deid::guard`), recognised by
+//! this site received?" — its plaintext (the spool file is sealed at rest) read through the
+//! guarded reader (`deid::guard`), recognised by
 //! [`super::recognise`] — and if so it is queued durably to go home ([`super::queue`]) and only
 //! then acknowledged; it never enters a route. An instance on a study this site did not receive
 //! goes to the routes as before; on a listener without routes it is refused here, with the reason
@@ -81,7 +82,15 @@ impl ResultIntake {
                 )
             });
         }
-        let obj = match crate::deid::guard::read_guarded_split(spool) {
+        // The listener seals its spool (encryption at rest): read the plaintext through the
+        // same keys, in memory, never a decrypted copy on disk.
+        let read = self
+            .queue
+            .at_rest()
+            .plain_view(spool)
+            .map_err(|e| e.to_string())
+            .and_then(|view| crate::deid::guard::read_guarded_split(view.path()));
+        let obj = match read {
             Ok((obj, _pixels)) => obj,
             Err(_) if self.has_routes => return None,
             Err(e) => {

@@ -64,8 +64,21 @@ pub enum ResultError {
         token: String,
         agreement: String,
     },
+    #[error("unknown token: {0}")]
+    Shredded(String),
     #[error("the vault cannot be read: {0}")]
     Vault(String),
     #[error("the result cannot be stored: {0}")]
     Storage(String),
+}
+
+impl ResultError {
+    /// A vault or key-file error: a shredded agreement is a refusal for good (its tokens can
+    /// never be reversed again), anything else a vault failure worth retrying.
+    pub fn from_vault(e: crate::pseudonym::KeyError) -> ResultError {
+        match e {
+            e @ crate::pseudonym::KeyError::Shredded { .. } => ResultError::Shredded(e.to_string()),
+            e => ResultError::Vault(e.to_string()),
+        }
+    }
 }

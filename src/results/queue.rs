@@ -7,16 +7,18 @@
 //! is acknowledged to the reporting system; the serving node retries what could not go with
 //! backoff, and once the origin's receipt arrives the file is deleted (the partner keeps no copy
 //! of what went home) and the entry kept as a record. Entries hold only tokens and pseudonymous
-//! UIDs. Does not own: the decision to return ([`super::recognise`]) or the transport.
+//! UIDs. The result file is sealed through the node's encryption at rest
+//! ([`ReturnQueue::with_at_rest`]): it is de-identified data, and the queue is not a delivery
+//! folder; entries are named by the SHA-256 of the plaintext. Does not own: the decision to
+//! return ([`super::recognise`]) or the transport.
 
 use std::fs;
-use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 
 use super::recognise::ReturnTarget;
+use crate::store::sealed::AtRest;
 use crate::store::{sync_dir, StoreError};
 
 /// Where a queued result stands.
@@ -60,6 +62,7 @@ const ENTRY_FILE: &str = "entry.json";
 #[derive(Debug, Clone)]
 pub struct ReturnQueue {
     root: PathBuf,
+    at_rest: AtRest,
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
@@ -73,7 +76,20 @@ impl ReturnQueue {
     pub fn new(data_dir: &Path) -> ReturnQueue {
         ReturnQueue {
             root: data_dir.join("returns"),
+            at_rest: AtRest::plain(),
         }
+    }
+
+    /// Seals queued result files through `at_rest` (the node's encryption at rest); files given
+    /// to [`ReturnQueue::add`] are opened through it too (a sealed DIMSE spool file, say).
+    pub fn with_at_rest(mut self, at_rest: AtRest) -> ReturnQueue {
+        self.at_rest = at_rest;
+        self
+    }
+
+    /// How queued result files are sealed and opened.
+    pub fn at_rest(&self) -> &AtRest {
+        &self.at_rest
     }
 
     /// Queues a copy of `file` for `target`; returns its folder and entry. A result already
@@ -91,7 +107,7 @@ impl ReturnQueue {
             .tempdir_in(&self.root)
             .map_err(io(&self.root))?;
         let copy = tmp.path().join(RESULT_FILE);
-        let (sha, size) = copy_hashed(file, &copy)?;
+        let (sha, size) = self.copy_hashed(file, &copy)?;
         let dir = self.root.join(hex::encode(sha));
         match Self::load(&dir) {
             // Refused before (the agreement suspended then, say): this is a new attempt.
@@ -234,24 +250,13 @@ impl ReturnQueue {
     }
 }
 
-/// Copies `from` to `to` (fsynced), returning its SHA-256 and size.
-fn copy_hashed(from: &Path, to: &Path) -> Result<([u8; 32], u64), StoreError> {
-    let mut src = fs::File::open(from).map_err(io(from))?;
-    let mut dst = fs::File::create(to).map_err(io(to))?;
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 256 * 1024];
-    let mut size = 0u64;
-    loop {
-        let n = src.read(&mut buf).map_err(io(from))?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-        dst.write_all(&buf[..n]).map_err(io(to))?;
-        size += n as u64;
+impl ReturnQueue {
+    /// Copies the plaintext of `from` (sealed or plain) to `to`, sealed when encryption at rest
+    /// is on (fsynced), returning the plaintext's SHA-256 and size.
+    fn copy_hashed(&self, from: &Path, to: &Path) -> Result<([u8; 32], u64), StoreError> {
+        let mut src = self.at_rest.open(from)?;
+        Ok(self.at_rest.write_atomic_from(to, &mut src)?)
     }
-    dst.sync_all().map_err(io(to))?;
-    Ok((h.finalize().into(), size))
 }
 
 fn write_entry(dir: &Path, entry: &ReturnEntry) -> Result<(), StoreError> {

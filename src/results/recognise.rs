@@ -175,8 +175,18 @@ fn check_result_of(
         let Ok(BlobCheck::Intact(path)) = store.check_blob(&sha) else {
             continue;
         };
-        let Ok((held, _pixels)) = crate::deid::guard::read_guarded_split(&path) else {
-            continue;
+        // Blobs are sealed at rest: the guard reads their plaintext from memory.
+        let read = store
+            .at_rest()
+            .plain_view(&path)
+            .map_err(|e| e.to_string())
+            .and_then(|view| crate::deid::guard::read_guarded_split(view.path()));
+        let (held, _pixels) = match read {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(study = %rec.study_token, error = %e, "a stored instance could not be read to check a result's patient");
+                continue;
+            }
         };
         return match text(&held, tags::PATIENT_ID) {
             Some(p) if p == patient => Ok(()),

@@ -104,7 +104,7 @@ impl RestoreContext<'_> {
     fn lookup(&self, token: &str) -> Result<Option<VaultEntry>, ResultError> {
         self.vault
             .reidentify(self.agreement, token)
-            .map_err(|e| ResultError::Vault(e.to_string()))
+            .map_err(ResultError::from_vault)
     }
 
     fn unknown(&self, attribute: &'static str, token: &str) -> ResultError {

@@ -8,7 +8,8 @@
 //! tokens and the result's own UID, never an original identifier. A result delivered once is
 //! remembered by its SHA-256 (`results/.received/`), so a resend is answered without being
 //! delivered twice. The store's copy of a result queued for the PACS holds original identifiers:
-//! it is deleted once the PACS confirmed it ([`sweep_delivered`]).
+//! it is sealed at rest (the store's `AtRest`, named by the SHA-256 of its plaintext) and deleted
+//! once the PACS confirmed it ([`sweep_delivered`]).
 //!
 //! Does not own: re-identification ([`super::restore`]) or the association with the PACS
 //! (`dicom_net::deliver`).
@@ -136,8 +137,18 @@ impl ResultSink {
             .map_err(|e| ResultError::Storage(format!("cannot encode the result: {e}")))?;
         let delivered = match self {
             ResultSink::Pacs(store) => {
-                let (mut f, path) = store.stage_file().map_err(storage)?;
-                let written = f.write_all(&bytes).and_then(|()| f.sync_all());
+                // It holds original identifiers: sealed at rest until the PACS has it.
+                let (f, path) = store.stage_file().map_err(storage)?;
+                let written =
+                    store
+                        .at_rest()
+                        .writer(std::io::BufWriter::new(f))
+                        .and_then(|mut w| {
+                            w.write_all(&bytes)?;
+                            let (buffered, _) = w.finish()?;
+                            let f = buffered.into_inner().map_err(|e| e.into_error())?;
+                            f.sync_all()
+                        });
                 if let Err(e) = written {
                     let _ = fs::remove_file(&path);
                     return Err(storage(e));
