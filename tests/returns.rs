@@ -860,3 +860,110 @@ async fn with_a_pacs_at_the_origin_the_report_is_delivered_there() {
     }
     fed.stop().await;
 }
+
+/// Issue 12 test 5 on the return path: a result waiting at either end is kept sealed. At
+/// telerad-c, the queued SR (de-identified header bytes) waits in `returns/`; at hospital-a,
+/// whose PACS is unreachable, the re-identified SR (original identifiers) waits in the store for
+/// delivery. Neither the report's text nor any original identifier is in clear in any file of
+/// either data directory outside the delivery folders (the inbox and the results folder).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_result_waiting_at_either_end_is_kept_sealed() {
+    const REPORT_TEXT: &str = "No acute intracranial abnormality.";
+    let dead_pacs = format!("127.0.0.1:{}", free_port());
+    let (fed, _) = start_with_pacs(Some(dead_pacs)).await;
+    let work = tempfile::tempdir().unwrap();
+    let orig = original_study(work.path());
+    let (a, c) = (fed.node("hospital-a"), fed.node("telerad-c"));
+    a.send(RETURNS, FLOW, None, &orig.files).await.unwrap();
+    let got = received(&fed, RETURNS);
+    let sop = random_uid();
+    let sr = report(&got, &sop, &work.path().join("report.dcm"));
+    assert!(contains(
+        &std::fs::read(&sr).unwrap(),
+        REPORT_TEXT.as_bytes()
+    ));
+
+    // Queued at telerad-c and held there (its lock taken: the serving node does not send it yet).
+    let target = pacs_broker::results::recognise::ReturnTarget {
+        agreement: RETURNS.into(),
+        flow: FLOW.into(),
+        origin: "hospital-a".into(),
+        purpose: "treatment".into(),
+        study_token: text(&got[0], tags::STUDY_INSTANCE_UID),
+        sop_instance_uid: sop.clone(),
+    };
+    let queue = c.return_queue();
+    let (dir, _) = queue
+        .add(
+            &sr,
+            &target,
+            pacs_broker::results::queue::ReturnState::Unchecked,
+        )
+        .unwrap();
+    let claim = pacs_broker::results::queue::ReturnQueue::try_claim(&dir).unwrap();
+    let queued = std::fs::read(dir.join(pacs_broker::results::queue::RESULT_FILE)).unwrap();
+    assert!(
+        queued.starts_with(b"PBSEALED"),
+        "the queued result is sealed"
+    );
+    assert_nothing_in_clear(&c.config.data_dir, &orig.values, REPORT_TEXT);
+    drop(claim);
+
+    // It goes home (streamed from the sealed file) and waits at hospital-a for its PACS.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        c.drain_returns().await;
+        let e = pacs_broker::results::queue::ReturnQueue::load(&dir).unwrap();
+        if e.state == pacs_broker::results::queue::ReturnState::Returned {
+            break;
+        }
+        assert!(Instant::now() < deadline, "not returned: {e:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(!dir.join(pacs_broker::results::queue::RESULT_FILE).exists());
+    let waiting = a.store().unwrap().delivery_queue().entries().unwrap();
+    assert_eq!(waiting.len(), 1, "the result waits for the PACS");
+    assert!(
+        filed_results(&fed).is_empty(),
+        "queued for the PACS, not filed"
+    );
+    assert_nothing_in_clear(&a.config.data_dir, &orig.values, REPORT_TEXT);
+    assert_nothing_in_clear(&c.config.data_dir, &orig.values, REPORT_TEXT);
+    fed.stop().await;
+}
+
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    !needle.is_empty() && hay.windows(needle.len()).any(|w| w == needle)
+}
+
+/// No file of `data_dir` outside its delivery folders (`store/inbox`, `results`) holds an
+/// original value or the report's text in clear.
+fn assert_nothing_in_clear(data_dir: &Path, originals: &[String], report_text: &str) {
+    let delivery = [
+        data_dir.join("store").join("inbox"),
+        data_dir.join("results"),
+    ];
+    let mut checked = 0;
+    for f in files_under(data_dir) {
+        if delivery.iter().any(|d| f.starts_with(d)) {
+            continue;
+        }
+        let Ok(bytes) = std::fs::read(&f) else {
+            continue; // removed meanwhile (a sled or staging file)
+        };
+        checked += 1;
+        for v in originals {
+            assert!(
+                !contains(&bytes, v.as_bytes()),
+                "an original identifier is in clear in {}",
+                f.display()
+            );
+        }
+        assert!(
+            !contains(&bytes, report_text.as_bytes()),
+            "the report's de-identified content is in clear in {}",
+            f.display()
+        );
+    }
+    assert!(checked > 5, "only {checked} files were searched");
+}
