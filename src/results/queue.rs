@@ -298,4 +298,30 @@ mod tests {
         assert_eq!(ReturnQueue::load(&d1).unwrap().state, ReturnState::Returned);
         assert_eq!(e1.size, 12);
     }
+
+    #[test]
+    fn a_queued_result_is_sealed_and_named_by_its_plaintext() {
+        use sha2::{Digest, Sha256};
+        let dir = tempfile::tempdir().unwrap();
+        let keys = crate::pseudonym::SiteKeys::generate();
+        let q = ReturnQueue::new(dir.path()).with_at_rest(AtRest::new(&keys, true));
+        let src = dir.path().join("sr.dcm");
+        fs::write(&src, b"de-identified report text").unwrap();
+        let (d, e) = q.add(&src, &target(), ReturnState::Pending).unwrap();
+        let expected: [u8; 32] = Sha256::digest(b"de-identified report text").into();
+        assert_eq!(e.sha256, hex::encode(expected));
+        assert_eq!(e.size, 25);
+        let raw = fs::read(d.join(RESULT_FILE)).unwrap();
+        assert!(raw.starts_with(crate::store::sealed::MAGIC));
+        assert!(!raw.windows(6).any(|w| w == b"report"));
+        assert_eq!(
+            q.at_rest().read(&d.join(RESULT_FILE)).unwrap(),
+            b"de-identified report text"
+        );
+        // A sealed file given to the queue (the DIMSE spool) is read through the same keys.
+        let again = q
+            .add(&d.join(RESULT_FILE), &target(), ReturnState::Pending)
+            .unwrap();
+        assert_eq!(again.0, d);
+    }
 }
