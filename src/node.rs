@@ -428,7 +428,7 @@ impl Node {
     /// The serving node's retention task: a sweep at start, every [`RETENTION_SWEEP`], and soon
     /// after the clock is set. (Aborting it mid-sweep is safe: deletions run to their end on the
     /// blocking pool, and an interrupted destruction is finished by the next sweep.)
-    async fn run_retention(self: Arc<Self>) {
+    async fn run_retention(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
         let mut last: Option<std::time::Instant> = None;
         loop {
             let due = self.retention_due.load(std::sync::atomic::Ordering::SeqCst);
@@ -438,7 +438,9 @@ impl Node {
                     tracing::error!(error = %e, "retention sweep failed; retried at the next one");
                 }
             }
-            tokio::time::sleep(Duration::from_millis(500)).await;
+            if pause(&mut stop, Duration::from_millis(500)).await {
+                break;
+            }
         }
     }
 
@@ -512,14 +514,20 @@ impl Node {
             ),
             None => None,
         };
+        // The background loops end at their next pause once told to (work in flight, blocking
+        // work holding the node included, completes): `serve` waits for them, so a stopped node
+        // no longer holds its store and vault when it returns.
+        let (tasks_stop_tx, tasks_stop) = watch::channel(false);
         let watcher = {
-            let (node, receiver) = (self.clone(), receiver.clone());
+            let (node, receiver, mut stop) = (self.clone(), receiver.clone(), tasks_stop.clone());
             tokio::spawn(async move {
                 // What was loaded at open: a change made since (before this task ran) counts.
                 let mut last = node.loaded_fingerprint.clone();
                 let mut tick = 0u32;
                 loop {
-                    tokio::time::sleep(Duration::from_millis(250)).await;
+                    if pause(&mut stop, Duration::from_millis(250)).await {
+                        break;
+                    }
                     let now = agreements_fingerprint(&node.config.agreements);
                     if now != last {
                         last = now;
@@ -536,7 +544,7 @@ impl Node {
             })
         };
         let worker = {
-            let node = self.clone();
+            let (node, mut stop) = (self.clone(), tasks_stop.clone());
             tokio::spawn(async move {
                 let mut last_sweep: Option<std::time::Instant> = None;
                 loop {
@@ -546,7 +554,9 @@ impl Node {
                         let _ = tokio::task::spawn_blocking(move || n.sweep_quarantine()).await;
                     }
                     node.drain_outbox(false).await;
-                    tokio::time::sleep(OUTBOX_POLL).await;
+                    if pause(&mut stop, OUTBOX_POLL).await {
+                        break;
+                    }
                 }
             })
         };
@@ -555,28 +565,30 @@ impl Node {
         let returner = {
             // Weak: a stopped node is dropped (its databases closed) even before this task is.
             let (node, wake) = (Arc::downgrade(self), returns_wake.clone());
+            let mut stop = tasks_stop.clone();
             tokio::spawn(async move {
                 loop {
                     let Some(n) = node.upgrade() else { break };
                     n.drain_returns().await;
                     let _ = tokio::task::spawn_blocking(move || n.sweep_delivered_results()).await;
-                    tokio::select! {
-                        _ = wake.notified() => {}
-                        _ = tokio::time::sleep(RETURNS_POLL) => {}
+                    let stopping = tokio::select! {
+                        _ = wake.notified() => false,
+                        s = pause(&mut stop, RETURNS_POLL) => s,
+                    };
+                    if stopping {
+                        break;
                     }
                 }
             })
         };
-        let retention = tokio::spawn(self.clone().run_retention());
+        let retention = tokio::spawn(self.clone().run_retention(tasks_stop));
+        let background = [watcher, worker, returner, retention];
         let (stop_tx, stop) = watch::channel(false);
         let dicom = match self.config.dicom.clone().filter(|d| d.has_listener()) {
             Some(cfg) => match self.start_dicom(cfg, stop, returns_wake).await {
                 Ok(tasks) => tasks,
                 Err(e) => {
-                    watcher.abort();
-                    worker.abort();
-                    returner.abort();
-                    retention.abort();
+                    end_background(&tasks_stop_tx, background).await;
                     return Err(e);
                 }
             },
@@ -602,10 +614,7 @@ impl Node {
         for t in dicom {
             let _ = t.await;
         }
-        watcher.abort();
-        worker.abort();
-        returner.abort();
-        retention.abort();
+        end_background(&tasks_stop_tx, background).await;
         if let Some(pacs) = pacs {
             pacs.stop().await;
         }
@@ -1083,6 +1092,33 @@ impl Node {
                 _ = tokio::time::sleep(open.next_check()) => {}
                 _ = stop.wait_for(|s| *s) => break,
             }
+        }
+    }
+}
+
+/// Waits `d`, or until `stop` is set (or its sender gone); true when the caller should stop.
+async fn pause(stop: &mut watch::Receiver<bool>, d: Duration) -> bool {
+    if *stop.borrow() {
+        return true;
+    }
+    tokio::select! {
+        _ = tokio::time::sleep(d) => false,
+        _ = stop.wait_for(|s| *s) => true,
+    }
+}
+
+/// How long `serve` waits at stop for its background loops to end their round.
+const BACKGROUND_GRACE: Duration = Duration::from_secs(20);
+
+/// Tells the serving node's background loops to stop and waits for them (their rounds in
+/// flight complete); one still busy after [`BACKGROUND_GRACE`] is aborted, with a warning.
+async fn end_background(stop: &watch::Sender<bool>, tasks: [tokio::task::JoinHandle<()>; 4]) {
+    let _ = stop.send(true);
+    let deadline = tokio::time::Instant::now() + BACKGROUND_GRACE;
+    for mut t in tasks {
+        if tokio::time::timeout_at(deadline, &mut t).await.is_err() {
+            tracing::warn!("a background task did not end its round in time; aborted");
+            t.abort();
         }
     }
 }
