@@ -139,11 +139,16 @@ impl SiteKeys {
     /// Reads the key file again if it changed since it was last looked at (at most every two
     /// seconds, or at once when `now` is set), so that a running node picks up a rotation.
     fn refresh(&self, now: bool) {
+        self.refresh_within(now, KEY_FILE_RECHECK)
+    }
+
+    /// As [`SiteKeys::refresh`], looking at the key file's time stamp at most every `recheck`.
+    fn refresh_within(&self, now: bool, recheck: Duration) {
         let Some(path) = &self.shared.path else {
             return;
         };
         let mut seen = self.shared.seen.lock().unwrap_or_else(|p| p.into_inner());
-        if !now && seen.0.elapsed() < KEY_FILE_RECHECK {
+        if !now && seen.0.elapsed() < recheck {
             return;
         }
         seen.0 = Instant::now();
@@ -271,7 +276,9 @@ impl SiteKeys {
 
     /// The current data-encryption key: (id, key).
     pub fn current_data_key(&self) -> (String, [u8; 32]) {
-        self.refresh(false);
+        // Every new sealed file asks: one stat of the key file (no re-read unless it changed),
+        // so a file written just after `keys rotate` in another process is under the new key.
+        self.refresh_within(false, Duration::ZERO);
         let ring = self.ring();
         let (id, key) = ring.current();
         (id.to_string(), *key)

@@ -983,9 +983,8 @@ async fn keys_and_data_are_private_and_a_lost_index_or_vault_refuses_to_start() 
     );
     let cfg_a = fed.node("hospital-a").config.clone();
     let cfg_c = c.config.clone();
+    // `serve` returns once its background loops have ended: the stopped nodes hold no database.
     let _kept = fed.stop_keeping_files().await;
-    // Let the stopped nodes' background tasks release their databases.
-    tokio::time::sleep(Duration::from_millis(500)).await;
 
     // The index went missing beside blobs: refused with a clear message.
     let index = cfg_c.data_dir.join("store/index");
