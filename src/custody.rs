@@ -204,6 +204,10 @@ pub fn rotate(
     let (f, x) = outbox.reseal_all();
     files += f;
     failed += x;
+    let returns = crate::results::queue::ReturnQueue::new(data_dir).with_at_rest(at_rest.clone());
+    let (f, x) = returns.reseal_all();
+    files += f;
+    failed += x;
     let vault_records = match open_vault() {
         Ok(v) => v.reseal().map(|(n, _)| n).map_err(|e| e.to_string()),
         Err(e) => Err(e),

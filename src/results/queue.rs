@@ -143,6 +143,27 @@ impl ReturnQueue {
         Ok((dir, entry))
     }
 
+    /// Re-seals every queued result file under the current data key (`keys rotate`); returns
+    /// (files re-sealed, files that could not be: each logged by its folder).
+    pub fn reseal_all(&self) -> (usize, usize) {
+        let (mut done, mut failed) = (0, 0);
+        for (dir, _) in self.entries() {
+            let file = dir.join(RESULT_FILE);
+            match self.at_rest.reseal(&file) {
+                Ok(true) => done += 1,
+                Ok(false) => {}
+                // Sent home (and deleted) meanwhile.
+                Err(crate::store::sealed::SealError::Io { source, .. })
+                    if source.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    tracing::error!(folder = %dir.display(), error = %e, "a queued result could not be re-sealed");
+                    failed += 1;
+                }
+            }
+        }
+        (done, failed)
+    }
+
     /// The entry in `dir`.
     pub fn load(dir: &Path) -> Result<ReturnEntry, StoreError> {
         let p = dir.join(ENTRY_FILE);
@@ -314,6 +335,16 @@ mod tests {
         let raw = fs::read(d.join(RESULT_FILE)).unwrap();
         assert!(raw.starts_with(crate::store::sealed::MAGIC));
         assert!(!raw.windows(6).any(|w| w == b"report"));
+        assert_eq!(
+            q.at_rest().read(&d.join(RESULT_FILE)).unwrap(),
+            b"de-identified report text"
+        );
+        // `keys rotate`: the queued file moves to the new key, its entry stays readable JSON.
+        let before = AtRest::key_id_of(&d.join(RESULT_FILE)).unwrap();
+        keys.rotate(&[]).unwrap();
+        assert_eq!(q.reseal_all(), (1, 0));
+        assert_ne!(AtRest::key_id_of(&d.join(RESULT_FILE)).unwrap(), before);
+        assert_eq!(ReturnQueue::load(&d).unwrap(), e);
         assert_eq!(
             q.at_rest().read(&d.join(RESULT_FILE)).unwrap(),
             b"de-identified report text"
