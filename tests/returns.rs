@@ -320,6 +320,7 @@ fn report(received: &[InMemDicomObject], sop: &str, path: &Path) -> PathBuf {
 }
 
 /// The re-identified results hospital-a filed in its results folder.
+/// The results filed at hospital-a (not a file being written under a temporary name).
 fn filed_results(fed: &Federation) -> Vec<PathBuf> {
     files_under(
         &fed.node("hospital-a")
@@ -328,6 +329,14 @@ fn filed_results(fed: &Federation) -> Vec<PathBuf> {
             .join("results")
             .join(RETURNS),
     )
+    .into_iter()
+    .filter(|p| {
+        p.extension().is_some_and(|e| e == "dcm")
+            && !p
+                .file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with('.'))
+    })
+    .collect()
 }
 
 fn wait_for_results(fed: &Federation, n: usize) -> Vec<PathBuf> {
