@@ -5,8 +5,16 @@
 //! (written under a temporary name, fsynced, renamed), a staging area for transfers that are not yet
 //! verified (and the verified instances of interrupted ones, kept for resumption), delivery of
 //! complete studies to the inbox folder as ordinary DICOM files (hard links to the blobs, so a
-//! received instance is on disk once), the durable [`outbox`] of studies waiting to be sent, and
+//! received instance is on disk once; sealed at rest, a decrypted copy), the durable [`outbox`] of studies waiting to be sent, and
 //! the durable [`delivery`] queue of received instances waiting for the site's PACS.
+//!
+//! At rest, instance files (staging, resumption, blobs) are sealed through [`sealed::AtRest`]
+//! (`[storage] encrypt_at_rest`, on by default) and named by the SHA-256 of their plaintext. The
+//! inbox is the delivery folder and holds the one plaintext copy: with encryption on, a complete
+//! study is decrypted into it (hash checked) and the sealed blob stays for deduplication,
+//! resumption and retention; with a PACS configured (`[dicom.deliver]`) the inbox is not written
+//! at all, so no plaintext copy remains after delivery. With encryption off the inbox file is a
+//! hard link to the blob, as before. sled records hold tokens, de-identified UIDs and hashes only.
 //!
 //! sled 0.34 only fsyncs on its own every 500 ms, so every method that records something flushes
 //! before it returns: nothing is acknowledged to a peer before it is on disk.
