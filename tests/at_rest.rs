@@ -489,7 +489,10 @@ fn damage_and_wrong_keys_name_the_item_and_lose_nothing_else() {
     let text = String::from_utf8_lossy(&out.stdout).to_string();
     assert!(!out.status.success(), "{text}");
     assert_eq!(text.matches("UNREADABLE").count(), 3, "{text}");
-    assert!(!text.contains("MISMATCH") && text.contains("wrong key file"), "{text}");
+    assert!(
+        !text.contains("MISMATCH") && text.contains("wrong key file"),
+        "{text}"
+    );
     {
         let node = pacs_broker::node::Node::open(wrong).unwrap();
         let store = node.store().unwrap();
