@@ -589,7 +589,10 @@ fn damage_and_wrong_keys_name_the_item_and_lose_nothing_else() {
     let mut beside = sites.c.cfg.clone();
     beside.key_file = beside.data_dir.join("site.key");
     std::fs::copy(&sites.c.cfg.key_file, &beside.key_file).unwrap();
-    let e = pacs_broker::node::Node::open(beside).err().expect("refused").to_string();
+    let e = pacs_broker::node::Node::open(beside)
+        .err()
+        .expect("refused")
+        .to_string();
     assert!(e.contains("inside the data folder"), "{e}");
     let node = pacs_broker::node::Node::open(sites.c.cfg.clone()).unwrap();
     let store = node.store().unwrap();

@@ -765,6 +765,8 @@ impl Store for LocalStore {
             return Ok(dir);
         }
         fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+        // Decrypted copies of sealed blobs: written first, flushed together, then named.
+        let mut decrypted: Vec<(PathBuf, PathBuf)> = Vec::new();
         for (uid, sha_hex) in &study.instances {
             let target = dir.join(format!("{}.dcm", safe_name(uid)));
             if target.exists() {
@@ -776,7 +778,15 @@ impl Store for LocalStore {
             // Re-hashed before it is delivered: a blob corrupted at rest is quarantined, never
             // delivered, and the study waits for this instance to be received again.
             if sealed::AtRest::key_id_of(&self.blob_path(&sha))?.is_some() {
-                self.copy_out_sealed(study, uid, &sha, &target)?;
+                let tmp = dir.join(format!(".{}.part", safe_name(uid)));
+                let _ = fs::remove_file(&tmp);
+                if let Err(e) = self.copy_out_sealed(study, uid, &sha, &tmp) {
+                    for (t, _) in &decrypted {
+                        let _ = fs::remove_file(t);
+                    }
+                    return Err(e);
+                }
+                decrypted.push((tmp, target));
                 continue;
             }
             match self.check_blob(&sha)? {
@@ -793,14 +803,17 @@ impl Store for LocalStore {
                 }
             }
         }
+        if !decrypted.is_empty() {
+            name_flushed(&dir, decrypted)?;
+        }
         sync_dir(&dir)?;
         Ok(dir)
     }
 }
 
 impl LocalStore {
-    /// Delivers a sealed blob to the inbox as its plaintext (decrypted, hash checked, written
-    /// under a temporary name and renamed). A blob that fails is quarantined and forgotten.
+    /// Writes a sealed blob's plaintext to `target` (a temporary name in the inbox; decrypted and
+    /// hash checked, not yet flushed). A blob that fails is quarantined and forgotten.
     fn copy_out_sealed(
         &self,
         study: &StudyRecord,
@@ -808,7 +821,10 @@ impl LocalStore {
         sha: &[u8; 32],
         target: &Path,
     ) -> Result<(), StoreError> {
-        match self.at_rest.copy_out(&self.blob_path(sha), target, sha) {
+        match self
+            .at_rest
+            .copy_out_unsynced(&self.blob_path(sha), target, sha)
+        {
             Ok(()) => Ok(()),
             Err(sealed::SealError::Damaged { .. } | sealed::SealError::Header { .. }) => {
                 self.quarantine(sha)?;
@@ -838,6 +854,33 @@ impl LocalStore {
             ],
         )
     }
+}
+
+/// Flushes the written files `(temporary, final)` to disk together (one file-system flush on
+/// Linux, not one per file), then gives each its name: the inbox never shows a partial file.
+fn name_flushed(dir: &Path, files: Vec<(PathBuf, PathBuf)>) -> Result<(), StoreError> {
+    let flushed = (|| {
+        #[cfg(target_os = "linux")]
+        {
+            let d = fs::File::open(dir)?;
+            rustix::fs::syncfs(&d)?;
+        }
+        #[cfg(not(target_os = "linux"))]
+        for (tmp, _) in &files {
+            fs::File::open(tmp)?.sync_all()?;
+        }
+        Ok::<_, std::io::Error>(())
+    })();
+    if let Err(e) = flushed {
+        for (tmp, _) in &files {
+            let _ = fs::remove_file(tmp);
+        }
+        return Err(io_err(dir)(e));
+    }
+    for (tmp, target) in files {
+        fs::rename(&tmp, &target).map_err(io_err(&target))?;
+    }
+    Ok(())
 }
 
 /// Re-seals every file under `dirs` (see [`sealed::AtRest::reseal`]); hidden files (being

@@ -610,6 +610,47 @@ impl AtRest {
         }
     }
 
+    /// Writes the plaintext of `src` to a new file `tmp`, checking that its SHA-256 is `sha256`,
+    /// without flushing it: the caller flushes a whole batch at once and then names each file
+    /// (see `LocalStore::deliver`). Nothing is left at `tmp` on failure.
+    pub fn copy_out_unsynced(
+        &self,
+        src: &Path,
+        tmp: &Path,
+        sha256: &[u8; 32],
+    ) -> Result<(), SealError> {
+        let io = |source| SealError::Io {
+            path: tmp.to_owned(),
+            source,
+        };
+        let result = (|| {
+            let mut r = self.open(src)?;
+            let f = fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(tmp)
+                .map_err(io)?;
+            let mut w = HashingWriter {
+                inner: &mut io::BufWriter::with_capacity(SEGMENT, f),
+                hash: Sha256::new(),
+            };
+            io::copy(&mut r, &mut w).map_err(|e| SealError::from_io(src, e))?;
+            let HashingWriter { inner, hash } = w;
+            inner.flush().map_err(io)?;
+            if <[u8; 32]>::from(hash.finalize()) != *sha256 {
+                return Err(SealError::Damaged {
+                    path: src.to_owned(),
+                    segment: 0,
+                });
+            }
+            Ok(())
+        })();
+        if result.is_err() {
+            let _ = fs::remove_file(tmp);
+        }
+        result
+    }
+
     /// The data key id a file is sealed under (`None`: a plain file).
     pub fn key_id_of(path: &Path) -> Result<Option<String>, SealError> {
         let mut f = fs::File::open(path).map_err(|source| SealError::Io {
