@@ -430,6 +430,11 @@ impl Node {
             // Calls in flight per connection (each may carry a message of up to 4 MiB); with
             // `[limits] connections_per_peer` this bounds what one partner has in flight.
             .max_concurrent_streams(Some(16))
+            // Flow-control windows sized for 1 MiB chunks: with h2's default 64 KiB a transfer
+            // stalls on WINDOW_UPDATE round trips (the sender's adaptive window only governs
+            // what it receives). A partner can have at most this much unread per connection.
+            .initial_stream_window_size(Some(crate::federation::STREAM_WINDOW))
+            .initial_connection_window_size(Some(crate::federation::CONNECTION_WINDOW))
             .serve_with_incoming_shutdown(FederationServer::from_arc(receiver), incoming, shutdown)
             .await
             .map_err(|e| NodeError::Serve(e.to_string()));

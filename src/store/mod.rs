@@ -109,7 +109,9 @@ pub trait Store: Send + Sync + 'static {
     fn forget_instance(&self, key: &StudyKey, sop_instance_uid: &str) -> Result<(), StoreError>;
     /// A fresh file in the staging area (same file system as the blobs, so commit is a rename).
     fn stage_file(&self) -> Result<(fs::File, PathBuf), StoreError>;
-    /// Moves verified staged instances into the store and records them under the study, durably.
+    /// Moves verified staged instances into the store and records them under the study, durably
+    /// (the staged files need not have been flushed: their bytes are made durable, together,
+    /// before they are renamed).
     fn commit(
         &self,
         key: &StudyKey,
@@ -125,8 +127,9 @@ pub trait Store: Send + Sync + 'static {
     fn read_instance(&self, sha256: &[u8; 32]) -> Result<Vec<u8>, StoreError>;
     /// Writes a complete study as DICOM files to the inbox folder; returns its folder.
     fn deliver(&self, study: &StudyRecord) -> Result<PathBuf, StoreError>;
-    /// Keeps verified instances of an interrupted transfer so that the next offer of the same
-    /// study from the same site resumes after them. They are not stored (not indexed, not
+    /// Keeps verified instances of an interrupted transfer (made durable here, like
+    /// [`Store::commit`]) so that the next offer of the same study from the same site resumes
+    /// after them. They are not stored (not indexed, not
     /// delivered) until a transfer of the whole study completes.
     fn keep_partial(&self, key: &StudyKey, staged: Vec<StagedInstance>) -> Result<(), StoreError>;
     /// The verified instances kept for a study's resumption.
@@ -414,6 +417,38 @@ pub fn hash_file(path: &Path) -> std::io::Result<[u8; 32]> {
     Ok(h.finalize().into())
 }
 
+/// Makes the bytes of `files` durable, together: a few are fsynced one by one; more share one
+/// file-system flush (`syncfs`, on Linux) instead of a journal commit each. Staged files of a
+/// transfer are written without a flush and made durable here, before they are renamed into
+/// the store.
+pub fn sync_files<'a>(files: impl IntoIterator<Item = &'a Path>) -> Result<(), StoreError> {
+    let files: Vec<&Path> = files.into_iter().collect();
+    let open = |p: &Path| fs::File::open(p).map_err(io_err(p));
+    if files.len() <= 2 {
+        for p in files {
+            open(p)?.sync_all().map_err(io_err(p))?;
+        }
+        return Ok(());
+    }
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::unix::fs::MetadataExt;
+        let mut devices = std::collections::HashSet::new();
+        for p in files {
+            let f = open(p)?;
+            let dev = f.metadata().map_err(io_err(p))?.dev();
+            if devices.insert(dev) {
+                rustix::fs::syncfs(&f).map_err(|e| io_err(p)(e.into()))?;
+            }
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    for p in files {
+        open(p)?.sync_all().map_err(io_err(p))?;
+    }
+    Ok(())
+}
+
 /// fsyncs a directory so that a rename inside it is durable.
 pub fn sync_dir(dir: &Path) -> Result<(), StoreError> {
     #[cfg(unix)]
@@ -569,6 +604,8 @@ impl Store for LocalStore {
         let mut stored = 0;
         let mut touched_dirs = std::collections::BTreeSet::new();
         let mut entries = Vec::new();
+        // The bytes are on disk before any name points at them.
+        sync_files(staged.iter().map(|s| s.path.as_path()))?;
         for s in staged {
             // A verified staged file always replaces the blob of the same hash: that repairs a
             // blob damaged at rest, and costs a rename.
@@ -651,6 +688,7 @@ impl Store for LocalStore {
     fn keep_partial(&self, key: &StudyKey, staged: Vec<StagedInstance>) -> Result<(), StoreError> {
         let now = Self::now();
         let dir = self.root.join("staging").join("resume");
+        sync_files(staged.iter().map(|s| s.path.as_path()))?;
         for s in staged {
             let dest = self.resume_path(&s.sha256);
             fs::rename(&s.path, &dest).map_err(io_err(&dest))?;
