@@ -1268,7 +1268,7 @@ impl Receiver {
             );
             let c = store.commit(&key2, expected, staged_now, already)?;
             let delivered = if c.study.is_complete() {
-                Some(store.deliver(&c.study)?)
+                Some(store.deliver_committed(&c)?)
             } else {
                 None
             };

@@ -93,6 +93,9 @@ pub struct Committed {
     pub stored: usize,
     pub already_held: usize,
     pub study: StudyRecord,
+    /// Blobs this commit wrote from staged files whose SHA-256 was verified as they arrived:
+    /// delivering them need not hash them again.
+    pub verified: std::collections::HashSet<[u8; 32]>,
 }
 
 /// What the node needs from storage. [`LocalStore`] is the embedded implementation; an object
@@ -127,6 +130,11 @@ pub trait Store: Send + Sync + 'static {
     fn read_instance(&self, sha256: &[u8; 32]) -> Result<Vec<u8>, StoreError>;
     /// Writes a complete study as DICOM files to the inbox folder; returns its folder.
     fn deliver(&self, study: &StudyRecord) -> Result<PathBuf, StoreError>;
+    /// [`Store::deliver`] right after a commit: the blobs that commit wrote were verified a
+    /// moment ago and are not hashed again (every other blob is).
+    fn deliver_committed(&self, c: &Committed) -> Result<PathBuf, StoreError> {
+        self.deliver(&c.study)
+    }
     /// Keeps verified instances of an interrupted transfer (made durable here, like
     /// [`Store::commit`]) so that the next offer of the same study from the same site resumes
     /// after them. They are not stored (not indexed, not
@@ -602,6 +610,7 @@ impl Store for LocalStore {
         already_held: Vec<(String, [u8; 32])>,
     ) -> Result<Committed, StoreError> {
         let mut stored = 0;
+        let mut verified = std::collections::HashSet::new();
         let mut touched_dirs = std::collections::BTreeSet::new();
         let mut entries = Vec::new();
         // The bytes are on disk before any name points at them.
@@ -618,6 +627,7 @@ impl Store for LocalStore {
             if !existed {
                 stored += 1;
             }
+            verified.insert(s.sha256);
             entries.push((s.sop_instance_uid, s.sha256));
         }
         for d in &touched_dirs {
@@ -661,6 +671,7 @@ impl Store for LocalStore {
             stored,
             already_held: n_held,
             study: rec,
+            verified,
         })
     }
 
@@ -742,6 +753,22 @@ impl Store for LocalStore {
     }
 
     fn deliver(&self, study: &StudyRecord) -> Result<PathBuf, StoreError> {
+        self.deliver_to_inbox(study, &std::collections::HashSet::new())
+    }
+
+    fn deliver_committed(&self, c: &Committed) -> Result<PathBuf, StoreError> {
+        self.deliver_to_inbox(&c.study, &c.verified)
+    }
+}
+
+impl LocalStore {
+    /// Links each instance of `study` into the inbox; every blob not in `verified` is re-hashed
+    /// first.
+    fn deliver_to_inbox(
+        &self,
+        study: &StudyRecord,
+        verified: &std::collections::HashSet<[u8; 32]>,
+    ) -> Result<PathBuf, StoreError> {
         let dir = self
             .inbox()
             .join(safe_name(&study.agreement))
@@ -756,8 +783,14 @@ impl Store for LocalStore {
             hex::decode_to_slice(sha_hex, &mut sha)
                 .map_err(|e| StoreError::Corrupt(e.to_string()))?;
             // Re-hashed before it is delivered: a blob corrupted at rest is quarantined, never
-            // delivered, and the study waits for this instance to be received again.
-            match self.check_blob(&sha)? {
+            // delivered, and the study waits for this instance to be received again. (A blob
+            // just committed from a verified staging file is what was verified.)
+            let check = if verified.contains(&sha) {
+                BlobCheck::Intact(self.blob_path(&sha))
+            } else {
+                self.check_blob(&sha)?
+            };
+            match check {
                 BlobCheck::Intact(blob) => link_or_copy(&blob, &dir, &target, uid)?,
                 BlobCheck::Quarantined(_) | BlobCheck::Missing => {
                     let key = StudyKey::new(
