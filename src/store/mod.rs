@@ -996,4 +996,49 @@ mod inbox_tests {
         assert_eq!(fs::read(&target).unwrap(), b"pixels");
         assert_eq!(fs::read_dir(elsewhere.path()).unwrap().count(), 1);
     }
+
+    fn staged(s: &LocalStore, bytes: &[u8], uid: &str) -> StagedInstance {
+        // Written without a flush, as the receiver stages: commit makes them durable.
+        let (mut f, path) = s.stage_file().unwrap();
+        f.write_all(bytes).unwrap();
+        StagedInstance {
+            path,
+            sha256: Sha256::digest(bytes).into(),
+            size: bytes.len() as u64,
+            sop_instance_uid: uid.into(),
+        }
+    }
+
+    #[test]
+    fn delivery_after_a_commit_rehashes_only_the_blobs_that_commit_did_not_verify() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = LocalStore::open(dir.path()).unwrap();
+        let key = StudyKey::new("a", "f", "x", "2.25.4");
+        // Three instances (more than two: made durable by one file-system flush).
+        let first: Vec<_> = (0..3u8)
+            .map(|i| staged(&s, &[b'a', i], &format!("2.25.4{i}")))
+            .collect();
+        let c = s.commit(&key, 5, first, vec![]).unwrap();
+        assert_eq!(c.verified.len(), 3);
+        // One of them is damaged at rest before the study is complete.
+        let damaged: [u8; 32] = Sha256::digest([b'a', 0]).into();
+        fs::write(s.instance_path(&damaged), b"rot").unwrap();
+        // The next commit verified only its own two: the damaged blob is caught and quarantined,
+        // and the study waits for it again.
+        let rest = vec![staged(&s, b"b0", "2.25.48"), staged(&s, b"b1", "2.25.49")];
+        let c = s.commit(&key, 5, rest, vec![]).unwrap();
+        assert_eq!(c.verified.len(), 2);
+        assert!(matches!(
+            s.deliver_committed(&c),
+            Err(StoreError::BlobCorrupted(_))
+        ));
+        assert!(!s.instance_path(&damaged).exists(), "moved to quarantine");
+        // Received again, the study is delivered whole, with the intact bytes.
+        let again = s
+            .commit(&key, 5, vec![staged(&s, &[b'a', 0], "2.25.40")], vec![])
+            .unwrap();
+        let out = s.deliver_committed(&again).unwrap();
+        assert_eq!(fs::read(out.join("2.25.40.dcm")).unwrap(), [b'a', 0]);
+        assert_eq!(fs::read_dir(&out).unwrap().count(), 5);
+    }
 }
