@@ -282,16 +282,15 @@ async fn stream_file(
     let mut f = tokio::fs::File::open(&inst.path).await.map_err(read)?;
     let mut offset = 0u64;
     loop {
-        let mut buf = vec![0u8; CHUNK_SIZE];
-        let mut filled = 0;
-        while filled < CHUNK_SIZE {
-            let n = f.read(&mut buf[filled..]).await.map_err(read)?;
-            if n == 0 {
+        // Sized to what is left of the instance and filled without zeroing it first.
+        let want = inst.size.saturating_sub(offset).clamp(1, CHUNK_SIZE as u64) as usize;
+        let mut buf = Vec::with_capacity(want);
+        while buf.len() < want {
+            if f.read_buf(&mut buf).await.map_err(read)? == 0 {
                 break;
             }
-            filled += n;
         }
-        buf.truncate(filled);
+        let filled = buf.len();
         let last = offset + filled as u64 >= inst.size;
         if filled == 0 && !last {
             return Err(read(std::io::Error::new(
