@@ -830,7 +830,8 @@ impl Node {
     ) {
         loop {
             for f in open.due() {
-                let mut entry = f.entry.clone();
+                // The whole entry is saved; the offer lists what the partner lacks (`offer`).
+                let (entry, mut offer) = (f.entry.clone(), f.offer());
                 // The outbox worker may be retrying the same study (after a failed final
                 // offer): one attempt at a time.
                 let Some(_claim) = Outbox::try_claim(&f.dir) else {
@@ -842,12 +843,20 @@ impl Node {
                         tracing::error!(error = %e, "cannot update an open outbox study");
                         Err(Duration::from_secs(5))
                     }
-                    Ok(_) => match self.attempt(&f.dir, &mut entry).await {
+                    Ok(_) => match self.attempt(&f.dir, &mut offer).await {
                         Ok(_) => Ok(()),
-                        Err(e) if e.is_transient() => {
-                            Err(Duration::from_secs(outbox::backoff_secs(entry.attempts)))
+                        Err(e) => {
+                            // A failed partial offer was recorded as the offer: the outbox
+                            // keeps the whole study.
+                            if !entry.complete {
+                                let _ = self.outbox().save(&f.with_outcome_of(&offer));
+                            }
+                            if e.is_transient() {
+                                Err(Duration::from_secs(outbox::backoff_secs(offer.attempts)))
+                            } else {
+                                Err(Duration::from_secs(24 * 3600))
+                            }
                         }
-                        Err(_) => Err(Duration::from_secs(24 * 3600)),
                     },
                 };
                 open.done(&f, outcome);

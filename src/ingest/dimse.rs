@@ -370,8 +370,38 @@ struct OpenStudy {
 /// What the forwarder should do with one study now.
 pub struct Forward {
     pub dir: PathBuf,
-    /// The entry to send (its `complete` says whether this is the final offer).
+    /// The study's whole entry (its `complete` says whether this is the final offer).
     pub entry: OutboxEntry,
+    /// How many of `entry.instances` the partner has been sent already.
+    pub sent: usize,
+}
+
+impl Forward {
+    /// What to offer now. While the study is still arriving, only the instances the partner has
+    /// not been sent: the receiver re-verifies (re-hashes and re-checks) every instance an offer
+    /// lists as already held, so listing the whole study in every partial offer would cost it
+    /// work growing with the square of the study's size. The final offer lists the whole study
+    /// (each instance verified once more, then the study is complete).
+    pub fn offer(&self) -> OutboxEntry {
+        let mut e = self.entry.clone();
+        if !e.complete {
+            e.instances.drain(..self.sent.min(e.instances.len()));
+        }
+        e
+    }
+
+    /// The whole entry with the bookkeeping of an attempt at [`Forward::offer`] (attempts,
+    /// next attempt, last error, state), as the outbox keeps it: every instance listed.
+    pub fn with_outcome_of(&self, offer: &OutboxEntry) -> OutboxEntry {
+        OutboxEntry {
+            attempts: offer.attempts,
+            next_attempt: offer.next_attempt,
+            last_error: offer.last_error.clone(),
+            state: offer.state,
+            delivered: offer.delivered,
+            ..self.entry.clone()
+        }
+    }
 }
 
 /// The studies the listener is receiving, shared by the association threads and the forwarder.
@@ -537,6 +567,7 @@ impl OpenStudies {
             out.push(Forward {
                 dir: open.dir.clone(),
                 entry,
+                sent: open.forwarded,
             });
         }
         out
@@ -641,12 +672,28 @@ mod tests {
         let due = open.due();
         assert_eq!(due.len(), 1);
         assert_eq!(due[0].entry.instances.len(), 2);
+        let offer = due[0].offer();
+        assert_eq!(
+            offer.instances,
+            vec![instance("2", 2)],
+            "a partial offer lists only what the partner has not been sent"
+        );
+        let mut failed = offer.clone();
+        failed.attempts = 1;
+        failed.last_error = Some("unavailable".into());
+        let kept = due[0].with_outcome_of(&failed);
+        assert_eq!((kept.instances.len(), kept.attempts), (2, 1));
         open.done(&due[0], Ok(()));
         assert!(open.due().is_empty(), "nothing new, not quiet");
         // A failed attempt waits before the next one.
         std::thread::sleep(Duration::from_millis(120));
         let due = open.due();
         assert!(due[0].entry.complete, "quiet: the final offer");
+        assert_eq!(
+            due[0].offer().instances.len(),
+            2,
+            "the final offer lists all"
+        );
         open.done(&due[0], Err(Duration::from_secs(60)));
         assert!(open.due().is_empty(), "waiting for the retry");
         assert_eq!(open.len(), 1);
