@@ -272,7 +272,7 @@ fn main() {
 fn plain_push(out: &Path, study: &Path) -> Duration {
     std::fs::create_dir_all(out).unwrap();
     let port = free_port();
-    let _scp = Proc(
+    let scp = Proc(
         Command::new("storescp")
             .args(["-od"])
             .arg(out)
@@ -288,13 +288,16 @@ fn plain_push(out: &Path, study: &Path) -> Duration {
     let start = Instant::now();
     storescu(port, "ANY-SCP", study);
     sync();
-    start.elapsed()
+    let took = start.elapsed();
+    drop(scp);
+    discard(out);
+    took
 }
 
 /// `pacs-broker send` of the study's files from hospital-a to a running telerad-c.
 fn run_send(dir: &Path, study: &Path, siem: Option<&Collector>) -> Duration {
     let (a, c, _, cfg_c) = lay_out(dir, 2, siem);
-    let _c = serve(&c, &cfg_c);
+    let partner = serve(&c, &cfg_c);
     sync();
     let start = Instant::now();
     let out = Command::new(BIN)
@@ -311,7 +314,14 @@ fn run_send(dir: &Path, study: &Path, siem: Option<&Collector>) -> Duration {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+    drop(partner);
+    discard(dir);
     took
+}
+
+/// Removes a measured run's sites (a 500-instance run writes hundreds of MB).
+fn discard(dir: &Path) {
+    let _ = std::fs::remove_dir_all(dir);
 }
 
 /// storescu into hospital-a's listener (durable acks), its partner stopped so that only the
@@ -321,7 +331,10 @@ fn run_ingest(dir: &Path, study: &Path, siem: Option<&Collector>) -> (Duration, 
     let node = serve(&a, &cfg_a);
     sync();
     let took = storescu(listen_port(&cfg_a), "HOSP_A_BROKER", study);
-    (took, peak_rss_kib(node.0.id()))
+    let rss = peak_rss_kib(node.0.id());
+    drop(node);
+    discard(dir);
+    (took, rss)
 }
 
 fn listen_port(cfg: &NodeConfig) -> u16 {
