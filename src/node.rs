@@ -607,6 +607,11 @@ impl Node {
             // Calls in flight per connection (each may carry a message of up to 4 MiB); with
             // `[limits] connections_per_peer` this bounds what one partner has in flight.
             .max_concurrent_streams(Some(16))
+            // Flow-control windows sized for 1 MiB chunks: with h2's default 64 KiB a transfer
+            // stalls on WINDOW_UPDATE round trips (the sender's adaptive window only governs
+            // what it receives). A partner can have at most this much unread per connection.
+            .initial_stream_window_size(Some(crate::federation::STREAM_WINDOW))
+            .initial_connection_window_size(Some(crate::federation::CONNECTION_WINDOW))
             .serve_with_incoming_shutdown(FederationServer::from_arc(receiver), incoming, shutdown)
             .await
             .map_err(|e| NodeError::Serve(e.to_string()));
@@ -1065,7 +1070,8 @@ impl Node {
     ) {
         loop {
             for f in open.due() {
-                let mut entry = f.entry.clone();
+                // The whole entry is saved; the offer lists what the partner lacks (`offer`).
+                let (entry, mut offer) = (f.entry.clone(), f.offer());
                 // The outbox worker may be retrying the same study (after a failed final
                 // offer): one attempt at a time.
                 let Some(_claim) = Outbox::try_claim(&f.dir) else {
@@ -1077,12 +1083,20 @@ impl Node {
                         tracing::error!(error = %e, "cannot update an open outbox study");
                         Err(Duration::from_secs(5))
                     }
-                    Ok(_) => match self.attempt(&f.dir, &mut entry).await {
+                    Ok(_) => match self.attempt(&f.dir, &mut offer).await {
                         Ok(_) => Ok(()),
-                        Err(e) if e.is_transient() => {
-                            Err(Duration::from_secs(outbox::backoff_secs(entry.attempts)))
+                        Err(e) => {
+                            // A failed partial offer was recorded as the offer: the outbox
+                            // keeps the whole study.
+                            if !entry.complete {
+                                let _ = self.outbox().save(&f.with_outcome_of(&offer));
+                            }
+                            if e.is_transient() {
+                                Err(Duration::from_secs(outbox::backoff_secs(offer.attempts)))
+                            } else {
+                                Err(Duration::from_secs(24 * 3600))
+                            }
                         }
-                        Err(_) => Err(Duration::from_secs(24 * 3600)),
                     },
                 };
                 open.done(&f, outcome);

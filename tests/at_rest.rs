@@ -585,6 +585,19 @@ fn damage_and_wrong_keys_name_the_item_and_lose_nothing_else() {
         store.check_blob(&sha).unwrap(),
         pacs_broker::store::BlobCheck::Quarantined(_)
     ));
+    drop(store);
+    drop(node);
+    // A key file kept inside the data folder is refused at start.
+    let mut beside = sites.c.cfg.clone();
+    beside.key_file = beside.data_dir.join("site.key");
+    std::fs::copy(&sites.c.cfg.key_file, &beside.key_file).unwrap();
+    let e = pacs_broker::node::Node::open(beside)
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(e.contains("inside the data folder"), "{e}");
+    let node = pacs_broker::node::Node::open(sites.c.cfg.clone()).unwrap();
+    let store = node.store().unwrap();
     for b in [&blobs[0], &blobs[2]] {
         let mut sha = [0u8; 32];
         hex::decode_to_slice(b.file_name().unwrap().to_string_lossy().as_ref(), &mut sha).unwrap();

@@ -3,110 +3,14 @@
 //! temporary CA and certificate): entries arrive over TLS, in RFC 5424 with octet counting; with
 //! rsyslog stopped and restarted, none is lost or reordered.
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use pacs_broker::audit::config::SyslogConfig;
 use pacs_broker::audit::{AuditConfig, AuditLog, Event, SiteAudit};
 
-struct Rsyslog {
-    child: Child,
-}
-
-impl Rsyslog {
-    fn start(conf: &Path, dir: &Path) -> Rsyslog {
-        let child = Command::new("/usr/sbin/rsyslogd")
-            .arg("-n")
-            .arg("-f")
-            .arg(conf)
-            .arg("-i")
-            .arg(dir.join("rsyslogd.pid"))
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(dir.join("rsyslogd.err")).unwrap())
-            .spawn()
-            .expect("rsyslogd is required for this test (run .ci/setup)");
-        Rsyslog { child }
-    }
-
-    /// SIGTERM, as a service manager stops it, and wait for it to exit.
-    fn stop(mut self) {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Rsyslog {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn wait_for(what: &str, secs: u64, dir: &Path, mut ok: impl FnMut() -> bool) {
-    let end = Instant::now() + Duration::from_secs(secs);
-    while !ok() {
-        assert!(
-            Instant::now() < end,
-            "timed out waiting for {what}; rsyslogd said:\n{}",
-            std::fs::read_to_string(dir.join("rsyslogd.err")).unwrap_or_default()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-/// (CA PEM path, server cert, server key) for `localhost` / 127.0.0.1.
-fn collector_pki(dir: &Path) -> PathBuf {
-    use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
-    let ca_key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
-    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca.distinguished_name
-        .push(rcgen::DnType::CommonName, "test SIEM CA");
-    let ca_cert = ca.self_signed(&ca_key).unwrap();
-    let issuer = rcgen::Issuer::new(ca, ca_key);
-    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
-    let params =
-        CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()]).unwrap();
-    let cert = params.signed_by(&key, &issuer).unwrap();
-    std::fs::write(dir.join("ca.pem"), ca_cert.pem()).unwrap();
-    std::fs::write(dir.join("server.pem"), cert.pem()).unwrap();
-    std::fs::write(dir.join("server.key"), key.serialize_pem()).unwrap();
-    dir.join("ca.pem")
-}
-
-fn rsyslog_conf(dir: &Path, port: u16, out: &Path) -> PathBuf {
-    std::fs::create_dir_all(dir.join("work")).unwrap();
-    let d = dir.display();
-    let conf = format!(
-        r#"global(
-  workDirectory="{d}/work"
-  DefaultNetstreamDriver="gtls"
-  DefaultNetstreamDriverCAFile="{d}/ca.pem"
-  DefaultNetstreamDriverCertFile="{d}/server.pem"
-  DefaultNetstreamDriverKeyFile="{d}/server.key"
-)
-module(load="imtcp" StreamDriver.Name="gtls" StreamDriver.Mode="1" StreamDriver.AuthMode="anon")
-input(type="imtcp" port="{port}" address="127.0.0.1")
-template(name="raw" type="string" string="%rawmsg%\n")
-action(type="omfile" file="{}" template="raw")
-"#,
-        out.display()
-    );
-    let p = dir.join("rsyslog.conf");
-    std::fs::write(&p, conf).unwrap();
-    p
-}
+#[path = "common/rsyslog.rs"]
+mod rsyslog;
+use rsyslog::{received, wait_for, Collector, Rsyslog};
 
 fn site_identity() -> (Vec<u8>, Vec<u8>) {
     let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
@@ -115,18 +19,6 @@ fn site_identity() -> (Vec<u8>, Vec<u8>) {
         .self_signed(&key)
         .unwrap();
     (key.serialize_der(), cert.der().to_vec())
-}
-
-/// The `seq` of every message rsyslog wrote, in file order.
-fn received(out: &Path) -> Vec<u64> {
-    std::fs::read_to_string(out)
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| {
-            let i = l.find("seq=\"")? + 5;
-            l[i..].split('"').next()?.parse().ok()
-        })
-        .collect()
 }
 
 fn event(i: u64) -> Event {
@@ -147,20 +39,14 @@ fn entries_reach_rsyslog_over_tls_and_survive_its_restart_in_order() {
         .with_test_writer()
         .try_init();
     let dir = tempfile::tempdir().unwrap();
-    let ca = collector_pki(dir.path());
-    let port = free_port();
-    let out = dir.path().join("received.log");
-    let conf = rsyslog_conf(dir.path(), port, &out);
-    let rsyslog = Rsyslog::start(&conf, dir.path());
-    wait_for("rsyslog to listen", 10, dir.path(), || {
-        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
-    });
+    let collector = Collector::start(dir.path());
+    let (rsyslog, conf, out) = (collector.rsyslog, collector.conf, collector.out);
 
     let (key, cert) = site_identity();
     let config = AuditConfig {
         syslog: Some(SyslogConfig {
-            address: format!("127.0.0.1:{port}"),
-            ca,
+            address: collector.address,
+            ca: collector.ca,
             server_name: Some("localhost".into()),
             app_name: "pacs-broker".into(),
         }),

@@ -314,15 +314,14 @@ fn stream_file_blocking(
         .map_err(|e| read(std::io::Error::other(e.to_string())))?;
     let mut offset = 0u64;
     loop {
-        let mut buf = Vec::with_capacity(CHUNK_SIZE);
-        (&mut f)
-            .take(CHUNK_SIZE as u64)
-            .read_to_end(&mut buf)
-            .map_err(|e| {
-                read(std::io::Error::other(
-                    SealError::from_io(&inst.path, e).to_string(),
-                ))
-            })?;
+        // Sized to what is left of the instance and filled without zeroing it first.
+        let want = inst.size.saturating_sub(offset).clamp(1, CHUNK_SIZE as u64);
+        let mut buf = Vec::with_capacity(want as usize);
+        (&mut f).take(want).read_to_end(&mut buf).map_err(|e| {
+            read(std::io::Error::other(
+                SealError::from_io(&inst.path, e).to_string(),
+            ))
+        })?;
         let filled = buf.len();
         let last = offset + filled as u64 >= inst.size;
         if filled == 0 && !last {

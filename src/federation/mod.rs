@@ -32,3 +32,11 @@ pub mod proto {
 
 /// Largest chunk of an instance in one message (tonic's default message limit is 4 MiB).
 pub const CHUNK_SIZE: usize = 1024 * 1024;
+
+/// HTTP/2 receive window of one federation stream: two chunks in flight, so the sender never
+/// waits for a WINDOW_UPDATE while the receiver writes the previous chunk.
+pub const STREAM_WINDOW: u32 = 2 * CHUNK_SIZE as u32;
+
+/// HTTP/2 receive window of one federation connection (all its streams): bounds what a partner
+/// can have buffered here, unread, per connection.
+pub const CONNECTION_WINDOW: u32 = 4 * CHUNK_SIZE as u32;

@@ -526,6 +526,47 @@ fn check_instance(
         .unwrap_or_else(|_| Err("the DICOM parser gave up on this instance".to_string()))
 }
 
+/// The delivery check of one received instance, running on the blocking pool.
+type Check = tokio::task::JoinHandle<Result<StagedInstance, Status>>;
+
+/// Received instances under their delivery check while the next ones stream in. At most
+/// [`Checks::IN_FLIGHT`] run at once: each holds one parsed instance in memory.
+#[derive(Default)]
+struct Checks(std::collections::VecDeque<Check>);
+
+impl Checks {
+    const IN_FLIGHT: usize = 2;
+
+    /// Adds a check; waits for the oldest ones (adding them to `done`) while too many run.
+    async fn push(&mut self, check: Check, done: &mut Vec<StagedInstance>) -> Result<(), Status> {
+        self.0.push_back(check);
+        while self.0.len() > Self::IN_FLIGHT {
+            let oldest = self.0.pop_front().expect("a check");
+            done.push(Self::outcome(oldest).await?);
+        }
+        Ok(())
+    }
+
+    /// Waits for every check still running; the passed ones go to `done`, the first failure is
+    /// returned (after all have finished).
+    async fn drain_into(self, done: &mut Vec<StagedInstance>) -> Result<(), Status> {
+        let mut first_failure = None;
+        for check in self.0 {
+            match Self::outcome(check).await {
+                Ok(s) => done.push(s),
+                Err(status) => {
+                    first_failure.get_or_insert(status);
+                }
+            }
+        }
+        first_failure.map_or(Ok(()), Err)
+    }
+
+    async fn outcome(check: Check) -> Result<StagedInstance, Status> {
+        check.await.map_err(|e| Status::internal(e.to_string()))?
+    }
+}
+
 /// One instance as announced, after its fields were checked.
 struct Announced {
     sha256: [u8; 32],
@@ -1047,8 +1088,9 @@ impl Receiver {
         }
     }
 
-    /// The chunk loop; on error, `interrupted` says whether the stream broke, stalled or ended
-    /// early (rather than something being wrong with what arrived).
+    /// The chunk loop, then the delivery checks still running; on error, `interrupted` says
+    /// whether the stream broke, stalled or ended early (rather than something being wrong with
+    /// what arrived).
     async fn receive_chunks(
         &self,
         plan: &Plan,
@@ -1056,6 +1098,39 @@ impl Receiver {
         stream: &mut Streaming<TransferChunk>,
         staging: &mut Staging,
         done: &mut Vec<StagedInstance>,
+        interrupted: &mut bool,
+    ) -> Result<(), Status> {
+        let mut checks = Checks::default();
+        let streamed = self
+            .stream_chunks(plan, first, stream, staging, done, &mut checks, interrupted)
+            .await;
+        // Whatever ended the stream, the instances under check finish theirs: on success they
+        // must all pass; after an interruption the verified ones may be kept for resumption.
+        let checked = checks.drain_into(done).await;
+        streamed?;
+        checked?;
+        if done.len() != plan.wanted {
+            *interrupted = true;
+            return Err(Status::aborted(format!(
+                "the stream ended after {} of {} instances; nothing was stored",
+                done.len(),
+                plan.wanted
+            )));
+        }
+        Ok(())
+    }
+
+    /// Receives chunks into staging files until the stream ends; each completed instance is
+    /// checked ([`Receiver::finish_instance`]) while the next ones arrive.
+    #[allow(clippy::too_many_arguments)]
+    async fn stream_chunks(
+        &self,
+        plan: &Plan,
+        first: TransferChunk,
+        stream: &mut Streaming<TransferChunk>,
+        staging: &mut Staging,
+        done: &mut Vec<StagedInstance>,
+        checks: &mut Checks,
         interrupted: &mut bool,
     ) -> Result<(), Status> {
         struct Current {
@@ -1176,12 +1251,12 @@ impl Receiver {
                 let mut c = current.take().expect("current instance");
                 let (tail, _) = c.sealing.finish().map_err(write_err)?;
                 c.file.write_all(&tail).await.map_err(write_err)?;
-                done.push(
-                    self.finish_instance(
+                let check = self
+                    .finish_instance(
                         c.sha, c.uid, c.size, c.written, c.hasher, c.file, c.path, plan, &deid,
                     )
-                    .await?,
-                );
+                    .await?;
+                checks.push(check, done).await?;
             }
         }
         if let Some(c) = current {
@@ -1191,19 +1266,13 @@ impl Receiver {
                 short(&c.sha)
             )));
         }
-        if done.len() != plan.wanted {
-            *interrupted = true;
-            return Err(Status::aborted(format!(
-                "the stream ended after {} of {} instances; nothing was stored",
-                done.len(),
-                plan.wanted
-            )));
-        }
         Ok(())
     }
 
-    /// Checks one completely received instance: size and SHA-256, then the guarded parse and
-    /// the delivery check.
+    /// Checks one completely received instance: size and SHA-256 now, then the guarded parse
+    /// and the delivery check in the background (the returned [`Check`]). The staging file is
+    /// not fsynced here: the store makes a transfer's files durable together when it commits
+    /// them (one flush instead of one per instance).
     #[allow(clippy::too_many_arguments)]
     async fn finish_instance(
         &self,
@@ -1212,14 +1281,16 @@ impl Receiver {
         size: u64,
         written: u64,
         hasher: Sha256,
-        file: tokio::fs::File,
+        mut file: tokio::fs::File,
         path: std::path::PathBuf,
         plan: &Plan,
         deid: &DeidConfig,
-    ) -> Result<StagedInstance, Status> {
-        file.sync_all()
+    ) -> Result<Check, Status> {
+        // Every write has reached the file before the check reads it by its path.
+        file.flush()
             .await
-            .map_err(|e| Status::resource_exhausted(format!("cannot sync staging file: {e}")))?;
+            .map_err(|e| Status::resource_exhausted(format!("cannot write staging file: {e}")))?;
+        drop(file);
         let digest: [u8; 32] = hasher.finalize().into();
         if written != size || digest != sha {
             return Err(Status::data_loss(format!(
@@ -1234,21 +1305,22 @@ impl Receiver {
             deid.clone(),
             self.store.at_rest(),
         );
-        let checked = tokio::task::spawn_blocking(move || check_instance(&r, &p, &u, &t, &d))
-            .await
-            .map_err(|e| Status::internal(e.to_string()))?;
-        if let Err(why) = checked {
-            return Err(Status::failed_precondition(format!(
-                "instance {} refused: {why}; nothing was stored",
-                short(&sha)
-            )));
-        }
-        Ok(StagedInstance {
+        let staged = StagedInstance {
             path,
             sha256: sha,
             size,
             sop_instance_uid: uid,
-        })
+        };
+        Ok(tokio::task::spawn_blocking(move || {
+            check_instance(&r, &p, &u, &t, &d)
+                .map(|()| staged)
+                .map_err(|why| {
+                    Status::failed_precondition(format!(
+                        "instance {} refused: {why}; nothing was stored",
+                        short(&sha)
+                    ))
+                })
+        }))
     }
 
     /// Makes a completely received study durable (the commit path): last authorisation check,
@@ -1305,7 +1377,7 @@ impl Receiver {
             );
             let c = store.commit(&key2, expected, staged_now, already)?;
             let delivered = if c.study.is_complete() {
-                Some(store.deliver(&c.study)?)
+                Some(store.deliver_committed(&c)?)
             } else {
                 None
             };

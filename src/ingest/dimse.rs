@@ -141,6 +141,7 @@ impl DimseIngest {
         n: u64,
         spool: &Path,
     ) -> Result<(), (HeldBack, StoreStatus)> {
+        let started = Instant::now();
         let input = format!("instance {n} from {}", peer.calling_ae);
         let held = |kind, reason: String, status| {
             (
@@ -172,25 +173,31 @@ impl DimseIngest {
                 (h, status)
             })?;
         let d = admitted.deidentified;
-        // The vault record is durable before the instance is: a token never exists at the
-        // partner without the means to resolve it here.
-        for (token, entry) in &d.vault_entries {
-            vault.record(&flow.agreement, token, entry).map_err(|_| {
-                held(
-                    HeldBackKind::Failed,
-                    "the vault could not record its tokens".into(),
-                    StoreStatus::OUT_OF_RESOURCES,
-                )
-            })?;
-        }
-        vault.flush().map_err(|_| {
-            held(
-                HeldBackKind::Failed,
-                "the vault could not be flushed".into(),
-                StoreStatus::OUT_OF_RESOURCES,
-            )
-        })?;
+        let deidentified = started.elapsed();
         let dir = self.outbox.study_dir(&flow.agreement, &d.study_uid);
+        let file = format!("{}.dcm", safe_name(&d.sop_instance_uid));
+        // The vault record is durable before the instance is: a token never exists at the
+        // partner without the means to resolve it here. The vault is flushed while the output
+        // is written (the modality waits for both), and joined before the output gets its name.
+        let (vaulted, staged) = std::thread::scope(|scope| {
+            let vaulted = scope.spawn(|| record_durably(vault, &flow.agreement, &d.vault_entries));
+            let staged = batch::stage_output_hashed(
+                d.object,
+                d.pixel_data.as_ref(),
+                &dir.join(&file),
+                self.outbox.at_rest(),
+            );
+            (vaulted.join(), staged)
+        });
+        if !matches!(vaulted, Ok(Ok(()))) {
+            return Err(held(
+                HeldBackKind::Failed,
+                "the vault could not record its tokens".into(),
+                StoreStatus::OUT_OF_RESOURCES,
+            ));
+        }
+        let staged =
+            staged.map_err(|r| held(HeldBackKind::Failed, r, StoreStatus::OUT_OF_RESOURCES))?;
         self.open
             .ensure_entry(&self.outbox, flow, &d.study_uid, &dir)
             .map_err(|e| {
@@ -200,14 +207,7 @@ impl DimseIngest {
                     StoreStatus::OUT_OF_RESOURCES,
                 )
             })?;
-        let file = format!("{}.dcm", safe_name(&d.sop_instance_uid));
-        let staged = batch::stage_output_hashed(
-            d.object,
-            d.pixel_data.as_ref(),
-            &dir.join(&file),
-            self.outbox.at_rest(),
-        )
-        .map_err(|r| held(HeldBackKind::Failed, r, StoreStatus::OUT_OF_RESOURCES))?;
+        let written = started.elapsed();
         let instance = OutboxInstance {
             file,
             sha256: hex::encode(staged.sha256().unwrap_or_default()),
@@ -224,6 +224,13 @@ impl DimseIngest {
                 StoreStatus::OUT_OF_RESOURCES,
             )
         })?;
+        // Where an acknowledgement's time goes (the modality waits for all of it).
+        tracing::debug!(
+            deidentify_us = deidentified.as_micros() as u64,
+            write_and_vault_us = (written - deidentified).as_micros() as u64,
+            durable_us = (started.elapsed() - written).as_micros() as u64,
+            "instance durable in the outbox"
+        );
         self.open.arrived(
             flow,
             &d.study_uid,
@@ -234,6 +241,19 @@ impl DimseIngest {
         );
         Ok(())
     }
+}
+
+/// Records an instance's tokens in the vault and flushes it to disk.
+fn record_durably(
+    vault: &Vault,
+    agreement: &str,
+    entries: &[(String, crate::pseudonym::VaultEntry)],
+) -> Result<(), sled::Error> {
+    for (token, entry) in entries {
+        vault.record(agreement, token, entry)?;
+    }
+    vault.flush()?;
+    Ok(())
 }
 
 impl StoreService for DimseIngest {
@@ -362,8 +382,38 @@ struct OpenStudy {
 /// What the forwarder should do with one study now.
 pub struct Forward {
     pub dir: PathBuf,
-    /// The entry to send (its `complete` says whether this is the final offer).
+    /// The study's whole entry (its `complete` says whether this is the final offer).
     pub entry: OutboxEntry,
+    /// How many of `entry.instances` the partner has been sent already.
+    pub sent: usize,
+}
+
+impl Forward {
+    /// What to offer now. While the study is still arriving, only the instances the partner has
+    /// not been sent: the receiver re-verifies (re-hashes and re-checks) every instance an offer
+    /// lists as already held, so listing the whole study in every partial offer would cost it
+    /// work growing with the square of the study's size. The final offer lists the whole study
+    /// (each instance verified once more, then the study is complete).
+    pub fn offer(&self) -> OutboxEntry {
+        let mut e = self.entry.clone();
+        if !e.complete {
+            e.instances.drain(..self.sent.min(e.instances.len()));
+        }
+        e
+    }
+
+    /// The whole entry with the bookkeeping of an attempt at [`Forward::offer`] (attempts,
+    /// next attempt, last error, state), as the outbox keeps it: every instance listed.
+    pub fn with_outcome_of(&self, offer: &OutboxEntry) -> OutboxEntry {
+        OutboxEntry {
+            attempts: offer.attempts,
+            next_attempt: offer.next_attempt,
+            last_error: offer.last_error.clone(),
+            state: offer.state,
+            delivered: offer.delivered,
+            ..self.entry.clone()
+        }
+    }
 }
 
 /// The studies the listener is receiving, shared by the association threads and the forwarder.
@@ -529,6 +579,7 @@ impl OpenStudies {
             out.push(Forward {
                 dir: open.dir.clone(),
                 entry,
+                sent: open.forwarded,
             });
         }
         out
@@ -633,12 +684,28 @@ mod tests {
         let due = open.due();
         assert_eq!(due.len(), 1);
         assert_eq!(due[0].entry.instances.len(), 2);
+        let offer = due[0].offer();
+        assert_eq!(
+            offer.instances,
+            vec![instance("2", 2)],
+            "a partial offer lists only what the partner has not been sent"
+        );
+        let mut failed = offer.clone();
+        failed.attempts = 1;
+        failed.last_error = Some("unavailable".into());
+        let kept = due[0].with_outcome_of(&failed);
+        assert_eq!((kept.instances.len(), kept.attempts), (2, 1));
         open.done(&due[0], Ok(()));
         assert!(open.due().is_empty(), "nothing new, not quiet");
         // A failed attempt waits before the next one.
         std::thread::sleep(Duration::from_millis(120));
         let due = open.due();
         assert!(due[0].entry.complete, "quiet: the final offer");
+        assert_eq!(
+            due[0].offer().instances.len(),
+            2,
+            "the final offer lists all"
+        );
         open.done(&due[0], Err(Duration::from_secs(60)));
         assert!(open.due().is_empty(), "waiting for the retry");
         assert_eq!(open.len(), 1);

@@ -5,10 +5,18 @@
 //! (written under a temporary name, fsynced, renamed), a staging area for transfers that are not yet
 //! verified (and the verified instances of interrupted ones, kept for resumption), delivery of
 //! complete studies to the inbox folder as ordinary DICOM files (hard links to the blobs, so a
-//! received instance is on disk once), the durable [`outbox`] of studies waiting to be sent, and
-//! the durable [`delivery`] queue of received instances waiting for the site's PACS. The
-//! destruction of a received study whose retention ended, and the queue of its receipts, is
-//! [`retention`].
+//! received instance is on disk once; sealed at rest, a decrypted copy), the durable [`outbox`] of
+//! studies waiting to be sent, and the durable [`delivery`] queue of received instances waiting
+//! for the site's PACS. The destruction of a received study whose retention ended, and the queue
+//! of its receipts, is [`retention`].
+//!
+//! At rest, instance files (staging, resumption, blobs) are sealed through [`sealed::AtRest`]
+//! (`[storage] encrypt_at_rest`, on by default) and named by the SHA-256 of their plaintext. The
+//! inbox is the delivery folder and holds the one plaintext copy: with encryption on, a complete
+//! study is decrypted into it (hash checked) and the sealed blob stays for deduplication,
+//! resumption and retention; with a PACS configured (`[dicom.deliver]`) the inbox is not written
+//! at all, so no plaintext copy remains after delivery. With encryption off the inbox file is a
+//! hard link to the blob, as before. sled records hold tokens, de-identified UIDs and hashes only.
 //!
 //! sled 0.34 only fsyncs on its own every 500 ms, so every method that records something flushes
 //! before it returns: nothing is acknowledged to a peer before it is on disk.
@@ -99,6 +107,9 @@ pub struct Committed {
     pub stored: usize,
     pub already_held: usize,
     pub study: StudyRecord,
+    /// Blobs this commit wrote from staged files whose SHA-256 was verified as they arrived:
+    /// delivering them need not hash them again.
+    pub verified: std::collections::HashSet<[u8; 32]>,
 }
 
 /// What the node needs from storage. [`LocalStore`] is the embedded implementation; an object
@@ -115,7 +126,9 @@ pub trait Store: Send + Sync + 'static {
     fn forget_instance(&self, key: &StudyKey, sop_instance_uid: &str) -> Result<(), StoreError>;
     /// A fresh file in the staging area (same file system as the blobs, so commit is a rename).
     fn stage_file(&self) -> Result<(fs::File, PathBuf), StoreError>;
-    /// Moves verified staged instances into the store and records them under the study, durably.
+    /// Moves verified staged instances into the store and records them under the study, durably
+    /// (the staged files need not have been flushed: their bytes are made durable, together,
+    /// before they are renamed).
     fn commit(
         &self,
         key: &StudyKey,
@@ -131,8 +144,14 @@ pub trait Store: Send + Sync + 'static {
     fn read_instance(&self, sha256: &[u8; 32]) -> Result<Vec<u8>, StoreError>;
     /// Writes a complete study as DICOM files to the inbox folder; returns its folder.
     fn deliver(&self, study: &StudyRecord) -> Result<PathBuf, StoreError>;
-    /// Keeps verified instances of an interrupted transfer so that the next offer of the same
-    /// study from the same site resumes after them. They are not stored (not indexed, not
+    /// [`Store::deliver`] right after a commit: the blobs that commit wrote were verified a
+    /// moment ago and are not hashed again (every other blob is).
+    fn deliver_committed(&self, c: &Committed) -> Result<PathBuf, StoreError> {
+        self.deliver(&c.study)
+    }
+    /// Keeps verified instances of an interrupted transfer (made durable here, like
+    /// [`Store::commit`]) so that the next offer of the same study from the same site resumes
+    /// after them. They are not stored (not indexed, not
     /// delivered) until a transfer of the whole study completes.
     fn keep_partial(&self, key: &StudyKey, staged: Vec<StagedInstance>) -> Result<(), StoreError>;
     /// The verified instances kept for a study's resumption.
@@ -464,6 +483,62 @@ pub fn hash_file(path: &Path) -> std::io::Result<[u8; 32]> {
     Ok(h.finalize().into())
 }
 
+/// Makes the bytes of `files` durable, together: a few are fsynced one by one; more share one
+/// file-system flush (`syncfs`, on Linux) instead of a journal commit each. Staged files of a
+/// transfer are written without a flush and made durable here, before they are renamed into
+/// the store.
+pub fn sync_files<'a>(files: impl IntoIterator<Item = &'a Path>) -> Result<(), StoreError> {
+    let files: Vec<&Path> = files.into_iter().collect();
+    let open = |p: &Path| fs::File::open(p).map_err(io_err(p));
+    if files.len() <= 2 {
+        for p in files {
+            open(p)?.sync_all().map_err(io_err(p))?;
+        }
+        return Ok(());
+    }
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::unix::fs::MetadataExt;
+        let mut devices = std::collections::HashSet::new();
+        for p in files {
+            let f = open(p)?;
+            let dev = f.metadata().map_err(io_err(p))?.dev();
+            if devices.insert(dev) {
+                rustix::fs::syncfs(&f).map_err(|e| io_err(p)(e.into()))?;
+            }
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    for p in files {
+        open(p)?.sync_all().map_err(io_err(p))?;
+    }
+    Ok(())
+}
+
+/// Makes the entries of `dirs` durable (renames and links into them): a few folders are fsynced
+/// one by one; more share one file-system flush (`syncfs`, on Linux), which commits every
+/// folder's changes in one journal commit instead of one each.
+pub fn sync_dirs<'a>(dirs: impl IntoIterator<Item = &'a Path>) -> Result<(), StoreError> {
+    let dirs: Vec<&Path> = dirs.into_iter().collect();
+    #[cfg(target_os = "linux")]
+    if dirs.len() > 2 {
+        use std::os::unix::fs::MetadataExt;
+        let mut devices = std::collections::HashSet::new();
+        for d in dirs {
+            let f = fs::File::open(d).map_err(io_err(d))?;
+            let dev = f.metadata().map_err(io_err(d))?.dev();
+            if devices.insert(dev) {
+                rustix::fs::syncfs(&f).map_err(|e| io_err(d)(e.into()))?;
+            }
+        }
+        return Ok(());
+    }
+    for d in dirs {
+        sync_dir(d)?;
+    }
+    Ok(())
+}
+
 /// fsyncs a directory so that a rename inside it is durable.
 pub fn sync_dir(dir: &Path) -> Result<(), StoreError> {
     #[cfg(unix)]
@@ -646,8 +721,11 @@ impl Store for LocalStore {
         already_held: Vec<(String, [u8; 32])>,
     ) -> Result<Committed, StoreError> {
         let mut stored = 0;
+        let mut verified = std::collections::HashSet::new();
         let mut touched_dirs = std::collections::BTreeSet::new();
         let mut entries = Vec::new();
+        // The bytes are on disk before any name points at them.
+        sync_files(staged.iter().map(|s| s.path.as_path()))?;
         for s in staged {
             // A verified staged file always replaces the blob of the same hash: that repairs a
             // blob damaged at rest, and costs a rename.
@@ -660,11 +738,11 @@ impl Store for LocalStore {
             if !existed {
                 stored += 1;
             }
+            verified.insert(s.sha256);
             entries.push((s.sop_instance_uid, s.sha256));
         }
-        for d in &touched_dirs {
-            sync_dir(d)?;
-        }
+        // The renames are durable once their folders are (blobs are spread over up to 256).
+        sync_dirs(touched_dirs.iter().map(PathBuf::as_path))?;
         let n_held = already_held.len();
         entries.extend(already_held);
         let k = key.index_key();
@@ -703,6 +781,7 @@ impl Store for LocalStore {
             stored,
             already_held: n_held,
             study: rec,
+            verified,
         })
     }
 
@@ -729,6 +808,7 @@ impl Store for LocalStore {
     fn keep_partial(&self, key: &StudyKey, staged: Vec<StagedInstance>) -> Result<(), StoreError> {
         let now = Self::now();
         let dir = self.root.join("staging").join("resume");
+        sync_files(staged.iter().map(|s| s.path.as_path()))?;
         for s in staged {
             let dest = self.resume_path(&s.sha256);
             fs::rename(&s.path, &dest).map_err(io_err(&dest))?;
@@ -782,6 +862,22 @@ impl Store for LocalStore {
     }
 
     fn deliver(&self, study: &StudyRecord) -> Result<PathBuf, StoreError> {
+        self.deliver_to_inbox(study, &std::collections::HashSet::new())
+    }
+
+    fn deliver_committed(&self, c: &Committed) -> Result<PathBuf, StoreError> {
+        self.deliver_to_inbox(&c.study, &c.verified)
+    }
+}
+
+impl LocalStore {
+    /// Links each instance of `study` into the inbox; every blob not in `verified` is re-hashed
+    /// first.
+    fn deliver_to_inbox(
+        &self,
+        study: &StudyRecord,
+        verified: &std::collections::HashSet<[u8; 32]>,
+    ) -> Result<PathBuf, StoreError> {
         let dir = self
             .inbox()
             .join(safe_name(&study.agreement))
@@ -792,6 +888,8 @@ impl Store for LocalStore {
             return Ok(dir);
         }
         fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+        // Decrypted copies of sealed blobs: written first, flushed together, then named.
+        let mut decrypted: Vec<(PathBuf, PathBuf)> = Vec::new();
         for (uid, sha_hex) in &study.instances {
             let target = dir.join(format!("{}.dcm", safe_name(uid)));
             if target.exists() {
@@ -801,12 +899,26 @@ impl Store for LocalStore {
             hex::decode_to_slice(sha_hex, &mut sha)
                 .map_err(|e| StoreError::Corrupt(e.to_string()))?;
             // Re-hashed before it is delivered: a blob corrupted at rest is quarantined, never
-            // delivered, and the study waits for this instance to be received again.
+            // delivered, and the study waits for this instance to be received again. (A blob
+            // just committed from a verified staging file is what was verified.)
             if sealed::AtRest::key_id_of(&self.blob_path(&sha))?.is_some() {
-                self.copy_out_sealed(study, uid, &sha, &target)?;
+                let tmp = dir.join(format!(".{}.part", safe_name(uid)));
+                let _ = fs::remove_file(&tmp);
+                if let Err(e) = self.copy_out_sealed(study, uid, &sha, &tmp) {
+                    for (t, _) in &decrypted {
+                        let _ = fs::remove_file(t);
+                    }
+                    return Err(e);
+                }
+                decrypted.push((tmp, target));
                 continue;
             }
-            match self.check_blob(&sha)? {
+            let check = if verified.contains(&sha) {
+                BlobCheck::Intact(self.blob_path(&sha))
+            } else {
+                self.check_blob(&sha)?
+            };
+            match check {
                 BlobCheck::Intact(blob) => link_or_copy(&blob, &dir, &target, uid)?,
                 BlobCheck::Quarantined(_) | BlobCheck::Missing => {
                     let key = StudyKey::new(
@@ -820,14 +932,17 @@ impl Store for LocalStore {
                 }
             }
         }
+        if !decrypted.is_empty() {
+            name_flushed(&dir, decrypted)?;
+        }
         sync_dir(&dir)?;
         Ok(dir)
     }
 }
 
 impl LocalStore {
-    /// Delivers a sealed blob to the inbox as its plaintext (decrypted, hash checked, written
-    /// under a temporary name and renamed). A blob that fails is quarantined and forgotten.
+    /// Writes a sealed blob's plaintext to `target` (a temporary name in the inbox; decrypted and
+    /// hash checked, not yet flushed). A blob that fails is quarantined and forgotten.
     fn copy_out_sealed(
         &self,
         study: &StudyRecord,
@@ -835,7 +950,10 @@ impl LocalStore {
         sha: &[u8; 32],
         target: &Path,
     ) -> Result<(), StoreError> {
-        match self.at_rest.copy_out(&self.blob_path(sha), target, sha) {
+        match self
+            .at_rest
+            .copy_out_unsynced(&self.blob_path(sha), target, sha)
+        {
             Ok(()) => Ok(()),
             Err(sealed::SealError::Damaged { .. } | sealed::SealError::Header { .. }) => {
                 self.quarantine(sha)?;
@@ -865,6 +983,33 @@ impl LocalStore {
             ],
         )
     }
+}
+
+/// Flushes the written files `(temporary, final)` to disk together (one file-system flush on
+/// Linux, not one per file), then gives each its name: the inbox never shows a partial file.
+fn name_flushed(dir: &Path, files: Vec<(PathBuf, PathBuf)>) -> Result<(), StoreError> {
+    let flushed = (|| {
+        #[cfg(target_os = "linux")]
+        {
+            let d = fs::File::open(dir)?;
+            rustix::fs::syncfs(&d)?;
+        }
+        #[cfg(not(target_os = "linux"))]
+        for (tmp, _) in &files {
+            fs::File::open(tmp)?.sync_all()?;
+        }
+        Ok::<_, std::io::Error>(())
+    })();
+    if let Err(e) = flushed {
+        for (tmp, _) in &files {
+            let _ = fs::remove_file(tmp);
+        }
+        return Err(io_err(dir)(e));
+    }
+    for (tmp, target) in files {
+        fs::rename(&tmp, &target).map_err(io_err(&target))?;
+    }
+    Ok(())
 }
 
 /// Re-seals every file under `dirs` (see [`sealed::AtRest::reseal`]); hidden files (being
@@ -1091,5 +1236,50 @@ mod inbox_tests {
         copy_into_place(&s.instance_path(&sha), elsewhere.path(), &target, "x").unwrap();
         assert_eq!(fs::read(&target).unwrap(), b"pixels");
         assert_eq!(fs::read_dir(elsewhere.path()).unwrap().count(), 1);
+    }
+
+    fn staged(s: &LocalStore, bytes: &[u8], uid: &str) -> StagedInstance {
+        // Written without a flush, as the receiver stages: commit makes them durable.
+        let (mut f, path) = s.stage_file().unwrap();
+        f.write_all(bytes).unwrap();
+        StagedInstance {
+            path,
+            sha256: Sha256::digest(bytes).into(),
+            size: bytes.len() as u64,
+            sop_instance_uid: uid.into(),
+        }
+    }
+
+    #[test]
+    fn delivery_after_a_commit_rehashes_only_the_blobs_that_commit_did_not_verify() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = LocalStore::open(dir.path()).unwrap();
+        let key = StudyKey::new("a", "f", "x", "2.25.4");
+        // Three instances (more than two: made durable by one file-system flush).
+        let first: Vec<_> = (0..3u8)
+            .map(|i| staged(&s, &[b'a', i], &format!("2.25.4{i}")))
+            .collect();
+        let c = s.commit(&key, 5, first, vec![]).unwrap();
+        assert_eq!(c.verified.len(), 3);
+        // One of them is damaged at rest before the study is complete.
+        let damaged: [u8; 32] = Sha256::digest([b'a', 0]).into();
+        fs::write(s.instance_path(&damaged), b"rot").unwrap();
+        // The next commit verified only its own two: the damaged blob is caught and quarantined,
+        // and the study waits for it again.
+        let rest = vec![staged(&s, b"b0", "2.25.48"), staged(&s, b"b1", "2.25.49")];
+        let c = s.commit(&key, 5, rest, vec![]).unwrap();
+        assert_eq!(c.verified.len(), 2);
+        assert!(matches!(
+            s.deliver_committed(&c),
+            Err(StoreError::BlobCorrupted(_))
+        ));
+        assert!(!s.instance_path(&damaged).exists(), "moved to quarantine");
+        // Received again, the study is delivered whole, with the intact bytes.
+        let again = s
+            .commit(&key, 5, vec![staged(&s, &[b'a', 0], "2.25.40")], vec![])
+            .unwrap();
+        let out = s.deliver_committed(&again).unwrap();
+        assert_eq!(fs::read(out.join("2.25.40.dcm")).unwrap(), [b'a', 0]);
+        assert_eq!(fs::read_dir(&out).unwrap().count(), 5);
     }
 }
