@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use dicom_core::{DataElement, PrimitiveValue, VR};
 use dicom_dictionary_std::tags;
-use pacs_broker::config::{DicomAllow, DicomConfig, DicomRoute, NodeConfig};
+use pacs_broker::config::NodeConfig;
 use pacs_broker::demo::{write_synthetic_ct, SyntheticPatient};
 use pacs_broker::store::sealed::AtRest;
 use pacs_broker::store::Store;
@@ -150,26 +150,13 @@ impl Sites {
         for site in ["hospital-a", "telerad-c"] {
             let mut cfg = site_config(dir.path(), site, &addrs);
             if site == "hospital-a" {
-                cfg.dicom = Some(DicomConfig {
-                    listen: format!("127.0.0.1:{dicom_port}"),
-                    ae_title: BROKER_AE.into(),
-                    allow: vec![DicomAllow {
-                        ae_title: "MODALITY".into(),
-                        address: "127.0.0.1".parse().unwrap(),
-                    }],
-                    routes: vec![DicomRoute {
-                        agreement: AGREEMENT.into(),
-                        flow: FLOW.into(),
-                        calling_ae: None,
-                        called_ae: None,
-                        purpose: None,
-                    }],
-                    max_associations: 4,
-                    study_quiet_secs: 1,
-                    max_pdu: 65_536,
-                    idle_timeout_secs: 30,
-                    deliver: None,
-                });
+                cfg.dicom = Some(common::listener_config(
+                    dicom_port,
+                    BROKER_AE,
+                    &[("MODALITY", "127.0.0.1")],
+                    AGREEMENT,
+                    FLOW,
+                ));
             }
             let path = dir.path().join(site).join("node.toml");
             std::fs::write(&path, cfg.to_toml()).unwrap();

@@ -17,7 +17,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use pacs_broker::audit::{read_entries, Entry};
-use pacs_broker::config::{DicomAllow, DicomConfig, DicomRoute, NodeConfig, TlsPaths};
+use pacs_broker::config::{NodeConfig, TlsPaths};
 use pacs_broker::demo::{write_synthetic_ct, SyntheticPatient};
 use pacs_broker::federation::{pki, tls};
 
@@ -298,26 +298,13 @@ fn with_dicom(port: u16) -> impl Fn(&mut NodeConfig) {
         if cfg.site_id != "hospital-a" {
             return;
         }
-        cfg.dicom = Some(DicomConfig {
-            listen: format!("127.0.0.1:{port}"),
-            ae_title: BROKER_AE.into(),
-            allow: vec![DicomAllow {
-                ae_title: "MODALITY1".into(),
-                address: "127.0.0.1".parse().unwrap(),
-            }],
-            routes: vec![DicomRoute {
-                agreement: AGREEMENT.into(),
-                flow: FLOW.into(),
-                calling_ae: None,
-                called_ae: None,
-                purpose: None,
-            }],
-            max_associations: 4,
-            study_quiet_secs: 1,
-            max_pdu: 65_536,
-            idle_timeout_secs: 30,
-            deliver: None,
-        });
+        cfg.dicom = Some(common::listener_config(
+            port,
+            BROKER_AE,
+            &[("MODALITY1", "127.0.0.1")],
+            AGREEMENT,
+            FLOW,
+        ));
     }
 }
 

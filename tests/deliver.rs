@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use orthanc::Orthanc;
-use pacs_broker::config::{DeliverConfig, DicomAllow, DicomConfig, DicomRoute, NodeConfig};
+use pacs_broker::config::{DeliverConfig, NodeConfig};
 use pacs_broker::demo::{write_synthetic_ct, SyntheticPatient};
 use pacs_broker::node::Node;
 
@@ -139,26 +139,13 @@ impl Sites {
     pub fn serve_hospital_listener(&self) -> (Served, u16) {
         let port = free_port();
         let mut cfg = self.hospital.clone();
-        cfg.dicom = Some(DicomConfig {
-            listen: format!("127.0.0.1:{port}"),
-            ae_title: HOSPITAL_AE.into(),
-            allow: vec![DicomAllow {
-                ae_title: "MODALITY".into(),
-                address: "127.0.0.1".parse().unwrap(),
-            }],
-            routes: vec![DicomRoute {
-                agreement: AGREEMENT.into(),
-                flow: FLOW.into(),
-                calling_ae: None,
-                called_ae: None,
-                purpose: None,
-            }],
-            max_associations: 4,
-            study_quiet_secs: 1,
-            max_pdu: 65_536,
-            idle_timeout_secs: 30,
-            deliver: None,
-        });
+        cfg.dicom = Some(common::listener_config(
+            port,
+            HOSPITAL_AE,
+            &[("MODALITY", "127.0.0.1")],
+            AGREEMENT,
+            FLOW,
+        ));
         let config = self.dir.path().join("hospital-a").join("node.toml");
         std::fs::write(&config, cfg.to_toml()).unwrap();
         let served = self.serve("hospital-a", &config, &format!("127.0.0.1:{port}"));

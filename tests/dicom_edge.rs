@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use pacs_broker::config::{DicomAllow, DicomConfig, DicomRoute, NodeConfig};
+use pacs_broker::config::NodeConfig;
 use pacs_broker::demo::{write_synthetic_ct, SyntheticPatient};
 
 use common::*;
@@ -129,29 +129,9 @@ impl Sites {
                 sign_by_all(dir.path(), &policy);
             }
             if site == "hospital-a" {
-                cfg.dicom = Some(DicomConfig {
-                    listen: format!("127.0.0.1:{dicom_port}"),
-                    ae_title: BROKER_AE.into(),
-                    allow: allow
-                        .iter()
-                        .map(|(ae, ip)| DicomAllow {
-                            ae_title: ae.to_string(),
-                            address: ip.parse().unwrap(),
-                        })
-                        .collect(),
-                    routes: vec![DicomRoute {
-                        agreement: AGREEMENT.into(),
-                        flow: FLOW.into(),
-                        calling_ae: None,
-                        called_ae: None,
-                        purpose: None,
-                    }],
-                    max_associations: 4,
-                    study_quiet_secs: 1,
-                    max_pdu: 65_536,
-                    idle_timeout_secs: 30,
-                    deliver: None,
-                });
+                cfg.dicom = Some(common::listener_config(
+                    dicom_port, BROKER_AE, allow, AGREEMENT, FLOW,
+                ));
             }
             let path = dir.path().join(site).join("node.toml");
             std::fs::write(&path, cfg.to_toml()).unwrap();

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use pacs_broker::config::{NodeConfig, Peer, TlsPaths};
+use pacs_broker::config::{DicomAllow, DicomConfig, DicomRoute, NodeConfig, Peer, TlsPaths};
 use pacs_broker::federation::pki;
 use pacs_broker::node::Node;
 use pacs_broker::pseudonym::SiteKeys;
@@ -284,4 +284,39 @@ pub fn prepared_study(
         });
     }
     (study, out)
+}
+
+/// A DICOM listener on loopback `port` with the called AE title `ae_title`, taking associations
+/// from the `allowed` (AE title, address) pairs and routing what arrives to `agreement`'s `flow`
+/// (a one-second study quiet time, so tests see studies complete quickly).
+pub fn listener_config(
+    port: u16,
+    ae_title: &str,
+    allowed: &[(&str, &str)],
+    agreement: &str,
+    flow: &str,
+) -> DicomConfig {
+    DicomConfig {
+        listen: format!("127.0.0.1:{port}"),
+        ae_title: ae_title.into(),
+        allow: allowed
+            .iter()
+            .map(|(ae, ip)| DicomAllow {
+                ae_title: ae.to_string(),
+                address: ip.parse().expect("an IP address"),
+            })
+            .collect(),
+        routes: vec![DicomRoute {
+            agreement: agreement.into(),
+            flow: flow.into(),
+            calling_ae: None,
+            called_ae: None,
+            purpose: None,
+        }],
+        max_associations: 4,
+        study_quiet_secs: 1,
+        max_pdu: 65_536,
+        idle_timeout_secs: 30,
+        deliver: None,
+    }
 }
