@@ -593,9 +593,21 @@ pub async fn run(
             d
         }
     };
-    let report = node_a
-        .send(&agreement.id, FLOW, None, std::slice::from_ref(&study_dir))
-        .await;
+    let send = || node_a.send(&agreement.id, FLOW, None, std::slice::from_ref(&study_dir));
+    let mut report = send().await;
+    // A partner that has just started (or a machine busy flushing its disks) may not take the
+    // first offer; the study then waits in the outbox. Sending again is idempotent, so the demo
+    // tries a few more times before it gives up, as the node's own outbox worker would.
+    for attempt in 1..=DEMO_SEND_RETRIES {
+        match &report {
+            Ok(r) if r.studies.is_empty() && !r.queued.is_empty() => {
+                tracing::warn!(attempt, reason = %r.queued[0].1, "the partner did not take the demo study yet; sending again");
+                tokio::time::sleep(std::time::Duration::from_secs(attempt as u64)).await;
+                report = send().await;
+            }
+            _ => break,
+        }
+    }
     let _ = stop_tx.send(true);
     for s in servers {
         let _ = s.await;
@@ -624,6 +636,9 @@ pub async fn run(
 }
 
 /// The identifying attributes the demo's before/after table shows.
+/// How many more times the demo sends its study when the partner did not take it at first.
+const DEMO_SEND_RETRIES: u32 = 4;
+
 pub const REPORT_ATTRIBUTES: &[(Tag, &str)] = &[
     (tags::PATIENT_NAME, "PatientName"),
     (tags::PATIENT_ID, "PatientID"),
