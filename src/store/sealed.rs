@@ -580,36 +580,6 @@ impl AtRest {
         Ok((sha, n))
     }
 
-    /// Writes the plaintext of `src` to `target` (a delivery folder), atomically, checking that
-    /// its SHA-256 is `sha256`; nothing is left at `target` if it is not.
-    pub fn copy_out(&self, src: &Path, target: &Path, sha256: &[u8; 32]) -> Result<(), SealError> {
-        let mut r = self.open(src)?;
-        let plain = AtRest::plain();
-        let dir = target.parent().unwrap_or(Path::new("."));
-        let tmp = dir.join(format!(".{:016x}.part", rand::random::<u64>()));
-        let got = plain.write_atomic_from(&tmp, &mut r);
-        match got {
-            Ok((sha, _)) if sha == *sha256 => fs::rename(&tmp, target).map_err(|source| {
-                let _ = fs::remove_file(&tmp);
-                SealError::Io {
-                    path: target.to_owned(),
-                    source,
-                }
-            }),
-            Ok(_) => {
-                let _ = fs::remove_file(&tmp);
-                Err(SealError::Damaged {
-                    path: src.to_owned(),
-                    segment: 0,
-                })
-            }
-            Err(e) => {
-                let _ = fs::remove_file(&tmp);
-                Err(e)
-            }
-        }
-    }
-
     /// Writes the plaintext of `src` to a new file `tmp`, checking that its SHA-256 is `sha256`,
     /// without flushing it: the caller flushes a whole batch at once and then names each file
     /// (see `LocalStore::deliver`). Nothing is left at `tmp` on failure.
