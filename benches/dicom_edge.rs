@@ -20,7 +20,11 @@
 //! cargo bench --bench dicom_edge
 //! DICOM_BENCH_AT_REST=off cargo bench --bench dicom_edge   # both sites without encryption at rest
 //! DICOM_BENCH_INSTANCES=100 DICOM_BENCH_REPEAT=1 cargo bench --bench dicom_edge
+//! DICOM_BENCH_ONLY=send,twohops cargo bench --bench dicom_edge   # some variants (and the plain push)
 //! ```
+//!
+//! `DICOM_BENCH_ONLY` takes a comma-separated list of `send`, `ingest`, `syslog` (both
+//! forwarding variants) and `twohops`; the plain push always runs, as every ratio needs it.
 //!
 //! Needs dcmtk (`storescu`, `storescp`), rsyslog with its TLS module (`rsyslog-gnutls`) and the
 //! repository's certs-dev/ and policies/ (the sites are laid out by `pacs-broker demo`). A
@@ -209,9 +213,11 @@ fn main() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(3)
         .max(1);
+    let only = std::env::var("DICOM_BENCH_ONLY").unwrap_or_default();
+    let wanted = |v: &str| only.is_empty() || only.split(',').any(|o| o.trim() == v);
     let siem_dir = base.path().join("siem");
     std::fs::create_dir_all(&siem_dir).unwrap();
-    let siem = Collector::start(&siem_dir);
+    let siem = wanted("syslog").then(|| Collector::start(&siem_dir));
     let best = |a: &mut Option<Duration>, d: Duration| *a = Some(a.map_or(d, |b| b.min(d)));
     let (mut plain, mut send, mut ingest, mut send_fwd, mut ingest_fwd) =
         (None, None, None, None, None);
@@ -219,60 +225,81 @@ fn main() {
     for r in 0..repeats {
         let run = base.path().join(format!("run-{r}"));
         best(&mut plain, plain_push(&run.join("storescp"), &study));
-        best(&mut send, run_send(&run.join("send"), &study, None));
-        let (took, peak) = run_ingest(&run.join("ingest"), &study, None);
-        best(&mut ingest, took);
-        rss = rss.max(peak);
-        best(
-            &mut send_fwd,
-            run_send(&run.join("send-siem"), &study, Some(&siem)),
-        );
-        best(
-            &mut ingest_fwd,
-            run_ingest(&run.join("ingest-siem"), &study, Some(&siem)).0,
-        );
+        if wanted("send") {
+            best(&mut send, run_send(&run.join("send"), &study, None));
+        }
+        if wanted("ingest") {
+            let (took, peak) = run_ingest(&run.join("ingest"), &study, None);
+            best(&mut ingest, took);
+            rss = rss.max(peak);
+        }
+        if let Some(siem) = &siem {
+            best(
+                &mut send_fwd,
+                run_send(&run.join("send-siem"), &study, Some(siem)),
+            );
+            best(
+                &mut ingest_fwd,
+                run_ingest(&run.join("ingest-siem"), &study, Some(siem)).0,
+            );
+            if send.is_none() {
+                best(&mut send, run_send(&run.join("send"), &study, None));
+            }
+            if ingest.is_none() {
+                best(&mut ingest, run_ingest(&run.join("ingest"), &study, None).0);
+            }
+        }
         // Every node of this round has stopped: its sites go (a 500-instance round writes GBs).
         let _ = std::fs::remove_dir_all(&run);
     }
-    let [plain, send, ingest, send_fwd, ingest_fwd] =
-        [plain, send, ingest, send_fwd, ingest_fwd].map(|d| d.expect("at least one run"));
+    let plain = plain.expect("at least one run");
     println!("(best of {repeats} runs each, interleaved)");
     println!(
         "plain push   storescu -> storescp + sync: {}",
         rate(n, plain)
     );
-    println!(
-        "send         pacs-broker send to a running partner: {}  = {:.2}x the plain push",
-        rate(n, send),
-        send.as_secs_f64() / plain.as_secs_f64()
-    );
-    println!(
-        "ingest       storescu -> hospital-a (durable acks): {}  = {:.2}x storescp's throughput",
-        rate(n, ingest),
-        plain.as_secs_f64() / ingest.as_secs_f64()
-    );
-    println!(
-        "peak RSS     of hospital-a while ingesting: {:.1} MiB (bound: 64 MiB + 2 x {:.2} MiB)",
-        rss as f64 / 1024.0,
-        largest as f64 / 1048576.0
-    );
-    // Give the forwarders a moment to deliver the last entries, then count what arrived.
-    std::thread::sleep(Duration::from_millis(500));
-    let forwarded = rsyslog::received(&siem.out).len();
-    println!(
-        "send+syslog  with [audit.syslog] live forwarding to rsyslog (TLS): {}  = {:.3}x send without",
-        rate(n, send_fwd),
-        send_fwd.as_secs_f64() / send.as_secs_f64()
-    );
-    println!(
-        "ingest+syslog with [audit.syslog] live forwarding to rsyslog (TLS): {}  = {:.3}x ingest without; {forwarded} audit entries reached rsyslog",
-        rate(n, ingest_fwd),
-        ingest_fwd.as_secs_f64() / ingest.as_secs_f64()
-    );
-    assert!(forwarded > 0, "no audit entry reached rsyslog");
+    if let Some(send) = send {
+        println!(
+            "send         pacs-broker send to a running partner: {}  = {:.2}x the plain push",
+            rate(n, send),
+            send.as_secs_f64() / plain.as_secs_f64()
+        );
+    }
+    if let Some(ingest) = ingest {
+        println!(
+            "ingest       storescu -> hospital-a (durable acks): {}  = {:.2}x storescp's throughput",
+            rate(n, ingest),
+            plain.as_secs_f64() / ingest.as_secs_f64()
+        );
+        println!(
+            "peak RSS     of hospital-a while ingesting: {:.1} MiB (bound: 64 MiB + 2 x {:.2} MiB)",
+            rss as f64 / 1024.0,
+            largest as f64 / 1048576.0
+        );
+    }
+    if let (Some(siem), Some(send), Some(ingest), Some(send_fwd), Some(ingest_fwd)) =
+        (&siem, send, ingest, send_fwd, ingest_fwd)
+    {
+        // Give the forwarders a moment to deliver the last entries, then count what arrived.
+        std::thread::sleep(Duration::from_millis(500));
+        let forwarded = rsyslog::received(&siem.out).len();
+        println!(
+            "send+syslog  with [audit.syslog] live forwarding to rsyslog (TLS): {}  = {:.3}x send without",
+            rate(n, send_fwd),
+            send_fwd.as_secs_f64() / send.as_secs_f64()
+        );
+        println!(
+            "ingest+syslog with [audit.syslog] live forwarding to rsyslog (TLS): {}  = {:.3}x ingest without; {forwarded} audit entries reached rsyslog",
+            rate(n, ingest_fwd),
+            ingest_fwd.as_secs_f64() / ingest.as_secs_f64()
+        );
+        assert!(forwarded > 0, "no audit entry reached rsyslog");
+    }
     drop(siem);
 
-    two_hops(base.path(), &study, n, plain);
+    if wanted("twohops") {
+        two_hops(base.path(), &study, n, plain);
+    }
 }
 
 /// dcmtk storescu -> storescp into `out`, then one sync.
