@@ -405,9 +405,9 @@ impl Node {
         let store = self.store()?;
         let (set, audit) = (self.agreements(), self.audit.clone());
         let (site, now) = (self.site_id().to_string(), self.now());
-        let st = store.clone();
+        let (st, returns) = (store.clone(), self.return_queue());
         let destroyed = tokio::task::spawn_blocking(move || {
-            crate::retention::sweep(&st, &set, &site, &audit, now)
+            crate::retention::sweep(&st, &returns, &set, &site, &audit, now)
         })
         .await
         .map_err(|e| NodeError::Serve(format!("retention sweep stopped: {e}")))??;

@@ -29,6 +29,7 @@ use crate::dsa::AgreementSet;
 use crate::federation::client::PeerClient;
 use crate::federation::proto::DestructionReceipt;
 use crate::federation::tls::SiteTls;
+use crate::results::queue::ReturnQueue;
 use crate::store::retention::{Destruction, RetentionEnded};
 use crate::store::{LocalStore, Store, StoreError, StudyKey, StudyRecord};
 
@@ -123,6 +124,7 @@ pub fn expired(
 /// Blocking (file deletions and fsyncs): run it off the async executor.
 pub fn sweep(
     store: &LocalStore,
+    returns: &ReturnQueue,
     set: &AgreementSet,
     site: &str,
     audit: &AuditLog,
@@ -162,10 +164,54 @@ pub fn sweep(
             }
         }
     }
+    if let Err(e) = destroy_results(store, returns, audit) {
+        first_error.get_or_insert(e);
+    }
     match first_error {
         Some(e) => Err(e),
         None => Ok(done),
     }
+}
+
+/// Results produced here on a destroyed study (a report waiting to go home while the origin is
+/// unreachable, or refused) go with it: they are derived from the study's data. Every
+/// tombstone is consulted, not only this sweep's, so a sweep a crash interrupted is finished.
+fn destroy_results(
+    store: &LocalStore,
+    returns: &ReturnQueue,
+    audit: &AuditLog,
+) -> Result<(), StoreError> {
+    let studies: std::collections::HashSet<(String, String, String)> = store
+        .destructions()?
+        .into_iter()
+        .map(|(_, d)| (d.agreement, d.from_site, d.study_token))
+        .collect();
+    if studies.is_empty() {
+        return Ok(());
+    }
+    for e in returns.destroy_for_studies(&studies)? {
+        audit.record_detailed_or_warn(
+            Event {
+                actor: "node".into(),
+                action: "retention-delete".into(),
+                object: format!(
+                    "result {} on study {} for site:{} (not yet returned)",
+                    e.sop_instance_uid, e.study_token, e.origin
+                ),
+                agreement: e.agreement.clone(),
+                purpose: e.purpose.clone(),
+                outcome: "ok: deleted with its study, whose retention ended".into(),
+            },
+            Detail {
+                study: Some(e.study_token.clone()),
+                party: Some(e.origin.clone()),
+                flow: Some(e.flow.clone()),
+                ..Default::default()
+            },
+        );
+        tracing::info!(agreement = %e.agreement, study = %e.study_token, origin = %e.origin, "retention ended: a result that had not gone home was deleted with its study");
+    }
+    Ok(())
 }
 
 fn audit_destroyed(audit: &AuditLog, d: &Destruction) {

@@ -423,3 +423,72 @@ async fn a_refused_or_lost_receipt_stays_queued_and_is_retried_until_the_origin_
     drop((a, c));
     fed.stop().await;
 }
+
+/// A report telerad-c made on a study, still waiting to go home (hospital-a unreachable from
+/// telerad-c), is destroyed with the study when its retention ends: a result is derived from
+/// the study's data and may not outlive it at the receiver.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_result_still_waiting_to_go_home_is_destroyed_with_its_study() {
+    use pacs_broker::results::queue::{ReturnQueue, ReturnState, RESULT_FILE};
+    use pacs_broker::results::recognise::ReturnTarget;
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().to_string()
+    };
+    let fed = Federation::start_with(&["hospital-a", "telerad-c"], |cfg| {
+        if cfg.site_id == "telerad-c" {
+            cfg.peers.get_mut("hospital-a").unwrap().address = dead.clone();
+        }
+    })
+    .await;
+    let c = fed.node("telerad-c").clone();
+    let study = send_study(&fed, 2).await;
+    let report = fed.dir.path().join("report.dcm");
+    std::fs::write(&report, b"a report telerad-c made on the study").unwrap();
+    let target = ReturnTarget {
+        agreement: AGREEMENT.into(),
+        flow: FLOW.into(),
+        origin: "hospital-a".into(),
+        purpose: "treatment".into(),
+        study_token: study.clone(),
+        sop_instance_uid: "2.25.4242".into(),
+    };
+    let (dir, _) = c
+        .return_queue()
+        .add(&report, &target, ReturnState::Pending)
+        .unwrap();
+    // The serving node tries to send it home and cannot: it stays queued, with its file.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while ReturnQueue::load(&dir).unwrap().attempts == 0 {
+        assert!(std::time::Instant::now() < deadline, "never attempted");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(ReturnQueue::load(&dir).unwrap().state, ReturnState::Pending);
+    assert!(dir.join(RESULT_FILE).exists());
+
+    let start = pacs_broker::retention::Clock::now(&pacs_broker::retention::SystemClock);
+    c.set_clock(Arc::new(ManualClock::at(start + 31 * DAY)));
+    let run = c.sweep_retention().await.unwrap();
+    assert_eq!(run.destroyed.len(), 1);
+    let entry = ReturnQueue::load(&dir).unwrap();
+    assert_eq!(entry.state, ReturnState::Destroyed, "{entry:?}");
+    assert!(
+        !dir.join(RESULT_FILE).exists(),
+        "the result went with its study"
+    );
+    assert!(c.return_queue().due(u64::MAX).is_empty(), "never sent now");
+    let log = pacs_broker::audit::read_entries(c.audit.path()).unwrap();
+    let deleted: Vec<_> = log
+        .iter()
+        .filter(|e| e.event.action == "retention-delete")
+        .map(|e| e.event.object.clone())
+        .collect();
+    assert!(
+        deleted
+            .iter()
+            .any(|o| o.contains("result 2.25.4242") && o.contains(&study)),
+        "{deleted:?}"
+    );
+    drop(c);
+    fed.stop().await;
+}

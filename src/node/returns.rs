@@ -237,7 +237,7 @@ impl Node {
                             origin: e.origin,
                         }
                     }
-                    ReturnState::Refused => {
+                    ReturnState::Refused | ReturnState::Destroyed => {
                         return ReturnOutcome::Refused {
                             reason: e.last_error.unwrap_or_default(),
                         }

@@ -33,6 +33,9 @@ pub enum ReturnState {
     Returned,
     /// The origin refused it (not retried; the reason is kept).
     Refused,
+    /// The study it refers to was destroyed here at the end of its retention before the result
+    /// went home: the file is gone with the study, the entry stays as the record.
+    Destroyed,
 }
 
 /// One result waiting to go home (or gone).
@@ -110,8 +113,14 @@ impl ReturnQueue {
         let (sha, size) = self.copy_hashed(file, &copy)?;
         let dir = self.root.join(hex::encode(sha));
         match Self::load(&dir) {
-            // Refused before (the agreement suspended then, say): this is a new attempt.
-            Ok(existing) if existing.state == ReturnState::Refused => {
+            // Refused before (the agreement suspended then, say), or destroyed with its study:
+            // this is a new attempt, judged afresh.
+            Ok(existing)
+                if matches!(
+                    existing.state,
+                    ReturnState::Refused | ReturnState::Destroyed
+                ) =>
+            {
                 fs::remove_dir_all(&dir).map_err(io(&dir))?;
             }
             Ok(existing) => return Ok((dir, existing)),
@@ -253,6 +262,47 @@ impl ReturnQueue {
         sync_dir(dir)
     }
 
+    /// Destroys every result still held here (waiting, unchecked or refused: anything whose file
+    /// has not gone home) that refers to one of `studies` — (agreement, origin, study token) of
+    /// studies destroyed at the end of their retention. A result is derived from its study and
+    /// may not outlive it here. Each file is deleted and its entry marked
+    /// [`ReturnState::Destroyed`]; a result being sent right now (its entry locked) is left for
+    /// the next sweep. Returns the entries destroyed. Idempotent, so a sweep interrupted by a
+    /// crash is finished by the next one.
+    pub fn destroy_for_studies(
+        &self,
+        studies: &std::collections::HashSet<(String, String, String)>,
+    ) -> Result<Vec<ReturnEntry>, StoreError> {
+        let mut destroyed = Vec::new();
+        for (dir, mut entry) in self.entries() {
+            let held = !matches!(entry.state, ReturnState::Returned | ReturnState::Destroyed)
+                || dir.join(RESULT_FILE).exists();
+            let key = (
+                entry.agreement.clone(),
+                entry.origin.clone(),
+                entry.study_token.clone(),
+            );
+            if !held || !studies.contains(&key) {
+                continue;
+            }
+            let Some(_claim) = Self::try_claim(&dir) else {
+                continue;
+            };
+            entry.state = ReturnState::Destroyed;
+            entry.last_error = Some("its study was destroyed at the end of its retention".into());
+            write_entry(&dir, &entry)?;
+            let f = dir.join(RESULT_FILE);
+            match fs::remove_file(&f) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io(&f)(e)),
+            }
+            sync_dir(&dir)?;
+            destroyed.push(entry);
+        }
+        Ok(destroyed)
+    }
+
     /// An attempt failed: retried later with backoff when `transient`, else marked refused.
     pub fn mark_failed(
         dir: &Path,
@@ -354,5 +404,51 @@ mod tests {
             .add(&d.join(RESULT_FILE), &target(), ReturnState::Pending)
             .unwrap();
         assert_eq!(again.0, d);
+    }
+
+    #[test]
+    fn results_of_a_destroyed_study_are_destroyed_with_it_and_only_those() {
+        let dir = tempfile::tempdir().unwrap();
+        let q = ReturnQueue::new(dir.path());
+        let src = dir.path().join("sr.dcm");
+        fs::write(&src, b"report on study 1").unwrap();
+        let (d1, _) = q.add(&src, &target(), ReturnState::Pending).unwrap();
+        let other = ReturnTarget {
+            study_token: "2.25.9".into(),
+            ..target()
+        };
+        let src2 = dir.path().join("sr2.dcm");
+        fs::write(&src2, b"report on study 9").unwrap();
+        let (d2, _) = q.add(&src2, &other, ReturnState::Pending).unwrap();
+        let gone: std::collections::HashSet<_> = [(
+            "agr".to_string(),
+            "hospital-a".to_string(),
+            "2.25.1".to_string(),
+        )]
+        .into_iter()
+        .collect();
+        // A result being sent right now is left for the next sweep.
+        let claim = ReturnQueue::try_claim(&d1).unwrap();
+        assert!(q.destroy_for_studies(&gone).unwrap().is_empty());
+        drop(claim);
+        let destroyed = q.destroy_for_studies(&gone).unwrap();
+        assert_eq!(destroyed.len(), 1);
+        assert_eq!(destroyed[0].study_token, "2.25.1");
+        assert!(
+            !d1.join(RESULT_FILE).exists(),
+            "the file goes with its study"
+        );
+        assert_eq!(
+            ReturnQueue::load(&d1).unwrap().state,
+            ReturnState::Destroyed
+        );
+        assert!(
+            d2.join(RESULT_FILE).exists(),
+            "another study's result stays"
+        );
+        assert_eq!(ReturnQueue::load(&d2).unwrap().state, ReturnState::Pending);
+        assert!(q.due(u64::MAX).iter().all(|(d, _)| d != &d1), "never sent");
+        // Idempotent: a second sweep finds nothing more.
+        assert!(q.destroy_for_studies(&gone).unwrap().is_empty());
     }
 }
