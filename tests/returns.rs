@@ -903,6 +903,60 @@ async fn a_result_waiting_at_either_end_is_kept_sealed() {
         )
         .unwrap();
     let claim = pacs_broker::results::queue::ReturnQueue::try_claim(&dir).unwrap();
+
+    // While hospital-a receives a result it stages it sealed: a stream stalled half-way leaves
+    // a staging file there that holds nothing in clear.
+    {
+        let bytes = std::fs::read(&sr).unwrap();
+        let mut chunks = result_chunks(RETURNS, &target.study_token, &sop, bytes.clone());
+        let half = bytes.len() / 2;
+        chunks[0].data.truncate(half);
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        tx.send(chunks.remove(0)).await.unwrap();
+        tx.send(ResultChunk {
+            header: None,
+            data: bytes[half..bytes.len() - 8].to_vec(),
+        })
+        .await
+        .unwrap();
+        let mut client =
+            PeerClient::connect(&c.tls, "hospital-a", &fed.addrs["hospital-a"], "localhost")
+                .await
+                .unwrap();
+        let call = tokio::spawn(async move {
+            client
+                .raw()
+                .return_result(tokio_stream::wrappers::ReceiverStream::new(rx))
+                .await
+        });
+        let staging = a.config.data_dir.join("results").join(".staging");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let staged = loop {
+            let parts = files_under(&staging);
+            if let Some(p) = parts.first() {
+                let b = std::fs::read(p).unwrap_or_default();
+                if b.len() >= 8 {
+                    break b;
+                }
+            }
+            assert!(Instant::now() < deadline, "nothing was staged");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        assert!(
+            staged.starts_with(b"PBSEALED"),
+            "the staged result is sealed"
+        );
+        assert!(!contains(&staged, REPORT_TEXT.as_bytes()));
+        drop(tx);
+        let status = call.await.unwrap().expect_err("a short result is refused");
+        assert_eq!(status.code(), tonic::Code::DataLoss, "{status:?}");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !files_under(&staging).is_empty() {
+            assert!(Instant::now() < deadline, "the staging file stayed");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     let queued = std::fs::read(dir.join(pacs_broker::results::queue::RESULT_FILE)).unwrap();
     assert!(
         queued.starts_with(b"PBSEALED"),

@@ -58,6 +58,9 @@ pub struct ReturnDesk {
     pub keys: SiteKeys,
     pub vault: Box<VaultAccess>,
     pub sink: ResultSink,
+    /// Seals the incoming result while it is received: it is pseudonymised data, and the
+    /// staging folder is no delivery folder.
+    pub at_rest: crate::store::sealed::AtRest,
 }
 
 /// An agreement's permission for results to return from a partner.
@@ -307,7 +310,9 @@ impl ReturnDesk {
         );
     }
 
-    /// Streams the result to a staging file, bounded by the announced size, and checks its hash.
+    /// Streams the result to a staging file (sealed at rest), bounded by the announced size, and
+    /// checks its hash. Not flushed: nothing is acknowledged before the re-identified result is
+    /// delivered durably, and a crash leaves the partner to send it again.
     async fn stage(
         &self,
         h: &Header,
@@ -315,15 +320,15 @@ impl ReturnDesk {
         stream: &mut Streaming<ResultChunk>,
         stall: Duration,
     ) -> Result<StagedFile, Status> {
+        let cannot =
+            |e: std::io::Error| Status::internal(format!("cannot stage the result: {}", e.kind()));
         let dir = self.data_dir.join("results").join(".staging");
-        tokio::fs::create_dir_all(&dir)
-            .await
-            .map_err(|e| Status::internal(format!("cannot stage the result: {}", e.kind())))?;
+        tokio::fs::create_dir_all(&dir).await.map_err(cannot)?;
         let path = dir.join(format!("{}.part", hex::encode(rand::random::<[u8; 16]>())));
         let staged = StagedFile(Some(path.clone()));
-        let mut f = tokio::fs::File::create(&path)
-            .await
-            .map_err(|e| Status::internal(format!("cannot stage the result: {}", e.kind())))?;
+        let mut f = tokio::fs::File::create(&path).await.map_err(cannot)?;
+        // Sealed in memory one segment at a time, then written.
+        let mut sealing = self.at_rest.writer(Vec::new()).map_err(cannot)?;
         let mut hasher = Sha256::new();
         let mut size = 0u64;
         let mut chunk = first;
@@ -340,9 +345,9 @@ impl ReturnDesk {
                 ));
             }
             hasher.update(&chunk);
-            f.write_all(&chunk)
-                .await
-                .map_err(|e| Status::internal(format!("cannot stage the result: {}", e.kind())))?;
+            std::io::Write::write_all(&mut sealing, &chunk).map_err(cannot)?;
+            let sealed = std::mem::take(sealing.get_mut());
+            f.write_all(&sealed).await.map_err(cannot)?;
             match next_chunk(stream, stall).await? {
                 Some(m) if m.header.is_some() => {
                     return Err(Status::invalid_argument(
@@ -353,9 +358,9 @@ impl ReturnDesk {
                 None => break,
             }
         }
-        f.sync_all()
-            .await
-            .map_err(|e| Status::internal(format!("cannot stage the result: {}", e.kind())))?;
+        let (tail, _) = sealing.finish().map_err(cannot)?;
+        f.write_all(&tail).await.map_err(cannot)?;
+        f.flush().await.map_err(cannot)?;
         let got: [u8; 32] = hasher.finalize().into();
         if size != h.size || got != h.sha256 {
             return Err(Status::data_loss(
@@ -380,13 +385,21 @@ impl ReturnDesk {
             .keys
             .tokenizer(&h.agreement)
             .map_err(ResultError::from_vault)?;
-        let (sink, data_dir) = (self.sink.clone(), self.data_dir.clone());
+        let (sink, data_dir, at_rest) = (
+            self.sink.clone(),
+            self.data_dir.clone(),
+            self.at_rest.clone(),
+        );
         let key = StudyKey::new(&h.agreement, flow, partner, &h.study_token);
         let (sop, study, sha) = (h.sop.clone(), h.study_token.clone(), h.sha256);
         let path = staged.0.clone().expect("staged");
         tokio::task::spawn_blocking(move || {
             let _staged = staged;
-            let mut obj = read_result(&path)?;
+            // The plaintext is read from memory, never from a file on disk.
+            let view = at_rest
+                .plain_view(&path)
+                .map_err(|e| ResultError::Storage(e.to_string()))?;
+            let mut obj = read_result(view.path())?;
             check_identity(&obj, &sop, &study)?;
             let cx = RestoreContext {
                 agreement: &key.agreement,

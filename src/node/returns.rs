@@ -485,6 +485,7 @@ impl Node {
                 node.shared_vault().map_err(|e| e.to_string())
             }),
             sink,
+            at_rest: self.at_rest(),
         })
     }
 
