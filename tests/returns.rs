@@ -394,7 +394,7 @@ print(d.PatientName, d.PatientID, d.PatientBirthDate, d.StudyInstanceUID, d.SOPI
 print(ev.StudyInstanceUID)
 print(" ".join(sorted(refs)))
 "#;
-    let (ok, out) = run_tool("python3", &["-c", script, path.to_str().unwrap()]);
+    let (ok, out) = run_tool("/usr/bin/python3", &["-c", script, path.to_str().unwrap()]);
     assert!(ok, "pydicom cannot read the filed result: {out}");
     let lines: Vec<&str> = out.lines().collect();
     assert_eq!(
