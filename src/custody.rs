@@ -108,10 +108,22 @@ pub fn last_disclosure(
         .max())
 }
 
+/// Why the vault could not be opened for [`shred`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VaultOpen {
+    /// A running node holds the vault database (sled locks it): the records are left to it.
+    InUse,
+    Failed(String),
+}
+
 /// What [`shred`] did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Shredded {
+    /// Vault records destroyed now (0 when `by_running_node`).
     pub records: usize,
+    /// The vault was held by a running node: the token secret is destroyed, and that node
+    /// deletes the records ([`complete_pending_shreds`]), audited when done.
+    pub by_running_node: bool,
     /// The agreement's tokens were made under the site token key (before v2 key files): its
     /// vault records are gone, but a token can still be recomputed from a guessed original.
     pub legacy: bool,
@@ -119,11 +131,16 @@ pub struct Shredded {
 
 /// Crypto-shreds agreement `id` if [`may_shred`] allows it at `now`: its vault records and its
 /// token secret are destroyed. Audited either way, with `actor` (who asked) and the outcome.
+///
+/// Beside a running node that holds the vault: the token secret is destroyed in the key file at
+/// once (from then on no token of the agreement is reversed or issued: the vault and the key
+/// file both refuse), and the node deletes the records within its next housekeeping round
+/// ([`complete_pending_shreds`]), audited by it.
 pub fn shred(
     set: &AgreementSet,
     id: &str,
     keys: &SiteKeys,
-    open_vault: impl FnOnce() -> Result<std::sync::Arc<Vault>, String>,
+    open_vault: impl FnOnce() -> Result<std::sync::Arc<Vault>, VaultOpen>,
     audit: &AuditLog,
     actor: &str,
     now: OffsetDateTime,
@@ -141,12 +158,35 @@ pub fn shred(
         audit.record_or_warn(event(format!("refused: {r}")));
         return Err(r.into());
     }
-    let vault = open_vault().map_err(|e| {
-        audit.record_or_warn(event("failed: vault unavailable".into()));
-        CustodyError::Vault(e)
-    })?;
     // Legacy when its tokens are under the site key: no secret of its own to destroy.
     let legacy = keys.agreement_is_legacy(id);
+    let legacy_note = if legacy {
+        "; legacy agreement: its tokens were made under the site token key, which stays"
+    } else {
+        " and its token secret destroyed: its tokens can never be reversed again"
+    };
+    let vault = match open_vault() {
+        Ok(v) => v,
+        Err(VaultOpen::InUse) => {
+            if let Err(e) = keys.shred_agreement(id) {
+                audit.record(event(format!("failed: {e}")))?;
+                return Err(e.into());
+            }
+            audit.record(event(format!(
+                "ok: token secret destroyed{}; the running node that holds the vault deletes its records",
+                if legacy { " (legacy agreement: none of its own; the site token key stays)" } else { "" }
+            )))?;
+            return Ok(Shredded {
+                records: 0,
+                by_running_node: true,
+                legacy,
+            });
+        }
+        Err(VaultOpen::Failed(e)) => {
+            audit.record_or_warn(event("failed: vault unavailable".into()));
+            return Err(CustodyError::Vault(e));
+        }
+    };
     let records = match vault.shred(id) {
         Ok(n) => n,
         Err(e) => {
@@ -155,14 +195,75 @@ pub fn shred(
         }
     };
     audit.record(event(format!(
-        "ok: {records} vault records destroyed{}",
-        if legacy {
-            "; legacy agreement: its tokens were made under the site token key, which stays"
-        } else {
-            " and its token secret destroyed: its tokens can never be reversed again"
-        }
+        "ok: {records} vault records destroyed{legacy_note}"
     )))?;
-    Ok(Shredded { records, legacy })
+    Ok(Shredded {
+        records,
+        by_running_node: false,
+        legacy,
+    })
+}
+
+/// A serving node's part of [`shred`]: the vault records of every agreement whose token secret
+/// the key file says was destroyed, and whose records this vault has not destroyed yet, are
+/// deleted now (audited as `vault-shred` by `node`). `done` remembers the agreements already
+/// settled, so the vault is opened only when a new shred appears. Returns (agreement, records
+/// destroyed) for each one completed.
+pub fn complete_pending_shreds(
+    keys: &SiteKeys,
+    open_vault: impl FnOnce() -> Result<std::sync::Arc<Vault>, String>,
+    audit: &AuditLog,
+    done: &mut std::collections::BTreeSet<String>,
+) -> Vec<(String, usize)> {
+    let pending: Vec<String> = keys
+        .shredded_agreements()
+        .into_iter()
+        .filter(|a| !done.contains(a))
+        .collect();
+    if pending.is_empty() {
+        return Vec::new();
+    }
+    let vault = match open_vault() {
+        Ok(v) => v,
+        Err(e) => {
+            tracing::warn!(error = %e, "a shredded agreement's vault records wait: the vault cannot be opened now");
+            return Vec::new();
+        }
+    };
+    let mut completed = Vec::new();
+    for id in pending {
+        let shredded = vault.records_shredded(&id).and_then(|gone| {
+            if gone {
+                Ok(None)
+            } else {
+                vault.shred(&id).map(Some)
+            }
+        });
+        match shredded {
+            Ok(None) => {
+                done.insert(id);
+            }
+            Ok(Some(n)) => {
+                audit.record_or_warn(Event {
+                    actor: "node".into(),
+                    action: "vault-shred".into(),
+                    object: format!("vault records of agreement {id}"),
+                    agreement: id.clone(),
+                    purpose: String::new(),
+                    outcome: format!(
+                        "ok: {n} vault records destroyed, completing `vault shred` (its token secret was destroyed first)"
+                    ),
+                });
+                tracing::info!(agreement = %id, records = n, "shredded agreement: vault records destroyed");
+                done.insert(id.clone());
+                completed.push((id, n));
+            }
+            Err(e) => {
+                tracing::error!(agreement = %id, error = %e, "a shredded agreement's vault records could not be destroyed; retried");
+            }
+        }
+    }
+    completed
 }
 
 /// What [`rotate`] did.

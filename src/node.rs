@@ -430,7 +430,9 @@ impl Node {
     /// blocking pool, and an interrupted destruction is finished by the next sweep.)
     async fn run_retention(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
         let mut last: Option<std::time::Instant> = None;
+        let mut shreds_settled = std::collections::BTreeSet::new();
         loop {
+            shreds_settled = self.complete_shreds(shreds_settled).await;
             let due = self.retention_due.load(std::sync::atomic::Ordering::SeqCst);
             if due || last.is_none_or(|t| t.elapsed() >= RETENTION_SWEEP) {
                 last = Some(std::time::Instant::now());
@@ -442,6 +444,27 @@ impl Node {
                 break;
             }
         }
+    }
+
+    /// Deletes the vault records of agreements `vault shred` shredded beside this running node
+    /// (see [`crate::custody::complete_pending_shreds`]); `settled` is carried between rounds.
+    async fn complete_shreds(
+        self: &Arc<Self>,
+        mut settled: std::collections::BTreeSet<String>,
+    ) -> std::collections::BTreeSet<String> {
+        let node = self.clone();
+        let kept = settled.clone();
+        tokio::task::spawn_blocking(move || {
+            crate::custody::complete_pending_shreds(
+                &node.keys,
+                || node.shared_vault().map_err(|e| e.to_string()),
+                &node.audit,
+                &mut settled,
+            );
+            settled
+        })
+        .await
+        .unwrap_or(kept)
     }
 
     /// Opens a node from a config file.

@@ -261,6 +261,17 @@ impl SiteKeys {
             .and_then(|k| k.shredded)
     }
 
+    /// Agreements whose key material the key file says was destroyed (`vault shred`).
+    pub fn shredded_agreements(&self) -> Vec<String> {
+        self.refresh(false);
+        self.ring()
+            .agreements
+            .iter()
+            .filter(|(_, k)| k.shredded.is_some())
+            .map(|(id, _)| id.clone())
+            .collect()
+    }
+
     /// Destroys an agreement's token secret (crypto-shredding; `vault shred`). Returns true when
     /// the agreement was legacy: its tokens were made under the site token key, which stays.
     pub fn shred_agreement(&self, agreement: &str) -> Result<bool, KeyError> {
@@ -547,6 +558,13 @@ impl Vault {
         self.tree
             .insert(k, self.cipher.seal(agreement, token, &plain))?;
         Ok(())
+    }
+
+    /// Whether this vault itself has destroyed the agreement's records (its marker), as opposed
+    /// to the key file alone saying so: `vault shred` beside a running node destroys the token
+    /// secret first and leaves the records to the node that holds the vault.
+    pub fn records_shredded(&self, agreement: &str) -> Result<bool, KeyError> {
+        Ok(self.tree.get(shred_marker(agreement))?.is_some())
     }
 
     /// When an agreement was shredded, if it was (the vault's marker, or the key file's).

@@ -646,7 +646,10 @@ fn shredding_needs_an_ended_agreement_past_retention_and_ends_reidentification()
         &node.agreements(),
         AGREEMENT,
         &node.keys,
-        || node.vault().map_err(|e| e.to_string()),
+        || {
+            node.vault()
+                .map_err(|e| pacs_broker::custody::VaultOpen::Failed(e.to_string()))
+        },
         &node.audit,
         "user:privacy-officer",
         later,

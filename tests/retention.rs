@@ -492,3 +492,53 @@ async fn a_result_still_waiting_to_go_home_is_destroyed_with_its_study() {
     drop(c);
     fed.stop().await;
 }
+
+/// `vault shred` beside a running node that holds the vault (sled locks it to one process): the
+/// command destroys the token secret at once, the node deletes the vault records within its
+/// next housekeeping round, and both are audited; re-identification ends at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vault_shred_beside_a_running_node_that_holds_the_vault() {
+    let fed = Federation::start(&["hospital-a", "telerad-c"]).await;
+    let a = fed.node("hospital-a").clone();
+    send_study(&fed, 2).await;
+    let vault = a.vault().unwrap(); // held by this (serving) process from now on
+    let tokens = vault.tokens(AGREEMENT).unwrap();
+    assert!(!tokens.is_empty());
+    // The agreement ends; its flow promised partners no retention, so it may be shredded now.
+    let policy = a.config.agreements.join("test.toml");
+    let ended = agreement_toml("ended", "false")
+        .replace("[flows.retention]\ndays = 30\nafter = \"delete\"\n", "");
+    assert!(!ended.contains("[flows.retention]"));
+    std::fs::write(&policy, ended).unwrap();
+    let _ = std::fs::remove_dir_all(pacs_broker::dsa::sign::signature_dir(&policy));
+    sign_by_all(fed.dir.path(), &policy);
+    a.reload_agreements();
+    let config = fed.dir.path().join("hospital-a.toml");
+    std::fs::write(&config, a.config.to_toml()).unwrap();
+
+    let (code, out, err) = cli(&["vault", "shred", "--agreement", AGREEMENT], &config);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("token secret is destroyed"), "{out}");
+    assert!(
+        out.contains("The running node that holds the vault: ok:")
+            && out.contains("vault records destroyed"),
+        "{out}"
+    );
+    assert!(vault.tokens(AGREEMENT).unwrap().is_empty(), "records left");
+    let e = vault
+        .reidentify(AGREEMENT, &tokens[0])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("was shredded on"), "{e}");
+    let log = pacs_broker::audit::read_entries(a.audit.path()).unwrap();
+    let shreds: Vec<(String, String)> = log
+        .iter()
+        .filter(|e| e.event.action == "vault-shred")
+        .map(|e| (e.event.actor.clone(), e.event.outcome.clone()))
+        .collect();
+    assert_eq!(shreds.len(), 2, "{shreds:?}");
+    assert!(shreds[0].0.contains("dpo-test") && shreds[0].1.contains("token secret destroyed"));
+    assert_eq!(shreds[1].0, "node", "{shreds:?}");
+    drop((vault, a));
+    fed.stop().await;
+}

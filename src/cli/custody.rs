@@ -3,8 +3,9 @@
 use std::path::PathBuf;
 
 use clap::{Args, Subcommand};
-use pacs_broker::custody::{self, CustodyError};
-use pacs_broker::node::Node;
+use pacs_broker::custody::{self, CustodyError, VaultOpen};
+use pacs_broker::node::{Node, NodeError};
+use pacs_broker::store::StoreError;
 
 #[derive(Debug, Subcommand)]
 pub enum VaultCommand {
@@ -31,12 +32,33 @@ pub fn vault(cmd: VaultCommand) -> anyhow::Result<i32> {
         &node.agreements(),
         &args.agreement,
         &node.keys,
-        || node.vault().map_err(|e| e.to_string()),
+        || {
+            node.vault().map_err(|e| match e {
+                NodeError::Store(StoreError::InUse(_)) => VaultOpen::InUse,
+                e => VaultOpen::Failed(e.to_string()),
+            })
+        },
         &node.audit,
         &actor,
         time::OffsetDateTime::now_utc(),
     );
     match result {
+        Ok(s) if s.by_running_node => {
+            println!(
+                "agreement `{}`: its token secret is destroyed; from now on none of its tokens is \
+                 reversed or issued.",
+                args.agreement
+            );
+            match wait_for_running_node(&node, &args.agreement) {
+                Some(outcome) => println!("The running node that holds the vault: {outcome}."),
+                None => println!(
+                    "The running node that holds the vault deletes its records at its next \
+                     housekeeping round (within seconds); `audit` shows it (`vault-shred` by node)."
+                ),
+            }
+            println!("(recorded in the audit log under {actor})");
+            Ok(0)
+        }
         Ok(s) => {
             println!(
                 "agreement `{}` shredded: {} vault records destroyed.",
@@ -60,6 +82,28 @@ pub fn vault(cmd: VaultCommand) -> anyhow::Result<i32> {
         }
         Err(e) => Err(e.into()),
     }
+}
+
+/// The running node's `vault-shred` entry completing the shred of `agreement`, awaited for a
+/// few seconds: its outcome.
+fn wait_for_running_node(node: &Node, agreement: &str) -> Option<String> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    while std::time::Instant::now() < deadline {
+        let done = pacs_broker::audit::read_entries(node.audit.path())
+            .ok()?
+            .into_iter()
+            .rev()
+            .find(|e| {
+                e.event.action == "vault-shred"
+                    && e.event.actor == "node"
+                    && e.event.agreement == agreement
+            });
+        if let Some(e) = done {
+            return Some(e.event.outcome);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(250));
+    }
+    None
 }
 
 /// `pacs-broker keys rotate --config node.toml`.
