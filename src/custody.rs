@@ -45,6 +45,8 @@ pub enum CustodyError {
     Vault(String),
     #[error(transparent)]
     Audit(#[from] crate::audit::AuditError),
+    #[error("refused: {0}")]
+    Retire(RetireRefusal),
 }
 
 /// The longest retention of an agreement's flows in days (a flow without one counts as 0: its
@@ -341,6 +343,122 @@ pub fn rotate(
     })
 }
 
+/// What [`retire`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Retired {
+    /// Data keys removed from the key file.
+    pub removed: Vec<String>,
+    /// Older keys kept because something is still sealed under them (id, files or records).
+    pub kept: Vec<(String, usize)>,
+    pub files_scanned: usize,
+}
+
+/// Why [`retire`] removed nothing.
+#[derive(Debug, thiserror::Error)]
+pub enum RetireRefusal {
+    #[error("the vault cannot be read now ({0}); no key was retired, since its records may still need one\n  help: run it again when the node is idle or stopped")]
+    Vault(String),
+    #[error("{n} files under the data folder could not be read (the first: `{first}`): no key was retired, since they may still need one")]
+    Unreadable { n: usize, first: String },
+}
+
+/// Removes from the key file every data-encryption key that nothing under `data_dir` and no
+/// vault record is sealed under any more (after `keys rotate` re-sealed everything), keeping the
+/// current key always. Every file of the data folder is looked at (its sealed header names its
+/// key), so whatever component sealed it, nothing still needed is removed; if a file cannot be
+/// read or the vault cannot be opened, nothing is removed. A running node seals new files under
+/// the current key only, so it may run meanwhile. Backups of the data folder taken before the
+/// last rotation need the retired keys: keep a copy of the key file with such backups (see
+/// docs/keys.md). Audited (`keys-retire`).
+pub fn retire(
+    keys: &SiteKeys,
+    data_dir: &Path,
+    open_vault: impl FnOnce() -> Result<std::sync::Arc<Vault>, String>,
+    audit: &AuditLog,
+    actor: &str,
+) -> Result<Retired, CustodyError> {
+    let event = |outcome: String| Event {
+        actor: actor.to_string(),
+        action: "keys-retire".into(),
+        object: "data-encryption keys no longer used".into(),
+        agreement: String::new(),
+        purpose: String::new(),
+        outcome,
+    };
+    let (ids, current) = keys.data_key_ids();
+    let mut uses: std::collections::BTreeMap<String, usize> = Default::default();
+    let (mut scanned, mut unreadable) = (0usize, Vec::new());
+    for entry in walkdir::WalkDir::new(data_dir).into_iter() {
+        let entry = match entry {
+            Ok(e) => e,
+            Err(e) => {
+                unreadable.push(
+                    e.path()
+                        .map(|p| p.display().to_string())
+                        .unwrap_or_default(),
+                );
+                continue;
+            }
+        };
+        if !entry.file_type().is_file() {
+            continue;
+        }
+        scanned += 1;
+        match AtRest::key_id_of(entry.path()) {
+            Ok(Some(id)) => *uses.entry(id).or_default() += 1,
+            Ok(None) => {}
+            // Removed between listing and reading (a file the node just renamed or deleted).
+            Err(crate::store::sealed::SealError::Io { source, .. })
+                if source.kind() == std::io::ErrorKind::NotFound => {}
+            Err(_) => unreadable.push(entry.path().display().to_string()),
+        }
+    }
+    let refuse = |r: RetireRefusal| {
+        audit.record_or_warn(event(format!("refused: {r}")));
+        Err(CustodyError::Retire(r))
+    };
+    if let Some(first) = unreadable.first() {
+        return refuse(RetireRefusal::Unreadable {
+            n: unreadable.len(),
+            first: first.clone(),
+        });
+    }
+    match open_vault().and_then(|v| v.data_key_ids().map_err(|e| e.to_string())) {
+        Ok(vault_ids) => {
+            for id in vault_ids {
+                *uses.entry(id).or_default() += 1;
+            }
+        }
+        Err(e) => return refuse(RetireRefusal::Vault(e)),
+    }
+    let unused: std::collections::BTreeSet<String> = ids
+        .iter()
+        .filter(|id| **id != current && !uses.contains_key(*id))
+        .cloned()
+        .collect();
+    let removed = if unused.is_empty() {
+        Vec::new()
+    } else {
+        keys.retire_data_keys(&unused)?
+    };
+    let kept: Vec<(String, usize)> = ids
+        .iter()
+        .filter(|id| **id != current)
+        .filter_map(|id| uses.get(id).map(|n| (id.clone(), *n)))
+        .collect();
+    audit.record(event(format!(
+        "ok: {} keys retired ({}); {} older keys still in use; {scanned} files scanned",
+        removed.len(),
+        removed.join(", "),
+        kept.len()
+    )))?;
+    Ok(Retired {
+        removed,
+        kept,
+        files_scanned: scanned,
+    })
+}
+
 /// Agreement ids a v1 key file may have issued tokens under: those in force and those with
 /// records in the vault (so that `keys rotate` keeps their tokens stable when it upgrades).
 pub fn known_agreements(set: &AgreementSet, vault: Option<&Vault>) -> Vec<String> {
@@ -389,5 +507,75 @@ mod tests {
         let later = last + time::Duration::days(i64::from(days)) + time::Duration::seconds(1);
         assert_eq!(may_shred(&s, &id, Some(last), later), Ok(()));
         assert_eq!(may_shred(&s, &id, None, now), Ok(()));
+    }
+
+    #[test]
+    fn retire_removes_only_keys_nothing_is_sealed_under_any_more() {
+        let dir = tempfile::tempdir().unwrap();
+        let key_file = dir.path().join("site.key");
+        SiteKeys::generate().write_new(&key_file).unwrap();
+        let keys = SiteKeys::load(&key_file).unwrap();
+        let data = dir.path().join("data");
+        std::fs::create_dir_all(data.join("store")).unwrap();
+        let at_rest = AtRest::new(&keys, true);
+        let (a, b) = (data.join("store").join("a"), data.join("b"));
+        at_rest
+            .write_atomic(&a, b"sealed under the first key")
+            .unwrap();
+        keys.rotate(&[]).unwrap();
+        at_rest
+            .write_atomic(&b, b"sealed under the second key")
+            .unwrap();
+        keys.rotate(&[]).unwrap();
+        let db = sled::Config::new().temporary(true).open().unwrap();
+        let vault = std::sync::Arc::new(Vault::new(&keys, db.open_tree("vault").unwrap()));
+        let entry = crate::pseudonym::VaultEntry {
+            attribute: "PatientID".into(),
+            original: "MRN-1".into(),
+        };
+        vault.record("agr", "TOKEN", &entry).unwrap();
+        let audit = AuditLog::open(&dir.path().join("audit.log")).unwrap();
+        let (ids, current) = keys.data_key_ids();
+        assert_eq!(ids.len(), 3);
+
+        // Both older keys still seal a file: nothing goes.
+        let r = retire(&keys, &data, || Ok(vault.clone()), &audit, "user:t").unwrap();
+        assert!(r.removed.is_empty(), "{r:?}");
+        assert_eq!(r.kept.len(), 2);
+        // Re-sealed (as `keys rotate` does): both go, the current key stays, all still read.
+        at_rest.reseal(&a).unwrap();
+        at_rest.reseal(&b).unwrap();
+        // A vault that cannot be read refuses, and removes nothing.
+        let refused = retire(&keys, &data, || Err("in use".into()), &audit, "user:t");
+        assert!(matches!(
+            refused,
+            Err(CustodyError::Retire(RetireRefusal::Vault(_)))
+        ));
+        assert_eq!(keys.data_key_ids().0.len(), 3);
+        let r = retire(&keys, &data, || Ok(vault.clone()), &audit, "user:t").unwrap();
+        assert_eq!(r.removed.len(), 2, "{r:?}");
+        assert_eq!(keys.data_key_ids(), (vec![current.clone()], current));
+        let reread = SiteKeys::load(&key_file).unwrap();
+        assert_eq!(reread.data_key_ids().0.len(), 1, "written to the key file");
+        for f in [&a, &b] {
+            let mut plain = Vec::new();
+            std::io::Read::read_to_end(
+                &mut AtRest::new(&reread, true).open(f).unwrap(),
+                &mut plain,
+            )
+            .unwrap();
+            assert!(plain.starts_with(b"sealed under"));
+        }
+        assert_eq!(
+            vault.reidentify("agr", "TOKEN").unwrap().unwrap().original,
+            "MRN-1"
+        );
+        let log = crate::audit::read_entries(audit.path()).unwrap();
+        assert_eq!(
+            log.iter()
+                .filter(|e| e.event.action == "keys-retire")
+                .count(),
+            3
+        );
     }
 }

@@ -8,6 +8,7 @@
 //! Does not own: which attributes are tokenised (that is `deid`, driven by the agreement), nor where
 //! the vault's sealed records are kept (that is `store`).
 
+use std::collections::BTreeSet;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
@@ -259,6 +260,33 @@ impl SiteKeys {
             .agreements
             .get(agreement)
             .and_then(|k| k.shredded)
+    }
+
+    /// Ids of the data keys in the key file, and which one is current.
+    pub fn data_key_ids(&self) -> (Vec<String>, String) {
+        self.refresh(true);
+        let ring = self.ring();
+        (
+            ring.data_keys.iter().map(|k| k.id.clone()).collect(),
+            ring.current_data_key.clone(),
+        )
+    }
+
+    /// Removes the data keys `ids` from the key file (`keys retire`); the current key is never
+    /// removed. Returns the ids removed.
+    pub fn retire_data_keys(&self, ids: &BTreeSet<String>) -> Result<Vec<String>, KeyError> {
+        self.change(|r| {
+            let current = r.current_data_key.clone();
+            let mut removed = Vec::new();
+            r.data_keys.retain(|k| {
+                let goes = k.id != current && ids.contains(&k.id);
+                if goes {
+                    removed.push(k.id.clone());
+                }
+                !goes
+            });
+            removed
+        })
     }
 
     /// Agreements whose key material the key file says was destroyed (`vault shred`).
@@ -558,6 +586,18 @@ impl Vault {
         self.tree
             .insert(k, self.cipher.seal(agreement, token, &plain))?;
         Ok(())
+    }
+
+    /// Ids of the data keys the vault's records are sealed under.
+    pub fn data_key_ids(&self) -> Result<BTreeSet<String>, KeyError> {
+        let mut ids = BTreeSet::new();
+        for item in self.tree.iter() {
+            let (_, sealed) = item?;
+            if let Some(id) = VaultCipher::key_id(&sealed) {
+                ids.insert(id.to_string());
+            }
+        }
+        Ok(ids)
     }
 
     /// Whether this vault itself has destroyed the agreement's records (its marker), as opposed

@@ -76,6 +76,8 @@ pub mod kind {
     pub const RETURN_RECEIVE: &str = "return-receive";
     /// A new data-encryption key made current, everything at rest re-sealed under it.
     pub const KEYS_ROTATE: &str = "keys-rotate";
+    /// Data-encryption keys nothing is sealed under any more removed from the key file.
+    pub const KEYS_RETIRE: &str = "keys-retire";
     /// An ended agreement's vault records and token secret crypto-shredded.
     pub const VAULT_SHRED: &str = "vault-shred";
 
@@ -117,6 +119,7 @@ pub mod kind {
         RETURN,
         RETURN_RECEIVE,
         KEYS_ROTATE,
+        KEYS_RETIRE,
         VAULT_SHRED,
     ];
 }

@@ -152,7 +152,7 @@ fn dicom_event(action: &str) -> (&'static str, &'static str, &'static str) {
         | QUARANTINE_DISCARD => ("110105", "DICOM Study Deleted", "D"),
         // Changes of what the node enforces or trusts: security configuration.
         POLICY_LOAD | POLICY_CHANGE | CRL_RELOAD | DSA_SIGN | KEYS_NEW | KEYS_ROTATE
-        | VAULT_SHRED | CERTS_REVOKE => ("110113", "Security Alert", "E"),
+        | KEYS_RETIRE | VAULT_SHRED | CERTS_REVOKE => ("110113", "Security Alert", "E"),
         a if a == ALERT || a.starts_with(REFUSE) => ("110113", "Security Alert", "E"),
         _ => ("110100", "Application Activity", "E"),
     }

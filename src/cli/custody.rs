@@ -106,6 +106,51 @@ fn wait_for_running_node(node: &Node, agreement: &str) -> Option<String> {
     None
 }
 
+/// `pacs-broker keys retire --config node.toml`: exit 0 (done, even with nothing to retire), 3
+/// (refused: something could not be checked; nothing removed).
+pub fn retire(config: &std::path::Path) -> anyhow::Result<i32> {
+    let node = Node::open_config(config)?;
+    let actor = pacs_broker::audit::local_user();
+    let r = custody::retire(
+        &node.keys,
+        &node.config.data_dir,
+        || node.vault().map_err(|e| e.to_string()),
+        &node.audit,
+        &actor,
+    );
+    match r {
+        Ok(r) => {
+            if r.removed.is_empty() {
+                println!(
+                    "no data-encryption key to retire ({} files scanned).",
+                    r.files_scanned
+                );
+            } else {
+                println!(
+                    "retired {} data-encryption keys nothing is sealed under any more: {} ({} files scanned).",
+                    r.removed.len(),
+                    r.removed.join(", "),
+                    r.files_scanned
+                );
+                println!(
+                    "Backups of the data folder taken before the last `keys rotate` need them: keep \
+                     the key file backed up with those backups (docs/keys.md)."
+                );
+            }
+            for (id, n) in &r.kept {
+                println!("kept `{id}`: {n} files or vault records are still sealed under it (run `keys rotate` to re-seal them).");
+            }
+            println!("(recorded in the audit log under {actor})");
+            Ok(0)
+        }
+        Err(CustodyError::Retire(why)) => {
+            eprintln!("error: refused: {why}");
+            Ok(3)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
 /// `pacs-broker keys rotate --config node.toml`.
 pub fn rotate(config: &std::path::Path) -> anyhow::Result<i32> {
     let node = Node::open_config(config)?;

@@ -71,6 +71,13 @@ pub enum KeysCommand {
         #[arg(long)]
         config: PathBuf,
     },
+    /// Remove from the key file the old data-encryption keys nothing is sealed under any more
+    /// (after `keys rotate`); the current key always stays. Audited.
+    Retire {
+        /// The node configuration file.
+        #[arg(long)]
+        config: PathBuf,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -338,6 +345,7 @@ pub fn keys(cmd: KeysCommand) -> anyhow::Result<i32> {
             Ok(0)
         }
         KeysCommand::Rotate { config } => super::custody::rotate(&config),
+        KeysCommand::Retire { config } => super::custody::retire(&config),
     }
 }
 
