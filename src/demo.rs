@@ -593,19 +593,26 @@ pub async fn run(
             d
         }
     };
+    // The partner's listener is bound before its `serve` runs, and `serve` writes (and fsyncs)
+    // its start-up audit entries before it accepts: on a busy disk an offer sent at once waits
+    // on a server that is not serving yet, and can time out. Wait until it answers over mutual
+    // TLS, then send.
+    wait_until_ready(&node_a, RECEIVER, &addr_c.to_string(), PARTNER_READY_WITHIN).await?;
     let send = || node_a.send(&agreement.id, FLOW, None, std::slice::from_ref(&study_dir));
     let mut report = send().await;
-    // A partner that has just started (or a machine busy flushing its disks) may not take the
-    // first offer; the study then waits in the outbox. Sending again is idempotent, so the demo
-    // tries a few more times before it gives up, as the node's own outbox worker would.
-    for attempt in 1..=DEMO_SEND_RETRIES {
-        match &report {
-            Ok(r) if r.studies.is_empty() && !r.queued.is_empty() => {
-                tracing::warn!(attempt, reason = %r.queued[0].1, "the partner did not take the demo study yet; sending again");
-                tokio::time::sleep(std::time::Duration::from_secs(attempt as u64)).await;
-                report = send().await;
-            }
-            _ => break,
+    // Should the partner still not take it, the study waits in hospital-a's outbox: the node's
+    // own outbox retry delivers it (as a serving node's outbox worker would, with backoff).
+    for attempt in 1..=DEMO_OUTBOX_RETRIES {
+        let Ok(r) = &report else { break };
+        if !r.studies.is_empty() || r.queued.is_empty() {
+            break;
+        }
+        tracing::warn!(attempt, reason = %r.queued[0].1, "the partner did not take the demo study yet; retrying from the outbox");
+        tokio::time::sleep(std::time::Duration::from_secs(attempt as u64)).await;
+        if node_a.drain_outbox(true).await > 0 {
+            // Delivered from the outbox. Offering it again moves no data (the partner holds
+            // every instance and says so) and yields the report of what was sent.
+            report = send().await;
         }
     }
     let _ = stop_tx.send(true);
@@ -635,10 +642,61 @@ pub async fn run(
     })
 }
 
-/// The identifying attributes the demo's before/after table shows.
-/// How many more times the demo sends its study when the partner did not take it at first.
-const DEMO_SEND_RETRIES: u32 = 4;
+/// How many times the demo retries its study from the outbox when the partner did not take
+/// the first offer.
+const DEMO_OUTBOX_RETRIES: u32 = 4;
 
+/// How long the demo waits for its partner to answer before it gives up.
+const PARTNER_READY_WITHIN: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Waits (at most `within`) until `partner` at `address` answers a Hello over mutual TLS: its
+/// server accepts and serves (a TCP connect proves nothing, the listener is bound before `serve`
+/// starts).
+async fn wait_until_ready(
+    node: &Node,
+    partner: &str,
+    address: &str,
+    within: std::time::Duration,
+) -> Result<(), DemoError> {
+    use std::time::{Duration, Instant};
+    let start = Instant::now();
+    loop {
+        let hello = async {
+            let mut client = crate::federation::client::PeerClient::connect(
+                &node.tls,
+                partner,
+                address,
+                "localhost",
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+            client
+                .raw()
+                .hello(crate::federation::proto::HelloRequest {})
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        };
+        let limit = within
+            .saturating_sub(start.elapsed())
+            .clamp(Duration::from_millis(100), Duration::from_secs(5));
+        let why = match tokio::time::timeout(limit, hello).await {
+            Ok(Ok(())) => return Ok(()),
+            Ok(Err(e)) => e,
+            Err(_) => format!("no answer within {} ms", limit.as_millis()),
+        };
+        if start.elapsed() >= within {
+            return Err(DemoError::Setup(format!(
+                "the partner `{partner}` at {address} did not answer within {} s: {why}",
+                within.as_secs()
+            )));
+        }
+        tracing::debug!(partner, %why, "partner not ready yet");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The identifying attributes the demo's before/after table shows.
 pub const REPORT_ATTRIBUTES: &[(Tag, &str)] = &[
     (tags::PATIENT_NAME, "PatientName"),
     (tags::PATIENT_ID, "PatientID"),
@@ -675,5 +733,67 @@ pub fn show(obj: &InMemDicomObject, tag: Tag) -> String {
                 Err(_) => "(binary)".into(),
             },
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The demo sends only once its partner serves: a bound listener whose node has not started
+    /// serving is not ready; the same address once `serve` runs is.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_partner_is_ready_once_it_serves_not_once_its_port_is_bound() {
+        let dir = tempfile::tempdir().unwrap();
+        let certs = find_repo_dir("certs-dev").expect("certs-dev/");
+        let policies = find_repo_dir("policies").expect("policies/");
+        let listener_a = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let listener_c = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (addr_a, addr_c) = (
+            listener_a.local_addr().unwrap(),
+            listener_c.local_addr().unwrap(),
+        );
+        let peer = |a: std::net::SocketAddr| Peer {
+            address: a.to_string(),
+            server_name: Some("localhost".into()),
+        };
+        let site = |name: &str, addr: std::net::SocketAddr, other: &str, at| {
+            lay_out_site(
+                dir.path(),
+                &certs,
+                &policies,
+                name,
+                &addr.to_string(),
+                BTreeMap::from([(other.to_string(), peer(at))]),
+                None,
+            )
+            .unwrap()
+        };
+        let cfg_a = site(SENDER, addr_a, RECEIVER, addr_c);
+        let cfg_c = site(RECEIVER, addr_c, SENDER, addr_a);
+        let node_a = Node::open_config(&cfg_a).unwrap();
+        let node_c = Arc::new(Node::open_config(&cfg_c).unwrap());
+        let short = std::time::Duration::from_millis(600);
+        let not_yet = wait_until_ready(&node_a, RECEIVER, &addr_c.to_string(), short).await;
+        let why = not_yet.expect_err("bound but not serving").to_string();
+        assert!(
+            why.contains("`telerad-c`") && why.contains("did not answer"),
+            "{why}"
+        );
+
+        let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
+        let server = tokio::spawn(async move {
+            node_c
+                .serve(listener_c, async move {
+                    let _ = stop_rx.wait_for(|s| *s).await;
+                })
+                .await
+        });
+        wait_until_ready(&node_a, RECEIVER, &addr_c.to_string(), PARTNER_READY_WITHIN)
+            .await
+            .expect("ready once serving");
+        let _ = stop_tx.send(true);
+        server.await.unwrap().unwrap();
+        drop(listener_a);
     }
 }

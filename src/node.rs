@@ -533,6 +533,7 @@ impl Node {
             Some(target) => Some(
                 PacsDelivery::new(target, self.site_id(), self.store()?, self.audit.clone())
                     .map_err(NodeError::PacsDelivery)?
+                    .with_agreements(self.agreements.subscribe())
                     .start(),
             ),
             None => None,

@@ -14,203 +14,25 @@
 
 mod common;
 
-use std::collections::BTreeMap;
-use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
 
 use dicom_core::{DataElement, PrimitiveValue, VR};
 use dicom_dictionary_std::tags;
-use pacs_broker::config::NodeConfig;
 use pacs_broker::demo::{write_synthetic_ct, SyntheticPatient};
 use pacs_broker::store::sealed::AtRest;
 use pacs_broker::store::Store;
 
+use common::sites::Sites;
 use common::*;
 
-const BROKER_AE: &str = "HOSP_A_BROKER";
 /// A header value the test profile keeps (Convolution Kernel is not in PS3.15 Table E.1-1).
 const HEADER_MARKER: &str = "ZEBRAKERNEL4711";
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind(("127.0.0.1", 0))
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn wait_for(what: &str, limit: Duration, mut ok: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !ok() {
-        assert!(start.elapsed() < limit, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-/// A `pacs-broker serve` process, killed when dropped.
-struct Served {
-    child: Child,
-    config: PathBuf,
-    cfg: NodeConfig,
-}
-
-impl Served {
-    fn start(config: &Path, cfg: &NodeConfig) -> Served {
-        let log = std::fs::File::create(config.with_extension("log")).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_pacs-broker"))
-            .args(["serve", "--config"])
-            .arg(config)
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        let mut addrs = vec![cfg.listen.clone()];
-        addrs.extend(cfg.dicom.as_ref().map(|d| d.listen.clone()));
-        for a in addrs {
-            wait_for(&format!("{a} to accept"), Duration::from_secs(20), || {
-                TcpStream::connect(&a).is_ok()
-            });
-        }
-        Served {
-            child,
-            config: config.to_path_buf(),
-            cfg: cfg.clone(),
-        }
-    }
-
-    fn stop(&mut self) {
-        // SIGTERM: the node drains and exits (its sled databases flushed and unlocked).
-        let _ = Command::new("kill")
-            .arg(self.child.id().to_string())
-            .status();
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.config.with_extension("log")).unwrap_or_default()
-    }
-
-    fn cli(&self, args: &[&str]) -> (i32, String) {
-        let out = Command::new(env!("CARGO_BIN_EXE_pacs-broker"))
-            .args(args)
-            .arg("--config")
-            .arg(&self.config)
-            .output()
-            .unwrap();
-        (
-            out.status.code().unwrap_or(-1),
-            format!(
-                "{}{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            ),
-        )
-    }
-}
-
-impl Drop for Served {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-struct Sites {
-    dir: tempfile::TempDir,
-    a: Served,
-    c: Served,
-    dicom_port: u16,
-}
-
-impl Sites {
-    fn start() -> Sites {
-        let dir = tempfile::tempdir().unwrap();
-        let all: Vec<String> = ["hospital-a", "hospital-b", "telerad-c"]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
-        pacs_broker::federation::pki::generate_dev_federation(&dir.path().join("pki"), &all)
-            .unwrap();
-        let addrs: BTreeMap<String, String> = ["hospital-a", "telerad-c"]
-            .iter()
-            .map(|s| (s.to_string(), format!("127.0.0.1:{}", free_port())))
-            .collect();
-        let dicom_port = free_port();
-        let mut cfgs = BTreeMap::new();
-        for site in ["hospital-a", "telerad-c"] {
-            let mut cfg = site_config(dir.path(), site, &addrs);
-            if site == "hospital-a" {
-                cfg.dicom = Some(common::listener_config(
-                    dicom_port,
-                    BROKER_AE,
-                    &[("MODALITY", "127.0.0.1")],
-                    AGREEMENT,
-                    FLOW,
-                ));
-            }
-            let path = dir.path().join(site).join("node.toml");
-            std::fs::write(&path, cfg.to_toml()).unwrap();
-            cfgs.insert(site, (path, cfg));
-        }
-        let c = Served::start(&cfgs["telerad-c"].0, &cfgs["telerad-c"].1);
-        let a = Served::start(&cfgs["hospital-a"].0, &cfgs["hospital-a"].1);
-        Sites {
-            dir,
-            a,
-            c,
-            dicom_port,
-        }
-    }
-
-    fn received(&self) -> Vec<PathBuf> {
-        files_under(&self.c.cfg.data_dir.join("store").join("inbox"))
-            .into_iter()
-            .filter(|p| p.extension().is_some_and(|e| e == "dcm"))
-            .collect()
-    }
-
-    fn wait_received(&self, n: usize) {
-        let start = Instant::now();
-        while self.received().len() < n {
-            assert!(
-                start.elapsed() < Duration::from_secs(40),
-                "{} of {n} instances reached telerad-c:\n{}\n{}",
-                self.received().len(),
-                self.a.log(),
-                self.c.log()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    fn storescu(&self, files: &[PathBuf]) -> String {
-        let port = self.dicom_port.to_string();
-        let mut args = vec!["-aet", "MODALITY", "-aec", BROKER_AE, "127.0.0.1", &port];
-        let names: Vec<String> = files.iter().map(|f| f.display().to_string()).collect();
-        args.extend(names.iter().map(String::as_str));
-        let out = Command::new("storescu")
-            .args(&args)
-            .env("TCP_NODELAY", "1")
-            .output()
-            .expect("storescu (dcmtk) is required: run .ci/setup");
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        assert!(out.status.success(), "storescu failed: {text}");
-        text
-    }
+/// hospital-a and telerad-c as `serve` processes under the test agreement, hospital-a's
+/// listener taking `MODALITY` from loopback.
+fn start_sites() -> Sites {
+    Sites::start(None, &[("MODALITY", "127.0.0.1")], None)
 }
 
 /// What the test study must never show outside the delivery folder.
@@ -352,7 +174,7 @@ fn patient(name: &str, id: &str) -> SyntheticPatient {
 
 #[test]
 fn nothing_is_kept_in_clear_and_rotation_runs_beside_the_nodes() {
-    let mut sites = Sites::start();
+    let mut sites = start_sites();
     // 1. A `send` of files and a DIMSE ingest by storescu.
     let (sent, s1) = study(
         &sites.dir.path().join("study-1"),
@@ -371,7 +193,7 @@ fn nothing_is_kept_in_clear_and_rotation_runs_beside_the_nodes() {
         3,
         2,
     );
-    sites.storescu(&dimse);
+    sites.storescu_modality(&dimse);
     sites.wait_received(6);
 
     // The delivered copies hold the markers (so the search below looks for real bytes).
@@ -419,7 +241,7 @@ fn nothing_is_kept_in_clear_and_rotation_runs_beside_the_nodes() {
         2,
         3,
     );
-    sites.storescu(&more);
+    sites.storescu_modality(&more);
     sites.wait_received(8);
     let (code, out) = sites.a.cli(&args);
     assert_eq!(code, 0, "re-send after rotation failed: {out}");
@@ -447,14 +269,14 @@ fn nothing_is_kept_in_clear_and_rotation_runs_beside_the_nodes() {
 
 #[test]
 fn damage_and_wrong_keys_name_the_item_and_lose_nothing_else() {
-    let mut sites = Sites::start();
+    let mut sites = start_sites();
     let (files, _) = study(
         &sites.dir.path().join("study"),
         &patient("MARROW^IDA", "MRN-AR-31337"),
         3,
         9,
     );
-    sites.storescu(&files);
+    sites.storescu_modality(&files);
     sites.wait_received(3);
     sites.a.stop();
     sites.c.stop();
@@ -600,14 +422,14 @@ fn vault_tree(data_dir: &Path) -> sled::Tree {
 
 #[test]
 fn shredding_needs_an_ended_agreement_past_retention_and_ends_reidentification() {
-    let mut sites = Sites::start();
+    let mut sites = start_sites();
     let (files, _) = study(
         &sites.dir.path().join("study"),
         &patient("PLUMB^WREN", "MRN-AR-24680"),
         2,
         5,
     );
-    sites.storescu(&files);
+    sites.storescu_modality(&files);
     sites.wait_received(2);
     sites.a.stop();
     sites.c.stop();

@@ -737,3 +737,42 @@ async fn inputs_a_send_holds_back_are_audited_without_their_file_names() {
     );
     fed.stop().await;
 }
+
+/// A port probe (TCP connect and close, not a byte sent — what a health check or a script
+/// waiting for the port does) is audited as a refused TLS handshake, and a stream of probes is
+/// summarised like any refusal flood (docs/audit.md, "Port probes").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn port_probes_are_audited_and_summarised() {
+    let fed = Federation::start(&["telerad-c"]).await;
+    let addr = fed.addrs["telerad-c"].clone();
+    tokio::task::spawn_blocking(move || {
+        for _ in 0..30 {
+            drop(std::net::TcpStream::connect(&addr).unwrap());
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    })
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let dir = fed.stop_keeping_files().await;
+    let log = dir.path().join("telerad-c/data/audit.log");
+    let probes: Vec<Entry> = entries(&log)
+        .into_iter()
+        .filter(|e| is_refusal(e, "TLS handshake refused"))
+        .collect();
+    let per_window = pacs_broker::federation::refusals::AUDITED_PER_WINDOW as usize;
+    assert_eq!(probes.len(), per_window + 1, "{probes:#?}");
+    for p in &probes[..per_window] {
+        assert_eq!(p.event.actor, "remote:127.0.0.1");
+        assert_eq!(p.event.outcome, "TLS handshake refused: tls handshake eof");
+    }
+    let summary = &probes[per_window].event;
+    let further = 30 - per_window;
+    assert!(
+        summary
+            .object
+            .starts_with(&format!("{further} further refusals in ")),
+        "{summary:?}"
+    );
+    pacs_broker::audit::verify(&log).unwrap();
+}

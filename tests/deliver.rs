@@ -36,14 +36,6 @@ fn pydicom_test_files() -> PathBuf {
     p.to_owned()
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// hospital-a (used in this process to `send`) and telerad-c (served by its own process) with
 /// `[dicom.deliver]` pointing at the given PACS, retrying quickly.
 pub struct Sites {

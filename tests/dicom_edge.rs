@@ -8,224 +8,14 @@
 
 mod common;
 
-use std::collections::BTreeMap;
-use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use pacs_broker::config::NodeConfig;
 use pacs_broker::demo::{write_synthetic_ct, SyntheticPatient};
 
+use common::sites::{Served, Sites, BROKER_AE};
 use common::*;
-
-const BROKER_AE: &str = "HOSP_A_BROKER";
-
-fn free_port(ip: &str) -> u16 {
-    std::net::TcpListener::bind((ip, 0))
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// A `pacs-broker serve` process, killed when dropped.
-struct Served {
-    child: Child,
-    config: PathBuf,
-    cfg: NodeConfig,
-}
-
-impl Served {
-    fn start(config: &Path, cfg: &NodeConfig) -> Served {
-        let log = std::fs::File::create(config.with_extension("log")).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_pacs-broker"))
-            .args(["serve", "--config"])
-            .arg(config)
-            .env("PACS_BROKER_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        let served = Served {
-            child,
-            config: config.to_path_buf(),
-            cfg: cfg.clone(),
-        };
-        let mut addrs = vec![cfg.listen.clone()];
-        addrs.extend(cfg.dicom.as_ref().map(|d| d.listen.clone()));
-        for a in addrs {
-            wait_for(&format!("{a} to accept"), Duration::from_secs(20), || {
-                TcpStream::connect(&a).is_ok()
-            });
-        }
-        served
-    }
-
-    fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-
-    fn audit(&self) -> String {
-        std::fs::read_to_string(self.cfg.data_dir.join("audit.log")).unwrap_or_default()
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.config.with_extension("log")).unwrap_or_default()
-    }
-}
-
-impl Drop for Served {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-fn wait_for(what: &str, limit: Duration, mut ok: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !ok() {
-        assert!(start.elapsed() < limit, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-/// hospital-a (with a DICOM listener) and telerad-c, as processes.
-struct Sites {
-    dir: tempfile::TempDir,
-    a: Served,
-    c: Served,
-    dicom_port: u16,
-}
-
-impl Sites {
-    /// `agreement` replaces the test agreement's text (signed by all) when given; `allow`
-    /// lists (AE title, address) pairs.
-    fn start(agreement: Option<String>, allow: &[(&str, &str)]) -> Sites {
-        let dir = tempfile::tempdir().unwrap();
-        let all: Vec<String> = ["hospital-a", "hospital-b", "telerad-c"]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
-        pacs_broker::federation::pki::generate_dev_federation(&dir.path().join("pki"), &all)
-            .unwrap();
-        let addrs: BTreeMap<String, String> = ["hospital-a", "telerad-c"]
-            .iter()
-            .map(|s| {
-                (
-                    s.to_string(),
-                    format!("127.0.0.1:{}", free_port("127.0.0.1")),
-                )
-            })
-            .collect();
-        let dicom_port = free_port("127.0.0.1");
-        let mut cfgs = BTreeMap::new();
-        for site in ["hospital-a", "telerad-c"] {
-            let mut cfg = site_config(dir.path(), site, &addrs);
-            if let Some(text) = &agreement {
-                let policy = dir.path().join(site).join("agreements").join("test.toml");
-                std::fs::write(&policy, text).unwrap();
-                let _ = std::fs::remove_dir_all(pacs_broker::dsa::sign::signature_dir(&policy));
-                sign_by_all(dir.path(), &policy);
-            }
-            if site == "hospital-a" {
-                cfg.dicom = Some(common::listener_config(
-                    dicom_port, BROKER_AE, allow, AGREEMENT, FLOW,
-                ));
-            }
-            let path = dir.path().join(site).join("node.toml");
-            std::fs::write(&path, cfg.to_toml()).unwrap();
-            cfgs.insert(site, (path, cfg));
-        }
-        let c = Served::start(&cfgs["telerad-c"].0, &cfgs["telerad-c"].1);
-        let a = Served::start(&cfgs["hospital-a"].0, &cfgs["hospital-a"].1);
-        Sites {
-            dir,
-            a,
-            c,
-            dicom_port,
-        }
-    }
-
-    /// The DICOM files telerad-c holds in its inbox.
-    fn received(&self) -> Vec<PathBuf> {
-        files_under(&self.c.cfg.data_dir.join("store").join("inbox"))
-            .into_iter()
-            .filter(|p| p.extension().is_some_and(|e| e == "dcm"))
-            .collect()
-    }
-
-    /// Instances hospital-a holds in its outbox (durable, de-identified).
-    fn outbox_instances(&self) -> usize {
-        files_under(&self.a.cfg.data_dir.join("outbox"))
-            .into_iter()
-            .filter(|p| p.extension().is_some_and(|e| e == "dcm"))
-            .count()
-    }
-
-    /// storescu with an association profile that proposes, per SOP class of the test studies,
-    /// the uncompressed transfer syntaxes and the compressed ones the samples are in (storescu
-    /// alone proposes uncompressed only and would decompress, or fail on JPEG).
-    fn storescu(&self, calling: &str, called: &str, files: &[PathBuf]) -> (bool, String) {
-        let port = self.dicom_port.to_string();
-        let profile = self.dir.path().join("storescu.cfg");
-        std::fs::write(&profile, STORESCU_PROFILE).unwrap();
-        let profile = profile.display().to_string();
-        let mut args = vec![
-            "-v",
-            "-xf",
-            profile.as_str(),
-            "Study",
-            "-aet",
-            calling,
-            "-aec",
-            called,
-            "127.0.0.1",
-            port.as_str(),
-        ];
-        let names: Vec<String> = files.iter().map(|f| f.display().to_string()).collect();
-        args.extend(names.iter().map(String::as_str));
-        let out = Command::new("storescu")
-            .args(&args)
-            .env("TCP_NODELAY", "1")
-            .output()
-            .expect("storescu (dcmtk) is required: run .ci/setup");
-        (
-            out.status.success(),
-            format!(
-                "{}{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            ),
-        )
-    }
-}
-
-const STORESCU_PROFILE: &str = r"
-[[TransferSyntaxes]]
-[Uncompressed]
-TransferSyntax1 = LittleEndianExplicit
-TransferSyntax2 = LittleEndianImplicit
-[JPEGBaseline]
-TransferSyntax1 = JPEGBaseline
-[JPEG2000Lossless]
-TransferSyntax1 = JPEG2000LosslessOnly
-[RLE]
-TransferSyntax1 = RLELossless
-
-[[PresentationContexts]]
-[Study]
-PresentationContext1 = CTImageStorage\Uncompressed
-PresentationContext2 = MRImageStorage\Uncompressed
-PresentationContext3 = MRImageStorage\JPEG2000Lossless
-PresentationContext4 = MRImageStorage\RLE
-PresentationContext5 = SecondaryCaptureImageStorage\JPEGBaseline
-PresentationContext6 = SecondaryCaptureImageStorage\Uncompressed
-
-[[Profiles]]
-[Study]
-PresentationContexts = Study
-";
 
 fn dump(path: &Path) -> String {
     let (ok, out) = run_tool(
@@ -302,7 +92,11 @@ fn mixed_study(dir: &Path, slices: usize) -> Vec<PathBuf> {
 
 #[test]
 fn echoscu_and_storescu_reach_the_partner_deidentified_and_strangers_are_rejected() {
-    let sites = Sites::start(None, &[("MODALITY", "127.0.0.1"), ("REMOTE", "127.0.0.2")]);
+    let sites = Sites::start(
+        None,
+        &[("MODALITY", "127.0.0.1"), ("REMOTE", "127.0.0.2")],
+        Some("info"),
+    );
     let port = sites.dicom_port.to_string();
     let (ok, out) = run_tool(
         "echoscu",
@@ -443,7 +237,7 @@ fn acknowledged(out: &str) -> Vec<(String, bool)> {
 
 #[test]
 fn a_node_killed_mid_ingest_delivers_every_acknowledged_instance_exactly_once() {
-    let mut sites = Sites::start(None, &[("MODALITY", "127.0.0.1")]);
+    let mut sites = Sites::start(None, &[("MODALITY", "127.0.0.1")], Some("info"));
     let study = write_synthetic_ct(
         &sites.dir.path().join("study"),
         &SyntheticPatient::default(),
@@ -489,7 +283,7 @@ fn a_node_killed_mid_ingest_delivers_every_acknowledged_instance_exactly_once() 
 
     // Restart: what it acknowledged reaches the partner without storescu sending it again.
     let (config, cfg) = (sites.a.config.clone(), sites.a.cfg.clone());
-    sites.a = Served::start(&config, &cfg);
+    sites.a = Served::start(&config, &cfg, Some("info"));
     wait_for(
         "the acknowledged instances at telerad-c",
         Duration::from_secs(60),
@@ -531,6 +325,7 @@ fn a_flow_restricted_to_source_aes_takes_nothing_from_another_device() {
     let sites = Sites::start(
         Some(text),
         &[("MODALITY", "127.0.0.1"), ("CT1", "127.0.0.1")],
+        Some("info"),
     );
     let study = write_synthetic_ct(
         &sites.dir.path().join("study"),
@@ -564,7 +359,7 @@ fn a_flow_restricted_to_source_aes_takes_nothing_from_another_device() {
 #[test]
 fn an_instance_quarantined_by_deidentification_is_held_for_review_and_not_sent() {
     use dicom_dictionary_std::tags;
-    let sites = Sites::start(None, &[("MODALITY", "127.0.0.1")]);
+    let sites = Sites::start(None, &[("MODALITY", "127.0.0.1")], Some("info"));
     let study = write_synthetic_ct(
         &sites.dir.path().join("study"),
         &SyntheticPatient::default(),

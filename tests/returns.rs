@@ -71,14 +71,6 @@ impl Write for SharedWriter {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// hospital-a and telerad-c, both agreements signed; telerad-c listens for DICOM (its RIS may
 /// associate; no routes: it takes only results).
 async fn start() -> (Federation, u16) {

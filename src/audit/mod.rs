@@ -368,6 +368,11 @@ impl AuditLog {
         self.alerts.as_ref()
     }
 
+    /// What live syslog forwarding has done so far; `None` without `[audit.syslog]`.
+    pub fn forwarding(&self) -> Option<syslog::ForwarderStats> {
+        self.forwarder.as_ref().map(|f| f.stats())
+    }
+
     /// Appends an event and makes it durable.
     pub fn record(&self, event: Event) -> Result<Entry, AuditError> {
         self.record_detailed(event, Detail::default())

@@ -15,7 +15,9 @@
 //!   instances (nothing is ever dropped because the PACS is down); the worker backs off
 //!   exponentially and tries again.
 //!
-//! Each association's result is audited per study (tokens and counts, never PHI).
+//! Each association's result is audited per study (tokens and counts, never PHI), with the
+//! agreement, flow and purpose the study was received under (found through the agreements in
+//! force and the store's record of the study, [`PacsDelivery::with_agreements`]).
 //!
 //! Does not own: the queue itself and its durability (`store::delivery`), what is received
 //! (`federation`), or DICOM input (`ingest`).
@@ -34,10 +36,11 @@ use dicom_ul::pdu::{PDataValue, PDataValueType, Pdu};
 use dicom_ul::{ClientAssociation, ClientAssociationOptions};
 use tokio::sync::watch;
 
-use crate::audit::{AuditLog, Event};
+use crate::audit::{AuditLog, Detail, Event};
 use crate::config::DeliverConfig;
+use crate::dsa::AgreementSet;
 use crate::store::delivery::{now_ms, DeliveryQueue, DeliveryState, QueueKey, QueuedInstance};
-use crate::store::{LocalStore, StoreError};
+use crate::store::{LocalStore, StoreError, StudyKey};
 
 /// Most presentation contexts one association may propose (odd ids 1 to 255).
 const MAX_CONTEXTS: usize = 128;
@@ -343,9 +346,20 @@ fn c_store(
 pub struct PacsDelivery {
     target: DeliverConfig,
     calling_ae: String,
+    site_id: String,
     store: Arc<LocalStore>,
     queue: DeliveryQueue,
     audit: Arc<AuditLog>,
+    /// The agreements in force (as reloaded), to name the flow and purpose in the audit.
+    agreements: Option<watch::Receiver<Arc<AgreementSet>>>,
+}
+
+/// The flow a delivered study was received under, and that flow's purposes.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct FlowOfStudy {
+    flow: Option<String>,
+    /// The flow's purposes of use, comma-separated when it allows several.
+    purpose: String,
 }
 
 /// A running delivery worker; [`DeliveryWorker::stop`] lets the association in progress finish.
@@ -375,10 +389,57 @@ impl PacsDelivery {
         Ok(PacsDelivery {
             calling_ae: target.calling_ae(site_id),
             target: target.clone(),
+            site_id: site_id.to_string(),
             store,
             queue,
             audit,
+            agreements: None,
         })
+    }
+
+    /// The agreements in force, so that each `deliver` entry names the flow the study was
+    /// received under and its purpose (without them the entry names the agreement only).
+    pub fn with_agreements(mut self, agreements: watch::Receiver<Arc<AgreementSet>>) -> Self {
+        self.agreements = Some(agreements);
+        self
+    }
+
+    /// The flow of `agreement` from `from_site` to this site under which the store holds
+    /// `study` (a flow with no record of it still counts when it is the only candidate: the
+    /// study's record may have gone with retention), and the flow's purposes.
+    fn flow_of(&self, agreement: &str, from_site: &str, study: &str) -> FlowOfStudy {
+        let Some(set) = self.agreements.as_ref().map(|a| a.borrow().clone()) else {
+            return FlowOfStudy::default();
+        };
+        let Some(a) = set.agreements.get(agreement) else {
+            return FlowOfStudy::default();
+        };
+        let candidates: Vec<_> = a
+            .flows
+            .iter()
+            .filter(|f| f.from == from_site && f.to == self.site_id)
+            .collect();
+        let held = |f: &&&crate::dsa::Flow| {
+            self.store
+                .study(&StudyKey::new(agreement, &f.name, from_site, study))
+                .is_ok_and(|r| r.is_some())
+        };
+        let found = candidates
+            .iter()
+            .find(held)
+            .or(candidates.first().filter(|_| candidates.len() == 1));
+        match found {
+            Some(f) => FlowOfStudy {
+                flow: Some(f.name.clone()),
+                purpose: f
+                    .purposes
+                    .iter()
+                    .map(|p| p.name())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            },
+            None => FlowOfStudy::default(),
+        }
     }
 
     /// Starts the worker on the current tokio runtime.
@@ -704,13 +765,20 @@ impl PacsDelivery {
         association: Option<&DeliverError>,
     ) {
         let to = format!("PACS {} at {}", self.target.ae_title, self.target.address);
-        let event = |agreement: &str, object: String, outcome: String| Event {
+        let event = |agreement: &str, purpose: &str, object: String, outcome: String| Event {
             actor: "node".into(),
             action: "deliver".into(),
             object,
             agreement: agreement.to_string(),
-            purpose: String::new(),
+            purpose: purpose.to_string(),
             outcome,
+        };
+        let detail = |from: &str, study: &str, flow: &FlowOfStudy, n: usize| Detail {
+            study: Some(study.to_string()),
+            party: Some(from.to_string()),
+            flow: flow.flow.clone(),
+            instances: Some(n as u64),
+            ..Detail::default()
         };
         // Per study: delivered count and warnings.
         let mut by_study: BTreeMap<(&str, &str, &str), (usize, usize)> = BTreeMap::new();
@@ -730,40 +798,58 @@ impl PacsDelivery {
             } else {
                 format!("ok ({warnings} with a warning status)")
             };
-            self.audit.record_or_warn(event(
-                agreement,
-                format!("study {study} from site:{from}: {n} instances to {to}"),
-                outcome,
-            ));
+            let flow = self.flow_of(agreement, from, study);
+            self.audit.record_detailed_or_warn(
+                event(
+                    agreement,
+                    &flow.purpose,
+                    format!("study {study} from site:{from}: {n} instances to {to}"),
+                    outcome,
+                ),
+                detail(from, study, &flow, n),
+            );
         }
         for (e, why) in failed {
             tracing::error!(study = %e.study_token, instance = %e.sop_instance_uid, reason = %why, "instance not delivered to the PACS; marked failed");
-            self.audit.record_or_warn(event(
-                &e.agreement,
-                format!(
-                    "instance {} of study {} to {to}",
-                    e.sop_instance_uid, e.study_token
+            let flow = self.flow_of(&e.agreement, &e.from_site, &e.study_token);
+            self.audit.record_detailed_or_warn(
+                event(
+                    &e.agreement,
+                    &flow.purpose,
+                    format!(
+                        "instance {} of study {} to {to}",
+                        e.sop_instance_uid, e.study_token
+                    ),
+                    format!("failed after {} attempts: {why}", e.attempts),
                 ),
-                format!("failed after {} attempts: {why}", e.attempts),
-            ));
+                detail(&e.from_site, &e.study_token, &flow, 1),
+            );
         }
-        let mut retry: BTreeMap<(&str, &str), usize> = BTreeMap::new();
+        let mut retry: BTreeMap<(&str, &str, &str), usize> = BTreeMap::new();
         for (_, e) in retried
             .iter()
             .filter(|(_, e)| e.state == DeliveryState::Pending)
         {
-            *retry.entry((&e.agreement, &e.study_token)).or_default() += 1;
+            *retry
+                .entry((&e.agreement, &e.from_site, &e.study_token))
+                .or_default() += 1;
         }
-        for ((agreement, study), n) in retry {
-            self.audit.record_or_warn(event(
-                agreement,
-                format!("study {study}: {n} instances to {to}"),
-                "refused by the PACS; queued for retry".into(),
-            ));
+        for ((agreement, from, study), n) in retry {
+            let flow = self.flow_of(agreement, from, study);
+            self.audit.record_detailed_or_warn(
+                event(
+                    agreement,
+                    &flow.purpose,
+                    format!("study {study}: {n} instances to {to}"),
+                    "refused by the PACS; queued for retry".into(),
+                ),
+                detail(from, study, &flow, n),
+            );
         }
         if let Some(e) = association {
             tracing::warn!(error = %e, "PACS delivery attempt failed; the queue is kept and retried");
             self.audit.record_or_warn(event(
+                "",
                 "",
                 format!("queued instances to {to}"),
                 format!("queued for retry: {e}"),
@@ -930,6 +1016,17 @@ mod tests {
         n: usize,
         address: &str,
     ) -> (PacsDelivery, DeliveryQueue, PathBuf) {
+        queued_store_under(dir, n, address, "a", "f")
+    }
+
+    /// [`queued_store`], the study received from hospital-a under `agreement` and `flow`.
+    fn queued_store_under(
+        dir: &std::path::Path,
+        n: usize,
+        address: &str,
+        agreement: &str,
+        flow: &str,
+    ) -> (PacsDelivery, DeliveryQueue, PathBuf) {
         use crate::store::{StagedInstance, Store, StudyKey};
         use sha2::{Digest, Sha256};
         use std::io::Write;
@@ -966,7 +1063,7 @@ mod tests {
                 }
             })
             .collect();
-        let key = StudyKey::new("a", "f", "hospital-a", "2.25.7");
+        let key = StudyKey::new(agreement, flow, "hospital-a", "2.25.7");
         store.commit(&key, n, staged, vec![]).unwrap();
         let queue = store.delivery_queue();
         (delivery, queue, audit_path)
@@ -1012,6 +1109,45 @@ mod tests {
         assert!(log.contains("refused by the PACS; queued for retry"));
         assert!(log.contains("failed after 2 attempts"));
         assert!(!log.contains("DOE"), "no PHI in the audit log");
+    }
+
+    #[test]
+    fn deliver_entries_name_the_flow_and_purpose_the_study_was_received_under() {
+        let dir = tempfile::tempdir().unwrap();
+        let (addr, pacs) = scripted_pacs(vec![0x0000, 0x0000]);
+        let (delivery, queue, audit) =
+            queued_store_under(dir.path(), 2, &addr, "example-teleradiology", "ct-reads");
+        let policy = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("policies")
+            .join("example-teleradiology.toml");
+        let set = AgreementSet::load(&policy).unwrap();
+        let flow = &set.agreements["example-teleradiology"]
+            .flows
+            .iter()
+            .find(|f| f.name == "ct-reads")
+            .unwrap()
+            .purposes;
+        let purposes: Vec<&str> = flow.iter().map(|p| p.name()).collect();
+        assert!(
+            purposes.len() > 1,
+            "the example flow allows several purposes"
+        );
+        let (_agreements, rx) = watch::channel(Arc::new(set));
+        let delivery = delivery.with_agreements(rx);
+        assert!(delivery.deliver_batch(queue.due(now_ms(), 10).unwrap()));
+        assert_eq!(pacs.join().unwrap(), 2);
+        let entries = crate::audit::read_entries(&audit).unwrap();
+        let d = entries
+            .iter()
+            .find(|e| e.event.action == "deliver")
+            .expect("a deliver entry");
+        assert_eq!(d.event.agreement, "example-teleradiology");
+        assert_eq!(d.event.purpose, purposes.join(", "));
+        assert_eq!(d.event.outcome, "ok");
+        assert_eq!(d.detail.flow.as_deref(), Some("ct-reads"));
+        assert_eq!(d.detail.party.as_deref(), Some("hospital-a"));
+        assert_eq!(d.detail.study.as_deref(), Some("2.25.7"));
+        assert_eq!(d.detail.instances, Some(2));
     }
 
     #[test]

@@ -1,6 +1,10 @@
 //! Shared harness for multi-node tests: a fresh federation (own CA) in a temporary folder, site
-//! nodes on loopback ports, and a generated study.
+//! nodes on loopback ports (in this process, or as `serve` processes: [`sites`]), a generated
+//! study, free ports and waiting. `orthanc.rs` and `rsyslog.rs` stand alone (tests and the
+//! benchmark include them by path) and keep their own small helpers.
 #![allow(dead_code)]
+
+pub mod sites;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -207,6 +211,24 @@ pub fn sign_by_all(base: &Path, policy: &Path) {
             time::OffsetDateTime::now_utc(),
         )
         .unwrap_or_else(|e| panic!("signing the test agreement as {site}: {e}"));
+    }
+}
+
+/// A loopback port free at the moment of asking.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind(("127.0.0.1", 0))
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Waits until `ok` holds, checking every 50 ms; fails naming `what` after `limit`.
+pub fn wait_for(what: &str, limit: std::time::Duration, mut ok: impl FnMut() -> bool) {
+    let start = std::time::Instant::now();
+    while !ok() {
+        assert!(start.elapsed() < limit, "timed out waiting for {what}");
+        std::thread::sleep(std::time::Duration::from_millis(50));
     }
 }
 

@@ -15,7 +15,22 @@ pub struct Rsyslog {
 
 impl Rsyslog {
     pub fn start(conf: &Path, dir: &Path) -> Rsyslog {
-        let child = Command::new("/usr/sbin/rsyslogd")
+        Self::start_niced(conf, dir, None)
+    }
+
+    /// [`Rsyslog::start`] at a lower CPU priority (`nice -n <n>`), as the benchmark runs it: a
+    /// real collector runs on another machine, so on this one it should not compete with the
+    /// node it measures.
+    pub fn start_niced(conf: &Path, dir: &Path, nice: Option<i32>) -> Rsyslog {
+        let mut cmd = match nice {
+            Some(n) => {
+                let mut c = Command::new("nice");
+                c.arg("-n").arg(n.to_string()).arg("/usr/sbin/rsyslogd");
+                c
+            }
+            None => Command::new("/usr/sbin/rsyslogd"),
+        };
+        let child = cmd
             .arg("-n")
             .arg("-f")
             .arg(conf)
@@ -58,11 +73,17 @@ pub struct Collector {
 impl Collector {
     /// Writes the PKI and configuration under `dir`, starts rsyslogd and waits until it listens.
     pub fn start(dir: &Path) -> Collector {
+        Self::start_niced(dir, None)
+    }
+
+    /// [`Collector::start`] with rsyslogd at `nice -n <n>` (see [`Rsyslog::start_niced`]);
+    /// everything it writes (its work directory, the received messages) goes under `dir`.
+    pub fn start_niced(dir: &Path, nice: Option<i32>) -> Collector {
         let ca = collector_pki(dir);
         let port = free_port();
         let out = dir.join("received.log");
         let conf = rsyslog_conf(dir, port, &out);
-        let rsyslog = Rsyslog::start(&conf, dir);
+        let rsyslog = Rsyslog::start_niced(&conf, dir, nice);
         wait_for("rsyslog to listen", 10, dir, || {
             std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
         });
