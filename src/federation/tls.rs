@@ -783,7 +783,14 @@ async fn handshake(
     let stream = match hs {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
-            tracing::warn!(%remote, error = %e, "TLS handshake refused");
+            if e.kind() == std::io::ErrorKind::UnexpectedEof && refused_cert.is_none() {
+                // Closed before a handshake: a port probe or a load balancer's health check.
+                // Audited like every refusal of an unidentified peer (summarised in a flood),
+                // but not a warning each: monitoring probes the port all day.
+                tracing::debug!(%remote, "connection closed before a TLS handshake");
+            } else {
+                tracing::warn!(%remote, error = %e, "TLS handshake refused");
+            }
             let why = crate::audit::text::bound_to(&e.to_string(), MAX_HANDSHAKE_ERROR);
             connections.refused(remote, "TLS handshake refused", why, refused_cert);
             return None;
