@@ -858,6 +858,15 @@ impl Node {
                 Ok(e) if e.state == OutboxState::Pending => e,
                 _ => continue,
             };
+            // Left unflushed by a `send` that stopped: re-verified, and made durable or dropped.
+            match self.outbox().settle(&dir, &mut entry) {
+                Ok(true) => {}
+                Ok(false) => continue,
+                Err(e) => {
+                    tracing::error!(study = %entry.study_token, error = %e, "an interrupted send's outbox study could not be settled");
+                    continue;
+                }
+            }
             match self.attempt(&dir, &mut entry).await {
                 Ok(_) => {
                     delivered += 1;
@@ -950,6 +959,8 @@ impl Node {
                 modalities: study.modalities.iter().cloned().collect(),
                 instances: study.instances.iter().map(|(_, i)| i.clone()).collect(),
                 patient_tokens: study.patient_tokens.iter().cloned().collect(),
+                // Working copies (see `ingest::files`): made durable only if this attempt fails.
+                flushed: false,
                 ..OutboxEntry::pending(
                     &flow.agreement,
                     &flow.flow,

@@ -480,6 +480,10 @@ fn check_offer_fields(o: &OfferRequest) -> Result<(), wire::BadField> {
 /// Staged files of one transfer; removed on drop unless committed.
 struct Staging {
     files: Vec<std::path::PathBuf>,
+    /// Verified plaintext inbox copies of a transfer that completes its study
+    /// ([`Store::inbox_part`]), by SHA-256: the delivery check read them, and the commit makes
+    /// them the durable copy. Also listed in `files` (removed unless named in the inbox).
+    plain: HashMap<[u8; 32], std::path::PathBuf>,
 }
 
 impl Drop for Staging {
@@ -524,6 +528,19 @@ fn check_instance(
     });
     std::panic::catch_unwind(run)
         .unwrap_or_else(|_| Err("the DICOM parser gave up on this instance".to_string()))
+}
+
+/// One instance whose last chunk arrived, before its checks.
+struct Received {
+    sha: [u8; 32],
+    uid: String,
+    size: u64,
+    written: u64,
+    hasher: Sha256,
+    /// Its sealed staging file.
+    path: std::path::PathBuf,
+    /// Where its plaintext inbox copy goes, when its transfer completes the study.
+    part: Option<std::path::PathBuf>,
 }
 
 /// The delivery check of one received instance, running on the blocking pool.
@@ -977,7 +994,10 @@ impl Receiver {
     ) -> Result<Response<Receipt>, Status> {
         let object = format!("study {}", plan.study_token);
         let ids = (plan.agreement.clone(), plan.purpose.clone());
-        let mut staging = Staging { files: Vec::new() };
+        let mut staging = Staging {
+            files: Vec::new(),
+            plain: HashMap::new(),
+        };
         let mut done = Vec::new();
         let result = self
             .receive(&plan, first, stream, &mut staging, &mut done)
@@ -1143,6 +1163,8 @@ impl Receiver {
             /// Seals what arrives in memory (one segment at a time) before it is written.
             sealing: Sealing<Vec<u8>>,
             path: std::path::PathBuf,
+            /// Where the check writes its plaintext inbox copy, if it makes one.
+            part: Option<std::path::PathBuf>,
         }
         let mut current: Option<Current> = None;
         let at_rest = self.store.at_rest();
@@ -1205,11 +1227,27 @@ impl Receiver {
                 }
                 received[index / 64] |= 1 << (index % 64);
                 let store = self.store.clone();
-                let (file, path) = tokio::task::spawn_blocking(move || store.stage_file())
-                    .await
-                    .map_err(|e| Status::internal(e.to_string()))?
-                    .map_err(|e| Status::resource_exhausted(format!("cannot stage: {e}")))?;
+                // A transfer that completes its study is delivered at its commit: the check
+                // decrypts each instance once, into its inbox copy (see `finish_instance`).
+                let (key, uid, complete) =
+                    (plan.key(), entry.sop_instance_uid.clone(), plan.complete);
+                let (file, path, part) = tokio::task::spawn_blocking(move || {
+                    let (file, path) = store.stage_file()?;
+                    let part = if complete {
+                        store.inbox_part(&key, &uid)?
+                    } else {
+                        None
+                    };
+                    Ok::<_, StoreError>((file, path, part))
+                })
+                .await
+                .map_err(|e| Status::internal(e.to_string()))?
+                .map_err(|e| Status::resource_exhausted(format!("cannot stage: {e}")))?;
                 staging.files.push(path.clone());
+                if let Some(part) = &part {
+                    staging.files.push(part.clone());
+                    staging.plain.insert(sha, part.clone());
+                }
                 current = Some(Current {
                     sha,
                     uid: entry.sop_instance_uid,
@@ -1221,6 +1259,7 @@ impl Receiver {
                         .writer(Vec::new())
                         .map_err(|e| Status::internal(format!("cannot seal: {e}")))?,
                     path,
+                    part,
                 });
             }
             let c = current.as_mut().expect("current instance");
@@ -1251,11 +1290,16 @@ impl Receiver {
                 let mut c = current.take().expect("current instance");
                 let (tail, _) = c.sealing.finish().map_err(write_err)?;
                 c.file.write_all(&tail).await.map_err(write_err)?;
-                let check = self
-                    .finish_instance(
-                        c.sha, c.uid, c.size, c.written, c.hasher, c.file, c.path, plan, &deid,
-                    )
-                    .await?;
+                let received = Received {
+                    sha: c.sha,
+                    uid: c.uid,
+                    size: c.size,
+                    written: c.written,
+                    hasher: c.hasher,
+                    path: c.path,
+                    part: c.part,
+                };
+                let check = self.finish_instance(received, c.file, plan, &deid).await?;
                 checks.push(check, done).await?;
             }
         }
@@ -1271,55 +1315,66 @@ impl Receiver {
 
     /// Checks one completely received instance: size and SHA-256 now, then the guarded parse
     /// and the delivery check in the background (the returned [`Check`]). The staging file is
-    /// not fsynced here: the store makes a transfer's files durable together when it commits
-    /// them (one flush instead of one per instance).
-    #[allow(clippy::too_many_arguments)]
+    /// not fsynced here: its write-back starts once it passed, and the store makes a transfer's
+    /// files durable together when it commits them.
     async fn finish_instance(
         &self,
-        sha: [u8; 32],
-        uid: String,
-        size: u64,
-        written: u64,
-        hasher: Sha256,
+        r: Received,
         mut file: tokio::fs::File,
-        path: std::path::PathBuf,
         plan: &Plan,
         deid: &DeidConfig,
     ) -> Result<Check, Status> {
+        let sha = r.sha;
         // Every write has reached the file before the check reads it by its path.
         file.flush()
             .await
             .map_err(|e| Status::resource_exhausted(format!("cannot write staging file: {e}")))?;
         drop(file);
-        let digest: [u8; 32] = hasher.finalize().into();
-        if written != size || digest != sha {
+        let digest: [u8; 32] = r.hasher.finalize().into();
+        if r.written != r.size || digest != sha {
             return Err(Status::data_loss(format!(
-                "instance {} failed its SHA-256/size check ({written} of {size} bytes received); nothing was stored",
+                "instance {} failed its SHA-256/size check ({} of {} bytes received); nothing was stored",
                 short(&sha),
+                r.written,
+                r.size,
             )));
         }
-        let (p, u, t, d, r) = (
-            path.clone(),
-            uid.clone(),
+        let (token, deid, at_rest, part) = (
             plan.study_token.clone(),
             deid.clone(),
             self.store.at_rest(),
+            r.part,
         );
         let staged = StagedInstance {
-            path,
+            path: r.path,
             sha256: sha,
-            size,
-            sop_instance_uid: uid,
+            size: r.size,
+            sop_instance_uid: r.uid,
+        };
+        let refused = move |why: String| {
+            Status::failed_precondition(format!(
+                "instance {} refused: {why}; nothing was stored",
+                short(&sha)
+            ))
         };
         Ok(tokio::task::spawn_blocking(move || {
-            check_instance(&r, &p, &u, &t, &d)
-                .map(|()| staged)
-                .map_err(|why| {
-                    Status::failed_precondition(format!(
-                        "instance {} refused: {why}; nothing was stored",
-                        short(&sha)
-                    ))
-                })
+            let uid = &staged.sop_instance_uid;
+            let checked = match &part {
+                // One decryption for the check and the delivery: the plaintext goes to its
+                // (hidden, unnamed) inbox copy, and the check reads that.
+                Some(part) => at_rest
+                    .open_into_unsynced(&staged.path, part)
+                    .map_err(|e| format!("the staged instance cannot be read: {e}"))
+                    .and_then(|()| check_instance(&AtRest::plain(), part, uid, &token, &deid)),
+                None => check_instance(&at_rest, &staged.path, uid, &token, &deid),
+            };
+            checked.map_err(refused)?;
+            // Checked: the copy the commit makes durable may go to disk now, while the next
+            // instances arrive, so that the commit's flush finds little left to write.
+            if let Ok(f) = std::fs::File::open(part.as_ref().unwrap_or(&staged.path)) {
+                crate::store::durable::start_writeback(&f);
+            }
+            Ok(staged)
         }))
     }
 
@@ -1368,6 +1423,7 @@ impl Receiver {
         let expected = plan.expected;
         let key2 = key.clone();
         let mut staged_now = staged;
+        let plain = staging.plain.clone();
         let committed = tokio::task::spawn_blocking(move || {
             staged_now.extend(
                 store
@@ -1375,13 +1431,7 @@ impl Receiver {
                     .into_iter()
                     .filter(|p| resumed.contains(&p.sha256)),
             );
-            let c = store.commit(&key2, expected, staged_now, already)?;
-            let delivered = if c.study.is_complete() {
-                Some(store.deliver_committed(&c)?)
-            } else {
-                None
-            };
-            Ok::<_, StoreError>((c, delivered))
+            store.commit_and_deliver(&key2, expected, staged_now, already, &plain)
         })
         .await
         .map_err(|e| Status::internal(e.to_string()))?;
