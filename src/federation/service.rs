@@ -1424,6 +1424,7 @@ impl Receiver {
         let key2 = key.clone();
         let mut staged_now = staged;
         let plain = staging.plain.clone();
+        let started = Instant::now();
         let committed = tokio::task::spawn_blocking(move || {
             staged_now.extend(
                 store
@@ -1435,6 +1436,12 @@ impl Receiver {
         })
         .await
         .map_err(|e| Status::internal(e.to_string()))?;
+        tracing::debug!(
+            study = %plan.study_token,
+            instances = plan.wanted,
+            commit_and_deliver_ms = started.elapsed().as_millis() as u64,
+            "transfer committed"
+        );
         drop(staging);
         let (c, delivered) = committed.map_err(|e| match e {
             StoreError::BlobCorrupted(_) => {

@@ -86,6 +86,7 @@ pub fn ingest_files(
     let root = outbox.study_dir(&flow.agreement, "x");
     let root = root.parent().unwrap_or(Path::new(".")).to_path_buf();
     let jobs = collect(inputs, &root)?;
+    let started = std::time::Instant::now();
     let mut out = FileIngest::default();
     let vault_error: std::sync::Mutex<Option<sled::Error>> = Default::default();
     let process = |job: &Result<PathBuf, HeldBack>| -> (Item, Option<StagedOutput>) {
@@ -160,6 +161,11 @@ pub fn ingest_files(
         return Err(IngestError::Vault(e));
     }
     vault.flush()?;
+    tracing::debug!(
+        files = jobs.len(),
+        deidentify_ms = started.elapsed().as_millis() as u64,
+        "inputs de-identified into the outbox"
+    );
     Ok(out)
 }
 
