@@ -28,7 +28,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
-use tokio::io::AsyncWriteExt;
 use tokio::sync::watch;
 use tonic::{Request, Response, Status, Streaming};
 
@@ -528,6 +527,25 @@ fn check_instance(
     });
     std::panic::catch_unwind(run)
         .unwrap_or_else(|_| Err("the DICOM parser gave up on this instance".to_string()))
+}
+
+/// Writes one received chunk, sealed, to its staging file and, when the instance has an inbox
+/// copy, its plaintext there too: on the blocking pool, the buffers moved there, not copied.
+async fn write_chunk(
+    file: Arc<std::fs::File>,
+    sealed: Vec<u8>,
+    plain: Option<(Arc<std::fs::File>, Vec<u8>)>,
+) -> std::io::Result<()> {
+    use std::io::Write;
+    tokio::task::spawn_blocking(move || {
+        (&*file).write_all(&sealed)?;
+        if let Some((part, data)) = plain {
+            (&*part).write_all(&data)?;
+        }
+        Ok(())
+    })
+    .await
+    .map_err(std::io::Error::other)?
 }
 
 /// One instance whose last chunk arrived, before its checks.
@@ -1159,12 +1177,13 @@ impl Receiver {
             size: u64,
             written: u64,
             hasher: Sha256,
-            file: tokio::fs::File,
+            file: Arc<std::fs::File>,
             /// Seals what arrives in memory (one segment at a time) before it is written.
             sealing: Sealing<Vec<u8>>,
             path: std::path::PathBuf,
-            /// Where the check writes its plaintext inbox copy, if it makes one.
-            part: Option<std::path::PathBuf>,
+            /// The plaintext inbox copy, written as the bytes arrive, when this transfer
+            /// completes its study (see `finish_instance`).
+            part: Option<(std::path::PathBuf, Arc<std::fs::File>)>,
         }
         let mut current: Option<Current> = None;
         let at_rest = self.store.at_rest();
@@ -1227,16 +1246,27 @@ impl Receiver {
                 }
                 received[index / 64] |= 1 << (index % 64);
                 let store = self.store.clone();
-                // A transfer that completes its study is delivered at its commit: the check
-                // decrypts each instance once, into its inbox copy (see `finish_instance`).
+                // A transfer that completes its study is delivered at its commit: each
+                // instance's plaintext goes to its inbox copy as it arrives, which the check
+                // reads and the commit makes durable (see `finish_instance`).
                 let (key, uid, complete) =
                     (plan.key(), entry.sop_instance_uid.clone(), plan.complete);
                 let (file, path, part) = tokio::task::spawn_blocking(move || {
                     let (file, path) = store.stage_file()?;
-                    let part = if complete {
-                        store.inbox_part(&key, &uid)?
-                    } else {
-                        None
+                    let part = match complete.then(|| store.inbox_part(&key, &uid)) {
+                        Some(Ok(Some(part))) => {
+                            let f = std::fs::OpenOptions::new()
+                                .write(true)
+                                .create_new(true)
+                                .open(&part)
+                                .map_err(|source| StoreError::Io {
+                                    path: part.clone(),
+                                    source,
+                                })?;
+                            Some((part, Arc::new(f)))
+                        }
+                        Some(Err(e)) => return Err(e),
+                        _ => None,
                     };
                     Ok::<_, StoreError>((file, path, part))
                 })
@@ -1244,7 +1274,7 @@ impl Receiver {
                 .map_err(|e| Status::internal(e.to_string()))?
                 .map_err(|e| Status::resource_exhausted(format!("cannot stage: {e}")))?;
                 staging.files.push(path.clone());
-                if let Some(part) = &part {
+                if let Some((part, _)) = &part {
                     staging.files.push(part.clone());
                     staging.plain.insert(sha, part.clone());
                 }
@@ -1254,7 +1284,7 @@ impl Receiver {
                     size: entry.size,
                     written: 0,
                     hasher: Sha256::new(),
-                    file: tokio::fs::File::from_std(file),
+                    file: Arc::new(file),
                     sealing: at_rest
                         .writer(Vec::new())
                         .map_err(|e| Status::internal(format!("cannot seal: {e}")))?,
@@ -1284,12 +1314,18 @@ impl Receiver {
             };
             std::io::Write::write_all(&mut c.sealing, &chunk.data).map_err(write_err)?;
             let sealed = std::mem::take(c.sealing.get_mut());
-            c.file.write_all(&sealed).await.map_err(write_err)?;
-            c.written += chunk.data.len() as u64;
+            let len = chunk.data.len() as u64;
+            let plain = c.part.as_ref().map(|(_, f)| (f.clone(), chunk.data));
+            write_chunk(c.file.clone(), sealed, plain)
+                .await
+                .map_err(write_err)?;
+            c.written += len;
             if chunk.last {
-                let mut c = current.take().expect("current instance");
+                let c = current.take().expect("current instance");
                 let (tail, _) = c.sealing.finish().map_err(write_err)?;
-                c.file.write_all(&tail).await.map_err(write_err)?;
+                write_chunk(c.file.clone(), tail, None)
+                    .await
+                    .map_err(write_err)?;
                 let received = Received {
                     sha: c.sha,
                     uid: c.uid,
@@ -1297,9 +1333,9 @@ impl Receiver {
                     written: c.written,
                     hasher: c.hasher,
                     path: c.path,
-                    part: c.part,
+                    part: c.part.map(|(p, _)| p),
                 };
-                let check = self.finish_instance(received, c.file, plan, &deid).await?;
+                let check = self.finish_instance(received, plan, &deid).await?;
                 checks.push(check, done).await?;
             }
         }
@@ -1320,16 +1356,10 @@ impl Receiver {
     async fn finish_instance(
         &self,
         r: Received,
-        mut file: tokio::fs::File,
         plan: &Plan,
         deid: &DeidConfig,
     ) -> Result<Check, Status> {
         let sha = r.sha;
-        // Every write has reached the file before the check reads it by its path.
-        file.flush()
-            .await
-            .map_err(|e| Status::resource_exhausted(format!("cannot write staging file: {e}")))?;
-        drop(file);
         let digest: [u8; 32] = r.hasher.finalize().into();
         if r.written != r.size || digest != sha {
             return Err(Status::data_loss(format!(
@@ -1360,12 +1390,9 @@ impl Receiver {
         Ok(tokio::task::spawn_blocking(move || {
             let uid = &staged.sop_instance_uid;
             let checked = match &part {
-                // One decryption for the check and the delivery: the plaintext goes to its
-                // (hidden, unnamed) inbox copy, and the check reads that.
-                Some(part) => at_rest
-                    .open_into_unsynced(&staged.path, part)
-                    .map_err(|e| format!("the staged instance cannot be read: {e}"))
-                    .and_then(|()| check_instance(&AtRest::plain(), part, uid, &token, &deid)),
+                // The plaintext was written to its (hidden) inbox copy as it arrived and its
+                // SHA-256 checked: the check reads that, and nothing is decrypted.
+                Some(part) => check_instance(&AtRest::plain(), part, uid, &token, &deid),
                 None => check_instance(&at_rest, &staged.path, uid, &token, &deid),
             };
             checked.map_err(refused)?;

@@ -14,9 +14,14 @@
 //! (`[storage] encrypt_at_rest`, on by default) and named by the SHA-256 of their plaintext. The
 //! inbox is the delivery folder and holds the one plaintext copy: with encryption on, a complete
 //! study is decrypted into it (hash checked) and the sealed blob stays for deduplication,
-//! resumption and retention; with a PACS configured (`[dicom.deliver]`) the inbox is not written
-//! at all, so no plaintext copy remains after delivery. With encryption off the inbox file is a
-//! hard link to the blob, as before. sled records hold tokens, de-identified UIDs and hashes only.
+//! resumption and retention. A transfer that completes its study has its instances' plaintext
+//! written as it arrives into hidden inbox files ([`Store::inbox_part`]); those are the
+//! copies its commit makes durable ([`Store::commit_and_deliver`]), and its sealed blobs are
+//! renamed in unflushed, as a cache re-hashed before every use. Flushes are per file, several at
+//! once ([`durable`]), never of the whole file system. With a PACS configured
+//! (`[dicom.deliver]`) the inbox is not written at all, so no plaintext copy remains after
+//! delivery. With encryption off the inbox file is a hard link to the blob, as before. sled
+//! records hold tokens, de-identified UIDs and hashes only.
 //!
 //! sled 0.34 only fsyncs on its own every 500 ms, so every method that records something flushes
 //! before it returns: nothing is acknowledged to a peer before it is on disk.
@@ -165,7 +170,8 @@ pub trait Store: Send + Sync + 'static {
         sealed::AtRest::plain()
     }
     /// Where the receiver may write the plaintext of an instance of a study that its transfer
-    /// completes, so that the delivery check and the inbox copy share one decryption: a fresh
+    /// completes, as it arrives, so that the delivery check and the inbox copy need no
+    /// decryption: a fresh
     /// hidden name in the study's inbox folder, or `None` where no plaintext copy is made that
     /// way (no inbox delivery, or instances not sealed at rest: the inbox copy is then a hard
     /// link). See [`Store::commit_and_deliver`].
@@ -1337,9 +1343,9 @@ mod inbox_tests {
         assert_eq!(fs::read_dir(&out).unwrap().count(), 5);
     }
 
-    /// Sealed at rest with inbox delivery: the receiver's check wrote each instance's plaintext
-    /// once, at `inbox_part`; the commit makes those copies durable and names them, without a
-    /// second decryption, and the sealed blobs stay as the (re-hashed before use) cache.
+    /// Sealed at rest with inbox delivery: the receiver wrote each instance's plaintext once, at
+    /// `inbox_part`, as it arrived; the commit makes those copies durable and names them without
+    /// decrypting anything, and the sealed blobs stay as the (re-hashed before use) cache.
     #[test]
     fn a_completing_commit_names_the_checked_plaintext_copies_in_the_inbox() {
         let dir = tempfile::tempdir().unwrap();
@@ -1357,8 +1363,8 @@ mod inbox_tests {
             let uid = format!("2.25.5{i}");
             let part = s.inbox_part(&key, &uid).unwrap().expect("inbox copy");
             assert!(part.file_name().unwrap().to_string_lossy().starts_with('.'));
-            at_rest.open_into_unsynced(&path, &part).unwrap();
-            assert_eq!(fs::read(&part).unwrap(), bytes);
+            // The receiver writes the plaintext as it arrives (and checks its SHA-256).
+            fs::write(&part, &bytes).unwrap();
             let sha: [u8; 32] = Sha256::digest(&bytes).into();
             plain.insert(sha, part);
             staged_all.push(StagedInstance {

@@ -5,8 +5,11 @@
 //! every instance's SHA-256 and size, attempts, the next attempt, the last error, and the state).
 //! `transfer.json` is written before the first attempt, atomically, so a study whose sending was
 //! interrupted (partner down, process killed) is retried by the running node with exponential
-//! backoff. A delivered study's instance files are deleted once the partner's signed receipt is
-//! verified: the outbox keeps the record, not the images. Nothing here holds PHI.
+//! backoff. `send`'s instance files are working copies, not flushed, until an attempt fails
+//! ([`Outbox::make_durable`]); one left so by a crash is re-verified or discarded before it is
+//! sent ([`Outbox::settle`]). A delivered study's instance files are deleted once the partner's
+//! signed receipt is verified: the outbox keeps the record, not the images. Nothing here holds
+//! PHI.
 
 use std::fs;
 use std::path::{Path, PathBuf};

@@ -621,32 +621,6 @@ impl AtRest {
         result
     }
 
-    /// Writes the plaintext of `src` to a new file `tmp` without flushing it, every segment
-    /// authenticated as it is read, for a file whose plaintext SHA-256 was checked as it was
-    /// written (a receiver's staging file: its check and its inbox copy share this one
-    /// decryption). Nothing is left at `tmp` on failure.
-    pub fn open_into_unsynced(&self, src: &Path, tmp: &Path) -> Result<(), SealError> {
-        let io = |source| SealError::Io {
-            path: tmp.to_owned(),
-            source,
-        };
-        let result = (|| {
-            let mut r = self.open(src)?;
-            let f = fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .open(tmp)
-                .map_err(io)?;
-            let mut w = io::BufWriter::with_capacity(SEGMENT, f);
-            io::copy(&mut r, &mut w).map_err(|e| SealError::from_io(src, e))?;
-            w.flush().map_err(io)
-        })();
-        if result.is_err() {
-            let _ = fs::remove_file(tmp);
-        }
-        result
-    }
-
     /// The data key id a file is sealed under (`None`: a plain file).
     pub fn key_id_of(path: &Path) -> Result<Option<String>, SealError> {
         let mut f = fs::File::open(path).map_err(|source| SealError::Io {
