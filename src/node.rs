@@ -791,11 +791,12 @@ impl Node {
                 } else {
                     "failed: "
                 };
-                self.audit
-                    .record_detailed_or_warn(audit(format!("{note}{e}"), 0), detail(None));
+                let (event, details) = (audit(format!("{note}{e}"), 0), detail(None));
+                // The study's copies are made durable before it is called queued.
                 if let Err(err) = outbox.mark_attempt_failed(entry, &e.to_string(), transient) {
                     tracing::error!(error = %err, "the outbox entry could not be updated");
                 }
+                self.audit.record_detailed_or_warn(event, details);
             }
         }
         result
