@@ -815,11 +815,12 @@ impl Node {
                 } else {
                     "failed: "
                 };
-                self.audit
-                    .record_detailed_or_warn(audit(format!("{note}{e}"), 0), detail(None));
+                let (event, details) = (audit(format!("{note}{e}"), 0), detail(None));
+                // The study's copies are made durable before it is called queued.
                 if let Err(err) = outbox.mark_attempt_failed(entry, &e.to_string(), transient) {
                     tracing::error!(error = %err, "the outbox entry could not be updated");
                 }
+                self.audit.record_detailed_or_warn(event, details);
             }
         }
         result
@@ -882,6 +883,15 @@ impl Node {
                 Ok(e) if e.state == OutboxState::Pending => e,
                 _ => continue,
             };
+            // Left unflushed by a `send` that stopped: re-verified, and made durable or dropped.
+            match self.outbox().settle(&dir, &mut entry) {
+                Ok(true) => {}
+                Ok(false) => continue,
+                Err(e) => {
+                    tracing::error!(study = %entry.study_token, error = %e, "an interrupted send's outbox study could not be settled");
+                    continue;
+                }
+            }
             match self.attempt(&dir, &mut entry).await {
                 Ok(_) => {
                     delivered += 1;
@@ -974,6 +984,8 @@ impl Node {
                 modalities: study.modalities.iter().cloned().collect(),
                 instances: study.instances.iter().map(|(_, i)| i.clone()).collect(),
                 patient_tokens: study.patient_tokens.iter().cloned().collect(),
+                // Working copies (see `ingest::files`): made durable only if this attempt fails.
+                flushed: false,
                 ..OutboxEntry::pending(
                     &flow.agreement,
                     &flow.flow,

@@ -354,6 +354,28 @@ fn a_study_for_a_partner_that_is_down_waits_in_the_outbox_and_is_delivered_later
     let text = String::from_utf8_lossy(&list.stdout);
     assert_eq!(list.status.code(), Some(2), "{text}");
     assert!(text.contains("pending, attempt 2"), "{text}");
+    // Reported queued only once its copies are durable (`send` writes them unflushed and makes
+    // them durable when the attempt fails).
+    let entries: Vec<std::path::PathBuf> =
+        common::files_under(&dir.path().join("hospital-a/data/outbox"))
+            .into_iter()
+            .filter(|p| p.ends_with("transfer.json"))
+            .filter(|p| {
+                std::fs::read_to_string(p)
+                    .unwrap()
+                    .contains("\"state\": \"pending\"")
+            })
+            .collect();
+    assert_eq!(entries.len(), 1, "{entries:?}");
+    let entry = std::fs::read_to_string(&entries[0]).unwrap();
+    assert!(entry.contains("\"flushed\": true"), "{entry}");
+    // As a `send` killed mid-attempt leaves it: not marked durable. The next attempt re-verifies
+    // every copy through its seal and SHA-256 before anything is sent (whole here: it goes).
+    std::fs::write(
+        &entries[0],
+        entry.replace("\"flushed\": true", "\"flushed\": false"),
+    )
+    .unwrap();
     // telerad-c comes back; an operator retries now.
     let _server = serve(&cfg("telerad-c"));
     let out = bin()

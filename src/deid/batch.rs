@@ -277,8 +277,6 @@ pub fn encode_file(obj: DefaultDicomObject, mut to: impl Write) -> Result<(), St
 pub struct StagedOutput {
     file: Staging,
     target: PathBuf,
-    /// The file system holding it (outputs are made durable one file system at a time).
-    device: u64,
     bytes: u64,
     sha256: Option<[u8; 32]>,
 }
@@ -366,7 +364,9 @@ pub fn stage_output(
     pixel_data: Option<&super::guard::PixelSource>,
     target: &Path,
 ) -> Result<StagedOutput, String> {
-    stage(obj, pixel_data, target, false)
+    let staged = stage(obj, pixel_data, target, false)?;
+    crate::store::durable::start_writeback(staged.file.file());
+    Ok(staged)
 }
 
 /// [`stage_output`], and the SHA-256 of the output's bytes ([`StagedOutput::sha256`]), for
@@ -378,11 +378,28 @@ pub fn stage_output_hashed(
     pixel_data: Option<&super::guard::PixelSource>,
     target: &Path,
     at_rest: &crate::store::sealed::AtRest,
+    keep: Keep,
 ) -> Result<StagedOutput, String> {
-    if at_rest.seals() {
-        return stage_sealed(obj, pixel_data, target, at_rest);
+    let staged = if at_rest.seals() {
+        stage_sealed(obj, pixel_data, target, at_rest)?
+    } else {
+        stage(obj, pixel_data, target, true)?
+    };
+    if keep == Keep::Durable {
+        crate::store::durable::start_writeback(staged.file.file());
     }
-    stage(obj, pixel_data, target, true)
+    Ok(staged)
+}
+
+/// What becomes of a staged output at its commit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Keep {
+    /// Made durable, then named ([`commit_outputs`]): write-back starts as soon as it is staged,
+    /// so that the commit's flush finds little left to do.
+    Durable,
+    /// Named without a flush ([`name_outputs_unflushed`]): a working copy that is normally
+    /// deleted before its pages ever need to reach the disk (`send`'s outbox copies).
+    WorkingCopy,
 }
 
 /// Stages an output sealed at rest: encoder -> buffer -> SHA-256 of the plaintext -> sealing
@@ -394,7 +411,6 @@ fn stage_sealed(
     at_rest: &crate::store::sealed::AtRest,
 ) -> Result<StagedOutput, String> {
     use sha2::{Digest, Sha256};
-    use std::os::unix::fs::MetadataExt;
 
     struct Hashing<W: Write> {
         inner: W,
@@ -437,9 +453,7 @@ fn stage_sealed(
         buffered.flush().map_err(write_err)?;
         (hash, bytes)
     };
-    let meta = staging.file().metadata().map_err(write_err)?;
     Ok(StagedOutput {
-        device: meta.dev(),
         bytes,
         file: staging,
         target: target.to_path_buf(),
@@ -453,8 +467,6 @@ fn stage(
     target: &Path,
     hashed: bool,
 ) -> Result<StagedOutput, String> {
-    use std::os::unix::fs::MetadataExt;
-
     let dir = target.parent().unwrap_or(Path::new("."));
     fs::create_dir_all(dir).map_err(|e| format!("cannot create output folder: {}", e.kind()))?;
     let staging = new_staging(dir)?;
@@ -471,7 +483,6 @@ fn stage(
         .metadata()
         .map_err(|e| format!("cannot write output: {}", e.kind()))?;
     let mut staged = StagedOutput {
-        device: meta.dev(),
         bytes: meta.len(),
         file: staging,
         target: target.to_path_buf(),
@@ -480,17 +491,14 @@ fn stage(
     if hashed {
         staged.sha256 = Some(staged.hash()?);
     }
-    // Start writing it to disk now, in the background, so that the commit's flush finds little
-    // left to do and the disk works while the cores de-identify the next files (on Linux this
-    // advice starts write-back of the dirty pages; it is only advice, so its result is moot).
-    #[cfg(target_os = "linux")]
-    let _ = rustix::fs::fadvise(staged.file.file(), 0, None, rustix::fs::Advice::DontNeed);
+    // Outputs to be made durable start writing to disk now, in the background (the callers:
+    // `stage_output`, `stage_output_hashed`), so that the commit's flush finds little left to
+    // do and the disk works while the cores de-identify the next files.
     Ok(staged)
 }
 
-/// Makes every staged output durable, then puts each in place: one file-system flush
-/// (`syncfs`) per file system for the whole group on Linux instead of one `fsync` per file,
-/// which costs a journal commit each; elsewhere each file is fsynced. An output gets its name
+/// Makes every staged output durable, then puts each in place: one `fdatasync` per output,
+/// several at once (`store::durable`), so that their journal commits are shared. An output gets its name
 /// only once its bytes are on disk, so a crash at any point leaves either the whole output or
 /// none. The names themselves become durable when the folders are fsynced ([`run_batch`] does
 /// that once per folder at its end).
@@ -578,28 +586,24 @@ fn copy_into_place(mut file: &fs::File, target: &Path) -> std::io::Result<()> {
 }
 
 fn flush_to_disk(staged: &[StagedOutput]) -> Result<(), String> {
-    let fail = |e: std::io::Error| format!("cannot sync output: {}", e.kind());
-    // One or two files: their own fsyncs are cheaper than flushing the file system.
-    if staged.len() <= 2 {
-        for s in staged {
-            s.file.file().sync_all().map_err(fail)?;
-        }
-        return Ok(());
-    }
-    #[cfg(target_os = "linux")]
-    {
-        let mut done: HashSet<u64> = HashSet::new();
-        for s in staged {
-            if done.insert(s.device) {
-                rustix::fs::syncfs(s.file.file()).map_err(|e| fail(e.into()))?;
-            }
-        }
-    }
-    #[cfg(not(target_os = "linux"))]
-    for s in staged {
-        s.file.file().sync_all().map_err(fail)?;
-    }
-    Ok(())
+    let files: Vec<&fs::File> = staged.iter().map(|s| s.file.file()).collect();
+    crate::store::durable::sync_open_files(&files)
+        .map_err(|e| format!("cannot sync output: {}", e.kind()))
+}
+
+/// Puts every staged output in place WITHOUT making it durable: for outputs that are a working
+/// copy only (`send`'s outbox copies, deleted once the partner's receipt arrives, and flushed by
+/// [`crate::store::outbox::Outbox::make_durable`] only if the send fails). A crash may leave such
+/// a file torn; whoever keeps it must be able to tell (the outbox entry says it was not made
+/// durable, and sealing and the SHA-256 in the manifest detect a torn file).
+pub fn name_outputs_unflushed(staged: Vec<StagedOutput>) -> Vec<(PathBuf, Result<(), String>)> {
+    staged
+        .into_iter()
+        .map(|s| {
+            let result = place(s.file, &s.target);
+            (s.target, result)
+        })
+        .collect()
 }
 
 /// Stages, flushes and renames one output ([`stage_output`] then [`commit_outputs`]).
@@ -646,12 +650,14 @@ pub fn worker_count() -> usize {
 
 /// The fast path shared by every file batch (the `deid` command, `send`): a few workers run
 /// `process` on the jobs in parallel (read, de-identify, stage an output); staged outputs are
-/// made durable in groups ([`commit_outputs`]: one file-system flush for up to
-/// [`COMMIT_FILES`] outputs) and only then handed to `finish` with the commit's result. Items
+/// committed in groups of up to [`COMMIT_FILES`] (`keep`: made durable together by
+/// [`commit_outputs`], or named unflushed as working copies by [`name_outputs_unflushed`]) and
+/// only then handed to `finish` with the commit's result. Items
 /// without an output go to `finish` at once with `None`. `finish` runs on the calling thread,
 /// one item at a time.
 pub fn run_parallel<J, I, E>(
     jobs: &[J],
+    keep: Keep,
     process: impl Fn(&J) -> (I, Option<StagedOutput>) + Sync,
     finish: &mut dyn FnMut(I, Option<Result<(), String>>) -> Result<(), E>,
 ) -> Result<(), ParallelError<E>>
@@ -687,7 +693,11 @@ where
                       finish: &mut dyn FnMut(I, Option<Result<(), String>>) -> Result<(), E>|
          -> Result<(), ParallelError<E>> {
             let (items, staged): (Vec<_>, Vec<_>) = std::mem::take(pending).into_iter().unzip();
-            for (item, (_, result)) in items.into_iter().zip(commit_outputs(staged)) {
+            let committed = match keep {
+                Keep::Durable => commit_outputs(staged),
+                Keep::WorkingCopy => name_outputs_unflushed(staged),
+            };
+            for (item, (_, result)) in items.into_iter().zip(committed) {
                 finish(item, Some(result)).map_err(ParallelError::Finish)?;
             }
             Ok(())
@@ -797,7 +807,7 @@ pub fn run_batch(
         };
         (item, staged)
     };
-    run_parallel(&jobs, process, &mut finish).map_err(|e| match e {
+    run_parallel(&jobs, Keep::Durable, process, &mut finish).map_err(|e| match e {
         ParallelError::Spawn(e) => io(e),
         ParallelError::Finish(e) => e,
     })?;

@@ -216,6 +216,7 @@ impl PeerClient {
                 .collect(),
             audit_checkpoint: self.audit_checkpoint.clone(),
         };
+        let started = std::time::Instant::now();
         let answer = self
             .client
             .offer(offer)
@@ -264,6 +265,12 @@ impl PeerClient {
                 status,
             })?
             .into_inner();
+        tracing::debug!(
+            instances = n,
+            bytes = bytes_sent,
+            offer_and_transfer_ms = started.elapsed().as_millis() as u64,
+            "study transferred, receipt received"
+        );
         let cert = self
             .peer_cert
             .lock()

@@ -28,7 +28,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
-use tokio::io::AsyncWriteExt;
 use tokio::sync::watch;
 use tonic::{Request, Response, Status, Streaming};
 
@@ -480,6 +479,10 @@ fn check_offer_fields(o: &OfferRequest) -> Result<(), wire::BadField> {
 /// Staged files of one transfer; removed on drop unless committed.
 struct Staging {
     files: Vec<std::path::PathBuf>,
+    /// Verified plaintext inbox copies of a transfer that completes its study
+    /// ([`Store::inbox_part`]), by SHA-256: the delivery check read them, and the commit makes
+    /// them the durable copy. Also listed in `files` (removed unless named in the inbox).
+    plain: HashMap<[u8; 32], std::path::PathBuf>,
 }
 
 impl Drop for Staging {
@@ -524,6 +527,38 @@ fn check_instance(
     });
     std::panic::catch_unwind(run)
         .unwrap_or_else(|_| Err("the DICOM parser gave up on this instance".to_string()))
+}
+
+/// Writes one received chunk, sealed, to its staging file and, when the instance has an inbox
+/// copy, its plaintext there too: on the blocking pool, the buffers moved there, not copied.
+async fn write_chunk(
+    file: Arc<std::fs::File>,
+    sealed: Vec<u8>,
+    plain: Option<(Arc<std::fs::File>, Vec<u8>)>,
+) -> std::io::Result<()> {
+    use std::io::Write;
+    tokio::task::spawn_blocking(move || {
+        (&*file).write_all(&sealed)?;
+        if let Some((part, data)) = plain {
+            (&*part).write_all(&data)?;
+        }
+        Ok(())
+    })
+    .await
+    .map_err(std::io::Error::other)?
+}
+
+/// One instance whose last chunk arrived, before its checks.
+struct Received {
+    sha: [u8; 32],
+    uid: String,
+    size: u64,
+    written: u64,
+    hasher: Sha256,
+    /// Its sealed staging file.
+    path: std::path::PathBuf,
+    /// Where its plaintext inbox copy goes, when its transfer completes the study.
+    part: Option<std::path::PathBuf>,
 }
 
 /// The delivery check of one received instance, running on the blocking pool.
@@ -977,7 +1012,10 @@ impl Receiver {
     ) -> Result<Response<Receipt>, Status> {
         let object = format!("study {}", plan.study_token);
         let ids = (plan.agreement.clone(), plan.purpose.clone());
-        let mut staging = Staging { files: Vec::new() };
+        let mut staging = Staging {
+            files: Vec::new(),
+            plain: HashMap::new(),
+        };
         let mut done = Vec::new();
         let result = self
             .receive(&plan, first, stream, &mut staging, &mut done)
@@ -1139,10 +1177,13 @@ impl Receiver {
             size: u64,
             written: u64,
             hasher: Sha256,
-            file: tokio::fs::File,
+            file: Arc<std::fs::File>,
             /// Seals what arrives in memory (one segment at a time) before it is written.
             sealing: Sealing<Vec<u8>>,
             path: std::path::PathBuf,
+            /// The plaintext inbox copy, written as the bytes arrive, when this transfer
+            /// completes its study (see `finish_instance`).
+            part: Option<(std::path::PathBuf, Arc<std::fs::File>)>,
         }
         let mut current: Option<Current> = None;
         let at_rest = self.store.at_rest();
@@ -1205,22 +1246,50 @@ impl Receiver {
                 }
                 received[index / 64] |= 1 << (index % 64);
                 let store = self.store.clone();
-                let (file, path) = tokio::task::spawn_blocking(move || store.stage_file())
-                    .await
-                    .map_err(|e| Status::internal(e.to_string()))?
-                    .map_err(|e| Status::resource_exhausted(format!("cannot stage: {e}")))?;
+                // A transfer that completes its study is delivered at its commit: each
+                // instance's plaintext goes to its inbox copy as it arrives, which the check
+                // reads and the commit makes durable (see `finish_instance`).
+                let (key, uid, complete) =
+                    (plan.key(), entry.sop_instance_uid.clone(), plan.complete);
+                let (file, path, part) = tokio::task::spawn_blocking(move || {
+                    let (file, path) = store.stage_file()?;
+                    let part = match complete.then(|| store.inbox_part(&key, &uid)) {
+                        Some(Ok(Some(part))) => {
+                            let f = std::fs::OpenOptions::new()
+                                .write(true)
+                                .create_new(true)
+                                .open(&part)
+                                .map_err(|source| StoreError::Io {
+                                    path: part.clone(),
+                                    source,
+                                })?;
+                            Some((part, Arc::new(f)))
+                        }
+                        Some(Err(e)) => return Err(e),
+                        _ => None,
+                    };
+                    Ok::<_, StoreError>((file, path, part))
+                })
+                .await
+                .map_err(|e| Status::internal(e.to_string()))?
+                .map_err(|e| Status::resource_exhausted(format!("cannot stage: {e}")))?;
                 staging.files.push(path.clone());
+                if let Some((part, _)) = &part {
+                    staging.files.push(part.clone());
+                    staging.plain.insert(sha, part.clone());
+                }
                 current = Some(Current {
                     sha,
                     uid: entry.sop_instance_uid,
                     size: entry.size,
                     written: 0,
                     hasher: Sha256::new(),
-                    file: tokio::fs::File::from_std(file),
+                    file: Arc::new(file),
                     sealing: at_rest
                         .writer(Vec::new())
                         .map_err(|e| Status::internal(format!("cannot seal: {e}")))?,
                     path,
+                    part,
                 });
             }
             let c = current.as_mut().expect("current instance");
@@ -1245,17 +1314,28 @@ impl Receiver {
             };
             std::io::Write::write_all(&mut c.sealing, &chunk.data).map_err(write_err)?;
             let sealed = std::mem::take(c.sealing.get_mut());
-            c.file.write_all(&sealed).await.map_err(write_err)?;
-            c.written += chunk.data.len() as u64;
+            let len = chunk.data.len() as u64;
+            let plain = c.part.as_ref().map(|(_, f)| (f.clone(), chunk.data));
+            write_chunk(c.file.clone(), sealed, plain)
+                .await
+                .map_err(write_err)?;
+            c.written += len;
             if chunk.last {
-                let mut c = current.take().expect("current instance");
+                let c = current.take().expect("current instance");
                 let (tail, _) = c.sealing.finish().map_err(write_err)?;
-                c.file.write_all(&tail).await.map_err(write_err)?;
-                let check = self
-                    .finish_instance(
-                        c.sha, c.uid, c.size, c.written, c.hasher, c.file, c.path, plan, &deid,
-                    )
-                    .await?;
+                write_chunk(c.file.clone(), tail, None)
+                    .await
+                    .map_err(write_err)?;
+                let received = Received {
+                    sha: c.sha,
+                    uid: c.uid,
+                    size: c.size,
+                    written: c.written,
+                    hasher: c.hasher,
+                    path: c.path,
+                    part: c.part.map(|(p, _)| p),
+                };
+                let check = self.finish_instance(received, plan, &deid).await?;
                 checks.push(check, done).await?;
             }
         }
@@ -1271,55 +1351,57 @@ impl Receiver {
 
     /// Checks one completely received instance: size and SHA-256 now, then the guarded parse
     /// and the delivery check in the background (the returned [`Check`]). The staging file is
-    /// not fsynced here: the store makes a transfer's files durable together when it commits
-    /// them (one flush instead of one per instance).
-    #[allow(clippy::too_many_arguments)]
+    /// not fsynced here: its write-back starts once it passed, and the store makes a transfer's
+    /// files durable together when it commits them.
     async fn finish_instance(
         &self,
-        sha: [u8; 32],
-        uid: String,
-        size: u64,
-        written: u64,
-        hasher: Sha256,
-        mut file: tokio::fs::File,
-        path: std::path::PathBuf,
+        r: Received,
         plan: &Plan,
         deid: &DeidConfig,
     ) -> Result<Check, Status> {
-        // Every write has reached the file before the check reads it by its path.
-        file.flush()
-            .await
-            .map_err(|e| Status::resource_exhausted(format!("cannot write staging file: {e}")))?;
-        drop(file);
-        let digest: [u8; 32] = hasher.finalize().into();
-        if written != size || digest != sha {
+        let sha = r.sha;
+        let digest: [u8; 32] = r.hasher.finalize().into();
+        if r.written != r.size || digest != sha {
             return Err(Status::data_loss(format!(
-                "instance {} failed its SHA-256/size check ({written} of {size} bytes received); nothing was stored",
+                "instance {} failed its SHA-256/size check ({} of {} bytes received); nothing was stored",
                 short(&sha),
+                r.written,
+                r.size,
             )));
         }
-        let (p, u, t, d, r) = (
-            path.clone(),
-            uid.clone(),
+        let (token, deid, at_rest, part) = (
             plan.study_token.clone(),
             deid.clone(),
             self.store.at_rest(),
+            r.part,
         );
         let staged = StagedInstance {
-            path,
+            path: r.path,
             sha256: sha,
-            size,
-            sop_instance_uid: uid,
+            size: r.size,
+            sop_instance_uid: r.uid,
+        };
+        let refused = move |why: String| {
+            Status::failed_precondition(format!(
+                "instance {} refused: {why}; nothing was stored",
+                short(&sha)
+            ))
         };
         Ok(tokio::task::spawn_blocking(move || {
-            check_instance(&r, &p, &u, &t, &d)
-                .map(|()| staged)
-                .map_err(|why| {
-                    Status::failed_precondition(format!(
-                        "instance {} refused: {why}; nothing was stored",
-                        short(&sha)
-                    ))
-                })
+            let uid = &staged.sop_instance_uid;
+            let checked = match &part {
+                // The plaintext was written to its (hidden) inbox copy as it arrived and its
+                // SHA-256 checked: the check reads that, and nothing is decrypted.
+                Some(part) => check_instance(&AtRest::plain(), part, uid, &token, &deid),
+                None => check_instance(&at_rest, &staged.path, uid, &token, &deid),
+            };
+            checked.map_err(refused)?;
+            // Checked: the copy the commit makes durable may go to disk now, while the next
+            // instances arrive, so that the commit's flush finds little left to write.
+            if let Ok(f) = std::fs::File::open(part.as_ref().unwrap_or(&staged.path)) {
+                crate::store::durable::start_writeback(&f);
+            }
+            Ok(staged)
         }))
     }
 
@@ -1368,6 +1450,8 @@ impl Receiver {
         let expected = plan.expected;
         let key2 = key.clone();
         let mut staged_now = staged;
+        let plain = staging.plain.clone();
+        let started = Instant::now();
         let committed = tokio::task::spawn_blocking(move || {
             staged_now.extend(
                 store
@@ -1375,16 +1459,16 @@ impl Receiver {
                     .into_iter()
                     .filter(|p| resumed.contains(&p.sha256)),
             );
-            let c = store.commit(&key2, expected, staged_now, already)?;
-            let delivered = if c.study.is_complete() {
-                Some(store.deliver_committed(&c)?)
-            } else {
-                None
-            };
-            Ok::<_, StoreError>((c, delivered))
+            store.commit_and_deliver(&key2, expected, staged_now, already, &plain)
         })
         .await
         .map_err(|e| Status::internal(e.to_string()))?;
+        tracing::debug!(
+            study = %plan.study_token,
+            instances = plan.wanted,
+            commit_and_deliver_ms = started.elapsed().as_millis() as u64,
+            "transfer committed"
+        );
         drop(staging);
         let (c, delivered) = committed.map_err(|e| match e {
             StoreError::BlobCorrupted(_) => {

@@ -186,6 +186,7 @@ impl DimseIngest {
                 d.pixel_data.as_ref(),
                 &dir.join(&file),
                 self.outbox.at_rest(),
+                batch::Keep::Durable,
             );
             (vaulted.join(), staged)
         });

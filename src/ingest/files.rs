@@ -2,10 +2,15 @@
 //!
 //! Every file goes through the guarded reader, the flow's admission and de-identification on a
 //! few worker threads; outputs are written into the outbox study folders with their pixel data
-//! copied by the kernel and made durable in groups (`deid::batch::run_parallel`), so a crash
-//! leaves whole files or none. Files have no source AE (see [`super::admit`]).
+//! copied by the kernel and named in groups (`deid::batch::run_parallel`). They are working
+//! copies, NOT flushed: `send` sends them at once and they are deleted when the partner's receipt
+//! arrives, so on the happy path their bytes never have to reach the disk. The outbox entry says
+//! so (`flushed = false`) until a failed attempt makes them durable
+//! ([`crate::store::outbox::Outbox::make_durable`]); an entry left so by a crash is re-verified
+//! before it is sent ([`crate::store::outbox::Outbox::settle`]). The vault records, by contrast,
+//! are durable before this returns. Files have no source AE (see [`super::admit`]).
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 use super::{admit_and_deidentify, HeldBack, HeldBackKind, IngestError, IngestFlow};
@@ -69,8 +74,9 @@ fn collect(inputs: &[PathBuf], skip: &Path) -> Result<Vec<Result<PathBuf, HeldBa
 }
 
 /// Guards, admits, de-identifies and stages every file under `inputs` into the outbox study
-/// folders of `flow`, recording the tokens in the vault (flushed before this returns, so no
-/// token leaves the site before its vault record is durable).
+/// folders of `flow` as working copies (named, not flushed: see the module header), recording
+/// the tokens in the vault (flushed before this returns, so no token leaves the site before its
+/// vault record is durable).
 pub fn ingest_files(
     flow: &IngestFlow,
     inputs: &[PathBuf],
@@ -80,8 +86,8 @@ pub fn ingest_files(
     let root = outbox.study_dir(&flow.agreement, "x");
     let root = root.parent().unwrap_or(Path::new(".")).to_path_buf();
     let jobs = collect(inputs, &root)?;
+    let started = std::time::Instant::now();
     let mut out = FileIngest::default();
-    let mut dirs: HashSet<PathBuf> = HashSet::new();
     let vault_error: std::sync::Mutex<Option<sled::Error>> = Default::default();
     let process = |job: &Result<PathBuf, HeldBack>| -> (Item, Option<StagedOutput>) {
         let input = match job {
@@ -131,7 +137,6 @@ pub fn ingest_files(
                 }
                 (Ok(ready), _) => ready,
             };
-            dirs.insert(outbox.study_dir(&flow.agreement, &ready.study_token));
             let study = out.studies.entry(ready.study_token).or_default();
             study.modalities.extend(ready.modality);
             study.patient_tokens.insert(ready.patient_token);
@@ -143,21 +148,24 @@ pub fn ingest_files(
             study.instances.push((item.input, ready.instance));
             Ok(())
         };
-    batch::run_parallel(&jobs, process, &mut finish).map_err(|e| match e {
-        batch::ParallelError::Spawn(e) => IngestError::Input {
-            path: PathBuf::from("."),
-            reason: format!("cannot start de-identification workers: {e}"),
+    batch::run_parallel(&jobs, batch::Keep::WorkingCopy, process, &mut finish).map_err(
+        |e| match e {
+            batch::ParallelError::Spawn(e) => IngestError::Input {
+                path: PathBuf::from("."),
+                reason: format!("cannot start de-identification workers: {e}"),
+            },
+            batch::ParallelError::Finish(e) => e,
         },
-        batch::ParallelError::Finish(e) => e,
-    })?;
+    )?;
     if let Some(e) = vault_error.into_inner().unwrap_or_else(|p| p.into_inner()) {
         return Err(IngestError::Vault(e));
     }
     vault.flush()?;
-    // The outputs' names are durable once their folders are.
-    for d in dirs {
-        crate::store::sync_dir(&d)?;
-    }
+    tracing::debug!(
+        files = jobs.len(),
+        deidentify_ms = started.elapsed().as_millis() as u64,
+        "inputs de-identified into the outbox"
+    );
     Ok(out)
 }
 
@@ -197,9 +205,14 @@ fn stage_one(
     let ocr = d.ocr_evidence.clone();
     let file = format!("{}.dcm", safe_name(&d.sop_instance_uid));
     let target = outbox.study_dir(&flow.agreement, &d.study_uid).join(&file);
-    let staged =
-        batch::stage_output_hashed(d.object, d.pixel_data.as_ref(), &target, outbox.at_rest())
-            .map_err(|reason| held(HeldBackKind::Failed, reason))?;
+    let staged = batch::stage_output_hashed(
+        d.object,
+        d.pixel_data.as_ref(),
+        &target,
+        outbox.at_rest(),
+        batch::Keep::WorkingCopy,
+    )
+    .map_err(|reason| held(HeldBackKind::Failed, reason))?;
     let sha256 = staged.sha256().unwrap_or_default();
     Ok((
         Ready {

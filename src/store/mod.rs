@@ -14,9 +14,14 @@
 //! (`[storage] encrypt_at_rest`, on by default) and named by the SHA-256 of their plaintext. The
 //! inbox is the delivery folder and holds the one plaintext copy: with encryption on, a complete
 //! study is decrypted into it (hash checked) and the sealed blob stays for deduplication,
-//! resumption and retention; with a PACS configured (`[dicom.deliver]`) the inbox is not written
-//! at all, so no plaintext copy remains after delivery. With encryption off the inbox file is a
-//! hard link to the blob, as before. sled records hold tokens, de-identified UIDs and hashes only.
+//! resumption and retention. A transfer that completes its study has its instances' plaintext
+//! written as it arrives into hidden inbox files ([`Store::inbox_part`]); those are the
+//! copies its commit makes durable ([`Store::commit_and_deliver`]), and its sealed blobs are
+//! renamed in unflushed, as a cache re-hashed before every use. Flushes are per file, several at
+//! once ([`durable`]), never of the whole file system. With a PACS configured
+//! (`[dicom.deliver]`) the inbox is not written at all, so no plaintext copy remains after
+//! delivery. With encryption off the inbox file is a hard link to the blob, as before. sled
+//! records hold tokens, de-identified UIDs and hashes only.
 //!
 //! sled 0.34 only fsyncs on its own every 500 ms, so every method that records something flushes
 //! before it returns: nothing is acknowledged to a peer before it is on disk.
@@ -32,6 +37,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 pub mod delivery;
+pub mod durable;
 pub mod outbox;
 pub mod quarantine;
 pub mod retention;
@@ -162,6 +168,40 @@ pub trait Store: Send + Sync + 'static {
     /// stored instance is read through it (see [`sealed`]).
     fn at_rest(&self) -> sealed::AtRest {
         sealed::AtRest::plain()
+    }
+    /// Where the receiver may write the plaintext of an instance of a study that its transfer
+    /// completes, as it arrives, so that the delivery check and the inbox copy need no
+    /// decryption: a fresh
+    /// hidden name in the study's inbox folder, or `None` where no plaintext copy is made that
+    /// way (no inbox delivery, or instances not sealed at rest: the inbox copy is then a hard
+    /// link). See [`Store::commit_and_deliver`].
+    fn inbox_part(
+        &self,
+        _key: &StudyKey,
+        _sop_instance_uid: &str,
+    ) -> Result<Option<PathBuf>, StoreError> {
+        Ok(None)
+    }
+    /// [`Store::commit`], then [`Store::deliver_committed`] if the study is complete. `plain`
+    /// maps SHA-256s of staged instances to their verified plaintext written at
+    /// [`Store::inbox_part`] (not yet flushed): the store may make that the durable copy and
+    /// name it in the inbox instead of decrypting the blob again.
+    fn commit_and_deliver(
+        &self,
+        key: &StudyKey,
+        expected: usize,
+        staged: Vec<StagedInstance>,
+        already_held: Vec<(String, [u8; 32])>,
+        plain: &std::collections::HashMap<[u8; 32], PathBuf>,
+    ) -> Result<(Committed, Option<PathBuf>), StoreError> {
+        let _ = plain;
+        let c = self.commit(key, expected, staged, already_held)?;
+        let delivered = if c.study.is_complete() {
+            Some(self.deliver_committed(&c)?)
+        } else {
+            None
+        };
+        Ok((c, delivered))
     }
 }
 
@@ -483,60 +523,20 @@ pub fn hash_file(path: &Path) -> std::io::Result<[u8; 32]> {
     Ok(h.finalize().into())
 }
 
-/// Makes the bytes of `files` durable, together: a few are fsynced one by one; more share one
-/// file-system flush (`syncfs`, on Linux) instead of a journal commit each. Staged files of a
-/// transfer are written without a flush and made durable here, before they are renamed into
-/// the store.
+/// Makes the bytes of `files` durable, together: one `fdatasync` per file, several at once
+/// ([`durable::sync_files_together`]), never a whole-file-system flush that would also write
+/// other processes' files. Staged files of a transfer are written without a flush and made
+/// durable here, before they are renamed into the store.
 pub fn sync_files<'a>(files: impl IntoIterator<Item = &'a Path>) -> Result<(), StoreError> {
     let files: Vec<&Path> = files.into_iter().collect();
-    let open = |p: &Path| fs::File::open(p).map_err(io_err(p));
-    if files.len() <= 2 {
-        for p in files {
-            open(p)?.sync_all().map_err(io_err(p))?;
-        }
-        return Ok(());
-    }
-    #[cfg(target_os = "linux")]
-    {
-        use std::os::unix::fs::MetadataExt;
-        let mut devices = std::collections::HashSet::new();
-        for p in files {
-            let f = open(p)?;
-            let dev = f.metadata().map_err(io_err(p))?.dev();
-            if devices.insert(dev) {
-                rustix::fs::syncfs(&f).map_err(|e| io_err(p)(e.into()))?;
-            }
-        }
-    }
-    #[cfg(not(target_os = "linux"))]
-    for p in files {
-        open(p)?.sync_all().map_err(io_err(p))?;
-    }
-    Ok(())
+    durable::sync_files_together(&files).map_err(|(p, e)| StoreError::Io { path: p, source: e })
 }
 
-/// Makes the entries of `dirs` durable (renames and links into them): a few folders are fsynced
-/// one by one; more share one file-system flush (`syncfs`, on Linux), which commits every
-/// folder's changes in one journal commit instead of one each.
+/// Makes the entries of `dirs` durable (renames and links into them): one `fsync` per folder,
+/// several at once ([`durable::sync_dirs_together`]).
 pub fn sync_dirs<'a>(dirs: impl IntoIterator<Item = &'a Path>) -> Result<(), StoreError> {
     let dirs: Vec<&Path> = dirs.into_iter().collect();
-    #[cfg(target_os = "linux")]
-    if dirs.len() > 2 {
-        use std::os::unix::fs::MetadataExt;
-        let mut devices = std::collections::HashSet::new();
-        for d in dirs {
-            let f = fs::File::open(d).map_err(io_err(d))?;
-            let dev = f.metadata().map_err(io_err(d))?.dev();
-            if devices.insert(dev) {
-                rustix::fs::syncfs(&f).map_err(|e| io_err(d)(e.into()))?;
-            }
-        }
-        return Ok(());
-    }
-    for d in dirs {
-        sync_dir(d)?;
-    }
-    Ok(())
+    durable::sync_dirs_together(&dirs).map_err(|(p, e)| StoreError::Io { path: p, source: e })
 }
 
 /// fsyncs a directory so that a rename inside it is durable.
@@ -720,69 +720,44 @@ impl Store for LocalStore {
         staged: Vec<StagedInstance>,
         already_held: Vec<(String, [u8; 32])>,
     ) -> Result<Committed, StoreError> {
-        let mut stored = 0;
-        let mut verified = std::collections::HashSet::new();
-        let mut touched_dirs = std::collections::BTreeSet::new();
-        let mut entries = Vec::new();
-        // The bytes are on disk before any name points at them.
-        sync_files(staged.iter().map(|s| s.path.as_path()))?;
-        for s in staged {
-            // A verified staged file always replaces the blob of the same hash: that repairs a
-            // blob damaged at rest, and costs a rename.
-            let dest = self.blob_path(&s.sha256);
-            let dir = dest.parent().expect("blob has a folder").to_owned();
-            fs::create_dir_all(&dir).map_err(io_err(&dir))?;
-            let existed = dest.exists();
-            fs::rename(&s.path, &dest).map_err(io_err(&dest))?;
-            touched_dirs.insert(dir);
-            if !existed {
-                stored += 1;
-            }
-            verified.insert(s.sha256);
-            entries.push((s.sop_instance_uid, s.sha256));
+        self.commit_with(key, expected, staged, already_held, &Default::default())
+    }
+
+    fn inbox_part(
+        &self,
+        key: &StudyKey,
+        sop_instance_uid: &str,
+    ) -> Result<Option<PathBuf>, StoreError> {
+        if !self.at_rest.seals() || self.pacs_delivery.load(std::sync::atomic::Ordering::SeqCst) {
+            return Ok(None);
         }
-        // The renames are durable once their folders are (blobs are spread over up to 256).
-        sync_dirs(touched_dirs.iter().map(PathBuf::as_path))?;
-        let n_held = already_held.len();
-        entries.extend(already_held);
-        let k = key.index_key();
-        let now = Self::now();
-        let mut rec = match self.index.get(&k)? {
-            Some(v) => serde_json::from_slice::<StudyRecord>(&v)
-                .map_err(|e| StoreError::Corrupt(e.to_string()))?,
-            None => StudyRecord {
-                agreement: key.agreement.clone(),
-                flow: key.flow.clone(),
-                from_site: key.from_site.clone(),
-                study_token: key.study_token.clone(),
-                instances: BTreeMap::new(),
-                expected,
-                first_received: now,
-                last_received: now,
-            },
+        let dir = self
+            .inbox()
+            .join(safe_name(&key.agreement))
+            .join(safe_name(&key.study_token));
+        fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+        Ok(Some(dir.join(format!(
+            ".{}.{:016x}.part",
+            safe_name(sop_instance_uid),
+            rand::random::<u64>()
+        ))))
+    }
+
+    fn commit_and_deliver(
+        &self,
+        key: &StudyKey,
+        expected: usize,
+        staged: Vec<StagedInstance>,
+        already_held: Vec<(String, [u8; 32])>,
+        plain: &std::collections::HashMap<[u8; 32], PathBuf>,
+    ) -> Result<(Committed, Option<PathBuf>), StoreError> {
+        let c = self.commit_with(key, expected, staged, already_held, plain)?;
+        let delivered = if c.study.is_complete() {
+            Some(self.deliver_to_inbox(&c.study, &c.verified, plain)?)
+        } else {
+            None
         };
-        let to_pacs = self.pacs_delivery.load(std::sync::atomic::Ordering::SeqCst);
-        for (uid, sha) in entries {
-            let sha = hex::encode(sha);
-            let known = rec.instances.insert(uid.clone(), sha.clone());
-            if to_pacs && known.as_ref() != Some(&sha) {
-                self.delivery.push(key, &uid, &sha)?;
-            }
-        }
-        rec.expected = rec.expected.max(expected);
-        rec.last_received = now;
-        self.index
-            .insert(k, serde_json::to_vec(&rec).expect("record serialises"))?;
-        for item in self.partial.scan_prefix(key.partial_prefix()) {
-            self.partial.remove(item?.0)?;
-        }
-        self.db.flush()?;
-        Ok(Committed {
-            stored,
-            already_held: n_held,
-            study: rec,
-            verified,
-        })
+        Ok((c, delivered))
     }
 
     fn study(&self, key: &StudyKey) -> Result<Option<StudyRecord>, StoreError> {
@@ -862,22 +837,112 @@ impl Store for LocalStore {
     }
 
     fn deliver(&self, study: &StudyRecord) -> Result<PathBuf, StoreError> {
-        self.deliver_to_inbox(study, &std::collections::HashSet::new())
+        self.deliver_to_inbox(study, &Default::default(), &Default::default())
     }
 
     fn deliver_committed(&self, c: &Committed) -> Result<PathBuf, StoreError> {
-        self.deliver_to_inbox(&c.study, &c.verified)
+        self.deliver_to_inbox(&c.study, &c.verified, &Default::default())
+    }
+}
+
+impl LocalStore {
+    /// [`Store::commit`]; where `plain` holds a verified plaintext inbox copy of a staged
+    /// instance (see [`Store::inbox_part`]), that copy is the one made durable before the commit
+    /// and the sealed blob is renamed into the store without waiting for its flush: it is a cache
+    /// for deduplication, resumption and returns, and every use re-hashes it first
+    /// ([`Store::check_blob`], delivery), so a blob torn by a power loss is quarantined and the
+    /// instance asked for again, never delivered.
+    fn commit_with(
+        &self,
+        key: &StudyKey,
+        expected: usize,
+        staged: Vec<StagedInstance>,
+        already_held: Vec<(String, [u8; 32])>,
+        plain: &std::collections::HashMap<[u8; 32], PathBuf>,
+    ) -> Result<Committed, StoreError> {
+        let mut stored = 0;
+        let mut verified = std::collections::HashSet::new();
+        let mut touched_dirs = std::collections::BTreeSet::new();
+        let mut entries = Vec::new();
+        // The bytes are on disk before any name points at them (the plaintext inbox copy where
+        // there is one: the one durable copy).
+        sync_files(
+            staged
+                .iter()
+                .map(|s| plain.get(&s.sha256).unwrap_or(&s.path).as_path()),
+        )?;
+        for s in staged {
+            // A verified staged file always replaces the blob of the same hash: that repairs a
+            // blob damaged at rest, and costs a rename.
+            let dest = self.blob_path(&s.sha256);
+            let dir = dest.parent().expect("blob has a folder").to_owned();
+            fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+            let existed = dest.exists();
+            fs::rename(&s.path, &dest).map_err(io_err(&dest))?;
+            touched_dirs.insert(dir);
+            if !existed {
+                stored += 1;
+            }
+            verified.insert(s.sha256);
+            entries.push((s.sop_instance_uid, s.sha256));
+        }
+        // The renames are durable once their folders are (blobs are spread over up to 256).
+        sync_dirs(touched_dirs.iter().map(PathBuf::as_path))?;
+        let n_held = already_held.len();
+        entries.extend(already_held);
+        let k = key.index_key();
+        let now = Self::now();
+        let mut rec = match self.index.get(&k)? {
+            Some(v) => serde_json::from_slice::<StudyRecord>(&v)
+                .map_err(|e| StoreError::Corrupt(e.to_string()))?,
+            None => StudyRecord {
+                agreement: key.agreement.clone(),
+                flow: key.flow.clone(),
+                from_site: key.from_site.clone(),
+                study_token: key.study_token.clone(),
+                instances: BTreeMap::new(),
+                expected,
+                first_received: now,
+                last_received: now,
+            },
+        };
+        let to_pacs = self.pacs_delivery.load(std::sync::atomic::Ordering::SeqCst);
+        for (uid, sha) in entries {
+            let sha = hex::encode(sha);
+            let known = rec.instances.insert(uid.clone(), sha.clone());
+            if to_pacs && known.as_ref() != Some(&sha) {
+                self.delivery.push(key, &uid, &sha)?;
+            }
+        }
+        rec.expected = rec.expected.max(expected);
+        rec.last_received = now;
+        self.index
+            .insert(k, serde_json::to_vec(&rec).expect("record serialises"))?;
+        for item in self.partial.scan_prefix(key.partial_prefix()) {
+            self.partial.remove(item?.0)?;
+        }
+        self.db.flush()?;
+        Ok(Committed {
+            stored,
+            already_held: n_held,
+            study: rec,
+            verified,
+        })
     }
 }
 
 impl LocalStore {
     /// Links each instance of `study` into the inbox; every blob not in `verified` is re-hashed
-    /// first.
+    /// first. An instance with a verified plaintext copy in `plain` (made durable by the commit,
+    /// see [`LocalStore::commit_with`]) is given its name from that copy instead of being
+    /// decrypted again.
     fn deliver_to_inbox(
         &self,
         study: &StudyRecord,
         verified: &std::collections::HashSet<[u8; 32]>,
+        plain: &std::collections::HashMap<[u8; 32], PathBuf>,
     ) -> Result<PathBuf, StoreError> {
+        let mut plain = plain.clone();
         let dir = self
             .inbox()
             .join(safe_name(&study.agreement))
@@ -898,6 +963,12 @@ impl LocalStore {
             let mut sha = [0u8; 32];
             hex::decode_to_slice(sha_hex, &mut sha)
                 .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            // Written and checked as it arrived (each copy is named once: a second instance
+            // with the same bytes is decrypted from the blob).
+            if let Some(part) = plain.remove(&sha) {
+                decrypted.push((part, target));
+                continue;
+            }
             // Re-hashed before it is delivered: a blob corrupted at rest is quarantined, never
             // delivered, and the study waits for this instance to be received again. (A blob
             // just committed from a verified staging file is what was verified.)
@@ -933,7 +1004,7 @@ impl LocalStore {
             }
         }
         if !decrypted.is_empty() {
-            name_flushed(&dir, decrypted)?;
+            name_flushed(decrypted)?;
         }
         sync_dir(&dir)?;
         Ok(dir)
@@ -985,26 +1056,15 @@ impl LocalStore {
     }
 }
 
-/// Flushes the written files `(temporary, final)` to disk together (one file-system flush on
-/// Linux, not one per file), then gives each its name: the inbox never shows a partial file.
-fn name_flushed(dir: &Path, files: Vec<(PathBuf, PathBuf)>) -> Result<(), StoreError> {
-    let flushed = (|| {
-        #[cfg(target_os = "linux")]
-        {
-            let d = fs::File::open(dir)?;
-            rustix::fs::syncfs(&d)?;
-        }
-        #[cfg(not(target_os = "linux"))]
-        for (tmp, _) in &files {
-            fs::File::open(tmp)?.sync_all()?;
-        }
-        Ok::<_, std::io::Error>(())
-    })();
-    if let Err(e) = flushed {
+/// Flushes the written files `(temporary, final)` to disk together (one `fdatasync` each,
+/// several at once), then gives each its name: the inbox never shows a partial file.
+fn name_flushed(files: Vec<(PathBuf, PathBuf)>) -> Result<(), StoreError> {
+    let tmps: Vec<&Path> = files.iter().map(|(t, _)| t.as_path()).collect();
+    if let Err((path, e)) = durable::sync_files_together(&tmps) {
         for (tmp, _) in &files {
             let _ = fs::remove_file(tmp);
         }
-        return Err(io_err(dir)(e));
+        return Err(StoreError::Io { path, source: e });
     }
     for (tmp, target) in files {
         fs::rename(&tmp, &target).map_err(io_err(&target))?;
@@ -1281,5 +1341,64 @@ mod inbox_tests {
         let out = s.deliver_committed(&again).unwrap();
         assert_eq!(fs::read(out.join("2.25.40.dcm")).unwrap(), [b'a', 0]);
         assert_eq!(fs::read_dir(&out).unwrap().count(), 5);
+    }
+
+    /// Sealed at rest with inbox delivery: the receiver wrote each instance's plaintext once, at
+    /// `inbox_part`, as it arrived; the commit makes those copies durable and names them without
+    /// decrypting anything, and the sealed blobs stay as the (re-hashed before use) cache.
+    #[test]
+    fn a_completing_commit_names_the_checked_plaintext_copies_in_the_inbox() {
+        let dir = tempfile::tempdir().unwrap();
+        let at_rest = sealed::AtRest::new(&crate::pseudonym::SiteKeys::generate(), true);
+        let s = LocalStore::open_with(dir.path(), at_rest.clone()).unwrap();
+        let key = StudyKey::new("a", "f", "x", "2.25.5");
+        let mut plain = std::collections::HashMap::new();
+        let mut staged_all = Vec::new();
+        for i in 0..3u8 {
+            let bytes = vec![b'p', i, 42];
+            let (f, path) = s.stage_file().unwrap();
+            let mut w = at_rest.writer(f).unwrap();
+            w.write_all(&bytes).unwrap();
+            w.finish().unwrap();
+            let uid = format!("2.25.5{i}");
+            let part = s.inbox_part(&key, &uid).unwrap().expect("inbox copy");
+            assert!(part.file_name().unwrap().to_string_lossy().starts_with('.'));
+            // The receiver writes the plaintext as it arrives (and checks its SHA-256).
+            fs::write(&part, &bytes).unwrap();
+            let sha: [u8; 32] = Sha256::digest(&bytes).into();
+            plain.insert(sha, part);
+            staged_all.push(StagedInstance {
+                path,
+                sha256: sha,
+                size: bytes.len() as u64,
+                sop_instance_uid: uid,
+            });
+        }
+        let (c, delivered) = s
+            .commit_and_deliver(&key, 3, staged_all, vec![], &plain)
+            .unwrap();
+        assert_eq!(c.stored, 3);
+        let out = delivered.expect("complete: delivered");
+        let names: Vec<String> = fs::read_dir(&out)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+            .collect();
+        assert_eq!(names.len(), 3, "{names:?}: no hidden copy left over");
+        for i in 0..3u8 {
+            let file = out.join(format!("2.25.5{i}.dcm"));
+            assert_eq!(fs::read(&file).unwrap(), [b'p', i, 42]);
+            let sha: [u8; 32] = Sha256::digest([b'p', i, 42]).into();
+            let blob = s.instance_path(&sha);
+            assert!(
+                sealed::AtRest::key_id_of(&blob).unwrap().is_some(),
+                "blob sealed"
+            );
+            assert!(matches!(s.check_blob(&sha).unwrap(), BlobCheck::Intact(_)));
+        }
+
+        // Without sealing the inbox copy is a hard link: no plaintext copy is prepared.
+        let plain_dir = tempfile::tempdir().unwrap();
+        let p = LocalStore::open(plain_dir.path()).unwrap();
+        assert!(p.inbox_part(&key, "2.25.59").unwrap().is_none());
     }
 }

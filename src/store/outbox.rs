@@ -5,8 +5,11 @@
 //! every instance's SHA-256 and size, attempts, the next attempt, the last error, and the state).
 //! `transfer.json` is written before the first attempt, atomically, so a study whose sending was
 //! interrupted (partner down, process killed) is retried by the running node with exponential
-//! backoff. A delivered study's instance files are deleted once the partner's signed receipt is
-//! verified: the outbox keeps the record, not the images. Nothing here holds PHI.
+//! backoff. `send`'s instance files are working copies, not flushed, until an attempt fails
+//! ([`Outbox::make_durable`]); one left so by a crash is re-verified or discarded before it is
+//! sent ([`Outbox::settle`]). A delivered study's instance files are deleted once the partner's
+//! signed receipt is verified: the outbox keeps the record, not the images. Nothing here holds
+//! PHI.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -64,11 +67,19 @@ pub struct OutboxEntry {
     /// False while the study is still arriving over DICOM (the listener's forwarder sends what
     /// has arrived and owns the entry); true once the whole study is here (files given to
     /// `send`, or a DICOM study after its quiet time).
-    #[serde(default = "complete_by_default")]
+    #[serde(default = "true_by_default")]
     pub complete: bool,
+    /// False while the instance files are working copies not yet made durable (`send` writes
+    /// them without a flush and sends them at once; they are deleted once the partner's receipt
+    /// arrives, so on the happy path they never need to reach the disk). Set, and the files
+    /// flushed, by [`Outbox::make_durable`] when an attempt fails and the study stays queued.
+    /// An entry found with `false` and nobody sending it was left by a crash: its files may be
+    /// torn, and [`Outbox::settle`] re-verifies them before anything is sent.
+    #[serde(default = "true_by_default")]
+    pub flushed: bool,
 }
 
-fn complete_by_default() -> bool {
+fn true_by_default() -> bool {
     true
 }
 
@@ -107,6 +118,7 @@ impl OutboxEntry {
             last_error: None,
             delivered: None,
             complete,
+            flushed: true,
         }
     }
 }
@@ -290,6 +302,53 @@ impl Outbox {
         Ok(added)
     }
 
+    /// Makes the instance files of `entry` durable (one `fdatasync` each, several at once, then
+    /// the folder), then records that in its `transfer.json` (`flushed`): the marker is written
+    /// only once the files are on disk.
+    pub fn make_durable(&self, dir: &Path, entry: &mut OutboxEntry) -> Result<(), StoreError> {
+        let files: Vec<PathBuf> = entry.instances.iter().map(|i| dir.join(&i.file)).collect();
+        super::sync_files(files.iter().map(PathBuf::as_path))?;
+        super::sync_dir(dir)?;
+        entry.flushed = true;
+        self.save(entry).map(|_| ())
+    }
+
+    /// Settles an entry found with its working copies not made durable and nobody sending it
+    /// (call under its claim): a `send` stopped by a crash or a kill. Every instance file is
+    /// re-verified (opened through the seal, which authenticates every segment, and its
+    /// plaintext SHA-256 and size compared with the manifest); if all are whole they are made
+    /// durable and the entry is kept; if any is torn or missing, the files are deleted and the
+    /// entry fails with a message saying to send the study again. Returns true when the entry is
+    /// usable (and now durable).
+    pub fn settle(&self, dir: &Path, entry: &mut OutboxEntry) -> Result<bool, StoreError> {
+        if entry.flushed {
+            return Ok(true);
+        }
+        let whole = entry.instances.iter().all(|i| {
+            self.at_rest
+                .hash(&dir.join(&i.file))
+                .is_ok_and(|(sha, size)| hex::encode(sha) == i.sha256 && size == i.size)
+        });
+        if whole {
+            self.make_durable(dir, entry)?;
+            return Ok(true);
+        }
+        tracing::warn!(
+            study = %entry.study_token,
+            "an outbox study left by an interrupted send has torn or missing files; discarded"
+        );
+        for i in &entry.instances {
+            let _ = fs::remove_file(dir.join(&i.file));
+        }
+        entry.state = OutboxState::Failed;
+        entry.last_error = Some(
+            "the send was interrupted before its outbox copy was on disk, and the copy is incomplete; it was discarded: send the study again".into(),
+        );
+        entry.flushed = true; // nothing left that could be torn
+        self.save(entry)?;
+        Ok(false)
+    }
+
     /// Records a verified delivery and deletes the study's instance files.
     pub fn mark_delivered(
         &self,
@@ -325,12 +384,18 @@ impl Outbox {
     }
 
     /// Records a failed attempt: retried later with backoff when `transient`, else failed for good.
+    /// Working copies not yet durable are made durable first ([`Outbox::make_durable`]): a study
+    /// is only ever queued for a later attempt with its files on disk.
     pub fn mark_attempt_failed(
         &self,
         entry: &mut OutboxEntry,
         error: &str,
         transient: bool,
     ) -> Result<(), StoreError> {
+        if !entry.flushed {
+            let dir = self.study_dir(&entry.agreement, &entry.study_token);
+            self.make_durable(&dir, entry)?;
+        }
         entry.attempts += 1;
         entry.last_error = Some(error.to_string());
         if transient {
@@ -368,6 +433,7 @@ mod tests {
             last_error: None,
             delivered: None,
             complete: true,
+            flushed: true,
         }
     }
 
@@ -412,5 +478,60 @@ mod tests {
             "delivered images are not kept"
         );
         assert_eq!(Outbox::load(&study).unwrap().state, OutboxState::Delivered);
+    }
+
+    /// A `send` killed after writing its working copies unflushed: the entry says so, and the
+    /// next attempt re-verifies every file through its seal and SHA-256 before anything leaves.
+    #[test]
+    fn an_unflushed_entry_left_by_a_crash_is_reverified_and_a_torn_one_discarded() {
+        use sha2::{Digest, Sha256};
+        let dir = tempfile::tempdir().unwrap();
+        let at_rest = AtRest::new(&crate::pseudonym::SiteKeys::generate(), true);
+        let ob = Outbox::new(dir.path().to_owned()).with_at_rest(at_rest.clone());
+        let body = vec![7u8; 300_000];
+        let unflushed = |token: &str| {
+            let mut e = entry();
+            e.study_token = token.into();
+            e.flushed = false;
+            e.instances[0].sha256 = hex::encode(Sha256::digest(&body));
+            e.instances[0].size = body.len() as u64;
+            let d = ob.save(&e).unwrap();
+            at_rest.write_atomic(&d.join("i.dcm"), &body).unwrap();
+            (d, e)
+        };
+
+        // Whole: kept, made durable, and the marker saved.
+        let (whole_dir, mut whole) = unflushed("2.25.7");
+        assert!(!Outbox::load(&whole_dir).unwrap().flushed);
+        assert!(ob.settle(&whole_dir, &mut whole).unwrap());
+        assert!(Outbox::load(&whole_dir).unwrap().flushed);
+        assert!(whole_dir.join("i.dcm").exists());
+        assert_eq!(ob.due(now()).len(), 1);
+
+        // Torn (the tail of the sealed file never reached the disk): discarded, failed, and
+        // never sent.
+        let (torn_dir, mut torn) = unflushed("2.25.8");
+        let sealed = fs::read(torn_dir.join("i.dcm")).unwrap();
+        fs::write(torn_dir.join("i.dcm"), &sealed[..sealed.len() / 2]).unwrap();
+        assert!(!ob.settle(&torn_dir, &mut torn).unwrap());
+        assert!(!torn_dir.join("i.dcm").exists(), "a torn copy is deleted");
+        let kept = Outbox::load(&torn_dir).unwrap();
+        assert_eq!(kept.state, OutboxState::Failed);
+        assert!(kept.last_error.unwrap().contains("send the study again"));
+        assert_eq!(ob.due(u64::MAX).len(), 1, "only the whole one is due");
+
+        // Present but with other bytes than the manifest says: discarded as well.
+        let (wrong_dir, mut wrong) = unflushed("2.25.9");
+        at_rest
+            .write_atomic(&wrong_dir.join("i.dcm"), &[8u8; 300_000])
+            .unwrap();
+        assert!(!ob.settle(&wrong_dir, &mut wrong).unwrap());
+
+        // A failed attempt makes the working copies durable before the study is queued.
+        let (failed_dir, mut failed) = unflushed("2.25.10");
+        ob.mark_attempt_failed(&mut failed, "peer unavailable", true)
+            .unwrap();
+        let queued = Outbox::load(&failed_dir).unwrap();
+        assert!(queued.flushed && queued.state == OutboxState::Pending);
     }
 }
