@@ -24,6 +24,7 @@ use crate::dsa::{AgreementSet, Refusal, Selector, StudyFacts};
 
 pub mod dimse;
 pub mod files;
+pub mod wal;
 
 /// Errors that stop an ingest before any input is looked at.
 #[derive(Debug, thiserror::Error)]
