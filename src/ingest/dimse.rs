@@ -568,11 +568,7 @@ impl Mover {
         vault
             .flush()
             .map_err(|_| "the vault could not be flushed".to_string())?;
-        if let Some(last) = records
-            .iter()
-            .filter(|r| r.location.slot != usize::MAX)
-            .last()
-        {
+        if let Some(last) = records.iter().rfind(|r| r.location.slot != usize::MAX) {
             self.wal
                 .consumed(last.location.end)
                 .map_err(|e| e.to_string())?;
@@ -592,17 +588,13 @@ impl Mover {
     }
 }
 
-/// Makes written files durable: their own `fsync`s for one or two, else one flush of the file
-/// system (`syncfs`), which costs one journal commit for the whole group.
+/// Makes written files durable, each with its own `fsync`. Not one flush of the whole file
+/// system (`syncfs`): that also writes out whatever else is dirty on the machine, and the
+/// log's `fdatasync`, which the modality waits for, would queue behind it.
 fn flush_files<'a>(files: impl Iterator<Item = &'a std::fs::File>) -> Result<(), String> {
-    let files: Vec<&std::fs::File> = files.collect();
-    let fail = |e: std::io::Error| format!("cannot sync outbox files: {}", e.kind());
-    #[cfg(target_os = "linux")]
-    if files.len() > 2 {
-        return rustix::fs::syncfs(files[0]).map_err(|e| fail(e.into()));
-    }
     for f in files {
-        f.sync_all().map_err(fail)?;
+        f.sync_all()
+            .map_err(|e| format!("cannot sync outbox files: {}", e.kind()))?;
     }
     Ok(())
 }

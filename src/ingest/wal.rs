@@ -649,7 +649,7 @@ impl Wal {
             .write(true)
             .open(&path)
             .map_err(io_at(&path))?;
-        let at = if seq % 2 == 0 { 0 } else { 512 };
+        let at = if seq.is_multiple_of(2) { 0 } else { 512 };
         file.write_all_at(&checkpoint_copy(seq, upto), at)
             .and_then(|()| file.sync_data())
             .map_err(io_at(&path))?;
