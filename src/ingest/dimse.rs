@@ -384,25 +384,35 @@ impl DimseIngest {
         started: Instant,
         deidentified: Duration,
     ) -> Result<(), String> {
-        use sha2::{Digest, Sha256};
-        let mut bytes = Vec::with_capacity(1 << 20);
-        batch::encode_output(d.object, d.pixel_data.as_ref(), &mut bytes)?;
-        let meta = InstanceRecord {
-            agreement: flow.agreement.clone(),
-            flow: flow.flow.clone(),
-            purpose: flow.purpose.clone(),
-            to: flow.to.clone(),
-            study: d.study_uid,
-            file: format!("{}.dcm", safe_name(&d.sop_instance_uid)),
-            sha256: hex::encode(Sha256::digest(&bytes)),
-            size: bytes.len() as u64,
-            sop_instance_uid: d.sop_instance_uid,
-            modality,
-            patient_token: d.patient_token,
-            vault_entries: d.vault_entries,
-        };
-        let mut rec = log.wal.seal(&meta, &bytes).map_err(|e| e.to_string())?;
-        drop(bytes);
+        let file = format!("{}.dcm", safe_name(&d.sop_instance_uid));
+        let (study, sop_instance_uid) = (d.study_uid, d.sop_instance_uid);
+        let (patient_token, vault_entries) = (d.patient_token, d.vault_entries);
+        let (object, pixels) = (d.object, d.pixel_data);
+        let (mut rec, meta) = log
+            .wal
+            .seal_streamed(
+                |w| {
+                    let mut w = std::io::BufWriter::with_capacity(64 * 1024, w);
+                    batch::encode_output(object, pixels.as_ref(), &mut w)?;
+                    std::io::Write::flush(&mut w)
+                        .map_err(|e| format!("cannot write output: {}", e.kind()))
+                },
+                |sha256, size| InstanceRecord {
+                    agreement: flow.agreement.clone(),
+                    flow: flow.flow.clone(),
+                    purpose: flow.purpose.clone(),
+                    to: flow.to.clone(),
+                    study,
+                    file,
+                    sha256: hex::encode(sha256),
+                    size,
+                    sop_instance_uid,
+                    modality,
+                    patient_token,
+                    vault_entries,
+                },
+            )
+            .map_err(|e| e.to_string())?;
         let sealed = started.elapsed();
         // The mover finds the vault open: one use per record until it is moved.
         self.vault.acquire()?;
@@ -1079,5 +1089,137 @@ mod tests {
         assert_eq!(e.instances[1].sha256, hex::encode([3u8; 32]));
         assert_eq!(e.patient_tokens, vec!["p".to_string()]);
         assert_eq!(e.modalities, vec!["CT".to_string()]);
+    }
+
+    /// Instances acknowledged through the log and not moved when the node stopped are moved at
+    /// the next start: into the outbox (sealed, named, listed in an open study) with their vault
+    /// entries; moving the same records twice (a crash after the move, before the checkpoint)
+    /// changes nothing; afterwards the log holds nothing to move.
+    #[test]
+    fn logged_instances_are_moved_into_the_outbox_at_start_once() {
+        use crate::pseudonym::{SiteKeys, VaultEntry};
+        use crate::store::sealed::AtRest;
+        use sha2::{Digest, Sha256};
+
+        let dir = tempfile::tempdir().unwrap();
+        let keys = SiteKeys::from_bytes([7; 32], [9; 32]);
+        let at_rest = AtRest::new(&keys, true);
+        let wal_dir = dir.path().join("wal");
+        let record = |n: u8, bytes: &[u8]| InstanceRecord {
+            agreement: "a".into(),
+            flow: "f".into(),
+            purpose: "treatment".into(),
+            to: "c".into(),
+            study: "study-token".into(),
+            file: format!("{n}.dcm"),
+            sha256: hex::encode(Sha256::digest(bytes)),
+            size: bytes.len() as u64,
+            sop_instance_uid: format!("2.25.{n}"),
+            modality: Some("CT".into()),
+            patient_token: "p".into(),
+            vault_entries: vec![(
+                format!("tok{n}"),
+                VaultEntry {
+                    attribute: "PatientName".into(),
+                    original: format!("DOE^{n}"),
+                },
+            )],
+        };
+        let bytes = |n: u8| vec![n; 70_000];
+        {
+            let (wal, _) = Wal::open(&wal_dir, at_rest.clone()).unwrap();
+            wal.replayed().unwrap();
+            wal.warm_up();
+            for n in 0..2u8 {
+                let mut rec = wal.seal(&record(n, &bytes(n)), &bytes(n)).unwrap();
+                let mut tries = 0;
+                while wal.append(&mut rec, |_| {}).unwrap().is_none() {
+                    tries += 1;
+                    assert!(tries < 1000, "no slot");
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+            }
+        }
+        let db = sled::Config::new().temporary(true).open().unwrap();
+        let vault = Arc::new(Vault::new(&keys, db.open_tree("vault").unwrap()));
+        let outbox = Outbox::new(dir.path().join("outbox")).with_at_rest(at_rest.clone());
+        let audit = Arc::new(AuditLog::open(&dir.path().join("audit.log")).unwrap());
+        let start = |open: Arc<OpenStudies>| {
+            let (wal, found) = Wal::open(&wal_dir, at_rest.clone()).unwrap();
+            let v = vault.clone();
+            let ingest = DimseIngest::new(
+                Vec::new(),
+                Box::new(|_| Err(super::super::IngestError::NoPeer("c".into()))),
+                outbox.clone(),
+                Box::new(move || Ok(v.clone())),
+                audit.clone(),
+                open,
+                Box::new(|_, _, _| {}),
+            );
+            (found.len(), ingest.with_log(wal, found).unwrap())
+        };
+        let open = Arc::new(OpenStudies::new(Duration::from_secs(60)));
+        let (found, ingest) = start(open.clone());
+        assert_eq!(found, 2);
+        let study = outbox.study_dir("a", "study-token");
+        for n in 0..2u8 {
+            let file = study.join(format!("{n}.dcm"));
+            assert!(AtRest::key_id_of(&file).unwrap().is_some(), "sealed");
+            assert_eq!(at_rest.read(&file).unwrap(), bytes(n));
+            let entry = vault.reidentify("a", &format!("tok{n}")).unwrap().unwrap();
+            assert_eq!(entry.original, format!("DOE^{n}"));
+        }
+        let due = open.due();
+        assert_eq!(due.len(), 1);
+        assert_eq!(due[0].entry.instances.len(), 2);
+        assert_eq!(
+            due[0].entry.instances[0].sha256,
+            hex::encode(Sha256::digest(bytes(0)))
+        );
+        drop(ingest);
+
+        // Moved and checkpointed: a restart finds nothing more to move.
+        let (found, _ingest) = start(Arc::new(OpenStudies::new(Duration::from_secs(60))));
+        assert_eq!(found, 0);
+
+        // The same records moved again change nothing (same names, bytes and vault records).
+        let mut again = Vec::new();
+        for n in 0..2u8 {
+            let d = bytes(n);
+            let mut sealed = Vec::new();
+            let mut w = at_rest.writer(&mut sealed).unwrap();
+            std::io::Write::write_all(&mut w, &d).unwrap();
+            w.finish().unwrap();
+            again.push(Record {
+                location: Location {
+                    slot: usize::MAX,
+                    start: Default::default(),
+                    end: Default::default(),
+                },
+                meta: record(n, &d),
+                data: sealed,
+            });
+        }
+        let (wal, _) = Wal::open(&dir.path().join("wal2"), at_rest.clone()).unwrap();
+        let v = vault.clone();
+        let open = Arc::new(OpenStudies::new(Duration::from_secs(60)));
+        let _ingest = DimseIngest::new(
+            Vec::new(),
+            Box::new(|_| Err(super::super::IngestError::NoPeer("c".into()))),
+            outbox.clone(),
+            Box::new(move || Ok(v.clone())),
+            audit.clone(),
+            open.clone(),
+            Box::new(|_, _, _| {}),
+        )
+        .with_log(wal, again)
+        .unwrap();
+        let files: Vec<_> = std::fs::read_dir(&study)
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".dcm"))
+            .collect();
+        assert_eq!(files.len(), 2);
+        assert_eq!(open.due()[0].entry.instances.len(), 2);
     }
 }

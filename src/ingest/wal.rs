@@ -22,7 +22,7 @@
 //!                header (4 KiB): "PBWALSEG" | generation u64 LE | check u64 LE
 //!                records, each starting on a 4 KiB boundary:
 //!                  "PBWALREC" | generation u64 LE | meta length u32 LE | data length u32 LE
-//!                  | check u64 LE | meta (sealed JSON) | data (sealed instance bytes)
+//!                  | check u64 LE | data (sealed instance bytes) | meta (sealed JSON)
 //! checkpoint     two copies of "PBWALCKP" | sequence u64 | generation u64 | offset u64 | check,
 //!                at offsets 0 and 512, written alternately; the valid one with the higher
 //!                sequence counts: every record before (generation, offset) has been moved
@@ -422,10 +422,10 @@ impl Wal {
         if end > SLOT_BYTES {
             return Err(damaged("longer than its slot"));
         }
-        let mut meta = vec![0u8; meta_len as usize];
-        file.read_exact_at(&mut meta, body).map_err(io_at(path))?;
         let mut data = vec![0u8; data_len as usize];
-        file.read_exact_at(&mut data, body + meta_len as u64)
+        file.read_exact_at(&mut data, body).map_err(io_at(path))?;
+        let mut meta = vec![0u8; meta_len as usize];
+        file.read_exact_at(&mut meta, body + data_len as u64)
             .map_err(io_at(path))?;
         let meta = self
             .open_sealed(&meta, path)
@@ -480,33 +480,74 @@ impl Wal {
 
     /// Seals `meta` and the instance's plaintext `data` into one record.
     pub fn seal(&self, meta: &InstanceRecord, data: &[u8]) -> Result<Vec<u8>, WalError> {
+        self.seal_streamed(
+            |w| w.write_all(data).map_err(|e| e.kind().to_string()),
+            |_, _| meta.clone(),
+        )
+        .map(|(rec, _)| rec)
+    }
+
+    /// Seals an instance into one record as `write` encodes it (one pass: hashed and sealed as
+    /// it is written, never held in plaintext whole), then its meta, which `meta` makes from the
+    /// plaintext's SHA-256 and length.
+    pub fn seal_streamed(
+        &self,
+        write: impl FnOnce(&mut dyn std::io::Write) -> Result<(), String>,
+        meta: impl FnOnce([u8; 32], u64) -> InstanceRecord,
+    ) -> Result<(Vec<u8>, InstanceRecord), WalError> {
         use std::io::Write;
         let path = self.dir.clone();
-        let json = serde_json::to_vec(meta).map_err(|e| WalError::Io {
+        let fail = |reason: String| WalError::Io {
             path: path.clone(),
-            source: std::io::Error::other(e),
-        })?;
-        let mut rec = Vec::with_capacity(HEADER + json.len() + data.len() + data.len() / 64 + 256);
-        rec.resize(HEADER, 0);
-        let sealed_len = |rec: &mut Vec<u8>, bytes: &[u8]| -> std::io::Result<u32> {
-            let before = rec.len();
-            let mut w = self.at_rest.writer(&mut *rec)?;
-            w.write_all(bytes)?;
-            w.finish()?;
-            u32::try_from(rec.len() - before).map_err(|_| std::io::ErrorKind::FileTooLarge.into())
+            source: std::io::Error::other(reason),
         };
-        let meta_len = sealed_len(&mut rec, &json).map_err(io_at(&path))?;
-        let data_len = sealed_len(&mut rec, data).map_err(io_at(&path))?;
+        struct Hashing<W: Write> {
+            inner: W,
+            hash: Sha256,
+            bytes: u64,
+        }
+        impl<W: Write> Write for Hashing<W> {
+            fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+                let n = self.inner.write(data)?;
+                self.hash.update(&data[..n]);
+                self.bytes += n as u64;
+                Ok(n)
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                self.inner.flush()
+            }
+        }
+        let mut rec = Vec::with_capacity(1 << 20);
+        rec.resize(HEADER, 0);
+        let sealing = self.at_rest.writer(&mut rec).map_err(io_at(&path))?;
+        let mut hashing = Hashing {
+            inner: sealing,
+            hash: Sha256::new(),
+            bytes: 0,
+        };
+        write(&mut hashing).map_err(fail)?;
+        let Hashing { inner, hash, bytes } = hashing;
+        inner.finish().map_err(io_at(&path))?;
+        let data_len = rec.len() - HEADER;
+        let meta = meta(hash.finalize().into(), bytes);
+        let json = serde_json::to_vec(&meta).map_err(|e| fail(e.to_string()))?;
+        let mut w = self.at_rest.writer(&mut rec).map_err(io_at(&path))?;
+        w.write_all(&json).map_err(io_at(&path))?;
+        w.finish().map_err(io_at(&path))?;
+        let meta_len = rec.len() - HEADER - data_len;
+        let too_large = || fail("the record is too large".into());
+        let data_len = u32::try_from(data_len).map_err(|_| too_large())?;
+        let meta_len = u32::try_from(meta_len).map_err(|_| too_large())?;
         rec[..8].copy_from_slice(REC_MAGIC);
         rec[16..20].copy_from_slice(&meta_len.to_le_bytes());
         rec[20..24].copy_from_slice(&data_len.to_le_bytes());
-        Ok(rec)
+        Ok((rec, meta))
     }
 
     /// The sealed instance bytes of a record made by [`Wal::seal`].
     pub fn data_of(rec: &[u8]) -> &[u8] {
-        let meta = u32::from_le_bytes(rec[16..20].try_into().expect("4 bytes")) as usize;
-        &rec[HEADER + meta..]
+        let data = u32::from_le_bytes(rec[20..24].try_into().expect("4 bytes")) as usize;
+        &rec[HEADER..HEADER + data]
     }
 
     /// Whether a sealed record of `len` bytes can ever go into the log.
@@ -779,7 +820,7 @@ mod tests {
 
     #[test]
     fn a_torn_last_record_is_dropped_and_damage_before_the_end_is_an_error() {
-        for torn in ["data", "header", "meta"] {
+        for torn in ["end", "header", "body"] {
             let dir = tempfile::tempdir().unwrap();
             let (wal, _) = Wal::open(dir.path(), at_rest()).unwrap();
             wal.replayed().unwrap();
@@ -792,7 +833,7 @@ mod tests {
             let f = fs::OpenOptions::new().write(true).open(&path).unwrap();
             let at = match torn {
                 "header" => last.start.offset + 20,
-                "meta" => last.start.offset + HEADER as u64 + 10,
+                "body" => last.start.offset + HEADER as u64 + 10,
                 _ => last.end.offset - PAGE - 100,
             };
             f.write_all_at(&[0u8; 64], at).unwrap();
