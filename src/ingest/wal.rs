@@ -144,8 +144,8 @@ struct Writer {
     active: Option<(Slot, u64)>,
     idle: Vec<Slot>,
     next_generation: u64,
-    /// Slot files that exist or are being created.
-    slots: usize,
+    /// Which slot files exist or are being created.
+    taken: [bool; MAX_SLOTS],
 }
 
 /// The log of one node's listener.
@@ -281,6 +281,10 @@ impl Wal {
                 .and_then(|()| f.sync_all())
                 .map_err(io_at(&tmp))?;
             fs::rename(&tmp, &ckp_path).map_err(io_at(&ckp_path))?;
+            crate::store::sync_dir(dir).map_err(|e| WalError::Io {
+                path: dir.to_owned(),
+                source: std::io::Error::other(e.to_string()),
+            })?;
         }
         let (seq, ckp) = read_checkpoint(&ckp_path);
         let mut slots = Vec::new();
@@ -310,7 +314,7 @@ impl Wal {
                 active: None,
                 idle: Vec::new(),
                 next_generation: 0,
-                slots: slots.len(),
+                taken: std::array::from_fn(|i| slots.iter().any(|s| s.index == i)),
             }),
             consumed: Mutex::new((ckp, seq)),
             created: Arc::new(Mutex::new(Vec::new())),
@@ -640,11 +644,10 @@ impl Wal {
     }
 
     fn create_in_background(&self, w: &mut Writer) {
-        if w.slots >= MAX_SLOTS {
+        let Some(index) = w.taken.iter().position(|t| !t) else {
             return;
-        }
-        let index = w.slots;
-        w.slots += 1;
+        };
+        w.taken[index] = true;
         let (dir, created) = (self.dir.clone(), self.created.clone());
         let spawned = std::thread::Builder::new()
             .name("ingest-log-slot".into())
@@ -653,7 +656,7 @@ impl Wal {
                 Err(e) => tracing::warn!(error = %e, "cannot create an ingest log slot"),
             });
         if spawned.is_err() {
-            w.slots -= 1;
+            w.taken[index] = false;
         }
     }
 
