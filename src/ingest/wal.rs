@@ -38,8 +38,9 @@
 //! one never rewrites a page of an acknowledged one. A crash while a record is being appended
 //! leaves a record whose header, meta or data does not verify: it was never acknowledged (the
 //! answer follows the `fdatasync`) and is dropped at start. A slot is reused once the
-//! checkpoint is past all its records; creating a slot (writing its zeros) happens in the
-//! background, and while no slot is free the caller makes the instance durable the slower way.
+//! checkpoint is past all its records. Two slots are prepared (their zeros written) in the
+//! background when the log opens; another is created, up to [`MAX_SLOTS`], only when a roll
+//! finds none free, and meanwhile the caller makes the instance durable the slower way.
 
 use std::fs;
 use std::io::Read;
@@ -56,6 +57,8 @@ use crate::store::sealed::AtRest;
 pub const SLOT_BYTES: u64 = 32 << 20;
 /// Slot files at most (the log never takes more than `MAX_SLOTS * SLOT_BYTES` of disk).
 pub const MAX_SLOTS: usize = 4;
+/// Slot files prepared when the log opens.
+pub const READY_SLOTS: usize = 2;
 const PAGE: u64 = 4096;
 const HEADER: usize = 32;
 const SEG_MAGIC: &[u8; 8] = b"PBWALSEG";
@@ -636,10 +639,6 @@ impl Wal {
         slot.generation = generation;
         slot.end = PAGE;
         w.active = Some((slot, PAGE));
-        // Keep one spare ready, so that the next roll finds one.
-        if !w.idle.iter().any(|s| s.generation == 0) {
-            self.create_in_background(w);
-        }
         Ok(true)
     }
 
@@ -660,10 +659,13 @@ impl Wal {
         }
     }
 
-    /// Prepares a first slot in the background (a fresh log has none).
+    /// Prepares [`READY_SLOTS`] slots in the background (a fresh log has none): two are enough
+    /// while the mover keeps up (one fills while the other is moved out); more are created only
+    /// when a roll finds none free.
     pub fn warm_up(&self) {
         let mut w = self.lock_writer();
-        if w.idle.is_empty() && w.active.is_none() {
+        let have = w.taken.iter().filter(|t| **t).count();
+        for _ in have..READY_SLOTS {
             self.create_in_background(&mut w);
         }
     }
