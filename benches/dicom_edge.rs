@@ -7,8 +7,9 @@
 //! - ingest: `storescu` into hospital-a's listener, every C-STORE acknowledged only once
 //!   durable (partner stopped, so only the ingest is measured), and the listener's peak RSS;
 //! - two hops: `storescu` into hospital-a until all instances are in telerad-c's inbox, with the
-//!   latency of each instance from hospital-a's acknowledgement (its de-identified file is named
-//!   in the outbox just before the answer) to its arrival in telerad-c's inbox;
+//!   latency of each instance from hospital-a's acknowledgement (the moment storescu's verbose
+//!   output reports its C-STORE response) to its arrival in telerad-c's inbox, matched through
+//!   the InstanceNumber both files carry;
 //! - send and ingest again with `[audit.syslog]` live forwarding to a real rsyslog over TLS on
 //!   both sites (issue 13: auditing must not slow them by more than 5%), with the ratio.
 //!
@@ -165,16 +166,6 @@ fn storescu(port: u16, called: &str, study: &Path) -> Duration {
         String::from_utf8_lossy(&out.stderr)
     );
     took
-}
-
-fn dcm_names(dir: &Path) -> Vec<String> {
-    walkdir::WalkDir::new(dir)
-        .into_iter()
-        .flatten()
-        .filter(|e| e.file_type().is_file())
-        .map(|e| e.file_name().to_string_lossy().to_string())
-        .filter(|n| n.ends_with(".dcm") && !n.starts_with('.'))
-        .collect()
 }
 
 fn rate(n: usize, d: Duration) -> String {
@@ -521,55 +512,119 @@ fn listen_port(cfg: &NodeConfig) -> u16 {
         .expect("a port in [dicom] listen")
 }
 
+/// The InstanceNumber of a DICOM file (kept by de-identification): how an instance at the
+/// partner is matched with the file storescu sent.
+fn instance_number(path: &Path) -> Option<i64> {
+    let obj = dicom_object::OpenFileOptions::new()
+        .read_until(dicom_dictionary_std::tags::PIXEL_DATA)
+        .open_file(path)
+        .ok()?;
+    obj.element(dicom_dictionary_std::tags::INSTANCE_NUMBER)
+        .ok()?
+        .to_int::<i64>()
+        .ok()
+}
+
+/// storescu -v into `port`, with the moment each file's C-STORE response (success) arrived,
+/// read from its verbose output line by line as it runs: (file, acknowledged at) in send order,
+/// and how long storescu took.
+fn storescu_acks(
+    port: u16,
+    called: &str,
+    study: &Path,
+    start: Instant,
+) -> (Vec<(PathBuf, Duration)>, Duration) {
+    use std::io::BufRead;
+    let mut child = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "exec storescu -v -aet MODALITY -aec {called} +sd 127.0.0.1 {port} \"$0\" 2>&1"
+        ))
+        .arg(study)
+        .env("TCP_NODELAY", "1")
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("storescu (dcmtk)");
+    let mut acks = Vec::new();
+    let mut sending: Option<PathBuf> = None;
+    for line in std::io::BufReader::new(child.stdout.take().unwrap())
+        .lines()
+        .map_while(Result::ok)
+    {
+        if let Some(f) = line.split("Sending file: ").nth(1) {
+            sending = Some(PathBuf::from(f.trim()));
+        } else if line.contains("Received Store Response (Success)") {
+            if let Some(f) = sending.take() {
+                acks.push((f, start.elapsed()));
+            }
+        }
+    }
+    let status = child.wait().unwrap();
+    assert!(status.success(), "storescu failed");
+    (acks, start.elapsed())
+}
+
 /// storescu into hospital-a until every instance is in telerad-c's inbox, with per-instance
-/// latency from the origin's acknowledgement to the partner.
+/// latency from the origin's acknowledgement (the C-STORE response storescu received) to the
+/// instance's arrival in the partner's inbox (matched through its InstanceNumber).
 fn two_hops(base: &Path, study: &Path, n: usize, plain: Duration) {
     let dir = base.join("two-hops");
     let (a, c, cfg_a, cfg_c) = lay_out(&dir, 2, None);
     let _c = serve(&c, &cfg_c);
     let _a = serve(&a, &cfg_a);
     let port = listen_port(&cfg_a);
-    let outbox = cfg_a.data_dir.join("outbox");
     let inbox = cfg_c.data_dir.join("store").join("inbox");
+    let files_in = |dir: &Path| -> Vec<PathBuf> {
+        walkdir::WalkDir::new(dir)
+            .into_iter()
+            .flatten()
+            .filter(|e| e.file_type().is_file())
+            .map(|e| e.into_path())
+            .filter(|p| {
+                let name = p.file_name().unwrap_or_default().to_string_lossy();
+                name.ends_with(".dcm") && !name.starts_with('.')
+            })
+            .collect()
+    };
     // The demo's own study is already there: only this run's instances count.
-    let before: std::collections::HashSet<String> = dcm_names(&inbox).into_iter().collect();
+    let before: std::collections::HashSet<PathBuf> = files_in(&inbox).into_iter().collect();
     sync();
     let start = Instant::now();
     let watcher = std::thread::spawn(move || {
-        let mut acked: HashMap<String, Duration> = HashMap::new();
-        let mut arrived: HashMap<String, Duration> = HashMap::new();
+        let mut arrived: HashMap<PathBuf, Duration> = HashMap::new();
         while arrived.len() < n && start.elapsed() < Duration::from_secs(300) {
             let now = start.elapsed();
-            for name in dcm_names(&outbox) {
-                acked.entry(name).or_insert(now);
-            }
-            for name in dcm_names(&inbox) {
-                if !before.contains(&name) {
-                    arrived.entry(name).or_insert(now);
+            for path in files_in(&inbox) {
+                if !before.contains(&path) {
+                    arrived.entry(path).or_insert(now);
                 }
             }
             std::thread::sleep(Duration::from_millis(2));
         }
-        (acked, arrived, start.elapsed())
+        (arrived, start.elapsed())
     });
-    let ingest = storescu(port, "HOSP_A_BROKER", study);
-    let (acked, arrived, all_there) = watcher.join().unwrap();
-    let mut latencies: Vec<f64> = arrived
+    let (acks, ingest) = storescu_acks(port, "HOSP_A_BROKER", study, start);
+    let (arrived, all_there) = watcher.join().unwrap();
+    // Match: the partner's file and the sent file carry the same InstanceNumber.
+    let acked: HashMap<i64, Duration> = acks
         .iter()
-        .filter_map(|(name, at)| {
-            acked
-                .get(name)
-                .map(|a| at.saturating_sub(*a).as_secs_f64() * 1000.0)
+        .filter_map(|(f, at)| instance_number(f).map(|i| (i, *at)))
+        .collect();
+    let mut matched: Vec<(Duration, Duration)> = arrived
+        .iter()
+        .filter_map(|(p, at)| {
+            let ack = acked.get(&instance_number(p)?)?;
+            Some((*ack, *at))
         })
+        .collect();
+    matched.sort();
+    let mut latencies: Vec<f64> = matched
+        .iter()
+        .map(|(ack, at)| at.saturating_sub(*ack).as_secs_f64() * 1000.0)
         .collect();
     latencies.sort_by(|x, y| x.partial_cmp(y).unwrap());
     // The first instance acknowledged: when it was acknowledged, and when it reached the partner.
-    let (first_name, first_ack) = acked
-        .iter()
-        .min_by_key(|(_, at)| **at)
-        .map(|(n, at)| (n.clone(), *at))
-        .unwrap_or_default();
-    let first = arrived.get(&first_name).copied().unwrap_or_default();
+    let (first_ack, first) = matched.first().copied().unwrap_or_default();
     let pct = |p: f64| {
         latencies
             .get(((latencies.len() as f64 - 1.0) * p).round() as usize)
@@ -584,7 +639,8 @@ fn two_hops(base: &Path, study: &Path, n: usize, plain: Duration) {
         all_there.as_secs_f64() / plain.as_secs_f64()
     );
     println!(
-        "latency      origin ack -> partner inbox, per instance: median {:.0} ms, p99 {:.0} ms; first image at the partner {:.0} ms after its ack ({:.0} ms after storescu started)",
+        "latency      origin ack (storescu's C-STORE response) -> partner inbox, {} instances matched by InstanceNumber: median {:.0} ms, p99 {:.0} ms; first image at the partner {:.0} ms after its ack ({:.0} ms after storescu started)",
+        latencies.len(),
         pct(0.5),
         pct(0.99),
         first.saturating_sub(first_ack).as_secs_f64() * 1000.0,

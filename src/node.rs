@@ -1035,6 +1035,45 @@ impl Node {
         returns_wake: Arc<tokio::sync::Notify>,
     ) -> Result<Vec<tokio::task::JoinHandle<()>>, NodeError> {
         let open = Arc::new(OpenStudies::new(Duration::from_secs(cfg.study_quiet_secs)));
+        // The ingest log: instances acknowledged by the last run and not yet in the outbox are
+        // moved there first (below), before the open studies are read back and forwarded.
+        let (wal, logged) = crate::ingest::wal::Wal::open(
+            &self.config.data_dir.join("ingest").join("wal"),
+            self.at_rest(),
+        )
+        .map_err(|e| NodeError::Serve(format!("cannot open the DICOM ingest log: {e}")))?;
+        let node = self.clone();
+        let resolve = Box::new(move |route: &crate::config::DicomRoute| {
+            node.ingest_flow(&route.agreement, &route.flow, route.purpose.as_deref())
+        });
+        let service = Arc::new(
+            DimseIngest::new(
+                cfg.routes.clone(),
+                resolve,
+                self.outbox(),
+                {
+                    let node = self.clone();
+                    Box::new(move || node.shared_vault().map_err(|e| e.to_string()))
+                },
+                self.audit.clone(),
+                open.clone(),
+                {
+                    let node = self.clone();
+                    Box::new(
+                        move |flow: &IngestFlow, source: &str, held: &mut HeldBack| {
+                            node.hold_for_review(
+                                &flow.agreement,
+                                &flow.flow,
+                                &format!("dicom:{source}"),
+                                std::slice::from_mut(held),
+                            )
+                        },
+                    )
+                },
+            )
+            .with_log(wal, logged)
+            .map_err(|e| NodeError::Serve(format!("cannot move the DICOM ingest log: {e}")))?,
+        );
         let recovered = open.recover(&self.outbox());
         if recovered > 0 {
             tracing::info!(
@@ -1042,34 +1081,7 @@ impl Node {
                 "studies left open by the last run are forwarded again"
             );
         }
-        let node = self.clone();
-        let resolve = Box::new(move |route: &crate::config::DicomRoute| {
-            node.ingest_flow(&route.agreement, &route.flow, route.purpose.as_deref())
-        });
-        let service = Arc::new(DimseIngest::new(
-            cfg.routes.clone(),
-            resolve,
-            self.outbox(),
-            {
-                let node = self.clone();
-                Box::new(move || node.shared_vault().map_err(|e| e.to_string()))
-            },
-            self.audit.clone(),
-            open.clone(),
-            {
-                let node = self.clone();
-                Box::new(
-                    move |flow: &IngestFlow, source: &str, held: &mut HeldBack| {
-                        node.hold_for_review(
-                            &flow.agreement,
-                            &flow.flow,
-                            &format!("dicom:{source}"),
-                            std::slice::from_mut(held),
-                        )
-                    },
-                )
-            },
-        ));
+        let dimse = service.clone();
         let tcp = TcpListener::bind(&cfg.listen).await.map_err(|e| {
             NodeError::Serve(format!("cannot listen for DICOM on {}: {e}", cfg.listen))
         })?;
@@ -1091,7 +1103,13 @@ impl Node {
         let until = |mut stop: watch::Receiver<bool>| async move {
             let _ = stop.wait_for(|s| *s).await;
         };
-        let serving = tokio::spawn(listener.serve(tcp, until(stop.clone())));
+        let stopping = until(stop.clone());
+        let serving = tokio::spawn(async move {
+            listener.serve(tcp, stopping).await;
+            // What was acknowledged goes into the outbox before the node stops (anything left
+            // is in the ingest log and moved at the next start).
+            let _ = tokio::task::spawn_blocking(move || dimse.drain(Duration::from_secs(30))).await;
+        });
         let forwarder = tokio::spawn(self.clone().forward_open_studies(open, stop));
         Ok(vec![serving, forwarder])
     }

@@ -8,9 +8,15 @@
 //! for Verification and every storage SOP class of the standard (decided from the DICOM
 //! dictionary, `dicom-dictionary-std`), with the first transfer syntax the sender proposes that
 //! the registry can parse (compressed ones included; nothing is transcoded), and the DIMSE
-//! message loop: each C-STORE's data set is streamed to a spool file as its PDUs arrive (memory
-//! stays at one PDU per association), handed to the [`StoreService`], and answered with its
-//! status only then: success only once the service has made the instance durable.
+//! message loop: each C-STORE's data set is streamed to a spool as its PDUs arrive, handed to
+//! the [`StoreService`], and answered with its status only then: success only once the service
+//! has made the instance durable.
+//!
+//! The spool of an instance is an anonymous memory file (Linux `memfd`: it never reaches a disk,
+//! so it needs no sealing, and it is not mapped into the process, so it does not count in its
+//! resident set) up to [`MEMORY_SPOOL`] bytes; an instance that grows past that moves to a
+//! spool file on disk, sealed at rest, and continues there. Spooled memory is therefore at most
+//! `max_associations x MEMORY_SPOOL`.
 //!
 //! Does not own: what happens to an instance ([`StoreService`]: the ingest pipeline).
 
@@ -174,6 +180,9 @@ pub struct Listener<S: StoreService> {
     /// Spool files hold original instances (PHI): sealed through this as they arrive.
     at_rest: AtRest,
 }
+
+/// Bytes of an instance spooled in memory before it moves to a sealed spool file on disk.
+pub const MEMORY_SPOOL: u64 = 32 << 20;
 
 /// Default window of the rejection summary (the node passes `[limits] refusal_summary_secs`).
 const REJECTION_WINDOW: Duration = Duration::from_secs(60);
@@ -481,10 +490,6 @@ impl<S: StoreService> Listener<S> {
                     })
                     .ok_or("C-STORE on a presentation context that was not accepted")?;
                 let ts_uid = pc.transfer_syntax.trim_end_matches(['\0', ' ']).to_string();
-                let spool = tempfile::Builder::new()
-                    .prefix("incoming-")
-                    .tempfile_in(&self.spool)
-                    .map_err(|e| format!("cannot create a spool file: {}", e.kind()));
                 let mut inc = Incoming {
                     pc_id,
                     message_id: id,
@@ -493,23 +498,18 @@ impl<S: StoreService> Listener<S> {
                     spool: None,
                     failed: None,
                     started: Instant::now(),
+                    disk: self.spool.clone(),
+                    at_rest: self.at_rest.clone(),
                 };
-                match spool {
-                    Ok(f) => {
-                        let w = std::io::BufWriter::with_capacity(256 * 1024, f);
-                        match self.at_rest.writer(w) {
-                            Ok(mut w) => {
-                                match write_preamble(&mut w, &inc, &ts_uid, &peer.calling_ae) {
-                                    Ok(()) => inc.spool = Some(w),
-                                    Err(e) => inc.failed = Some(e),
-                                }
-                            }
-                            Err(e) => {
-                                inc.failed =
-                                    Some(format!("cannot write the spool file: {}", e.kind()))
-                            }
+                let mut head = Vec::with_capacity(1024);
+                match write_preamble(&mut head, &inc, &ts_uid, &peer.calling_ae) {
+                    Ok(()) => match Spool::memory() {
+                        Ok(m) => {
+                            inc.spool = Some(m);
+                            inc.write(&head)?;
                         }
-                    }
+                        Err(e) => inc.failed = Some(e),
+                    },
                     Err(e) => inc.failed = Some(e),
                 }
                 Ok(Some(inc))
@@ -533,9 +533,17 @@ impl<S: StoreService> Listener<S> {
             spool,
             failed,
             started,
+            ..
         } = inc;
         let outcome = match (spool, failed) {
-            (Some(w), None) => match w
+            (Some(Spool::Memory(file, _)), None) => {
+                use std::os::fd::AsRawFd;
+                let path = PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd()));
+                let outcome = self.service.store(session, &path);
+                drop(file);
+                outcome
+            }
+            (Some(Spool::Disk(w)), None) => match w
                 .finish()
                 .and_then(|(w, _)| w.into_inner().map_err(|e| e.into_error()))
             {
@@ -575,20 +583,81 @@ struct Incoming {
     message_id: u16,
     sop_class: String,
     sop_instance: String,
-    spool: Option<Sealing<std::io::BufWriter<tempfile::NamedTempFile>>>,
+    spool: Option<Spool>,
     /// Set when the spool failed: the rest of the data set is read and dropped, then answered
     /// with out of resources.
     failed: Option<String>,
     started: Instant,
+    /// The spool folder and sealing, for an instance too large for memory.
+    disk: PathBuf,
+    at_rest: AtRest,
+}
+
+/// Where an arriving instance is spooled.
+enum Spool {
+    /// An anonymous memory file and its length.
+    Memory(std::fs::File, u64),
+    /// A spool file on disk, sealed at rest.
+    Disk(Sealing<std::io::BufWriter<tempfile::NamedTempFile>>),
+}
+
+impl Spool {
+    fn memory() -> Result<Spool, String> {
+        #[cfg(target_os = "linux")]
+        {
+            let fd = rustix::fs::memfd_create("pacs-broker-spool", rustix::fs::MemfdFlags::CLOEXEC)
+                .map_err(|e| {
+                    format!(
+                        "cannot create a memory spool: {}",
+                        std::io::Error::from(e).kind()
+                    )
+                })?;
+            Ok(Spool::Memory(std::fs::File::from(fd), 0))
+        }
+        #[cfg(not(target_os = "linux"))]
+        Err("memory spools need Linux".into())
+    }
+
+    /// A sealed spool file in `dir` holding what `memory` holds.
+    fn to_disk(memory: &mut std::fs::File, dir: &Path, at_rest: &AtRest) -> std::io::Result<Spool> {
+        use std::io::Seek;
+        let f = tempfile::Builder::new()
+            .prefix("incoming-")
+            .tempfile_in(dir)?;
+        let mut w = at_rest.writer(std::io::BufWriter::with_capacity(256 * 1024, f))?;
+        memory.seek(std::io::SeekFrom::Start(0))?;
+        std::io::copy(memory, &mut w)?;
+        Ok(Spool::Disk(w))
+    }
 }
 
 impl Incoming {
     fn write(&mut self, bytes: &[u8]) -> Result<(), String> {
-        if let Some(w) = self.spool.as_mut() {
-            if let Err(e) = w.write_all(bytes) {
-                self.failed = Some(format!("cannot write the spool file: {}", e.kind()));
-                self.spool = None;
+        let Some(spool) = self.spool.as_mut() else {
+            return Ok(());
+        };
+        if let Spool::Memory(m, len) = spool {
+            if *len + bytes.len() as u64 > MEMORY_SPOOL {
+                match Spool::to_disk(m, &self.disk, &self.at_rest) {
+                    Ok(d) => *spool = d,
+                    Err(e) => {
+                        self.failed = Some(format!("cannot write the spool file: {}", e.kind()));
+                        self.spool = None;
+                        return Ok(());
+                    }
+                }
             }
+        }
+        let written = match spool {
+            Spool::Memory(m, len) => {
+                *len += bytes.len() as u64;
+                m.write_all(bytes)
+            }
+            Spool::Disk(w) => w.write_all(bytes),
+        };
+        if let Err(e) = written {
+            self.failed = Some(format!("cannot write the spool file: {}", e.kind()));
+            self.spool = None;
         }
         Ok(())
     }

@@ -2,21 +2,34 @@
 //!
 //! Owns: routing an association to an agreement's flow (`[[dicom.routes]]`, matched on calling
 //! and called AE title), taking one received instance through the pipeline with the calling AE
-//! as its source AE (so `select.source_aes` is enforced), making it durable in the outbox
-//! before the listener may acknowledge it (vault record flushed, output fsynced and named,
-//! folder fsynced), and the studies still arriving ([`OpenStudies`]): what is new since the last
+//! as its source AE (so `select.source_aes` is enforced), making it durable before the listener
+//! may acknowledge it, and the studies still arriving ([`OpenStudies`]): what is new since the last
 //! forward, and which have been quiet long enough to count as complete. An instance that
 //! de-identification quarantines is handed to the node's review hold ([`ReviewHold`]) while its
 //! spool file still exists, and is still answered with a failure status.
+//!
+//! Durable before the answer: an instance up to [`LOG_LIMIT`] bytes is appended, sealed, to the
+//! ingest write-ahead log (`ingest::wal`: its de-identified bytes, its outbox study and file name,
+//! its SHA-256 and its vault entries; one `fdatasync`), and the answer goes out. The mover (a
+//! background thread) then writes the logged instances into their outbox study folders (sealed
+//! files named by the SOP instance token), records their vault entries, makes both durable for
+//! a group at once (one file-system flush, the folders fsynced, the vault flushed), marks them
+//! consumed in the log and only then tells the forwarder ([`OpenStudies::arrived`]): no token
+//! reaches the partner before its vault record is durable. At start, [`DimseIngest::with_log`]
+//! moves the records a stopped or killed node had acknowledged but not moved (idempotently: the
+//! same file name and bytes, vault records keyed by token) before the forwarder runs. A larger
+//! instance, or one arriving while the log has no free slot, is made durable in the outbox
+//! directly (vault flushed, file fsynced and named, folder fsynced) before the answer.
 //!
 //! Does not own: the association layer (`dicom_net::scp` calls [`DimseIngest`] through its
 //! `StoreService` trait) or sending to the partner (`node` runs the forwarder).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{mpsc, Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
+use super::wal::{InstanceRecord, Location, Record, Wal};
 use super::{admit_and_deidentify, HeldBack, HeldBackKind, IngestFlow};
 use crate::audit::{AuditLog, Event};
 use crate::config::DicomRoute;
@@ -44,14 +57,72 @@ pub struct DimseIngest {
     routes: Vec<DicomRoute>,
     resolve: Box<FlowResolver>,
     outbox: Outbox,
-    open_vault: Box<VaultOpener>,
-    /// The vault while associations are in progress, and how many. It is opened for the first
-    /// and closed after the last, so that `send` can run beside an idle listener (each sled
-    /// database is locked by the one process that opens it).
-    vault: Mutex<(Option<Arc<Vault>>, usize)>,
+    vault: Arc<VaultUse>,
     audit: Arc<AuditLog>,
     open: Arc<OpenStudies>,
     hold_for_review: Box<ReviewHold>,
+    /// The write-ahead log and its mover, when the node keeps one.
+    log: Option<Logged>,
+}
+
+/// Instances up to this many bytes (as received) go through the write-ahead log; larger ones
+/// are written to the outbox directly (their bytes are not held in memory whole).
+pub const LOG_LIMIT: u64 = 8 << 20;
+/// What the mover reads from the log for one group at most (bounds its memory).
+const MOVE_BYTES: usize = 16 << 20;
+
+/// The vault while associations are in progress or logged instances wait to be moved, and how
+/// many users it has. It is opened for the first and closed after the last, so that `send` can
+/// run beside an idle listener (each sled database is locked by the one process that opens it).
+struct VaultUse {
+    opener: Box<VaultOpener>,
+    state: Mutex<(Option<Arc<Vault>>, usize)>,
+}
+
+impl VaultUse {
+    fn acquire(&self) -> Result<Arc<Vault>, String> {
+        let mut v = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if v.0.is_none() {
+            v.0 = Some((self.opener)()?);
+        }
+        v.1 += 1;
+        Ok(v.0.clone().expect("just opened"))
+    }
+
+    fn release(&self, n: usize) {
+        let mut v = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        v.1 = v.1.saturating_sub(n);
+        if v.1 == 0 {
+            v.0 = None;
+        }
+    }
+}
+
+/// The log, the channel to its mover, and how many appended records it has not moved yet.
+struct Logged {
+    wal: Arc<Wal>,
+    to_mover: Mutex<mpsc::Sender<Location>>,
+    pending: Arc<(Mutex<usize>, Condvar)>,
+}
+
+/// Where a study goes: the flow's names, as the outbox entry keeps them.
+#[derive(Debug, Clone)]
+pub struct StudyRoute {
+    pub agreement: String,
+    pub flow: String,
+    pub purpose: String,
+    pub to: String,
+}
+
+impl From<&IngestFlow> for StudyRoute {
+    fn from(f: &IngestFlow) -> StudyRoute {
+        StudyRoute {
+            agreement: f.agreement.clone(),
+            flow: f.flow.clone(),
+            purpose: f.purpose.clone(),
+            to: f.to.clone(),
+        }
+    }
 }
 
 /// One association's view: who it is and which flow its instances go to.
@@ -78,31 +149,83 @@ impl DimseIngest {
             routes,
             resolve,
             outbox,
-            open_vault,
-            vault: Mutex::new((None, 0)),
+            vault: Arc::new(VaultUse {
+                opener: open_vault,
+                state: Mutex::new((None, 0)),
+            }),
             audit,
             open,
             hold_for_review,
+            log: None,
         }
+    }
+
+    /// Acknowledges through the write-ahead log `wal`: first moves `recovered` (the records
+    /// [`Wal::open`] found: acknowledged by the last run, not yet moved) into the outbox, then
+    /// starts the mover. Call before the forwarder and the outbox worker run.
+    pub fn with_log(mut self, wal: Wal, recovered: Vec<Record>) -> Result<DimseIngest, String> {
+        let mover = Mover {
+            wal: Arc::new(wal),
+            outbox: self.outbox.clone(),
+            open: self.open.clone(),
+            vault: self.vault.clone(),
+        };
+        if !recovered.is_empty() {
+            let n = recovered.len();
+            self.vault.acquire()?;
+            let moved = (|| {
+                let mut group = Vec::new();
+                let mut bytes = 0;
+                for r in recovered {
+                    bytes += r.data.len();
+                    group.push(r);
+                    if bytes >= MOVE_BYTES {
+                        mover.apply(std::mem::take(&mut group))?;
+                        bytes = 0;
+                    }
+                }
+                mover.apply(group)
+            })();
+            self.vault.release(1);
+            moved?;
+            tracing::info!(
+                instances = n,
+                "instances acknowledged by the last run were moved from the ingest log"
+            );
+        }
+        mover.wal.replayed().map_err(|e| e.to_string())?;
+        mover.wal.warm_up();
+        let (tx, rx) = mpsc::channel();
+        let pending = Arc::new((Mutex::new(0usize), Condvar::new()));
+        self.log = Some(Logged {
+            wal: mover.wal.clone(),
+            to_mover: Mutex::new(tx),
+            pending: pending.clone(),
+        });
+        std::thread::Builder::new()
+            .name("ingest-mover".into())
+            .spawn(move || mover.run(rx, pending))
+            .map_err(|e| format!("cannot start the ingest mover: {e}"))?;
+        Ok(self)
+    }
+
+    /// Waits (up to `limit`) until every logged instance has been moved into the outbox (the
+    /// node stopping; what is left is moved at the next start).
+    pub fn drain(&self, limit: Duration) {
+        let Some(log) = &self.log else { return };
+        let (count, cv) = &*log.pending;
+        let n = count.lock().unwrap_or_else(|p| p.into_inner());
+        let _ = cv.wait_timeout_while(n, limit, |n| *n > 0);
     }
 
     /// The vault for one more association.
     fn vault_for_association(&self) -> Result<Arc<Vault>, String> {
-        let mut v = self.vault.lock().unwrap_or_else(|p| p.into_inner());
-        if v.0.is_none() {
-            v.0 = Some((self.open_vault)()?);
-        }
-        v.1 += 1;
-        Ok(v.0.clone().expect("just opened"))
+        self.vault.acquire()
     }
 
-    /// One association fewer; the last one closes the vault.
+    /// One association fewer; the last user closes the vault.
     fn vault_released(&self) {
-        let mut v = self.vault.lock().unwrap_or_else(|p| p.into_inner());
-        v.1 = v.1.saturating_sub(1);
-        if v.1 == 0 {
-            v.0 = None;
-        }
+        self.vault.release(1);
     }
 
     fn audit(
@@ -174,6 +297,12 @@ impl DimseIngest {
             })?;
         let d = admitted.deidentified;
         let deidentified = started.elapsed();
+        let small = std::fs::metadata(spool).is_ok_and(|m| m.len() <= LOG_LIMIT);
+        if let (Some(log), true) = (&self.log, small) {
+            return self
+                .log_instance(log, flow, d, admitted.modality, started, deidentified)
+                .map_err(|r| held(HeldBackKind::Failed, r, StoreStatus::OUT_OF_RESOURCES));
+        }
         let dir = self.outbox.study_dir(&flow.agreement, &d.study_uid);
         let file = format!("{}.dcm", safe_name(&d.sop_instance_uid));
         // The vault record is durable before the instance is: a token never exists at the
@@ -200,7 +329,7 @@ impl DimseIngest {
         let staged =
             staged.map_err(|r| held(HeldBackKind::Failed, r, StoreStatus::OUT_OF_RESOURCES))?;
         self.open
-            .ensure_entry(&self.outbox, flow, &d.study_uid, &dir)
+            .ensure_entry(&self.outbox, &flow.into(), &d.study_uid, &dir)
             .map_err(|e| {
                 held(
                     HeldBackKind::Failed,
@@ -233,7 +362,7 @@ impl DimseIngest {
             "instance durable in the outbox"
         );
         self.open.arrived(
-            flow,
+            &flow.into(),
             &d.study_uid,
             dir,
             instance,
@@ -242,6 +371,243 @@ impl DimseIngest {
         );
         Ok(())
     }
+}
+
+impl DimseIngest {
+    /// Encodes, seals and appends one instance to the log (durable when this returns `Ok`).
+    /// When the log cannot take it now, the instance is moved into the outbox at once instead.
+    fn log_instance(
+        &self,
+        log: &Logged,
+        flow: &IngestFlow,
+        d: crate::deid::Deidentified,
+        modality: Option<String>,
+        started: Instant,
+        deidentified: Duration,
+    ) -> Result<(), String> {
+        let file = format!("{}.dcm", safe_name(&d.sop_instance_uid));
+        let (study, sop_instance_uid) = (d.study_uid, d.sop_instance_uid);
+        let (patient_token, vault_entries) = (d.patient_token, d.vault_entries);
+        let (object, pixels) = (d.object, d.pixel_data);
+        let (mut rec, meta) = log
+            .wal
+            .seal_streamed(
+                |w| {
+                    let mut w = std::io::BufWriter::with_capacity(64 * 1024, w);
+                    batch::encode_output(object, pixels.as_ref(), &mut w)?;
+                    std::io::Write::flush(&mut w)
+                        .map_err(|e| format!("cannot write output: {}", e.kind()))
+                },
+                |sha256, size| InstanceRecord {
+                    agreement: flow.agreement.clone(),
+                    flow: flow.flow.clone(),
+                    purpose: flow.purpose.clone(),
+                    to: flow.to.clone(),
+                    study,
+                    file,
+                    sha256: hex::encode(sha256),
+                    size,
+                    sop_instance_uid,
+                    modality,
+                    patient_token,
+                    vault_entries,
+                },
+            )
+            .map_err(|e| e.to_string())?;
+        let sealed = started.elapsed();
+        // The mover finds the vault open: one use per record until it is moved.
+        self.vault.acquire()?;
+        let appended = log.wal.append(&mut rec, |at| {
+            *log.pending.0.lock().unwrap_or_else(|p| p.into_inner()) += 1;
+            let _ = log
+                .to_mover
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .send(at);
+        });
+        match appended {
+            Ok(Some(_)) => {
+                tracing::debug!(
+                    deidentify_us = deidentified.as_micros() as u64,
+                    seal_us = (sealed - deidentified).as_micros() as u64,
+                    durable_us = (started.elapsed() - sealed).as_micros() as u64,
+                    "instance durable in the ingest log"
+                );
+                Ok(())
+            }
+            Ok(None) => {
+                // No free slot (the mover is behind) or too large: into the outbox now.
+                let data = Wal::data_of(&rec).to_vec();
+                drop(rec);
+                let now = Record {
+                    location: Location {
+                        slot: usize::MAX,
+                        start: Default::default(),
+                        end: Default::default(),
+                    },
+                    meta,
+                    data,
+                };
+                let mover = Mover {
+                    wal: log.wal.clone(),
+                    outbox: self.outbox.clone(),
+                    open: self.open.clone(),
+                    vault: self.vault.clone(),
+                };
+                let result = mover.apply(vec![now]);
+                self.vault.release(1);
+                result
+            }
+            Err(e) => {
+                self.vault.release(1);
+                Err(format!("cannot append to the ingest log: {e}"))
+            }
+        }
+    }
+}
+
+/// Moves logged instances into the outbox.
+struct Mover {
+    wal: Arc<Wal>,
+    outbox: Outbox,
+    open: Arc<OpenStudies>,
+    vault: Arc<VaultUse>,
+}
+
+impl Mover {
+    /// Takes appended records in order, in groups, until the listener goes away.
+    fn run(self, rx: mpsc::Receiver<Location>, pending: Arc<(Mutex<usize>, Condvar)>) {
+        while let Ok(first) = rx.recv() {
+            let mut group = vec![first];
+            let mut bytes = 0usize;
+            while bytes < MOVE_BYTES {
+                match rx.try_recv() {
+                    Ok(at) => {
+                        bytes += (at.end.offset - at.start.offset) as usize;
+                        group.push(at);
+                    }
+                    Err(_) => break,
+                }
+            }
+            let n = group.len();
+            // Retried until it works: the instances are acknowledged and safe in the log.
+            let mut wait = Duration::from_millis(100);
+            loop {
+                let moved = group
+                    .iter()
+                    .map(|at| self.wal.read(*at).map_err(|e| e.to_string()))
+                    .collect::<Result<Vec<_>, _>>()
+                    .and_then(|records| self.apply(records));
+                match moved {
+                    Ok(()) => break,
+                    Err(e) => {
+                        tracing::error!(error = %e, instances = n, "cannot move logged instances into the outbox; retrying (they are safe in the ingest log)");
+                        std::thread::sleep(wait);
+                        wait = (wait * 2).min(Duration::from_secs(10));
+                    }
+                }
+            }
+            self.vault.release(n);
+            let (count, cv) = &*pending;
+            let mut c = count.lock().unwrap_or_else(|p| p.into_inner());
+            *c = c.saturating_sub(n);
+            cv.notify_all();
+        }
+    }
+
+    /// Writes a group of records into their outbox study folders and records their vault
+    /// entries; makes all of it durable (one flush for the group); marks them consumed in the
+    /// log; then tells the forwarder. The vault must be in use (acquired) by the caller.
+    fn apply(&self, records: Vec<Record>) -> Result<(), String> {
+        if records.is_empty() {
+            return Ok(());
+        }
+        let vault = self
+            .vault
+            .state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .0
+            .clone()
+            .ok_or("the vault is not open")?;
+        let mut staged = Vec::with_capacity(records.len());
+        for r in &records {
+            let route = StudyRoute {
+                agreement: r.meta.agreement.clone(),
+                flow: r.meta.flow.clone(),
+                purpose: r.meta.purpose.clone(),
+                to: r.meta.to.clone(),
+            };
+            let dir = self.outbox.study_dir(&route.agreement, &r.meta.study);
+            std::fs::create_dir_all(&dir)
+                .map_err(|e| format!("cannot create the outbox study folder: {}", e.kind()))?;
+            self.open
+                .ensure_entry(&self.outbox, &route, &r.meta.study, &dir)
+                .map_err(|e| format!("cannot open the outbox study: {e}"))?;
+            let mut tmp = tempfile::Builder::new()
+                .prefix(".wal-")
+                .suffix(".part")
+                .tempfile_in(&dir)
+                .map_err(|e| format!("cannot create an outbox file: {}", e.kind()))?;
+            std::io::Write::write_all(tmp.as_file_mut(), &r.data)
+                .map_err(|e| format!("cannot write an outbox file: {}", e.kind()))?;
+            for (token, entry) in &r.meta.vault_entries {
+                vault
+                    .record(&r.meta.agreement, token, entry)
+                    .map_err(|_| "the vault could not record its tokens".to_string())?;
+            }
+            staged.push((Some(tmp), dir, route));
+        }
+        flush_files(
+            staged
+                .iter()
+                .filter_map(|(t, _, _)| t.as_ref().map(|t| t.as_file())),
+        )?;
+        let mut dirs = BTreeSet::new();
+        for ((tmp, dir, _), r) in staged.iter_mut().zip(&records) {
+            let target = dir.join(&r.meta.file);
+            tmp.take()
+                .expect("staged once")
+                .persist(&target)
+                .map_err(|e| format!("cannot name an outbox file: {}", e.error.kind()))?;
+            dirs.insert(dir.clone());
+        }
+        for dir in &dirs {
+            crate::store::sync_dir(dir)
+                .map_err(|e| format!("cannot sync the outbox folder: {e}"))?;
+        }
+        vault
+            .flush()
+            .map_err(|_| "the vault could not be flushed".to_string())?;
+        if let Some(last) = records.iter().rfind(|r| r.location.slot != usize::MAX) {
+            self.wal
+                .consumed(last.location.end)
+                .map_err(|e| e.to_string())?;
+        }
+        for ((_, dir, route), r) in staged.into_iter().zip(records) {
+            let m = r.meta;
+            let instance = OutboxInstance {
+                file: m.file,
+                sha256: m.sha256,
+                size: m.size,
+                sop_instance_uid: m.sop_instance_uid,
+            };
+            self.open
+                .arrived(&route, &m.study, dir, instance, m.modality, m.patient_token);
+        }
+        Ok(())
+    }
+}
+
+/// Makes written files durable, each with its own `fsync`. Not one flush of the whole file
+/// system (`syncfs`): that also writes out whatever else is dirty on the machine, and the
+/// log's `fdatasync`, which the modality waits for, would queue behind it.
+fn flush_files<'a>(files: impl Iterator<Item = &'a std::fs::File>) -> Result<(), String> {
+    for f in files {
+        f.sync_all()
+            .map_err(|e| format!("cannot sync outbox files: {}", e.kind()))?;
+    }
+    Ok(())
 }
 
 /// Records an instance's tokens in the vault and flushes it to disk.
@@ -443,7 +809,7 @@ impl OpenStudies {
     fn ensure_entry(
         &self,
         outbox: &Outbox,
-        flow: &IngestFlow,
+        flow: &StudyRoute,
         study: &str,
         dir: &Path,
     ) -> Result<(), crate::store::StoreError> {
@@ -484,7 +850,7 @@ impl OpenStudies {
 
     fn arrived(
         &self,
-        flow: &IngestFlow,
+        flow: &StudyRoute,
         study: &str,
         dir: PathBuf,
         instance: OutboxInstance,
@@ -668,7 +1034,7 @@ mod tests {
         let f = flow();
         let dir = PathBuf::from("unused");
         open.arrived(
-            &f,
+            &(&f).into(),
             "s",
             dir.clone(),
             instance("1", 1),
@@ -680,7 +1046,14 @@ mod tests {
         assert!(!due[0].entry.complete, "not quiet yet: a partial offer");
         assert!(open.due().is_empty(), "busy while it is being sent");
         // A second instance arrives while the first is on its way.
-        open.arrived(&f, "s", dir.clone(), instance("2", 2), None, "p".into());
+        open.arrived(
+            &(&f).into(),
+            "s",
+            dir.clone(),
+            instance("2", 2),
+            None,
+            "p".into(),
+        );
         open.done(&due[0], Ok(()));
         let due = open.due();
         assert_eq!(due.len(), 1);
@@ -711,11 +1084,143 @@ mod tests {
         assert!(open.due().is_empty(), "waiting for the retry");
         assert_eq!(open.len(), 1);
         // The same instance again with other bytes replaces the first and is sent again.
-        open.arrived(&f, "s", dir, instance("1", 3), None, "p".into());
+        open.arrived(&(&f).into(), "s", dir, instance("1", 3), None, "p".into());
         let e = &open.lock()[&("a".to_string(), "s".to_string())].entry;
         assert_eq!(e.instances.len(), 2);
         assert_eq!(e.instances[1].sha256, hex::encode([3u8; 32]));
         assert_eq!(e.patient_tokens, vec!["p".to_string()]);
         assert_eq!(e.modalities, vec!["CT".to_string()]);
+    }
+
+    /// Instances acknowledged through the log and not moved when the node stopped are moved at
+    /// the next start: into the outbox (sealed, named, listed in an open study) with their vault
+    /// entries; moving the same records twice (a crash after the move, before the checkpoint)
+    /// changes nothing; afterwards the log holds nothing to move.
+    #[test]
+    fn logged_instances_are_moved_into_the_outbox_at_start_once() {
+        use crate::pseudonym::{SiteKeys, VaultEntry};
+        use crate::store::sealed::AtRest;
+        use sha2::{Digest, Sha256};
+
+        let dir = tempfile::tempdir().unwrap();
+        let keys = SiteKeys::from_bytes([7; 32], [9; 32]);
+        let at_rest = AtRest::new(&keys, true);
+        let wal_dir = dir.path().join("wal");
+        let record = |n: u8, bytes: &[u8]| InstanceRecord {
+            agreement: "a".into(),
+            flow: "f".into(),
+            purpose: "treatment".into(),
+            to: "c".into(),
+            study: "study-token".into(),
+            file: format!("{n}.dcm"),
+            sha256: hex::encode(Sha256::digest(bytes)),
+            size: bytes.len() as u64,
+            sop_instance_uid: format!("2.25.{n}"),
+            modality: Some("CT".into()),
+            patient_token: "p".into(),
+            vault_entries: vec![(
+                format!("tok{n}"),
+                VaultEntry {
+                    attribute: "PatientName".into(),
+                    original: format!("DOE^{n}"),
+                },
+            )],
+        };
+        let bytes = |n: u8| vec![n; 70_000];
+        {
+            let (wal, _) = Wal::open(&wal_dir, at_rest.clone()).unwrap();
+            wal.replayed().unwrap();
+            wal.warm_up();
+            for n in 0..2u8 {
+                let mut rec = wal.seal(&record(n, &bytes(n)), &bytes(n)).unwrap();
+                let mut tries = 0;
+                while wal.append(&mut rec, |_| {}).unwrap().is_none() {
+                    tries += 1;
+                    assert!(tries < 1000, "no slot");
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+            }
+        }
+        let db = sled::Config::new().temporary(true).open().unwrap();
+        let vault = Arc::new(Vault::new(&keys, db.open_tree("vault").unwrap()));
+        let outbox = Outbox::new(dir.path().join("outbox")).with_at_rest(at_rest.clone());
+        let audit = Arc::new(AuditLog::open(&dir.path().join("audit.log")).unwrap());
+        let start = |open: Arc<OpenStudies>| {
+            let (wal, found) = Wal::open(&wal_dir, at_rest.clone()).unwrap();
+            let v = vault.clone();
+            let ingest = DimseIngest::new(
+                Vec::new(),
+                Box::new(|_| Err(super::super::IngestError::NoPeer("c".into()))),
+                outbox.clone(),
+                Box::new(move || Ok(v.clone())),
+                audit.clone(),
+                open,
+                Box::new(|_, _, _| {}),
+            );
+            (found.len(), ingest.with_log(wal, found).unwrap())
+        };
+        let open = Arc::new(OpenStudies::new(Duration::from_secs(60)));
+        let (found, ingest) = start(open.clone());
+        assert_eq!(found, 2);
+        let study = outbox.study_dir("a", "study-token");
+        for n in 0..2u8 {
+            let file = study.join(format!("{n}.dcm"));
+            assert!(AtRest::key_id_of(&file).unwrap().is_some(), "sealed");
+            assert_eq!(at_rest.read(&file).unwrap(), bytes(n));
+            let entry = vault.reidentify("a", &format!("tok{n}")).unwrap().unwrap();
+            assert_eq!(entry.original, format!("DOE^{n}"));
+        }
+        let due = open.due();
+        assert_eq!(due.len(), 1);
+        assert_eq!(due[0].entry.instances.len(), 2);
+        assert_eq!(
+            due[0].entry.instances[0].sha256,
+            hex::encode(Sha256::digest(bytes(0)))
+        );
+        drop(ingest);
+
+        // Moved and checkpointed: a restart finds nothing more to move.
+        let (found, _ingest) = start(Arc::new(OpenStudies::new(Duration::from_secs(60))));
+        assert_eq!(found, 0);
+
+        // The same records moved again change nothing (same names, bytes and vault records).
+        let mut again = Vec::new();
+        for n in 0..2u8 {
+            let d = bytes(n);
+            let mut sealed = Vec::new();
+            let mut w = at_rest.writer(&mut sealed).unwrap();
+            std::io::Write::write_all(&mut w, &d).unwrap();
+            w.finish().unwrap();
+            again.push(Record {
+                location: Location {
+                    slot: usize::MAX,
+                    start: Default::default(),
+                    end: Default::default(),
+                },
+                meta: record(n, &d),
+                data: sealed,
+            });
+        }
+        let (wal, _) = Wal::open(&dir.path().join("wal2"), at_rest.clone()).unwrap();
+        let v = vault.clone();
+        let open = Arc::new(OpenStudies::new(Duration::from_secs(60)));
+        let _ingest = DimseIngest::new(
+            Vec::new(),
+            Box::new(|_| Err(super::super::IngestError::NoPeer("c".into()))),
+            outbox.clone(),
+            Box::new(move || Ok(v.clone())),
+            audit.clone(),
+            open.clone(),
+            Box::new(|_, _, _| {}),
+        )
+        .with_log(wal, again)
+        .unwrap();
+        let files: Vec<_> = std::fs::read_dir(&study)
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".dcm"))
+            .collect();
+        assert_eq!(files.len(), 2);
+        assert_eq!(open.due()[0].entry.instances.len(), 2);
     }
 }

@@ -6,7 +6,7 @@
 //! can act on), the admission rule ([`admit`]: the flow's study selector, `select.source_aes`
 //! included), the sources — files ([`files`]: parallel, pixel data copied by the kernel, grouped
 //! durable commits; used by `send`) and DIMSE ([`dimse`]: one instance at a time, durable before
-//! it is acknowledged; used by the DICOM listener) — and [`HeldBack`], the one record of why an input did not go (quarantined, not
+//! it is acknowledged, through the write-ahead log [`wal`]; used by the DICOM listener) — and [`HeldBack`], the one record of why an input did not go (quarantined, not
 //! covered by the flow, failed) with the input it came from.
 //!
 //! The `deid` command shares the same guarded reader, de-identification step and parallel
@@ -24,6 +24,7 @@ use crate::dsa::{AgreementSet, Refusal, Selector, StudyFacts};
 
 pub mod dimse;
 pub mod files;
+pub mod wal;
 
 /// Errors that stop an ingest before any input is looked at.
 #[derive(Debug, thiserror::Error)]

@@ -1,0 +1,921 @@
+//! The ingest write-ahead log: how the DICOM listener makes an instance durable with one
+//! `fdatasync` before it answers C-STORE success.
+//!
+//! Owns: the log's files and format, appending a record durably ([`Wal::append`]), reading a
+//! record back ([`Wal::read`]), the checkpoint of what has been moved out of the log
+//! ([`Wal::consumed`]), and, at start, finding the records a stopped (or killed) node had
+//! acknowledged but not yet moved ([`Wal::open`]), dropping a torn last record.
+//!
+//! Does not own: what a record means. `ingest::dimse` builds the records (one per acknowledged
+//! instance: its de-identified bytes, where they go in the outbox, its vault entries), moves them
+//! into the outbox in the background and replays the unconsumed ones at start.
+//!
+//! Why: a new file + `fsync` + rename + folder `fsync` per instance costs a journal commit each
+//! (about 1.4 ms for a 526 KB CT slice on the reference machine), and the modality waits for it
+//! on every instance. Overwriting an already allocated, already zeroed region of a file and
+//! `fdatasync`ing it changes no file-system metadata (about 0.4 ms).
+//!
+//! Layout (in `<data_dir>/ingest/wal/`):
+//!
+//! ```text
+//! slot-<n>.wal   SLOT_BYTES, written with zeros and fsynced once when created, then reused:
+//!                header (4 KiB): "PBWALSEG" | generation u64 LE | check u64 LE
+//!                records, each starting on a 4 KiB boundary:
+//!                  "PBWALREC" | generation u64 LE | meta length u32 LE | data length u32 LE
+//!                  | check u64 LE | data (sealed instance bytes) | meta (sealed JSON)
+//! checkpoint     two copies of "PBWALCKP" | sequence u64 | generation u64 | offset u64 | check,
+//!                at offsets 0 and 512, written alternately; the valid one with the higher
+//!                sequence counts: every record before (generation, offset) has been moved
+//! ```
+//!
+//! `check` is the first 8 bytes of the SHA-256 of the bytes before it. Meta and data are sealed
+//! with the node's data key (`store::sealed`, when encryption at rest is on), so the log holds
+//! no plaintext: the meta carries the instance's vault entries (original identifiers).
+//!
+//! A slot holds one generation at a time; generations only grow, so a slot's records are read in
+//! the order of their generations and a record of another generation than its slot's header (a
+//! stale record of a recycled slot) ends that slot. Records start on a page boundary, so writing
+//! one never rewrites a page of an acknowledged one. A crash while a record is being appended
+//! leaves a record whose header, meta or data does not verify: it was never acknowledged (the
+//! answer follows the `fdatasync`) and is dropped at start. A slot is reused once the
+//! checkpoint is past all its records. Two slots are prepared (their zeros written) in the
+//! background when the log opens; another is created, up to [`MAX_SLOTS`], only when a roll
+//! finds none free, and meanwhile the caller makes the instance durable the slower way.
+
+use std::fs;
+use std::io::Read;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use sha2::{Digest, Sha256};
+
+use crate::pseudonym::VaultEntry;
+use crate::store::sealed::AtRest;
+
+/// Bytes of one slot file.
+pub const SLOT_BYTES: u64 = 32 << 20;
+/// Slot files at most (the log never takes more than `MAX_SLOTS * SLOT_BYTES` of disk).
+pub const MAX_SLOTS: usize = 4;
+/// Slot files prepared when the log opens.
+pub const READY_SLOTS: usize = 2;
+const PAGE: u64 = 4096;
+const HEADER: usize = 32;
+const SEG_MAGIC: &[u8; 8] = b"PBWALSEG";
+const REC_MAGIC: &[u8; 8] = b"PBWALREC";
+const CKP_MAGIC: &[u8; 8] = b"PBWALCKP";
+
+/// What went wrong with the log. Messages name files, never content.
+#[derive(Debug, thiserror::Error)]
+pub enum WalError {
+    #[error("ingest log {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("ingest log {path}: a record at offset {offset} does not verify ({reason})")]
+    Damaged {
+        path: PathBuf,
+        offset: u64,
+        reason: String,
+    },
+}
+
+fn io_at(path: &Path) -> impl FnOnce(std::io::Error) -> WalError + '_ {
+    move |source| WalError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// What one record says about its instance (sealed in the log: the vault entries hold the
+/// original identifiers).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct InstanceRecord {
+    pub agreement: String,
+    pub flow: String,
+    pub purpose: String,
+    /// The receiving site.
+    pub to: String,
+    /// The study token (the outbox study folder).
+    pub study: String,
+    /// The file name in the outbox study folder.
+    pub file: String,
+    /// SHA-256 (hex) and length of the de-identified instance's plaintext.
+    pub sha256: String,
+    pub size: u64,
+    pub sop_instance_uid: String,
+    pub modality: Option<String>,
+    pub patient_token: String,
+    pub vault_entries: Vec<(String, VaultEntry)>,
+}
+
+/// A point in the log: generation and byte offset in its slot.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Position {
+    pub generation: u64,
+    pub offset: u64,
+}
+
+/// Where one appended record is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Location {
+    pub slot: usize,
+    pub start: Position,
+    /// Just after it (what [`Wal::consumed`] takes once it has been moved).
+    pub end: Position,
+}
+
+/// One record read back: its meta and its data (sealed instance bytes, as the outbox keeps them).
+#[derive(Debug)]
+pub struct Record {
+    pub location: Location,
+    pub meta: InstanceRecord,
+    pub data: Vec<u8>,
+}
+
+struct Slot {
+    index: usize,
+    file: fs::File,
+    generation: u64,
+    /// Where its last record ends (retired slots), to know when all of it has been moved.
+    end: u64,
+}
+
+struct Writer {
+    active: Option<(Slot, u64)>,
+    idle: Vec<Slot>,
+    next_generation: u64,
+    /// Which slot files exist or are being created.
+    taken: [bool; MAX_SLOTS],
+}
+
+/// The log of one node's listener.
+pub struct Wal {
+    dir: PathBuf,
+    at_rest: AtRest,
+    writer: Mutex<Writer>,
+    consumed: Mutex<(Position, u64)>,
+    /// Slots created in the background land here.
+    created: Arc<Mutex<Vec<Slot>>>,
+}
+
+fn check(bytes: &[u8]) -> [u8; 8] {
+    let h = Sha256::digest(bytes);
+    h[..8].try_into().expect("8 bytes")
+}
+
+fn align(n: u64) -> u64 {
+    n.div_ceil(PAGE) * PAGE
+}
+
+fn slot_path(dir: &Path, index: usize) -> PathBuf {
+    dir.join(format!("slot-{index}.wal"))
+}
+
+fn slot_header(generation: u64) -> Vec<u8> {
+    let mut h = Vec::with_capacity(24);
+    h.extend_from_slice(SEG_MAGIC);
+    h.extend_from_slice(&generation.to_le_bytes());
+    let c = check(&h);
+    h.extend_from_slice(&c);
+    h
+}
+
+/// The generation in a slot header (0: never used, or not a valid header).
+fn read_slot_generation(file: &fs::File) -> u64 {
+    let mut h = [0u8; 24];
+    if file.read_exact_at(&mut h, 0).is_err() || &h[..8] != SEG_MAGIC || h[16..] != check(&h[..16])
+    {
+        return 0;
+    }
+    u64::from_le_bytes(h[8..16].try_into().expect("8 bytes"))
+}
+
+/// Creates a slot file: zeros written and flushed, so that later writes change no metadata.
+fn create_slot(dir: &Path, index: usize) -> Result<Slot, WalError> {
+    let path = slot_path(dir, index);
+    let tmp = dir.join(format!(".slot-{index}.part"));
+    let file = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&tmp)
+        .map_err(io_at(&tmp))?;
+    let zeros = vec![0u8; 1 << 20];
+    let mut at = 0;
+    while at < SLOT_BYTES {
+        file.write_all_at(&zeros, at).map_err(io_at(&tmp))?;
+        at += zeros.len() as u64;
+    }
+    file.sync_all().map_err(io_at(&tmp))?;
+    fs::rename(&tmp, &path).map_err(io_at(&path))?;
+    crate::store::sync_dir(dir).map_err(|e| WalError::Io {
+        path: dir.to_owned(),
+        source: std::io::Error::other(e.to_string()),
+    })?;
+    Ok(Slot {
+        index,
+        file,
+        generation: 0,
+        end: 0,
+    })
+}
+
+fn checkpoint_copy(seq: u64, p: Position) -> Vec<u8> {
+    let mut c = Vec::with_capacity(40);
+    c.extend_from_slice(CKP_MAGIC);
+    c.extend_from_slice(&seq.to_le_bytes());
+    c.extend_from_slice(&p.generation.to_le_bytes());
+    c.extend_from_slice(&p.offset.to_le_bytes());
+    let k = check(&c);
+    c.extend_from_slice(&k);
+    c
+}
+
+/// The checkpoint's valid copy with the higher sequence: (sequence, position).
+fn read_checkpoint(path: &Path) -> (u64, Position) {
+    let Ok(file) = fs::File::open(path) else {
+        return (0, Position::default());
+    };
+    let mut best = (0, Position::default());
+    for at in [0u64, 512] {
+        let mut c = [0u8; 40];
+        if file.read_exact_at(&mut c, at).is_err()
+            || &c[..8] != CKP_MAGIC
+            || c[32..] != check(&c[..32])
+        {
+            continue;
+        }
+        let n = |r: std::ops::Range<usize>| u64::from_le_bytes(c[r].try_into().expect("8 bytes"));
+        let seq = n(8..16);
+        if seq >= best.0 {
+            best = (
+                seq,
+                Position {
+                    generation: n(16..24),
+                    offset: n(24..32),
+                },
+            );
+        }
+    }
+    best
+}
+
+impl Wal {
+    /// Opens (or creates) the log in `dir` and returns it with the records that were appended
+    /// (acknowledged) but not yet moved, in order. The caller moves them, then calls
+    /// [`Wal::consumed`] with the last one's end (or [`Wal::replayed`]) before appending.
+    /// A torn last record is dropped with a warning; damage before the end is an error.
+    pub fn open(dir: &Path, at_rest: AtRest) -> Result<(Wal, Vec<Record>), WalError> {
+        fs::create_dir_all(dir).map_err(io_at(dir))?;
+        for e in fs::read_dir(dir).map_err(io_at(dir))?.flatten() {
+            if e.file_name().to_string_lossy().ends_with(".part") {
+                let _ = fs::remove_file(e.path());
+            }
+        }
+        let ckp_path = dir.join("checkpoint");
+        if !ckp_path.exists() {
+            let tmp = dir.join(".checkpoint.part");
+            let f = fs::File::create(&tmp).map_err(io_at(&tmp))?;
+            f.write_all_at(&[0u8; PAGE as usize], 0)
+                .and_then(|()| f.sync_all())
+                .map_err(io_at(&tmp))?;
+            fs::rename(&tmp, &ckp_path).map_err(io_at(&ckp_path))?;
+            crate::store::sync_dir(dir).map_err(|e| WalError::Io {
+                path: dir.to_owned(),
+                source: std::io::Error::other(e.to_string()),
+            })?;
+        }
+        let (seq, ckp) = read_checkpoint(&ckp_path);
+        let mut slots = Vec::new();
+        for index in 0..MAX_SLOTS {
+            let path = slot_path(dir, index);
+            let Ok(file) = fs::OpenOptions::new().read(true).write(true).open(&path) else {
+                continue;
+            };
+            if file.metadata().map(|m| m.len()).unwrap_or(0) != SLOT_BYTES {
+                drop(file);
+                let _ = fs::remove_file(&path);
+                continue;
+            }
+            let generation = read_slot_generation(&file);
+            slots.push(Slot {
+                index,
+                file,
+                generation,
+                end: 0,
+            });
+        }
+        slots.sort_by_key(|s| s.generation);
+        let wal = Wal {
+            dir: dir.to_owned(),
+            at_rest,
+            writer: Mutex::new(Writer {
+                active: None,
+                idle: Vec::new(),
+                next_generation: 0,
+                taken: std::array::from_fn(|i| slots.iter().any(|s| s.index == i)),
+            }),
+            consumed: Mutex::new((ckp, seq)),
+            created: Arc::new(Mutex::new(Vec::new())),
+        };
+        let mut records = Vec::new();
+        for slot in &mut slots {
+            if slot.generation == 0 || slot.generation < ckp.generation {
+                continue;
+            }
+            let from = if slot.generation == ckp.generation {
+                ckp.offset.max(PAGE)
+            } else {
+                PAGE
+            };
+            slot.end = wal.scan(slot, from, &mut records)?;
+        }
+        let last = slots.iter().map(|s| s.generation).max().unwrap_or(0);
+        {
+            let mut w = wal.lock_writer();
+            w.next_generation = last.max(ckp.generation) + 1;
+            w.idle = slots;
+        }
+        Ok((wal, records))
+    }
+
+    fn lock_writer(&self) -> std::sync::MutexGuard<'_, Writer> {
+        self.writer.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Reads one slot's records from `from` on; returns where they end.
+    fn scan(&self, slot: &Slot, from: u64, out: &mut Vec<Record>) -> Result<u64, WalError> {
+        let path = slot_path(&self.dir, slot.index);
+        let mut at = from;
+        while at + HEADER as u64 <= SLOT_BYTES {
+            let start = Position {
+                generation: slot.generation,
+                offset: at,
+            };
+            match self.read_at(&slot.file, &path, slot.index, start) {
+                Ok(Some(r)) if self.verify(&r).is_ok() => {
+                    at = r.location.end.offset;
+                    out.push(r);
+                }
+                Ok(None) => break,
+                found => {
+                    let e = match found {
+                        Err(e) => e,
+                        Ok(r) => self.verify(&r.expect("some")).expect_err("did not verify"),
+                    };
+                    // Only the last record can be torn (the one being appended when the node
+                    // stopped); it was never acknowledged. Anything after it would be damage.
+                    if self.any_record_after(&slot.file, slot.generation, at) {
+                        return Err(e);
+                    }
+                    tracing::warn!(error = %e, "dropped a torn record at the end of the ingest log (never acknowledged)");
+                    break;
+                }
+            }
+        }
+        Ok(at)
+    }
+
+    /// Whether a valid record header of `generation` follows `at` (damage vs a torn tail).
+    fn any_record_after(&self, file: &fs::File, generation: u64, at: u64) -> bool {
+        let mut o = align(at + 1);
+        while o + HEADER as u64 <= SLOT_BYTES {
+            let mut h = [0u8; HEADER];
+            if file.read_exact_at(&mut h, o).is_ok()
+                && parse_header(&h).is_some_and(|(g, _, _)| g == generation)
+            {
+                return true;
+            }
+            o += PAGE;
+        }
+        false
+    }
+
+    /// The record starting at `start`: `None` where the slot's records end (zeros, or a stale
+    /// record of an earlier generation); an error when it does not verify.
+    fn read_at(
+        &self,
+        file: &fs::File,
+        path: &Path,
+        slot: usize,
+        start: Position,
+    ) -> Result<Option<Record>, WalError> {
+        let damaged = |reason: &str| WalError::Damaged {
+            path: path.to_owned(),
+            offset: start.offset,
+            reason: reason.to_string(),
+        };
+        let mut h = [0u8; HEADER];
+        file.read_exact_at(&mut h, start.offset)
+            .map_err(io_at(path))?;
+        if &h[..8] != REC_MAGIC {
+            if h.iter().all(|b| *b == 0) {
+                return Ok(None);
+            }
+            return Err(damaged("no record header"));
+        }
+        let Some((generation, meta_len, data_len)) = parse_header(&h) else {
+            return Err(damaged("header check"));
+        };
+        if generation != start.generation {
+            return Ok(None);
+        }
+        let body = start.offset + HEADER as u64;
+        let end = body + meta_len as u64 + data_len as u64;
+        if end > SLOT_BYTES {
+            return Err(damaged("longer than its slot"));
+        }
+        let mut data = vec![0u8; data_len as usize];
+        file.read_exact_at(&mut data, body).map_err(io_at(path))?;
+        let mut meta = vec![0u8; meta_len as usize];
+        file.read_exact_at(&mut meta, body + data_len as u64)
+            .map_err(io_at(path))?;
+        let meta = self
+            .open_sealed(&meta, path)
+            .map_err(|e| damaged(&format!("meta: {e}")))?;
+        let meta: InstanceRecord =
+            serde_json::from_slice(&meta).map_err(|_| damaged("meta is not a record"))?;
+        Ok(Some(Record {
+            location: Location {
+                slot,
+                start,
+                end: Position {
+                    generation,
+                    offset: align(end),
+                },
+            },
+            meta,
+            data,
+        }))
+    }
+
+    fn open_sealed(&self, bytes: &[u8], path: &Path) -> Result<Vec<u8>, String> {
+        let mut out = Vec::new();
+        self.at_rest
+            .reader(bytes, path)
+            .map_err(|e| e.to_string())?
+            .read_to_end(&mut out)
+            .map_err(|e| crate::store::sealed::SealError::from_io(path, e).to_string())?;
+        Ok(out)
+    }
+
+    /// Checks that a record's data is the instance its meta names (SHA-256 and length of the
+    /// plaintext): done for every record found at start.
+    pub fn verify(&self, r: &Record) -> Result<(), WalError> {
+        let path = slot_path(&self.dir, r.location.slot);
+        let plain = self
+            .open_sealed(&r.data, &path)
+            .map_err(|e| WalError::Damaged {
+                path: path.clone(),
+                offset: r.location.start.offset,
+                reason: format!("data: {e}"),
+            })?;
+        if plain.len() as u64 != r.meta.size || hex::encode(Sha256::digest(&plain)) != r.meta.sha256
+        {
+            return Err(WalError::Damaged {
+                path,
+                offset: r.location.start.offset,
+                reason: "data does not match its SHA-256".into(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Seals `meta` and the instance's plaintext `data` into one record.
+    pub fn seal(&self, meta: &InstanceRecord, data: &[u8]) -> Result<Vec<u8>, WalError> {
+        self.seal_streamed(
+            |w| w.write_all(data).map_err(|e| e.kind().to_string()),
+            |_, _| meta.clone(),
+        )
+        .map(|(rec, _)| rec)
+    }
+
+    /// Seals an instance into one record as `write` encodes it (one pass: hashed and sealed as
+    /// it is written, never held in plaintext whole), then its meta, which `meta` makes from the
+    /// plaintext's SHA-256 and length.
+    pub fn seal_streamed(
+        &self,
+        write: impl FnOnce(&mut dyn std::io::Write) -> Result<(), String>,
+        meta: impl FnOnce([u8; 32], u64) -> InstanceRecord,
+    ) -> Result<(Vec<u8>, InstanceRecord), WalError> {
+        use std::io::Write;
+        let path = self.dir.clone();
+        let fail = |reason: String| WalError::Io {
+            path: path.clone(),
+            source: std::io::Error::other(reason),
+        };
+        struct Hashing<W: Write> {
+            inner: W,
+            hash: Sha256,
+            bytes: u64,
+        }
+        impl<W: Write> Write for Hashing<W> {
+            fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+                let n = self.inner.write(data)?;
+                self.hash.update(&data[..n]);
+                self.bytes += n as u64;
+                Ok(n)
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                self.inner.flush()
+            }
+        }
+        let mut rec = Vec::with_capacity(1 << 20);
+        rec.resize(HEADER, 0);
+        let sealing = self.at_rest.writer(&mut rec).map_err(io_at(&path))?;
+        let mut hashing = Hashing {
+            inner: sealing,
+            hash: Sha256::new(),
+            bytes: 0,
+        };
+        write(&mut hashing).map_err(fail)?;
+        let Hashing { inner, hash, bytes } = hashing;
+        inner.finish().map_err(io_at(&path))?;
+        let data_len = rec.len() - HEADER;
+        let meta = meta(hash.finalize().into(), bytes);
+        let json = serde_json::to_vec(&meta).map_err(|e| fail(e.to_string()))?;
+        let mut w = self.at_rest.writer(&mut rec).map_err(io_at(&path))?;
+        w.write_all(&json).map_err(io_at(&path))?;
+        w.finish().map_err(io_at(&path))?;
+        let meta_len = rec.len() - HEADER - data_len;
+        let too_large = || fail("the record is too large".into());
+        let data_len = u32::try_from(data_len).map_err(|_| too_large())?;
+        let meta_len = u32::try_from(meta_len).map_err(|_| too_large())?;
+        rec[..8].copy_from_slice(REC_MAGIC);
+        rec[16..20].copy_from_slice(&meta_len.to_le_bytes());
+        rec[20..24].copy_from_slice(&data_len.to_le_bytes());
+        Ok((rec, meta))
+    }
+
+    /// The sealed instance bytes of a record made by [`Wal::seal`].
+    pub fn data_of(rec: &[u8]) -> &[u8] {
+        let data = u32::from_le_bytes(rec[20..24].try_into().expect("4 bytes")) as usize;
+        &rec[HEADER..HEADER + data]
+    }
+
+    /// Whether a sealed record of `len` bytes can ever go into the log.
+    pub fn fits(len: usize) -> bool {
+        (HEADER + len) as u64 <= SLOT_BYTES - PAGE
+    }
+
+    /// Appends a record made by [`Wal::seal`] and makes it durable (one `fdatasync`); `Ok(None)`
+    /// when it cannot go into the log now (too large, or no free slot yet): the caller makes the
+    /// instance durable another way. `then` runs with the record's location while the log is
+    /// still locked, so that whoever moves records sees them in the order they were appended.
+    pub fn append(
+        &self,
+        rec: &mut [u8],
+        then: impl FnOnce(Location),
+    ) -> Result<Option<Location>, WalError> {
+        if !Wal::fits(rec.len() - HEADER) {
+            return Ok(None);
+        }
+        let mut w = self.lock_writer();
+        let fits_active = w
+            .active
+            .as_ref()
+            .is_some_and(|(_, at)| at + rec.len() as u64 <= SLOT_BYTES);
+        if !fits_active && !self.roll(&mut w)? {
+            return Ok(None);
+        }
+        let (slot, at) = w.active.as_mut().expect("an active slot");
+        let start = Position {
+            generation: slot.generation,
+            offset: *at,
+        };
+        rec[8..16].copy_from_slice(&slot.generation.to_le_bytes());
+        let c = check(&rec[..24]);
+        rec[24..32].copy_from_slice(&c);
+        let path = slot_path(&self.dir, slot.index);
+        slot.file
+            .write_all_at(rec, *at)
+            .and_then(|()| slot.file.sync_data())
+            .map_err(io_at(&path))?;
+        *at = align(*at + rec.len() as u64);
+        slot.end = *at;
+        let location = Location {
+            slot: slot.index,
+            start,
+            end: Position {
+                generation: start.generation,
+                offset: *at,
+            },
+        };
+        then(location);
+        Ok(Some(location))
+    }
+
+    /// Retires the active slot and starts the next generation in a free one; false when none
+    /// is free (one is then created in the background, up to [`MAX_SLOTS`]).
+    fn roll(&self, w: &mut Writer) -> Result<bool, WalError> {
+        let created: Vec<Slot> =
+            std::mem::take(&mut *self.created.lock().unwrap_or_else(|p| p.into_inner()));
+        w.idle.extend(created);
+        if let Some((slot, _)) = w.active.take() {
+            w.idle.push(slot);
+        }
+        let (consumed, _) = *self.consumed.lock().unwrap_or_else(|p| p.into_inner());
+        let free = w.idle.iter().position(|s| {
+            s.generation == 0
+                || s.generation < consumed.generation
+                || (s.generation == consumed.generation && s.end <= consumed.offset)
+        });
+        let Some(i) = free else {
+            self.create_in_background(w);
+            return Ok(false);
+        };
+        let mut slot = w.idle.swap_remove(i);
+        let generation = w.next_generation;
+        let path = slot_path(&self.dir, slot.index);
+        slot.file
+            .write_all_at(&slot_header(generation), 0)
+            .and_then(|()| slot.file.sync_data())
+            .map_err(io_at(&path))?;
+        w.next_generation += 1;
+        slot.generation = generation;
+        slot.end = PAGE;
+        w.active = Some((slot, PAGE));
+        Ok(true)
+    }
+
+    fn create_in_background(&self, w: &mut Writer) {
+        let Some(index) = w.taken.iter().position(|t| !t) else {
+            return;
+        };
+        w.taken[index] = true;
+        let (dir, created) = (self.dir.clone(), self.created.clone());
+        let spawned = std::thread::Builder::new()
+            .name("ingest-log-slot".into())
+            .spawn(move || match create_slot(&dir, index) {
+                Ok(slot) => created.lock().unwrap_or_else(|p| p.into_inner()).push(slot),
+                Err(e) => tracing::warn!(error = %e, "cannot create an ingest log slot"),
+            });
+        if spawned.is_err() {
+            w.taken[index] = false;
+        }
+    }
+
+    /// Prepares [`READY_SLOTS`] slots in the background (a fresh log has none): two are enough
+    /// while the mover keeps up (one fills while the other is moved out); more are created only
+    /// when a roll finds none free.
+    pub fn warm_up(&self) {
+        let mut w = self.lock_writer();
+        let have = w.taken.iter().filter(|t| **t).count();
+        for _ in have..READY_SLOTS {
+            self.create_in_background(&mut w);
+        }
+    }
+
+    /// Reads a record back (to move it).
+    pub fn read(&self, at: Location) -> Result<Record, WalError> {
+        let path = slot_path(&self.dir, at.slot);
+        let file = fs::File::open(&path).map_err(io_at(&path))?;
+        self.read_at(&file, &path, at.slot, at.start)?
+            .ok_or_else(|| WalError::Damaged {
+                path,
+                offset: at.start.offset,
+                reason: "the record is gone".into(),
+            })
+    }
+
+    /// Every record before `upto` has been moved and made durable elsewhere: records the
+    /// checkpoint durably (slots behind it become free).
+    pub fn consumed(&self, upto: Position) -> Result<(), WalError> {
+        let mut c = self.consumed.lock().unwrap_or_else(|p| p.into_inner());
+        if upto <= c.0 {
+            return Ok(());
+        }
+        let seq = c.1 + 1;
+        let path = self.dir.join("checkpoint");
+        let file = fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .map_err(io_at(&path))?;
+        let at = if seq.is_multiple_of(2) { 0 } else { 512 };
+        file.write_all_at(&checkpoint_copy(seq, upto), at)
+            .and_then(|()| file.sync_data())
+            .map_err(io_at(&path))?;
+        *c = (upto, seq);
+        Ok(())
+    }
+
+    /// Every record found by [`Wal::open`] has been moved: the log starts afresh.
+    pub fn replayed(&self) -> Result<(), WalError> {
+        let next = self.lock_writer().next_generation;
+        self.consumed(Position {
+            generation: next,
+            offset: 0,
+        })
+    }
+}
+
+fn parse_header(h: &[u8; HEADER]) -> Option<(u64, u32, u32)> {
+    if &h[..8] != REC_MAGIC || h[24..32] != check(&h[..24]) {
+        return None;
+    }
+    let generation = u64::from_le_bytes(h[8..16].try_into().ok()?);
+    let meta = u32::from_le_bytes(h[16..20].try_into().ok()?);
+    let data = u32::from_le_bytes(h[20..24].try_into().ok()?);
+    Some((generation, meta, data))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pseudonym::SiteKeys;
+
+    fn meta(n: usize, data: &[u8]) -> InstanceRecord {
+        InstanceRecord {
+            agreement: "a".into(),
+            flow: "f".into(),
+            purpose: "treatment".into(),
+            to: "c".into(),
+            study: "study-token".into(),
+            file: format!("{n}.dcm"),
+            sha256: hex::encode(Sha256::digest(data)),
+            size: data.len() as u64,
+            sop_instance_uid: format!("2.25.{n}"),
+            modality: Some("CT".into()),
+            patient_token: "p".into(),
+            vault_entries: vec![(
+                format!("tok{n}"),
+                VaultEntry {
+                    attribute: "PatientName".into(),
+                    original: "SECRET^PATIENT".into(),
+                },
+            )],
+        }
+    }
+
+    fn data(n: usize, len: usize) -> Vec<u8> {
+        (0..len).map(|i| (i * 7 + n) as u8).collect()
+    }
+
+    /// Appends record `n`, waiting for a slot (a fresh log creates its first in the background).
+    fn append(wal: &Wal, n: usize, len: usize) -> Location {
+        let d = data(n, len);
+        let mut rec = wal.seal(&meta(n, &d), &d).unwrap();
+        for _ in 0..1000 {
+            if let Some(at) = wal.append(&mut rec, |_| {}).unwrap() {
+                return at;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        panic!("no slot became free");
+    }
+
+    fn at_rest() -> AtRest {
+        AtRest::new(&SiteKeys::from_bytes([3; 32], [5; 32]), true)
+    }
+
+    fn files(dir: &Path) -> Vec<u8> {
+        let mut all = Vec::new();
+        for e in fs::read_dir(dir).unwrap().flatten() {
+            all.extend(fs::read(e.path()).unwrap());
+        }
+        all
+    }
+
+    #[test]
+    fn appended_records_come_back_in_order_until_consumed_and_are_sealed() {
+        let dir = tempfile::tempdir().unwrap();
+        let (wal, found) = Wal::open(dir.path(), at_rest()).unwrap();
+        assert!(found.is_empty());
+        wal.replayed().unwrap();
+        wal.warm_up();
+        let locs: Vec<Location> = (0..3).map(|n| append(&wal, n, 100_000 + n)).collect();
+        let r = wal.read(locs[1]).unwrap();
+        assert_eq!(r.meta, meta(1, &data(1, 100_001)));
+        wal.verify(&r).unwrap();
+        let raw = files(dir.path());
+        for secret in [
+            &b"SECRET^PATIENT"[..],
+            b"study-token",
+            &data(0, 100_000)[1000..1064],
+        ] {
+            assert!(
+                !raw.windows(secret.len()).any(|w| w == secret),
+                "plaintext in the log"
+            );
+        }
+        drop(wal);
+
+        // A restart finds all three, in order.
+        let (wal, found) = Wal::open(dir.path(), at_rest()).unwrap();
+        let names: Vec<&str> = found.iter().map(|r| r.meta.file.as_str()).collect();
+        assert_eq!(names, ["0.dcm", "1.dcm", "2.dcm"]);
+        // The first two moved: only the third is found again.
+        wal.consumed(found[1].location.end).unwrap();
+        drop(wal);
+        let (wal, found) = Wal::open(dir.path(), at_rest()).unwrap();
+        assert_eq!(found.len(), 1);
+        assert_eq!(found[0].meta.file, "2.dcm");
+        // All moved: a restart finds nothing, and new records go on after.
+        wal.replayed().unwrap();
+        append(&wal, 3, 5000);
+        drop(wal);
+        let (_, found) = Wal::open(dir.path(), at_rest()).unwrap();
+        let names: Vec<&str> = found.iter().map(|r| r.meta.file.as_str()).collect();
+        assert_eq!(names, ["3.dcm"]);
+    }
+
+    #[test]
+    fn a_torn_last_record_is_dropped_and_damage_before_the_end_is_an_error() {
+        for torn in ["end", "header", "body"] {
+            let dir = tempfile::tempdir().unwrap();
+            let (wal, _) = Wal::open(dir.path(), at_rest()).unwrap();
+            wal.replayed().unwrap();
+            wal.warm_up();
+            append(&wal, 0, 200_000);
+            let last = append(&wal, 1, 200_000);
+            drop(wal);
+            // A crash while the last record was being written: part of it never reached the disk.
+            let path = slot_path(dir.path(), last.slot);
+            let f = fs::OpenOptions::new().write(true).open(&path).unwrap();
+            let at = match torn {
+                "header" => last.start.offset + 20,
+                "body" => last.start.offset + HEADER as u64 + 10,
+                _ => last.end.offset - PAGE - 100,
+            };
+            f.write_all_at(&[0u8; 64], at).unwrap();
+            drop(f);
+            let (_, found) = Wal::open(dir.path(), at_rest()).unwrap();
+            let names: Vec<&str> = found.iter().map(|r| r.meta.file.as_str()).collect();
+            assert_eq!(names, ["0.dcm"], "torn {torn}");
+        }
+
+        // Damage to a record followed by a good one is not a torn tail: it is reported.
+        let dir = tempfile::tempdir().unwrap();
+        let (wal, _) = Wal::open(dir.path(), at_rest()).unwrap();
+        wal.replayed().unwrap();
+        wal.warm_up();
+        let first = append(&wal, 0, 200_000);
+        append(&wal, 1, 200_000);
+        drop(wal);
+        let f = fs::OpenOptions::new()
+            .write(true)
+            .open(slot_path(dir.path(), first.slot))
+            .unwrap();
+        f.write_all_at(&[0xAAu8; 64], first.start.offset + 5000)
+            .unwrap();
+        drop(f);
+        let err = Wal::open(dir.path(), at_rest())
+            .err()
+            .expect("damage is an error");
+        assert!(err.to_string().contains("does not verify"), "{err}");
+        assert!(!err.to_string().contains("SECRET"), "{err}");
+    }
+
+    #[test]
+    fn slots_roll_over_and_are_reused_once_consumed() {
+        let dir = tempfile::tempdir().unwrap();
+        let (wal, _) = Wal::open(dir.path(), at_rest()).unwrap();
+        wal.replayed().unwrap();
+        wal.warm_up();
+        let len = 3 << 20;
+        let mut last = None;
+        // More than MAX_SLOTS slots' worth: only possible because moved records free slots.
+        for n in 0..(MAX_SLOTS * 11 + 3) {
+            let at = append(&wal, n, len);
+            if n % 2 == 1 {
+                wal.consumed(at.end).unwrap();
+            }
+            last = Some((n, at));
+        }
+        let slots = fs::read_dir(dir.path())
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with("slot-"))
+            .count();
+        assert!(slots <= MAX_SLOTS);
+        drop(wal);
+        let (wal, found) = Wal::open(dir.path(), at_rest()).unwrap();
+        let (n, _) = last.unwrap();
+        assert_eq!(found.len(), 1, "only the last, unconsumed record");
+        assert_eq!(found[0].meta.file, format!("{n}.dcm"));
+        wal.verify(&found[0]).unwrap();
+    }
+
+    #[test]
+    fn a_plain_log_verifies_its_data_by_hash() {
+        let dir = tempfile::tempdir().unwrap();
+        let (wal, _) = Wal::open(dir.path(), AtRest::plain()).unwrap();
+        wal.replayed().unwrap();
+        wal.warm_up();
+        let at = append(&wal, 0, 50_000);
+        drop(wal);
+        let f = fs::OpenOptions::new()
+            .write(true)
+            .open(slot_path(dir.path(), at.slot))
+            .unwrap();
+        f.write_all_at(&[0x55u8; 8], at.end.offset - PAGE - 8)
+            .unwrap();
+        drop(f);
+        let (_, found) = Wal::open(dir.path(), AtRest::plain()).unwrap();
+        assert!(found.is_empty(), "a record whose data changed is dropped");
+    }
+}
