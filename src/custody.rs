@@ -404,6 +404,19 @@ pub fn retire(
             continue;
         }
         scanned += 1;
+        if entry.path().extension().is_some_and(|e| e == "wal") {
+            // An ingest log slot holds many sealed records, each with its own header.
+            match std::fs::read(entry.path()) {
+                Ok(bytes) => {
+                    for id in sealed_key_ids_within(&bytes) {
+                        *uses.entry(id).or_default() += 1;
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(_) => unreadable.push(entry.path().display().to_string()),
+            }
+            continue;
+        }
         match AtRest::key_id_of(entry.path()) {
             Ok(Some(id)) => *uses.entry(id).or_default() += 1,
             Ok(None) => {}
@@ -457,6 +470,27 @@ pub fn retire(
         kept,
         files_scanned: scanned,
     })
+}
+
+/// Key ids named by the sealed headers found anywhere in `bytes` (`PBSEALED`, version 1, key-id
+/// length, key id): an ingest log slot holds one per record, at page boundaries. Conservative:
+/// a record already moved out but not yet overwritten still counts.
+fn sealed_key_ids_within(bytes: &[u8]) -> std::collections::BTreeSet<String> {
+    const MAGIC: &[u8] = b"PBSEALED";
+    let mut ids = std::collections::BTreeSet::new();
+    let mut at = 0;
+    while let Some(i) = bytes[at..].windows(MAGIC.len()).position(|w| w == MAGIC) {
+        let h = at + i + MAGIC.len();
+        if let (Some(1), Some(&n)) = (bytes.get(h).copied(), bytes.get(h + 1)) {
+            if let Some(id) = bytes.get(h + 2..h + 2 + n as usize) {
+                if !id.is_empty() && id.iter().all(|b| b.is_ascii_graphic()) {
+                    ids.insert(String::from_utf8_lossy(id).into_owned());
+                }
+            }
+        }
+        at = h;
+    }
+    ids
 }
 
 /// Agreement ids a v1 key file may have issued tokens under: those in force and those with
@@ -545,15 +579,36 @@ mod tests {
         // Re-sealed (as `keys rotate` does): both go, the current key stays, all still read.
         at_rest.reseal(&a).unwrap();
         at_rest.reseal(&b).unwrap();
+        // Except while an ingest log slot still holds a record sealed under one of them (at a
+        // page boundary inside the slot, not at its start).
+        let first = keys.data_key_ids().0[0].clone();
+        let wal = data.join("ingest").join("wal");
+        std::fs::create_dir_all(&wal).unwrap();
+        let mut slot = vec![0u8; 8192];
+        let header = [
+            b"PBSEALED".as_slice(),
+            &[1, first.len() as u8],
+            first.as_bytes(),
+        ]
+        .concat();
+        slot[4096..4096 + header.len()].copy_from_slice(&header);
+        std::fs::write(wal.join("slot-0.wal"), &slot).unwrap();
+        let r = retire(&keys, &data, || Ok(vault.clone()), &audit, "user:t").unwrap();
+        assert_eq!(r.removed.len(), 1, "{r:?}");
+        assert!(
+            !r.removed.contains(&first),
+            "a logged record still needs it"
+        );
+        std::fs::write(wal.join("slot-0.wal"), vec![0u8; 8192]).unwrap();
         // A vault that cannot be read refuses, and removes nothing.
         let refused = retire(&keys, &data, || Err("in use".into()), &audit, "user:t");
         assert!(matches!(
             refused,
             Err(CustodyError::Retire(RetireRefusal::Vault(_)))
         ));
-        assert_eq!(keys.data_key_ids().0.len(), 3);
+        assert_eq!(keys.data_key_ids().0.len(), 2);
         let r = retire(&keys, &data, || Ok(vault.clone()), &audit, "user:t").unwrap();
-        assert_eq!(r.removed.len(), 2, "{r:?}");
+        assert_eq!(r.removed.len(), 1, "{r:?}");
         assert_eq!(keys.data_key_ids(), (vec![current.clone()], current));
         let reread = SiteKeys::load(&key_file).unwrap();
         assert_eq!(reread.data_key_ids().0.len(), 1, "written to the key file");
