@@ -630,7 +630,7 @@ mod tests {
             log.iter()
                 .filter(|e| e.event.action == "keys-retire")
                 .count(),
-            3
+            4
         );
     }
 }
