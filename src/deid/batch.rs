@@ -410,24 +410,6 @@ fn stage_sealed(
     target: &Path,
     at_rest: &crate::store::sealed::AtRest,
 ) -> Result<StagedOutput, String> {
-    use sha2::{Digest, Sha256};
-
-    struct Hashing<W: Write> {
-        inner: W,
-        hash: Sha256,
-        bytes: u64,
-    }
-    impl<W: Write> Write for Hashing<W> {
-        fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
-            let n = self.inner.write(data)?;
-            self.hash.update(&data[..n]);
-            self.bytes += n as u64;
-            Ok(n)
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            self.inner.flush()
-        }
-    }
     let write_err = |e: std::io::Error| format!("cannot write output: {}", e.kind());
     let dir = target.parent().unwrap_or(Path::new("."));
     fs::create_dir_all(dir).map_err(|e| format!("cannot create output folder: {}", e.kind()))?;
@@ -439,16 +421,12 @@ fn stage_sealed(
                 staging.file(),
             ))
             .map_err(write_err)?;
-        let mut hashing = Hashing {
-            inner: sealing,
-            hash: Sha256::new(),
-            bytes: 0,
-        };
+        let mut hashing = crate::store::sealed::Hashing::new(sealing);
         let mut w = std::io::BufWriter::with_capacity(64 * 1024, &mut hashing);
         encode_output(obj, pixel_data, &mut w)?;
         w.flush().map_err(write_err)?;
         drop(w);
-        let Hashing { inner, hash, bytes } = hashing;
+        let (inner, hash, bytes) = hashing.finish();
         let (mut buffered, _) = inner.finish().map_err(write_err)?;
         buffered.flush().map_err(write_err)?;
         (hash, bytes)
@@ -457,7 +435,7 @@ fn stage_sealed(
         bytes,
         file: staging,
         target: target.to_path_buf(),
-        sha256: Some(hash.finalize().into()),
+        sha256: Some(hash),
     })
 }
 

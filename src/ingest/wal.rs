@@ -508,35 +508,15 @@ impl Wal {
             path: path.clone(),
             source: std::io::Error::other(reason),
         };
-        struct Hashing<W: Write> {
-            inner: W,
-            hash: Sha256,
-            bytes: u64,
-        }
-        impl<W: Write> Write for Hashing<W> {
-            fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
-                let n = self.inner.write(data)?;
-                self.hash.update(&data[..n]);
-                self.bytes += n as u64;
-                Ok(n)
-            }
-            fn flush(&mut self) -> std::io::Result<()> {
-                self.inner.flush()
-            }
-        }
         let mut rec = Vec::with_capacity(1 << 20);
         rec.resize(HEADER, 0);
         let sealing = self.at_rest.writer(&mut rec).map_err(io_at(&path))?;
-        let mut hashing = Hashing {
-            inner: sealing,
-            hash: Sha256::new(),
-            bytes: 0,
-        };
+        let mut hashing = crate::store::sealed::Hashing::new(sealing);
         write(&mut hashing).map_err(fail)?;
-        let Hashing { inner, hash, bytes } = hashing;
+        let (inner, hash, bytes) = hashing.finish();
         inner.finish().map_err(io_at(&path))?;
         let data_len = rec.len() - HEADER;
-        let meta = meta(hash.finalize().into(), bytes);
+        let meta = meta(hash, bytes);
         let json = serde_json::to_vec(&meta).map_err(|e| fail(e.to_string()))?;
         let mut w = self.at_rest.writer(&mut rec).map_err(io_at(&path))?;
         w.write_all(&json).map_err(io_at(&path))?;

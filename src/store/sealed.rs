@@ -727,6 +727,41 @@ impl AtRest {
     }
 }
 
+/// A writer that hashes (SHA-256) and counts the plaintext passing through it to `inner` (a
+/// [`Sealing`] writer, say): content addressing stays on the plaintext while it is sealed.
+pub struct Hashing<W: Write> {
+    inner: W,
+    hash: Sha256,
+    bytes: u64,
+}
+
+impl<W: Write> Hashing<W> {
+    pub fn new(inner: W) -> Hashing<W> {
+        Hashing {
+            inner,
+            hash: Sha256::new(),
+            bytes: 0,
+        }
+    }
+
+    /// The inner writer, the SHA-256 and the length of what was written.
+    pub fn finish(self) -> (W, [u8; 32], u64) {
+        (self.inner, self.hash.finalize().into(), self.bytes)
+    }
+}
+
+impl<W: Write> Write for Hashing<W> {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(data)?;
+        self.hash.update(&data[..n]);
+        self.bytes += n as u64;
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
 /// Hashes what passes through it.
 struct HashingWriter<'a, W: Write> {
     inner: &'a mut W,
