@@ -999,3 +999,56 @@ async fn keys_and_data_are_private_and_a_lost_index_or_vault_refuses_to_start() 
     let e = node.vault().err().unwrap().to_string();
     assert!(e.contains("vault") && e.contains("missing"), "{e}");
 }
+
+// A partner whose certificate is revoked while a transfer to it runs: the sender stops
+// streaming (the server side already cuts a revoked client's open connections).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transfer_stops_when_the_partners_certificate_is_revoked_meanwhile() {
+    use pacs_broker::federation::crl::revoke_with_dev_ca;
+    let fed = Federation::start_with(&["hospital-a", "telerad-c"], tight).await;
+    let pki = fed.pki();
+    let crl = fed.dir.path().join("crl-a.pem");
+    revoke_with_dev_ca(&pki.join("ca.pem"), &pki.join("ca.key"), &[], &crl, 30).unwrap();
+    let mut paths = tls_paths(&pki, "hospital-a");
+    paths.crl = Some(crl.clone());
+    let a = SiteTls::load("hospital-a", &paths).unwrap();
+    let node = fed.node("hospital-a").clone();
+    let (study, inst) = instances(
+        &node,
+        &fed.dir.path().join("s"),
+        3,
+        &SyntheticPatient::default(),
+        |_| {},
+    );
+    // Connected, the partner's certificate verified; then it is revoked and hospital-a's node
+    // reloads its CRL (as `serve` does when the file changes) before the instances stream.
+    let mut client = client_of(&fed, &a).await.unwrap();
+    client.raw().hello(HelloRequest {}).await.unwrap();
+    revoke_with_dev_ca(
+        &pki.join("ca.pem"),
+        &pki.join("ca.key"),
+        &[pki.join("telerad-c.pem")],
+        &crl,
+        30,
+    )
+    .unwrap();
+    assert!(matches!(a.reload_crl_if_changed(), Some(Ok(_))));
+    let e = client
+        .send_study(AGREEMENT, FLOW, "treatment", &study, vec![], &inst, true)
+        .await
+        .unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("certificate was revoked during the transfer"),
+        "{e}"
+    );
+    assert!(!e.is_transient(), "not retried: {e}");
+    let store = fed.node("telerad-c").store().unwrap();
+    assert!(
+        pacs_broker::store::Store::studies(store.as_ref())
+            .unwrap()
+            .is_empty(),
+        "nothing committed"
+    );
+    fed.stop().await;
+}

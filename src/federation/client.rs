@@ -93,6 +93,9 @@ pub struct PeerClient {
     audit_checkpoint: Vec<u8>,
     /// How the outbox's instance files are opened (sealed at rest, or plain).
     at_rest: AtRest,
+    /// The federation CA's revocation lists: a transfer stops when the partner's certificate
+    /// is revoked while it streams (see [`still_trusted`]).
+    revocation: Arc<crate::federation::crl::Revocation>,
 }
 
 impl PeerClient {
@@ -157,6 +160,7 @@ impl PeerClient {
             peer_cert,
             audit_checkpoint: Vec::new(),
             at_rest: AtRest::plain(),
+            revocation: tls.revocation.clone(),
         })
     }
 
@@ -237,6 +241,11 @@ impl PeerClient {
         let (err_tx, err_rx) = tokio::sync::oneshot::channel::<SendError>();
         let transfer_id = answer.transfer_id.clone();
         let at_rest = self.at_rest.clone();
+        let (revocation, peer_cert, site) = (
+            self.revocation.clone(),
+            self.peer_cert.clone(),
+            self.site.clone(),
+        );
         tokio::spawn(async move {
             let header = TransferChunk {
                 transfer_id,
@@ -245,7 +254,18 @@ impl PeerClient {
             if tx.send(header).await.is_err() {
                 return;
             }
+            let mut checked: Option<std::time::Instant> = None;
             for inst in to_send {
+                // A transfer may run for minutes: a certificate revoked meanwhile (the serving
+                // node reloaded its CRL) stops it between instances, as the server side cuts the
+                // open connections of a newly revoked client.
+                if checked.is_none_or(|t| t.elapsed() >= REVOCATION_RECHECK) {
+                    checked = Some(std::time::Instant::now());
+                    if let Err(e) = still_trusted(&revocation, &peer_cert, &site) {
+                        let _ = err_tx.send(e);
+                        return;
+                    }
+                }
                 if let Err(e) = stream_file(inst, &tx, &at_rest).await {
                     let _ = err_tx.send(e);
                     return;
@@ -287,6 +307,27 @@ impl PeerClient {
             bytes_sent,
             receiver_certificate: cert,
         })
+    }
+}
+
+/// How often a running transfer re-checks the partner's certificate.
+const REVOCATION_RECHECK: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// The partner's certificate is still valid under the CRLs in force; else the transfer is
+/// refused, not retried. The CRLs in force are those the serving node reloads when their file
+/// changes (and audits, `crl-reload`); this does not reload them itself, so that the node's
+/// reload still sees the change, cuts incoming connections and audits it.
+fn still_trusted(
+    revocation: &crate::federation::crl::Revocation,
+    peer_cert: &Mutex<Option<CertificateDer<'static>>>,
+    site: &str,
+) -> Result<(), SendError> {
+    let cert = peer_cert.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    match cert {
+        Some(c) if !revocation.still_valid(&c) => Err(SendError::Refused(format!(
+            "site {site}'s certificate was revoked during the transfer; the transfer was stopped"
+        ))),
+        _ => Ok(()),
     }
 }
 
