@@ -193,16 +193,7 @@ pub trait Store: Send + Sync + 'static {
         staged: Vec<StagedInstance>,
         already_held: Vec<(String, [u8; 32])>,
         plain: &std::collections::HashMap<[u8; 32], PathBuf>,
-    ) -> Result<(Committed, Option<PathBuf>), StoreError> {
-        let _ = plain;
-        let c = self.commit(key, expected, staged, already_held)?;
-        let delivered = if c.study.is_complete() {
-            Some(self.deliver_committed(&c)?)
-        } else {
-            None
-        };
-        Ok((c, delivered))
-    }
+    ) -> Result<(Committed, Option<PathBuf>), StoreError>;
 }
 
 /// What re-hashing a held blob found.
