@@ -43,5 +43,6 @@ pub mod pseudonym;
 pub mod reidentify;
 pub mod results;
 pub mod retention;
+pub mod send;
 pub mod store;
 pub mod users;

@@ -37,6 +37,7 @@ use crate::federation::tls::{self, SiteTls};
 use crate::ingest::dimse::{DimseIngest, OpenStudies};
 use crate::ingest::{files, HeldBack, IngestError, IngestFlow};
 use crate::pseudonym::{SiteKeys, Vault};
+use crate::send;
 use crate::store::outbox::{self, Outbox, OutboxEntry, OutboxState};
 use crate::store::quarantine::Quarantine;
 use crate::store::{self, LocalStore, Store};
@@ -747,6 +748,21 @@ impl Node {
         dir: &Path,
         entry: &mut OutboxEntry,
     ) -> Result<crate::federation::client::Delivery, SendError> {
+        let result = self.try_deliver(dir, entry).await;
+        self.record_attempt(dir, entry, &result, (0, 0));
+        result
+    }
+
+    /// Records the outcome of an attempt at `entry` (see [`Node::attempt`]); a delivered complete
+    /// study's outbox entry counts `earlier` (stored, already held) of the partial offers that
+    /// went before (`send`) besides the receipt's.
+    fn record_attempt(
+        &self,
+        dir: &Path,
+        entry: &mut OutboxEntry,
+        result: &Result<crate::federation::client::Delivery, SendError>,
+        earlier: (u32, u32),
+    ) {
         let outbox = self.outbox();
         let audit = |outcome: String, sent: usize| Event {
             actor: "node".into(),
@@ -769,8 +785,7 @@ impl Node {
             instances: Some(entry.instances.len() as u64),
             receipt,
         };
-        let result = self.try_deliver(dir, entry).await;
-        match &result {
+        match result {
             Ok(d) if !entry.complete => {
                 // Part of a study still arriving: the files stay until the study is complete.
                 // These instances have left: the entry carries the patient tokens and receipt
@@ -802,8 +817,8 @@ impl Node {
                 if let Err(e) = outbox.mark_delivered(
                     dir,
                     entry,
-                    d.receipt.instances_stored,
-                    d.receipt.instances_already_held,
+                    earlier.0 + d.receipt.instances_stored,
+                    earlier.1 + d.receipt.instances_already_held,
                 ) {
                     tracing::error!(error = %e, "delivered, but the outbox entry could not be updated");
                 }
@@ -823,7 +838,6 @@ impl Node {
                 self.audit.record_detailed_or_warn(event, details);
             }
         }
-        result
     }
 
     async fn try_deliver(
@@ -959,68 +973,57 @@ impl Node {
                 return Err(e.into());
             }
         };
-        let vault = self.vault()?;
-        let outbox = self.outbox();
+        // De-identification names the instances in the outbox group by group; each group is
+        // offered to the partner while the next ones are de-identified (`crate::send`).
+        let (vault, outbox) = (self.vault()?, self.outbox());
+        let (groups_tx, mut groups) = tokio::sync::mpsc::unbounded_channel();
         let (f, inputs) = (flow.clone(), inputs.to_vec());
-        let staged =
-            tokio::task::spawn_blocking(move || files::ingest_files(&f, &inputs, &outbox, &vault))
-                .await
-                .map_err(|e| NodeError::Serve(format!("de-identification stopped: {e}")))??;
+        let deidentifying = tokio::task::spawn_blocking(move || {
+            files::ingest_files(&f, &inputs, &outbox, &vault, &mut |group| {
+                groups_tx.send(group).map_err(|_| IngestError::Input {
+                    path: PathBuf::from("."),
+                    reason: "the send stopped before de-identification ended".into(),
+                })
+            })
+        });
+        let route = OutboxEntry::pending(
+            &flow.agreement,
+            &flow.flow,
+            &flow.purpose,
+            &flow.to,
+            "",
+            true,
+        );
+        let outbox = self.outbox();
+        let studies = send::offer_as_they_come(self, &outbox, &route, &mut groups).await;
+        let held_back = deidentifying
+            .await
+            .map_err(|e| NodeError::Serve(format!("de-identification stopped: {e}")))??;
         let mut report = SendReport {
-            held_back: staged.held_back,
+            held_back,
             ..Default::default()
         };
-        if staged.studies.is_empty() && report.held_back.is_empty() {
+        if studies.is_empty() && report.held_back.is_empty() {
             return Err(NodeError::NothingToSend);
         }
         self.hold_for_review(&flow.agreement, &flow.flow, "send", &mut report.held_back);
         self.audit_not_sent(&flow, &report.held_back);
-        for study in staged.studies.values() {
+        for study in studies.values() {
             self.audit_pixel_cleaning(&flow.agreement, &flow.purpose, &study.cleaned);
         }
-        let outbox = self.outbox();
-        for (study_token, study) in staged.studies {
-            let mut entry = OutboxEntry {
-                modalities: study.modalities.iter().cloned().collect(),
-                instances: study.instances.iter().map(|(_, i)| i.clone()).collect(),
-                patient_tokens: study.patient_tokens.iter().cloned().collect(),
-                // Working copies (see `ingest::files`): made durable only if this attempt fails.
-                flushed: false,
-                ..OutboxEntry::pending(
-                    &flow.agreement,
-                    &flow.flow,
-                    &flow.purpose,
-                    &flow.to,
-                    &study_token,
-                    true,
-                )
-            };
-            let dir = outbox.save(&entry)?;
-            // The running node's outbox worker may see the new entry as due: one attempt at a
-            // time (two concurrent transfers of one study would race at the receiver).
-            let Some(_claim) = Outbox::try_claim(&dir) else {
-                report.queued.push((
+        for (study_token, study) in studies {
+            let (instances, files) = (study.len(), study.files.clone());
+            match send::finish(self, &outbox, study).await? {
+                send::Outcome::Delivered(sent) => report.studies.push(SentStudy {
                     study_token,
-                    "the site's running node is delivering it now".into(),
-                ));
-                continue;
-            };
-            let files = study
-                .instances
-                .iter()
-                .map(|(input, i)| (input.clone(), dir.join(&i.file)))
-                .collect();
-            match self.attempt(&dir, &mut entry).await {
-                Ok(delivery) => report.studies.push(SentStudy {
-                    study_token,
-                    instances: entry.instances.len(),
-                    instances_sent: delivery.instances_sent,
-                    already_held: delivery.receipt.instances_already_held,
-                    bytes_sent: delivery.bytes_sent,
+                    instances,
+                    instances_sent: sent.instances_sent,
+                    already_held: sent.already_held,
+                    bytes_sent: sent.bytes_sent,
                     files,
                 }),
-                Err(e) if e.is_transient() => report.queued.push((study_token, e.to_string())),
-                Err(e) => return Err(e.into()),
+                send::Outcome::Queued(why) => report.queued.push((study_token, why)),
+                send::Outcome::Failed(e) => return Err(e.into()),
             }
         }
         Ok(report)
@@ -1161,6 +1164,27 @@ impl Node {
                 _ = stop.wait_for(|s| *s) => break,
             }
         }
+    }
+}
+
+impl send::Courier for Node {
+    fn deliver(
+        &self,
+        dir: &Path,
+        offer: &OutboxEntry,
+    ) -> impl std::future::Future<Output = Result<crate::federation::client::Delivery, SendError>> + Send
+    {
+        self.try_deliver(dir, offer)
+    }
+
+    fn record(
+        &self,
+        dir: &Path,
+        entry: &mut OutboxEntry,
+        result: &Result<crate::federation::client::Delivery, SendError>,
+        earlier: (u32, u32),
+    ) {
+        self.record_attempt(dir, entry, result, earlier)
     }
 }
 

@@ -643,6 +643,23 @@ where
     J: Sync,
     I: Send,
 {
+    run_parallel_grouped(jobs, keep, process, finish, &mut || Ok(()))
+}
+
+/// [`run_parallel`], calling `after_group` on the calling thread after each commit, once
+/// `finish` has seen every item of that group: `send` hands each committed group on to the
+/// partner while the next ones are de-identified. An error from it stops the batch.
+pub fn run_parallel_grouped<J, I, E>(
+    jobs: &[J],
+    keep: Keep,
+    process: impl Fn(&J) -> (I, Option<StagedOutput>) + Sync,
+    finish: &mut dyn FnMut(I, Option<Result<(), String>>) -> Result<(), E>,
+    after_group: &mut dyn FnMut() -> Result<(), E>,
+) -> Result<(), ParallelError<E>>
+where
+    J: Sync,
+    I: Send,
+{
     let workers = worker_count().min(jobs.len().max(1));
     let next = std::sync::atomic::AtomicUsize::new(0);
     let (tx, rx) = std::sync::mpsc::channel::<(I, Option<StagedOutput>)>();
@@ -667,19 +684,24 @@ where
         // Written outputs wait here until a commit has made them durable and put them in place.
         let mut pending: Vec<(I, StagedOutput)> = Vec::new();
         let mut pending_bytes = 0;
-        let commit = |pending: &mut Vec<(I, StagedOutput)>,
-                      finish: &mut dyn FnMut(I, Option<Result<(), String>>) -> Result<(), E>|
-         -> Result<(), ParallelError<E>> {
-            let (items, staged): (Vec<_>, Vec<_>) = std::mem::take(pending).into_iter().unzip();
-            let committed = match keep {
-                Keep::Durable => commit_outputs(staged),
-                Keep::WorkingCopy => name_outputs_unflushed(staged),
+        let mut commit =
+            |pending: &mut Vec<(I, StagedOutput)>,
+             finish: &mut dyn FnMut(I, Option<Result<(), String>>) -> Result<(), E>|
+             -> Result<(), ParallelError<E>> {
+                let (items, staged): (Vec<_>, Vec<_>) = std::mem::take(pending).into_iter().unzip();
+                let committed = match keep {
+                    Keep::Durable => commit_outputs(staged),
+                    Keep::WorkingCopy => name_outputs_unflushed(staged),
+                };
+                let named = !items.is_empty();
+                for (item, (_, result)) in items.into_iter().zip(committed) {
+                    finish(item, Some(result)).map_err(ParallelError::Finish)?;
+                }
+                if named {
+                    after_group().map_err(ParallelError::Finish)?;
+                }
+                Ok(())
             };
-            for (item, (_, result)) in items.into_iter().zip(committed) {
-                finish(item, Some(result)).map_err(ParallelError::Finish)?;
-            }
-            Ok(())
-        };
         for (item, staged) in rx {
             match staged {
                 None => finish(item, None).map_err(ParallelError::Finish)?,

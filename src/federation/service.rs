@@ -479,8 +479,7 @@ fn check_offer_fields(o: &OfferRequest) -> Result<(), wire::BadField> {
 /// Staged files of one transfer; removed on drop unless committed.
 struct Staging {
     files: Vec<std::path::PathBuf>,
-    /// Verified plaintext inbox copies of a transfer that completes its study
-    /// ([`Store::inbox_part`]), by SHA-256: the delivery check read them, and the commit makes
+    /// Verified plaintext inbox copies of a transfer ([`Store::inbox_part`]), by SHA-256: the delivery check read them, and the commit makes
     /// them the durable copy. Also listed in `files` (removed unless named in the inbox).
     plain: HashMap<[u8; 32], std::path::PathBuf>,
 }
@@ -557,7 +556,7 @@ struct Received {
     hasher: Sha256,
     /// Its sealed staging file.
     path: std::path::PathBuf,
-    /// Where its plaintext inbox copy goes, when its transfer completes the study.
+    /// Where its plaintext inbox copy goes (delivered when the commit completes the study).
     part: Option<std::path::PathBuf>,
 }
 
@@ -1181,8 +1180,7 @@ impl Receiver {
             /// Seals what arrives in memory (one segment at a time) before it is written.
             sealing: Sealing<Vec<u8>>,
             path: std::path::PathBuf,
-            /// The plaintext inbox copy, written as the bytes arrive, when this transfer
-            /// completes its study (see `finish_instance`).
+            /// The plaintext inbox copy, written as the bytes arrive (see `finish_instance`).
             part: Option<(std::path::PathBuf, Arc<std::fs::File>)>,
         }
         let mut current: Option<Current> = None;
@@ -1246,15 +1244,15 @@ impl Receiver {
                 }
                 received[index / 64] |= 1 << (index % 64);
                 let store = self.store.clone();
-                // A transfer that completes its study is delivered at its commit: each
+                // A committed transfer is delivered at its commit (a partial offer of a study
+                // still arriving too: what it lists is all the study has so far): each
                 // instance's plaintext goes to its inbox copy as it arrives, which the check
                 // reads and the commit makes durable (see `finish_instance`).
-                let (key, uid, complete) =
-                    (plan.key(), entry.sop_instance_uid.clone(), plan.complete);
+                let (key, uid) = (plan.key(), entry.sop_instance_uid.clone());
                 let (file, path, part) = tokio::task::spawn_blocking(move || {
                     let (file, path) = store.stage_file()?;
-                    let part = match complete.then(|| store.inbox_part(&key, &uid)) {
-                        Some(Ok(Some(part))) => {
+                    let part = match store.inbox_part(&key, &uid) {
+                        Ok(Some(part)) => {
                             let f = std::fs::OpenOptions::new()
                                 .write(true)
                                 .create_new(true)
@@ -1265,8 +1263,8 @@ impl Receiver {
                                 })?;
                             Some((part, Arc::new(f)))
                         }
-                        Some(Err(e)) => return Err(e),
-                        _ => None,
+                        Err(e) => return Err(e),
+                        Ok(None) => None,
                     };
                     Ok::<_, StoreError>((file, path, part))
                 })

@@ -2,13 +2,18 @@
 //!
 //! Every file goes through the guarded reader, the flow's admission and de-identification on a
 //! few worker threads; outputs are written into the outbox study folders with their pixel data
-//! copied by the kernel and named in groups (`deid::batch::run_parallel`). They are working
+//! copied by the kernel and named in groups (`deid::batch::run_parallel_grouped`). Each named
+//! group is handed on at once (its vault records flushed first), so that `send` offers it to the
+//! partner while the next groups are de-identified (see [`crate::send`]). They are working
 //! copies, NOT flushed: `send` sends them at once and they are deleted when the partner's receipt
 //! arrives, so on the happy path their bytes never have to reach the disk. The outbox entry says
 //! so (`flushed = false`) until a failed attempt makes them durable
 //! ([`crate::store::outbox::Outbox::make_durable`]); an entry left so by a crash is re-verified
 //! before it is sent ([`crate::store::outbox::Outbox::settle`]). The vault records, by contrast,
-//! are durable before this returns. Files have no source AE (see [`super::admit`]).
+//! are durable before a group is handed on: no token leaves the site before its vault record is
+//! on disk. Files have no source AE (see [`super::admit`]).
+//!
+//! Does not own: sending (the [`crate::send`] pipeline), the outbox entry (`transfer.json`).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -30,12 +35,18 @@ pub struct StagedStudy {
     pub cleaned: Vec<(String, crate::deid::OcrEvidence)>,
 }
 
-/// What a file batch produced.
-#[derive(Debug, Default)]
-pub struct FileIngest {
-    /// By study token.
-    pub studies: BTreeMap<String, StagedStudy>,
-    pub held_back: Vec<HeldBack>,
+/// One named group of de-identified instances, by study token: their outbox files are in place
+/// (working copies) and the vault records of their tokens are durable.
+pub type StagedGroup = BTreeMap<String, StagedStudy>;
+
+impl StagedStudy {
+    /// Adds the instances (and what the audit needs of them) of a later group of this study.
+    pub fn extend(&mut self, more: StagedStudy) {
+        self.instances.extend(more.instances);
+        self.modalities.extend(more.modalities);
+        self.patient_tokens.extend(more.patient_tokens);
+        self.cleaned.extend(more.cleaned);
+    }
 }
 
 struct Item {
@@ -75,19 +86,23 @@ fn collect(inputs: &[PathBuf], skip: &Path) -> Result<Vec<Result<PathBuf, HeldBa
 
 /// Guards, admits, de-identifies and stages every file under `inputs` into the outbox study
 /// folders of `flow` as working copies (named, not flushed: see the module header), recording
-/// the tokens in the vault (flushed before this returns, so no token leaves the site before its
-/// vault record is durable).
+/// the tokens in the vault. Each named group goes to `on_group` once the vault is flushed (so no
+/// token leaves the site before its vault record is durable); an error from `on_group` stops the
+/// batch. Returns the inputs held back, each with why.
 pub fn ingest_files(
     flow: &IngestFlow,
     inputs: &[PathBuf],
     outbox: &Outbox,
     vault: &Vault,
-) -> Result<FileIngest, IngestError> {
+    on_group: &mut dyn FnMut(StagedGroup) -> Result<(), IngestError>,
+) -> Result<Vec<HeldBack>, IngestError> {
     let root = outbox.study_dir(&flow.agreement, "x");
     let root = root.parent().unwrap_or(Path::new(".")).to_path_buf();
     let jobs = collect(inputs, &root)?;
     let started = std::time::Instant::now();
-    let mut out = FileIngest::default();
+    let mut held_back = Vec::new();
+    // Filled by `finish` with each named instance, emptied by `hand_on` after each group.
+    let group = std::cell::RefCell::new(StagedGroup::new());
     let vault_error: std::sync::Mutex<Option<sled::Error>> = Default::default();
     let process = |job: &Result<PathBuf, HeldBack>| -> (Item, Option<StagedOutput>) {
         let input = match job {
@@ -123,11 +138,11 @@ pub fn ingest_files(
         |item: Item, committed: Option<Result<(), String>>| -> Result<(), IngestError> {
             let ready = match (item.result, committed) {
                 (Err(held), _) => {
-                    out.held_back.push(held);
+                    held_back.push(held);
                     return Ok(());
                 }
                 (Ok(_), Some(Err(reason))) => {
-                    out.held_back.push(HeldBack {
+                    held_back.push(HeldBack {
                         input: item.input.display().to_string(),
                         path: Some(item.input),
                         kind: HeldBackKind::Failed,
@@ -137,7 +152,8 @@ pub fn ingest_files(
                 }
                 (Ok(ready), _) => ready,
             };
-            let study = out.studies.entry(ready.study_token).or_default();
+            let mut group = group.borrow_mut();
+            let study = group.entry(ready.study_token).or_default();
             study.modalities.extend(ready.modality);
             study.patient_tokens.insert(ready.patient_token);
             if let Some(evidence) = ready.ocr {
@@ -148,25 +164,41 @@ pub fn ingest_files(
             study.instances.push((item.input, ready.instance));
             Ok(())
         };
-    batch::run_parallel(&jobs, batch::Keep::WorkingCopy, process, &mut finish).map_err(
-        |e| match e {
-            batch::ParallelError::Spawn(e) => IngestError::Input {
-                path: PathBuf::from("."),
-                reason: format!("cannot start de-identification workers: {e}"),
-            },
-            batch::ParallelError::Finish(e) => e,
+    // A named group leaves only with its tokens' vault records on disk, and none leaves after
+    // the vault failed to record a token.
+    let mut hand_on = || -> Result<(), IngestError> {
+        if let Some(e) = vault_error.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            return Err(IngestError::Vault(e));
+        }
+        vault.flush()?;
+        let named = std::mem::take(&mut *group.borrow_mut());
+        if named.is_empty() {
+            return Ok(());
+        }
+        on_group(named)
+    };
+    batch::run_parallel_grouped(
+        &jobs,
+        batch::Keep::WorkingCopy,
+        process,
+        &mut finish,
+        &mut hand_on,
+    )
+    .map_err(|e| match e {
+        batch::ParallelError::Spawn(e) => IngestError::Input {
+            path: PathBuf::from("."),
+            reason: format!("cannot start de-identification workers: {e}"),
         },
-    )?;
-    if let Some(e) = vault_error.into_inner().unwrap_or_else(|p| p.into_inner()) {
-        return Err(IngestError::Vault(e));
-    }
-    vault.flush()?;
+        batch::ParallelError::Finish(e) => e,
+    })?;
+    // Inputs held back after the last group (a vault error there included) are settled here.
+    hand_on()?;
     tracing::debug!(
         files = jobs.len(),
         deidentify_ms = started.elapsed().as_millis() as u64,
         "inputs de-identified into the outbox"
     );
-    Ok(out)
+    Ok(held_back)
 }
 
 enum Failure {

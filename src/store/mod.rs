@@ -742,6 +742,14 @@ impl Store for LocalStore {
         already_held: Vec<(String, [u8; 32])>,
         plain: &std::collections::HashMap<[u8; 32], PathBuf>,
     ) -> Result<(Committed, Option<PathBuf>), StoreError> {
+        // The plaintext copies are the durable copy only where this commit completes the study,
+        // and so names them in the inbox; otherwise the sealed staged files are flushed.
+        let none = std::collections::HashMap::new();
+        let plain = if self.completes(key, expected, &staged, &already_held)? {
+            plain
+        } else {
+            &none
+        };
         let c = self.commit_with(key, expected, staged, already_held, plain)?;
         let delivered = if c.study.is_complete() {
             Some(self.deliver_to_inbox(&c.study, &c.verified, plain)?)
@@ -837,6 +845,28 @@ impl Store for LocalStore {
 }
 
 impl LocalStore {
+    /// True when committing `staged` and `already_held` will leave the study complete (see
+    /// [`StudyRecord::is_complete`]), so that [`Store::commit_and_deliver`] delivers it.
+    fn completes(
+        &self,
+        key: &StudyKey,
+        expected: usize,
+        staged: &[StagedInstance],
+        already_held: &[(String, [u8; 32])],
+    ) -> Result<bool, StoreError> {
+        let record = self.study(key)?;
+        let mut uids: std::collections::BTreeSet<&str> = record
+            .iter()
+            .flat_map(|r| r.instances.keys().map(String::as_str))
+            .collect();
+        uids.extend(staged.iter().map(|s| s.sop_instance_uid.as_str()));
+        uids.extend(already_held.iter().map(|(uid, _)| uid.as_str()));
+        let expected = record
+            .as_ref()
+            .map_or(expected, |r| r.expected.max(expected));
+        Ok(uids.len() >= expected)
+    }
+
     /// [`Store::commit`]; where `plain` holds a verified plaintext inbox copy of a staged
     /// instance (see [`Store::inbox_part`]), that copy is the one made durable before the commit
     /// and the sealed blob is renamed into the store without waiting for its flush: it is a cache

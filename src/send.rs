@@ -1,0 +1,497 @@
+//! The `send` pipeline: the studies de-identified from files are offered to the partner group by
+//! group while de-identification goes on, then completed by a final offer.
+//!
+//! Owns: [`OutgoingStudy`] (one study of a `send`: the instances named in the outbox so far,
+//! which of them the partner confirmed by a signed receipt, the first failed offer),
+//! [`offer_as_they_come`] (turns the named groups of [`crate::ingest::files::ingest_files`]
+//! into partial offers; every group that arrived during an offer goes into the next one) and
+//! [`finish`] (a study's final offer, and its outcome recorded in the outbox and the audit).
+//!
+//! The protocol is the DICOM forwarder's: partial offers (`complete = false`) list only the
+//! instances not offered before, and each is audited as a `disclose` with its signed receipt.
+//! The final offer (`complete = true`) lists the rest; the newest instance is always kept back
+//! for it, so it is never empty. Its signed receipt must then show the partner holding exactly
+//! the whole study (`study_digest`, over every instance's SHA-256); where it does not, one more
+//! offer lists the whole study, as the forwarder's final offer does, and the partner
+//! re-verifies all of it. A failed offer ends the offers of that study: once de-identification
+//! has ended, the whole study is made durable in the outbox and queued for retry (or failed),
+//! like a failed `send` before; the retry's offer lists the whole study, and the partner
+//! answers "already held" for what it has.
+//!
+//! Crash safety: no `transfer.json` is written for a study while its partial offers run (the
+//! study's folder is claimed, so a running node leaves it alone). A `send` killed meanwhile
+//! leaves only working copies no entry lists, which nothing sends: the partner holds part of
+//! the study (each part audited with its receipt), and the study is completed by sending it
+//! again. From the final offer on, the study has its entry (`flushed = false`), which a running
+//! node re-verifies before sending anything ([`crate::store::outbox::Outbox::settle`]).
+//!
+//! Does not own: de-identification (`ingest::files`), the protocol (`federation::client`), the
+//! audit entries and outbox records of an attempt (the [`Courier`]: the node).
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::path::{Path, PathBuf};
+
+use crate::federation::client::{Delivery, SendError};
+use crate::federation::destruction::study_digest;
+use crate::ingest::files::{StagedGroup, StagedStudy};
+use crate::store::outbox::{Outbox, OutboxEntry};
+use crate::store::StoreError;
+
+/// Who carries offers to the partner and records their outcome (the node).
+pub trait Courier {
+    /// Makes one offer of `offer` (its instance files in `dir`) and streams what the partner
+    /// lacks; records nothing.
+    fn deliver(
+        &self,
+        dir: &Path,
+        offer: &OutboxEntry,
+    ) -> impl Future<Output = Result<Delivery, SendError>> + Send;
+
+    /// Records the outcome of an attempt at `entry`: the `disclose` audit entry and, for a
+    /// complete study, its outbox entry (delivered, with `earlier` (stored, already held) of
+    /// the partial offers added to the receipt's; or made durable and queued, or failed).
+    fn record(
+        &self,
+        dir: &Path,
+        entry: &mut OutboxEntry,
+        result: &Result<Delivery, SendError>,
+        earlier: (u32, u32),
+    );
+}
+
+/// What the partner confirmed of one study so far, from its signed receipts.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Sent {
+    pub instances_sent: usize,
+    pub bytes_sent: u64,
+    pub stored: u32,
+    pub already_held: u32,
+}
+
+impl Sent {
+    fn add(&mut self, d: &Delivery) {
+        self.instances_sent += d.instances_sent;
+        self.bytes_sent += d.bytes_sent;
+        self.stored += d.receipt.instances_stored;
+        self.already_held += d.receipt.instances_already_held;
+    }
+}
+
+/// One study of a `send`, offered while it is de-identified.
+#[derive(Debug)]
+pub struct OutgoingStudy {
+    pub dir: PathBuf,
+    /// The whole study as named so far (`complete` is set by [`finish`]).
+    pub entry: OutboxEntry,
+    /// (input file, its de-identified file in the outbox).
+    pub files: Vec<(PathBuf, PathBuf)>,
+    /// (de-identified SOP Instance UID, what OCR found and blacked out), for the audit.
+    pub cleaned: Vec<(String, crate::deid::OcrEvidence)>,
+    /// Held while this `send` offers the study, so that a running node's outbox worker leaves
+    /// it alone. None: the node was delivering an earlier entry of this study (no offers).
+    claim: Option<std::fs::File>,
+    /// How many of `entry.instances` (in order) the partner confirmed.
+    confirmed: usize,
+    sent: Sent,
+    /// The first failed offer: no more offers are made.
+    failure: Option<SendError>,
+}
+
+impl OutgoingStudy {
+    /// A new study of `token` addressed as `route` says (agreement, flow, purpose, partner).
+    fn new(outbox: &Outbox, route: &OutboxEntry, token: &str) -> OutgoingStudy {
+        let dir = outbox.study_dir(&route.agreement, token);
+        let entry = OutboxEntry {
+            // Working copies (see `ingest::files`): made durable only if an attempt fails.
+            flushed: false,
+            ..OutboxEntry::pending(
+                &route.agreement,
+                &route.flow,
+                &route.purpose,
+                &route.to,
+                token,
+                false,
+            )
+        };
+        OutgoingStudy {
+            claim: Outbox::try_claim(&dir),
+            dir,
+            entry,
+            files: Vec::new(),
+            cleaned: Vec::new(),
+            confirmed: 0,
+            sent: Sent::default(),
+            failure: None,
+        }
+    }
+
+    /// Adds a named group of this study's instances.
+    fn add(&mut self, staged: StagedStudy) {
+        let e = &mut self.entry;
+        for m in staged.modalities {
+            if !e.modalities.contains(&m) {
+                e.modalities.push(m);
+            }
+        }
+        e.modalities.sort();
+        for p in staged.patient_tokens {
+            if !e.patient_tokens.contains(&p) {
+                e.patient_tokens.push(p);
+            }
+        }
+        e.patient_tokens.sort();
+        for (input, instance) in staged.instances {
+            self.files.push((input, self.dir.join(&instance.file)));
+            e.instances.push(instance);
+        }
+        self.cleaned.extend(staged.cleaned);
+    }
+
+    /// The next partial offer: every instance not offered yet but the newest, which is kept
+    /// back for the final offer. None when there is nothing to offer, or no offer may be made.
+    fn partial_offer(&self) -> Option<OutboxEntry> {
+        let upto = self.entry.instances.len().saturating_sub(1);
+        if self.claim.is_none() || self.failure.is_some() || upto <= self.confirmed {
+            return None;
+        }
+        Some(OutboxEntry {
+            instances: self.entry.instances[self.confirmed..upto].to_vec(),
+            complete: false,
+            ..self.entry.clone()
+        })
+    }
+
+    /// The outcome of a partial offer made from [`OutgoingStudy::partial_offer`].
+    fn offered(&mut self, offer: &OutboxEntry, result: Result<&Delivery, SendError>) {
+        match result {
+            Ok(d) => {
+                self.confirmed += offer.instances.len();
+                self.sent.add(d);
+            }
+            Err(e) => self.failure = Some(e),
+        }
+    }
+
+    /// The final offer: the instances not confirmed yet, the study complete.
+    fn final_offer(&self) -> OutboxEntry {
+        OutboxEntry {
+            instances: self.entry.instances[self.confirmed..].to_vec(),
+            complete: true,
+            ..self.entry.clone()
+        }
+    }
+
+    /// True when the partner's signed receipt shows it holding exactly this whole study.
+    fn holds_whole_study(&self, d: &Delivery) -> bool {
+        d.receipt.study_digest == study_digest(self.entry.instances.iter().map(|i| &i.sha256))
+    }
+
+    /// How many instances the study has so far.
+    pub fn len(&self) -> usize {
+        self.entry.instances.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entry.instances.is_empty()
+    }
+}
+
+/// Takes the named groups from `groups` as they come and offers each study's new instances to
+/// the partner `route` names (with its agreement, flow and purpose; see the module header), until the sender of `groups` is gone (the
+/// de-identification ended). Returns every study, by token, for [`finish`].
+pub async fn offer_as_they_come<C: Courier>(
+    courier: &C,
+    outbox: &Outbox,
+    route: &OutboxEntry,
+    groups: &mut tokio::sync::mpsc::UnboundedReceiver<StagedGroup>,
+) -> BTreeMap<String, OutgoingStudy> {
+    let mut studies: BTreeMap<String, OutgoingStudy> = BTreeMap::new();
+    while let Some(first) = groups.recv().await {
+        let mut arrived = vec![first];
+        while let Ok(more) = groups.try_recv() {
+            arrived.push(more);
+        }
+        for (token, staged) in arrived.into_iter().flatten() {
+            studies
+                .entry(token.clone())
+                .or_insert_with(|| OutgoingStudy::new(outbox, route, &token))
+                .add(staged);
+        }
+        for study in studies.values_mut() {
+            let Some(mut offer) = study.partial_offer() else {
+                continue;
+            };
+            match courier.deliver(&study.dir, &offer).await {
+                Ok(d) => {
+                    courier.record(&study.dir, &mut offer, &Ok(d.clone()), (0, 0));
+                    study.offered(&offer, Ok(&d));
+                }
+                // Recorded by `finish`, with the whole study queued.
+                Err(e) => study.offered(&offer, Err(e)),
+            }
+        }
+    }
+    studies
+}
+
+/// How one study of a `send` ended.
+#[derive(Debug)]
+pub enum Outcome {
+    /// The partner's signed receipts cover the whole study.
+    Delivered(Sent),
+    /// Waiting in the outbox (made durable) for a retry: why.
+    Queued(String),
+    /// Refused for a reason a retry cannot fix.
+    Failed(SendError),
+}
+
+/// Completes one study once its de-identification ended: its outbox entry is written (the whole
+/// study, complete), then the final offer is made (see the module header) and its outcome
+/// recorded, or a failed partial offer is recorded as the study's failed attempt.
+pub async fn finish<C: Courier>(
+    courier: &C,
+    outbox: &Outbox,
+    mut study: OutgoingStudy,
+) -> Result<Outcome, StoreError> {
+    study.entry.complete = true;
+    outbox.save(&study.entry)?;
+    let Some(_claim) = study.claim.take() else {
+        return Ok(Outcome::Queued(
+            "the site's running node is delivering it now".into(),
+        ));
+    };
+    let (dir, earlier) = (
+        study.dir.clone(),
+        (study.sent.stored, study.sent.already_held),
+    );
+    let mut result = match study.failure.take() {
+        Some(e) => Err(e),
+        None => courier.deliver(&dir, &study.final_offer()).await,
+    };
+    let mut whole_offered = false;
+    if let Ok(d) = &result {
+        if study.confirmed > 0 && !study.holds_whole_study(d) {
+            tracing::info!(study = %study.entry.study_token, "the partner's receipt does not show the whole study; offering all of it once more");
+            study.sent.add(d);
+            result = courier.deliver(&dir, &study.entry).await;
+            whole_offered = true;
+        }
+    }
+    // A whole offer's receipt counts the whole study on its own.
+    let earlier = if whole_offered { (0, 0) } else { earlier };
+    courier.record(&dir, &mut study.entry, &result, earlier);
+    Ok(match result {
+        Ok(d) => {
+            let mut sent = study.sent;
+            sent.add(&d);
+            if whole_offered {
+                (sent.stored, sent.already_held) =
+                    (d.receipt.instances_stored, d.receipt.instances_already_held);
+            }
+            Outcome::Delivered(sent)
+        }
+        Err(e) if e.is_transient() => Outcome::Queued(e.to_string()),
+        Err(e) => Outcome::Failed(e),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::federation::proto::Receipt;
+    use crate::store::outbox::{OutboxInstance, OutboxState};
+    use std::sync::Mutex;
+
+    /// (complete, delivered, earlier counts) of each recorded attempt.
+    type Recorded = (bool, bool, (u32, u32));
+
+    /// A partner that holds what it was offered, answers every offer with a receipt over the
+    /// study as it holds it, and fails the offers it is told to.
+    #[derive(Default)]
+    struct FakePartner {
+        held: Mutex<BTreeMap<String, String>>,
+        offers: Mutex<Vec<(bool, Vec<String>)>>,
+        fail_offer: Option<usize>,
+        recorded: Mutex<Vec<Recorded>>,
+        extra_held: Option<String>,
+    }
+
+    impl Courier for FakePartner {
+        fn deliver(
+            &self,
+            _dir: &Path,
+            offer: &OutboxEntry,
+        ) -> impl Future<Output = Result<Delivery, SendError>> + Send {
+            let n = {
+                let mut offers = self.offers.lock().unwrap();
+                offers.push((
+                    offer.complete,
+                    offer.instances.iter().map(|i| i.file.clone()).collect(),
+                ));
+                offers.len() - 1
+            };
+            let result = if self.fail_offer == Some(n) {
+                Err(SendError::Connect {
+                    site: "b".into(),
+                    address: "x".into(),
+                    reason: "down".into(),
+                })
+            } else {
+                let mut held = self.held.lock().unwrap();
+                if let Some(x) = &self.extra_held {
+                    held.insert("extra".into(), x.clone());
+                }
+                let (mut stored, mut already) = (0, 0);
+                for i in &offer.instances {
+                    match held.insert(i.sop_instance_uid.clone(), i.sha256.clone()) {
+                        Some(_) => already += 1,
+                        None => stored += 1,
+                    }
+                }
+                Ok(Delivery {
+                    receipt: Receipt {
+                        instances_stored: stored,
+                        instances_already_held: already,
+                        study_digest: study_digest(held.values()),
+                        ..Default::default()
+                    },
+                    instances_sent: stored as usize,
+                    bytes_sent: stored as u64 * 10,
+                    receiver_certificate: None,
+                })
+            };
+            std::future::ready(result)
+        }
+
+        fn record(
+            &self,
+            _dir: &Path,
+            entry: &mut OutboxEntry,
+            result: &Result<Delivery, SendError>,
+            earlier: (u32, u32),
+        ) {
+            self.recorded
+                .lock()
+                .unwrap()
+                .push((entry.complete, result.is_ok(), earlier));
+        }
+    }
+
+    fn route() -> OutboxEntry {
+        OutboxEntry::pending("dsa-1", "flow", "treatment", "site-b", "", false)
+    }
+
+    fn group(token: &str, from: usize, to: usize) -> StagedGroup {
+        let mut s = StagedStudy::default();
+        for i in from..to {
+            s.instances.push((
+                PathBuf::from(format!("in/{i}.dcm")),
+                OutboxInstance {
+                    file: format!("1.2.{i}.dcm"),
+                    sha256: format!("{i:064x}"),
+                    size: 10,
+                    sop_instance_uid: format!("1.2.{i}"),
+                },
+            ));
+        }
+        s.modalities.insert("CT".into());
+        s.patient_tokens.insert("p1".into());
+        BTreeMap::from([(token.to_string(), s)])
+    }
+
+    async fn run(partner: &FakePartner, groups: Vec<StagedGroup>) -> (Outcome, OutboxEntry) {
+        let tmp = tempfile::tempdir().unwrap();
+        let outbox = Outbox::new(tmp.path().join("outbox"));
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        for g in groups {
+            for token in g.keys() {
+                std::fs::create_dir_all(outbox.study_dir("dsa-1", token)).unwrap();
+            }
+            tx.send(g).unwrap();
+        }
+        drop(tx);
+        let mut studies = offer_as_they_come(partner, &outbox, &route(), &mut rx).await;
+        let study = studies.remove("s1").expect("one study");
+        let dir = study.dir.clone();
+        let outcome = finish(partner, &outbox, study).await.unwrap();
+        (outcome, Outbox::load(&dir).unwrap())
+    }
+
+    #[tokio::test]
+    async fn groups_go_as_partial_offers_and_the_last_instance_completes_the_study() {
+        let partner = FakePartner::default();
+        // Two groups arrive before the first offer: they go together, the newest kept back.
+        let (outcome, entry) = run(&partner, vec![group("s1", 0, 3), group("s1", 3, 5)]).await;
+        let offers = partner.offers.lock().unwrap().clone();
+        assert_eq!(offers.len(), 2, "{offers:?}");
+        assert!(!offers[0].0);
+        assert_eq!(offers[0].1.len(), 4);
+        assert!(offers[1].0, "the final offer says the study is complete");
+        assert_eq!(offers[1].1, vec!["1.2.4.dcm".to_string()]);
+        match outcome {
+            Outcome::Delivered(sent) => {
+                assert_eq!(
+                    (sent.instances_sent, sent.stored, sent.already_held),
+                    (5, 5, 0)
+                )
+            }
+            other => panic!("{other:?}"),
+        }
+        // The partial offer is audited as it went; the final one with the partial counts.
+        let recorded = partner.recorded.lock().unwrap().clone();
+        assert_eq!(recorded, vec![(false, true, (0, 0)), (true, true, (4, 0))]);
+        assert!(entry.complete);
+        assert_eq!(entry.instances.len(), 5);
+        assert_eq!(entry.modalities, vec!["CT".to_string()]);
+    }
+
+    #[tokio::test]
+    async fn a_single_instance_goes_in_one_complete_offer() {
+        let partner = FakePartner::default();
+        let (outcome, _) = run(&partner, vec![group("s1", 0, 1)]).await;
+        let offers = partner.offers.lock().unwrap().clone();
+        assert_eq!(offers, vec![(true, vec!["1.2.0.dcm".to_string()])]);
+        assert!(matches!(outcome, Outcome::Delivered(_)));
+    }
+
+    #[tokio::test]
+    async fn a_failed_partial_offer_queues_the_whole_study_without_more_offers() {
+        let partner = FakePartner {
+            fail_offer: Some(0),
+            ..Default::default()
+        };
+        let (outcome, entry) = run(&partner, vec![group("s1", 0, 3), group("s1", 3, 6)]).await;
+        assert_eq!(
+            partner.offers.lock().unwrap().len(),
+            1,
+            "no offer after a failure"
+        );
+        assert!(matches!(outcome, Outcome::Queued(_)), "{outcome:?}");
+        // The failure is recorded once, against the whole, complete study.
+        assert_eq!(
+            partner.recorded.lock().unwrap().clone(),
+            vec![(true, false, (0, 0))]
+        );
+        assert!(entry.complete);
+        assert_eq!(entry.instances.len(), 6);
+        assert_eq!(entry.state, OutboxState::Pending);
+    }
+
+    #[tokio::test]
+    async fn a_receipt_that_does_not_show_the_whole_study_brings_a_whole_offer() {
+        let partner = FakePartner {
+            extra_held: Some(format!("{:064x}", 999)),
+            ..Default::default()
+        };
+        let (outcome, _) = run(&partner, vec![group("s1", 0, 4)]).await;
+        let offers = partner.offers.lock().unwrap().clone();
+        assert_eq!(offers.len(), 3, "{offers:?}");
+        assert!(offers[2].0);
+        assert_eq!(offers[2].1.len(), 4, "the last offer lists the whole study");
+        match outcome {
+            Outcome::Delivered(sent) => assert_eq!((sent.stored, sent.already_held), (0, 4)),
+            other => panic!("{other:?}"),
+        }
+    }
+}
