@@ -845,6 +845,18 @@ impl Node {
         dir: &Path,
         entry: &OutboxEntry,
     ) -> Result<crate::federation::client::Delivery, SendError> {
+        self.try_deliver_over(&mut None, dir, entry).await
+    }
+
+    /// [`Node::try_deliver`] over the connection in `connection` when it goes to the same
+    /// partner (`send`'s offers of one study share one), else over a new one left there; a
+    /// failed attempt drops it.
+    async fn try_deliver_over(
+        &self,
+        connection: &mut Option<PeerClient>,
+        dir: &Path,
+        entry: &OutboxEntry,
+    ) -> Result<crate::federation::client::Delivery, SendError> {
         let set = self.agreements();
         set.authorise(
             &entry.agreement,
@@ -866,11 +878,19 @@ impl Node {
         });
         let instances = Outbox::outgoing(dir, entry)
             .map_err(|e| SendError::Refused(format!("outbox entry unusable: {e}")))?;
-        let mut client = PeerClient::connect(&self.tls, &entry.to, &peer.address, &server_name)
-            .await?
-            .with_audit_checkpoint(self.audit.checkpoint_for_peer())
-            .reading_at_rest(self.at_rest());
-        client
+        let reuse = connection
+            .as_ref()
+            .is_some_and(|c| c.site() == entry.to && c.address() == peer.address);
+        let client = match connection {
+            Some(c) if reuse => c,
+            _ => connection.insert(
+                PeerClient::connect(&self.tls, &entry.to, &peer.address, &server_name)
+                    .await?
+                    .reading_at_rest(self.at_rest()),
+            ),
+        };
+        client.set_audit_checkpoint(self.audit.checkpoint_for_peer());
+        let result = client
             .send_study(
                 &entry.agreement,
                 &entry.flow,
@@ -880,7 +900,11 @@ impl Node {
                 &instances,
                 entry.complete,
             )
-            .await
+            .await;
+        if result.is_err() {
+            *connection = None;
+        }
+        result
     }
 
     /// Attempts every due outbox entry once (each under its lock), or every pending one when
@@ -995,7 +1019,11 @@ impl Node {
             true,
         );
         let outbox = self.outbox();
-        let studies = send::offer_as_they_come(self, &outbox, &route, &mut groups).await;
+        let courier = SendCourier {
+            node: self,
+            connection: Default::default(),
+        };
+        let studies = send::offer_as_they_come(&courier, &outbox, &route, &mut groups).await;
         let held_back = deidentifying
             .await
             .map_err(|e| NodeError::Serve(format!("de-identification stopped: {e}")))??;
@@ -1013,7 +1041,7 @@ impl Node {
         }
         for (study_token, study) in studies {
             let (instances, files) = (study.len(), study.files.clone());
-            match send::finish(self, &outbox, study).await? {
+            match send::finish(&courier, &outbox, study).await? {
                 send::Outcome::Delivered(sent) => report.studies.push(SentStudy {
                     study_token,
                     instances,
@@ -1167,14 +1195,23 @@ impl Node {
     }
 }
 
-impl send::Courier for Node {
-    fn deliver(
+/// The node as `send`'s [`send::Courier`]: the offers of one `send` share one connection to
+/// the partner.
+struct SendCourier<'a> {
+    node: &'a Node,
+    connection: tokio::sync::Mutex<Option<PeerClient>>,
+}
+
+impl send::Courier for SendCourier<'_> {
+    async fn deliver(
         &self,
         dir: &Path,
         offer: &OutboxEntry,
-    ) -> impl std::future::Future<Output = Result<crate::federation::client::Delivery, SendError>> + Send
-    {
-        self.try_deliver(dir, offer)
+    ) -> Result<crate::federation::client::Delivery, SendError> {
+        let mut connection = self.connection.lock().await;
+        self.node
+            .try_deliver_over(&mut connection, dir, offer)
+            .await
     }
 
     fn record(
@@ -1184,7 +1221,7 @@ impl send::Courier for Node {
         result: &Result<crate::federation::client::Delivery, SendError>,
         earlier: (u32, u32),
     ) {
-        self.record_attempt(dir, entry, result, earlier)
+        self.node.record_attempt(dir, entry, result, earlier)
     }
 }
 

@@ -176,6 +176,12 @@ impl PeerClient {
         self
     }
 
+    /// Replaces the signed audit checkpoint that the next offers carry (a connection kept for
+    /// several offers carries the latest).
+    pub fn set_audit_checkpoint(&mut self, checkpoint: Vec<u8>) {
+        self.audit_checkpoint = checkpoint;
+    }
+
     pub fn site(&self) -> &str {
         &self.site
     }
