@@ -486,3 +486,120 @@ fn a_deid_batch_killed_midway_leaves_only_whole_outputs() {
         .count();
     assert_eq!(done, files.len());
 }
+
+/// `send` killed (SIGKILL) while its partial offers run — the partner already holds part of
+/// the study — sends nothing torn afterwards: no outbox entry lists its working copies, so
+/// neither `outbox --retry` nor a running node sends them; every file the partner delivered is
+/// whole; and the same `send` again completes the study, the partner answering "already held"
+/// for the part it has.
+#[test]
+fn a_send_killed_during_its_partial_offers_leaves_nothing_to_send_torn_and_completes_when_sent_again(
+) {
+    let _turn = ports();
+    let dir = demo_sites("2", "32");
+    let cfg = |site: &str| dir.path().join(site).join("node.toml");
+    let study = dir.path().join("long-study");
+    let n = 400;
+    pacs_broker::demo::write_synthetic_ct(
+        &study,
+        &pacs_broker::demo::SyntheticPatient::default(),
+        n,
+        128,
+    )
+    .unwrap();
+    let _partner = serve(&cfg("telerad-c"));
+    let send = || {
+        let mut c = bin();
+        c.args(["send", "--config"])
+            .arg(cfg("hospital-a"))
+            .args(["--agreement", "example-teleradiology", "--flow", "ct-reads"])
+            .arg(&study);
+        c
+    };
+    let inbox = dir.path().join("telerad-c/data/store/inbox");
+    // The demo's own study is there already; the long study's folder is the other one.
+    let delivered = |inbox: &std::path::Path| -> Vec<std::path::PathBuf> {
+        common::files_under(inbox)
+            .into_iter()
+            .filter(|p| {
+                let name = p.file_name().unwrap().to_string_lossy().to_string();
+                name.ends_with(".dcm") && !name.starts_with('.')
+            })
+            .collect()
+    };
+    let demo_study = delivered(&inbox);
+    let before = demo_study.len();
+    let mut child = send()
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let start = std::time::Instant::now();
+    let mut held_when_killed = 0;
+    while start.elapsed() < std::time::Duration::from_secs(120) {
+        let now = delivered(&inbox).len() - before;
+        if now > 0 {
+            child.kill().unwrap();
+            held_when_killed = now;
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    child.wait().unwrap();
+    assert!(
+        held_when_killed > 0 && held_when_killed < n,
+        "the send finished before it could be killed ({held_when_killed} of {n})"
+    );
+    // No entry lists the killed send's working copies: nothing is queued.
+    for entry in common::files_under(&dir.path().join("hospital-a/data/outbox"))
+        .into_iter()
+        .filter(|p| p.ends_with("transfer.json"))
+    {
+        let text = std::fs::read_to_string(&entry).unwrap();
+        assert!(!text.contains("\"state\": \"pending\""), "{text}");
+    }
+    let out = bin()
+        .args(["outbox", "--retry", "--config"])
+        .arg(cfg("hospital-a"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Every instance of the long study the partner delivered is whole.
+    let partial = delivered(&inbox);
+    for p in partial.iter().filter(|p| !demo_study.contains(p)) {
+        let obj = dicom_object::open_file(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+        let pixels = obj
+            .element(dicom_dictionary_std::tags::PIXEL_DATA)
+            .unwrap()
+            .to_bytes()
+            .unwrap();
+        assert_eq!(pixels.len(), 128 * 128 * 2, "{}", p.display());
+    }
+    // The same send again completes the study; what the partner holds is not sent again.
+    let out = send().output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // (Instances of the interrupted transfer that the partner verified are resumed, not
+    // transferred either.)
+    let held = partial.len() - before;
+    let counts = stdout
+        .split_once(" transferred, ")
+        .and_then(|(a, b)| {
+            let sent: usize = a.rsplit('(').next()?.parse().ok()?;
+            let held: usize = b.split(' ').next()?.parse().ok()?;
+            Some((sent, held))
+        })
+        .unwrap_or_else(|| panic!("{stdout}"));
+    assert_eq!(counts.1, held, "{stdout}");
+    assert!(counts.0 <= n - held, "{stdout}");
+    assert_eq!(delivered(&inbox).len(), before + n);
+}
