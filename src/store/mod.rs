@@ -1422,4 +1422,78 @@ mod inbox_tests {
         let p = LocalStore::open(plain_dir.path()).unwrap();
         assert!(p.inbox_part(&key, "2.25.59").unwrap().is_none());
     }
+
+    /// Partial offers (a study still arriving, or `send`'s groups) are delivered as far as they
+    /// go, from their plaintext copies; a commit that leaves the study incomplete names nothing
+    /// in the inbox and keeps the sealed blob as the durable copy.
+    #[test]
+    fn partial_offers_deliver_their_plaintext_copies_and_an_incomplete_commit_names_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let at_rest = sealed::AtRest::new(&crate::pseudonym::SiteKeys::generate(), true);
+        let s = LocalStore::open_with(dir.path(), at_rest.clone()).unwrap();
+        let key = StudyKey::new("a", "f", "x", "2.25.6");
+        let offer = |uids: &[u8]| {
+            let mut plain = std::collections::HashMap::new();
+            let mut staged_all = Vec::new();
+            for i in uids {
+                let bytes = vec![b'q', *i, 7];
+                let (f, path) = s.stage_file().unwrap();
+                let mut w = at_rest.writer(f).unwrap();
+                w.write_all(&bytes).unwrap();
+                w.finish().unwrap();
+                let uid = format!("2.25.6{i}");
+                let part = s.inbox_part(&key, &uid).unwrap().expect("inbox copy");
+                fs::write(&part, &bytes).unwrap();
+                let sha: [u8; 32] = Sha256::digest(&bytes).into();
+                plain.insert(sha, part);
+                staged_all.push(StagedInstance {
+                    path,
+                    sha256: sha,
+                    size: bytes.len() as u64,
+                    sop_instance_uid: uid,
+                });
+            }
+            (staged_all, plain)
+        };
+        let named = |out: &Path| -> Vec<String> {
+            let mut names: Vec<String> = fs::read_dir(out)
+                .unwrap()
+                .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+                .filter(|n| !n.starts_with('.'))
+                .collect();
+            names.sort();
+            names
+        };
+        // Two partial offers, each listing only what it brings: each is delivered.
+        let (staged, plain) = offer(&[0, 1]);
+        let (_, delivered) = s
+            .commit_and_deliver(&key, 2, staged, vec![], &plain)
+            .unwrap();
+        let out = delivered.expect("a partial offer is delivered as far as it goes");
+        assert_eq!(named(&out), ["2.25.60.dcm", "2.25.61.dcm"]);
+        let (staged, plain) = offer(&[2]);
+        let (c, delivered) = s
+            .commit_and_deliver(&key, 1, staged, vec![], &plain)
+            .unwrap();
+        assert_eq!(c.study.instances.len(), 3);
+        assert_eq!(named(&delivered.unwrap()).len(), 3);
+        // An instance is lost at the receiver; an offer of another one does not complete the
+        // study (4 announced before, 3 held after): nothing is named in the inbox.
+        s.forget_instance(&key, "2.25.60").unwrap();
+        let (staged, plain) = offer(&[3]);
+        let parts: Vec<PathBuf> = plain.values().cloned().collect();
+        let (c, delivered) = s
+            .commit_and_deliver(&key, 4, staged, vec![], &plain)
+            .unwrap();
+        assert!(!c.study.is_complete());
+        assert!(delivered.is_none());
+        assert!(!out.join("2.25.63.dcm").exists());
+        // The sealed blob holds the instance (the receiver removes the unnamed plaintext copy).
+        let sha: [u8; 32] = Sha256::digest([b'q', 3, 7]).into();
+        assert!(matches!(s.check_blob(&sha).unwrap(), BlobCheck::Intact(_)));
+        assert!(
+            parts.iter().all(|p| p.exists()),
+            "left for the receiver's staging"
+        );
+    }
 }
