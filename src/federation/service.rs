@@ -476,13 +476,10 @@ fn check_offer_fields(o: &OfferRequest) -> Result<(), wire::BadField> {
     Ok(())
 }
 
-/// Staged files of one transfer; removed on drop unless committed.
+/// Staged files of one transfer (sealed staging files, or hidden plaintext inbox copies, see
+/// [`Store::inbox_part`]); removed on drop unless committed.
 struct Staging {
     files: Vec<std::path::PathBuf>,
-    /// Verified plaintext inbox copies of a transfer that completes its study
-    /// ([`Store::inbox_part`]), by SHA-256: the delivery check read them, and the commit makes
-    /// them the durable copy. Also listed in `files` (removed unless named in the inbox).
-    plain: HashMap<[u8; 32], std::path::PathBuf>,
 }
 
 impl Drop for Staging {
@@ -529,23 +526,13 @@ fn check_instance(
         .unwrap_or_else(|_| Err("the DICOM parser gave up on this instance".to_string()))
 }
 
-/// Writes one received chunk, sealed, to its staging file and, when the instance has an inbox
-/// copy, its plaintext there too: on the blocking pool, the buffers moved there, not copied.
-async fn write_chunk(
-    file: Arc<std::fs::File>,
-    sealed: Vec<u8>,
-    plain: Option<(Arc<std::fs::File>, Vec<u8>)>,
-) -> std::io::Result<()> {
+/// Writes one received chunk (sealed, or the plaintext of an inbox copy) to its file: on the
+/// blocking pool, the buffer moved there, not copied.
+async fn write_chunk(file: Arc<std::fs::File>, bytes: Vec<u8>) -> std::io::Result<()> {
     use std::io::Write;
-    tokio::task::spawn_blocking(move || {
-        (&*file).write_all(&sealed)?;
-        if let Some((part, data)) = plain {
-            (&*part).write_all(&data)?;
-        }
-        Ok(())
-    })
-    .await
-    .map_err(std::io::Error::other)?
+    tokio::task::spawn_blocking(move || (&*file).write_all(&bytes))
+        .await
+        .map_err(std::io::Error::other)?
 }
 
 /// One instance whose last chunk arrived, before its checks.
@@ -555,10 +542,9 @@ struct Received {
     size: u64,
     written: u64,
     hasher: Sha256,
-    /// Its sealed staging file.
+    /// Its staging file: sealed, or its plaintext inbox copy (`sealed` false).
     path: std::path::PathBuf,
-    /// Where its plaintext inbox copy goes, when its transfer completes the study.
-    part: Option<std::path::PathBuf>,
+    sealed: bool,
 }
 
 /// The delivery check of one received instance, running on the blocking pool.
@@ -692,7 +678,13 @@ fn dispositions(
                     a.uid
                 )));
             }
-            Some(_) => match store.check_blob(&a.sha256).map_err(status_of_store)? {
+            Some(_) => match store
+                .check_held(key, &a.uid, &a.sha256)
+                .map_err(status_of_store)?
+            {
+                // Delivered to the inbox and taken from there by the site: its receipt and
+                // checks are on record, and it is not delivered twice.
+                BlobCheck::HandedOn => Disposition::Held,
                 BlobCheck::Intact(path) => {
                     match check_instance(&store.at_rest(), &path, &a.uid, &key.study_token, deid) {
                         Ok(()) => Disposition::Held,
@@ -1012,10 +1004,7 @@ impl Receiver {
     ) -> Result<Response<Receipt>, Status> {
         let object = format!("study {}", plan.study_token);
         let ids = (plan.agreement.clone(), plan.purpose.clone());
-        let mut staging = Staging {
-            files: Vec::new(),
-            plain: HashMap::new(),
-        };
+        let mut staging = Staging { files: Vec::new() };
         let mut done = Vec::new();
         let result = self
             .receive(&plan, first, stream, &mut staging, &mut done)
@@ -1178,12 +1167,10 @@ impl Receiver {
             written: u64,
             hasher: Sha256,
             file: Arc<std::fs::File>,
-            /// Seals what arrives in memory (one segment at a time) before it is written.
-            sealing: Sealing<Vec<u8>>,
+            /// Seals what arrives in memory (one segment at a time) before it is written; `None`
+            /// where the file is the instance's plaintext inbox copy (see `finish_instance`).
+            sealing: Option<Sealing<Vec<u8>>>,
             path: std::path::PathBuf,
-            /// The plaintext inbox copy, written as the bytes arrive, when this transfer
-            /// completes its study (see `finish_instance`).
-            part: Option<(std::path::PathBuf, Arc<std::fs::File>)>,
         }
         let mut current: Option<Current> = None;
         let at_rest = self.store.at_rest();
@@ -1246,38 +1233,33 @@ impl Receiver {
                 }
                 received[index / 64] |= 1 << (index % 64);
                 let store = self.store.clone();
-                // A transfer that completes its study is delivered at its commit: each
-                // instance's plaintext goes to its inbox copy as it arrives, which the check
-                // reads and the commit makes durable (see `finish_instance`).
-                let (key, uid, complete) =
-                    (plan.key(), entry.sop_instance_uid.clone(), plan.complete);
-                let (file, path, part) = tokio::task::spawn_blocking(move || {
-                    let (file, path) = store.stage_file()?;
-                    let part = match complete.then(|| store.inbox_part(&key, &uid)) {
-                        Some(Ok(Some(part))) => {
-                            let f = std::fs::OpenOptions::new()
-                                .write(true)
-                                .create_new(true)
-                                .open(&part)
-                                .map_err(|source| StoreError::Io {
-                                    path: part.clone(),
-                                    source,
-                                })?;
-                            Some((part, Arc::new(f)))
-                        }
-                        Some(Err(e)) => return Err(e),
-                        _ => None,
-                    };
-                    Ok::<_, StoreError>((file, path, part))
-                })
-                .await
-                .map_err(|e| Status::internal(e.to_string()))?
-                .map_err(|e| Status::resource_exhausted(format!("cannot stage: {e}")))?;
+                // Where the inbox copy is the stored copy, the instance's plaintext goes there as
+                // it arrives (a hidden name until its commit): nothing is sealed, and the check
+                // reads it. Otherwise it is staged sealed.
+                let (key, uid) = (plan.key(), entry.sop_instance_uid.clone());
+                let (file, path, plain) =
+                    tokio::task::spawn_blocking(move || match store.inbox_part(&key, &uid)? {
+                        Some(part) => std::fs::OpenOptions::new()
+                            .write(true)
+                            .create_new(true)
+                            .open(&part)
+                            .map(|f| (f, part.clone(), true))
+                            .map_err(|source| StoreError::Io { path: part, source }),
+                        None => store.stage_file().map(|(f, p)| (f, p, false)),
+                    })
+                    .await
+                    .map_err(|e| Status::internal(e.to_string()))?
+                    .map_err(|e| Status::resource_exhausted(format!("cannot stage: {e}")))?;
                 staging.files.push(path.clone());
-                if let Some((part, _)) = &part {
-                    staging.files.push(part.clone());
-                    staging.plain.insert(sha, part.clone());
-                }
+                let sealing = if plain {
+                    None
+                } else {
+                    Some(
+                        at_rest
+                            .writer(Vec::new())
+                            .map_err(|e| Status::internal(format!("cannot seal: {e}")))?,
+                    )
+                };
                 current = Some(Current {
                     sha,
                     uid: entry.sop_instance_uid,
@@ -1285,11 +1267,8 @@ impl Receiver {
                     written: 0,
                     hasher: Sha256::new(),
                     file: Arc::new(file),
-                    sealing: at_rest
-                        .writer(Vec::new())
-                        .map_err(|e| Status::internal(format!("cannot seal: {e}")))?,
+                    sealing,
                     path,
-                    part,
                 });
             }
             let c = current.as_mut().expect("current instance");
@@ -1312,20 +1291,25 @@ impl Receiver {
             let write_err = |e: std::io::Error| {
                 Status::resource_exhausted(format!("cannot write staging file: {e}"))
             };
-            std::io::Write::write_all(&mut c.sealing, &chunk.data).map_err(write_err)?;
-            let sealed = std::mem::take(c.sealing.get_mut());
             let len = chunk.data.len() as u64;
-            let plain = c.part.as_ref().map(|(_, f)| (f.clone(), chunk.data));
-            write_chunk(c.file.clone(), sealed, plain)
+            let bytes = match c.sealing.as_mut() {
+                Some(sealing) => {
+                    std::io::Write::write_all(sealing, &chunk.data).map_err(write_err)?;
+                    std::mem::take(sealing.get_mut())
+                }
+                None => chunk.data,
+            };
+            write_chunk(c.file.clone(), bytes)
                 .await
                 .map_err(write_err)?;
             c.written += len;
             if chunk.last {
                 let c = current.take().expect("current instance");
-                let (tail, _) = c.sealing.finish().map_err(write_err)?;
-                write_chunk(c.file.clone(), tail, None)
-                    .await
-                    .map_err(write_err)?;
+                let sealed = c.sealing.is_some();
+                if let Some(sealing) = c.sealing {
+                    let (tail, _) = sealing.finish().map_err(write_err)?;
+                    write_chunk(c.file.clone(), tail).await.map_err(write_err)?;
+                }
                 let received = Received {
                     sha: c.sha,
                     uid: c.uid,
@@ -1333,7 +1317,7 @@ impl Receiver {
                     written: c.written,
                     hasher: c.hasher,
                     path: c.path,
-                    part: c.part.map(|(p, _)| p),
+                    sealed,
                 };
                 let check = self.finish_instance(received, plan, &deid).await?;
                 checks.push(check, done).await?;
@@ -1369,12 +1353,13 @@ impl Receiver {
                 r.size,
             )));
         }
-        let (token, deid, at_rest, part) = (
-            plan.study_token.clone(),
-            deid.clone(),
-            self.store.at_rest(),
-            r.part,
-        );
+        // A plaintext inbox copy is read as it is; a sealed staging file is opened in memory.
+        let at_rest = if r.sealed {
+            self.store.at_rest()
+        } else {
+            AtRest::plain()
+        };
+        let (token, deid) = (plan.study_token.clone(), deid.clone());
         let staged = StagedInstance {
             path: r.path,
             sha256: sha,
@@ -1389,16 +1374,10 @@ impl Receiver {
         };
         Ok(tokio::task::spawn_blocking(move || {
             let uid = &staged.sop_instance_uid;
-            let checked = match &part {
-                // The plaintext was written to its (hidden) inbox copy as it arrived and its
-                // SHA-256 checked: the check reads that, and nothing is decrypted.
-                Some(part) => check_instance(&AtRest::plain(), part, uid, &token, &deid),
-                None => check_instance(&at_rest, &staged.path, uid, &token, &deid),
-            };
-            checked.map_err(refused)?;
+            check_instance(&at_rest, &staged.path, uid, &token, &deid).map_err(refused)?;
             // Checked: the copy the commit makes durable may go to disk now, while the next
             // instances arrive, so that the commit's flush finds little left to write.
-            if let Ok(f) = std::fs::File::open(part.as_ref().unwrap_or(&staged.path)) {
+            if let Ok(f) = std::fs::File::open(&staged.path) {
                 crate::store::durable::start_writeback(&f);
             }
             Ok(staged)
@@ -1450,7 +1429,6 @@ impl Receiver {
         let expected = plan.expected;
         let key2 = key.clone();
         let mut staged_now = staged;
-        let plain = staging.plain.clone();
         let started = Instant::now();
         let committed = tokio::task::spawn_blocking(move || {
             staged_now.extend(
@@ -1459,7 +1437,7 @@ impl Receiver {
                     .into_iter()
                     .filter(|p| resumed.contains(&p.sha256)),
             );
-            store.commit_and_deliver(&key2, expected, staged_now, already, &plain)
+            store.commit_and_deliver(&key2, expected, staged_now, already)
         })
         .await
         .map_err(|e| Status::internal(e.to_string()))?;

@@ -2,7 +2,8 @@
 //! destruction receipts its origin has not yet acknowledged.
 //!
 //! Owns: [`LocalStore::destroy_study`], which removes everything the store holds of one study —
-//! its PACS delivery queue entries, its index record, its inbox files, the instances kept for a
+//! its PACS delivery queue entries, its index record, its inbox files (with encryption at rest
+//! and no PACS, the one stored copy; with their checksum list), the instances kept for a
 //! resumption, its blobs (those no other study record shares) and any quarantined copy of them —
 //! in a crash-safe order; and the `destroyed` tree of the index database: one tombstone per
 //! destroyed study (tokens, counts, times, the study digest; never PHI and never instance UIDs),
@@ -192,6 +193,12 @@ impl LocalStore {
             .join(safe_name(&tomb.agreement))
             .join(safe_name(&tomb.study_token));
         remove_tree(&inbox)?;
+        // The checksum list of its inbox copies (where those were the stored copies).
+        let sums = LocalStore::sums_path(&self.root, &tomb.agreement, &tomb.study_token);
+        remove_file(&sums)?;
+        if let Some(d) = sums.parent().filter(|d| d.exists()) {
+            sync_dir(d)?;
+        }
         self.discard_partials(&key)?;
         let mut dirs = BTreeSet::new();
         let quarantine = self.root.join("quarantine");
