@@ -277,8 +277,6 @@ pub struct LocalStore {
     pacs_delivery: std::sync::atomic::AtomicBool,
     /// Instance files are sealed through this (or written plain when encryption at rest is off).
     at_rest: sealed::AtRest,
-    /// One commit at a time rewrites a study's checksum list (see [`LocalStore::sums_path`]).
-    sums: std::sync::Mutex<()>,
 }
 
 impl LocalStore {
@@ -345,7 +343,6 @@ impl LocalStore {
             delivery,
             pacs_delivery: Default::default(),
             at_rest,
-            sums: Default::default(),
         };
         store.sweep_partials()?;
         Ok(store)
@@ -494,14 +491,17 @@ impl LocalStore {
             .join(format!("{}.dcm", safe_name(sop_instance_uid)))
     }
 
-    /// The checksum list of a study's inbox copies (where they are the stored copies): one
-    /// `<sha256 hex>  <file name>` line per instance, the format of `sha256sum`, sealed at rest.
-    /// It lives outside the inbox, so that the site's scripts see only DICOM files there, and
-    /// lets `store verify` check the inbox copies while the node runs (the index is locked).
+    /// The folder of the checksum lists of a study's inbox copies (where they are the stored
+    /// copies): each commit writes one list, `<random>.sha256`, with one
+    /// `<sha256 hex>  <file name>` line per instance it stored (the format of `sha256sum`),
+    /// sealed at rest. Lists are written once and never rewritten (so a key rotation re-sealing
+    /// them beside a running node loses nothing). They live outside the inbox, so that the
+    /// site's scripts see only DICOM files there, and let `store verify` check the inbox copies
+    /// while the node runs (its index is locked then).
     pub fn sums_path(root: &Path, agreement: &str, study_token: &str) -> PathBuf {
         root.join("sums")
             .join(safe_name(agreement))
-            .join(format!("{}.sha256", safe_name(study_token)))
+            .join(safe_name(study_token))
     }
 
     /// From now on, every instance a commit adds to a study is also queued for the site's PACS
@@ -574,40 +574,40 @@ fn verify_inbox_copies(
     report: &mut BlobReport,
 ) -> Result<(), StoreError> {
     let sums = root.join("sums");
+    // Every list of a study, merged (an instance received again after damage is listed twice).
+    let mut studies: BTreeMap<PathBuf, BTreeMap<String, [u8; 32]>> = BTreeMap::new();
     for e in walkdir::WalkDir::new(&sums)
         .sort_by_file_name()
-        .min_depth(2)
-        .max_depth(2)
+        .min_depth(3)
+        .max_depth(3)
     {
         let e = e.map_err(|e| StoreError::Io {
             path: sums.clone(),
             source: e.into(),
         })?;
-        let name = e.file_name().to_string_lossy().to_string();
-        let Some(study) = name.strip_suffix(".sha256") else {
-            continue; // a temporary file of a commit under way
+        let name = e.file_name().to_string_lossy();
+        if name.starts_with('.') || !name.ends_with(".sha256") {
+            continue; // a temporary file of a commit or a rotation under way
+        }
+        let Ok(rel) = e.path().parent().unwrap_or(&sums).strip_prefix(&sums) else {
+            continue;
         };
-        let agreement = e
-            .path()
-            .parent()
-            .and_then(Path::file_name)
-            .unwrap_or_default();
-        let dir = root.join("inbox").join(agreement).join(study);
-        let list = match at_rest.read(e.path()) {
-            Ok(list) => list,
+        let dir = root.join("inbox").join(rel);
+        match at_rest.read(e.path()) {
+            Ok(list) => studies.entry(dir).or_default().extend(parse_sums(&list)),
+            Err(sealed::SealError::Io { source, .. })
+                if source.kind() == std::io::ErrorKind::NotFound => {} // destroyed meanwhile
             Err(sealed::SealError::Io { path, source }) => {
                 return Err(StoreError::Io { path, source })
             }
             Err(err @ sealed::SealError::UnknownKey { .. }) => {
                 report.unreadable.push((e.into_path(), err.to_string()));
-                continue;
             }
-            Err(_) => {
-                report.mismatched.push(e.into_path());
-                continue;
-            }
-        };
-        for (file, want) in parse_sums(&list) {
+            Err(_) => report.mismatched.push(e.into_path()),
+        }
+    }
+    for (dir, list) in studies {
+        for (file, want) in list {
             let path = dir.join(&file);
             match hash_file(&path) {
                 Ok(got) => {
@@ -1080,8 +1080,8 @@ impl LocalStore {
         let dir = self.study_inbox(&key.agreement, &key.study_token);
         fs::create_dir_all(&dir).map_err(io_err(&dir))?;
         let (parts, sealed) = self.plaintext_parts(&dir, staged)?;
-        let _one_list_writer = self.sums.lock().unwrap_or_else(|p| p.into_inner());
-        let sums = Self::sums_path(&self.root, &key.agreement, &key.study_token);
+        let sums_dir = Self::sums_path(&self.root, &key.agreement, &key.study_token);
+        let sums = sums_dir.join(format!("{:016x}.sha256", rand::random::<u64>()));
         let listed = parts
             .iter()
             .map(|(s, _)| (format!("{}.dcm", safe_name(&s.sop_instance_uid)), s.sha256));
@@ -1112,8 +1112,7 @@ impl LocalStore {
             entries.push((s.sop_instance_uid, s.sha256));
         }
         fs::rename(&sums_tmp, &sums).map_err(io_err(&sums))?;
-        let sums_dir = sums.parent().expect("a list has a folder");
-        sync_dirs([dir.as_path(), sums_dir])?;
+        sync_dirs([dir.as_path(), sums_dir.as_path()])?;
         let c = self.record_commit(key, expected, entries, already_held, (stored, verified))?;
         // Sealed files kept for resumption now have their plaintext copy in the inbox.
         for f in sealed {
@@ -1150,23 +1149,14 @@ impl LocalStore {
         Ok((parts, sealed))
     }
 
-    /// Writes the study's checksum list with `new` entries added (sealed, not flushed) to a
-    /// temporary file beside `sums`; returns it. The caller holds `self.sums`.
+    /// Writes the checksum list `sums` of `new` entries (sealed, not flushed) to a temporary
+    /// file beside it; returns that file.
     fn write_sums_unsynced(
         &self,
         sums: &Path,
         new: impl Iterator<Item = (String, [u8; 32])>,
     ) -> Result<PathBuf, StoreError> {
-        let mut list = match self.at_rest.read(sums) {
-            Ok(bytes) => parse_sums(&bytes),
-            Err(sealed::SealError::Io { source, .. })
-                if source.kind() == std::io::ErrorKind::NotFound =>
-            {
-                BTreeMap::new()
-            }
-            Err(e) => return Err(e.into()),
-        };
-        list.extend(new);
+        let list: BTreeMap<String, [u8; 32]> = new.collect();
         let mut text = String::with_capacity(list.len() * 100);
         for (file, sha) in &list {
             text.push_str(&hex::encode(sha));
@@ -1175,6 +1165,7 @@ impl LocalStore {
             text.push('\n');
         }
         let dir = sums.parent().expect("a list has a folder");
+        private_dir(dir.parent().expect("an agreement folder"))?;
         private_dir(dir)?;
         let tmp = dir.join(format!(".{:016x}.part", rand::random::<u64>()));
         let f = fs::OpenOptions::new()
@@ -1724,7 +1715,9 @@ mod inbox_tests {
         assert!(blobs.is_empty(), "no second copy: {blobs:?}");
         // The checksum list is sealed (outside the delivery folder) and lists every copy.
         let sums = LocalStore::sums_path(dir.path(), "a", "2.25.5");
-        assert!(sealed::AtRest::key_id_of(&sums).unwrap().is_some());
+        let list = fs::read_dir(&sums).unwrap().next().unwrap().unwrap().path();
+        assert!(sealed::AtRest::key_id_of(&list).unwrap().is_some());
+        assert_eq!(parse_sums(&s.at_rest().read(&list).unwrap()).len(), 3);
         let report = LocalStore::verify_blobs(dir.path(), &s.at_rest()).unwrap();
         assert_eq!((report.checked, report.inbox_checked), (0, 3));
         assert!(report.mismatched.is_empty());
@@ -1767,8 +1760,14 @@ mod inbox_tests {
         let (c, _) = s.commit_and_deliver(&key, 3, vec![again], vec![]).unwrap();
         assert_eq!(c.stored, 1);
         assert_eq!(fs::read(&damaged).unwrap(), [b'p', 0, 42]);
-        let list = s.at_rest().read(&sums).unwrap();
-        assert_eq!(parse_sums(&list).len(), 3);
+        assert_eq!(
+            fs::read_dir(&sums).unwrap().count(),
+            2,
+            "one list per commit"
+        );
+        let report = LocalStore::verify_blobs(dir.path(), &s.at_rest()).unwrap();
+        assert_eq!((report.inbox_checked, report.handed_on), (2, 1));
+        assert!(report.mismatched.is_empty());
 
         // Without sealing the inbox copy is a hard link: no plaintext copy is prepared.
         let plain_dir = tempfile::tempdir().unwrap();

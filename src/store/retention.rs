@@ -193,12 +193,12 @@ impl LocalStore {
             .join(safe_name(&tomb.agreement))
             .join(safe_name(&tomb.study_token));
         remove_tree(&inbox)?;
-        // The checksum list of its inbox copies (where those were the stored copies).
-        let sums = LocalStore::sums_path(&self.root, &tomb.agreement, &tomb.study_token);
-        remove_file(&sums)?;
-        if let Some(d) = sums.parent().filter(|d| d.exists()) {
-            sync_dir(d)?;
-        }
+        // The checksum lists of its inbox copies (where those were the stored copies).
+        remove_tree(&LocalStore::sums_path(
+            &self.root,
+            &tomb.agreement,
+            &tomb.study_token,
+        ))?;
         self.discard_partials(&key)?;
         let mut dirs = BTreeSet::new();
         let quarantine = self.root.join("quarantine");
