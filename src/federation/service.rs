@@ -11,12 +11,14 @@
 //!   a pending offer expires after `offer_ttl_secs` and holds a few hundred bytes of memory, its
 //!   manifest waiting on disk ([`super::manifest`]);
 //! - "already held" is answered only for instances the same site sent under the same agreement
-//!   and flow, after re-hashing the blob and re-running the release check (a blob damaged at
-//!   rest is quarantined and asked for again); nothing tells a peer what others sent;
+//!   and flow, after re-hashing the stored copy (blob or inbox copy) and re-running the release
+//!   check (a copy damaged at rest is quarantined and asked for again), or for an inbox copy the
+//!   site has handed on (see `store`); nothing tells a peer what others sent;
 //! - every offer is authorised against the agreements in force (and re-authorised while a
 //!   transfer streams, so a suspension cuts it off); a transfer that sends nothing for
 //!   `stall_timeout_secs` is cut;
-//! - every instance is streamed to a staging file (memory does not grow with study size),
+//! - every instance is streamed to a staging file (memory does not grow with study size; with
+//!   inbox delivery and encryption at rest, its plaintext inbox copy under a hidden name),
 //!   checked against its SHA-256 and size, parsed through the guarded reader (`deid::guard`),
 //!   and must carry the announced SOP Instance UID and the offered study token as its Study
 //!   Instance UID, and pass the delivery check of the flow (`deid::verify::check_delivery_file`)

@@ -1,26 +1,28 @@
 //! Durable storage of a node.
 //!
 //! Owns: the [`Store`] trait (what the rest of the node may ask of storage), and its embedded
-//! implementation [`LocalStore`]: a sled index plus content-addressed instance blobs as files
-//! (written under a temporary name, fsynced, renamed), a staging area for transfers that are not yet
-//! verified (and the verified instances of interrupted ones, kept for resumption), delivery of
-//! complete studies to the inbox folder as ordinary DICOM files (hard links to the blobs, so a
-//! received instance is on disk once; sealed at rest, a decrypted copy), the durable [`outbox`] of
-//! studies waiting to be sent, and the durable [`delivery`] queue of received instances waiting
-//! for the site's PACS. The destruction of a received study whose retention ended, and the queue
-//! of its receipts, is [`retention`].
+//! implementation [`LocalStore`]: a sled index plus the stored copy of each received instance,
+//! a staging area for transfers that are not yet verified (and the verified instances of
+//! interrupted ones, kept sealed for resumption), delivery of studies to the inbox folder as
+//! ordinary DICOM files, `store verify`, the durable [`outbox`] of studies waiting to be sent,
+//! and the durable [`delivery`] queue of received instances waiting for the site's PACS. The
+//! destruction of a received study whose retention ended, and the queue of its receipts, is
+//! [`retention`].
 //!
-//! At rest, instance files (staging, resumption, blobs) are sealed through [`sealed::AtRest`]
-//! (`[storage] encrypt_at_rest`, on by default) and named by the SHA-256 of their plaintext. The
-//! inbox is the delivery folder and holds the one plaintext copy: with encryption on, a complete
-//! study is decrypted into it (hash checked) and the sealed blob stays for deduplication,
-//! resumption and retention. A transfer that completes its study has its instances' plaintext
-//! written as it arrives into hidden inbox files ([`Store::inbox_part`]); those are the
-//! copies its commit makes durable ([`Store::commit_and_deliver`]), and its sealed blobs are
-//! renamed in unflushed, as a cache re-hashed before every use. Flushes are per file, several at
-//! once ([`durable`]), never of the whole file system. With a PACS configured
-//! (`[dicom.deliver]`) the inbox is not written at all, so no plaintext copy remains after
-//! delivery. With encryption off the inbox file is a hard link to the blob, as before. sled
+//! A received instance is kept on disk once:
+//! - inbox delivery with encryption at rest (`[storage] encrypt_at_rest`, on by default): the
+//!   plaintext inbox file is the stored copy. The receiver writes it as it arrives under a hidden
+//!   name ([`Store::inbox_part`]); the commit makes it durable and names it; no sealed blob is
+//!   written. Its SHA-256 goes into a sealed checksum list ([`LocalStore::sums_path`]) so that
+//!   `store verify` can check it while the node runs, and every "already held" answer re-hashes
+//!   it ([`Store::check_held`]). A copy the site took out of the inbox is handed on: still held
+//!   by the index, never delivered again;
+//! - a PACS as the delivery (`[dicom.deliver]`): the sealed, content-addressed blob (written
+//!   under a temporary name, made durable, renamed) is the one copy, queued for the PACS; the
+//!   inbox is not written;
+//! - encryption at rest off: the plaintext blob, with the inbox file a hard link to it.
+//!
+//! Flushes are per file, several at once ([`durable`]), never of the whole file system. sled
 //! records hold tokens, de-identified UIDs and hashes only.
 //!
 //! sled 0.34 only fsyncs on its own every 500 ms, so every method that records something flushes
