@@ -429,6 +429,52 @@ mod tests {
         assert_eq!(all[0].1.state, DestructionState::Acknowledged);
     }
 
+    /// With inbox delivery and encryption at rest the inbox copy is the one stored copy:
+    /// destruction removes it, its checksum lists and a quarantined copy of it.
+    #[test]
+    fn destroying_removes_the_inbox_copies_that_are_the_stored_copies() {
+        let dir = tempfile::tempdir().unwrap();
+        let at_rest =
+            crate::store::sealed::AtRest::new(&crate::pseudonym::SiteKeys::generate(), true);
+        let s = LocalStore::open_with(dir.path(), at_rest).unwrap();
+        let key = StudyKey::new("a", "f", "x", "2.25.7");
+        let staged: Vec<_> = [(&b"one"[..], "2.25.71"), (&b"two"[..], "2.25.72")]
+            .into_iter()
+            .map(|(bytes, uid)| {
+                let part = s.inbox_part(&key, uid).unwrap().expect("inbox copy");
+                fs::write(&part, bytes).unwrap();
+                StagedInstance {
+                    path: part,
+                    sha256: Sha256::digest(bytes).into(),
+                    size: bytes.len() as u64,
+                    sop_instance_uid: uid.into(),
+                }
+            })
+            .collect();
+        let (c, _) = s.commit_and_deliver(&key, 2, staged, vec![]).unwrap();
+        assert_eq!(c.stored, 2);
+        assert_eq!(files(dir.path(), "inbox").len(), 2);
+        assert_eq!(files(dir.path(), "sums").len(), 1);
+        assert!(files(dir.path(), "blobs").is_empty());
+        // One copy was damaged at rest and quarantined.
+        let copy = s.inbox_copy_path(&key, "2.25.71");
+        fs::write(&copy, b"rot").unwrap();
+        let sha: [u8; 32] = Sha256::digest(b"one").into();
+        assert!(matches!(
+            s.check_held(&key, "2.25.71", &sha).unwrap(),
+            crate::store::BlobCheck::Quarantined(_)
+        ));
+        let t = s
+            .destroy_study(&key, &ended(), 1_000, &mut s.blob_refs().unwrap())
+            .unwrap()
+            .unwrap();
+        assert_eq!(t.state, DestructionState::Deleted);
+        assert_eq!(t.instances, 2);
+        for sub in ["inbox", "sums", "quarantine", "blobs", "staging"] {
+            assert!(files(dir.path(), sub).is_empty(), "left in {sub}");
+        }
+    }
+
     #[test]
     fn a_destruction_interrupted_by_a_crash_is_finished_on_resume() {
         let dir = tempfile::tempdir().unwrap();
