@@ -451,6 +451,7 @@ purposes = ["treatment"]
             expected: 0,
             first_received: at,
             last_received: at,
+            patient: None,
         }
     }
 

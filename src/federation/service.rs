@@ -482,6 +482,8 @@ fn check_offer_fields(o: &OfferRequest) -> Result<(), wire::BadField> {
 /// [`Store::inbox_part`]); removed on drop unless committed.
 struct Staging {
     files: Vec<std::path::PathBuf>,
+    /// The Patient ID the delivery checks read (the first one), noted in the study record.
+    patient: Arc<std::sync::OnceLock<String>>,
 }
 
 impl Drop for Staging {
@@ -496,14 +498,14 @@ impl Drop for Staging {
 /// the guarded reader (a length bomb is refused before any allocation), carries the SOP Instance
 /// UID the manifest announced and the offered study token as its Study Instance UID, and passes
 /// the flow's delivery check (`deid::verify::check_delivery_file`): the receiver never trusts the
-/// sender.
+/// sender. Returns its (de-identified) Patient ID.
 fn check_instance(
     at_rest: &AtRest,
     path: &std::path::Path,
     expected_uid: &str,
     study_token: &str,
     deid: &DeidConfig,
-) -> Result<(), String> {
+) -> Result<String, String> {
     let view = at_rest
         .plain_view(path)
         .map_err(|e| format!("the staged instance cannot be read: {e}"))?;
@@ -525,7 +527,8 @@ fn check_instance(
         if text(dicom_dictionary_std::tags::STUDY_INSTANCE_UID) != study_token {
             return Err("Study Instance UID differs from the offered study token".to_string());
         }
-        crate::deid::verify::check_delivery_file(&obj, deid).map_err(|e| e.reason().to_string())
+        crate::deid::verify::check_delivery_file(&obj, deid).map_err(|e| e.reason().to_string())?;
+        Ok(text(dicom_dictionary_std::tags::PATIENT_ID))
     });
     std::panic::catch_unwind(run)
         .unwrap_or_else(|_| Err("the DICOM parser gave up on this instance".to_string()))
@@ -692,7 +695,7 @@ fn dispositions(
                 BlobCheck::HandedOn => Disposition::Held,
                 BlobCheck::Intact(path) => {
                     match check_instance(&store.at_rest(), &path, &a.uid, &key.study_token, deid) {
-                        Ok(()) => Disposition::Held,
+                        Ok(_) => Disposition::Held,
                         Err(_) => Disposition::Wanted,
                     }
                 }
@@ -1009,7 +1012,10 @@ impl Receiver {
     ) -> Result<Response<Receipt>, Status> {
         let object = format!("study {}", plan.study_token);
         let ids = (plan.agreement.clone(), plan.purpose.clone());
-        let mut staging = Staging { files: Vec::new() };
+        let mut staging = Staging {
+            files: Vec::new(),
+            patient: Default::default(),
+        };
         let mut done = Vec::new();
         let result = self
             .receive(&plan, first, stream, &mut staging, &mut done)
@@ -1324,7 +1330,8 @@ impl Receiver {
                     path: c.path,
                     sealed,
                 };
-                let check = self.finish_instance(received, plan, &deid).await?;
+                let patient = staging.patient.clone();
+                let check = self.finish_instance(received, plan, &deid, patient).await?;
                 checks.push(check, done).await?;
             }
         }
@@ -1347,6 +1354,7 @@ impl Receiver {
         r: Received,
         plan: &Plan,
         deid: &DeidConfig,
+        patient: Arc<std::sync::OnceLock<String>>,
     ) -> Result<Check, Status> {
         let sha = r.sha;
         let digest: [u8; 32] = r.hasher.finalize().into();
@@ -1379,7 +1387,10 @@ impl Receiver {
         };
         Ok(tokio::task::spawn_blocking(move || {
             let uid = &staged.sop_instance_uid;
-            check_instance(&at_rest, &staged.path, uid, &token, &deid).map_err(refused)?;
+            let id = check_instance(&at_rest, &staged.path, uid, &token, &deid).map_err(refused)?;
+            if !id.is_empty() {
+                patient.get_or_init(|| id);
+            }
             // Checked: the copy the commit makes durable may go to disk now, while the next
             // instances arrive, so that the commit's flush finds little left to write.
             if let Ok(f) = std::fs::File::open(&staged.path) {
@@ -1452,7 +1463,20 @@ impl Receiver {
             commit_and_deliver_ms = started.elapsed().as_millis() as u64,
             "transfer committed"
         );
+        let patient = staging.patient.get().cloned();
         drop(staging);
+        if let (Ok((c, _)), Some(patient)) = (&committed, patient) {
+            if c.study.patient.is_none() {
+                // Not part of what the receipt acknowledges: a failure here only means a result
+                // returned later is checked against a stored copy instead.
+                let (store, key) = (self.store.clone(), key.clone());
+                let noted =
+                    tokio::task::spawn_blocking(move || store.note_patient(&key, &patient)).await;
+                if let Ok(Err(e)) = noted {
+                    tracing::warn!(error = %e, "the study's patient token was not noted");
+                }
+            }
+        }
         let (c, delivered) = committed.map_err(|e| match e {
             StoreError::BlobCorrupted(_) => {
                 self.audit.record_or_warn(Event {

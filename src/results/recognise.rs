@@ -167,6 +167,14 @@ fn check_result_of(
         study: rec.study_token.clone(),
     };
     // The patient token of the received study, from one of its stored instances.
+    // Noted by the receiver as it checked the study (the copies may have left the inbox since).
+    if let Some(held) = rec.patient.as_deref() {
+        return if held.trim_matches(['\0', ' ']) == patient {
+            Ok(())
+        } else {
+            Err(wrong())
+        };
+    }
     let key = StudyKey::new(&rec.agreement, &rec.flow, &rec.from_site, &rec.study_token);
     for (uid, sha_hex) in &rec.instances {
         let mut sha = [0u8; 32];

@@ -101,6 +101,11 @@ pub struct StudyRecord {
     /// Unix time (seconds) of the first and last receipt.
     pub first_received: u64,
     pub last_received: u64,
+    /// The study's (de-identified) Patient ID, a token, as the receiver's delivery check read it
+    /// ([`Store::note_patient`]): a result returned on the study is checked against it even
+    /// after the site has taken every inbox copy out. `None` in records from before it was kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub patient: Option<String>,
 }
 
 impl StudyRecord {
@@ -141,6 +146,10 @@ pub trait Store: Send + Sync + 'static {
         sha256: &[u8; 32],
     ) -> Result<BlobCheck, StoreError> {
         self.check_blob(sha256)
+    }
+    /// Notes the (de-identified) Patient ID of a study in its record, unless one is noted.
+    fn note_patient(&self, _key: &StudyKey, _patient: &str) -> Result<(), StoreError> {
+        Ok(())
     }
     /// Forgets one instance of a study record (it will be asked for again).
     fn forget_instance(&self, key: &StudyKey, sop_instance_uid: &str) -> Result<(), StoreError>;
@@ -860,6 +869,21 @@ impl Store for LocalStore {
         self.at_rest.clone()
     }
 
+    fn note_patient(&self, key: &StudyKey, patient: &str) -> Result<(), StoreError> {
+        let k = key.index_key();
+        if let Some(v) = self.index.get(&k)? {
+            let mut rec: StudyRecord =
+                serde_json::from_slice(&v).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            if rec.patient.is_none() {
+                rec.patient = Some(patient.to_string());
+                self.index
+                    .insert(k, serde_json::to_vec(&rec).expect("record serialises"))?;
+                self.db.flush()?;
+            }
+        }
+        Ok(())
+    }
+
     fn forget_instance(&self, key: &StudyKey, sop_instance_uid: &str) -> Result<(), StoreError> {
         let k = key.index_key();
         if let Some(v) = self.index.get(&k)? {
@@ -1217,6 +1241,7 @@ impl LocalStore {
                 expected,
                 first_received: now,
                 last_received: now,
+                patient: None,
             },
         };
         let to_pacs = self.pacs_delivery.load(std::sync::atomic::Ordering::SeqCst);
