@@ -321,15 +321,6 @@ impl LocalStore {
         ] {
             private_dir(&root.join(d))?;
         }
-        // Anything left in staging is from a transfer that never completed: it was never
-        // acknowledged, so it is discarded.
-        let staging = root.join("staging");
-        for e in fs::read_dir(&staging).map_err(io_err(&staging))?.flatten() {
-            if e.path().is_file() {
-                let _ = fs::remove_file(e.path());
-            }
-        }
-        discard_inbox_parts(&root.join("inbox"))?;
         let db = sled::Config::new()
             .path(root.join("index"))
             .mode(sled::Mode::HighThroughput)
@@ -340,6 +331,16 @@ impl LocalStore {
                 }
                 _ => StoreError::Index(e),
             })?;
+        // Only now, holding the index's lock (a `store verify` beside a running node stops at
+        // it): anything left in staging, and any hidden inbox copy, is from a transfer that
+        // never completed; it was never acknowledged, so it is discarded.
+        let staging = root.join("staging");
+        for e in fs::read_dir(&staging).map_err(io_err(&staging))?.flatten() {
+            if e.path().is_file() {
+                let _ = fs::remove_file(e.path());
+            }
+        }
+        discard_inbox_parts(&root.join("inbox"))?;
         let index = db.open_tree("index")?;
         let partial = db.open_tree("partial")?;
         let delivery = delivery::DeliveryQueue::open(&db)?;
@@ -1587,6 +1588,24 @@ mod lock_tests {
             Err(other) => panic!("unexpected error: {other}"),
             Ok(_) => panic!("a second store opened the same data directory"),
         }
+    }
+
+    #[test]
+    fn a_second_open_leaves_the_running_stores_transfers_alone() {
+        // `store verify` opens the store beside a running node: it must not delete the files of
+        // a transfer under way (a staging file, a hidden inbox copy).
+        let dir = tempfile::tempdir().unwrap();
+        let at_rest = sealed::AtRest::new(&crate::pseudonym::SiteKeys::generate(), true);
+        let running = LocalStore::open_with(dir.path(), at_rest.clone()).unwrap();
+        let (_, staged) = running.stage_file().unwrap();
+        let key = StudyKey::new("a", "f", "x", "2.25.8");
+        let part = running.inbox_part(&key, "2.25.81").unwrap().unwrap();
+        fs::write(&part, b"arriving").unwrap();
+        assert!(matches!(
+            LocalStore::open_with(dir.path(), at_rest),
+            Err(StoreError::InUse(_))
+        ));
+        assert!(staged.exists() && part.exists());
     }
 
     #[test]
