@@ -281,7 +281,12 @@ pub struct Rotated {
 }
 
 /// Where a node keeps sealed files (relative to its data folder).
-const SEALED_DIRS: &[&str] = &["store/blobs", "store/staging/resume", "quarantine"];
+const SEALED_DIRS: &[&str] = &[
+    "store/blobs",
+    "store/staging/resume",
+    "store/sums",
+    "quarantine",
+];
 
 /// Rotates the data-encryption key: a new one becomes current in the key file (a v1 file is
 /// upgraded to v2, its agreements kept as legacy so their tokens stay), then every sealed file

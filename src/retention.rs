@@ -225,7 +225,7 @@ fn audit_destroyed(audit: &AuditLog, d: &Destruction) {
             ),
             agreement: d.agreement.clone(),
             purpose: String::new(),
-            outcome: "ok: blobs, inbox files, resumption data, PACS queue entries and index record deleted; destruction receipt queued for the origin".into(),
+            outcome: "ok: stored copies (sealed blobs; inbox files, the one stored copy where the inbox is the delivery, with their checksum list), resumption data, PACS queue entries and index record deleted; destruction receipt queued for the origin".into(),
         },
         Detail {
             study: Some(d.study_token.clone()),
@@ -451,6 +451,7 @@ purposes = ["treatment"]
             expected: 0,
             first_received: at,
             last_received: at,
+            patient: None,
         }
     }
 

@@ -16,6 +16,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::time::Duration;
 
 use dicom_core::{DataElement, PrimitiveValue, VR};
 use dicom_dictionary_std::tags;
@@ -217,24 +218,28 @@ fn nothing_is_kept_in_clear_and_rotation_runs_beside_the_nodes() {
     assert!(ok && !out.contains("E: "), "{out}");
     assert_nothing_in_clear(&sites, &[&s1, &s2]);
 
-    // 2. Rotation while both nodes run.
-    let blob_dir = sites.c.cfg.data_dir.join("store").join("blobs");
+    // The inbox copy is the one stored copy at telerad-c: no sealed blob beside it.
+    let store_c = sites.c.cfg.data_dir.join("store");
+    assert!(files_under(&store_c.join("blobs")).is_empty());
+    // 2. Rotation while both nodes run. What telerad-c keeps sealed of a received study: the
+    // checksum list of its inbox copies.
+    let blob_dir = store_c.join("sums");
     let blob = files_under(&blob_dir)[0].clone();
-    let before = AtRest::key_id_of(&blob).unwrap().expect("blobs are sealed");
+    let before = AtRest::key_id_of(&blob).unwrap().expect("lists are sealed");
     for node in [&sites.c, &sites.a] {
         let (code, out) = node.cli(&["keys", "rotate"]);
         assert_eq!(code, 0, "keys rotate: {out}");
         assert!(out.contains("is current"), "{out}");
     }
     let after = AtRest::key_id_of(&blob).unwrap().unwrap();
-    assert_ne!(before, after, "the blob was not re-sealed");
+    assert_ne!(before, after, "the checksum list was not re-sealed");
     let key_text = std::fs::read_to_string(&sites.c.cfg.key_file).unwrap();
     assert!(
         key_text.contains(&before) && key_text.contains(&after),
         "old key kept"
     );
-    // A new study after the rotation, by DIMSE, and the first study sent again (its blobs are
-    // re-checked under their new key and count as held).
+    // A new study after the rotation, by DIMSE, and the first study sent again (its inbox
+    // copies are re-checked and count as held).
     let (more, s3) = study(
         &sites.dir.path().join("study-3"),
         &patient("ALDERWOOD^PIM", "MRN-AR-55012"),
@@ -251,7 +256,10 @@ fn nothing_is_kept_in_clear_and_rotation_runs_beside_the_nodes() {
     assert_nothing_in_clear(&sites, &[&s1, &s2, &s3]);
     let (code, out) = sites.c.cli(&["store", "verify"]);
     assert_eq!(code, 0, "store verify after rotation: {out}");
-    assert!(out.contains("all intact"), "{out}");
+    assert!(
+        out.contains("all intact") && out.contains("and 8 inbox copies"),
+        "{out}"
+    );
     for b in files_under(&blob_dir) {
         assert_eq!(
             AtRest::key_id_of(&b).unwrap().as_deref(),
@@ -269,7 +277,16 @@ fn nothing_is_kept_in_clear_and_rotation_runs_beside_the_nodes() {
 
 #[test]
 fn damage_and_wrong_keys_name_the_item_and_lose_nothing_else() {
-    let mut sites = start_sites();
+    // telerad-c forwards to its PACS (down for the whole test): each received instance waits as
+    // a sealed blob, its one stored copy.
+    let pacs_down = format!("127.0.0.1:{}", free_port());
+    let mut sites = Sites::start_tuned(None, &[("MODALITY", "127.0.0.1")], None, |site, cfg| {
+        if site == "telerad-c" {
+            cfg.dicom.get_or_insert_with(Default::default).deliver = Some(
+                pacs_broker::config::DeliverConfig::new("ORTHANC", &pacs_down),
+            );
+        }
+    });
     let (files, _) = study(
         &sites.dir.path().join("study"),
         &patient("MARROW^IDA", "MRN-AR-31337"),
@@ -277,7 +294,13 @@ fn damage_and_wrong_keys_name_the_item_and_lose_nothing_else() {
         9,
     );
     sites.storescu_modality(&files);
-    sites.wait_received(3);
+    let blob_dir = sites.c.cfg.data_dir.join("store").join("blobs");
+    wait_for(
+        "3 sealed blobs at telerad-c",
+        Duration::from_secs(40),
+        || files_under(&blob_dir).len() >= 3,
+    );
+    assert!(sites.received().is_empty(), "no inbox copy beside a PACS");
     sites.a.stop();
     sites.c.stop();
 

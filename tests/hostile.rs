@@ -634,7 +634,17 @@ async fn a_length_bomb_over_the_wire_is_refused_without_a_large_allocation() {
         );
     }
     assert!(rss_kib().saturating_sub(before) < 64 * 1024);
-    assert!(files_under(&store_dir(fed.node("telerad-c")).join("blobs")).is_empty());
+    // Nothing refused is left: no blob, and no (hidden) inbox copy.
+    for d in ["blobs", "inbox", "staging"] {
+        let left: Vec<_> = files_under(&store_dir(fed.node("telerad-c")).join(d))
+            .into_iter()
+            .filter(|p| {
+                p.is_file()
+                    && !p.starts_with(store_dir(fed.node("telerad-c")).join("staging/resume"))
+            })
+            .collect();
+        assert!(left.is_empty(), "{d}: {left:?}");
+    }
     fed.stop().await;
 }
 
@@ -831,64 +841,85 @@ async fn a_pinned_party_with_another_key_is_refused() {
     fed.stop().await;
 }
 
-// 8. Integrity at rest: a corrupted blob is never delivered; `store verify` finds it.
+// 8. Integrity at rest: a damaged stored copy is never counted as held; `store verify` finds it.
+// With inbox delivery and encryption at rest the inbox copy is the one stored copy (no blob).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_corrupted_blob_is_never_delivered() {
-    let fed = Federation::start_with(&["hospital-a", "telerad-c"], tight).await;
+async fn a_damaged_stored_copy_is_never_counted_as_held() {
+    // Default limits: this test is about integrity, and the `tight` ones (a 1 s stall timeout,
+    // 2 s offer TTL) can cut or expire a send on a loaded machine, which then only queues.
+    let fed = Federation::start(&["hospital-a", "telerad-c"]).await;
     let src = fed.dir.path().join("study");
     write_synthetic_ct(&src, &SyntheticPatient::default(), 3, 16).unwrap();
     let a = fed.node("hospital-a");
-    a.send(AGREEMENT, FLOW, None, std::slice::from_ref(&src))
+    let first = a
+        .send(AGREEMENT, FLOW, None, std::slice::from_ref(&src))
         .await
         .unwrap();
+    assert!(first.queued.is_empty(), "{:?}", first.queued);
+    assert_eq!(first.studies[0].instances_sent, 3);
     let c = fed.node("telerad-c");
     let store = store_dir(c);
+    assert!(
+        files_under(&store.join("blobs")).is_empty(),
+        "the inbox copy is the one stored copy"
+    );
     let inbox = files_under(&store.join("inbox"));
+    assert_eq!(inbox.len(), 3);
     let good: Vec<Vec<u8>> = inbox.iter().map(|f| std::fs::read(f).unwrap()).collect();
-    let blob = files_under(&store.join("blobs"))[0].clone();
-    let mut bytes = std::fs::read(&blob).unwrap();
+    // One stored copy is damaged at rest (one bit), another was taken out by the site.
+    let damaged = inbox[0].clone();
+    let mut bytes = std::fs::read(&damaged).unwrap();
     let mid = bytes.len() / 2;
     bytes[mid] ^= 0x01;
-    std::fs::write(&blob, &bytes).unwrap();
-    // The inbox was handed on (say, to the PACS): the next resend would deliver again.
-    for f in &inbox {
-        std::fs::remove_file(f).unwrap();
-    }
-    // `store verify` finds the flipped byte.
+    std::fs::write(&damaged, &bytes).unwrap();
+    std::fs::remove_file(&inbox[1]).unwrap();
+    // `store verify` finds the flipped byte (while the node runs) and names the file.
     let cfg_path = fed.dir.path().join("telerad-c.toml");
     std::fs::write(&cfg_path, c.config.to_toml()).unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_pacs-broker"))
-        .args(["store", "verify", "--config"])
-        .arg(&cfg_path)
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(out.status.code(), Some(3), "{text}");
-    assert!(text.contains("MISMATCH"), "{text}");
-    // A resend: the damaged instance is quarantined and asked for again; what reaches the
-    // inbox is the sender's bytes.
+    let verify = || {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_pacs-broker"))
+            .args(["store", "verify", "--config"])
+            .arg(&cfg_path)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+        )
+    };
+    let (code, text) = verify();
+    assert_eq!(code, Some(3), "{text}");
+    assert_eq!(text.matches("MISMATCH").count(), 1, "{text}");
+    let name = damaged.file_name().unwrap().to_string_lossy().to_string();
+    assert!(text.contains(&name), "{text}");
+    assert!(text.contains("1 handed on"), "{text}");
+    // A resend: the damaged copy is quarantined and asked for again (never counted as held);
+    // the intact one and the one handed on count as held; what reaches the inbox is the
+    // sender's bytes, and the instance handed on is not delivered a second time.
     let report = a
         .send(AGREEMENT, FLOW, None, std::slice::from_ref(&src))
         .await
         .unwrap();
+    assert!(report.queued.is_empty(), "{:?}", report.queued);
     assert_eq!(report.studies[0].instances_sent, 1);
     assert_eq!(report.studies[0].already_held, 2);
-    let mut now: Vec<Vec<u8>> = files_under(&store.join("inbox"))
-        .iter()
-        .map(|f| std::fs::read(f).unwrap())
-        .collect();
-    let mut want = good.clone();
-    now.sort();
-    want.sort();
-    assert_eq!(now, want, "the inbox does not hold the sender's bytes");
+    let now = files_under(&store.join("inbox"));
+    assert_eq!(now.len(), 2, "{now:?}");
+    assert_eq!(
+        std::fs::read(&damaged).unwrap(),
+        good[0],
+        "not the sender's bytes"
+    );
+    assert_eq!(std::fs::read(&inbox[2]).unwrap(), good[2]);
+    assert!(
+        !inbox[1].exists(),
+        "a handed-on instance was delivered again"
+    );
     assert_eq!(files_under(&store.join("quarantine")).len(), 1);
     assert!(audit_text(c).contains("quarantine"));
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_pacs-broker"))
-        .args(["store", "verify", "--config"])
-        .arg(&cfg_path)
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(0));
+    let (code, text) = verify();
+    assert_eq!(code, Some(0), "{text}");
+    assert!(text.contains("all intact"), "{text}");
     fed.stop().await;
 }
 

@@ -117,7 +117,7 @@ async fn an_expired_study_is_gone_at_the_receiver_and_the_origin_holds_the_signe
         .entries()
         .unwrap()
         .is_empty());
-    for sub in ["blobs", "inbox", "staging", "quarantine"] {
+    for sub in ["blobs", "inbox", "sums", "staging", "quarantine"] {
         let left = files_under(&c_data.join("store").join(sub));
         assert!(left.is_empty(), "left in store/{sub}: {left:?}");
     }

@@ -497,6 +497,15 @@ async fn a_report_comes_home_reidentified_by_return_and_by_dimse() {
     ]);
     assert_eq!(code, 0, "{out}");
 
+    // The site took the study out of its inbox (into its PACS): with encryption at rest the
+    // inbox copy was the one stored copy. A report on it still goes home: the receiver noted
+    // the study's patient token as it checked the instances.
+    let store_c = fed.node("telerad-c").config.data_dir.join("store");
+    for f in files_under(&store_c.join("inbox").join(RETURNS)) {
+        std::fs::remove_file(f).unwrap();
+    }
+    assert!(files_under(&store_c.join("blobs")).is_empty());
+
     // By DIMSE: the RIS C-STOREs its report to telerad-c's listener, which sends it home.
     let sop2 = random_uid();
     let sr2 = report(&got, &sop2, &work.path().join("report2.dcm"));

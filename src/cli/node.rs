@@ -287,12 +287,16 @@ pub fn store(cmd: StoreCommand) -> anyhow::Result<i32> {
     }
     for p in &blobs.mismatched {
         println!(
-            "MISMATCH {}: its bytes do not match its SHA-256",
+            "MISMATCH {}: its bytes do not match its SHA-256 (damaged at rest: the next offer of its study quarantines it and asks for it again)",
             p.display()
         );
     }
     match pacs_broker::store::LocalStore::open_with(&root, at_rest) {
         Ok(store) => {
+            if cfg.dicom.as_ref().is_some_and(|d| d.deliver.is_some()) {
+                // The sealed blobs are the stored copies (the PACS is the delivery).
+                store.enable_pacs_delivery();
+            }
             let missing = store.missing_blobs()?;
             for (key, uid) in &missing {
                 println!(
@@ -308,9 +312,11 @@ pub fn store(cmd: StoreCommand) -> anyhow::Result<i32> {
         Err(e) => return Err(e.into()),
     }
     let summary = format!(
-        "checked {} blobs ({} bytes): {}",
+        "checked {} blobs and {} inbox copies ({} bytes; {} handed on from the inbox): {}",
         blobs.checked,
+        blobs.inbox_checked,
         blobs.bytes,
+        blobs.handed_on,
         if bad == 0 {
             "all intact".to_string()
         } else {

@@ -11,12 +11,14 @@
 //!   a pending offer expires after `offer_ttl_secs` and holds a few hundred bytes of memory, its
 //!   manifest waiting on disk ([`super::manifest`]);
 //! - "already held" is answered only for instances the same site sent under the same agreement
-//!   and flow, after re-hashing the blob and re-running the release check (a blob damaged at
-//!   rest is quarantined and asked for again); nothing tells a peer what others sent;
+//!   and flow, after re-hashing the stored copy (blob or inbox copy) and re-running the release
+//!   check (a copy damaged at rest is quarantined and asked for again), or for an inbox copy the
+//!   site has handed on (see `store`); nothing tells a peer what others sent;
 //! - every offer is authorised against the agreements in force (and re-authorised while a
 //!   transfer streams, so a suspension cuts it off); a transfer that sends nothing for
 //!   `stall_timeout_secs` is cut;
-//! - every instance is streamed to a staging file (memory does not grow with study size),
+//! - every instance is streamed to a staging file (memory does not grow with study size; with
+//!   inbox delivery and encryption at rest, its plaintext inbox copy under a hidden name),
 //!   checked against its SHA-256 and size, parsed through the guarded reader (`deid::guard`),
 //!   and must carry the announced SOP Instance UID and the offered study token as its Study
 //!   Instance UID, and pass the delivery check of the flow (`deid::verify::check_delivery_file`)
@@ -476,12 +478,12 @@ fn check_offer_fields(o: &OfferRequest) -> Result<(), wire::BadField> {
     Ok(())
 }
 
-/// Staged files of one transfer; removed on drop unless committed.
+/// Staged files of one transfer (sealed staging files, or hidden plaintext inbox copies, see
+/// [`Store::inbox_part`]); removed on drop unless committed.
 struct Staging {
     files: Vec<std::path::PathBuf>,
-    /// Verified plaintext inbox copies of a transfer ([`Store::inbox_part`]), by SHA-256: the delivery check read them, and the commit makes
-    /// them the durable copy. Also listed in `files` (removed unless named in the inbox).
-    plain: HashMap<[u8; 32], std::path::PathBuf>,
+    /// The Patient ID the delivery checks read (the first one), noted in the study record.
+    patient: Arc<std::sync::OnceLock<String>>,
 }
 
 impl Drop for Staging {
@@ -496,19 +498,22 @@ impl Drop for Staging {
 /// the guarded reader (a length bomb is refused before any allocation), carries the SOP Instance
 /// UID the manifest announced and the offered study token as its Study Instance UID, and passes
 /// the flow's delivery check (`deid::verify::check_delivery_file`): the receiver never trusts the
-/// sender.
+/// sender. Returns its (de-identified) Patient ID.
 fn check_instance(
     at_rest: &AtRest,
     path: &std::path::Path,
     expected_uid: &str,
     study_token: &str,
     deid: &DeidConfig,
-) -> Result<(), String> {
+) -> Result<String, String> {
     let view = at_rest
         .plain_view(path)
         .map_err(|e| format!("the staged instance cannot be read: {e}"))?;
     let run = std::panic::AssertUnwindSafe(|| {
-        let obj = crate::deid::guard::read_guarded(view.path())
+        // The checks look at every attribute but not at pixel values (only that Pixel Data is
+        // there): a file ending with its Pixel Data is parsed up to it, its declared lengths
+        // still all checked, and the pixels are never read into memory.
+        let (obj, _pixels) = crate::deid::guard::read_guarded_split(view.path())
             .map_err(|e| format!("not a readable DICOM file: {e}"))?;
         let text = |tag| {
             obj.get(tag)
@@ -522,29 +527,20 @@ fn check_instance(
         if text(dicom_dictionary_std::tags::STUDY_INSTANCE_UID) != study_token {
             return Err("Study Instance UID differs from the offered study token".to_string());
         }
-        crate::deid::verify::check_delivery_file(&obj, deid).map_err(|e| e.reason().to_string())
+        crate::deid::verify::check_delivery_file(&obj, deid).map_err(|e| e.reason().to_string())?;
+        Ok(text(dicom_dictionary_std::tags::PATIENT_ID))
     });
     std::panic::catch_unwind(run)
         .unwrap_or_else(|_| Err("the DICOM parser gave up on this instance".to_string()))
 }
 
-/// Writes one received chunk, sealed, to its staging file and, when the instance has an inbox
-/// copy, its plaintext there too: on the blocking pool, the buffers moved there, not copied.
-async fn write_chunk(
-    file: Arc<std::fs::File>,
-    sealed: Vec<u8>,
-    plain: Option<(Arc<std::fs::File>, Vec<u8>)>,
-) -> std::io::Result<()> {
+/// Writes one received chunk (sealed, or the plaintext of an inbox copy) to its file: on the
+/// blocking pool, the buffer moved there, not copied.
+async fn write_chunk(file: Arc<std::fs::File>, bytes: Vec<u8>) -> std::io::Result<()> {
     use std::io::Write;
-    tokio::task::spawn_blocking(move || {
-        (&*file).write_all(&sealed)?;
-        if let Some((part, data)) = plain {
-            (&*part).write_all(&data)?;
-        }
-        Ok(())
-    })
-    .await
-    .map_err(std::io::Error::other)?
+    tokio::task::spawn_blocking(move || (&*file).write_all(&bytes))
+        .await
+        .map_err(std::io::Error::other)?
 }
 
 /// One instance whose last chunk arrived, before its checks.
@@ -554,10 +550,9 @@ struct Received {
     size: u64,
     written: u64,
     hasher: Sha256,
-    /// Its sealed staging file.
+    /// Its staging file: sealed, or its plaintext inbox copy (`sealed` false).
     path: std::path::PathBuf,
-    /// Where its plaintext inbox copy goes (delivered when the commit completes the study).
-    part: Option<std::path::PathBuf>,
+    sealed: bool,
 }
 
 /// The delivery check of one received instance, running on the blocking pool.
@@ -691,10 +686,16 @@ fn dispositions(
                     a.uid
                 )));
             }
-            Some(_) => match store.check_blob(&a.sha256).map_err(status_of_store)? {
+            Some(_) => match store
+                .check_held(key, &a.uid, &a.sha256)
+                .map_err(status_of_store)?
+            {
+                // Delivered to the inbox and taken from there by the site: its receipt and
+                // checks are on record, and it is not delivered twice.
+                BlobCheck::HandedOn => Disposition::Held,
                 BlobCheck::Intact(path) => {
                     match check_instance(&store.at_rest(), &path, &a.uid, &key.study_token, deid) {
-                        Ok(()) => Disposition::Held,
+                        Ok(_) => Disposition::Held,
                         Err(_) => Disposition::Wanted,
                     }
                 }
@@ -1013,7 +1014,7 @@ impl Receiver {
         let ids = (plan.agreement.clone(), plan.purpose.clone());
         let mut staging = Staging {
             files: Vec::new(),
-            plain: HashMap::new(),
+            patient: Default::default(),
         };
         let mut done = Vec::new();
         let result = self
@@ -1177,11 +1178,10 @@ impl Receiver {
             written: u64,
             hasher: Sha256,
             file: Arc<std::fs::File>,
-            /// Seals what arrives in memory (one segment at a time) before it is written.
-            sealing: Sealing<Vec<u8>>,
+            /// Seals what arrives in memory (one segment at a time) before it is written; `None`
+            /// where the file is the instance's plaintext inbox copy (see `finish_instance`).
+            sealing: Option<Sealing<Vec<u8>>>,
             path: std::path::PathBuf,
-            /// The plaintext inbox copy, written as the bytes arrive (see `finish_instance`).
-            part: Option<(std::path::PathBuf, Arc<std::fs::File>)>,
         }
         let mut current: Option<Current> = None;
         let at_rest = self.store.at_rest();
@@ -1244,38 +1244,33 @@ impl Receiver {
                 }
                 received[index / 64] |= 1 << (index % 64);
                 let store = self.store.clone();
-                // A committed transfer is delivered at its commit (a partial offer of a study
-                // still arriving too: what it lists is all the study has so far): each
-                // instance's plaintext goes to its inbox copy as it arrives, which the check
-                // reads and the commit makes durable (see `finish_instance`).
+                // Where the inbox copy is the stored copy, the instance's plaintext goes there as
+                // it arrives (a hidden name until its commit): nothing is sealed, and the check
+                // reads it. Otherwise it is staged sealed.
                 let (key, uid) = (plan.key(), entry.sop_instance_uid.clone());
-                let (file, path, part) = tokio::task::spawn_blocking(move || {
-                    let (file, path) = store.stage_file()?;
-                    let part = match store.inbox_part(&key, &uid) {
-                        Ok(Some(part)) => {
-                            let f = std::fs::OpenOptions::new()
-                                .write(true)
-                                .create_new(true)
-                                .open(&part)
-                                .map_err(|source| StoreError::Io {
-                                    path: part.clone(),
-                                    source,
-                                })?;
-                            Some((part, Arc::new(f)))
-                        }
-                        Err(e) => return Err(e),
-                        Ok(None) => None,
-                    };
-                    Ok::<_, StoreError>((file, path, part))
-                })
-                .await
-                .map_err(|e| Status::internal(e.to_string()))?
-                .map_err(|e| Status::resource_exhausted(format!("cannot stage: {e}")))?;
+                let (file, path, plain) =
+                    tokio::task::spawn_blocking(move || match store.inbox_part(&key, &uid)? {
+                        Some(part) => std::fs::OpenOptions::new()
+                            .write(true)
+                            .create_new(true)
+                            .open(&part)
+                            .map(|f| (f, part.clone(), true))
+                            .map_err(|source| StoreError::Io { path: part, source }),
+                        None => store.stage_file().map(|(f, p)| (f, p, false)),
+                    })
+                    .await
+                    .map_err(|e| Status::internal(e.to_string()))?
+                    .map_err(|e| Status::resource_exhausted(format!("cannot stage: {e}")))?;
                 staging.files.push(path.clone());
-                if let Some((part, _)) = &part {
-                    staging.files.push(part.clone());
-                    staging.plain.insert(sha, part.clone());
-                }
+                let sealing = if plain {
+                    None
+                } else {
+                    Some(
+                        at_rest
+                            .writer(Vec::new())
+                            .map_err(|e| Status::internal(format!("cannot seal: {e}")))?,
+                    )
+                };
                 current = Some(Current {
                     sha,
                     uid: entry.sop_instance_uid,
@@ -1283,11 +1278,8 @@ impl Receiver {
                     written: 0,
                     hasher: Sha256::new(),
                     file: Arc::new(file),
-                    sealing: at_rest
-                        .writer(Vec::new())
-                        .map_err(|e| Status::internal(format!("cannot seal: {e}")))?,
+                    sealing,
                     path,
-                    part,
                 });
             }
             let c = current.as_mut().expect("current instance");
@@ -1310,20 +1302,25 @@ impl Receiver {
             let write_err = |e: std::io::Error| {
                 Status::resource_exhausted(format!("cannot write staging file: {e}"))
             };
-            std::io::Write::write_all(&mut c.sealing, &chunk.data).map_err(write_err)?;
-            let sealed = std::mem::take(c.sealing.get_mut());
             let len = chunk.data.len() as u64;
-            let plain = c.part.as_ref().map(|(_, f)| (f.clone(), chunk.data));
-            write_chunk(c.file.clone(), sealed, plain)
+            let bytes = match c.sealing.as_mut() {
+                Some(sealing) => {
+                    std::io::Write::write_all(sealing, &chunk.data).map_err(write_err)?;
+                    std::mem::take(sealing.get_mut())
+                }
+                None => chunk.data,
+            };
+            write_chunk(c.file.clone(), bytes)
                 .await
                 .map_err(write_err)?;
             c.written += len;
             if chunk.last {
                 let c = current.take().expect("current instance");
-                let (tail, _) = c.sealing.finish().map_err(write_err)?;
-                write_chunk(c.file.clone(), tail, None)
-                    .await
-                    .map_err(write_err)?;
+                let sealed = c.sealing.is_some();
+                if let Some(sealing) = c.sealing {
+                    let (tail, _) = sealing.finish().map_err(write_err)?;
+                    write_chunk(c.file.clone(), tail).await.map_err(write_err)?;
+                }
                 let received = Received {
                     sha: c.sha,
                     uid: c.uid,
@@ -1331,9 +1328,10 @@ impl Receiver {
                     written: c.written,
                     hasher: c.hasher,
                     path: c.path,
-                    part: c.part.map(|(p, _)| p),
+                    sealed,
                 };
-                let check = self.finish_instance(received, plan, &deid).await?;
+                let patient = staging.patient.clone();
+                let check = self.finish_instance(received, plan, &deid, patient).await?;
                 checks.push(check, done).await?;
             }
         }
@@ -1356,6 +1354,7 @@ impl Receiver {
         r: Received,
         plan: &Plan,
         deid: &DeidConfig,
+        patient: Arc<std::sync::OnceLock<String>>,
     ) -> Result<Check, Status> {
         let sha = r.sha;
         let digest: [u8; 32] = r.hasher.finalize().into();
@@ -1367,12 +1366,13 @@ impl Receiver {
                 r.size,
             )));
         }
-        let (token, deid, at_rest, part) = (
-            plan.study_token.clone(),
-            deid.clone(),
-            self.store.at_rest(),
-            r.part,
-        );
+        // A plaintext inbox copy is read as it is; a sealed staging file is opened in memory.
+        let at_rest = if r.sealed {
+            self.store.at_rest()
+        } else {
+            AtRest::plain()
+        };
+        let (token, deid) = (plan.study_token.clone(), deid.clone());
         let staged = StagedInstance {
             path: r.path,
             sha256: sha,
@@ -1387,16 +1387,13 @@ impl Receiver {
         };
         Ok(tokio::task::spawn_blocking(move || {
             let uid = &staged.sop_instance_uid;
-            let checked = match &part {
-                // The plaintext was written to its (hidden) inbox copy as it arrived and its
-                // SHA-256 checked: the check reads that, and nothing is decrypted.
-                Some(part) => check_instance(&AtRest::plain(), part, uid, &token, &deid),
-                None => check_instance(&at_rest, &staged.path, uid, &token, &deid),
-            };
-            checked.map_err(refused)?;
+            let id = check_instance(&at_rest, &staged.path, uid, &token, &deid).map_err(refused)?;
+            if !id.is_empty() {
+                patient.get_or_init(|| id);
+            }
             // Checked: the copy the commit makes durable may go to disk now, while the next
             // instances arrive, so that the commit's flush finds little left to write.
-            if let Ok(f) = std::fs::File::open(part.as_ref().unwrap_or(&staged.path)) {
+            if let Ok(f) = std::fs::File::open(&staged.path) {
                 crate::store::durable::start_writeback(&f);
             }
             Ok(staged)
@@ -1448,7 +1445,6 @@ impl Receiver {
         let expected = plan.expected;
         let key2 = key.clone();
         let mut staged_now = staged;
-        let plain = staging.plain.clone();
         let started = Instant::now();
         let committed = tokio::task::spawn_blocking(move || {
             staged_now.extend(
@@ -1457,7 +1453,7 @@ impl Receiver {
                     .into_iter()
                     .filter(|p| resumed.contains(&p.sha256)),
             );
-            store.commit_and_deliver(&key2, expected, staged_now, already, &plain)
+            store.commit_and_deliver(&key2, expected, staged_now, already)
         })
         .await
         .map_err(|e| Status::internal(e.to_string()))?;
@@ -1467,7 +1463,20 @@ impl Receiver {
             commit_and_deliver_ms = started.elapsed().as_millis() as u64,
             "transfer committed"
         );
+        let patient = staging.patient.get().cloned();
         drop(staging);
+        if let (Ok((c, _)), Some(patient)) = (&committed, patient) {
+            if c.study.patient.is_none() {
+                // Not part of what the receipt acknowledges: a failure here only means a result
+                // returned later is checked against a stored copy instead.
+                let (store, key) = (self.store.clone(), key.clone());
+                let noted =
+                    tokio::task::spawn_blocking(move || store.note_patient(&key, &patient)).await;
+                if let Ok(Err(e)) = noted {
+                    tracing::warn!(error = %e, "the study's patient token was not noted");
+                }
+            }
+        }
         let (c, delivered) = committed.map_err(|e| match e {
             StoreError::BlobCorrupted(_) => {
                 self.audit.record_or_warn(Event {

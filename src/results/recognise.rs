@@ -167,12 +167,22 @@ fn check_result_of(
         study: rec.study_token.clone(),
     };
     // The patient token of the received study, from one of its stored instances.
-    for sha_hex in rec.instances.values() {
+    // Noted by the receiver as it checked the study (the copies may have left the inbox since).
+    if let Some(held) = rec.patient.as_deref() {
+        return if held.trim_matches(['\0', ' ']) == patient {
+            Ok(())
+        } else {
+            Err(wrong())
+        };
+    }
+    let key = StudyKey::new(&rec.agreement, &rec.flow, &rec.from_site, &rec.study_token);
+    for (uid, sha_hex) in &rec.instances {
         let mut sha = [0u8; 32];
         if hex::decode_to_slice(sha_hex, &mut sha).is_err() {
             continue;
         }
-        let Ok(BlobCheck::Intact(path)) = store.check_blob(&sha) else {
+        // The sealed blob, or the inbox copy where that is the stored copy.
+        let Ok(BlobCheck::Intact(path)) = store.check_held(&key, uid, &sha) else {
             continue;
         };
         // Blobs are sealed at rest: the guard reads their plaintext from memory.

@@ -1,26 +1,28 @@
 //! Durable storage of a node.
 //!
 //! Owns: the [`Store`] trait (what the rest of the node may ask of storage), and its embedded
-//! implementation [`LocalStore`]: a sled index plus content-addressed instance blobs as files
-//! (written under a temporary name, fsynced, renamed), a staging area for transfers that are not yet
-//! verified (and the verified instances of interrupted ones, kept for resumption), delivery of
-//! complete studies to the inbox folder as ordinary DICOM files (hard links to the blobs, so a
-//! received instance is on disk once; sealed at rest, a decrypted copy), the durable [`outbox`] of
-//! studies waiting to be sent, and the durable [`delivery`] queue of received instances waiting
-//! for the site's PACS. The destruction of a received study whose retention ended, and the queue
-//! of its receipts, is [`retention`].
+//! implementation [`LocalStore`]: a sled index plus the stored copy of each received instance,
+//! a staging area for transfers that are not yet verified (and the verified instances of
+//! interrupted ones, kept sealed for resumption), delivery of studies to the inbox folder as
+//! ordinary DICOM files, `store verify`, the durable [`outbox`] of studies waiting to be sent,
+//! and the durable [`delivery`] queue of received instances waiting for the site's PACS. The
+//! destruction of a received study whose retention ended, and the queue of its receipts, is
+//! [`retention`].
 //!
-//! At rest, instance files (staging, resumption, blobs) are sealed through [`sealed::AtRest`]
-//! (`[storage] encrypt_at_rest`, on by default) and named by the SHA-256 of their plaintext. The
-//! inbox is the delivery folder and holds the one plaintext copy: with encryption on, a complete
-//! study is decrypted into it (hash checked) and the sealed blob stays for deduplication,
-//! resumption and retention. A transfer that completes its study has its instances' plaintext
-//! written as it arrives into hidden inbox files ([`Store::inbox_part`]); those are the
-//! copies its commit makes durable ([`Store::commit_and_deliver`]), and its sealed blobs are
-//! renamed in unflushed, as a cache re-hashed before every use. Flushes are per file, several at
-//! once ([`durable`]), never of the whole file system. With a PACS configured
-//! (`[dicom.deliver]`) the inbox is not written at all, so no plaintext copy remains after
-//! delivery. With encryption off the inbox file is a hard link to the blob, as before. sled
+//! A received instance is kept on disk once:
+//! - inbox delivery with encryption at rest (`[storage] encrypt_at_rest`, on by default): the
+//!   plaintext inbox file is the stored copy. The receiver writes it as it arrives under a hidden
+//!   name ([`Store::inbox_part`]); the commit makes it durable and names it; no sealed blob is
+//!   written. Its SHA-256 goes into a sealed checksum list ([`LocalStore::sums_path`]) so that
+//!   `store verify` can check it while the node runs, and every "already held" answer re-hashes
+//!   it ([`Store::check_held`]). A copy the site took out of the inbox is handed on: still held
+//!   by the index, never delivered again;
+//! - a PACS as the delivery (`[dicom.deliver]`): the sealed, content-addressed blob (written
+//!   under a temporary name, made durable, renamed) is the one copy, queued for the PACS; the
+//!   inbox is not written;
+//! - encryption at rest off: the plaintext blob, with the inbox file a hard link to it.
+//!
+//! Flushes are per file, several at once ([`durable`]), never of the whole file system. sled
 //! records hold tokens, de-identified UIDs and hashes only.
 //!
 //! sled 0.34 only fsyncs on its own every 500 ms, so every method that records something flushes
@@ -99,6 +101,11 @@ pub struct StudyRecord {
     /// Unix time (seconds) of the first and last receipt.
     pub first_received: u64,
     pub last_received: u64,
+    /// The study's (de-identified) Patient ID, a token, as the receiver's delivery check read it
+    /// ([`Store::note_patient`]): a result returned on the study is checked against it even
+    /// after the site has taken every inbox copy out. `None` in records from before it was kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub patient: Option<String>,
 }
 
 impl StudyRecord {
@@ -128,6 +135,22 @@ pub trait Store: Send + Sync + 'static {
     /// Re-hashes a held blob. A blob whose bytes no longer match its SHA-256 is moved to the
     /// quarantine folder (never delivered again) and reported as [`BlobCheck::Quarantined`].
     fn check_blob(&self, sha256: &[u8; 32]) -> Result<BlobCheck, StoreError>;
+    /// Re-hashes the stored copy of instance `sop_instance_uid` of study `key` (SHA-256
+    /// `sha256`): its sealed blob, or, where the inbox copy is the stored copy, that file. A copy
+    /// whose bytes no longer match is moved to the quarantine folder. An inbox copy the site took
+    /// out of the inbox is [`BlobCheck::HandedOn`].
+    fn check_held(
+        &self,
+        _key: &StudyKey,
+        _sop_instance_uid: &str,
+        sha256: &[u8; 32],
+    ) -> Result<BlobCheck, StoreError> {
+        self.check_blob(sha256)
+    }
+    /// Notes the (de-identified) Patient ID of a study in its record, unless one is noted.
+    fn note_patient(&self, _key: &StudyKey, _patient: &str) -> Result<(), StoreError> {
+        Ok(())
+    }
     /// Forgets one instance of a study record (it will be asked for again).
     fn forget_instance(&self, key: &StudyKey, sop_instance_uid: &str) -> Result<(), StoreError>;
     /// A fresh file in the staging area (same file system as the blobs, so commit is a rename).
@@ -169,12 +192,12 @@ pub trait Store: Send + Sync + 'static {
     fn at_rest(&self) -> sealed::AtRest {
         sealed::AtRest::plain()
     }
-    /// Where the receiver may write the plaintext of an instance of a study that its transfer
-    /// completes, as it arrives, so that the delivery check and the inbox copy need no
-    /// decryption: a fresh
-    /// hidden name in the study's inbox folder, or `None` where no plaintext copy is made that
-    /// way (no inbox delivery, or instances not sealed at rest: the inbox copy is then a hard
-    /// link). See [`Store::commit_and_deliver`].
+    /// Where the receiver writes the plaintext of an instance as it arrives, when the inbox copy
+    /// is the stored copy (inbox delivery with encryption at rest): a fresh hidden name in the
+    /// study's inbox folder, which the delivery check reads and [`Store::commit`] makes durable
+    /// and names. `None` where instances are staged sealed instead ([`Store::stage_file`]): a
+    /// PACS is the delivery (`[dicom.deliver]`, the sealed blob is the one copy), or instances are
+    /// not sealed at rest (the inbox copy is then a hard link to the blob).
     fn inbox_part(
         &self,
         _key: &StudyKey,
@@ -182,17 +205,13 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Option<PathBuf>, StoreError> {
         Ok(None)
     }
-    /// [`Store::commit`], then [`Store::deliver_committed`] if the study is complete. `plain`
-    /// maps SHA-256s of staged instances to their verified plaintext written at
-    /// [`Store::inbox_part`] (not yet flushed): the store may make that the durable copy and
-    /// name it in the inbox instead of decrypting the blob again.
+    /// [`Store::commit`], then [`Store::deliver_committed`] if the study is complete.
     fn commit_and_deliver(
         &self,
         key: &StudyKey,
         expected: usize,
         staged: Vec<StagedInstance>,
         already_held: Vec<(String, [u8; 32])>,
-        plain: &std::collections::HashMap<[u8; 32], PathBuf>,
     ) -> Result<(Committed, Option<PathBuf>), StoreError>;
 }
 
@@ -205,6 +224,10 @@ pub enum BlobCheck {
     Missing,
     /// The bytes did not match; the blob was moved to this path in the quarantine folder.
     Quarantined(PathBuf),
+    /// Its one stored copy was the inbox copy, and the site took it out of the inbox (into its
+    /// PACS, by hand or script): the index's record of its receipt and checks stands, and a
+    /// re-offer of it counts as already held (see [`Store::check_held`]).
+    HandedOn,
 }
 
 /// How long the verified instances of an interrupted transfer wait for its resumption.
@@ -288,16 +311,15 @@ impl LocalStore {
         });
         guard_component(root, "index", &root.join("index"), used_before)?;
         private_dir(root)?;
-        for d in ["blobs", "staging", "staging/resume", "inbox", "quarantine"] {
+        for d in [
+            "blobs",
+            "staging",
+            "staging/resume",
+            "inbox",
+            "quarantine",
+            "sums",
+        ] {
             private_dir(&root.join(d))?;
-        }
-        // Anything left in staging is from a transfer that never completed: it was never
-        // acknowledged, so it is discarded.
-        let staging = root.join("staging");
-        for e in fs::read_dir(&staging).map_err(io_err(&staging))?.flatten() {
-            if e.path().is_file() {
-                let _ = fs::remove_file(e.path());
-            }
         }
         let db = sled::Config::new()
             .path(root.join("index"))
@@ -309,6 +331,16 @@ impl LocalStore {
                 }
                 _ => StoreError::Index(e),
             })?;
+        // Only now, holding the index's lock (a `store verify` beside a running node stops at
+        // it): anything left in staging, and any hidden inbox copy, is from a transfer that
+        // never completed; it was never acknowledged, so it is discarded.
+        let staging = root.join("staging");
+        for e in fs::read_dir(&staging).map_err(io_err(&staging))?.flatten() {
+            if e.path().is_file() {
+                let _ = fs::remove_file(e.path());
+            }
+        }
+        discard_inbox_parts(&root.join("inbox"))?;
         let index = db.open_tree("index")?;
         let partial = db.open_tree("partial")?;
         let delivery = delivery::DeliveryQueue::open(&db)?;
@@ -368,12 +400,17 @@ impl LocalStore {
 
     /// Moves a blob whose bytes no longer match its name to the quarantine folder.
     fn quarantine(&self, sha256: &[u8; 32]) -> Result<PathBuf, StoreError> {
-        let from = self.blob_path(sha256);
+        self.quarantine_file(&self.blob_path(sha256), sha256)
+    }
+
+    /// Moves the stored copy `from` of instance `sha256` (a blob or an inbox copy) whose bytes
+    /// no longer match to the quarantine folder, named by the SHA-256 it should have had.
+    fn quarantine_file(&self, from: &Path, sha256: &[u8; 32]) -> Result<PathBuf, StoreError> {
         let to =
             self.root
                 .join("quarantine")
                 .join(format!("{}.{}", hex::encode(sha256), Self::now()));
-        fs::rename(&from, &to).map_err(io_err(&to))?;
+        fs::rename(from, &to).map_err(io_err(&to))?;
         tracing::error!(blob = %hex::encode(&sha256[..6]), "stored instance failed its SHA-256 check at rest; quarantined");
         Ok(to)
     }
@@ -413,6 +450,7 @@ impl LocalStore {
                 report.mismatched.push(e.into_path());
             }
         }
+        verify_inbox_copies(root, at_rest, &mut report)?;
         Ok(report)
     }
 
@@ -424,7 +462,13 @@ impl LocalStore {
                 let mut sha = [0u8; 32];
                 hex::decode_to_slice(sha_hex, &mut sha)
                     .map_err(|e| StoreError::Corrupt(e.to_string()))?;
-                if !self.blob_path(&sha).exists() {
+                let key =
+                    StudyKey::new(&rec.agreement, &rec.flow, &rec.from_site, &rec.study_token);
+                // Where the inbox copy is the stored copy, an instance with neither a blob nor
+                // an inbox copy was handed on by the site, not lost.
+                let copy_or_handed_on =
+                    || self.inbox_copies() || self.inbox_copy_path(&key, uid).exists();
+                if !self.blob_path(&sha).exists() && !copy_or_handed_on() {
                     out.push((
                         StudyKey::new(&rec.agreement, &rec.flow, &rec.from_site, &rec.study_token),
                         uid.clone(),
@@ -438,6 +482,38 @@ impl LocalStore {
     /// The inbox folder where complete studies are delivered.
     pub fn inbox(&self) -> PathBuf {
         self.root.join("inbox")
+    }
+
+    /// Whether the inbox copy of a received instance is its stored copy (inbox delivery with
+    /// encryption at rest): then no sealed blob is written for it.
+    fn inbox_copies(&self) -> bool {
+        self.at_rest.seals() && !self.pacs_delivery.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// The inbox folder of one study.
+    fn study_inbox(&self, agreement: &str, study_token: &str) -> PathBuf {
+        self.inbox()
+            .join(safe_name(agreement))
+            .join(safe_name(study_token))
+    }
+
+    /// The inbox copy of one instance.
+    fn inbox_copy_path(&self, key: &StudyKey, sop_instance_uid: &str) -> PathBuf {
+        self.study_inbox(&key.agreement, &key.study_token)
+            .join(format!("{}.dcm", safe_name(sop_instance_uid)))
+    }
+
+    /// The folder of the checksum lists of a study's inbox copies (where they are the stored
+    /// copies): each commit writes one list, `<random>.sha256`, with one
+    /// `<sha256 hex>  <file name>` line per instance it stored (the format of `sha256sum`),
+    /// sealed at rest. Lists are written once and never rewritten (so a key rotation re-sealing
+    /// them beside a running node loses nothing). They live outside the inbox, so that the
+    /// site's scripts see only DICOM files there, and let `store verify` check the inbox copies
+    /// while the node runs (its index is locked then).
+    pub fn sums_path(root: &Path, agreement: &str, study_token: &str) -> PathBuf {
+        root.join("sums")
+            .join(safe_name(agreement))
+            .join(safe_name(study_token))
     }
 
     /// From now on, every instance a commit adds to a study is also queued for the site's PACS
@@ -489,12 +565,107 @@ impl LocalStore {
 /// What `store verify` found among the blobs.
 #[derive(Debug, Default, Clone)]
 pub struct BlobReport {
+    /// Blobs checked.
     pub checked: usize,
+    /// Inbox copies checked (where they are the stored copies).
+    pub inbox_checked: usize,
+    /// Inbox copies listed in a study's checksum list that the site took out of the inbox.
+    pub handed_on: usize,
     pub bytes: u64,
     /// Blobs whose bytes do not match their name (SHA-256), or whose seal fails authentication.
     pub mismatched: Vec<PathBuf>,
     /// Blobs sealed under a data key the key file does not hold (a wrong key file), with why.
     pub unreadable: Vec<(PathBuf, String)>,
+}
+
+/// `store verify` of the inbox copies that are stored copies: each study's checksum list
+/// ([`LocalStore::sums_path`]) is read and every file it lists still in the inbox is re-hashed.
+fn verify_inbox_copies(
+    root: &Path,
+    at_rest: &sealed::AtRest,
+    report: &mut BlobReport,
+) -> Result<(), StoreError> {
+    let sums = root.join("sums");
+    // Every list of a study, merged (an instance received again after damage is listed twice).
+    let mut studies: BTreeMap<PathBuf, BTreeMap<String, [u8; 32]>> = BTreeMap::new();
+    for e in walkdir::WalkDir::new(&sums)
+        .sort_by_file_name()
+        .min_depth(3)
+        .max_depth(3)
+    {
+        let e = e.map_err(|e| StoreError::Io {
+            path: sums.clone(),
+            source: e.into(),
+        })?;
+        let name = e.file_name().to_string_lossy();
+        if name.starts_with('.') || !name.ends_with(".sha256") {
+            continue; // a temporary file of a commit or a rotation under way
+        }
+        let Ok(rel) = e.path().parent().unwrap_or(&sums).strip_prefix(&sums) else {
+            continue;
+        };
+        let dir = root.join("inbox").join(rel);
+        match at_rest.read(e.path()) {
+            Ok(list) => studies.entry(dir).or_default().extend(parse_sums(&list)),
+            Err(sealed::SealError::Io { source, .. })
+                if source.kind() == std::io::ErrorKind::NotFound => {} // destroyed meanwhile
+            Err(sealed::SealError::Io { path, source }) => {
+                return Err(StoreError::Io { path, source })
+            }
+            Err(err @ sealed::SealError::UnknownKey { .. }) => {
+                report.unreadable.push((e.into_path(), err.to_string()));
+            }
+            Err(_) => report.mismatched.push(e.into_path()),
+        }
+    }
+    for (dir, list) in studies {
+        for (file, want) in list {
+            let path = dir.join(&file);
+            match hash_file(&path) {
+                Ok(got) => {
+                    report.inbox_checked += 1;
+                    report.bytes += fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+                    if got != want {
+                        report.mismatched.push(path);
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => report.handed_on += 1,
+                Err(source) => return Err(StoreError::Io { path, source }),
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The entries of a checksum list: (file name, SHA-256). Malformed lines are skipped.
+fn parse_sums(list: &[u8]) -> BTreeMap<String, [u8; 32]> {
+    String::from_utf8_lossy(list)
+        .lines()
+        .filter_map(|l| {
+            let (hex_sha, file) = l.split_once("  ")?;
+            let mut sha = [0u8; 32];
+            hex::decode_to_slice(hex_sha, &mut sha).ok()?;
+            let plain_name = !file.contains('/') && !file.starts_with('.');
+            plain_name.then(|| (file.to_string(), sha))
+        })
+        .collect()
+}
+
+/// Removes the hidden inbox copies of transfers that never committed (a crash): they were never
+/// acknowledged, and the site must not mistake them for delivered files.
+fn discard_inbox_parts(inbox: &Path) -> Result<(), StoreError> {
+    for e in walkdir::WalkDir::new(inbox)
+        .min_depth(3)
+        .max_depth(3)
+        .into_iter()
+        .flatten()
+    {
+        let name = e.file_name().to_string_lossy();
+        if e.file_type().is_file() && name.starts_with('.') && name.ends_with(".part") {
+            fs::remove_file(e.path()).map_err(io_err(e.path()))?;
+        }
+    }
+    Ok(())
 }
 
 /// SHA-256 of a file, read in 256 KiB blocks.
@@ -673,8 +844,45 @@ impl Store for LocalStore {
         }
     }
 
+    fn check_held(
+        &self,
+        key: &StudyKey,
+        sop_instance_uid: &str,
+        sha256: &[u8; 32],
+    ) -> Result<BlobCheck, StoreError> {
+        if self.blob_path(sha256).exists() {
+            return self.check_blob(sha256);
+        }
+        let copy = self.inbox_copy_path(key, sop_instance_uid);
+        match hash_file(&copy) {
+            Ok(h) if h == *sha256 => Ok(BlobCheck::Intact(copy)),
+            Ok(_) => Ok(BlobCheck::Quarantined(self.quarantine_file(&copy, sha256)?)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(if self.inbox_copies() {
+                BlobCheck::HandedOn
+            } else {
+                BlobCheck::Missing
+            }),
+            Err(e) => Err(io_err(&copy)(e)),
+        }
+    }
+
     fn at_rest(&self) -> sealed::AtRest {
         self.at_rest.clone()
+    }
+
+    fn note_patient(&self, key: &StudyKey, patient: &str) -> Result<(), StoreError> {
+        let k = key.index_key();
+        if let Some(v) = self.index.get(&k)? {
+            let mut rec: StudyRecord =
+                serde_json::from_slice(&v).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            if rec.patient.is_none() {
+                rec.patient = Some(patient.to_string());
+                self.index
+                    .insert(k, serde_json::to_vec(&rec).expect("record serialises"))?;
+                self.db.flush()?;
+            }
+        }
+        Ok(())
     }
 
     fn forget_instance(&self, key: &StudyKey, sop_instance_uid: &str) -> Result<(), StoreError> {
@@ -711,7 +919,11 @@ impl Store for LocalStore {
         staged: Vec<StagedInstance>,
         already_held: Vec<(String, [u8; 32])>,
     ) -> Result<Committed, StoreError> {
-        self.commit_with(key, expected, staged, already_held, &Default::default())
+        if self.inbox_copies() {
+            self.commit_into_inbox(key, expected, staged, already_held)
+        } else {
+            self.commit_to_blobs(key, expected, staged, already_held)
+        }
     }
 
     fn inbox_part(
@@ -719,19 +931,12 @@ impl Store for LocalStore {
         key: &StudyKey,
         sop_instance_uid: &str,
     ) -> Result<Option<PathBuf>, StoreError> {
-        if !self.at_rest.seals() || self.pacs_delivery.load(std::sync::atomic::Ordering::SeqCst) {
+        if !self.inbox_copies() {
             return Ok(None);
         }
-        let dir = self
-            .inbox()
-            .join(safe_name(&key.agreement))
-            .join(safe_name(&key.study_token));
+        let dir = self.study_inbox(&key.agreement, &key.study_token);
         fs::create_dir_all(&dir).map_err(io_err(&dir))?;
-        Ok(Some(dir.join(format!(
-            ".{}.{:016x}.part",
-            safe_name(sop_instance_uid),
-            rand::random::<u64>()
-        ))))
+        Ok(Some(part_name(&dir, sop_instance_uid)))
     }
 
     fn commit_and_deliver(
@@ -740,19 +945,10 @@ impl Store for LocalStore {
         expected: usize,
         staged: Vec<StagedInstance>,
         already_held: Vec<(String, [u8; 32])>,
-        plain: &std::collections::HashMap<[u8; 32], PathBuf>,
     ) -> Result<(Committed, Option<PathBuf>), StoreError> {
-        // The plaintext copies are the durable copy only where this commit completes the study,
-        // and so names them in the inbox; otherwise the sealed staged files are flushed.
-        let none = std::collections::HashMap::new();
-        let plain = if self.completes(key, expected, &staged, &already_held)? {
-            plain
-        } else {
-            &none
-        };
-        let c = self.commit_with(key, expected, staged, already_held, plain)?;
+        let c = self.commit(key, expected, staged, already_held)?;
         let delivered = if c.study.is_complete() {
-            Some(self.deliver_to_inbox(&c.study, &c.verified, plain)?)
+            Some(self.deliver_committed(&c)?)
         } else {
             None
         };
@@ -782,10 +978,24 @@ impl Store for LocalStore {
     fn keep_partial(&self, key: &StudyKey, staged: Vec<StagedInstance>) -> Result<(), StoreError> {
         let now = Self::now();
         let dir = self.root.join("staging").join("resume");
-        sync_files(staged.iter().map(|s| s.path.as_path()))?;
+        let staging = self.root.join("staging");
+        sync_files(
+            staged
+                .iter()
+                .filter(|s| s.path.starts_with(&staging))
+                .map(|s| s.path.as_path()),
+        )?;
         for s in staged {
             let dest = self.resume_path(&s.sha256);
-            fs::rename(&s.path, &dest).map_err(io_err(&dest))?;
+            if s.path.starts_with(&staging) {
+                fs::rename(&s.path, &dest).map_err(io_err(&dest))?;
+            } else {
+                // A plaintext inbox copy of an interrupted transfer: kept sealed, outside the
+                // inbox, until the transfer resumes (this path is rare: its cost is one copy).
+                let mut from = fs::File::open(&s.path).map_err(io_err(&s.path))?;
+                self.at_rest.write_atomic_from(&dest, &mut from)?;
+                let _ = fs::remove_file(&s.path);
+            }
             let mut k = key.partial_prefix();
             k.extend_from_slice(hex::encode(s.sha256).as_bytes());
             let rec = PartialRecord {
@@ -836,62 +1046,31 @@ impl Store for LocalStore {
     }
 
     fn deliver(&self, study: &StudyRecord) -> Result<PathBuf, StoreError> {
-        self.deliver_to_inbox(study, &Default::default(), &Default::default())
+        self.deliver_to_inbox(study, &Default::default())
     }
 
     fn deliver_committed(&self, c: &Committed) -> Result<PathBuf, StoreError> {
-        self.deliver_to_inbox(&c.study, &c.verified, &Default::default())
+        self.deliver_to_inbox(&c.study, &c.verified)
     }
 }
 
 impl LocalStore {
-    /// True when committing `staged` and `already_held` will leave the study complete (see
-    /// [`StudyRecord::is_complete`]), so that [`Store::commit_and_deliver`] delivers it.
-    fn completes(
-        &self,
-        key: &StudyKey,
-        expected: usize,
-        staged: &[StagedInstance],
-        already_held: &[(String, [u8; 32])],
-    ) -> Result<bool, StoreError> {
-        let record = self.study(key)?;
-        let mut uids: std::collections::BTreeSet<&str> = record
-            .iter()
-            .flat_map(|r| r.instances.keys().map(String::as_str))
-            .collect();
-        uids.extend(staged.iter().map(|s| s.sop_instance_uid.as_str()));
-        uids.extend(already_held.iter().map(|(uid, _)| uid.as_str()));
-        let expected = record
-            .as_ref()
-            .map_or(expected, |r| r.expected.max(expected));
-        Ok(uids.len() >= expected)
-    }
-
-    /// [`Store::commit`]; where `plain` holds a verified plaintext inbox copy of a staged
-    /// instance (see [`Store::inbox_part`]), that copy is the one made durable before the commit
-    /// and the sealed blob is renamed into the store without waiting for its flush: it is a cache
-    /// for deduplication, resumption and returns, and every use re-hashes it first
-    /// ([`Store::check_blob`], delivery), so a blob torn by a power loss is quarantined and the
-    /// instance asked for again, never delivered.
-    fn commit_with(
+    /// [`Store::commit`] where the sealed blob is the stored copy (a PACS is the delivery, or
+    /// nothing is sealed at rest and the inbox copy is a hard link to the blob): every staged
+    /// file is made durable, then renamed to its blob.
+    fn commit_to_blobs(
         &self,
         key: &StudyKey,
         expected: usize,
         staged: Vec<StagedInstance>,
         already_held: Vec<(String, [u8; 32])>,
-        plain: &std::collections::HashMap<[u8; 32], PathBuf>,
     ) -> Result<Committed, StoreError> {
         let mut stored = 0;
         let mut verified = std::collections::HashSet::new();
         let mut touched_dirs = std::collections::BTreeSet::new();
         let mut entries = Vec::new();
-        // The bytes are on disk before any name points at them (the plaintext inbox copy where
-        // there is one: the one durable copy).
-        sync_files(
-            staged
-                .iter()
-                .map(|s| plain.get(&s.sha256).unwrap_or(&s.path).as_path()),
-        )?;
+        // The bytes are on disk before any name points at them.
+        sync_files(staged.iter().map(|s| s.path.as_path()))?;
         for s in staged {
             // A verified staged file always replaces the blob of the same hash: that repairs a
             // blob damaged at rest, and costs a rename.
@@ -909,6 +1088,144 @@ impl LocalStore {
         }
         // The renames are durable once their folders are (blobs are spread over up to 256).
         sync_dirs(touched_dirs.iter().map(PathBuf::as_path))?;
+        self.record_commit(key, expected, entries, already_held, (stored, verified))
+    }
+
+    /// [`Store::commit`] where the inbox copy is the stored copy (inbox delivery, sealed at
+    /// rest): no blob is written. Each staged instance is its plaintext in a hidden file of the
+    /// study's inbox folder ([`Store::inbox_part`]; one staged sealed, kept for resumption, is
+    /// decrypted there first, its SHA-256 checked). The copies and the study's checksum list are
+    /// made durable together, then named, then recorded in the index: the inbox never shows a
+    /// partial file, and nothing is acknowledged before its copy is on disk.
+    fn commit_into_inbox(
+        &self,
+        key: &StudyKey,
+        expected: usize,
+        staged: Vec<StagedInstance>,
+        already_held: Vec<(String, [u8; 32])>,
+    ) -> Result<Committed, StoreError> {
+        let dir = self.study_inbox(&key.agreement, &key.study_token);
+        fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+        let (parts, sealed) = self.plaintext_parts(&dir, staged)?;
+        let sums_dir = Self::sums_path(&self.root, &key.agreement, &key.study_token);
+        let sums = sums_dir.join(format!("{:016x}.sha256", rand::random::<u64>()));
+        let listed = parts
+            .iter()
+            .map(|(s, _)| (format!("{}.dcm", safe_name(&s.sop_instance_uid)), s.sha256));
+        let sums_tmp = match self.write_sums_unsynced(&sums, listed) {
+            Ok(tmp) => tmp,
+            Err(e) => {
+                remove_parts(&parts, &sealed);
+                return Err(e);
+            }
+        };
+        let mut files: Vec<&Path> = parts.iter().map(|(_, p)| p.as_path()).collect();
+        files.push(&sums_tmp);
+        if let Err(e) = sync_files(files) {
+            remove_parts(&parts, &sealed);
+            let _ = fs::remove_file(&sums_tmp);
+            return Err(e);
+        }
+        let mut stored = 0;
+        let mut verified = std::collections::HashSet::new();
+        let mut entries = Vec::with_capacity(parts.len());
+        for (s, part) in parts {
+            let target = dir.join(format!("{}.dcm", safe_name(&s.sop_instance_uid)));
+            if !target.exists() {
+                stored += 1;
+            }
+            fs::rename(&part, &target).map_err(io_err(&target))?;
+            verified.insert(s.sha256);
+            entries.push((s.sop_instance_uid, s.sha256));
+        }
+        fs::rename(&sums_tmp, &sums).map_err(io_err(&sums))?;
+        sync_dirs([dir.as_path(), sums_dir.as_path()])?;
+        let c = self.record_commit(key, expected, entries, already_held, (stored, verified))?;
+        // Sealed files kept for resumption now have their plaintext copy in the inbox.
+        for f in sealed {
+            let _ = fs::remove_file(f);
+        }
+        Ok(c)
+    }
+
+    /// The plaintext inbox copy of each staged instance: the staged file itself when the
+    /// receiver wrote it there, else a hidden copy decrypted from the sealed staged file (listed
+    /// second, to be removed once committed). Nothing is left behind on failure.
+    #[allow(clippy::type_complexity)]
+    fn plaintext_parts(
+        &self,
+        dir: &Path,
+        staged: Vec<StagedInstance>,
+    ) -> Result<(Vec<(StagedInstance, PathBuf)>, Vec<PathBuf>), StoreError> {
+        let mut parts = Vec::with_capacity(staged.len());
+        let mut sealed = Vec::new();
+        for s in staged {
+            if s.path.parent() == Some(dir) {
+                let p = s.path.clone();
+                parts.push((s, p));
+                continue;
+            }
+            let part = part_name(dir, &s.sop_instance_uid);
+            if let Err(e) = self.at_rest.copy_out_unsynced(&s.path, &part, &s.sha256) {
+                remove_parts(&parts, &sealed);
+                return Err(e.into());
+            }
+            sealed.push(s.path.clone());
+            parts.push((s, part));
+        }
+        Ok((parts, sealed))
+    }
+
+    /// Writes the checksum list `sums` of `new` entries (sealed, not flushed) to a temporary
+    /// file beside it; returns that file.
+    fn write_sums_unsynced(
+        &self,
+        sums: &Path,
+        new: impl Iterator<Item = (String, [u8; 32])>,
+    ) -> Result<PathBuf, StoreError> {
+        let list: BTreeMap<String, [u8; 32]> = new.collect();
+        let mut text = String::with_capacity(list.len() * 100);
+        for (file, sha) in &list {
+            text.push_str(&hex::encode(sha));
+            text.push_str("  ");
+            text.push_str(file);
+            text.push('\n');
+        }
+        let dir = sums.parent().expect("a list has a folder");
+        private_dir(dir.parent().expect("an agreement folder"))?;
+        private_dir(dir)?;
+        let tmp = dir.join(format!(".{:016x}.part", rand::random::<u64>()));
+        let f = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&tmp)
+            .map_err(io_err(&tmp))?;
+        let written = self
+            .at_rest
+            .writer(std::io::BufWriter::new(f))
+            .and_then(|mut w| {
+                w.write_all(text.as_bytes())?;
+                let (mut inner, _) = w.finish()?;
+                inner.flush()
+            });
+        if let Err(e) = written {
+            let _ = fs::remove_file(&tmp);
+            return Err(io_err(&tmp)(e));
+        }
+        Ok(tmp)
+    }
+
+    /// Records committed instances (`entries`, plus those `already_held`) in the study's index
+    /// record, queues new ones for the site's PACS when that is the delivery, forgets what was
+    /// kept for the study's resumption, and flushes the index.
+    fn record_commit(
+        &self,
+        key: &StudyKey,
+        expected: usize,
+        mut entries: Vec<(String, [u8; 32])>,
+        already_held: Vec<(String, [u8; 32])>,
+        (stored, verified): (usize, std::collections::HashSet<[u8; 32]>),
+    ) -> Result<Committed, StoreError> {
         let n_held = already_held.len();
         entries.extend(already_held);
         let k = key.index_key();
@@ -925,6 +1242,7 @@ impl LocalStore {
                 expected,
                 first_received: now,
                 last_received: now,
+                patient: None,
             },
         };
         let to_pacs = self.pacs_delivery.load(std::sync::atomic::Ordering::SeqCst);
@@ -952,22 +1270,36 @@ impl LocalStore {
     }
 }
 
+/// A fresh hidden name for an instance's plaintext in the inbox folder `dir`.
+fn part_name(dir: &Path, sop_instance_uid: &str) -> PathBuf {
+    dir.join(format!(
+        ".{}.{:016x}.part",
+        safe_name(sop_instance_uid),
+        rand::random::<u64>()
+    ))
+}
+
+/// Removes the hidden inbox copies a failed commit wrote (`parts` decrypted from `sealed` files;
+/// the receiver's own are removed with its staging).
+fn remove_parts(parts: &[(StagedInstance, PathBuf)], sealed: &[PathBuf]) {
+    for (s, part) in parts {
+        if sealed.contains(&s.path) {
+            let _ = fs::remove_file(part);
+        }
+    }
+}
+
 impl LocalStore {
-    /// Links each instance of `study` into the inbox; every blob not in `verified` is re-hashed
-    /// first. An instance with a verified plaintext copy in `plain` (made durable by the commit,
-    /// see [`LocalStore::commit_with`]) is given its name from that copy instead of being
-    /// decrypted again.
+    /// Puts each instance of `study` into the inbox (a hard link to its blob, or its decrypted
+    /// copy); every blob not in `verified` is re-hashed first. Where the inbox copy is the stored
+    /// copy, the commit already named it: an instance with neither an inbox copy nor a blob was
+    /// handed on by the site and is not delivered again.
     fn deliver_to_inbox(
         &self,
         study: &StudyRecord,
         verified: &std::collections::HashSet<[u8; 32]>,
-        plain: &std::collections::HashMap<[u8; 32], PathBuf>,
     ) -> Result<PathBuf, StoreError> {
-        let mut plain = plain.clone();
-        let dir = self
-            .inbox()
-            .join(safe_name(&study.agreement))
-            .join(safe_name(&study.study_token));
+        let dir = self.study_inbox(&study.agreement, &study.study_token);
         if self.at_rest.seals() && self.pacs_delivery.load(std::sync::atomic::Ordering::SeqCst) {
             // The site's PACS is the delivery (`[dicom.deliver]`): no plaintext copy is made
             // here; the sealed blob stays for deduplication, resumption and retention.
@@ -984,16 +1316,14 @@ impl LocalStore {
             let mut sha = [0u8; 32];
             hex::decode_to_slice(sha_hex, &mut sha)
                 .map_err(|e| StoreError::Corrupt(e.to_string()))?;
-            // Written and checked as it arrived (each copy is named once: a second instance
-            // with the same bytes is decrypted from the blob).
-            if let Some(part) = plain.remove(&sha) {
-                decrypted.push((part, target));
-                continue;
+            let blob = self.blob_path(&sha);
+            if self.inbox_copies() && !blob.exists() {
+                continue; // handed on by the site
             }
             // Re-hashed before it is delivered: a blob corrupted at rest is quarantined, never
             // delivered, and the study waits for this instance to be received again. (A blob
             // just committed from a verified staging file is what was verified.)
-            if sealed::AtRest::key_id_of(&self.blob_path(&sha))?.is_some() {
+            if sealed::AtRest::key_id_of(&blob)?.is_some() {
                 let tmp = dir.join(format!(".{}.part", safe_name(uid)));
                 let _ = fs::remove_file(&tmp);
                 if let Err(e) = self.copy_out_sealed(study, uid, &sha, &tmp) {
@@ -1012,7 +1342,7 @@ impl LocalStore {
             };
             match check {
                 BlobCheck::Intact(blob) => link_or_copy(&blob, &dir, &target, uid)?,
-                BlobCheck::Quarantined(_) | BlobCheck::Missing => {
+                BlobCheck::Quarantined(_) | BlobCheck::Missing | BlobCheck::HandedOn => {
                     let key = StudyKey::new(
                         &study.agreement,
                         &study.flow,
@@ -1072,6 +1402,7 @@ impl LocalStore {
             &[
                 self.root.join("blobs"),
                 self.root.join("staging").join("resume"),
+                self.root.join("sums"),
             ],
         )
     }
@@ -1260,6 +1591,24 @@ mod lock_tests {
     }
 
     #[test]
+    fn a_second_open_leaves_the_running_stores_transfers_alone() {
+        // `store verify` opens the store beside a running node: it must not delete the files of
+        // a transfer under way (a staging file, a hidden inbox copy).
+        let dir = tempfile::tempdir().unwrap();
+        let at_rest = sealed::AtRest::new(&crate::pseudonym::SiteKeys::generate(), true);
+        let running = LocalStore::open_with(dir.path(), at_rest.clone()).unwrap();
+        let (_, staged) = running.stage_file().unwrap();
+        let key = StudyKey::new("a", "f", "x", "2.25.8");
+        let part = running.inbox_part(&key, "2.25.81").unwrap().unwrap();
+        fs::write(&part, b"arriving").unwrap();
+        assert!(matches!(
+            LocalStore::open_with(dir.path(), at_rest),
+            Err(StoreError::InUse(_))
+        ));
+        assert!(staged.exists() && part.exists());
+    }
+
+    #[test]
     fn a_database_held_open_is_seen_in_use() {
         let dir = tempfile::tempdir().unwrap();
         assert!(
@@ -1365,57 +1714,106 @@ mod inbox_tests {
     }
 
     /// Sealed at rest with inbox delivery: the receiver wrote each instance's plaintext once, at
-    /// `inbox_part`, as it arrived; the commit makes those copies durable and names them without
-    /// decrypting anything, and the sealed blobs stay as the (re-hashed before use) cache.
-    #[test]
-    fn a_completing_commit_names_the_checked_plaintext_copies_in_the_inbox() {
-        let dir = tempfile::tempdir().unwrap();
+    /// `inbox_part`, as it arrived; the commit makes those copies durable and names them, and
+    /// they are the stored copies: no blob is written.
+    fn sealed_inbox_store(dir: &Path) -> (LocalStore, sealed::AtRest) {
         let at_rest = sealed::AtRest::new(&crate::pseudonym::SiteKeys::generate(), true);
-        let s = LocalStore::open_with(dir.path(), at_rest.clone()).unwrap();
-        let key = StudyKey::new("a", "f", "x", "2.25.5");
-        let mut plain = std::collections::HashMap::new();
-        let mut staged_all = Vec::new();
-        for i in 0..3u8 {
-            let bytes = vec![b'p', i, 42];
-            let (f, path) = s.stage_file().unwrap();
-            let mut w = at_rest.writer(f).unwrap();
-            w.write_all(&bytes).unwrap();
-            w.finish().unwrap();
-            let uid = format!("2.25.5{i}");
-            let part = s.inbox_part(&key, &uid).unwrap().expect("inbox copy");
-            assert!(part.file_name().unwrap().to_string_lossy().starts_with('.'));
-            // The receiver writes the plaintext as it arrives (and checks its SHA-256).
-            fs::write(&part, &bytes).unwrap();
-            let sha: [u8; 32] = Sha256::digest(&bytes).into();
-            plain.insert(sha, part);
-            staged_all.push(StagedInstance {
-                path,
-                sha256: sha,
-                size: bytes.len() as u64,
-                sop_instance_uid: uid,
-            });
+        (
+            LocalStore::open_with(dir, at_rest.clone()).unwrap(),
+            at_rest,
+        )
+    }
+
+    fn received_plain(s: &LocalStore, key: &StudyKey, bytes: &[u8], uid: &str) -> StagedInstance {
+        let part = s.inbox_part(key, uid).unwrap().expect("inbox copy");
+        assert!(part.file_name().unwrap().to_string_lossy().starts_with('.'));
+        fs::write(&part, bytes).unwrap();
+        StagedInstance {
+            path: part,
+            sha256: Sha256::digest(bytes).into(),
+            size: bytes.len() as u64,
+            sop_instance_uid: uid.into(),
         }
-        let (c, delivered) = s
-            .commit_and_deliver(&key, 3, staged_all, vec![], &plain)
-            .unwrap();
+    }
+
+    #[test]
+    fn with_inbox_delivery_sealed_at_rest_the_inbox_copy_is_the_one_stored_copy() {
+        let dir = tempfile::tempdir().unwrap();
+        let (s, _) = sealed_inbox_store(dir.path());
+        let key = StudyKey::new("a", "f", "x", "2.25.5");
+        let staged_all: Vec<_> = (0..3u8)
+            .map(|i| received_plain(&s, &key, &[b'p', i, 42], &format!("2.25.5{i}")))
+            .collect();
+        let (c, delivered) = s.commit_and_deliver(&key, 3, staged_all, vec![]).unwrap();
         assert_eq!(c.stored, 3);
         let out = delivered.expect("complete: delivered");
-        let names: Vec<String> = fs::read_dir(&out)
+        let mut names: Vec<String> = fs::read_dir(&out)
             .unwrap()
             .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
             .collect();
-        assert_eq!(names.len(), 3, "{names:?}: no hidden copy left over");
+        names.sort();
+        assert_eq!(names, ["2.25.50.dcm", "2.25.51.dcm", "2.25.52.dcm"]);
+        let blobs: Vec<_> = walkdir::WalkDir::new(dir.path().join("blobs"))
+            .into_iter()
+            .flatten()
+            .filter(|e| e.file_type().is_file())
+            .collect();
+        assert!(blobs.is_empty(), "no second copy: {blobs:?}");
+        // The checksum list is sealed (outside the delivery folder) and lists every copy.
+        let sums = LocalStore::sums_path(dir.path(), "a", "2.25.5");
+        let list = fs::read_dir(&sums).unwrap().next().unwrap().unwrap().path();
+        assert!(sealed::AtRest::key_id_of(&list).unwrap().is_some());
+        assert_eq!(parse_sums(&s.at_rest().read(&list).unwrap()).len(), 3);
+        let report = LocalStore::verify_blobs(dir.path(), &s.at_rest()).unwrap();
+        assert_eq!((report.checked, report.inbox_checked), (0, 3));
+        assert!(report.mismatched.is_empty());
         for i in 0..3u8 {
-            let file = out.join(format!("2.25.5{i}.dcm"));
-            assert_eq!(fs::read(&file).unwrap(), [b'p', i, 42]);
             let sha: [u8; 32] = Sha256::digest([b'p', i, 42]).into();
-            let blob = s.instance_path(&sha);
-            assert!(
-                sealed::AtRest::key_id_of(&blob).unwrap().is_some(),
-                "blob sealed"
+            let uid = format!("2.25.5{i}");
+            let copy = out.join(format!("{uid}.dcm"));
+            assert_eq!(fs::read(&copy).unwrap(), [b'p', i, 42]);
+            assert_eq!(
+                s.check_held(&key, &uid, &sha).unwrap(),
+                BlobCheck::Intact(copy)
             );
-            assert!(matches!(s.check_blob(&sha).unwrap(), BlobCheck::Intact(_)));
         }
+        // Damaged at rest: `store verify` names it, and a check quarantines it.
+        let damaged = out.join("2.25.50.dcm");
+        fs::write(&damaged, b"rot").unwrap();
+        let report = LocalStore::verify_blobs(dir.path(), &s.at_rest()).unwrap();
+        assert_eq!(report.mismatched, vec![damaged.clone()]);
+        let sha0: [u8; 32] = Sha256::digest([b'p', 0, 42]).into();
+        assert!(matches!(
+            s.check_held(&key, "2.25.50", &sha0).unwrap(),
+            BlobCheck::Quarantined(_)
+        ));
+        assert!(!damaged.exists());
+        // Taken out of the inbox by the site: handed on, neither missing nor damaged.
+        fs::remove_file(out.join("2.25.51.dcm")).unwrap();
+        let sha1: [u8; 32] = Sha256::digest([b'p', 1, 42]).into();
+        assert_eq!(
+            s.check_held(&key, "2.25.51", &sha1).unwrap(),
+            BlobCheck::HandedOn
+        );
+        let report = LocalStore::verify_blobs(dir.path(), &s.at_rest()).unwrap();
+        assert_eq!((report.inbox_checked, report.handed_on), (1, 2));
+        assert!(s.missing_blobs().unwrap().is_empty());
+        // Delivering again does not bring a handed-on instance back.
+        s.deliver(&c.study).unwrap();
+        assert!(!out.join("2.25.51.dcm").exists());
+        // The damaged one, received again, is stored again and listed once.
+        let again = received_plain(&s, &key, &[b'p', 0, 42], "2.25.50");
+        let (c, _) = s.commit_and_deliver(&key, 3, vec![again], vec![]).unwrap();
+        assert_eq!(c.stored, 1);
+        assert_eq!(fs::read(&damaged).unwrap(), [b'p', 0, 42]);
+        assert_eq!(
+            fs::read_dir(&sums).unwrap().count(),
+            2,
+            "one list per commit"
+        );
+        let report = LocalStore::verify_blobs(dir.path(), &s.at_rest()).unwrap();
+        assert_eq!((report.inbox_checked, report.handed_on), (2, 1));
+        assert!(report.mismatched.is_empty());
 
         // Without sealing the inbox copy is a hard link: no plaintext copy is prepared.
         let plain_dir = tempfile::tempdir().unwrap();
@@ -1423,77 +1821,45 @@ mod inbox_tests {
         assert!(p.inbox_part(&key, "2.25.59").unwrap().is_none());
     }
 
-    /// Partial offers (a study still arriving, or `send`'s groups) are delivered as far as they
-    /// go, from their plaintext copies; a commit that leaves the study incomplete names nothing
-    /// in the inbox and keeps the sealed blob as the durable copy.
     #[test]
-    fn partial_offers_deliver_their_plaintext_copies_and_an_incomplete_commit_names_nothing() {
+    fn an_interrupted_inbox_copy_is_kept_sealed_and_resumes_into_the_inbox() {
         let dir = tempfile::tempdir().unwrap();
-        let at_rest = sealed::AtRest::new(&crate::pseudonym::SiteKeys::generate(), true);
-        let s = LocalStore::open_with(dir.path(), at_rest.clone()).unwrap();
+        let (s, at_rest) = sealed_inbox_store(dir.path());
         let key = StudyKey::new("a", "f", "x", "2.25.6");
-        let offer = |uids: &[u8]| {
-            let mut plain = std::collections::HashMap::new();
-            let mut staged_all = Vec::new();
-            for i in uids {
-                let bytes = vec![b'q', *i, 7];
-                let (f, path) = s.stage_file().unwrap();
-                let mut w = at_rest.writer(f).unwrap();
-                w.write_all(&bytes).unwrap();
-                w.finish().unwrap();
-                let uid = format!("2.25.6{i}");
-                let part = s.inbox_part(&key, &uid).unwrap().expect("inbox copy");
-                fs::write(&part, &bytes).unwrap();
-                let sha: [u8; 32] = Sha256::digest(&bytes).into();
-                plain.insert(sha, part);
-                staged_all.push(StagedInstance {
-                    path,
-                    sha256: sha,
-                    size: bytes.len() as u64,
-                    sop_instance_uid: uid,
-                });
-            }
-            (staged_all, plain)
-        };
-        let named = |out: &Path| -> Vec<String> {
-            let mut names: Vec<String> = fs::read_dir(out)
-                .unwrap()
-                .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
-                .filter(|n| !n.starts_with('.'))
-                .collect();
-            names.sort();
-            names
-        };
-        // Two partial offers, each listing only what it brings: each is delivered.
-        let (staged, plain) = offer(&[0, 1]);
-        let (_, delivered) = s
-            .commit_and_deliver(&key, 2, staged, vec![], &plain)
-            .unwrap();
-        let out = delivered.expect("a partial offer is delivered as far as it goes");
-        assert_eq!(named(&out), ["2.25.60.dcm", "2.25.61.dcm"]);
-        let (staged, plain) = offer(&[2]);
-        let (c, delivered) = s
-            .commit_and_deliver(&key, 1, staged, vec![], &plain)
-            .unwrap();
-        assert_eq!(c.study.instances.len(), 3);
-        assert_eq!(named(&delivered.unwrap()).len(), 3);
-        // An instance is lost at the receiver; an offer of another one does not complete the
-        // study (4 announced before, 3 held after): nothing is named in the inbox.
-        s.forget_instance(&key, "2.25.60").unwrap();
-        let (staged, plain) = offer(&[3]);
-        let parts: Vec<PathBuf> = plain.values().cloned().collect();
-        let (c, delivered) = s
-            .commit_and_deliver(&key, 4, staged, vec![], &plain)
-            .unwrap();
-        assert!(!c.study.is_complete());
-        assert!(delivered.is_none());
-        assert!(!out.join("2.25.63.dcm").exists());
-        // The sealed blob holds the instance (the receiver removes the unnamed plaintext copy).
-        let sha: [u8; 32] = Sha256::digest([b'q', 3, 7]).into();
-        assert!(matches!(s.check_blob(&sha).unwrap(), BlobCheck::Intact(_)));
+        let first = received_plain(&s, &key, b"first-plaintext", "2.25.61");
+        let part = first.path.clone();
+        s.keep_partial(&key, vec![first]).unwrap();
+        assert!(!part.exists(), "the plaintext copy left the inbox");
+        let kept = s.partials(&key).unwrap();
+        assert_eq!(kept.len(), 1);
         assert!(
-            parts.iter().all(|p| p.exists()),
-            "left for the receiver's staging"
+            sealed::AtRest::key_id_of(&kept[0].path).unwrap().is_some(),
+            "kept sealed"
         );
+        // A hidden copy left by a crash mid-transfer is removed at the next start.
+        let stray = s.inbox_part(&key, "2.25.63").unwrap().unwrap();
+        fs::write(&stray, b"never acknowledged").unwrap();
+        drop(s);
+        let s = LocalStore::open_with(dir.path(), at_rest).unwrap();
+        assert!(!stray.exists());
+        // The resumed transfer completes: the kept instance is decrypted into the inbox.
+        let mut all = s.partials(&key).unwrap();
+        all.push(received_plain(&s, &key, b"second", "2.25.62"));
+        let (c, out) = s.commit_and_deliver(&key, 2, all, vec![]).unwrap();
+        assert_eq!(c.stored, 2);
+        let out = out.unwrap();
+        assert_eq!(
+            fs::read(out.join("2.25.61.dcm")).unwrap(),
+            b"first-plaintext"
+        );
+        assert_eq!(fs::read(out.join("2.25.62.dcm")).unwrap(), b"second");
+        assert_eq!(fs::read_dir(&out).unwrap().count(), 2);
+        let left: Vec<_> = walkdir::WalkDir::new(dir.path().join("staging"))
+            .into_iter()
+            .chain(walkdir::WalkDir::new(dir.path().join("blobs")))
+            .flatten()
+            .filter(|e| e.file_type().is_file())
+            .collect();
+        assert!(left.is_empty(), "{left:?}");
     }
 }

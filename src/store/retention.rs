@@ -2,7 +2,8 @@
 //! destruction receipts its origin has not yet acknowledged.
 //!
 //! Owns: [`LocalStore::destroy_study`], which removes everything the store holds of one study —
-//! its PACS delivery queue entries, its index record, its inbox files, the instances kept for a
+//! its PACS delivery queue entries, its index record, its inbox files (with encryption at rest
+//! and no PACS, the one stored copy; with their checksum list), the instances kept for a
 //! resumption, its blobs (those no other study record shares) and any quarantined copy of them —
 //! in a crash-safe order; and the `destroyed` tree of the index database: one tombstone per
 //! destroyed study (tokens, counts, times, the study digest; never PHI and never instance UIDs),
@@ -192,6 +193,12 @@ impl LocalStore {
             .join(safe_name(&tomb.agreement))
             .join(safe_name(&tomb.study_token));
         remove_tree(&inbox)?;
+        // The checksum lists of its inbox copies (where those were the stored copies).
+        remove_tree(&LocalStore::sums_path(
+            &self.root,
+            &tomb.agreement,
+            &tomb.study_token,
+        ))?;
         self.discard_partials(&key)?;
         let mut dirs = BTreeSet::new();
         let quarantine = self.root.join("quarantine");
@@ -420,6 +427,52 @@ mod tests {
         let all = s.destructions().unwrap();
         assert_eq!(all.len(), 1);
         assert_eq!(all[0].1.state, DestructionState::Acknowledged);
+    }
+
+    /// With inbox delivery and encryption at rest the inbox copy is the one stored copy:
+    /// destruction removes it, its checksum lists and a quarantined copy of it.
+    #[test]
+    fn destroying_removes_the_inbox_copies_that_are_the_stored_copies() {
+        let dir = tempfile::tempdir().unwrap();
+        let at_rest =
+            crate::store::sealed::AtRest::new(&crate::pseudonym::SiteKeys::generate(), true);
+        let s = LocalStore::open_with(dir.path(), at_rest).unwrap();
+        let key = StudyKey::new("a", "f", "x", "2.25.7");
+        let staged: Vec<_> = [(&b"one"[..], "2.25.71"), (&b"two"[..], "2.25.72")]
+            .into_iter()
+            .map(|(bytes, uid)| {
+                let part = s.inbox_part(&key, uid).unwrap().expect("inbox copy");
+                fs::write(&part, bytes).unwrap();
+                StagedInstance {
+                    path: part,
+                    sha256: Sha256::digest(bytes).into(),
+                    size: bytes.len() as u64,
+                    sop_instance_uid: uid.into(),
+                }
+            })
+            .collect();
+        let (c, _) = s.commit_and_deliver(&key, 2, staged, vec![]).unwrap();
+        assert_eq!(c.stored, 2);
+        assert_eq!(files(dir.path(), "inbox").len(), 2);
+        assert_eq!(files(dir.path(), "sums").len(), 1);
+        assert!(files(dir.path(), "blobs").is_empty());
+        // One copy was damaged at rest and quarantined.
+        let copy = s.inbox_copy_path(&key, "2.25.71");
+        fs::write(&copy, b"rot").unwrap();
+        let sha: [u8; 32] = Sha256::digest(b"one").into();
+        assert!(matches!(
+            s.check_held(&key, "2.25.71", &sha).unwrap(),
+            crate::store::BlobCheck::Quarantined(_)
+        ));
+        let t = s
+            .destroy_study(&key, &ended(), 1_000, &mut s.blob_refs().unwrap())
+            .unwrap()
+            .unwrap();
+        assert_eq!(t.state, DestructionState::Deleted);
+        assert_eq!(t.instances, 2);
+        for sub in ["inbox", "sums", "quarantine", "blobs", "staging"] {
+            assert!(files(dir.path(), sub).is_empty(), "left in {sub}");
+        }
     }
 
     #[test]

@@ -46,7 +46,12 @@ impl Served {
             cfg: cfg.clone(),
         };
         let mut addrs = vec![cfg.listen.clone()];
-        addrs.extend(cfg.dicom.as_ref().map(|d| d.listen.clone()));
+        addrs.extend(
+            cfg.dicom
+                .as_ref()
+                .map(|d| d.listen.clone())
+                .filter(|l| !l.is_empty()),
+        );
         for a in addrs {
             wait_for(&format!("{a} to accept"), Duration::from_secs(20), || {
                 TcpStream::connect(&a).is_ok()
@@ -125,6 +130,17 @@ impl Sites {
     /// lists the (AE title, address) pairs hospital-a's listener takes; `log` is the nodes'
     /// `PACS_BROKER_LOG` (see [`Served::start`]).
     pub fn start(agreement: Option<String>, allow: &[(&str, &str)], log: Option<&str>) -> Sites {
+        Sites::start_tuned(agreement, allow, log, |_, _| {})
+    }
+
+    /// [`Sites::start`], with `tune(site, config)` applied to each node's configuration before
+    /// it starts.
+    pub fn start_tuned(
+        agreement: Option<String>,
+        allow: &[(&str, &str)],
+        log: Option<&str>,
+        tune: impl Fn(&str, &mut NodeConfig),
+    ) -> Sites {
         let dir = tempfile::tempdir().unwrap();
         let all: Vec<String> = ["hospital-a", "hospital-b", "telerad-c"]
             .iter()
@@ -151,6 +167,7 @@ impl Sites {
                     dicom_port, BROKER_AE, allow, AGREEMENT, FLOW,
                 ));
             }
+            tune(site, &mut cfg);
             let path = dir.path().join(site).join("node.toml");
             std::fs::write(&path, cfg.to_toml()).unwrap();
             cfgs.insert(site, (path, cfg));
