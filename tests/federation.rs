@@ -106,9 +106,10 @@ async fn two_sites_exchange_a_deidentified_study_idempotently() {
         }
     }
     // What the receiver keeps of the study outside the inbox is sealed at rest (store::sealed):
-    // the checksum list of the inbox copies.
+    // the checksum lists of the inbox copies, one per commit (`send` offers what is
+    // de-identified while the rest is, then the rest: one or two commits for six instances).
     let sums = files_under(&store_dir(c).join("sums"));
-    assert_eq!(sums.len(), 1);
+    assert!((1..=2).contains(&sums.len()), "{sums:?}");
     for f in &sums {
         assert!(
             pacs_broker::store::sealed::AtRest::key_id_of(f)
