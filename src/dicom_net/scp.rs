@@ -16,7 +16,8 @@
 //! so it needs no sealing, and it is not mapped into the process, so it does not count in its
 //! resident set) up to [`MEMORY_SPOOL`] bytes; an instance that grows past that moves to a
 //! spool file on disk, sealed at rest, and continues there. Spooled memory is therefore at most
-//! `max_associations x MEMORY_SPOOL`.
+//! `max_associations x MEMORY_SPOOL`. An association keeps its memory spool (up to
+//! [`REUSED_SPOOL`] bytes) for its next instance, written over and cut to that one's length.
 //!
 //! Does not own: what happens to an instance ([`StoreService`]: the ingest pipeline).
 
@@ -183,6 +184,10 @@ pub struct Listener<S: StoreService> {
 
 /// Bytes of an instance spooled in memory before it moves to a sealed spool file on disk.
 pub const MEMORY_SPOOL: u64 = 32 << 20;
+/// A memory spool up to this size is kept for the association's next instance (overwritten,
+/// then cut to its length): allocating and freeing its pages for every instance costs more
+/// than the instance's own copy into it.
+const REUSED_SPOOL: u64 = 4 << 20;
 
 /// Default window of the rejection summary (the node passes `[limits] refusal_summary_secs`).
 const REJECTION_WINDOW: Duration = Duration::from_secs(60);
@@ -408,6 +413,8 @@ impl<S: StoreService> Listener<S> {
     ) -> Result<(), String> {
         let mut command: Vec<u8> = Vec::new();
         let mut incoming: Option<Incoming> = None;
+        // The memory spool of the last instance, reused for the next (its pages stay allocated).
+        let mut spare: Option<std::fs::File> = None;
         loop {
             let pdu = assoc.receive().map_err(|e| e.to_string())?;
             match pdu {
@@ -426,6 +433,7 @@ impl<S: StoreService> Listener<S> {
                                         &cmd,
                                         pdv.presentation_context_id,
                                         peer,
+                                        &mut spare,
                                     )?;
                                 }
                             }
@@ -436,7 +444,7 @@ impl<S: StoreService> Listener<S> {
                                 inc.write(&pdv.data)?;
                                 if pdv.is_last {
                                     let inc = incoming.take().expect("incoming instance");
-                                    self.stored(assoc, session, inc)?;
+                                    self.stored(assoc, session, inc, &mut spare)?;
                                 }
                             }
                         }
@@ -452,14 +460,15 @@ impl<S: StoreService> Listener<S> {
         }
     }
 
-    /// A complete command set: C-ECHO is answered at once; C-STORE opens a spool file for its
-    /// data set.
+    /// A complete command set: C-ECHO is answered at once; C-STORE opens a spool for its data
+    /// set (the `spare` memory spool of the last instance, when there is one).
     fn command(
         &self,
         assoc: &mut dicom_ul::ServerAssociation<TcpStream>,
         bytes: &[u8],
         pc_id: u8,
         peer: &AssociationPeer,
+        spare: &mut Option<std::fs::File>,
     ) -> Result<Option<Incoming>, String> {
         let ts = dicom_transfer_syntax_registry::entries::IMPLICIT_VR_LITTLE_ENDIAN.erased();
         let cmd = InMemDicomObject::read_dataset_with_ts(bytes, &ts)
@@ -503,7 +512,7 @@ impl<S: StoreService> Listener<S> {
                 };
                 let mut head = Vec::with_capacity(1024);
                 match write_preamble(&mut head, &inc, &ts_uid, &peer.calling_ae) {
-                    Ok(()) => match Spool::memory() {
+                    Ok(()) => match Spool::memory(spare.take()) {
                         Ok(m) => {
                             inc.spool = Some(m);
                             inc.write(&head)?;
@@ -518,12 +527,14 @@ impl<S: StoreService> Listener<S> {
         }
     }
 
-    /// The last fragment of a data set arrived: hand the instance over and answer.
+    /// The last fragment of a data set arrived: hand the instance over and answer. A memory
+    /// spool up to [`REUSED_SPOOL`] bytes is kept in `spare` for the next instance.
     fn stored(
         &self,
         assoc: &mut dicom_ul::ServerAssociation<TcpStream>,
         session: &mut S::Session,
         inc: Incoming,
+        spare: &mut Option<std::fs::File>,
     ) -> Result<(), String> {
         let Incoming {
             pc_id,
@@ -536,12 +547,23 @@ impl<S: StoreService> Listener<S> {
             ..
         } = inc;
         let outcome = match (spool, failed) {
-            (Some(Spool::Memory(file, _)), None) => {
+            (Some(Spool::Memory(file, len)), None) => {
                 use std::os::fd::AsRawFd;
-                let path = PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd()));
-                let outcome = self.service.store(session, &path);
-                drop(file);
-                outcome
+                // A reused spool may hold more of an earlier instance: cut to this one.
+                match file.set_len(len) {
+                    Ok(()) => {
+                        let path = PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd()));
+                        let outcome = self.service.store(session, &path);
+                        if len <= REUSED_SPOOL {
+                            *spare = Some(file);
+                        }
+                        outcome
+                    }
+                    Err(e) => StoreOutcome::refused(
+                        StoreStatus::OUT_OF_RESOURCES,
+                        format!("cannot write the spool file: {}", e.kind()),
+                    ),
+                }
             }
             (Some(Spool::Disk(w)), None) => match w
                 .finish()
@@ -602,7 +624,14 @@ enum Spool {
 }
 
 impl Spool {
-    fn memory() -> Result<Spool, String> {
+    /// A memory spool: `reuse` (an earlier instance's, written over from its start) or a new one.
+    fn memory(reuse: Option<std::fs::File>) -> Result<Spool, String> {
+        use std::io::Seek;
+        if let Some(mut f) = reuse {
+            if f.seek(std::io::SeekFrom::Start(0)).is_ok() {
+                return Ok(Spool::Memory(f, 0));
+            }
+        }
         #[cfg(target_os = "linux")]
         {
             let fd = rustix::fs::memfd_create("pacs-broker-spool", rustix::fs::MemfdFlags::CLOEXEC)
@@ -618,15 +647,20 @@ impl Spool {
         Err("memory spools need Linux".into())
     }
 
-    /// A sealed spool file in `dir` holding what `memory` holds.
-    fn to_disk(memory: &mut std::fs::File, dir: &Path, at_rest: &AtRest) -> std::io::Result<Spool> {
+    /// A sealed spool file in `dir` holding the first `len` bytes `memory` holds.
+    fn to_disk(
+        memory: &mut std::fs::File,
+        len: u64,
+        dir: &Path,
+        at_rest: &AtRest,
+    ) -> std::io::Result<Spool> {
         use std::io::Seek;
         let f = tempfile::Builder::new()
             .prefix("incoming-")
             .tempfile_in(dir)?;
         let mut w = at_rest.writer(std::io::BufWriter::with_capacity(256 * 1024, f))?;
         memory.seek(std::io::SeekFrom::Start(0))?;
-        std::io::copy(memory, &mut w)?;
+        std::io::copy(&mut memory.take(len), &mut w)?;
         Ok(Spool::Disk(w))
     }
 }
@@ -638,7 +672,7 @@ impl Incoming {
         };
         if let Spool::Memory(m, len) = spool {
             if *len + bytes.len() as u64 > MEMORY_SPOOL {
-                match Spool::to_disk(m, &self.disk, &self.at_rest) {
+                match Spool::to_disk(m, *len, &self.disk, &self.at_rest) {
                     Ok(d) => *spool = d,
                     Err(e) => {
                         self.failed = Some(format!("cannot write the spool file: {}", e.kind()));

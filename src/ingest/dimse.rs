@@ -10,7 +10,9 @@
 //!
 //! Durable before the answer: an instance up to [`LOG_LIMIT`] bytes is appended, sealed, to the
 //! ingest write-ahead log (`ingest::wal`: its de-identified bytes, its outbox study and file name,
-//! its SHA-256 and its vault entries; one `fdatasync`), and the answer goes out. The mover (a
+//! its vault entries; one `fdatasync`), and the answer goes out. The instance's SHA-256 is
+//! computed on a thread of its own meanwhile (in a sealed log the record needs none: its
+//! sealing authenticates it; a plain log's record carries it) and handed to the mover. The mover (a
 //! background thread) then writes the logged instances into their outbox study folders (sealed
 //! files named by the SOP instance token), records their vault entries, makes both durable for
 //! a group at once (one file-system flush, the folders fsynced, the vault flushed), marks them
@@ -63,6 +65,8 @@ pub struct DimseIngest {
     hold_for_review: Box<ReviewHold>,
     /// The write-ahead log and its mover, when the node keeps one.
     log: Option<Logged>,
+    /// Plaintext and record buffers kept from one logged instance for the next.
+    buffers: Arc<Buffers>,
 }
 
 /// Instances up to this many bytes (as received) go through the write-ahead log; larger ones
@@ -157,6 +161,7 @@ impl DimseIngest {
             open,
             hold_for_review,
             log: None,
+            buffers: Arc::new(Buffers::default()),
         }
     }
 
@@ -388,8 +393,11 @@ impl DimseIngest {
         let file = format!("{}.dcm", safe_name(&d.sop_instance_uid));
         let (object, pixels) = (d.object, d.pixel_data);
         let room = pixels.as_ref().map_or(0, |p| p.len() as usize) + 64 * 1024;
-        let mut plain = Vec::with_capacity(room);
-        batch::encode_output(object, pixels.as_ref(), &mut plain)?;
+        let mut plain = Pooled {
+            buf: self.buffers.take(room),
+            pool: self.buffers.clone(),
+        };
+        batch::encode_output(object, pixels.as_ref(), &mut plain.buf)?;
         drop(pixels);
         let plain = Arc::new(plain);
         // The SHA-256 (for the outbox and the partner's manifest) is computed on another
@@ -405,16 +413,17 @@ impl DimseIngest {
             study: d.study_uid,
             file,
             sha256: None,
-            size: plain.len() as u64,
+            size: plain.buf.len() as u64,
             data_tag: None,
             sop_instance_uid: d.sop_instance_uid,
             modality,
             patient_token: d.patient_token,
             vault_entries: d.vault_entries,
         };
+        let rec = self.buffers.take(room + room / 32);
         let (mut rec, meta) = log
             .wal
-            .seal_instance(meta, &plain)
+            .seal_instance(meta, &plain.buf, rec)
             .map_err(|e| e.to_string())?;
         drop(plain);
         let sealed = started.elapsed();
@@ -428,6 +437,9 @@ impl DimseIngest {
                 .unwrap_or_else(|p| p.into_inner())
                 .send((at, hashing.take()));
         });
+        // Not in the log: its sealed data goes into the outbox now.
+        let unlogged = matches!(appended, Ok(None)).then(|| Wal::data_of(&rec).to_vec());
+        self.buffers.give(rec);
         match appended {
             Ok(Some(_)) => {
                 tracing::debug!(
@@ -440,8 +452,7 @@ impl DimseIngest {
             }
             Ok(None) => {
                 // No free slot (the mover is behind) or too large: into the outbox now.
-                let data = Wal::data_of(&rec).to_vec();
-                drop(rec);
+                let data = unlogged.unwrap_or_default();
                 let mut now = Record {
                     location: Location {
                         slot: usize::MAX,
@@ -473,6 +484,52 @@ impl DimseIngest {
     }
 }
 
+/// Large buffers (an instance's plaintext, its log record) kept from one instance for the
+/// next: a fresh allocation of this size is mapped, faulted in page by page, zeroed and
+/// unmapped again for every instance. At most [`Buffers::KEEP`] buffers of up to
+/// [`Buffers::LARGEST`] bytes each are kept.
+#[derive(Default)]
+struct Buffers {
+    free: Mutex<Vec<Vec<u8>>>,
+}
+
+impl Buffers {
+    const KEEP: usize = 4;
+    const LARGEST: usize = 2 << 20;
+
+    /// An empty buffer with room for `room` bytes.
+    fn take(&self, room: usize) -> Vec<u8> {
+        let kept = self.free.lock().unwrap_or_else(|p| p.into_inner()).pop();
+        let mut b = kept.unwrap_or_default();
+        b.clear();
+        b.reserve(room);
+        b
+    }
+
+    fn give(&self, b: Vec<u8>) {
+        if b.capacity() > Self::LARGEST {
+            return;
+        }
+        let mut free = self.free.lock().unwrap_or_else(|p| p.into_inner());
+        if free.len() < Self::KEEP {
+            free.push(b);
+        }
+    }
+}
+
+/// A buffer that goes back to its pool when its last user (the association or the thread
+/// hashing it) drops it.
+struct Pooled {
+    buf: Vec<u8>,
+    pool: Arc<Buffers>,
+}
+
+impl Drop for Pooled {
+    fn drop(&mut self) {
+        self.pool.give(std::mem::take(&mut self.buf));
+    }
+}
+
 /// The SHA-256 of a logged instance's plaintext, computed on a thread of its own beside the
 /// log's `fdatasync`; the mover takes it.
 enum PendingHash {
@@ -481,15 +538,15 @@ enum PendingHash {
 }
 
 impl PendingHash {
-    fn start(plain: Arc<Vec<u8>>) -> PendingHash {
+    fn start(plain: Arc<Pooled>) -> PendingHash {
         use sha2::{Digest, Sha256};
         let job = plain.clone();
         let spawned = std::thread::Builder::new()
             .name("ingest-hash".into())
-            .spawn(move || Sha256::digest(job.as_slice()).into());
+            .spawn(move || Sha256::digest(job.buf.as_slice()).into());
         match spawned {
             Ok(h) => PendingHash::Computing(h),
-            Err(_) => PendingHash::Done(Sha256::digest(plain.as_slice()).into()),
+            Err(_) => PendingHash::Done(Sha256::digest(plain.buf.as_slice()).into()),
         }
     }
 

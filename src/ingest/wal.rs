@@ -522,16 +522,19 @@ impl Wal {
 
     /// Seals `meta` and the instance's plaintext `data` into one record.
     pub fn seal(&self, meta: &InstanceRecord, data: &[u8]) -> Result<Vec<u8>, WalError> {
-        self.seal_instance(meta.clone(), data).map(|(rec, _)| rec)
+        self.seal_instance(meta.clone(), data, Vec::new())
+            .map(|(rec, _)| rec)
     }
 
-    /// Seals the instance's plaintext `data`, then `meta`, into one record; returns it with the
-    /// meta as recorded: its length set, and, when the log seals, the sealed data's last tag
-    /// (`data_tag`); a plain log computes the SHA-256 if `meta` lacks it (its only check).
+    /// Seals the instance's plaintext `data`, then `meta`, into one record, written into `rec`
+    /// (a buffer to reuse: its content is replaced); returns it with the meta as recorded: its
+    /// length set, and, when the log seals, the sealed data's last tag (`data_tag`); a plain
+    /// log computes the SHA-256 if `meta` lacks it (its only check).
     pub fn seal_instance(
         &self,
         mut meta: InstanceRecord,
         data: &[u8],
+        mut rec: Vec<u8>,
     ) -> Result<(Vec<u8>, InstanceRecord), WalError> {
         use std::io::Write;
         let path = self.dir.clone();
@@ -541,7 +544,8 @@ impl Wal {
         };
         // Room for the sealed data (a tag per segment) and the meta: never reallocated.
         let segments = data.len() / crate::store::sealed::SEGMENT + 1;
-        let mut rec = Vec::with_capacity(HEADER + data.len() + segments * SEAL_TAG + 8192);
+        rec.clear();
+        rec.reserve(HEADER + data.len() + segments * SEAL_TAG + 8192);
         rec.resize(HEADER, 0);
         let mut w = self.at_rest.writer(&mut rec).map_err(io_at(&path))?;
         w.write_all(data).map_err(io_at(&path))?;
@@ -944,7 +948,7 @@ mod tests {
             let d = data(n, len);
             let mut m = meta(n, &d);
             m.sha256 = None;
-            let (mut rec, recorded) = wal.seal_instance(m, &d).unwrap();
+            let (mut rec, recorded) = wal.seal_instance(m, &d, Vec::new()).unwrap();
             assert!(recorded.sha256.is_none() && recorded.data_tag.is_some());
             let mut appended = false;
             for _ in 0..1000 {
@@ -992,7 +996,7 @@ mod tests {
         let d = data(9, 1000);
         let mut m = meta(9, &d);
         m.sha256 = None;
-        let (_, recorded) = wal.seal_instance(m, &d).unwrap();
+        let (_, recorded) = wal.seal_instance(m, &d, Vec::new()).unwrap();
         assert_eq!(
             recorded.sha256,
             Some(hex::encode(Sha256::digest(&d))),
