@@ -30,7 +30,10 @@
 //!
 //! `check` is the first 8 bytes of the SHA-256 of the bytes before it. Meta and data are sealed
 //! with the node's data key (`store::sealed`, when encryption at rest is on), so the log holds
-//! no plaintext: the meta carries the instance's vault entries (original identifiers).
+//! no plaintext: the meta carries the instance's vault entries (original identifiers). What
+//! ties a record's data to its meta: in a sealed log the sealed data's last tag (`data_tag`, the
+//! data being authenticated by its sealing; the instance's SHA-256 is computed beside the
+//! `fdatasync` and may be absent), in a plain log the SHA-256 of the data.
 //!
 //! A slot holds one generation at a time; generations only grow, so a slot's records are read in
 //! the order of their generations and a record of another generation than its slot's header (a
