@@ -532,8 +532,10 @@ impl Drop for Pooled {
 
 /// The SHA-256 of a logged instance's plaintext, computed on a thread of its own beside the
 /// log's `fdatasync`; the mover takes it.
+/// The thread is detached (not joined): one that has ended frees its stack at once, however far
+/// behind the mover is.
 enum PendingHash {
-    Computing(std::thread::JoinHandle<[u8; 32]>),
+    Computing(mpsc::Receiver<[u8; 32]>),
     Done([u8; 32]),
 }
 
@@ -541,11 +543,14 @@ impl PendingHash {
     fn start(plain: Arc<Pooled>) -> PendingHash {
         use sha2::{Digest, Sha256};
         let job = plain.clone();
+        let (tx, rx) = mpsc::sync_channel(1);
         let spawned = std::thread::Builder::new()
             .name("ingest-hash".into())
-            .spawn(move || Sha256::digest(job.buf.as_slice()).into());
+            .spawn(move || {
+                let _ = tx.send(Sha256::digest(job.buf.as_slice()).into());
+            });
         match spawned {
-            Ok(h) => PendingHash::Computing(h),
+            Ok(_detached) => PendingHash::Computing(rx),
             Err(_) => PendingHash::Done(Sha256::digest(plain.buf.as_slice()).into()),
         }
     }
@@ -553,7 +558,7 @@ impl PendingHash {
     /// The hash (`None` only if its thread failed: the mover then computes it from the record).
     fn wait(self) -> Option<[u8; 32]> {
         match self {
-            PendingHash::Computing(h) => h.join().ok(),
+            PendingHash::Computing(rx) => rx.recv().ok(),
             PendingHash::Done(d) => Some(d),
         }
     }
