@@ -16,7 +16,8 @@
 //! so it needs no sealing, and it is not mapped into the process, so it does not count in its
 //! resident set) up to [`MEMORY_SPOOL`] bytes; an instance that grows past that moves to a
 //! spool file on disk, sealed at rest, and continues there. Spooled memory is therefore at most
-//! `max_associations x MEMORY_SPOOL`.
+//! `max_associations x MEMORY_SPOOL`. An association keeps its memory spool (up to
+//! [`REUSED_SPOOL`] bytes) for its next instance, written over and cut to that one's length.
 //!
 //! Does not own: what happens to an instance ([`StoreService`]: the ingest pipeline).
 
@@ -183,6 +184,10 @@ pub struct Listener<S: StoreService> {
 
 /// Bytes of an instance spooled in memory before it moves to a sealed spool file on disk.
 pub const MEMORY_SPOOL: u64 = 32 << 20;
+/// A memory spool up to this size is kept for the association's next instance (overwritten,
+/// then cut to its length): allocating and freeing its pages for every instance costs more
+/// than the instance's own copy into it.
+const REUSED_SPOOL: u64 = 4 << 20;
 
 /// Default window of the rejection summary (the node passes `[limits] refusal_summary_secs`).
 const REJECTION_WINDOW: Duration = Duration::from_secs(60);
@@ -408,58 +413,60 @@ impl<S: StoreService> Listener<S> {
     ) -> Result<(), String> {
         let mut command: Vec<u8> = Vec::new();
         let mut incoming: Option<Incoming> = None;
+        // The memory spool of the last instance, reused for the next (its pages stay allocated).
+        let mut spare: Option<std::fs::File> = None;
+        let mut stream = PduStream::new(assoc, self.config.max_pdu)?;
         loop {
-            let pdu = assoc.receive().map_err(|e| e.to_string())?;
-            match pdu {
-                Pdu::PData { data } => {
-                    for pdv in data {
-                        match pdv.value_type {
-                            PDataValueType::Command => {
-                                command.extend_from_slice(&pdv.data);
-                                if command.len() > 64 * 1024 {
-                                    return Err("command set larger than 64 KiB".into());
-                                }
-                                if pdv.is_last {
-                                    let cmd = std::mem::take(&mut command);
-                                    incoming = self.command(
-                                        assoc,
-                                        &cmd,
-                                        pdv.presentation_context_id,
-                                        peer,
-                                    )?;
-                                }
-                            }
-                            PDataValueType::Data => {
-                                let inc = incoming
-                                    .as_mut()
-                                    .ok_or("a data set arrived without its C-STORE command")?;
-                                inc.write(&pdv.data)?;
-                                if pdv.is_last {
-                                    let inc = incoming.take().expect("incoming instance");
-                                    self.stored(assoc, session, inc)?;
-                                }
-                            }
+            let received = stream.next(|pdv, event| match (pdv.command, event) {
+                (true, PdvEvent::Bytes(bytes)) => {
+                    command.extend_from_slice(bytes);
+                    if command.len() > 64 * 1024 {
+                        return Err("command set larger than 64 KiB".into());
+                    }
+                    Ok(())
+                }
+                (true, PdvEvent::End) => {
+                    if pdv.last {
+                        let cmd = std::mem::take(&mut command);
+                        incoming = self.command(assoc, &cmd, pdv.pc_id, peer, &mut spare)?;
+                    }
+                    Ok(())
+                }
+                (false, event) => {
+                    let inc = incoming
+                        .as_mut()
+                        .ok_or("a data set arrived without its C-STORE command")?;
+                    match event {
+                        PdvEvent::Bytes(bytes) => inc.write(bytes),
+                        PdvEvent::End if pdv.last => {
+                            let inc = incoming.take().expect("incoming instance");
+                            self.stored(assoc, session, inc, &mut spare)
                         }
+                        PdvEvent::End => Ok(()),
                     }
                 }
-                Pdu::ReleaseRQ => {
+            })?;
+            match received {
+                None => {}
+                Some(Pdu::ReleaseRQ) => {
                     assoc.send(&Pdu::ReleaseRP).map_err(|e| e.to_string())?;
                     return Ok(());
                 }
-                Pdu::AbortRQ { .. } => return Ok(()),
-                other => return Err(format!("unexpected PDU {:?}", pdu_name(&other))),
+                Some(Pdu::AbortRQ { .. }) => return Ok(()),
+                Some(other) => return Err(format!("unexpected PDU {:?}", pdu_name(&other))),
             }
         }
     }
 
-    /// A complete command set: C-ECHO is answered at once; C-STORE opens a spool file for its
-    /// data set.
+    /// A complete command set: C-ECHO is answered at once; C-STORE opens a spool for its data
+    /// set (the `spare` memory spool of the last instance, when there is one).
     fn command(
         &self,
         assoc: &mut dicom_ul::ServerAssociation<TcpStream>,
         bytes: &[u8],
         pc_id: u8,
         peer: &AssociationPeer,
+        spare: &mut Option<std::fs::File>,
     ) -> Result<Option<Incoming>, String> {
         let ts = dicom_transfer_syntax_registry::entries::IMPLICIT_VR_LITTLE_ENDIAN.erased();
         let cmd = InMemDicomObject::read_dataset_with_ts(bytes, &ts)
@@ -503,7 +510,7 @@ impl<S: StoreService> Listener<S> {
                 };
                 let mut head = Vec::with_capacity(1024);
                 match write_preamble(&mut head, &inc, &ts_uid, &peer.calling_ae) {
-                    Ok(()) => match Spool::memory() {
+                    Ok(()) => match Spool::memory(spare.take()) {
                         Ok(m) => {
                             inc.spool = Some(m);
                             inc.write(&head)?;
@@ -518,12 +525,14 @@ impl<S: StoreService> Listener<S> {
         }
     }
 
-    /// The last fragment of a data set arrived: hand the instance over and answer.
+    /// The last fragment of a data set arrived: hand the instance over and answer. A memory
+    /// spool up to [`REUSED_SPOOL`] bytes is kept in `spare` for the next instance.
     fn stored(
         &self,
         assoc: &mut dicom_ul::ServerAssociation<TcpStream>,
         session: &mut S::Session,
         inc: Incoming,
+        spare: &mut Option<std::fs::File>,
     ) -> Result<(), String> {
         let Incoming {
             pc_id,
@@ -536,12 +545,23 @@ impl<S: StoreService> Listener<S> {
             ..
         } = inc;
         let outcome = match (spool, failed) {
-            (Some(Spool::Memory(file, _)), None) => {
+            (Some(Spool::Memory(file, len)), None) => {
                 use std::os::fd::AsRawFd;
-                let path = PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd()));
-                let outcome = self.service.store(session, &path);
-                drop(file);
-                outcome
+                // A reused spool may hold more of an earlier instance: cut to this one.
+                match file.set_len(len) {
+                    Ok(()) => {
+                        let path = PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd()));
+                        let outcome = self.service.store(session, &path);
+                        if len <= REUSED_SPOOL {
+                            *spare = Some(file);
+                        }
+                        outcome
+                    }
+                    Err(e) => StoreOutcome::refused(
+                        StoreStatus::OUT_OF_RESOURCES,
+                        format!("cannot write the spool file: {}", e.kind()),
+                    ),
+                }
             }
             (Some(Spool::Disk(w)), None) => match w
                 .finish()
@@ -577,6 +597,118 @@ impl<S: StoreService> Listener<S> {
     }
 }
 
+/// Reads the PDUs of an established association straight off its socket: a P-DATA-TF PDU's
+/// PDV items are handed on in chunks of one reused buffer as they arrive (dicom-ul's `receive`
+/// copies every PDU three times: into its read buffer, into a `Bytes`, into each PDV's `Vec`);
+/// any other PDU is read whole (at most 64 KiB) and parsed by dicom-ul. It starts at a PDU
+/// boundary with nothing buffered by dicom-ul: after `establish`, since a requester sends
+/// nothing before its A-ASSOCIATE-AC (one that does is out of step and ends with an error).
+/// Limits as dicom-ul's strict mode: no PDU longer than the maximum length this side announced.
+struct PduStream {
+    socket: TcpStream,
+    max_pdu: u32,
+    chunk: Vec<u8>,
+}
+
+/// The header of one PDV item.
+struct PdvHeader {
+    pc_id: u8,
+    /// A command set fragment (else a data set fragment).
+    command: bool,
+    /// The last fragment of its command or data set.
+    last: bool,
+}
+
+/// What [`PduStream::next`] hands on from a PDV item: some of its bytes, then its end.
+enum PdvEvent<'a> {
+    Bytes(&'a [u8]),
+    End,
+}
+
+/// P-DATA-TF (PS3.8 9.3.5).
+const P_DATA_TF: u8 = 0x04;
+/// The largest PDU other than P-DATA-TF taken (association control PDUs are small).
+const CONTROL_PDU: u32 = 64 * 1024;
+
+impl PduStream {
+    fn new(
+        assoc: &mut dicom_ul::ServerAssociation<TcpStream>,
+        max_pdu: u32,
+    ) -> Result<PduStream, String> {
+        let socket = assoc
+            .inner_stream()
+            .try_clone()
+            .map_err(|e| format!("cannot read the association: {}", e.kind()))?;
+        Ok(PduStream {
+            socket,
+            max_pdu,
+            chunk: vec![0u8; 64 * 1024],
+        })
+    }
+
+    fn read(socket: &mut TcpStream, buf: &mut [u8]) -> Result<(), String> {
+        socket
+            .read_exact(buf)
+            .map_err(|e| format!("cannot read the next PDU: {}", e.kind()))
+    }
+
+    /// Reads one PDU: a P-DATA-TF's items go to `on` (`None` is returned); any other PDU is
+    /// returned.
+    fn next(
+        &mut self,
+        mut on: impl FnMut(&PdvHeader, PdvEvent<'_>) -> Result<(), String>,
+    ) -> Result<Option<Pdu>, String> {
+        let mut head = [0u8; 6];
+        Self::read(&mut self.socket, &mut head)?;
+        let len = u32::from_be_bytes([head[2], head[3], head[4], head[5]]);
+        if head[0] != P_DATA_TF {
+            if len > CONTROL_PDU {
+                return Err(format!("a PDU of type 0x{:02X} and {len} bytes", head[0]));
+            }
+            let mut whole = vec![0u8; 6 + len as usize];
+            whole[..6].copy_from_slice(&head);
+            Self::read(&mut self.socket, &mut whole[6..])?;
+            return dicom_ul::read_pdu(&whole[..], self.max_pdu, true)
+                .map_err(|e| e.to_string())?
+                .ok_or_else(|| "an incomplete PDU".to_string())
+                .map(Some);
+        }
+        if len > self.max_pdu {
+            return Err(format!(
+                "a P-DATA-TF PDU of {len} bytes, more than the {} announced",
+                self.max_pdu
+            ));
+        }
+        let mut left = len as usize;
+        while left > 0 {
+            let mut item = [0u8; 6];
+            if left < item.len() {
+                return Err("a P-DATA-TF PDU ends inside a PDV item header".into());
+            }
+            Self::read(&mut self.socket, &mut item)?;
+            let item_len = u32::from_be_bytes([item[0], item[1], item[2], item[3]]) as usize;
+            if item_len < 2 || item_len > left - 4 {
+                return Err("a PDV item longer than its P-DATA-TF PDU, or without header".into());
+            }
+            left -= 4 + item_len;
+            let pdv = PdvHeader {
+                pc_id: item[4],
+                command: item[5] & 0x01 != 0,
+                last: item[5] & 0x02 != 0,
+            };
+            let mut data = item_len - 2;
+            while data > 0 {
+                let n = data.min(self.chunk.len());
+                Self::read(&mut self.socket, &mut self.chunk[..n])?;
+                on(&pdv, PdvEvent::Bytes(&self.chunk[..n]))?;
+                data -= n;
+            }
+            on(&pdv, PdvEvent::End)?;
+        }
+        Ok(None)
+    }
+}
+
 /// A C-STORE whose data set is arriving.
 struct Incoming {
     pc_id: u8,
@@ -602,7 +734,14 @@ enum Spool {
 }
 
 impl Spool {
-    fn memory() -> Result<Spool, String> {
+    /// A memory spool: `reuse` (an earlier instance's, written over from its start) or a new one.
+    fn memory(reuse: Option<std::fs::File>) -> Result<Spool, String> {
+        use std::io::Seek;
+        if let Some(mut f) = reuse {
+            if f.seek(std::io::SeekFrom::Start(0)).is_ok() {
+                return Ok(Spool::Memory(f, 0));
+            }
+        }
         #[cfg(target_os = "linux")]
         {
             let fd = rustix::fs::memfd_create("pacs-broker-spool", rustix::fs::MemfdFlags::CLOEXEC)
@@ -618,15 +757,20 @@ impl Spool {
         Err("memory spools need Linux".into())
     }
 
-    /// A sealed spool file in `dir` holding what `memory` holds.
-    fn to_disk(memory: &mut std::fs::File, dir: &Path, at_rest: &AtRest) -> std::io::Result<Spool> {
+    /// A sealed spool file in `dir` holding the first `len` bytes `memory` holds.
+    fn to_disk(
+        memory: &mut std::fs::File,
+        len: u64,
+        dir: &Path,
+        at_rest: &AtRest,
+    ) -> std::io::Result<Spool> {
         use std::io::Seek;
         let f = tempfile::Builder::new()
             .prefix("incoming-")
             .tempfile_in(dir)?;
         let mut w = at_rest.writer(std::io::BufWriter::with_capacity(256 * 1024, f))?;
         memory.seek(std::io::SeekFrom::Start(0))?;
-        std::io::copy(memory, &mut w)?;
+        std::io::copy(&mut memory.take(len), &mut w)?;
         Ok(Spool::Disk(w))
     }
 }
@@ -638,7 +782,7 @@ impl Incoming {
         };
         if let Spool::Memory(m, len) = spool {
             if *len + bytes.len() as u64 > MEMORY_SPOOL {
-                match Spool::to_disk(m, &self.disk, &self.at_rest) {
+                match Spool::to_disk(m, *len, &self.disk, &self.at_rest) {
                     Ok(d) => *spool = d,
                     Err(e) => {
                         self.failed = Some(format!("cannot write the spool file: {}", e.kind()));
@@ -849,6 +993,108 @@ mod tests {
             uids::STUDY_ROOT_QUERY_RETRIEVE_INFORMATION_MODEL_FIND
         ));
         assert!(!is_storage_sop_class("1.2.3.4.5"));
+    }
+
+    /// P-DATA-TF PDUs read straight off the socket: PDV items whole and split across PDUs,
+    /// other PDUs parsed by dicom-ul; a PDU over the announced maximum, or a PDV item longer than
+    /// its PDU, is an error, never a panic or a read past it.
+    #[test]
+    fn pdus_are_read_straight_off_the_socket_with_their_limits() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let pdata = |pdvs: Vec<(bool, bool, Vec<u8>)>| {
+            let data = pdvs
+                .into_iter()
+                .map(|(command, is_last, data)| PDataValue {
+                    presentation_context_id: 3,
+                    value_type: if command {
+                        PDataValueType::Command
+                    } else {
+                        PDataValueType::Data
+                    },
+                    is_last,
+                    data,
+                })
+                .collect();
+            let mut out = Vec::new();
+            dicom_ul::write_pdu(&mut out, &Pdu::PData { data }).unwrap();
+            out
+        };
+        let mut wire = pdata(vec![
+            (true, true, vec![1; 10]),
+            (false, false, vec![2; 70_000]),
+        ]);
+        wire.extend(pdata(vec![(false, true, vec![3; 5])]));
+        dicom_ul::write_pdu(&mut wire, &Pdu::ReleaseRQ).unwrap();
+        // Too large for the announced 100 000 bytes.
+        wire.extend(pdata(vec![(false, true, vec![4; 100_001])]));
+        let sender = std::thread::spawn(move || {
+            let mut s = TcpStream::connect(addr).unwrap();
+            s.write_all(&wire).unwrap();
+        });
+        let (socket, _) = listener.accept().unwrap();
+        let mut stream = PduStream {
+            socket,
+            max_pdu: 100_000,
+            chunk: vec![0u8; 64 * 1024],
+        };
+        let mut seen: Vec<(bool, bool, Option<usize>)> = Vec::new();
+        let mut data = Vec::new();
+        for _ in 0..2 {
+            let other = stream
+                .next(|pdv, event| {
+                    assert_eq!(pdv.pc_id, 3);
+                    match event {
+                        PdvEvent::Bytes(b) => {
+                            if !pdv.command {
+                                data.extend_from_slice(b);
+                            }
+                            seen.push((pdv.command, pdv.last, Some(b.len())));
+                        }
+                        PdvEvent::End => seen.push((pdv.command, pdv.last, None)),
+                    }
+                    Ok(())
+                })
+                .unwrap();
+            assert!(other.is_none());
+        }
+        assert_eq!(
+            seen,
+            vec![
+                (true, true, Some(10)),
+                (true, true, None),
+                (false, false, Some(64 * 1024)),
+                (false, false, Some(70_000 - 64 * 1024)),
+                (false, false, None),
+                (false, true, Some(5)),
+                (false, true, None),
+            ]
+        );
+        assert_eq!(data.len(), 70_005);
+        assert!(data[..70_000].iter().all(|b| *b == 2) && data[70_000..] == [3; 5]);
+        let release = stream.next(|_, _| Ok(())).unwrap();
+        assert!(matches!(release, Some(Pdu::ReleaseRQ)));
+        let err = stream.next(|_, _| Ok(())).unwrap_err();
+        assert!(err.contains("more than the 100000 announced"), "{err}");
+        sender.join().unwrap();
+
+        // A PDV item that claims more than its PDU holds.
+        let sender = std::thread::spawn(move || {
+            let mut s = TcpStream::connect(addr).unwrap();
+            let mut bad = vec![0x04, 0, 0, 0, 0, 12];
+            bad.extend_from_slice(&100u32.to_be_bytes());
+            bad.extend_from_slice(&[1, 0x02, 0, 0, 0, 0, 0, 0]);
+            s.write_all(&bad).unwrap();
+        });
+        let (socket, _) = listener.accept().unwrap();
+        let mut stream = PduStream {
+            socket,
+            max_pdu: 100_000,
+            chunk: vec![0u8; 64 * 1024],
+        };
+        let err = stream.next(|_, _| Ok(())).unwrap_err();
+        assert!(err.contains("longer than its P-DATA-TF PDU"), "{err}");
+        sender.join().unwrap();
     }
 
     #[test]

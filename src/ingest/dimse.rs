@@ -10,7 +10,9 @@
 //!
 //! Durable before the answer: an instance up to [`LOG_LIMIT`] bytes is appended, sealed, to the
 //! ingest write-ahead log (`ingest::wal`: its de-identified bytes, its outbox study and file name,
-//! its SHA-256 and its vault entries; one `fdatasync`), and the answer goes out. The mover (a
+//! its vault entries; one `fdatasync`), and the answer goes out. The instance's SHA-256 is
+//! computed on a thread of its own meanwhile (in a sealed log the record needs none: its
+//! sealing authenticates it; a plain log's record carries it) and handed to the mover. The mover (a
 //! background thread) then writes the logged instances into their outbox study folders (sealed
 //! files named by the SOP instance token), records their vault entries, makes both durable for
 //! a group at once (one file-system flush, the folders fsynced, the vault flushed), marks them
@@ -63,6 +65,8 @@ pub struct DimseIngest {
     hold_for_review: Box<ReviewHold>,
     /// The write-ahead log and its mover, when the node keeps one.
     log: Option<Logged>,
+    /// Plaintext and record buffers kept from one logged instance for the next.
+    buffers: Arc<Buffers>,
 }
 
 /// Instances up to this many bytes (as received) go through the write-ahead log; larger ones
@@ -101,7 +105,7 @@ impl VaultUse {
 /// The log, the channel to its mover, and how many appended records it has not moved yet.
 struct Logged {
     wal: Arc<Wal>,
-    to_mover: Mutex<mpsc::Sender<Location>>,
+    to_mover: Mutex<mpsc::Sender<LoggedInstance>>,
     pending: Arc<(Mutex<usize>, Condvar)>,
 }
 
@@ -157,6 +161,7 @@ impl DimseIngest {
             open,
             hold_for_review,
             log: None,
+            buffers: Arc::new(Buffers::default()),
         }
     }
 
@@ -386,34 +391,41 @@ impl DimseIngest {
         deidentified: Duration,
     ) -> Result<(), String> {
         let file = format!("{}.dcm", safe_name(&d.sop_instance_uid));
-        let (study, sop_instance_uid) = (d.study_uid, d.sop_instance_uid);
-        let (patient_token, vault_entries) = (d.patient_token, d.vault_entries);
         let (object, pixels) = (d.object, d.pixel_data);
+        let room = pixels.as_ref().map_or(0, |p| p.len() as usize) + 64 * 1024;
+        let mut plain = Pooled {
+            buf: self.buffers.take(room),
+            pool: self.buffers.clone(),
+        };
+        batch::encode_output(object, pixels.as_ref(), &mut plain.buf)?;
+        drop(pixels);
+        let plain = Arc::new(plain);
+        // The SHA-256 (for the outbox and the partner's manifest) is computed on another
+        // thread while the instance is sealed, logged and made durable: the modality does not
+        // wait for it. A sealed record needs no hash (its sealing authenticates it); a plain
+        // log computes it first, as the record's integrity check.
+        let mut hashing = log.wal.seals().then(|| PendingHash::start(plain.clone()));
+        let meta = InstanceRecord {
+            agreement: flow.agreement.clone(),
+            flow: flow.flow.clone(),
+            purpose: flow.purpose.clone(),
+            to: flow.to.clone(),
+            study: d.study_uid,
+            file,
+            sha256: None,
+            size: plain.buf.len() as u64,
+            data_tag: None,
+            sop_instance_uid: d.sop_instance_uid,
+            modality,
+            patient_token: d.patient_token,
+            vault_entries: d.vault_entries,
+        };
+        let rec = self.buffers.take(room + room / 32);
         let (mut rec, meta) = log
             .wal
-            .seal_streamed(
-                |w| {
-                    let mut w = std::io::BufWriter::with_capacity(64 * 1024, w);
-                    batch::encode_output(object, pixels.as_ref(), &mut w)?;
-                    std::io::Write::flush(&mut w)
-                        .map_err(|e| format!("cannot write output: {}", e.kind()))
-                },
-                |sha256, size| InstanceRecord {
-                    agreement: flow.agreement.clone(),
-                    flow: flow.flow.clone(),
-                    purpose: flow.purpose.clone(),
-                    to: flow.to.clone(),
-                    study,
-                    file,
-                    sha256: hex::encode(sha256),
-                    size,
-                    sop_instance_uid,
-                    modality,
-                    patient_token,
-                    vault_entries,
-                },
-            )
+            .seal_instance(meta, &plain.buf, rec)
             .map_err(|e| e.to_string())?;
+        drop(plain);
         let sealed = started.elapsed();
         // The mover finds the vault open: one use per record until it is moved.
         self.vault.acquire()?;
@@ -423,8 +435,11 @@ impl DimseIngest {
                 .to_mover
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .send(at);
+                .send((at, hashing.take()));
         });
+        // Not in the log: its sealed data goes into the outbox now.
+        let unlogged = matches!(appended, Ok(None)).then(|| Wal::data_of(&rec).to_vec());
+        self.buffers.give(rec);
         match appended {
             Ok(Some(_)) => {
                 tracing::debug!(
@@ -437,9 +452,8 @@ impl DimseIngest {
             }
             Ok(None) => {
                 // No free slot (the mover is behind) or too large: into the outbox now.
-                let data = Wal::data_of(&rec).to_vec();
-                drop(rec);
-                let now = Record {
+                let data = unlogged.unwrap_or_default();
+                let mut now = Record {
                     location: Location {
                         slot: usize::MAX,
                         start: Default::default(),
@@ -448,6 +462,10 @@ impl DimseIngest {
                     meta,
                     data,
                 };
+                now.meta.sha256 = now
+                    .meta
+                    .sha256
+                    .or_else(|| hashing.take().and_then(PendingHash::wait).map(hex::encode));
                 let mover = Mover {
                     wal: log.wal.clone(),
                     outbox: self.outbox.clone(),
@@ -466,6 +484,90 @@ impl DimseIngest {
     }
 }
 
+/// Large buffers (an instance's plaintext, its log record) kept from one instance for the
+/// next: a fresh allocation of this size is mapped, faulted in page by page, zeroed and
+/// unmapped again for every instance. At most [`Buffers::KEEP`] buffers of up to
+/// [`Buffers::LARGEST`] bytes each are kept.
+#[derive(Default)]
+struct Buffers {
+    free: Mutex<Vec<Vec<u8>>>,
+}
+
+impl Buffers {
+    const KEEP: usize = 4;
+    const LARGEST: usize = 2 << 20;
+
+    /// An empty buffer with room for `room` bytes.
+    fn take(&self, room: usize) -> Vec<u8> {
+        let kept = self.free.lock().unwrap_or_else(|p| p.into_inner()).pop();
+        let mut b = kept.unwrap_or_default();
+        b.clear();
+        b.reserve(room);
+        b
+    }
+
+    fn give(&self, b: Vec<u8>) {
+        if b.capacity() > Self::LARGEST {
+            return;
+        }
+        let mut free = self.free.lock().unwrap_or_else(|p| p.into_inner());
+        if free.len() < Self::KEEP {
+            free.push(b);
+        }
+    }
+}
+
+/// A buffer that goes back to its pool when its last user (the association or the thread
+/// hashing it) drops it.
+struct Pooled {
+    buf: Vec<u8>,
+    pool: Arc<Buffers>,
+}
+
+impl Drop for Pooled {
+    fn drop(&mut self) {
+        self.pool.give(std::mem::take(&mut self.buf));
+    }
+}
+
+/// The SHA-256 of a logged instance's plaintext, computed on a thread of its own beside the
+/// log's `fdatasync`; the mover takes it.
+/// The thread is detached (not joined): one that has ended frees its stack at once, however far
+/// behind the mover is.
+enum PendingHash {
+    Computing(mpsc::Receiver<[u8; 32]>),
+    Done([u8; 32]),
+}
+
+impl PendingHash {
+    fn start(plain: Arc<Pooled>) -> PendingHash {
+        use sha2::{Digest, Sha256};
+        let job = plain.clone();
+        let (tx, rx) = mpsc::sync_channel(1);
+        let spawned = std::thread::Builder::new()
+            .name("ingest-hash".into())
+            .spawn(move || {
+                let _ = tx.send(Sha256::digest(job.buf.as_slice()).into());
+            });
+        match spawned {
+            Ok(_detached) => PendingHash::Computing(rx),
+            Err(_) => PendingHash::Done(Sha256::digest(plain.buf.as_slice()).into()),
+        }
+    }
+
+    /// The hash (`None` only if its thread failed: the mover then computes it from the record).
+    fn wait(self) -> Option<[u8; 32]> {
+        match self {
+            PendingHash::Computing(rx) => rx.recv().ok(),
+            PendingHash::Done(d) => Some(d),
+        }
+    }
+}
+
+/// What the mover is sent for each appended record: where it is, and its hash when the
+/// record's meta leaves it out.
+type LoggedInstance = (Location, Option<PendingHash>);
+
 /// Moves logged instances into the outbox.
 struct Mover {
     wal: Arc<Wal>,
@@ -476,27 +578,35 @@ struct Mover {
 
 impl Mover {
     /// Takes appended records in order, in groups, until the listener goes away.
-    fn run(self, rx: mpsc::Receiver<Location>, pending: Arc<(Mutex<usize>, Condvar)>) {
+    fn run(self, rx: mpsc::Receiver<LoggedInstance>, pending: Arc<(Mutex<usize>, Condvar)>) {
         while let Ok(first) = rx.recv() {
             let mut group = vec![first];
             let mut bytes = 0usize;
             while bytes < MOVE_BYTES {
                 match rx.try_recv() {
-                    Ok(at) => {
-                        bytes += (at.end.offset - at.start.offset) as usize;
-                        group.push(at);
+                    Ok(logged) => {
+                        bytes += (logged.0.end.offset - logged.0.start.offset) as usize;
+                        group.push(logged);
                     }
                     Err(_) => break,
                 }
             }
             let n = group.len();
+            let group: Vec<(Location, Option<String>)> = group
+                .into_iter()
+                .map(|(at, hash)| (at, hash.and_then(PendingHash::wait).map(hex::encode)))
+                .collect();
             // Retried until it works: the instances are acknowledged and safe in the log.
             let mut wait = Duration::from_millis(100);
             loop {
                 let moved = group
                     .iter()
-                    .map(|at| self.wal.read(*at).map_err(|e| e.to_string()))
-                    .collect::<Result<Vec<_>, _>>()
+                    .map(|(at, hash)| {
+                        let mut r = self.wal.read(*at).map_err(|e| e.to_string())?;
+                        r.meta.sha256 = r.meta.sha256.or_else(|| hash.clone());
+                        Ok(r)
+                    })
+                    .collect::<Result<Vec<_>, String>>()
                     .and_then(|records| self.apply(records));
                 match moved {
                     Ok(()) => break,
@@ -518,9 +628,13 @@ impl Mover {
     /// Writes a group of records into their outbox study folders and records their vault
     /// entries; makes all of it durable (one flush for the group); marks them consumed in the
     /// log; then tells the forwarder. The vault must be in use (acquired) by the caller.
-    fn apply(&self, records: Vec<Record>) -> Result<(), String> {
+    fn apply(&self, mut records: Vec<Record>) -> Result<(), String> {
         if records.is_empty() {
             return Ok(());
+        }
+        // A record whose hash was not computed beside the log gets it from its data.
+        for r in records.iter_mut().filter(|r| r.meta.sha256.is_none()) {
+            self.wal.verify(r).map_err(|e| e.to_string())?;
         }
         let vault = self
             .vault
@@ -588,7 +702,7 @@ impl Mover {
             let m = r.meta;
             let instance = OutboxInstance {
                 file: m.file,
-                sha256: m.sha256,
+                sha256: m.sha256.unwrap_or_default(),
                 size: m.size,
                 sop_instance_uid: m.sop_instance_uid,
             };
@@ -1113,8 +1227,9 @@ mod tests {
             to: "c".into(),
             study: "study-token".into(),
             file: format!("{n}.dcm"),
-            sha256: hex::encode(Sha256::digest(bytes)),
+            sha256: Some(hex::encode(Sha256::digest(bytes))),
             size: bytes.len() as u64,
+            data_tag: None,
             sop_instance_uid: format!("2.25.{n}"),
             modality: Some("CT".into()),
             patient_token: "p".into(),

@@ -30,7 +30,10 @@
 //!
 //! `check` is the first 8 bytes of the SHA-256 of the bytes before it. Meta and data are sealed
 //! with the node's data key (`store::sealed`, when encryption at rest is on), so the log holds
-//! no plaintext: the meta carries the instance's vault entries (original identifiers).
+//! no plaintext: the meta carries the instance's vault entries (original identifiers). What
+//! ties a record's data to its meta: in a sealed log the sealed data's last tag (`data_tag`, the
+//! data being authenticated by its sealing; the instance's SHA-256 is computed beside the
+//! `fdatasync` and may be absent), in a plain log the SHA-256 of the data.
 //!
 //! A slot holds one generation at a time; generations only grow, so a slot's records are read in
 //! the order of their generations and a record of another generation than its slot's header (a
@@ -51,7 +54,7 @@ use std::sync::{Arc, Mutex};
 use sha2::{Digest, Sha256};
 
 use crate::pseudonym::VaultEntry;
-use crate::store::sealed::AtRest;
+use crate::store::sealed::{AtRest, MAGIC as SEALED_MAGIC};
 
 /// Bytes of one slot file.
 pub const SLOT_BYTES: u64 = 32 << 20;
@@ -64,6 +67,8 @@ const HEADER: usize = 32;
 const SEG_MAGIC: &[u8; 8] = b"PBWALSEG";
 const REC_MAGIC: &[u8; 8] = b"PBWALREC";
 const CKP_MAGIC: &[u8; 8] = b"PBWALCKP";
+/// The AES-GCM tag that ends sealed data.
+const SEAL_TAG: usize = 16;
 
 /// What went wrong with the log. Messages name files, never content.
 #[derive(Debug, thiserror::Error)]
@@ -102,9 +107,19 @@ pub struct InstanceRecord {
     pub study: String,
     /// The file name in the outbox study folder.
     pub file: String,
-    /// SHA-256 (hex) and length of the de-identified instance's plaintext.
-    pub sha256: String,
+    /// SHA-256 (hex) of the de-identified instance's plaintext. A plain log always has it (it
+    /// is the record's integrity check). A sealed log may leave it out: its data is
+    /// authenticated by the sealing and bound to this meta by `data_tag`, and the hash is
+    /// computed beside the log's `fdatasync` (or from the data, when the record is recovered),
+    /// so that the modality does not wait for it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
+    /// Length of the de-identified instance's plaintext.
     pub size: u64,
+    /// The last authentication tag of the sealed data (hex), binding this meta to its data
+    /// (set by [`Wal::seal`] when the log seals).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data_tag: Option<String>,
     pub sop_instance_uid: String,
     pub modality: Option<String>,
     pub patient_token: String,
@@ -356,17 +371,19 @@ impl Wal {
                 generation: slot.generation,
                 offset: at,
             };
-            match self.read_at(&slot.file, &path, slot.index, start) {
-                Ok(Some(r)) if self.verify(&r).is_ok() => {
+            let found = self
+                .read_at(&slot.file, &path, slot.index, start)
+                .and_then(|r| match r {
+                    Some(mut r) => self.verify(&mut r).map(|()| Some(r)),
+                    None => Ok(None),
+                });
+            match found {
+                Ok(Some(r)) => {
                     at = r.location.end.offset;
                     out.push(r);
                 }
                 Ok(None) => break,
-                found => {
-                    let e = match found {
-                        Err(e) => e,
-                        Ok(r) => self.verify(&r.expect("some")).expect_err("did not verify"),
-                    };
+                Err(e) => {
                     // Only the last record can be torn (the one being appended when the node
                     // stopped); it was never acknowledged. Anything after it would be damage.
                     if self.any_record_after(&slot.file, slot.generation, at) {
@@ -463,44 +480,64 @@ impl Wal {
         Ok(out)
     }
 
-    /// Checks that a record's data is the instance its meta names (SHA-256 and length of the
-    /// plaintext): done for every record found at start.
-    pub fn verify(&self, r: &Record) -> Result<(), WalError> {
+    /// Checks that a record's data is the instance its meta names (length, SHA-256 of the
+    /// plaintext, and the sealed data's last tag where the meta has it), and completes the
+    /// meta's SHA-256 where a sealed record left it out: done for every record found at start,
+    /// and by the mover for a record whose hash it was not given.
+    pub fn verify(&self, r: &mut Record) -> Result<(), WalError> {
         let path = slot_path(&self.dir, r.location.slot);
+        let damaged = |reason: String| WalError::Damaged {
+            path: path.clone(),
+            offset: r.location.start.offset,
+            reason,
+        };
         let plain = self
             .open_sealed(&r.data, &path)
-            .map_err(|e| WalError::Damaged {
-                path: path.clone(),
-                offset: r.location.start.offset,
-                reason: format!("data: {e}"),
-            })?;
-        if plain.len() as u64 != r.meta.size || hex::encode(Sha256::digest(&plain)) != r.meta.sha256
-        {
-            return Err(WalError::Damaged {
-                path,
-                offset: r.location.start.offset,
-                reason: "data does not match its SHA-256".into(),
-            });
+            .map_err(|e| damaged(format!("data: {e}")))?;
+        let hash = hex::encode(Sha256::digest(&plain));
+        let tag = r.data.len().checked_sub(SEAL_TAG).map(|at| &r.data[at..]);
+        let tag_bound = match &r.meta.data_tag {
+            Some(t) => r.data.starts_with(SEALED_MAGIC) && tag.map(hex::encode).as_ref() == Some(t),
+            None => true,
+        };
+        if plain.len() as u64 != r.meta.size || !tag_bound {
+            return Err(damaged("data is not the instance its meta names".into()));
         }
-        Ok(())
+        match &r.meta.sha256 {
+            Some(h) if *h != hash => Err(damaged("data does not match its SHA-256".into())),
+            Some(_) => Ok(()),
+            // Without its hash, a record holds only if its sealing binds it to its meta.
+            None if r.meta.data_tag.is_none() => {
+                Err(damaged("neither a SHA-256 nor a sealed data tag".into()))
+            }
+            None => {
+                r.meta.sha256 = Some(hash);
+                Ok(())
+            }
+        }
+    }
+
+    /// Whether records are sealed (encryption at rest): then a record's meta may leave out the
+    /// SHA-256 (see [`InstanceRecord::sha256`]).
+    pub fn seals(&self) -> bool {
+        self.at_rest.seals()
     }
 
     /// Seals `meta` and the instance's plaintext `data` into one record.
     pub fn seal(&self, meta: &InstanceRecord, data: &[u8]) -> Result<Vec<u8>, WalError> {
-        self.seal_streamed(
-            |w| w.write_all(data).map_err(|e| e.kind().to_string()),
-            |_, _| meta.clone(),
-        )
-        .map(|(rec, _)| rec)
+        self.seal_instance(meta.clone(), data, Vec::new())
+            .map(|(rec, _)| rec)
     }
 
-    /// Seals an instance into one record as `write` encodes it (one pass: hashed and sealed as
-    /// it is written, never held in plaintext whole), then its meta, which `meta` makes from the
-    /// plaintext's SHA-256 and length.
-    pub fn seal_streamed(
+    /// Seals the instance's plaintext `data`, then `meta`, into one record, written into `rec`
+    /// (a buffer to reuse: its content is replaced); returns it with the meta as recorded: its
+    /// length set, and, when the log seals, the sealed data's last tag (`data_tag`); a plain
+    /// log computes the SHA-256 if `meta` lacks it (its only check).
+    pub fn seal_instance(
         &self,
-        write: impl FnOnce(&mut dyn std::io::Write) -> Result<(), String>,
-        meta: impl FnOnce([u8; 32], u64) -> InstanceRecord,
+        mut meta: InstanceRecord,
+        data: &[u8],
+        mut rec: Vec<u8>,
     ) -> Result<(Vec<u8>, InstanceRecord), WalError> {
         use std::io::Write;
         let path = self.dir.clone();
@@ -508,15 +545,21 @@ impl Wal {
             path: path.clone(),
             source: std::io::Error::other(reason),
         };
-        let mut rec = Vec::with_capacity(1 << 20);
+        // Room for the sealed data (a tag per segment) and the meta: never reallocated.
+        let segments = data.len() / crate::store::sealed::SEGMENT + 1;
+        rec.clear();
+        rec.reserve(HEADER + data.len() + segments * SEAL_TAG + 8192);
         rec.resize(HEADER, 0);
-        let sealing = self.at_rest.writer(&mut rec).map_err(io_at(&path))?;
-        let mut hashing = crate::store::sealed::Hashing::new(sealing);
-        write(&mut hashing).map_err(fail)?;
-        let (inner, hash, bytes) = hashing.finish();
-        inner.finish().map_err(io_at(&path))?;
+        let mut w = self.at_rest.writer(&mut rec).map_err(io_at(&path))?;
+        w.write_all(data).map_err(io_at(&path))?;
+        w.finish().map_err(io_at(&path))?;
         let data_len = rec.len() - HEADER;
-        let meta = meta(hash, bytes);
+        meta.size = data.len() as u64;
+        if self.at_rest.seals() {
+            meta.data_tag = Some(hex::encode(&rec[rec.len() - SEAL_TAG..]));
+        } else if meta.sha256.is_none() {
+            meta.sha256 = Some(hex::encode(Sha256::digest(data)));
+        }
         let json = serde_json::to_vec(&meta).map_err(|e| fail(e.to_string()))?;
         let mut w = self.at_rest.writer(&mut rec).map_err(io_at(&path))?;
         w.write_all(&json).map_err(io_at(&path))?;
@@ -716,8 +759,9 @@ mod tests {
             to: "c".into(),
             study: "study-token".into(),
             file: format!("{n}.dcm"),
-            sha256: hex::encode(Sha256::digest(data)),
+            sha256: Some(hex::encode(Sha256::digest(data))),
             size: data.len() as u64,
+            data_tag: None,
             sop_instance_uid: format!("2.25.{n}"),
             modality: Some("CT".into()),
             patient_token: "p".into(),
@@ -752,10 +796,16 @@ mod tests {
         AtRest::new(&SiteKeys::from_bytes([3; 32], [5; 32]), true)
     }
 
+    /// Every byte of the log's files. A slot still being prepared in the background may be
+    /// renamed between listing and reading (it holds only zeros): skipped.
     fn files(dir: &Path) -> Vec<u8> {
         let mut all = Vec::new();
         for e in fs::read_dir(dir).unwrap().flatten() {
-            all.extend(fs::read(e.path()).unwrap());
+            match fs::read(e.path()) {
+                Ok(bytes) => all.extend(bytes),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => panic!("{e}"),
+            }
         }
         all
     }
@@ -768,9 +818,15 @@ mod tests {
         wal.replayed().unwrap();
         wal.warm_up();
         let locs: Vec<Location> = (0..3).map(|n| append(&wal, n, 100_000 + n)).collect();
-        let r = wal.read(locs[1]).unwrap();
-        assert_eq!(r.meta, meta(1, &data(1, 100_001)));
-        wal.verify(&r).unwrap();
+        let mut r = wal.read(locs[1]).unwrap();
+        // As appended, plus the tag that binds it to its sealed data.
+        assert!(r.meta.data_tag.is_some());
+        let appended = InstanceRecord {
+            data_tag: r.meta.data_tag.clone(),
+            ..meta(1, &data(1, 100_001))
+        };
+        assert_eq!(r.meta, appended);
+        wal.verify(&mut r).unwrap();
         let raw = files(dir.path());
         for secret in [
             &b"SECRET^PATIENT"[..],
@@ -877,11 +933,82 @@ mod tests {
         let (n, _) = last.unwrap();
         assert_eq!(found.len(), 1, "only the last, unconsumed record");
         assert_eq!(found[0].meta.file, format!("{n}.dcm"));
-        wal.verify(&found[0]).unwrap();
+        let mut last = found.into_iter().next().unwrap();
+        wal.verify(&mut last).unwrap();
+    }
+
+    /// A sealed record may leave its SHA-256 out (it is computed beside the `fdatasync`): found
+    /// at start, it gets the hash of its data. Its meta is bound to its data by the sealed
+    /// data's last tag, so another record's (validly sealed) data in its place does not verify.
+    #[test]
+    fn a_sealed_record_without_its_hash_gets_it_at_start_and_is_bound_to_its_data() {
+        let dir = tempfile::tempdir().unwrap();
+        let (wal, _) = Wal::open(dir.path(), at_rest()).unwrap();
+        wal.replayed().unwrap();
+        wal.warm_up();
+        let len = 80_000;
+        for n in 0..2 {
+            let d = data(n, len);
+            let mut m = meta(n, &d);
+            m.sha256 = None;
+            let (mut rec, recorded) = wal.seal_instance(m, &d, Vec::new()).unwrap();
+            assert!(recorded.sha256.is_none() && recorded.data_tag.is_some());
+            let mut appended = false;
+            for _ in 0..1000 {
+                if wal.append(&mut rec, |_| {}).unwrap().is_some() {
+                    appended = true;
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            assert!(appended, "no slot became free");
+        }
+        drop(wal);
+        let (wal, found) = Wal::open(dir.path(), at_rest()).unwrap();
+        assert_eq!(found.len(), 2);
+        for (n, r) in found.iter().enumerate() {
+            let want = hex::encode(Sha256::digest(data(n, len)));
+            assert_eq!(r.meta.sha256.as_deref(), Some(want.as_str()));
+        }
+        let mut swapped = Record {
+            location: found[0].location,
+            meta: InstanceRecord {
+                sha256: None,
+                ..found[0].meta.clone()
+            },
+            data: found[1].data.clone(),
+        };
+        let err = wal.verify(&mut swapped).expect_err("another record's data");
+        assert!(err.to_string().contains("not the instance"), "{err}");
+        let mut untied = Record {
+            location: found[0].location,
+            meta: InstanceRecord {
+                sha256: None,
+                data_tag: None,
+                ..found[0].meta.clone()
+            },
+            data: found[0].data.clone(),
+        };
+        assert!(wal.verify(&mut untied).is_err(), "neither hash nor tag");
     }
 
     #[test]
     fn a_plain_log_verifies_its_data_by_hash() {
+        let dir = tempfile::tempdir().unwrap();
+        let (wal, _) = Wal::open(dir.path(), AtRest::plain()).unwrap();
+        let d = data(9, 1000);
+        let mut m = meta(9, &d);
+        m.sha256 = None;
+        let (_, recorded) = wal.seal_instance(m, &d, Vec::new()).unwrap();
+        assert_eq!(
+            recorded.sha256,
+            Some(hex::encode(Sha256::digest(&d))),
+            "a plain record always carries its hash"
+        );
+        assert!(recorded.data_tag.is_none());
+        drop(wal);
+        drop(dir);
+
         let dir = tempfile::tempdir().unwrap();
         let (wal, _) = Wal::open(dir.path(), AtRest::plain()).unwrap();
         wal.replayed().unwrap();
