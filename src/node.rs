@@ -208,6 +208,10 @@ pub const QUARANTINE_SWEEP: Duration = Duration::from_secs(3600);
 /// destruction receipts due for their origin.
 pub const RETENTION_SWEEP: Duration = Duration::from_secs(600);
 
+/// How long the working copies of a `send` killed before it queued its study stay in the outbox
+/// before the retention sweep deletes them ([`Outbox::discard_abandoned`]).
+pub const ABANDONED_SEND: Duration = Duration::from_secs(3600);
+
 /// What one retention sweep did.
 #[derive(Debug, Default, Clone)]
 pub struct RetentionRun {
@@ -406,8 +410,9 @@ impl Node {
         let store = self.store()?;
         let (set, audit) = (self.agreements(), self.audit.clone());
         let (site, now) = (self.site_id().to_string(), self.now());
-        let (st, returns) = (store.clone(), self.return_queue());
+        let (st, returns, outbox) = (store.clone(), self.return_queue(), self.outbox());
         let destroyed = tokio::task::spawn_blocking(move || {
+            outbox.discard_abandoned(ABANDONED_SEND);
             crate::retention::sweep(&st, &returns, &set, &site, &audit, now)
         })
         .await

@@ -233,6 +233,54 @@ impl Outbox {
         out
     }
 
+    /// Deletes the working copies a `send` left when it was killed before it wrote its entry
+    /// (while it offered the study's first groups): a study folder with no `transfer.json`,
+    /// not claimed by any process, none of whose files changed for `older_than`. Nothing lists
+    /// such files, so nothing would ever send or delete them; sending the study again makes them
+    /// anew. Folders with an entry (a DIMSE study writes its entry before its first file) are
+    /// never touched. Returns how many folders were removed.
+    pub fn discard_abandoned(&self, older_than: std::time::Duration) -> usize {
+        let mut removed = 0;
+        let studies = walkdir::WalkDir::new(&self.root)
+            .min_depth(2)
+            .max_depth(2)
+            .into_iter()
+            .flatten()
+            .filter(|e| e.file_type().is_dir());
+        for study in studies {
+            let dir = study.path();
+            if dir.join(ENTRY_FILE).exists() {
+                continue;
+            }
+            let Some(_claim) = Outbox::try_claim(dir) else {
+                continue;
+            };
+            let quiet = fs::read_dir(dir).into_iter().flatten().flatten().all(|f| {
+                f.file_name() == ".lock"
+                    || f.metadata()
+                        .and_then(|m| m.modified())
+                        .is_ok_and(|t| t.elapsed().is_ok_and(|age| age >= older_than))
+            });
+            // Checked again under the claim: an entry written meanwhile keeps the folder.
+            if !quiet || dir.join(ENTRY_FILE).exists() {
+                continue;
+            }
+            match fs::remove_dir_all(dir) {
+                Ok(()) => removed += 1,
+                Err(e) => {
+                    tracing::warn!(error = %e.kind(), "an abandoned outbox folder could not be removed")
+                }
+            }
+        }
+        if removed > 0 {
+            tracing::info!(
+                folders = removed,
+                "removed the working copies of sends stopped before they queued their study"
+            );
+        }
+        removed
+    }
+
     /// Pending entries whose next attempt is due at `now`.
     pub fn due(&self, now: u64) -> Vec<(PathBuf, OutboxEntry)> {
         self.entries()
@@ -435,6 +483,37 @@ mod tests {
             complete: true,
             flushed: true,
         }
+    }
+
+    #[test]
+    fn only_quiet_unclaimed_folders_without_an_entry_are_discarded() {
+        let dir = tempfile::tempdir().unwrap();
+        let ob = Outbox::new(dir.path().to_owned());
+        // A queued study: never touched, however old.
+        let queued = ob.save(&entry()).unwrap();
+        fs::write(queued.join("i.dcm"), b"abc").unwrap();
+        // Working copies of a killed send, and of a send still running (claimed).
+        let abandoned = ob.study_dir("dsa-1", "2.25.901");
+        let running = ob.study_dir("dsa-1", "2.25.902");
+        for d in [&abandoned, &running] {
+            fs::create_dir_all(d).unwrap();
+            fs::write(d.join("x.dcm"), b"sealed").unwrap();
+        }
+        let claim = Outbox::try_claim(&running).unwrap();
+        // Too recent: kept (a send may be about to claim it).
+        assert_eq!(
+            ob.discard_abandoned(std::time::Duration::from_secs(3600)),
+            0
+        );
+        assert!(abandoned.exists());
+        assert_eq!(ob.discard_abandoned(std::time::Duration::ZERO), 1);
+        assert!(!abandoned.exists());
+        assert!(running.join("x.dcm").exists(), "a claimed folder is kept");
+        assert!(
+            queued.join("i.dcm").exists(),
+            "a folder with an entry is kept"
+        );
+        drop(claim);
     }
 
     #[test]
