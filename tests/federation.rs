@@ -411,7 +411,13 @@ async fn send_says_per_file_why_anything_was_held_back_and_a_suspension_as_such(
         .send(AGREEMENT, FLOW, None, std::slice::from_ref(&src))
         .await
         .unwrap();
-    assert_eq!(report.studies.len(), 1);
+    assert_eq!(
+        report.studies.len(),
+        1,
+        "queued: {:?}, held back: {:?}",
+        report.queued,
+        report.held_back
+    );
     assert_eq!(report.studies[0].instances, 2);
     assert_eq!(report.held_back.len(), 1, "{:?}", report.held_back);
     let held = &report.held_back[0];

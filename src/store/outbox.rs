@@ -255,12 +255,19 @@ impl Outbox {
             let Some(_claim) = Outbox::try_claim(dir) else {
                 continue;
             };
-            let quiet = fs::read_dir(dir).into_iter().flatten().flatten().all(|f| {
-                f.file_name() == ".lock"
-                    || f.metadata()
-                        .and_then(|m| m.modified())
-                        .is_ok_and(|t| t.elapsed().is_ok_and(|age| age >= older_than))
-            });
+            // The folder's own time changes as files are added to it or renamed into it, so a
+            // folder a `send` just made (empty still, its outputs being written elsewhere) is
+            // not quiet either.
+            let untouched = |m: std::io::Result<fs::Metadata>| {
+                m.and_then(|m| m.modified())
+                    .is_ok_and(|t| t.elapsed().is_ok_and(|age| age >= older_than))
+            };
+            let quiet = untouched(fs::metadata(dir))
+                && fs::read_dir(dir)
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+                    .all(|f| f.file_name() == ".lock" || untouched(f.metadata()));
             // Checked again under the claim: an entry written meanwhile keeps the folder.
             if !quiet || dir.join(ENTRY_FILE).exists() {
                 continue;
@@ -500,14 +507,19 @@ mod tests {
             fs::write(d.join("x.dcm"), b"sealed").unwrap();
         }
         let claim = Outbox::try_claim(&running).unwrap();
+        // A folder a send just made, still empty: kept.
+        let fresh = ob.study_dir("dsa-1", "2.25.903");
+        fs::create_dir_all(&fresh).unwrap();
+        assert_eq!(ob.discard_abandoned(std::time::Duration::from_secs(1)), 0);
+        assert!(fresh.exists());
         // Too recent: kept (a send may be about to claim it).
         assert_eq!(
             ob.discard_abandoned(std::time::Duration::from_secs(3600)),
             0
         );
         assert!(abandoned.exists());
-        assert_eq!(ob.discard_abandoned(std::time::Duration::ZERO), 1);
-        assert!(!abandoned.exists());
+        assert_eq!(ob.discard_abandoned(std::time::Duration::ZERO), 2);
+        assert!(!abandoned.exists() && !fresh.exists());
         assert!(running.join("x.dcm").exists(), "a claimed folder is kept");
         assert!(
             queued.join("i.dcm").exists(),
