@@ -850,8 +850,9 @@ impl Store for LocalStore {
         sop_instance_uid: &str,
         sha256: &[u8; 32],
     ) -> Result<BlobCheck, StoreError> {
-        if self.blob_path(sha256).exists() {
-            return self.check_blob(sha256);
+        match self.check_blob(sha256)? {
+            BlobCheck::Missing => {}
+            found => return Ok(found),
         }
         let copy = self.inbox_copy_path(key, sop_instance_uid);
         match hash_file(&copy) {
@@ -1623,7 +1624,7 @@ mod lock_tests {
 }
 
 #[cfg(test)]
-mod inbox_tests {
+pub(crate) mod inbox_tests {
     use super::*;
     use sha2::{Digest, Sha256};
 
@@ -1724,7 +1725,13 @@ mod inbox_tests {
         )
     }
 
-    fn received_plain(s: &LocalStore, key: &StudyKey, bytes: &[u8], uid: &str) -> StagedInstance {
+    /// An instance received into its hidden inbox copy (as the receiver writes it), staged.
+    pub(crate) fn received_plain(
+        s: &LocalStore,
+        key: &StudyKey,
+        bytes: &[u8],
+        uid: &str,
+    ) -> StagedInstance {
         let part = s.inbox_part(key, uid).unwrap().expect("inbox copy");
         assert!(part.file_name().unwrap().to_string_lossy().starts_with('.'));
         fs::write(&part, bytes).unwrap();
