@@ -1212,7 +1212,7 @@ mod tests {
     /// changes nothing; afterwards the log holds nothing to move.
     #[test]
     fn logged_instances_are_moved_into_the_outbox_at_start_once() {
-        use crate::pseudonym::{SiteKeys, VaultEntry};
+        use crate::pseudonym::SiteKeys;
         use crate::store::sealed::AtRest;
         use sha2::{Digest, Sha256};
 
@@ -1220,26 +1220,8 @@ mod tests {
         let keys = SiteKeys::from_bytes([7; 32], [9; 32]);
         let at_rest = AtRest::new(&keys, true);
         let wal_dir = dir.path().join("wal");
-        let record = |n: u8, bytes: &[u8]| InstanceRecord {
-            agreement: "a".into(),
-            flow: "f".into(),
-            purpose: "treatment".into(),
-            to: "c".into(),
-            study: "study-token".into(),
-            file: format!("{n}.dcm"),
-            sha256: Some(hex::encode(Sha256::digest(bytes))),
-            size: bytes.len() as u64,
-            data_tag: None,
-            sop_instance_uid: format!("2.25.{n}"),
-            modality: Some("CT".into()),
-            patient_token: "p".into(),
-            vault_entries: vec![(
-                format!("tok{n}"),
-                VaultEntry {
-                    attribute: "PatientName".into(),
-                    original: format!("DOE^{n}"),
-                },
-            )],
+        let record = |n: u8, bytes: &[u8]| {
+            crate::ingest::wal::tests::record(n.into(), bytes, &format!("DOE^{n}"))
         };
         let bytes = |n: u8| vec![n; 70_000];
         {

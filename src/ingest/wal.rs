@@ -747,11 +747,16 @@ fn parse_header(h: &[u8; HEADER]) -> Option<(u64, u32, u32)> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::pseudonym::SiteKeys;
 
     fn meta(n: usize, data: &[u8]) -> InstanceRecord {
+        record(n, data, "SECRET^PATIENT")
+    }
+
+    /// A logged instance `n` of one study with `data`, whose token stands for `original`.
+    pub(crate) fn record(n: usize, data: &[u8], original: &str) -> InstanceRecord {
         InstanceRecord {
             agreement: "a".into(),
             flow: "f".into(),
@@ -769,7 +774,7 @@ mod tests {
                 format!("tok{n}"),
                 VaultEntry {
                     attribute: "PatientName".into(),
-                    original: "SECRET^PATIENT".into(),
+                    original: original.into(),
                 },
             )],
         }

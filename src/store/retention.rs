@@ -440,16 +440,7 @@ mod tests {
         let key = StudyKey::new("a", "f", "x", "2.25.7");
         let staged: Vec<_> = [(&b"one"[..], "2.25.71"), (&b"two"[..], "2.25.72")]
             .into_iter()
-            .map(|(bytes, uid)| {
-                let part = s.inbox_part(&key, uid).unwrap().expect("inbox copy");
-                fs::write(&part, bytes).unwrap();
-                StagedInstance {
-                    path: part,
-                    sha256: Sha256::digest(bytes).into(),
-                    size: bytes.len() as u64,
-                    sop_instance_uid: uid.into(),
-                }
-            })
+            .map(|(bytes, uid)| crate::store::inbox_tests::received_plain(&s, &key, bytes, uid))
             .collect();
         let (c, _) = s.commit_and_deliver(&key, 2, staged, vec![]).unwrap();
         assert_eq!(c.stored, 2);
