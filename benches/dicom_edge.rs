@@ -22,6 +22,15 @@
 //! CPU time (user + system) of every process of each forwarding and non-forwarding run, which a
 //! machine shared with other work disturbs far less.
 //!
+//! Every run's sites and files stay on disk until the bench ends (its temporary folder goes
+//! then; a 500-instance round keeps about 1.5 GB). Deleting them between runs would bill the
+//! next run for it: on ext4 without a journal (this workplace's disks), each new inode skips,
+//! one by one, the inodes freed in the last one to six minutes (`recently_deleted` in the
+//! kernel's inode allocator), and online `discard` trims the freed blocks while the next run
+//! writes. Whichever variant creates the most files right after a deletion would pay most.
+//! Beside the wall clock, the CPU time (user + system) of the measured processes over the
+//! measured window is printed (median): the sending and receiving sides, nothing else.
+//!
 //! The collector measures the node, not itself: a real SIEM runs on another machine, so here
 //! rsyslogd runs at `nice -n 19` and writes its work files and the messages it receives to a
 //! tmpfs (`/dev/shm` when present), not to the disk the nodes fsync to (a node's `syncfs` would
@@ -232,14 +241,16 @@ fn main() {
     let mut rss = 0;
     for r in 0..repeats {
         let run = base.path().join(format!("run-{r}"));
-        runs.plain.push(plain_push(&run.join("storescp"), &study));
+        let (took, cpu) = plain_push(&run.join("storescp"), &study);
+        runs.plain.push(took);
+        runs.plain_measured_cpu.push(cpu);
         // With and without forwarding back to back, in alternating order (a run can leave
         // writeback behind for the next one), so each round gives a fair ratio.
         let fwd_first = r % 2 == 1;
         if wanted("send") || siem.is_some() {
             let fwd = |runs: &mut Runs| {
                 if let Some(siem) = &siem {
-                    let (took, cpu) =
+                    let ((took, _), cpu) =
                         with_cpu(|| run_send(&run.join("send-siem"), &study, Some(siem)));
                     runs.send_fwd.push(took);
                     runs.send_fwd_cpu.push(cpu);
@@ -248,8 +259,9 @@ fn main() {
             if fwd_first {
                 fwd(&mut runs);
             }
-            let (took, cpu) = with_cpu(|| run_send(&run.join("send"), &study, None));
+            let ((took, measured), cpu) = with_cpu(|| run_send(&run.join("send"), &study, None));
             runs.send.push(took);
+            runs.send_measured_cpu.push(measured);
             runs.send_cpu.push(cpu);
             if !fwd_first {
                 fwd(&mut runs);
@@ -258,7 +270,7 @@ fn main() {
         if wanted("ingest") || siem.is_some() {
             let fwd = |runs: &mut Runs| {
                 if let Some(siem) = &siem {
-                    let ((took, _), cpu) =
+                    let ((took, _, _), cpu) =
                         with_cpu(|| run_ingest(&run.join("ingest-siem"), &study, Some(siem)));
                     runs.ingest_fwd.push(took);
                     runs.ingest_fwd_cpu.push(cpu);
@@ -267,16 +279,18 @@ fn main() {
             if fwd_first {
                 fwd(&mut runs);
             }
-            let ((took, peak), cpu) = with_cpu(|| run_ingest(&run.join("ingest"), &study, None));
+            let ((took, peak, measured), cpu) =
+                with_cpu(|| run_ingest(&run.join("ingest"), &study, None));
             runs.ingest.push(took);
+            runs.ingest_measured_cpu.push(measured);
             runs.ingest_cpu.push(cpu);
             rss = rss.max(peak);
             if !fwd_first {
                 fwd(&mut runs);
             }
         }
-        // Every node of this round has stopped: its sites go (a 500-instance round writes GBs).
-        let _ = std::fs::remove_dir_all(&run);
+        // The round's sites stay until the bench ends (see the module doc: deleting them
+        // between runs would bill the next run for it).
     }
     let plain = best(&runs.plain).expect("at least one run");
     println!("(best and median of {repeats} runs each, interleaved)");
@@ -306,6 +320,13 @@ fn main() {
             largest as f64 / 1048576.0
         );
     }
+    let cpu = |v: &[Duration]| median_secs(v);
+    println!(
+        "CPU          user + system of the measured processes, median: plain push {:.2} s (storescu + storescp), send {:.2} s (send + partner), ingest {:.2} s (storescu + hospital-a)",
+        cpu(&runs.plain_measured_cpu),
+        cpu(&runs.send_measured_cpu),
+        cpu(&runs.ingest_measured_cpu)
+    );
     if let Some(siem) = &siem {
         report_forwarding(siem, &runs);
     }
@@ -328,6 +349,11 @@ struct Runs {
     ingest: Vec<Duration>,
     send_fwd: Vec<Duration>,
     ingest_fwd: Vec<Duration>,
+    /// CPU time (user + system) of the measured processes over the measured window only
+    /// (storescu + storescp; send + the partner; storescu + hospital-a), per run.
+    plain_measured_cpu: Vec<Duration>,
+    send_measured_cpu: Vec<Duration>,
+    ingest_measured_cpu: Vec<Duration>,
     /// CPU time (user + system) of every process of each run, same order as the times above.
     send_cpu: Vec<Duration>,
     ingest_cpu: Vec<Duration>,
@@ -348,6 +374,26 @@ fn children_cpu() -> Duration {
         .collect();
     let ticks = f.get(13).copied().unwrap_or(0) + f.get(14).copied().unwrap_or(0);
     Duration::from_millis(ticks * 10)
+}
+
+/// CPU time (user + system) a running process has used so far (`/proc/<pid>/stat`).
+fn proc_cpu(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<u64> = after
+        .split_whitespace()
+        .map(|x| x.parse().unwrap_or(0))
+        .collect();
+    let ticks = f.get(11).copied().unwrap_or(0) + f.get(12).copied().unwrap_or(0);
+    Duration::from_millis(ticks * 10)
+}
+
+/// The CPU time (user + system) of the measured processes only, over the measured window: the
+/// sending and receiving sides, not the demo that laid out the sites nor a node's start.
+fn measured_cpu<T>(server: u32, client: impl FnOnce() -> T) -> (T, Duration) {
+    let before = proc_cpu(server);
+    let (out, client_cpu) = with_cpu(client);
+    (out, proc_cpu(server).saturating_sub(before) + client_cpu)
 }
 
 /// `run`'s result and the CPU time its processes used.
@@ -433,7 +479,7 @@ fn report_forwarding(siem: &Collector, runs: &Runs) {
 }
 
 /// dcmtk storescu -> storescp into `out`, then one sync.
-fn plain_push(out: &Path, study: &Path) -> Duration {
+fn plain_push(out: &Path, study: &Path) -> (Duration, Duration) {
     std::fs::create_dir_all(out).unwrap();
     let port = free_port();
     let scp = Proc(
@@ -450,27 +496,30 @@ fn plain_push(out: &Path, study: &Path) -> Duration {
     wait_port(&format!("127.0.0.1:{port}"));
     sync();
     let start = Instant::now();
-    storescu(port, "ANY-SCP", study);
+    let ((), cpu) = measured_cpu(scp.0.id(), || {
+        storescu(port, "ANY-SCP", study);
+    });
     sync();
     let took = start.elapsed();
     drop(scp);
-    discard(out);
-    took
+    (took, cpu)
 }
 
 /// `pacs-broker send` of the study's files from hospital-a to a running telerad-c.
-fn run_send(dir: &Path, study: &Path, siem: Option<&Collector>) -> Duration {
+fn run_send(dir: &Path, study: &Path, siem: Option<&Collector>) -> (Duration, Duration) {
     let (a, c, _, cfg_c) = lay_out(dir, 2, siem);
     let partner = serve(&c, &cfg_c);
     sync();
     let start = Instant::now();
-    let out = Command::new(BIN)
-        .args(["send", "--config"])
-        .arg(&a)
-        .args(["--agreement", AGREEMENT, "--flow", FLOW])
-        .arg(study)
-        .output()
-        .unwrap();
+    let (out, cpu) = measured_cpu(partner.0.id(), || {
+        Command::new(BIN)
+            .args(["send", "--config"])
+            .arg(&a)
+            .args(["--agreement", AGREEMENT, "--flow", FLOW])
+            .arg(study)
+            .output()
+            .unwrap()
+    });
     let took = start.elapsed();
     assert!(
         out.status.success(),
@@ -479,26 +528,21 @@ fn run_send(dir: &Path, study: &Path, siem: Option<&Collector>) -> Duration {
         String::from_utf8_lossy(&out.stderr)
     );
     drop(partner);
-    discard(dir);
-    took
-}
-
-/// Removes a measured run's sites (a 500-instance run writes hundreds of MB).
-fn discard(dir: &Path) {
-    let _ = std::fs::remove_dir_all(dir);
+    (took, cpu)
 }
 
 /// storescu into hospital-a's listener (durable acks), its partner stopped so that only the
 /// ingest is measured; the time and hospital-a's peak RSS (KiB).
-fn run_ingest(dir: &Path, study: &Path, siem: Option<&Collector>) -> (Duration, u64) {
+fn run_ingest(dir: &Path, study: &Path, siem: Option<&Collector>) -> (Duration, u64, Duration) {
     let (a, _, cfg_a, _) = lay_out(dir, 3600, siem);
     let node = serve(&a, &cfg_a);
     sync();
-    let took = storescu(listen_port(&cfg_a), "HOSP_A_BROKER", study);
+    let (took, cpu) = measured_cpu(node.0.id(), || {
+        storescu(listen_port(&cfg_a), "HOSP_A_BROKER", study)
+    });
     let rss = peak_rss_kib(node.0.id());
     drop(node);
-    discard(dir);
-    (took, rss)
+    (took, rss, cpu)
 }
 
 fn listen_port(cfg: &NodeConfig) -> u16 {
