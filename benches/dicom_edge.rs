@@ -634,16 +634,23 @@ fn two_hops(base: &Path, study: &Path, n: usize, plain: Duration) {
     let before: std::collections::HashSet<PathBuf> = files_in(&inbox).into_iter().collect();
     sync();
     let start = Instant::now();
+    // The inbox is watched with inotify, not polled: a 2 ms poll of the whole inbox took about
+    // 0.7 CPU-s of the two cores the nodes need. Watches are in place before storescu starts.
+    let mut watch = InboxWatch::new(&inbox);
     let watcher = std::thread::spawn(move || {
         let mut arrived: HashMap<PathBuf, Duration> = HashMap::new();
         while arrived.len() < n && start.elapsed() < Duration::from_secs(300) {
+            let new = watch.next_files();
+            if new.is_empty() {
+                std::thread::sleep(Duration::from_millis(1));
+                continue;
+            }
             let now = start.elapsed();
-            for path in files_in(&inbox) {
+            for path in new {
                 if !before.contains(&path) {
                     arrived.entry(path).or_insert(now);
                 }
             }
-            std::thread::sleep(Duration::from_millis(2));
         }
         (arrived, start.elapsed())
     });
@@ -690,4 +697,73 @@ fn two_hops(base: &Path, study: &Path, n: usize, plain: Duration) {
         first.saturating_sub(first_ack).as_secs_f64() * 1000.0,
         first.as_secs_f64() * 1000.0
     );
+}
+
+/// New `.dcm` files (not hidden) anywhere under a folder, as inotify reports them: a file renamed
+/// into a watched folder or created there; a new subfolder is watched and scanned at once.
+struct InboxWatch {
+    fd: std::os::fd::OwnedFd,
+    dirs: HashMap<i32, PathBuf>,
+    found: Vec<PathBuf>,
+}
+
+impl InboxWatch {
+    fn new(root: &Path) -> InboxWatch {
+        use rustix::fs::inotify::{init, CreateFlags};
+        let fd = init(CreateFlags::CLOEXEC | CreateFlags::NONBLOCK).expect("inotify");
+        let mut w = InboxWatch {
+            fd,
+            dirs: HashMap::new(),
+            found: Vec::new(),
+        };
+        std::fs::create_dir_all(root).unwrap();
+        w.watch_tree(root);
+        w.found.clear(); // what is there before the run does not count
+        w
+    }
+
+    fn is_instance(p: &Path) -> bool {
+        let name = p.file_name().unwrap_or_default().to_string_lossy();
+        name.ends_with(".dcm") && !name.starts_with('.')
+    }
+
+    /// Watches `dir` and every folder under it, noting the instance files already there.
+    fn watch_tree(&mut self, dir: &Path) {
+        use rustix::fs::inotify::{add_watch, WatchFlags};
+        for e in walkdir::WalkDir::new(dir).into_iter().flatten() {
+            if e.file_type().is_dir() {
+                let flags = WatchFlags::CREATE | WatchFlags::MOVED_TO | WatchFlags::ONLYDIR;
+                if let Ok(wd) = add_watch(&self.fd, e.path(), flags) {
+                    self.dirs.insert(wd, e.path().to_path_buf());
+                }
+            } else if Self::is_instance(e.path()) {
+                self.found.push(e.into_path());
+            }
+        }
+    }
+
+    /// The instance files that appeared since the last call (empty when nothing happened).
+    fn next_files(&mut self) -> Vec<PathBuf> {
+        use rustix::fs::inotify::{ReadFlags, Reader};
+        let mut buf = [std::mem::MaybeUninit::<u8>::uninit(); 16384];
+        let mut new_dirs = Vec::new();
+        {
+            let mut events = Reader::new(&self.fd, &mut buf);
+            while let Ok(ev) = events.next() {
+                let (Some(dir), Some(name)) = (self.dirs.get(&ev.wd()), ev.file_name()) else {
+                    continue;
+                };
+                let path = dir.join(name.to_string_lossy().as_ref());
+                if ev.events().contains(ReadFlags::ISDIR) {
+                    new_dirs.push(path);
+                } else if Self::is_instance(&path) {
+                    self.found.push(path);
+                }
+            }
+        }
+        for d in new_dirs {
+            self.watch_tree(&d);
+        }
+        std::mem::take(&mut self.found)
+    }
 }
