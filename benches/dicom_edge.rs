@@ -320,13 +320,19 @@ fn main() {
             largest as f64 / 1048576.0
         );
     }
-    let cpu = |v: &[Duration]| median_secs(v);
-    println!(
-        "CPU          user + system of the measured processes, median: plain push {:.2} s (storescu + storescp), send {:.2} s (send + partner), ingest {:.2} s (storescu + hospital-a)",
-        cpu(&runs.plain_measured_cpu),
-        cpu(&runs.send_measured_cpu),
-        cpu(&runs.ingest_measured_cpu)
+    let mut cpu = format!(
+        "plain push {:.2} s (storescu + storescp)",
+        median_secs(&runs.plain_measured_cpu)
     );
+    for (name, v, who) in [
+        ("send", &runs.send_measured_cpu, "send + partner"),
+        ("ingest", &runs.ingest_measured_cpu, "storescu + hospital-a"),
+    ] {
+        if !v.is_empty() {
+            cpu += &format!(", {name} {:.2} s ({who})", median_secs(v));
+        }
+    }
+    println!("CPU          user + system of the measured processes, median: {cpu}");
     if let Some(siem) = &siem {
         report_forwarding(siem, &runs);
     }
