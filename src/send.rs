@@ -1,8 +1,9 @@
 //! The `send` pipeline: the studies de-identified from files are offered to the partner group by
 //! group while de-identification goes on, then completed by a final offer.
 //!
-//! Owns: [`OutgoingStudy`] (one study of a `send`: the instances named in the outbox so far,
-//! which of them the partner confirmed by a signed receipt, the first failed offer),
+//! Owns: [`OutgoingStudy`] (one study of a `send`: the instances de-identified so far, held in
+//! memory or staged as files, which of them the partner confirmed by a signed receipt, the
+//! first failed offer), the [`MemoryBudget`] those held in memory count against,
 //! [`offer_as_they_come`] (turns the named groups of [`crate::ingest::files::ingest_files`]
 //! into partial offers; every group that arrived during an offer goes into the next one) and
 //! [`finish`] (a study's final offer, and its outcome recorded in the outbox and the audit).
@@ -18,12 +19,28 @@
 //! like a failed `send` before; the retry's offer lists the whole study, and the partner
 //! answers "already held" for what it has.
 //!
+//! Instances in memory: de-identified instances are held in memory ([`HeldInstance`]) while
+//! they are offered, and streamed from there; nothing is written for them on the happy path.
+//! They count against a [`MemoryBudget`] ([`MEMORY_BUDGET`] per `send`); an instance that does
+//! not fit, or is larger than [`MEMORY_INSTANCE_MAX`], is staged as a sealed working-copy file
+//! in the study's outbox folder instead (spilled; `ingest::files`), so a study of any size goes
+//! with bounded memory. An instance's memory (or its spilled file) is freed as soon as the
+//! partner's signed receipt confirms it. Before the final offer, and before a study is queued
+//! after a failed offer, every instance not confirmed yet that is held in memory is written as
+//! a sealed working copy (usually only the newest instance, kept back for the final offer):
+//! the study's outbox entry then finds a file for every instance it needs
+//! ([`OutboxEntry::receipted`] counts the first instances, confirmed by receipts, whose files
+//! are not kept).
+//!
 //! Crash safety: no `transfer.json` is written for a study while its partial offers run (the
 //! study's folder is claimed, so a running node leaves it alone). A `send` killed meanwhile
-//! leaves only working copies no entry lists, which nothing sends: the partner holds part of
-//! the study (each part audited with its receipt), and the study is completed by sending it
-//! again. From the final offer on, the study has its entry (`flushed = false`), which a running
-//! node re-verifies before sending anything ([`crate::store::outbox::Outbox::settle`]).
+//! leaves nothing but spilled working copies no entry lists, which nothing sends (the outbox's
+//! retention removes them): the partner holds part of the study (each part audited with its
+//! receipt, and the vault records of its tokens durable before it was offered), and the study
+//! is completed by sending it again. From the final offer on, the study has its entry
+//! (`flushed = false`), written only after every instance it needs is a file, which a running
+//! node re-verifies before sending anything ([`crate::store::outbox::Outbox::settle`]): it never
+//! lists a file that does not exist.
 //!
 //! Does not own: de-identification (`ingest::files`), the protocol (`federation::client`), the
 //! audit entries and outbox records of an attempt (the [`Courier`]: the node).
@@ -31,21 +48,107 @@
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
-use crate::federation::client::{Delivery, SendError};
+use crate::federation::client::{Delivery, InstanceBody, SendError};
 use crate::federation::destruction::study_digest;
 use crate::ingest::files::{StagedGroup, StagedStudy};
 use crate::store::outbox::{Outbox, OutboxEntry};
 use crate::store::StoreError;
 
+/// How much memory one `send` may hold de-identified instances in while it offers them.
+pub const MEMORY_BUDGET: u64 = 256 << 20;
+
+/// An instance larger than this is staged as a file whatever the budget has free.
+pub const MEMORY_INSTANCE_MAX: u64 = 16 << 20;
+
+/// The memory a `send` holds its de-identified instances in, against a limit: an instance is
+/// held only if it fits, and gives its share back when its last holder drops it.
+#[derive(Debug)]
+pub struct MemoryBudget {
+    limit: u64,
+    used: AtomicU64,
+}
+
+impl MemoryBudget {
+    pub fn new(limit: u64) -> Arc<MemoryBudget> {
+        Arc::new(MemoryBudget {
+            limit,
+            used: AtomicU64::new(0),
+        })
+    }
+
+    /// Bytes held now.
+    pub fn used(&self) -> u64 {
+        self.used.load(Ordering::Acquire)
+    }
+
+    /// Holds `bytes` (an instance's plaintext) under the budget, or gives them back when they
+    /// do not fit in what is left.
+    pub fn hold(self: &Arc<Self>, bytes: Vec<u8>) -> Result<Arc<HeldInstance>, Vec<u8>> {
+        let n = bytes.capacity() as u64;
+        let taken = self
+            .used
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
+                (used + n <= self.limit).then_some(used + n)
+            });
+        match taken {
+            Ok(_) => Ok(Arc::new(HeldInstance {
+                bytes,
+                budget: self.clone(),
+            })),
+            Err(_) => Err(bytes),
+        }
+    }
+}
+
+/// A de-identified instance held in memory under a [`MemoryBudget`]; its share is given back
+/// when it is dropped.
+pub struct HeldInstance {
+    bytes: Vec<u8>,
+    budget: Arc<MemoryBudget>,
+}
+
+impl HeldInstance {
+    pub fn bytes(&self) -> &[u8] {
+        &self.bytes
+    }
+}
+
+impl AsRef<[u8]> for HeldInstance {
+    fn as_ref(&self) -> &[u8] {
+        &self.bytes
+    }
+}
+
+impl Drop for HeldInstance {
+    fn drop(&mut self) {
+        self.budget
+            .used
+            .fetch_sub(self.bytes.capacity() as u64, Ordering::AcqRel);
+    }
+}
+
+impl std::fmt::Debug for HeldInstance {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "HeldInstance({} bytes)", self.bytes.len())
+    }
+}
+
+/// An instance of a study: held in memory, or None where it is a file in the study's folder.
+pub type Body = Option<Arc<HeldInstance>>;
+
 /// Who carries offers to the partner and records their outcome (the node).
 pub trait Courier {
-    /// Makes one offer of `offer` (its instance files in `dir`) and streams what the partner
-    /// lacks; records nothing.
+    /// Makes one offer of `offer` and streams what the partner lacks, each instance from its
+    /// `bodies` entry (same order) when held in memory, else from its file in `dir`; records
+    /// nothing.
     fn deliver(
         &self,
         dir: &Path,
         offer: &OutboxEntry,
+        bodies: &[Option<InstanceBody>],
     ) -> impl Future<Output = Result<Delivery, SendError>> + Send;
 
     /// Records the outcome of an attempt at `entry`: the `disclose` audit entry and, for a
@@ -82,8 +185,12 @@ impl Sent {
 #[derive(Debug)]
 pub struct OutgoingStudy {
     pub dir: PathBuf,
-    /// The whole study as named so far (`complete` is set by [`finish`]).
+    /// The whole study as de-identified so far (`complete` and `receipted` are set by
+    /// [`finish`]).
     pub entry: OutboxEntry,
+    /// Each instance of `entry`, in order: held in memory until the partner confirms it (then
+    /// None), or None from the start when it was spilled to its file.
+    bodies: Vec<Body>,
     /// (input file, its de-identified file in the outbox).
     pub files: Vec<(PathBuf, PathBuf)>,
     /// (de-identified SOP Instance UID, what OCR found and blacked out), for the audit.
@@ -114,10 +221,13 @@ impl OutgoingStudy {
                 false,
             )
         };
+        // Made here once per study (instances held in memory make no folder).
+        let _ = std::fs::create_dir_all(&dir);
         OutgoingStudy {
             claim: Outbox::try_claim(&dir),
             dir,
             entry,
+            bodies: Vec::new(),
             files: Vec::new(),
             cleaned: Vec::new(),
             confirmed: 0,
@@ -141,9 +251,10 @@ impl OutgoingStudy {
             }
         }
         e.patient_tokens.sort();
-        for (input, instance) in staged.instances {
+        for (input, instance, body) in staged.instances {
             self.files.push((input, self.dir.join(&instance.file)));
             e.instances.push(instance);
+            self.bodies.push(body);
         }
         self.cleaned.extend(staged.cleaned);
     }
@@ -162,15 +273,51 @@ impl OutgoingStudy {
         })
     }
 
-    /// The outcome of a partial offer made from [`OutgoingStudy::partial_offer`].
+    /// The bodies of instances `from..to` as the courier streams them.
+    fn bodies(&self, from: usize, to: usize) -> Vec<Option<InstanceBody>> {
+        self.bodies[from..to]
+            .iter()
+            .map(|b| b.clone().map(|b| b as InstanceBody))
+            .collect()
+    }
+
+    /// The outcome of a partial offer made from [`OutgoingStudy::partial_offer`]: confirmed
+    /// instances are freed at once (their memory, or their spilled file).
     fn offered(&mut self, offer: &OutboxEntry, result: Result<&Delivery, SendError>) {
         match result {
             Ok(d) => {
-                self.confirmed += offer.instances.len();
+                let upto = self.confirmed + offer.instances.len();
+                for i in self.confirmed..upto {
+                    if self.bodies[i].take().is_none() {
+                        let _ = std::fs::remove_file(self.dir.join(&self.entry.instances[i].file));
+                    }
+                }
+                self.confirmed = upto;
                 self.sent.add(d);
             }
             Err(e) => self.failure = Some(e),
         }
+    }
+
+    /// Writes every instance not confirmed yet that is held in memory as a sealed working copy
+    /// in the study's folder (named, not flushed), so that the outbox entry finds a file for
+    /// each. They stay in memory as well: the final offer streams them from there.
+    fn write_out(&self, outbox: &Outbox) -> Result<(), StoreError> {
+        let mut staged = Vec::new();
+        for (instance, body) in self.entry.instances[self.confirmed..]
+            .iter()
+            .zip(&self.bodies[self.confirmed..])
+        {
+            let Some(body) = body else { continue };
+            let target = self.dir.join(&instance.file);
+            let s = crate::deid::batch::stage_bytes(body.bytes(), &target, outbox.at_rest())
+                .map_err(|e| StoreError::Corrupt(format!("cannot write an outbox copy: {e}")))?;
+            staged.push(s);
+        }
+        for (_, named) in crate::deid::batch::name_outputs_unflushed(staged) {
+            named.map_err(|e| StoreError::Corrupt(format!("cannot write an outbox copy: {e}")))?;
+        }
+        Ok(())
     }
 
     /// The final offer: the instances not confirmed yet, the study complete.
@@ -222,7 +369,8 @@ pub async fn offer_as_they_come<C: Courier>(
             let Some(mut offer) = study.partial_offer() else {
                 continue;
             };
-            match courier.deliver(&study.dir, &offer).await {
+            let bodies = study.bodies(study.confirmed, study.confirmed + offer.instances.len());
+            match courier.deliver(&study.dir, &offer, &bodies).await {
                 Ok(d) => {
                     courier.record(&study.dir, &mut offer, &Ok(d.clone()), (0, 0));
                     study.offered(&offer, Ok(&d));
@@ -246,15 +394,19 @@ pub enum Outcome {
     Failed(SendError),
 }
 
-/// Completes one study once its de-identification ended: its outbox entry is written (the whole
-/// study, complete), then the final offer is made (see the module header) and its outcome
-/// recorded, or a failed partial offer is recorded as the study's failed attempt.
+/// Completes one study once its de-identification ended: the instances not confirmed yet that
+/// are held in memory are written as working copies, then its outbox entry is written (the
+/// whole study, complete, with the number of instances already confirmed), then the final offer
+/// is made (see the module header) and its outcome recorded, or a failed partial offer is
+/// recorded as the study's failed attempt (the study made durable and queued).
 pub async fn finish<C: Courier>(
     courier: &C,
     outbox: &Outbox,
     mut study: OutgoingStudy,
 ) -> Result<Outcome, StoreError> {
     study.entry.complete = true;
+    study.entry.receipted = study.confirmed;
+    study.write_out(outbox)?;
     outbox.save(&study.entry)?;
     let Some(_claim) = study.claim.take() else {
         return Ok(Outcome::Queued(
@@ -267,14 +419,19 @@ pub async fn finish<C: Courier>(
     );
     let mut result = match study.failure.take() {
         Some(e) => Err(e),
-        None => courier.deliver(&dir, &study.final_offer()).await,
+        None => {
+            let bodies = study.bodies(study.confirmed, study.len());
+            courier.deliver(&dir, &study.final_offer(), &bodies).await
+        }
     };
     let mut whole_offered = false;
     if let Ok(d) = &result {
         if study.confirmed > 0 && !study.holds_whole_study(d) {
             tracing::info!(study = %study.entry.study_token, "the partner's receipt does not show the whole study; offering all of it once more");
             study.sent.add(d);
-            result = courier.deliver(&dir, &study.entry).await;
+            result = courier
+                .deliver(&dir, &study.entry, &study.bodies(0, study.len()))
+                .await;
             whole_offered = true;
         }
     }
@@ -322,6 +479,7 @@ mod tests {
             &self,
             _dir: &Path,
             offer: &OutboxEntry,
+            _bodies: &[Option<InstanceBody>],
         ) -> impl Future<Output = Result<Delivery, SendError>> + Send {
             let n = {
                 let mut offers = self.offers.lock().unwrap();
@@ -393,6 +551,7 @@ mod tests {
                     size: 10,
                     sop_instance_uid: format!("1.2.{i}"),
                 },
+                None,
             ));
         }
         s.modalities.insert("CT".into());
