@@ -472,15 +472,33 @@ mod tests {
         fail_offer: Option<usize>,
         recorded: Mutex<Vec<Recorded>>,
         extra_held: Option<String>,
+        /// Records outcomes into this outbox as the node does (delivered, or made durable and
+        /// queued), when set.
+        outbox: Option<Outbox>,
+        /// The memory held at each offer, and whether every instance file the offer needs
+        /// (not held in memory) and the entry existed then, when set.
+        budget: Option<Arc<MemoryBudget>>,
+        at_offer: Mutex<Vec<(u64, bool)>>,
     }
 
     impl Courier for FakePartner {
         fn deliver(
             &self,
-            _dir: &Path,
+            dir: &Path,
             offer: &OutboxEntry,
-            _bodies: &[Option<InstanceBody>],
+            bodies: &[Option<InstanceBody>],
         ) -> impl Future<Output = Result<Delivery, SendError>> + Send {
+            if let Some(budget) = &self.budget {
+                let files = offer.instances.iter().enumerate().all(|(n, i)| {
+                    bodies.get(n).is_some_and(Option::is_some) && !offer.complete
+                        || dir.join(&i.file).exists()
+                });
+                let entry = Outbox::load(dir).is_ok();
+                self.at_offer
+                    .lock()
+                    .unwrap()
+                    .push((budget.used(), files && (entry || !offer.complete)));
+            }
             let n = {
                 let mut offers = self.offers.lock().unwrap();
                 offers.push((
@@ -533,6 +551,20 @@ mod tests {
                 .lock()
                 .unwrap()
                 .push((entry.complete, result.is_ok(), earlier));
+            match (&self.outbox, result) {
+                (Some(ob), Ok(d)) if entry.complete => ob
+                    .mark_delivered(
+                        _dir,
+                        entry,
+                        earlier.0 + d.receipt.instances_stored,
+                        earlier.1 + d.receipt.instances_already_held,
+                    )
+                    .unwrap(),
+                (Some(ob), Err(e)) => ob
+                    .mark_attempt_failed(entry, &e.to_string(), e.is_transient())
+                    .unwrap(),
+                _ => {}
+            }
         }
     }
 
@@ -651,6 +683,138 @@ mod tests {
         match outcome {
             Outcome::Delivered(sent) => assert_eq!((sent.stored, sent.already_held), (0, 4)),
             other => panic!("{other:?}"),
+        }
+    }
+
+    /// A study of `n` instances held in memory under `budget`, in one group.
+    fn held_group(budget: &Arc<MemoryBudget>, n: usize) -> StagedGroup {
+        use sha2::Digest;
+        let mut s = StagedStudy::default();
+        for i in 0..n {
+            let bytes = vec![i as u8; 1000 + i];
+            let instance = OutboxInstance {
+                file: format!("1.2.{i}.dcm"),
+                sha256: hex::encode(sha2::Sha256::digest(&bytes)),
+                size: bytes.len() as u64,
+                sop_instance_uid: format!("1.2.{i}"),
+            };
+            let body = budget.hold(bytes).unwrap();
+            s.instances
+                .push((PathBuf::from(format!("in/{i}.dcm")), instance, Some(body)));
+        }
+        s.modalities.insert("CT".into());
+        s.patient_tokens.insert("p1".into());
+        BTreeMap::from([("s1".to_string(), s)])
+    }
+
+    /// A sealed outbox, a partner recording into it, and a budget; runs `send` of one group of
+    /// `n` instances held in memory. Returns the outcome, the study's folder (kept in `tmp`).
+    async fn run_held(
+        tmp: &Path,
+        n: usize,
+        fail_offer: Option<usize>,
+    ) -> (FakePartner, Outcome, PathBuf, Outbox) {
+        let keys = crate::pseudonym::SiteKeys::from_bytes([7; 32], [9; 32]);
+        let at_rest = crate::store::sealed::AtRest::new(&keys, true);
+        let outbox = Outbox::new(tmp.join("outbox")).with_at_rest(at_rest);
+        let budget = MemoryBudget::new(MEMORY_BUDGET);
+        let partner = FakePartner {
+            fail_offer,
+            outbox: Some(outbox.clone()),
+            budget: Some(budget.clone()),
+            ..Default::default()
+        };
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        tx.send(held_group(&budget, n)).unwrap();
+        drop(tx);
+        let mut studies = offer_as_they_come(&partner, &outbox, &route(), &mut rx).await;
+        let study = studies.remove("s1").expect("one study");
+        let dir = study.dir.clone();
+        let outcome = finish(&partner, &outbox, study).await.unwrap();
+        assert_eq!(
+            budget.used(),
+            0,
+            "all memory given back once the study is done"
+        );
+        (partner, outcome, dir, outbox)
+    }
+
+    fn dcm_files(dir: &Path) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+            .filter(|n| n.ends_with(".dcm"))
+            .collect();
+        names.sort();
+        names
+    }
+
+    #[tokio::test]
+    async fn confirmed_instances_are_freed_at_their_receipt_and_only_the_last_is_written() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (partner, outcome, dir, _) = run_held(tmp.path(), 5, None).await;
+        assert!(matches!(outcome, Outcome::Delivered(_)), "{outcome:?}");
+        let at_offer = partner.at_offer.lock().unwrap().clone();
+        let one = |i: usize| (1000 + i) as u64;
+        assert_eq!(
+            at_offer,
+            vec![
+                ((0..5).map(one).sum(), true),
+                // The four confirmed are freed; the one kept back was written, with the
+                // entry, before the final offer.
+                (one(4), true),
+            ]
+        );
+        let entry = Outbox::load(&dir).unwrap();
+        assert_eq!(entry.state, OutboxState::Delivered);
+        assert_eq!((entry.instances.len(), entry.receipted), (5, 4));
+        assert_eq!(entry.delivered, Some((5, 0)));
+        assert!(dcm_files(&dir).is_empty(), "no working copy is left");
+    }
+
+    #[tokio::test]
+    async fn a_failure_after_partial_offers_queues_the_unconfirmed_instances_durably() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (_, outcome, dir, outbox) = run_held(tmp.path(), 5, Some(1)).await;
+        assert!(matches!(outcome, Outcome::Queued(_)), "{outcome:?}");
+        let mut entry = Outbox::load(&dir).unwrap();
+        assert!(entry.complete && entry.flushed, "{entry:?}");
+        assert_eq!(entry.state, OutboxState::Pending);
+        assert_eq!(
+            (entry.instances.len(), entry.receipted, entry.attempts),
+            (5, 4, 1)
+        );
+        // The partner confirmed the first four: only the fifth waits, sealed, on disk.
+        assert_eq!(dcm_files(&dir), vec!["1.2.4.dcm".to_string()]);
+        let (sha, size) = outbox.at_rest().hash(&dir.join("1.2.4.dcm")).unwrap();
+        assert_eq!(
+            (hex::encode(sha), size),
+            (entry.instances[4].sha256.clone(), 1004)
+        );
+        assert!(std::fs::read(dir.join("1.2.4.dcm"))
+            .unwrap()
+            .starts_with(crate::store::sealed::MAGIC));
+        assert_eq!(outbox.due(u64::MAX).len(), 1, "queued for the node's retry");
+        assert!(outbox.settle(&dir, &mut entry).unwrap());
+    }
+
+    #[tokio::test]
+    async fn a_failed_first_offer_queues_every_instance_durably_as_before() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (partner, outcome, dir, outbox) = run_held(tmp.path(), 5, Some(0)).await;
+        assert!(matches!(outcome, Outcome::Queued(_)), "{outcome:?}");
+        assert_eq!(partner.offers.lock().unwrap().len(), 1);
+        let entry = Outbox::load(&dir).unwrap();
+        assert!(entry.complete && entry.flushed && entry.state == OutboxState::Pending);
+        assert_eq!((entry.instances.len(), entry.receipted), (5, 0));
+        assert_eq!(
+            dcm_files(&dir).len(),
+            5,
+            "every instance written, sealed and durable"
+        );
+        for i in &entry.instances {
+            let (sha, size) = outbox.at_rest().hash(&dir.join(&i.file)).unwrap();
+            assert_eq!((hex::encode(sha), size), (i.sha256.clone(), i.size));
         }
     }
 }

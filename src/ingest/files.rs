@@ -303,3 +303,89 @@ fn stage_one(
         produced,
     ))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pseudonym::SiteKeys;
+    use crate::store::sealed::{AtRest, MAGIC};
+
+    fn flow(keys: &SiteKeys) -> IngestFlow {
+        IngestFlow {
+            agreement: "a".into(),
+            flow: "f".into(),
+            purpose: "treatment".into(),
+            to: "c".into(),
+            deid: crate::deid::Deidentifier::new(Default::default(), keys.tokenizer("a").unwrap()),
+            select: Default::default(),
+        }
+    }
+
+    /// Instances are held in memory while the budget lasts; the rest are spilled, sealed, to
+    /// their outbox files; dropping the held ones gives the budget back.
+    #[test]
+    fn instances_beyond_the_memory_budget_are_spilled_sealed_to_the_outbox() {
+        let tmp = tempfile::tempdir().unwrap();
+        let keys = SiteKeys::from_bytes([7; 32], [9; 32]);
+        let inputs = tmp.path().join("in");
+        crate::demo::write_synthetic_ct(&inputs, &Default::default(), 6, 64).unwrap();
+        let at_rest = AtRest::new(&keys, true);
+        let outbox = Outbox::new(tmp.path().join("outbox")).with_at_rest(at_rest.clone());
+        let db = sled::open(tmp.path().join("db")).unwrap();
+        let vault = Vault::new(&keys, db.open_tree("vault").unwrap());
+        // Room for two of these instances (64x64, 16-bit: 8 KiB of pixels, a buffer of about
+        // 26 KiB each), not three.
+        let memory = MemoryBudget::new(60_000);
+        let mut groups = Vec::new();
+        let held_back = ingest_files(
+            &flow(&keys),
+            &[inputs],
+            &outbox,
+            &vault,
+            &memory,
+            &mut |g| {
+                groups.push(g);
+                Ok(())
+            },
+        )
+        .unwrap();
+        assert!(held_back.is_empty(), "{held_back:?}");
+        let mut study = StagedStudy::default();
+        let mut token = String::new();
+        for g in groups {
+            for (t, s) in g {
+                token = t;
+                study.extend(s);
+            }
+        }
+        assert_eq!(study.instances.len(), 6);
+        let held = study.instances.iter().filter(|i| i.2.is_some()).count();
+        assert_eq!(held, 2, "two fit in the budget");
+        assert!(memory.used() > 0 && memory.used() <= 60_000);
+        let dir = outbox.study_dir("a", &token);
+        for (_, instance, body) in &study.instances {
+            let file = dir.join(&instance.file);
+            match body {
+                Some(body) => {
+                    assert!(!file.exists(), "held in memory: no file");
+                    assert_eq!(body.bytes().len() as u64, instance.size);
+                    use sha2::Digest;
+                    let sha = sha2::Sha256::digest(body.bytes());
+                    assert_eq!(hex::encode(sha), instance.sha256);
+                    assert_eq!(&body.bytes()[128..132], b"DICM");
+                }
+                None => {
+                    let raw = std::fs::read(&file).unwrap();
+                    assert_eq!(&raw[..MAGIC.len()], MAGIC, "spilled sealed");
+                    let (sha, size) = at_rest.hash(&file).unwrap();
+                    assert_eq!(
+                        (hex::encode(sha), size),
+                        (instance.sha256.clone(), instance.size)
+                    );
+                }
+            }
+        }
+        drop(study);
+        assert_eq!(memory.used(), 0, "dropped instances give their memory back");
+    }
+}
