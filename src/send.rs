@@ -4,7 +4,7 @@
 //! Owns: [`OutgoingStudy`] (one study of a `send`: the instances de-identified so far, held in
 //! memory or staged as files, which of them the partner confirmed by a signed receipt, the
 //! first failed offer), the [`MemoryBudget`] those held in memory count against,
-//! [`offer_as_they_come`] (turns the named groups of [`crate::ingest::files::ingest_files`]
+//! [`offer_as_they_come`] (turns the groups of [`crate::ingest::files::ingest_files`]
 //! into partial offers; every group that arrived during an offer goes into the next one) and
 //! [`finish`] (a study's final offer, and its outcome recorded in the outbox and the audit).
 //!
@@ -14,10 +14,12 @@
 //! for it, so it is never empty. Its signed receipt must then show the partner holding exactly
 //! the whole study (`study_digest`, over every instance's SHA-256); where it does not, one more
 //! offer lists the whole study, as the forwarder's final offer does, and the partner
-//! re-verifies all of it. A failed offer ends the offers of that study: once de-identification
-//! has ended, the whole study is made durable in the outbox and queued for retry (or failed),
-//! like a failed `send` before; the retry's offer lists the whole study, and the partner
-//! answers "already held" for what it has.
+//! re-verifies all of it (the instances it confirmed before are no longer here to stream: it
+//! answers "already held" for them, or, had it lost one, the attempt fails unretried rather
+//! than send it). A failed offer ends the offers of that study: once de-identification
+//! has ended, the study is made durable in the outbox (every instance not confirmed) and queued
+//! for retry (or failed), like a failed `send` before; the retry's offer lists the whole study,
+//! and the partner answers "already held" for what it has.
 //!
 //! Instances in memory: de-identified instances are held in memory ([`HeldInstance`]) while
 //! they are offered, and streamed from there; nothing is written for them on the happy path.

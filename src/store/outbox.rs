@@ -649,4 +649,48 @@ mod tests {
         let queued = Outbox::load(&failed_dir).unwrap();
         assert!(queued.flushed && queued.state == OutboxState::Pending);
     }
+
+    /// The instances a `send`'s partial offers had confirmed before its entry was written have
+    /// no file: settling, flushing and delivering the entry leave them alone, and a missing
+    /// file among the others still discards it.
+    #[test]
+    fn receipted_instances_have_no_file_and_the_others_are_checked() {
+        use sha2::{Digest, Sha256};
+        let dir = tempfile::tempdir().unwrap();
+        let at_rest = AtRest::new(&crate::pseudonym::SiteKeys::generate(), true);
+        let ob = Outbox::new(dir.path().to_owned()).with_at_rest(at_rest.clone());
+        let body = vec![5u8; 1000];
+        let two = |token: &str, write_second: bool| {
+            let mut e = entry();
+            e.study_token = token.into();
+            e.flushed = false;
+            e.receipted = 1;
+            let mut second = e.instances[0].clone();
+            second.file = "j.dcm".into();
+            second.sha256 = hex::encode(Sha256::digest(&body));
+            second.size = body.len() as u64;
+            e.instances.push(second);
+            let d = ob.save(&e).unwrap();
+            if write_second {
+                at_rest.write_atomic(&d.join("j.dcm"), &body).unwrap();
+            }
+            (d, e)
+        };
+        let (d, mut e) = two("2.25.11", true);
+        assert!(!d.join("i.dcm").exists());
+        assert!(
+            ob.settle(&d, &mut e).unwrap(),
+            "the receipted one needs no file"
+        );
+        assert!(Outbox::load(&d).unwrap().flushed);
+        assert_eq!(Outbox::load(&d).unwrap().receipted, 1);
+        ob.mark_delivered(&d, &mut e, 1, 1).unwrap();
+        assert!(!d.join("j.dcm").exists());
+
+        let (d, mut e) = two("2.25.12", false);
+        assert!(
+            !ob.settle(&d, &mut e).unwrap(),
+            "an unconfirmed file is missing"
+        );
+    }
 }
