@@ -65,12 +65,18 @@ pub const MEMORY_BUDGET: u64 = 256 << 20;
 /// An instance larger than this is staged as a file whatever the budget has free.
 pub const MEMORY_INSTANCE_MAX: u64 = 16 << 20;
 
+/// How much memory of freed instances a [`MemoryBudget`] keeps for the next ones (beside its
+/// limit): buffers reused are already in memory, where new ones cost a page fault per page.
+pub const SPARE_BUFFERS: u64 = 32 << 20;
+
 /// The memory a `send` holds its de-identified instances in, against a limit: an instance is
-/// held only if it fits, and gives its share back when its last holder drops it.
+/// held only if it fits, and gives its share back when its last holder drops it. The buffers of
+/// freed instances are kept for the next instances, up to [`SPARE_BUFFERS`] bytes.
 #[derive(Debug)]
 pub struct MemoryBudget {
     limit: u64,
     used: AtomicU64,
+    spare: std::sync::Mutex<Vec<Vec<u8>>>,
 }
 
 impl MemoryBudget {
@@ -78,7 +84,30 @@ impl MemoryBudget {
         Arc::new(MemoryBudget {
             limit,
             used: AtomicU64::new(0),
+            spare: Default::default(),
         })
+    }
+
+    /// An empty buffer of at least `capacity` bytes: a spare one of about that size if there
+    /// is one, else a new one.
+    pub fn buffer(&self, capacity: usize) -> Vec<u8> {
+        let fits = |b: &Vec<u8>| (capacity..=capacity + capacity / 16).contains(&b.capacity());
+        let mut spare = self.spare.lock().unwrap_or_else(|p| p.into_inner());
+        match spare.iter().position(fits) {
+            Some(i) => spare.swap_remove(i),
+            None => Vec::with_capacity(capacity),
+        }
+    }
+
+    /// Keeps a freed instance's buffer for [`MemoryBudget::buffer`] while the spare ones stay
+    /// under [`SPARE_BUFFERS`].
+    fn recycle(&self, mut bytes: Vec<u8>) {
+        bytes.clear();
+        let mut spare = self.spare.lock().unwrap_or_else(|p| p.into_inner());
+        let kept: usize = spare.iter().map(Vec::capacity).sum();
+        if (kept + bytes.capacity()) as u64 <= SPARE_BUFFERS {
+            spare.push(bytes);
+        }
     }
 
     /// Bytes held now.
@@ -126,9 +155,11 @@ impl AsRef<[u8]> for HeldInstance {
 
 impl Drop for HeldInstance {
     fn drop(&mut self) {
+        let bytes = std::mem::take(&mut self.bytes);
         self.budget
             .used
-            .fetch_sub(self.bytes.capacity() as u64, Ordering::AcqRel);
+            .fetch_sub(bytes.capacity() as u64, Ordering::AcqRel);
+        self.budget.recycle(bytes);
     }
 }
 
@@ -818,5 +849,24 @@ mod tests {
             let (sha, size) = outbox.at_rest().hash(&dir.join(&i.file)).unwrap();
             assert_eq!((hex::encode(sha), size), (i.sha256.clone(), i.size));
         }
+    }
+
+    #[test]
+    fn the_budget_holds_what_fits_frees_on_drop_and_reuses_buffers() {
+        let budget = MemoryBudget::new(3000);
+        let a = budget.hold(vec![1u8; 2000]).unwrap();
+        let refused = budget.hold(vec![2u8; 1500]).unwrap_err();
+        assert_eq!(refused.len(), 1500, "what does not fit is given back");
+        let b = budget.hold(vec![3u8; 1000]).unwrap();
+        assert_eq!(budget.used(), 3000);
+        let ptr = a.bytes().as_ptr();
+        drop(a);
+        assert_eq!(budget.used(), 1000);
+        let reused = budget.buffer(1990);
+        assert!(reused.is_empty() && reused.capacity() >= 1990);
+        assert_eq!(reused.as_ptr(), ptr, "the freed buffer is reused");
+        assert!(budget.buffer(100).capacity() < 2000, "not a far larger one");
+        drop(b);
+        assert_eq!(budget.used(), 0);
     }
 }

@@ -477,16 +477,25 @@ fn stage(
     Ok(staged)
 }
 
-/// Encodes a de-identified object as a DICOM Part 10 file into memory ([`encode_output`]; the
-/// pixel data left in the input file is read straight into the buffer, which is sized for it
-/// up front) and returns the bytes with their SHA-256: `send`'s outputs, offered from memory.
+/// The buffer [`encode_in_memory`] wants for an object whose pixel data is left in the input
+/// file (`pixel_data`): the header of a de-identified object is a few KiB, the pixel data is
+/// known exactly.
+pub fn in_memory_capacity(pixel_data: Option<&super::guard::PixelSource>) -> usize {
+    pixel_data.map_or(0, |p| p.len() as usize) + 16 * 1024
+}
+
+/// Encodes a de-identified object as a DICOM Part 10 file into memory, into `bytes` (emptied
+/// first; see [`in_memory_capacity`]), with [`encode_output`] (the pixel data left in the
+/// input file is read straight into the buffer) and returns the bytes with their SHA-256:
+/// `send`'s outputs, offered from memory.
 pub fn encode_in_memory(
     obj: DefaultDicomObject,
     pixel_data: Option<&super::guard::PixelSource>,
+    mut bytes: Vec<u8>,
 ) -> Result<(Vec<u8>, [u8; 32]), String> {
     use sha2::{Digest, Sha256};
-    // The header of a de-identified object is a few KiB; the pixel data is known exactly.
-    let mut bytes = Vec::with_capacity(pixel_data.map_or(0, |p| p.len() as usize) + 16 * 1024);
+    bytes.clear();
+    bytes.reserve(in_memory_capacity(pixel_data));
     encode_output(obj, pixel_data, &mut bytes)?;
     // Growth past the estimate (a large header, in-memory pixel data) may have left up to
     // twice the length reserved: give the excess back, it is counted against a budget.

@@ -265,8 +265,9 @@ fn stage_one(
         let (sha256, size) = (staged.sha256().unwrap_or_default(), staged.size());
         (Produced::File(staged), None, sha256, size)
     } else {
+        let buffer = memory.buffer(batch::in_memory_capacity(d.pixel_data.as_ref()));
         let (bytes, sha256) =
-            batch::encode_in_memory(d.object, d.pixel_data.as_ref()).map_err(failed)?;
+            batch::encode_in_memory(d.object, d.pixel_data.as_ref(), buffer).map_err(failed)?;
         let size = bytes.len() as u64;
         let kept = if size <= max {
             memory.hold(bytes)
