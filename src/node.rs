@@ -239,7 +239,8 @@ pub struct SentStudy {
     pub instances_sent: usize,
     pub already_held: u32,
     pub bytes_sent: u64,
-    /// Input path -> de-identified file in the outbox.
+    /// Input path -> the de-identified instance's file in the outbox (its name; a delivered
+    /// study keeps no instance files there, and `send` usually writes none).
     pub files: Vec<(PathBuf, PathBuf)>,
 }
 

@@ -224,7 +224,8 @@ pub struct OutgoingStudy {
     /// Each instance of `entry`, in order: held in memory until the partner confirms it (then
     /// None), or None from the start when it was spilled to its file.
     bodies: Vec<Body>,
-    /// (input file, its de-identified file in the outbox).
+    /// (input file, its de-identified instance's file in the outbox, where it is written only
+    /// when spilled or needed by the study's entry).
     pub files: Vec<(PathBuf, PathBuf)>,
     /// (de-identified SOP Instance UID, what OCR found and blacked out), for the audit.
     pub cleaned: Vec<(String, crate::deid::OcrEvidence)>,
