@@ -239,7 +239,8 @@ pub struct SentStudy {
     pub instances_sent: usize,
     pub already_held: u32,
     pub bytes_sent: u64,
-    /// Input path -> de-identified file in the outbox.
+    /// Input path -> the de-identified instance's file in the outbox (its name; a delivered
+    /// study keeps no instance files there, and `send` usually writes none).
     pub files: Vec<(PathBuf, PathBuf)>,
 }
 
@@ -850,17 +851,19 @@ impl Node {
         dir: &Path,
         entry: &OutboxEntry,
     ) -> Result<crate::federation::client::Delivery, SendError> {
-        self.try_deliver_over(&mut None, dir, entry).await
+        self.try_deliver_over(&mut None, dir, entry, &[]).await
     }
 
     /// [`Node::try_deliver`] over the connection in `connection` when it goes to the same
     /// partner (`send`'s offers of one study share one), else over a new one left there; a
-    /// failed attempt drops it.
+    /// failed attempt drops it. Instances whose `bodies` entry holds them in memory (`send`)
+    /// are streamed from there, the others from their files in `dir`.
     async fn try_deliver_over(
         &self,
         connection: &mut Option<PeerClient>,
         dir: &Path,
         entry: &OutboxEntry,
+        bodies: &[Option<crate::federation::client::InstanceBody>],
     ) -> Result<crate::federation::client::Delivery, SendError> {
         let set = self.agreements();
         set.authorise(
@@ -896,13 +899,14 @@ impl Node {
         };
         client.set_audit_checkpoint(self.audit.checkpoint_for_peer());
         let result = client
-            .send_study(
+            .send_study_from(
                 &entry.agreement,
                 &entry.flow,
                 &entry.purpose,
                 &entry.study_token,
                 entry.modalities.clone(),
                 &instances,
+                bodies,
                 entry.complete,
             )
             .await;
@@ -1002,13 +1006,15 @@ impl Node {
                 return Err(e.into());
             }
         };
-        // De-identification names the instances in the outbox group by group; each group is
-        // offered to the partner while the next ones are de-identified (`crate::send`).
+        // De-identification holds the instances in memory (or spills them to the outbox) and
+        // hands them on group by group; each group is offered to the partner while the next
+        // ones are de-identified (`crate::send`).
         let (vault, outbox) = (self.vault()?, self.outbox());
         let (groups_tx, mut groups) = tokio::sync::mpsc::unbounded_channel();
         let (f, inputs) = (flow.clone(), inputs.to_vec());
+        let memory = send::MemoryBudget::new(send::MEMORY_BUDGET);
         let deidentifying = tokio::task::spawn_blocking(move || {
-            files::ingest_files(&f, &inputs, &outbox, &vault, &mut |group| {
+            files::ingest_files(&f, &inputs, &outbox, &vault, &memory, &mut |group| {
                 groups_tx.send(group).map_err(|_| IngestError::Input {
                     path: PathBuf::from("."),
                     reason: "the send stopped before de-identification ended".into(),
@@ -1212,10 +1218,11 @@ impl send::Courier for SendCourier<'_> {
         &self,
         dir: &Path,
         offer: &OutboxEntry,
+        bodies: &[Option<crate::federation::client::InstanceBody>],
     ) -> Result<crate::federation::client::Delivery, SendError> {
         let mut connection = self.connection.lock().await;
         self.node
-            .try_deliver_over(&mut connection, dir, offer)
+            .try_deliver_over(&mut connection, dir, offer, bodies)
             .await
     }
 

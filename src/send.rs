@@ -1,9 +1,10 @@
 //! The `send` pipeline: the studies de-identified from files are offered to the partner group by
 //! group while de-identification goes on, then completed by a final offer.
 //!
-//! Owns: [`OutgoingStudy`] (one study of a `send`: the instances named in the outbox so far,
-//! which of them the partner confirmed by a signed receipt, the first failed offer),
-//! [`offer_as_they_come`] (turns the named groups of [`crate::ingest::files::ingest_files`]
+//! Owns: [`OutgoingStudy`] (one study of a `send`: the instances de-identified so far, held in
+//! memory or staged as files, which of them the partner confirmed by a signed receipt, the
+//! first failed offer), the [`MemoryBudget`] those held in memory count against,
+//! [`offer_as_they_come`] (turns the groups of [`crate::ingest::files::ingest_files`]
 //! into partial offers; every group that arrived during an offer goes into the next one) and
 //! [`finish`] (a study's final offer, and its outcome recorded in the outbox and the audit).
 //!
@@ -13,17 +14,35 @@
 //! for it, so it is never empty. Its signed receipt must then show the partner holding exactly
 //! the whole study (`study_digest`, over every instance's SHA-256); where it does not, one more
 //! offer lists the whole study, as the forwarder's final offer does, and the partner
-//! re-verifies all of it. A failed offer ends the offers of that study: once de-identification
-//! has ended, the whole study is made durable in the outbox and queued for retry (or failed),
-//! like a failed `send` before; the retry's offer lists the whole study, and the partner
-//! answers "already held" for what it has.
+//! re-verifies all of it (the instances it confirmed before are no longer here to stream: it
+//! answers "already held" for them, or, had it lost one, the attempt fails unretried rather
+//! than send it). A failed offer ends the offers of that study: once de-identification
+//! has ended, the study is made durable in the outbox (every instance not confirmed) and queued
+//! for retry (or failed), like a failed `send` before; the retry's offer lists the whole study,
+//! and the partner answers "already held" for what it has.
+//!
+//! Instances in memory: de-identified instances are held in memory ([`HeldInstance`]) while
+//! they are offered, and streamed from there; nothing is written for them on the happy path.
+//! They count against a [`MemoryBudget`] ([`MEMORY_BUDGET`] per `send`); an instance that does
+//! not fit, or is larger than [`MEMORY_INSTANCE_MAX`], is staged as a sealed working-copy file
+//! in the study's outbox folder instead (spilled; `ingest::files`), so a study of any size goes
+//! with bounded memory. An instance's memory (or its spilled file) is freed as soon as the
+//! partner's signed receipt confirms it. Before the final offer, and before a study is queued
+//! after a failed offer, every instance not confirmed yet that is held in memory is written as
+//! a sealed working copy (usually only the newest instance, kept back for the final offer):
+//! the study's outbox entry then finds a file for every instance it needs
+//! ([`OutboxEntry::receipted`] counts the first instances, confirmed by receipts, whose files
+//! are not kept).
 //!
 //! Crash safety: no `transfer.json` is written for a study while its partial offers run (the
 //! study's folder is claimed, so a running node leaves it alone). A `send` killed meanwhile
-//! leaves only working copies no entry lists, which nothing sends: the partner holds part of
-//! the study (each part audited with its receipt), and the study is completed by sending it
-//! again. From the final offer on, the study has its entry (`flushed = false`), which a running
-//! node re-verifies before sending anything ([`crate::store::outbox::Outbox::settle`]).
+//! leaves nothing but spilled working copies no entry lists, which nothing sends (the outbox's
+//! retention removes them): the partner holds part of the study (each part audited with its
+//! receipt, and the vault records of its tokens durable before it was offered), and the study
+//! is completed by sending it again. From the final offer on, the study has its entry
+//! (`flushed = false`), written only after every instance it needs is a file, which a running
+//! node re-verifies before sending anything ([`crate::store::outbox::Outbox::settle`]): it never
+//! lists a file that does not exist.
 //!
 //! Does not own: de-identification (`ingest::files`), the protocol (`federation::client`), the
 //! audit entries and outbox records of an attempt (the [`Courier`]: the node).
@@ -31,21 +50,138 @@
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
-use crate::federation::client::{Delivery, SendError};
+use crate::federation::client::{Delivery, InstanceBody, SendError};
 use crate::federation::destruction::study_digest;
 use crate::ingest::files::{StagedGroup, StagedStudy};
 use crate::store::outbox::{Outbox, OutboxEntry};
 use crate::store::StoreError;
 
+/// How much memory one `send` may hold de-identified instances in while it offers them.
+pub const MEMORY_BUDGET: u64 = 256 << 20;
+
+/// An instance larger than this is staged as a file whatever the budget has free.
+pub const MEMORY_INSTANCE_MAX: u64 = 16 << 20;
+
+/// How much memory of freed instances a [`MemoryBudget`] keeps for the next ones (beside its
+/// limit): buffers reused are already in memory, where new ones cost a page fault per page.
+pub const SPARE_BUFFERS: u64 = 32 << 20;
+
+/// The memory a `send` holds its de-identified instances in, against a limit: an instance is
+/// held only if it fits, and gives its share back when its last holder drops it. The buffers of
+/// freed instances are kept for the next instances, up to [`SPARE_BUFFERS`] bytes.
+#[derive(Debug)]
+pub struct MemoryBudget {
+    limit: u64,
+    used: AtomicU64,
+    spare: std::sync::Mutex<Vec<Vec<u8>>>,
+}
+
+impl MemoryBudget {
+    pub fn new(limit: u64) -> Arc<MemoryBudget> {
+        Arc::new(MemoryBudget {
+            limit,
+            used: AtomicU64::new(0),
+            spare: Default::default(),
+        })
+    }
+
+    /// An empty buffer of at least `capacity` bytes: a spare one of about that size if there
+    /// is one, else a new one.
+    pub fn buffer(&self, capacity: usize) -> Vec<u8> {
+        let fits = |b: &Vec<u8>| (capacity..=capacity + capacity / 16).contains(&b.capacity());
+        let mut spare = self.spare.lock().unwrap_or_else(|p| p.into_inner());
+        match spare.iter().position(fits) {
+            Some(i) => spare.swap_remove(i),
+            None => Vec::with_capacity(capacity),
+        }
+    }
+
+    /// Keeps a freed instance's buffer for [`MemoryBudget::buffer`] while the spare ones stay
+    /// under [`SPARE_BUFFERS`].
+    fn recycle(&self, mut bytes: Vec<u8>) {
+        bytes.clear();
+        let mut spare = self.spare.lock().unwrap_or_else(|p| p.into_inner());
+        let kept: usize = spare.iter().map(Vec::capacity).sum();
+        if (kept + bytes.capacity()) as u64 <= SPARE_BUFFERS {
+            spare.push(bytes);
+        }
+    }
+
+    /// Bytes held now.
+    pub fn used(&self) -> u64 {
+        self.used.load(Ordering::Acquire)
+    }
+
+    /// Holds `bytes` (an instance's plaintext) under the budget, or gives them back when they
+    /// do not fit in what is left.
+    pub fn hold(self: &Arc<Self>, bytes: Vec<u8>) -> Result<Arc<HeldInstance>, Vec<u8>> {
+        let n = bytes.capacity() as u64;
+        let taken = self
+            .used
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
+                (used + n <= self.limit).then_some(used + n)
+            });
+        match taken {
+            Ok(_) => Ok(Arc::new(HeldInstance {
+                bytes,
+                budget: self.clone(),
+            })),
+            Err(_) => Err(bytes),
+        }
+    }
+}
+
+/// A de-identified instance held in memory under a [`MemoryBudget`]; its share is given back
+/// when it is dropped.
+pub struct HeldInstance {
+    bytes: Vec<u8>,
+    budget: Arc<MemoryBudget>,
+}
+
+impl HeldInstance {
+    pub fn bytes(&self) -> &[u8] {
+        &self.bytes
+    }
+}
+
+impl AsRef<[u8]> for HeldInstance {
+    fn as_ref(&self) -> &[u8] {
+        &self.bytes
+    }
+}
+
+impl Drop for HeldInstance {
+    fn drop(&mut self) {
+        let bytes = std::mem::take(&mut self.bytes);
+        self.budget
+            .used
+            .fetch_sub(bytes.capacity() as u64, Ordering::AcqRel);
+        self.budget.recycle(bytes);
+    }
+}
+
+impl std::fmt::Debug for HeldInstance {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "HeldInstance({} bytes)", self.bytes.len())
+    }
+}
+
+/// An instance of a study: held in memory, or None where it is a file in the study's folder.
+pub type Body = Option<Arc<HeldInstance>>;
+
 /// Who carries offers to the partner and records their outcome (the node).
 pub trait Courier {
-    /// Makes one offer of `offer` (its instance files in `dir`) and streams what the partner
-    /// lacks; records nothing.
+    /// Makes one offer of `offer` and streams what the partner lacks, each instance from its
+    /// `bodies` entry (same order) when held in memory, else from its file in `dir`; records
+    /// nothing.
     fn deliver(
         &self,
         dir: &Path,
         offer: &OutboxEntry,
+        bodies: &[Option<InstanceBody>],
     ) -> impl Future<Output = Result<Delivery, SendError>> + Send;
 
     /// Records the outcome of an attempt at `entry`: the `disclose` audit entry and, for a
@@ -82,9 +218,14 @@ impl Sent {
 #[derive(Debug)]
 pub struct OutgoingStudy {
     pub dir: PathBuf,
-    /// The whole study as named so far (`complete` is set by [`finish`]).
+    /// The whole study as de-identified so far (`complete` and `receipted` are set by
+    /// [`finish`]).
     pub entry: OutboxEntry,
-    /// (input file, its de-identified file in the outbox).
+    /// Each instance of `entry`, in order: held in memory until the partner confirms it (then
+    /// None), or None from the start when it was spilled to its file.
+    bodies: Vec<Body>,
+    /// (input file, its de-identified instance's file in the outbox, where it is written only
+    /// when spilled or needed by the study's entry).
     pub files: Vec<(PathBuf, PathBuf)>,
     /// (de-identified SOP Instance UID, what OCR found and blacked out), for the audit.
     pub cleaned: Vec<(String, crate::deid::OcrEvidence)>,
@@ -114,10 +255,13 @@ impl OutgoingStudy {
                 false,
             )
         };
+        // Made here once per study (instances held in memory make no folder).
+        let _ = std::fs::create_dir_all(&dir);
         OutgoingStudy {
             claim: Outbox::try_claim(&dir),
             dir,
             entry,
+            bodies: Vec::new(),
             files: Vec::new(),
             cleaned: Vec::new(),
             confirmed: 0,
@@ -141,9 +285,10 @@ impl OutgoingStudy {
             }
         }
         e.patient_tokens.sort();
-        for (input, instance) in staged.instances {
+        for (input, instance, body) in staged.instances {
             self.files.push((input, self.dir.join(&instance.file)));
             e.instances.push(instance);
+            self.bodies.push(body);
         }
         self.cleaned.extend(staged.cleaned);
     }
@@ -162,15 +307,51 @@ impl OutgoingStudy {
         })
     }
 
-    /// The outcome of a partial offer made from [`OutgoingStudy::partial_offer`].
+    /// The bodies of instances `from..to` as the courier streams them.
+    fn bodies(&self, from: usize, to: usize) -> Vec<Option<InstanceBody>> {
+        self.bodies[from..to]
+            .iter()
+            .map(|b| b.clone().map(|b| b as InstanceBody))
+            .collect()
+    }
+
+    /// The outcome of a partial offer made from [`OutgoingStudy::partial_offer`]: confirmed
+    /// instances are freed at once (their memory, or their spilled file).
     fn offered(&mut self, offer: &OutboxEntry, result: Result<&Delivery, SendError>) {
         match result {
             Ok(d) => {
-                self.confirmed += offer.instances.len();
+                let upto = self.confirmed + offer.instances.len();
+                for i in self.confirmed..upto {
+                    if self.bodies[i].take().is_none() {
+                        let _ = std::fs::remove_file(self.dir.join(&self.entry.instances[i].file));
+                    }
+                }
+                self.confirmed = upto;
                 self.sent.add(d);
             }
             Err(e) => self.failure = Some(e),
         }
+    }
+
+    /// Writes every instance not confirmed yet that is held in memory as a sealed working copy
+    /// in the study's folder (named, not flushed), so that the outbox entry finds a file for
+    /// each. They stay in memory as well: the final offer streams them from there.
+    fn write_out(&self, outbox: &Outbox) -> Result<(), StoreError> {
+        let mut staged = Vec::new();
+        for (instance, body) in self.entry.instances[self.confirmed..]
+            .iter()
+            .zip(&self.bodies[self.confirmed..])
+        {
+            let Some(body) = body else { continue };
+            let target = self.dir.join(&instance.file);
+            let s = crate::deid::batch::stage_bytes(body.bytes(), &target, outbox.at_rest())
+                .map_err(|e| StoreError::Corrupt(format!("cannot write an outbox copy: {e}")))?;
+            staged.push(s);
+        }
+        for (_, named) in crate::deid::batch::name_outputs_unflushed(staged) {
+            named.map_err(|e| StoreError::Corrupt(format!("cannot write an outbox copy: {e}")))?;
+        }
+        Ok(())
     }
 
     /// The final offer: the instances not confirmed yet, the study complete.
@@ -222,7 +403,8 @@ pub async fn offer_as_they_come<C: Courier>(
             let Some(mut offer) = study.partial_offer() else {
                 continue;
             };
-            match courier.deliver(&study.dir, &offer).await {
+            let bodies = study.bodies(study.confirmed, study.confirmed + offer.instances.len());
+            match courier.deliver(&study.dir, &offer, &bodies).await {
                 Ok(d) => {
                     courier.record(&study.dir, &mut offer, &Ok(d.clone()), (0, 0));
                     study.offered(&offer, Ok(&d));
@@ -246,15 +428,19 @@ pub enum Outcome {
     Failed(SendError),
 }
 
-/// Completes one study once its de-identification ended: its outbox entry is written (the whole
-/// study, complete), then the final offer is made (see the module header) and its outcome
-/// recorded, or a failed partial offer is recorded as the study's failed attempt.
+/// Completes one study once its de-identification ended: the instances not confirmed yet that
+/// are held in memory are written as working copies, then its outbox entry is written (the
+/// whole study, complete, with the number of instances already confirmed), then the final offer
+/// is made (see the module header) and its outcome recorded, or a failed partial offer is
+/// recorded as the study's failed attempt (the study made durable and queued).
 pub async fn finish<C: Courier>(
     courier: &C,
     outbox: &Outbox,
     mut study: OutgoingStudy,
 ) -> Result<Outcome, StoreError> {
     study.entry.complete = true;
+    study.entry.receipted = study.confirmed;
+    study.write_out(outbox)?;
     outbox.save(&study.entry)?;
     let Some(_claim) = study.claim.take() else {
         return Ok(Outcome::Queued(
@@ -267,14 +453,19 @@ pub async fn finish<C: Courier>(
     );
     let mut result = match study.failure.take() {
         Some(e) => Err(e),
-        None => courier.deliver(&dir, &study.final_offer()).await,
+        None => {
+            let bodies = study.bodies(study.confirmed, study.len());
+            courier.deliver(&dir, &study.final_offer(), &bodies).await
+        }
     };
     let mut whole_offered = false;
     if let Ok(d) = &result {
         if study.confirmed > 0 && !study.holds_whole_study(d) {
             tracing::info!(study = %study.entry.study_token, "the partner's receipt does not show the whole study; offering all of it once more");
             study.sent.add(d);
-            result = courier.deliver(&dir, &study.entry).await;
+            result = courier
+                .deliver(&dir, &study.entry, &study.bodies(0, study.len()))
+                .await;
             whole_offered = true;
         }
     }
@@ -315,14 +506,33 @@ mod tests {
         fail_offer: Option<usize>,
         recorded: Mutex<Vec<Recorded>>,
         extra_held: Option<String>,
+        /// Records outcomes into this outbox as the node does (delivered, or made durable and
+        /// queued), when set.
+        outbox: Option<Outbox>,
+        /// The memory held at each offer, and whether every instance file the offer needs
+        /// (not held in memory) and the entry existed then, when set.
+        budget: Option<Arc<MemoryBudget>>,
+        at_offer: Mutex<Vec<(u64, bool)>>,
     }
 
     impl Courier for FakePartner {
         fn deliver(
             &self,
-            _dir: &Path,
+            dir: &Path,
             offer: &OutboxEntry,
+            bodies: &[Option<InstanceBody>],
         ) -> impl Future<Output = Result<Delivery, SendError>> + Send {
+            if let Some(budget) = &self.budget {
+                let files = offer.instances.iter().enumerate().all(|(n, i)| {
+                    bodies.get(n).is_some_and(Option::is_some) && !offer.complete
+                        || dir.join(&i.file).exists()
+                });
+                let entry = Outbox::load(dir).is_ok();
+                self.at_offer
+                    .lock()
+                    .unwrap()
+                    .push((budget.used(), files && (entry || !offer.complete)));
+            }
             let n = {
                 let mut offers = self.offers.lock().unwrap();
                 offers.push((
@@ -375,6 +585,20 @@ mod tests {
                 .lock()
                 .unwrap()
                 .push((entry.complete, result.is_ok(), earlier));
+            match (&self.outbox, result) {
+                (Some(ob), Ok(d)) if entry.complete => ob
+                    .mark_delivered(
+                        _dir,
+                        entry,
+                        earlier.0 + d.receipt.instances_stored,
+                        earlier.1 + d.receipt.instances_already_held,
+                    )
+                    .unwrap(),
+                (Some(ob), Err(e)) => ob
+                    .mark_attempt_failed(entry, &e.to_string(), e.is_transient())
+                    .unwrap(),
+                _ => {}
+            }
         }
     }
 
@@ -393,6 +617,7 @@ mod tests {
                     size: 10,
                     sop_instance_uid: format!("1.2.{i}"),
                 },
+                None,
             ));
         }
         s.modalities.insert("CT".into());
@@ -493,5 +718,156 @@ mod tests {
             Outcome::Delivered(sent) => assert_eq!((sent.stored, sent.already_held), (0, 4)),
             other => panic!("{other:?}"),
         }
+    }
+
+    /// A study of `n` instances held in memory under `budget`, in one group.
+    fn held_group(budget: &Arc<MemoryBudget>, n: usize) -> StagedGroup {
+        use sha2::Digest;
+        let mut s = StagedStudy::default();
+        for i in 0..n {
+            let bytes = vec![i as u8; 1000 + i];
+            let instance = OutboxInstance {
+                file: format!("1.2.{i}.dcm"),
+                sha256: hex::encode(sha2::Sha256::digest(&bytes)),
+                size: bytes.len() as u64,
+                sop_instance_uid: format!("1.2.{i}"),
+            };
+            let body = budget.hold(bytes).unwrap();
+            s.instances
+                .push((PathBuf::from(format!("in/{i}.dcm")), instance, Some(body)));
+        }
+        s.modalities.insert("CT".into());
+        s.patient_tokens.insert("p1".into());
+        BTreeMap::from([("s1".to_string(), s)])
+    }
+
+    /// A sealed outbox, a partner recording into it, and a budget; runs `send` of one group of
+    /// `n` instances held in memory. Returns the outcome, the study's folder (kept in `tmp`).
+    async fn run_held(
+        tmp: &Path,
+        n: usize,
+        fail_offer: Option<usize>,
+    ) -> (FakePartner, Outcome, PathBuf, Outbox) {
+        let keys = crate::pseudonym::SiteKeys::from_bytes([7; 32], [9; 32]);
+        let at_rest = crate::store::sealed::AtRest::new(&keys, true);
+        let outbox = Outbox::new(tmp.join("outbox")).with_at_rest(at_rest);
+        let budget = MemoryBudget::new(MEMORY_BUDGET);
+        let partner = FakePartner {
+            fail_offer,
+            outbox: Some(outbox.clone()),
+            budget: Some(budget.clone()),
+            ..Default::default()
+        };
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        tx.send(held_group(&budget, n)).unwrap();
+        drop(tx);
+        let mut studies = offer_as_they_come(&partner, &outbox, &route(), &mut rx).await;
+        let study = studies.remove("s1").expect("one study");
+        let dir = study.dir.clone();
+        let outcome = finish(&partner, &outbox, study).await.unwrap();
+        assert_eq!(
+            budget.used(),
+            0,
+            "all memory given back once the study is done"
+        );
+        (partner, outcome, dir, outbox)
+    }
+
+    fn dcm_files(dir: &Path) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+            .filter(|n| n.ends_with(".dcm"))
+            .collect();
+        names.sort();
+        names
+    }
+
+    #[tokio::test]
+    async fn confirmed_instances_are_freed_at_their_receipt_and_only_the_last_is_written() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (partner, outcome, dir, _) = run_held(tmp.path(), 5, None).await;
+        assert!(matches!(outcome, Outcome::Delivered(_)), "{outcome:?}");
+        let at_offer = partner.at_offer.lock().unwrap().clone();
+        let one = |i: usize| (1000 + i) as u64;
+        assert_eq!(
+            at_offer,
+            vec![
+                ((0..5).map(one).sum(), true),
+                // The four confirmed are freed; the one kept back was written, with the
+                // entry, before the final offer.
+                (one(4), true),
+            ]
+        );
+        let entry = Outbox::load(&dir).unwrap();
+        assert_eq!(entry.state, OutboxState::Delivered);
+        assert_eq!((entry.instances.len(), entry.receipted), (5, 4));
+        assert_eq!(entry.delivered, Some((5, 0)));
+        assert!(dcm_files(&dir).is_empty(), "no working copy is left");
+    }
+
+    #[tokio::test]
+    async fn a_failure_after_partial_offers_queues_the_unconfirmed_instances_durably() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (_, outcome, dir, outbox) = run_held(tmp.path(), 5, Some(1)).await;
+        assert!(matches!(outcome, Outcome::Queued(_)), "{outcome:?}");
+        let mut entry = Outbox::load(&dir).unwrap();
+        assert!(entry.complete && entry.flushed, "{entry:?}");
+        assert_eq!(entry.state, OutboxState::Pending);
+        assert_eq!(
+            (entry.instances.len(), entry.receipted, entry.attempts),
+            (5, 4, 1)
+        );
+        // The partner confirmed the first four: only the fifth waits, sealed, on disk.
+        assert_eq!(dcm_files(&dir), vec!["1.2.4.dcm".to_string()]);
+        let (sha, size) = outbox.at_rest().hash(&dir.join("1.2.4.dcm")).unwrap();
+        assert_eq!(
+            (hex::encode(sha), size),
+            (entry.instances[4].sha256.clone(), 1004)
+        );
+        assert!(std::fs::read(dir.join("1.2.4.dcm"))
+            .unwrap()
+            .starts_with(crate::store::sealed::MAGIC));
+        assert_eq!(outbox.due(u64::MAX).len(), 1, "queued for the node's retry");
+        assert!(outbox.settle(&dir, &mut entry).unwrap());
+    }
+
+    #[tokio::test]
+    async fn a_failed_first_offer_queues_every_instance_durably_as_before() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (partner, outcome, dir, outbox) = run_held(tmp.path(), 5, Some(0)).await;
+        assert!(matches!(outcome, Outcome::Queued(_)), "{outcome:?}");
+        assert_eq!(partner.offers.lock().unwrap().len(), 1);
+        let entry = Outbox::load(&dir).unwrap();
+        assert!(entry.complete && entry.flushed && entry.state == OutboxState::Pending);
+        assert_eq!((entry.instances.len(), entry.receipted), (5, 0));
+        assert_eq!(
+            dcm_files(&dir).len(),
+            5,
+            "every instance written, sealed and durable"
+        );
+        for i in &entry.instances {
+            let (sha, size) = outbox.at_rest().hash(&dir.join(&i.file)).unwrap();
+            assert_eq!((hex::encode(sha), size), (i.sha256.clone(), i.size));
+        }
+    }
+
+    #[test]
+    fn the_budget_holds_what_fits_frees_on_drop_and_reuses_buffers() {
+        let budget = MemoryBudget::new(3000);
+        let a = budget.hold(vec![1u8; 2000]).unwrap();
+        let refused = budget.hold(vec![2u8; 1500]).unwrap_err();
+        assert_eq!(refused.len(), 1500, "what does not fit is given back");
+        let b = budget.hold(vec![3u8; 1000]).unwrap();
+        assert_eq!(budget.used(), 3000);
+        let ptr = a.bytes().as_ptr();
+        drop(a);
+        assert_eq!(budget.used(), 1000);
+        let reused = budget.buffer(1990);
+        assert!(reused.is_empty() && reused.capacity() >= 1990);
+        assert_eq!(reused.as_ptr(), ptr, "the freed buffer is reused");
+        assert!(budget.buffer(100).capacity() < 2000, "not a far larger one");
+        drop(b);
+        assert_eq!(budget.used(), 0);
     }
 }

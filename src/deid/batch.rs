@@ -5,6 +5,8 @@
 //! disk together and only then renamed into place, so a crash or a bad file never leaves a
 //! half-written output. Pixel data that needs no change is not read into memory: it is copied
 //! from the input file into the output file by the kernel (see [`super::guard::PixelSource`]).
+//! The send path may instead keep an output in memory ([`encode_in_memory`], handed on as
+//! [`Produced::Memory`]) and write it to a file only if it must ([`stage_bytes`]).
 //!
 //! Every input that produces no output is one JSON line in `<out>/quarantine.jsonl` (path,
 //! outcome, reason) and nothing else is written for it. A bad file never stops the batch.
@@ -475,6 +477,63 @@ fn stage(
     Ok(staged)
 }
 
+/// The buffer [`encode_in_memory`] wants for an object whose pixel data is left in the input
+/// file (`pixel_data`): the header of a de-identified object is a few KiB, the pixel data is
+/// known exactly.
+pub fn in_memory_capacity(pixel_data: Option<&super::guard::PixelSource>) -> usize {
+    pixel_data.map_or(0, |p| p.len() as usize) + 16 * 1024
+}
+
+/// Encodes a de-identified object as a DICOM Part 10 file into memory, into `bytes` (emptied
+/// first; see [`in_memory_capacity`]), with [`encode_output`] (the pixel data left in the
+/// input file is read straight into the buffer) and returns the bytes with their SHA-256:
+/// `send`'s outputs, offered from memory.
+pub fn encode_in_memory(
+    obj: DefaultDicomObject,
+    pixel_data: Option<&super::guard::PixelSource>,
+    mut bytes: Vec<u8>,
+) -> Result<(Vec<u8>, [u8; 32]), String> {
+    use sha2::{Digest, Sha256};
+    bytes.clear();
+    bytes.reserve(in_memory_capacity(pixel_data));
+    encode_output(obj, pixel_data, &mut bytes)?;
+    // Growth past the estimate (a large header, in-memory pixel data) may have left up to
+    // twice the length reserved: give the excess back, it is counted against a budget.
+    if bytes.capacity() - bytes.len() > bytes.len() / 16 + 16 * 1024 {
+        bytes.shrink_to_fit();
+    }
+    let sha256 = Sha256::digest(&bytes).into();
+    Ok((bytes, sha256))
+}
+
+/// Writes an output already encoded in memory (its plaintext `bytes`) into a new file beside
+/// `target`, sealed through `at_rest` when encryption at rest is on, for
+/// [`name_outputs_unflushed`] or [`commit_outputs`] to name. The folder must exist.
+pub fn stage_bytes(
+    bytes: &[u8],
+    target: &Path,
+    at_rest: &crate::store::sealed::AtRest,
+) -> Result<StagedOutput, String> {
+    let write_err = |e: std::io::Error| format!("cannot write output: {}", e.kind());
+    let staging = new_staging(target.parent().unwrap_or(Path::new(".")))?;
+    let mut w = at_rest
+        .writer(std::io::BufWriter::with_capacity(
+            crate::store::sealed::SEGMENT + 64,
+            staging.file(),
+        ))
+        .map_err(write_err)?;
+    w.write_all(bytes).map_err(write_err)?;
+    let (mut buffered, _) = w.finish().map_err(write_err)?;
+    buffered.flush().map_err(write_err)?;
+    drop(buffered);
+    Ok(StagedOutput {
+        bytes: bytes.len() as u64,
+        file: staging,
+        target: target.to_path_buf(),
+        sha256: None,
+    })
+}
+
 /// Makes every staged output durable, then puts each in place: one `fdatasync` per output,
 /// several at once (`store::durable`), so that their journal commits are shared. An output gets its name
 /// only once its bytes are on disk, so a crash at any point leaves either the whole output or
@@ -643,16 +702,31 @@ where
     J: Sync,
     I: Send,
 {
+    let process = |job: &J| {
+        let (item, staged) = process(job);
+        (item, staged.map(Produced::File))
+    };
     run_parallel_grouped(jobs, keep, process, finish, &mut || Ok(()))
+}
+
+/// An output of a worker of [`run_parallel_grouped`].
+#[derive(Debug)]
+pub enum Produced {
+    /// Staged in a file, committed with its group.
+    File(StagedOutput),
+    /// Held in memory by the item itself (`send`): goes with its group like a file, and its
+    /// commit always succeeds (nothing to write).
+    Memory { bytes: u64 },
 }
 
 /// [`run_parallel`], calling `after_group` on the calling thread after each commit, once
 /// `finish` has seen every item of that group: `send` hands each committed group on to the
-/// partner while the next ones are de-identified. An error from it stops the batch.
+/// partner while the next ones are de-identified. An error from it stops the batch. Outputs
+/// held in memory ([`Produced::Memory`]) are grouped with the files.
 pub fn run_parallel_grouped<J, I, E>(
     jobs: &[J],
     keep: Keep,
-    process: impl Fn(&J) -> (I, Option<StagedOutput>) + Sync,
+    process: impl Fn(&J) -> (I, Option<Produced>) + Sync,
     finish: &mut dyn FnMut(I, Option<Result<(), String>>) -> Result<(), E>,
     after_group: &mut dyn FnMut() -> Result<(), E>,
 ) -> Result<(), ParallelError<E>>
@@ -662,7 +736,7 @@ where
 {
     let workers = worker_count().min(jobs.len().max(1));
     let next = std::sync::atomic::AtomicUsize::new(0);
-    let (tx, rx) = std::sync::mpsc::channel::<(I, Option<StagedOutput>)>();
+    let (tx, rx) = std::sync::mpsc::channel::<(I, Option<Produced>)>();
     std::thread::scope(|scope| {
         for _ in 0..workers {
             let (tx, next, process) = (tx.clone(), &next, &process);
@@ -681,20 +755,30 @@ where
                 .map_err(ParallelError::Spawn)?;
         }
         drop(tx);
-        // Written outputs wait here until a commit has made them durable and put them in place.
-        let mut pending: Vec<(I, StagedOutput)> = Vec::new();
+        // Written outputs wait here until a commit has made them durable and put them in place
+        // (those held in memory wait with them, so that groups keep their order).
+        let mut pending: Vec<(I, Option<StagedOutput>)> = Vec::new();
         let mut pending_bytes = 0;
         let mut commit =
-            |pending: &mut Vec<(I, StagedOutput)>,
+            |pending: &mut Vec<(I, Option<StagedOutput>)>,
              finish: &mut dyn FnMut(I, Option<Result<(), String>>) -> Result<(), E>|
              -> Result<(), ParallelError<E>> {
                 let (items, staged): (Vec<_>, Vec<_>) = std::mem::take(pending).into_iter().unzip();
-                let committed = match keep {
+                let in_file: Vec<bool> = staged.iter().map(Option::is_some).collect();
+                let staged: Vec<StagedOutput> = staged.into_iter().flatten().collect();
+                let mut committed = match keep {
                     Keep::Durable => commit_outputs(staged),
                     Keep::WorkingCopy => name_outputs_unflushed(staged),
-                };
+                }
+                .into_iter();
                 let named = !items.is_empty();
-                for (item, (_, result)) in items.into_iter().zip(committed) {
+                for (item, in_file) in items.into_iter().zip(in_file) {
+                    let result = match in_file {
+                        true => committed
+                            .next()
+                            .map_or_else(|| Err("output lost".to_string()), |(_, r)| r),
+                        false => Ok(()),
+                    };
                     finish(item, Some(result)).map_err(ParallelError::Finish)?;
                 }
                 if named {
@@ -702,11 +786,15 @@ where
                 }
                 Ok(())
             };
-        for (item, staged) in rx {
-            match staged {
+        for (item, produced) in rx {
+            match produced {
                 None => finish(item, None).map_err(ParallelError::Finish)?,
-                Some(staged) => {
-                    pending_bytes += staged.bytes;
+                Some(produced) => {
+                    let (bytes, staged) = match produced {
+                        Produced::File(s) => (s.bytes, Some(s)),
+                        Produced::Memory { bytes } => (bytes, None),
+                    };
+                    pending_bytes += bytes;
                     pending.push((item, staged));
                     if pending.len() >= COMMIT_FILES || pending_bytes >= COMMIT_BYTES {
                         commit(&mut pending, &mut *finish)?;

@@ -2,8 +2,11 @@
 //!
 //! Owns: [`PeerClient`], a gRPC client over mutual TLS 1.3 to one partner node whose certificate
 //! must name the expected site, and [`PeerClient::send_study`]: offer the manifest, stream the
-//! instances the receiver lacks in chunks of at most 1 MiB read from disk (memory stays flat
-//! whatever the study size), and check the receiver's signed receipt.
+//! instances the receiver lacks in chunks of at most 1 MiB, and check the receiver's signed
+//! receipt. An instance is streamed from its file, read from disk chunk by chunk (memory stays
+//! flat whatever the study size), or, when the caller holds it in memory already
+//! ([`PeerClient::send_study_from`] with an [`InstanceBody`]: `send`'s de-identified instances),
+//! from that memory, never written to disk.
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -63,6 +66,11 @@ impl SendError {
         }
     }
 }
+
+/// The plaintext bytes of an outgoing instance held in memory (see
+/// [`PeerClient::send_study_from`]); whoever owns them decides when they are freed (the last
+/// clone dropped).
+pub type InstanceBody = Arc<dyn AsRef<[u8]> + Send + Sync>;
 
 /// One de-identified instance ready to leave, as a file in the outbox.
 #[derive(Debug, Clone)]
@@ -209,6 +217,33 @@ impl PeerClient {
         instances: &[OutgoingInstance],
         complete: bool,
     ) -> Result<Delivery, SendError> {
+        self.send_study_from(
+            agreement,
+            flow,
+            purpose,
+            study_token,
+            modalities,
+            instances,
+            &[],
+            complete,
+        )
+        .await
+    }
+
+    /// [`PeerClient::send_study`], streaming each instance whose `bodies` entry (same order as
+    /// `instances`; missing or None: from its file) holds its plaintext from that memory.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn send_study_from(
+        &mut self,
+        agreement: &str,
+        flow: &str,
+        purpose: &str,
+        study_token: &str,
+        modalities: Vec<String>,
+        instances: &[OutgoingInstance],
+        bodies: &[Option<InstanceBody>],
+        complete: bool,
+    ) -> Result<Delivery, SendError> {
         let offer = OfferRequest {
             agreement_id: agreement.to_string(),
             flow: flow.to_string(),
@@ -236,12 +271,13 @@ impl PeerClient {
                 status,
             })?
             .into_inner();
-        let to_send: Vec<OutgoingInstance> = instances
+        let to_send: Vec<(OutgoingInstance, Option<InstanceBody>)> = instances
             .iter()
-            .filter(|i| !answer.already_have.iter().any(|h| h[..] == i.sha256[..]))
-            .cloned()
+            .enumerate()
+            .filter(|(_, i)| !answer.already_have.iter().any(|h| h[..] == i.sha256[..]))
+            .map(|(n, i)| (i.clone(), bodies.get(n).cloned().flatten()))
             .collect();
-        let bytes_sent: u64 = to_send.iter().map(|i| i.size).sum();
+        let bytes_sent: u64 = to_send.iter().map(|(i, _)| i.size).sum();
         let n = to_send.len();
         let (tx, rx) = tokio::sync::mpsc::channel::<TransferChunk>(4);
         let (err_tx, err_rx) = tokio::sync::oneshot::channel::<SendError>();
@@ -261,7 +297,7 @@ impl PeerClient {
                 return;
             }
             let mut checked: Option<std::time::Instant> = None;
-            for inst in to_send {
+            for (inst, body) in to_send {
                 // A transfer may run for minutes: a certificate revoked meanwhile (the serving
                 // node reloaded its CRL) stops it between instances, as the server side cuts the
                 // open connections of a newly revoked client.
@@ -272,7 +308,11 @@ impl PeerClient {
                         return;
                     }
                 }
-                if let Err(e) = stream_file(inst, &tx, &at_rest).await {
+                let streamed = match body {
+                    Some(body) => stream_memory(&inst, &body, &tx).await,
+                    None => stream_file(inst, &tx, &at_rest).await,
+                };
+                if let Err(e) = streamed {
                     let _ = err_tx.send(e);
                     return;
                 }
@@ -334,6 +374,41 @@ fn still_trusted(
             "site {site}'s certificate was revoked during the transfer; the transfer was stopped"
         ))),
         _ => Ok(()),
+    }
+}
+
+/// Sends one instance held in memory in chunks of at most `CHUNK_SIZE` bytes (each chunk one
+/// copy of its slice: the message owns its bytes).
+async fn stream_memory(
+    inst: &OutgoingInstance,
+    body: &InstanceBody,
+    tx: &tokio::sync::mpsc::Sender<TransferChunk>,
+) -> Result<(), SendError> {
+    let bytes = (**body).as_ref();
+    if bytes.len() as u64 != inst.size {
+        return Err(SendError::Read {
+            path: inst.path.clone(),
+            source: std::io::Error::other("the instance held in memory is not the size listed"),
+        });
+    }
+    let mut offset = 0usize;
+    loop {
+        let end = (offset + CHUNK_SIZE).min(bytes.len());
+        let last = end == bytes.len();
+        let chunk = TransferChunk {
+            transfer_id: String::new(),
+            instance_sha256: inst.sha256.to_vec(),
+            offset: offset as u64,
+            data: bytes[offset..end].to_vec(),
+            last,
+        };
+        if tx.send(chunk).await.is_err() {
+            return Ok(()); // the receiver ended the stream; its status says why
+        }
+        if last {
+            return Ok(());
+        }
+        offset = end;
     }
 }
 

@@ -1,13 +1,17 @@
 //! The file source: DICOM files and folders given to `send`.
 //!
 //! Every file goes through the guarded reader, the flow's admission and de-identification on a
-//! few worker threads; outputs are written into the outbox study folders with their pixel data
-//! copied by the kernel and named in groups (`deid::batch::run_parallel_grouped`). Each named
-//! group is handed on at once (its vault records flushed first), so that `send` offers it to the
-//! partner while the next groups are de-identified (see [`crate::send`]). They are working
-//! copies, NOT flushed: `send` sends them at once and they are deleted when the partner's receipt
-//! arrives, so on the happy path their bytes never have to reach the disk. The outbox entry says
-//! so (`flushed = false`) until a failed attempt makes them durable
+//! few worker threads; each output is encoded into memory (its pixel data read straight from
+//! the input file into the buffer, its SHA-256 taken there) and held under the `send`'s
+//! [`MemoryBudget`]; one that does not fit, or is larger than [`crate::send::MEMORY_INSTANCE_MAX`],
+//! is written into its outbox study folder instead (spilled: sealed at rest, a working copy).
+//! They are handed on in groups (`deid::batch::run_parallel_grouped`), each at once (its vault
+//! records flushed first), so that `send` offers it to the partner while the next groups are
+//! de-identified (see [`crate::send`], which also writes the files of instances still held in
+//! memory when a study must be queued or completed). Spilled files are working copies, NOT
+//! flushed: `send` sends them at once and deletes them when the partner's receipt arrives, so
+//! on the happy path their bytes never have to reach the disk. The outbox entry says so
+//! (`flushed = false`) until a failed attempt makes them durable
 //! ([`crate::store::outbox::Outbox::make_durable`]); an entry left so by a crash is re-verified
 //! before it is sent ([`crate::store::outbox::Outbox::settle`]). The vault records, by contrast,
 //! are durable before a group is handed on: no token leaves the site before its vault record is
@@ -17,26 +21,29 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use super::{admit_and_deidentify, HeldBack, HeldBackKind, IngestError, IngestFlow};
-use crate::deid::batch::{self, StagedOutput};
+use crate::deid::batch::{self, Produced};
 use crate::pseudonym::Vault;
+use crate::send::{Body, MemoryBudget};
 use crate::store::outbox::{Outbox, OutboxInstance};
 use crate::store::safe_name;
 
-/// The instances of one study staged in the outbox by a file batch.
+/// The instances of one study de-identified by a file batch.
 #[derive(Debug, Default, Clone)]
 pub struct StagedStudy {
-    /// (input file, the instance as the outbox lists it), in input order.
-    pub instances: Vec<(PathBuf, OutboxInstance)>,
+    /// (input file, the instance as the outbox lists it, its bytes when held in memory (None:
+    /// spilled to its file in the outbox)), in input order.
+    pub instances: Vec<(PathBuf, OutboxInstance, Body)>,
     pub modalities: BTreeSet<String>,
     pub patient_tokens: BTreeSet<String>,
     /// (de-identified SOP Instance UID, what OCR found and blacked out), for the audit.
     pub cleaned: Vec<(String, crate::deid::OcrEvidence)>,
 }
 
-/// One named group of de-identified instances, by study token: their outbox files are in place
-/// (working copies) and the vault records of their tokens are durable.
+/// One group of de-identified instances, by study token: each held in memory or its outbox file
+/// in place (a working copy), and the vault records of their tokens durable.
 pub type StagedGroup = BTreeMap<String, StagedStudy>;
 
 impl StagedStudy {
@@ -59,6 +66,7 @@ struct Ready {
     patient_token: String,
     modality: Option<String>,
     instance: OutboxInstance,
+    body: Body,
     ocr: Option<crate::deid::OcrEvidence>,
 }
 
@@ -84,16 +92,17 @@ fn collect(inputs: &[PathBuf], skip: &Path) -> Result<Vec<Result<PathBuf, HeldBa
         .collect())
 }
 
-/// Guards, admits, de-identifies and stages every file under `inputs` into the outbox study
-/// folders of `flow` as working copies (named, not flushed: see the module header), recording
-/// the tokens in the vault. Each named group goes to `on_group` once the vault is flushed (so no
-/// token leaves the site before its vault record is durable); an error from `on_group` stops the
-/// batch. Returns the inputs held back, each with why.
+/// Guards, admits, de-identifies and holds every file under `inputs` in memory under `memory`,
+/// or stages it into the outbox study folders of `flow` as a working copy (named, not flushed:
+/// see the module header), recording the tokens in the vault. Each group goes to `on_group`
+/// once the vault is flushed (so no token leaves the site before its vault record is durable);
+/// an error from `on_group` stops the batch. Returns the inputs held back, each with why.
 pub fn ingest_files(
     flow: &IngestFlow,
     inputs: &[PathBuf],
     outbox: &Outbox,
     vault: &Vault,
+    memory: &Arc<MemoryBudget>,
     on_group: &mut dyn FnMut(StagedGroup) -> Result<(), IngestError>,
 ) -> Result<Vec<HeldBack>, IngestError> {
     let root = outbox.study_dir(&flow.agreement, "x");
@@ -104,7 +113,7 @@ pub fn ingest_files(
     // Filled by `finish` with each named instance, emptied by `hand_on` after each group.
     let group = std::cell::RefCell::new(StagedGroup::new());
     let vault_error: std::sync::Mutex<Option<sled::Error>> = Default::default();
-    let process = |job: &Result<PathBuf, HeldBack>| -> (Item, Option<StagedOutput>) {
+    let process = |job: &Result<PathBuf, HeldBack>| -> (Item, Option<Produced>) {
         let input = match job {
             Ok(p) => p.clone(),
             Err(held) => {
@@ -118,7 +127,7 @@ pub fn ingest_files(
                 );
             }
         };
-        let (result, staged) = match stage_one(flow, &input, outbox, vault) {
+        let (result, staged) = match stage_one(flow, &input, outbox, vault, memory) {
             Ok((ready, staged)) => (Ok(ready), Some(staged)),
             Err(Failure::Held(h)) => (Err(*h), None),
             Err(Failure::Vault(e)) => {
@@ -161,7 +170,9 @@ pub fn ingest_files(
                     .cleaned
                     .push((ready.instance.sop_instance_uid.clone(), evidence));
             }
-            study.instances.push((item.input, ready.instance));
+            study
+                .instances
+                .push((item.input, ready.instance, ready.body));
             Ok(())
         };
     // A named group leaves only with its tokens' vault records on disk, and none leaves after
@@ -206,13 +217,15 @@ enum Failure {
     Vault(sled::Error),
 }
 
-/// One file: guard, admit, de-identify, record its tokens, stage its output (not yet durable).
+/// One file: guard, admit, de-identify, record its tokens, hold its output in memory or stage
+/// it as a file (not yet durable).
 fn stage_one(
     flow: &IngestFlow,
     input: &Path,
     outbox: &Outbox,
     vault: &Vault,
-) -> Result<(Ready, StagedOutput), Failure> {
+    memory: &Arc<MemoryBudget>,
+) -> Result<(Ready, Produced), Failure> {
     let held = |kind, reason: String| {
         Failure::Held(Box::new(HeldBack {
             input: input.display().to_string(),
@@ -237,15 +250,43 @@ fn stage_one(
     let ocr = d.ocr_evidence.clone();
     let file = format!("{}.dcm", safe_name(&d.sop_instance_uid));
     let target = outbox.study_dir(&flow.agreement, &d.study_uid).join(&file);
-    let staged = batch::stage_output_hashed(
-        d.object,
-        d.pixel_data.as_ref(),
-        &target,
-        outbox.at_rest(),
-        batch::Keep::WorkingCopy,
-    )
-    .map_err(|reason| held(HeldBackKind::Failed, reason))?;
-    let sha256 = staged.sha256().unwrap_or_default();
+    let failed = |reason| held(HeldBackKind::Failed, reason);
+    let max = crate::send::MEMORY_INSTANCE_MAX;
+    let (produced, body, sha256, size) = if d.pixel_data.as_ref().is_some_and(|p| p.len() > max) {
+        // Too large to hold: staged as a file as it is encoded, pixel data copied by the kernel.
+        let staged = batch::stage_output_hashed(
+            d.object,
+            d.pixel_data.as_ref(),
+            &target,
+            outbox.at_rest(),
+            batch::Keep::WorkingCopy,
+        )
+        .map_err(failed)?;
+        let (sha256, size) = (staged.sha256().unwrap_or_default(), staged.size());
+        (Produced::File(staged), None, sha256, size)
+    } else {
+        let buffer = memory.buffer(batch::in_memory_capacity(d.pixel_data.as_ref()));
+        let (bytes, sha256) =
+            batch::encode_in_memory(d.object, d.pixel_data.as_ref(), buffer).map_err(failed)?;
+        let size = bytes.len() as u64;
+        let kept = if size <= max {
+            memory.hold(bytes)
+        } else {
+            Err(bytes)
+        };
+        match kept {
+            Ok(body) => (Produced::Memory { bytes: size }, Some(body), sha256, size),
+            // Over the budget (or too large after all): spilled to its file.
+            Err(bytes) => {
+                let dir = target.parent().unwrap_or(Path::new("."));
+                std::fs::create_dir_all(dir)
+                    .map_err(|e| failed(format!("cannot create output folder: {}", e.kind())))?;
+                let staged =
+                    batch::stage_bytes(&bytes, &target, outbox.at_rest()).map_err(failed)?;
+                (Produced::File(staged), None, sha256, size)
+            }
+        }
+    };
     Ok((
         Ready {
             study_token: d.study_uid,
@@ -254,11 +295,98 @@ fn stage_one(
             instance: OutboxInstance {
                 file,
                 sha256: hex::encode(sha256),
-                size: staged.size(),
+                size,
                 sop_instance_uid: d.sop_instance_uid,
             },
+            body,
             ocr,
         },
-        staged,
+        produced,
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pseudonym::SiteKeys;
+    use crate::store::sealed::{AtRest, MAGIC};
+
+    fn flow(keys: &SiteKeys) -> IngestFlow {
+        IngestFlow {
+            agreement: "a".into(),
+            flow: "f".into(),
+            purpose: "treatment".into(),
+            to: "c".into(),
+            deid: crate::deid::Deidentifier::new(Default::default(), keys.tokenizer("a").unwrap()),
+            select: Default::default(),
+        }
+    }
+
+    /// Instances are held in memory while the budget lasts; the rest are spilled, sealed, to
+    /// their outbox files; dropping the held ones gives the budget back.
+    #[test]
+    fn instances_beyond_the_memory_budget_are_spilled_sealed_to_the_outbox() {
+        let tmp = tempfile::tempdir().unwrap();
+        let keys = SiteKeys::from_bytes([7; 32], [9; 32]);
+        let inputs = tmp.path().join("in");
+        crate::demo::write_synthetic_ct(&inputs, &Default::default(), 6, 64).unwrap();
+        let at_rest = AtRest::new(&keys, true);
+        let outbox = Outbox::new(tmp.path().join("outbox")).with_at_rest(at_rest.clone());
+        let db = sled::open(tmp.path().join("db")).unwrap();
+        let vault = Vault::new(&keys, db.open_tree("vault").unwrap());
+        // Room for two of these instances (64x64, 16-bit: 8 KiB of pixels, a buffer of about
+        // 26 KiB each), not three.
+        let memory = MemoryBudget::new(60_000);
+        let mut groups = Vec::new();
+        let held_back = ingest_files(
+            &flow(&keys),
+            &[inputs],
+            &outbox,
+            &vault,
+            &memory,
+            &mut |g| {
+                groups.push(g);
+                Ok(())
+            },
+        )
+        .unwrap();
+        assert!(held_back.is_empty(), "{held_back:?}");
+        let mut study = StagedStudy::default();
+        let mut token = String::new();
+        for g in groups {
+            for (t, s) in g {
+                token = t;
+                study.extend(s);
+            }
+        }
+        assert_eq!(study.instances.len(), 6);
+        let held = study.instances.iter().filter(|i| i.2.is_some()).count();
+        assert_eq!(held, 2, "two fit in the budget");
+        assert!(memory.used() > 0 && memory.used() <= 60_000);
+        let dir = outbox.study_dir("a", &token);
+        for (_, instance, body) in &study.instances {
+            let file = dir.join(&instance.file);
+            match body {
+                Some(body) => {
+                    assert!(!file.exists(), "held in memory: no file");
+                    assert_eq!(body.bytes().len() as u64, instance.size);
+                    use sha2::Digest;
+                    let sha = sha2::Sha256::digest(body.bytes());
+                    assert_eq!(hex::encode(sha), instance.sha256);
+                    assert_eq!(&body.bytes()[128..132], b"DICM");
+                }
+                None => {
+                    let raw = std::fs::read(&file).unwrap();
+                    assert_eq!(&raw[..MAGIC.len()], MAGIC, "spilled sealed");
+                    let (sha, size) = at_rest.hash(&file).unwrap();
+                    assert_eq!(
+                        (hex::encode(sha), size),
+                        (instance.sha256.clone(), instance.size)
+                    );
+                }
+            }
+        }
+        drop(study);
+        assert_eq!(memory.used(), 0, "dropped instances give their memory back");
+    }
 }

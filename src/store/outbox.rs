@@ -7,7 +7,9 @@
 //! interrupted (partner down, process killed) is retried by the running node with exponential
 //! backoff. `send`'s instance files are working copies, not flushed, until an attempt fails
 //! ([`Outbox::make_durable`]); one left so by a crash is re-verified or discarded before it is
-//! sent ([`Outbox::settle`]). A delivered study's instance files are deleted once the partner's
+//! sent ([`Outbox::settle`]). The first [`OutboxEntry::receipted`] instances of an entry were
+//! confirmed by the partner's signed receipts before the entry was written (`send`'s partial
+//! offers): they are listed, but have no file. A delivered study's instance files are deleted once the partner's
 //! signed receipt is verified: the outbox keeps the record, not the images. Nothing here holds
 //! PHI.
 
@@ -77,6 +79,16 @@ pub struct OutboxEntry {
     /// torn, and [`Outbox::settle`] re-verifies them before anything is sent.
     #[serde(default = "true_by_default")]
     pub flushed: bool,
+    /// How many of `instances`, the first ones, the partner had confirmed by signed receipts
+    /// before this entry was written (`send`'s partial offers): their files are not kept (the
+    /// partner answers "already held" for them), and nothing here flushes, re-verifies or
+    /// deletes them.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub receipted: usize,
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
 }
 
 fn true_by_default() -> bool {
@@ -119,7 +131,14 @@ impl OutboxEntry {
             delivered: None,
             complete,
             flushed: true,
+            receipted: 0,
         }
+    }
+
+    /// The instances that have files in the study's folder: all but the first
+    /// [`OutboxEntry::receipted`].
+    pub fn kept_instances(&self) -> &[OutboxInstance] {
+        &self.instances[self.receipted.min(self.instances.len())..]
     }
 }
 
@@ -361,7 +380,11 @@ impl Outbox {
     /// the folder), then records that in its `transfer.json` (`flushed`): the marker is written
     /// only once the files are on disk.
     pub fn make_durable(&self, dir: &Path, entry: &mut OutboxEntry) -> Result<(), StoreError> {
-        let files: Vec<PathBuf> = entry.instances.iter().map(|i| dir.join(&i.file)).collect();
+        let files: Vec<PathBuf> = entry
+            .kept_instances()
+            .iter()
+            .map(|i| dir.join(&i.file))
+            .collect();
         super::sync_files(files.iter().map(PathBuf::as_path))?;
         super::sync_dir(dir)?;
         entry.flushed = true;
@@ -379,7 +402,7 @@ impl Outbox {
         if entry.flushed {
             return Ok(true);
         }
-        let whole = entry.instances.iter().all(|i| {
+        let whole = entry.kept_instances().iter().all(|i| {
             self.at_rest
                 .hash(&dir.join(&i.file))
                 .is_ok_and(|(sha, size)| hex::encode(sha) == i.sha256 && size == i.size)
@@ -392,7 +415,7 @@ impl Outbox {
             study = %entry.study_token,
             "an outbox study left by an interrupted send has torn or missing files; discarded"
         );
-        for i in &entry.instances {
+        for i in entry.kept_instances() {
             let _ = fs::remove_file(dir.join(&i.file));
         }
         entry.state = OutboxState::Failed;
@@ -417,7 +440,7 @@ impl Outbox {
         entry.last_error = None;
         entry.delivered = Some((stored, already_held));
         self.save(entry)?;
-        for i in &entry.instances {
+        for i in entry.kept_instances() {
             let _ = fs::remove_file(dir.join(&i.file));
         }
         Ok(())
@@ -489,6 +512,7 @@ mod tests {
             delivered: None,
             complete: true,
             flushed: true,
+            receipted: 0,
         }
     }
 
@@ -624,5 +648,49 @@ mod tests {
             .unwrap();
         let queued = Outbox::load(&failed_dir).unwrap();
         assert!(queued.flushed && queued.state == OutboxState::Pending);
+    }
+
+    /// The instances a `send`'s partial offers had confirmed before its entry was written have
+    /// no file: settling, flushing and delivering the entry leave them alone, and a missing
+    /// file among the others still discards it.
+    #[test]
+    fn receipted_instances_have_no_file_and_the_others_are_checked() {
+        use sha2::{Digest, Sha256};
+        let dir = tempfile::tempdir().unwrap();
+        let at_rest = AtRest::new(&crate::pseudonym::SiteKeys::generate(), true);
+        let ob = Outbox::new(dir.path().to_owned()).with_at_rest(at_rest.clone());
+        let body = vec![5u8; 1000];
+        let two = |token: &str, write_second: bool| {
+            let mut e = entry();
+            e.study_token = token.into();
+            e.flushed = false;
+            e.receipted = 1;
+            let mut second = e.instances[0].clone();
+            second.file = "j.dcm".into();
+            second.sha256 = hex::encode(Sha256::digest(&body));
+            second.size = body.len() as u64;
+            e.instances.push(second);
+            let d = ob.save(&e).unwrap();
+            if write_second {
+                at_rest.write_atomic(&d.join("j.dcm"), &body).unwrap();
+            }
+            (d, e)
+        };
+        let (d, mut e) = two("2.25.11", true);
+        assert!(!d.join("i.dcm").exists());
+        assert!(
+            ob.settle(&d, &mut e).unwrap(),
+            "the receipted one needs no file"
+        );
+        assert!(Outbox::load(&d).unwrap().flushed);
+        assert_eq!(Outbox::load(&d).unwrap().receipted, 1);
+        ob.mark_delivered(&d, &mut e, 1, 1).unwrap();
+        assert!(!d.join("j.dcm").exists());
+
+        let (d, mut e) = two("2.25.12", false);
+        assert!(
+            !ob.settle(&d, &mut e).unwrap(),
+            "an unconfirmed file is missing"
+        );
     }
 }
