@@ -10,10 +10,13 @@
 //!
 //! Durable before the answer: an instance up to [`LOG_LIMIT`] bytes is appended, sealed, to the
 //! ingest write-ahead log (`ingest::wal`: its de-identified bytes, its outbox study and file name,
-//! its vault entries; one `fdatasync`), and the answer goes out. The instance's SHA-256 is
-//! computed on a thread of its own meanwhile (in a sealed log the record needs none: its
-//! sealing authenticates it; a plain log's record carries it) and handed to the mover. The mover (a
-//! background thread) then writes the logged instances into their outbox study folders (sealed
+//! its vault entries; one `fdatasync`), and the answer goes out. An instance the listener holds
+//! in memory is read, de-identified and encoded from there (no file on the way). The instance's
+//! SHA-256 is computed meanwhile by the listener's hashing thread (in a sealed log the record
+//! needs none: its sealing authenticates it; a plain log's record carries it) and handed to the
+//! mover. The mover and the hashing thread run at a lower priority than the association threads
+//! (nice [`BACKGROUND_NICE`]): on the path of an acknowledgement are only the association and
+//! the modality. The mover (a background thread) then writes the logged instances into their outbox study folders (sealed
 //! files named by the SOP instance token), records their vault entries, makes both durable for
 //! a group at once (one file-system flush, the folders fsynced, the vault flushed), marks them
 //! consumed in the log and only then tells the forwarder ([`OpenStudies::arrived`]): no token
@@ -32,11 +35,13 @@ use std::sync::{mpsc, Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use super::wal::{InstanceRecord, Location, Record, Wal};
-use super::{admit_and_deidentify, HeldBack, HeldBackKind, IngestFlow};
+use super::{
+    admit_and_deidentify, admit_and_deidentify_memory, HeldBack, HeldBackKind, IngestFlow,
+};
 use crate::audit::{AuditLog, Event};
 use crate::config::DicomRoute;
 use crate::deid::batch;
-use crate::dicom_net::scp::{AssociationPeer, StoreOutcome, StoreService, StoreStatus};
+use crate::dicom_net::scp::{AssociationPeer, Received, StoreOutcome, StoreService, StoreStatus};
 use crate::pseudonym::Vault;
 use crate::store::outbox::{Outbox, OutboxEntry, OutboxInstance, OutboxState};
 use crate::store::safe_name;
@@ -67,6 +72,8 @@ pub struct DimseIngest {
     log: Option<Logged>,
     /// Plaintext and record buffers kept from one logged instance for the next.
     buffers: Arc<Buffers>,
+    /// Computes the SHA-256 of logged instances beside the log's `fdatasync`.
+    hasher: Hasher,
 }
 
 /// Instances up to this many bytes (as received) go through the write-ahead log; larger ones
@@ -162,6 +169,7 @@ impl DimseIngest {
             hold_for_review,
             log: None,
             buffers: Arc::new(Buffers::default()),
+            hasher: Hasher::default(),
         }
     }
 
@@ -209,7 +217,10 @@ impl DimseIngest {
         });
         std::thread::Builder::new()
             .name("ingest-mover".into())
-            .spawn(move || mover.run(rx, pending))
+            .spawn(move || {
+                lower_priority();
+                mover.run(rx, pending)
+            })
             .map_err(|e| format!("cannot start the ingest mover: {e}"))?;
         Ok(self)
     }
@@ -267,7 +278,7 @@ impl DimseIngest {
         vault: &Vault,
         peer: &AssociationPeer,
         n: u64,
-        spool: &Path,
+        instance: Received<'_>,
     ) -> Result<(), (HeldBack, StoreStatus)> {
         let started = Instant::now();
         let input = format!("instance {n} from {}", peer.calling_ae);
@@ -282,27 +293,43 @@ impl DimseIngest {
                 status,
             )
         };
-        // The spool file is sealed at rest; the guarded reader reads its plaintext in memory.
-        let view = self.outbox.at_rest().plain_view(spool).map_err(|e| {
-            held(
-                HeldBackKind::Failed,
-                format!("cannot read the spool file: {e}"),
-                StoreStatus::OUT_OF_RESOURCES,
-            )
-        })?;
-        let admitted =
-            admit_and_deidentify(flow, view.path(), Some(&peer.calling_ae)).map_err(|why| {
-                let h = HeldBack::new(input.clone(), None, why);
-                let status = match h.kind {
-                    HeldBackKind::Quarantined => StoreStatus::DEIDENTIFICATION_REFUSED,
-                    HeldBackKind::NotCovered => StoreStatus::NOT_AUTHORIZED,
-                    HeldBackKind::Failed => StoreStatus::CANNOT_UNDERSTAND,
-                };
-                (h, status)
-            })?;
+        let refused = |why| {
+            let h = HeldBack::new(input.clone(), None, why);
+            let status = match h.kind {
+                HeldBackKind::Quarantined => StoreStatus::DEIDENTIFICATION_REFUSED,
+                HeldBackKind::NotCovered => StoreStatus::NOT_AUTHORIZED,
+                HeldBackKind::Failed => StoreStatus::CANNOT_UNDERSTAND,
+            };
+            (h, status)
+        };
+        let (admitted, small) = match instance {
+            // Received in memory: the guarded reader reads it there.
+            Received::Memory(bytes) => {
+                let small = bytes.len() as u64 <= LOG_LIMIT;
+                let admitted =
+                    admit_and_deidentify_memory(flow, bytes.clone(), Some(&peer.calling_ae))
+                        .map_err(refused)?;
+                (admitted, small)
+            }
+            // The spool file is sealed at rest; the guarded reader reads its plaintext in memory.
+            Received::File(spool) => {
+                let view = self.outbox.at_rest().plain_view(spool).map_err(|e| {
+                    held(
+                        HeldBackKind::Failed,
+                        format!("cannot read the spool file: {e}"),
+                        StoreStatus::OUT_OF_RESOURCES,
+                    )
+                })?;
+                let admitted = admit_and_deidentify(flow, view.path(), Some(&peer.calling_ae))
+                    .map_err(refused)?;
+                (
+                    admitted,
+                    std::fs::metadata(spool).is_ok_and(|m| m.len() <= LOG_LIMIT),
+                )
+            }
+        };
         let d = admitted.deidentified;
         let deidentified = started.elapsed();
-        let small = std::fs::metadata(spool).is_ok_and(|m| m.len() <= LOG_LIMIT);
         if let (Some(log), true) = (&self.log, small) {
             return self
                 .log_instance(log, flow, d, admitted.modality, started, deidentified)
@@ -404,7 +431,7 @@ impl DimseIngest {
         // thread while the instance is sealed, logged and made durable: the modality does not
         // wait for it. A sealed record needs no hash (its sealing authenticates it); a plain
         // log computes it first, as the record's integrity check.
-        let mut hashing = log.wal.seals().then(|| PendingHash::start(plain.clone()));
+        let mut hashing = log.wal.seals().then(|| self.hasher.start(plain.clone()));
         let meta = InstanceRecord {
             agreement: flow.agreement.clone(),
             flow: flow.flow.clone(),
@@ -530,36 +557,95 @@ impl Drop for Pooled {
     }
 }
 
-/// The SHA-256 of a logged instance's plaintext, computed on a thread of its own beside the
-/// log's `fdatasync`; the mover takes it.
-/// The thread is detached (not joined): one that has ended frees its stack at once, however far
-/// behind the mover is.
+/// The SHA-256 of a logged instance's plaintext: computed by the listener's hashing thread
+/// ([`Hasher`]) beside the log's `fdatasync`, or already computed; the mover takes it.
 enum PendingHash {
     Computing(mpsc::Receiver<[u8; 32]>),
     Done([u8; 32]),
 }
 
 impl PendingHash {
-    fn start(plain: Arc<Pooled>) -> PendingHash {
-        use sha2::{Digest, Sha256};
-        let job = plain.clone();
-        let (tx, rx) = mpsc::sync_channel(1);
-        let spawned = std::thread::Builder::new()
-            .name("ingest-hash".into())
-            .spawn(move || {
-                let _ = tx.send(Sha256::digest(job.buf.as_slice()).into());
-            });
-        match spawned {
-            Ok(_detached) => PendingHash::Computing(rx),
-            Err(_) => PendingHash::Done(Sha256::digest(plain.buf.as_slice()).into()),
-        }
-    }
-
-    /// The hash (`None` only if its thread failed: the mover then computes it from the record).
+    /// The hash (`None` only if the hashing thread failed: the mover then computes it from the
+    /// record).
     fn wait(self) -> Option<[u8; 32]> {
         match self {
             PendingHash::Computing(rx) => rx.recv().ok(),
             PendingHash::Done(d) => Some(d),
+        }
+    }
+}
+
+/// One hashing job: the plaintext, and where its hash goes.
+type HashJob = (Arc<Pooled>, mpsc::SyncSender<[u8; 32]>);
+
+/// The listener's hashing thread, started with the first logged instance and ended when the
+/// listener goes (one thread for all instances, not one per instance: a thread's start and its
+/// stack cost more than a small instance's hash). It runs at a lower priority
+/// ([`BACKGROUND_NICE`]): the association threads, which the modalities wait for, come first.
+/// At most [`Hasher::QUEUED`] bytes wait for it; an instance beyond that is hashed at once by its
+/// association thread, so that memory stays bounded however far behind the hashing is.
+#[derive(Default)]
+struct Hasher {
+    jobs: Mutex<Option<mpsc::Sender<HashJob>>>,
+    queued: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Hasher {
+    const QUEUED: usize = 16 << 20;
+
+    fn start(&self, plain: Arc<Pooled>) -> PendingHash {
+        use sha2::{Digest, Sha256};
+        use std::sync::atomic::Ordering;
+        let len = plain.buf.len();
+        if self.queued.load(Ordering::Relaxed) + len <= Self::QUEUED {
+            let mut jobs = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
+            if jobs.is_none() {
+                let (tx, rx) = mpsc::channel::<HashJob>();
+                let queued = self.queued.clone();
+                let spawned = std::thread::Builder::new()
+                    .name("ingest-hash".into())
+                    .spawn(move || {
+                        lower_priority();
+                        for (plain, done) in rx {
+                            let digest = Sha256::digest(plain.buf.as_slice()).into();
+                            queued.fetch_sub(plain.buf.len(), Ordering::Relaxed);
+                            drop(plain);
+                            let _ = done.send(digest);
+                        }
+                    });
+                if spawned.is_ok() {
+                    *jobs = Some(tx);
+                }
+            }
+            if let Some(tx) = jobs.as_ref() {
+                let (done, rx) = mpsc::sync_channel(1);
+                self.queued.fetch_add(len, Ordering::Relaxed);
+                if tx.send((plain.clone(), done)).is_ok() {
+                    return PendingHash::Computing(rx);
+                }
+                self.queued.fetch_sub(len, Ordering::Relaxed);
+                *jobs = None;
+            }
+        }
+        PendingHash::Done(Sha256::digest(plain.buf.as_slice()).into())
+    }
+}
+
+/// The nice value of the listener's background threads (the mover, the hashing thread): on two
+/// cores, the association thread, the modality sending to it and these compete, and only the
+/// first two are on the path of an acknowledgement. They still get what the association leaves
+/// (it waits for the modality's next instance and for each `fdatasync`), and all of a core when
+/// the association is idle.
+const BACKGROUND_NICE: i32 = 10;
+
+/// Lowers the calling thread's priority to [`BACKGROUND_NICE`] (Linux: nice is per thread). Best
+/// effort: a failure leaves the thread as it was.
+fn lower_priority() {
+    #[cfg(target_os = "linux")]
+    {
+        let me = rustix::thread::gettid();
+        if let Err(e) = rustix::process::setpriority_process(Some(me), BACKGROUND_NICE) {
+            tracing::debug!(error = %e, "cannot lower a background thread's priority");
         }
     }
 }
@@ -774,7 +860,7 @@ impl StoreService for DimseIngest {
         }
     }
 
-    fn store(&self, s: &mut Session, spool: &Path) -> StoreOutcome {
+    fn store(&self, s: &mut Session, instance: Received<'_>) -> StoreOutcome {
         s.received += 1;
         let n = s.received;
         let (flow, vault) = match &s.flow {
@@ -796,18 +882,23 @@ impl StoreService for DimseIngest {
                 return StoreOutcome::refused(*status, why.clone());
             }
         };
-        match self.take(&flow, &vault, &s.peer, n, spool) {
+        match self.take(&flow, &vault, &s.peer, n, instance) {
             Ok(()) => {
                 s.stored += 1;
                 StoreOutcome::Stored
             }
             Err((mut held, status)) => {
                 if held.kind == HeldBackKind::Quarantined {
-                    // Held for review before the spool file goes (it is deleted once answered);
-                    // the answer stays a failure status: nothing quarantined is acknowledged.
-                    held.path = Some(spool.to_path_buf());
-                    (self.hold_for_review)(&flow, s.peer.calling_ae.trim(), &mut held);
-                    held.path = None;
+                    // Held for review before the spool goes (it is gone once answered); the
+                    // answer stays a failure status: nothing quarantined is acknowledged.
+                    let reviewed = instance.with_path(|spool| {
+                        held.path = Some(spool.to_path_buf());
+                        (self.hold_for_review)(&flow, s.peer.calling_ae.trim(), &mut held);
+                        held.path = None;
+                    });
+                    if let Err(e) = reviewed {
+                        tracing::error!(error = %e.kind(), "a quarantined instance could not be held for review");
+                    }
                 }
                 tracing::warn!(calling_ae = %s.peer.calling_ae, instance = n, outcome = held.kind.describe(), reason = %held.reason, "instance held back");
                 self.audit(

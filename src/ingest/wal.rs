@@ -42,8 +42,9 @@
 //! leaves a record whose header, meta or data does not verify: it was never acknowledged (the
 //! answer follows the `fdatasync`) and is dropped at start. A slot is reused once the
 //! checkpoint is past all its records. Two slots are prepared (their zeros written) in the
-//! background when the log opens; another is created, up to [`MAX_SLOTS`], only when a roll
-//! finds none free, and meanwhile the caller makes the instance durable the slower way.
+//! background when the log opens; another is created in the background, up to [`MAX_SLOTS`],
+//! when a roll takes the last free one (or finds none free: the caller then makes the instance
+//! durable the slower way).
 
 use std::fs;
 use std::io::Read;
@@ -58,8 +59,10 @@ use crate::store::sealed::{AtRest, MAGIC as SEALED_MAGIC};
 
 /// Bytes of one slot file.
 pub const SLOT_BYTES: u64 = 32 << 20;
-/// Slot files at most (the log never takes more than `MAX_SLOTS * SLOT_BYTES` of disk).
-pub const MAX_SLOTS: usize = 4;
+/// Slot files at most (the log never takes more than `MAX_SLOTS * SLOT_BYTES` of disk: 512 MiB).
+/// Enough for a whole large study (a 500-slice CT is about 263 MB) to be acknowledged through
+/// the log while the mover, which runs at a lower priority than the listener, is behind.
+pub const MAX_SLOTS: usize = 16;
 /// Slot files prepared when the log opens.
 pub const READY_SLOTS: usize = 2;
 const PAGE: u64 = 4096;
@@ -446,8 +449,17 @@ impl Wal {
         if end > SLOT_BYTES {
             return Err(damaged("longer than its slot"));
         }
-        let mut data = vec![0u8; data_len as usize];
-        file.read_exact_at(&mut data, body).map_err(io_at(path))?;
+        // Read into fresh capacity, not a zeroed buffer: zeroing it cost the mover about as
+        // much CPU as the read itself.
+        let mut data = Vec::with_capacity(data_len as usize);
+        let mut from = file;
+        std::io::Seek::seek(&mut from, std::io::SeekFrom::Start(body)).map_err(io_at(path))?;
+        from.take(u64::from(data_len))
+            .read_to_end(&mut data)
+            .map_err(io_at(path))?;
+        if data.len() != data_len as usize {
+            return Err(damaged("the slot ends inside the record"));
+        }
         let mut meta = vec![0u8; meta_len as usize];
         file.read_exact_at(&mut meta, body + data_len as u64)
             .map_err(io_at(path))?;
@@ -539,7 +551,6 @@ impl Wal {
         data: &[u8],
         mut rec: Vec<u8>,
     ) -> Result<(Vec<u8>, InstanceRecord), WalError> {
-        use std::io::Write;
         let path = self.dir.clone();
         let fail = |reason: String| WalError::Io {
             path: path.clone(),
@@ -550,9 +561,10 @@ impl Wal {
         rec.clear();
         rec.reserve(HEADER + data.len() + segments * SEAL_TAG + 8192);
         rec.resize(HEADER, 0);
-        let mut w = self.at_rest.writer(&mut rec).map_err(io_at(&path))?;
-        w.write_all(data).map_err(io_at(&path))?;
-        w.finish().map_err(io_at(&path))?;
+        // Sealed in place in the record: one copy of the instance.
+        self.at_rest
+            .seal_into(data, &mut rec)
+            .map_err(io_at(&path))?;
         let data_len = rec.len() - HEADER;
         meta.size = data.len() as u64;
         if self.at_rest.seals() {
@@ -561,9 +573,9 @@ impl Wal {
             meta.sha256 = Some(hex::encode(Sha256::digest(data)));
         }
         let json = serde_json::to_vec(&meta).map_err(|e| fail(e.to_string()))?;
-        let mut w = self.at_rest.writer(&mut rec).map_err(io_at(&path))?;
-        w.write_all(&json).map_err(io_at(&path))?;
-        w.finish().map_err(io_at(&path))?;
+        self.at_rest
+            .seal_into(&json, &mut rec)
+            .map_err(io_at(&path))?;
         let meta_len = rec.len() - HEADER - data_len;
         let too_large = || fail("the record is too large".into());
         let data_len = u32::try_from(data_len).map_err(|_| too_large())?;
@@ -633,7 +645,8 @@ impl Wal {
     }
 
     /// Retires the active slot and starts the next generation in a free one; false when none
-    /// is free (one is then created in the background, up to [`MAX_SLOTS`]).
+    /// is free. When none is free, or none is left after this one, another is created in the
+    /// background, up to [`MAX_SLOTS`].
     fn roll(&self, w: &mut Writer) -> Result<bool, WalError> {
         let created: Vec<Slot> =
             std::mem::take(&mut *self.created.lock().unwrap_or_else(|p| p.into_inner()));
@@ -642,16 +655,21 @@ impl Wal {
             w.idle.push(slot);
         }
         let (consumed, _) = *self.consumed.lock().unwrap_or_else(|p| p.into_inner());
-        let free = w.idle.iter().position(|s| {
+        let is_free = |s: &Slot| {
             s.generation == 0
                 || s.generation < consumed.generation
                 || (s.generation == consumed.generation && s.end <= consumed.offset)
-        });
-        let Some(i) = free else {
+        };
+        let Some(i) = w.idle.iter().position(is_free) else {
             self.create_in_background(w);
             return Ok(false);
         };
         let mut slot = w.idle.swap_remove(i);
+        if !w.idle.iter().any(is_free) {
+            // The last free one: the next is prepared now, so that the next roll finds one
+            // (while the mover is behind) rather than sending instances the slower way.
+            self.create_in_background(w);
+        }
         let generation = w.next_generation;
         let path = slot_path(&self.dir, slot.index);
         slot.file
