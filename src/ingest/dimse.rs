@@ -15,9 +15,9 @@
 //! SHA-256 is computed meanwhile by the listener's hashing thread (in a sealed log the record
 //! needs none: its sealing authenticates it; a plain log's record carries it) and handed to the
 //! mover. The mover and the hashing thread run at a lower priority than the association threads
-//! (nice [`BACKGROUND_NICE`]): on the path of an acknowledgement are only the association and
+//! (nice [`super::BACKGROUND_NICE`]): on the path of an acknowledgement are only the association and
 //! the modality. The mover (a background thread) then writes the logged instances into their outbox study folders (sealed
-//! files named by the SOP instance token), records their vault entries, makes both durable for
+//! files named by the SOP instance token, their bytes copied from the log inside the kernel), records their vault entries, makes both durable for
 //! a group at once (one file-system flush, the folders fsynced, the vault flushed), marks them
 //! consumed in the log and only then tells the forwarder ([`OpenStudies::arrived`]): no token
 //! reaches the partner before its vault record is durable. At start, [`DimseIngest::with_log`]
@@ -218,7 +218,7 @@ impl DimseIngest {
         std::thread::Builder::new()
             .name("ingest-mover".into())
             .spawn(move || {
-                lower_priority();
+                super::lower_priority();
                 mover.run(rx, pending)
             })
             .map_err(|e| format!("cannot start the ingest mover: {e}"))?;
@@ -581,7 +581,7 @@ type HashJob = (Arc<Pooled>, mpsc::SyncSender<[u8; 32]>);
 /// The listener's hashing thread, started with the first logged instance and ended when the
 /// listener goes (one thread for all instances, not one per instance: a thread's start and its
 /// stack cost more than a small instance's hash). It runs at a lower priority
-/// ([`BACKGROUND_NICE`]): the association threads, which the modalities wait for, come first.
+/// ([`super::BACKGROUND_NICE`]): the association threads, which the modalities wait for, come first.
 /// At most [`Hasher::QUEUED`] bytes wait for it; an instance beyond that is hashed at once by its
 /// association thread, so that memory stays bounded however far behind the hashing is.
 #[derive(Default)]
@@ -605,7 +605,7 @@ impl Hasher {
                 let spawned = std::thread::Builder::new()
                     .name("ingest-hash".into())
                     .spawn(move || {
-                        lower_priority();
+                        super::lower_priority();
                         for (plain, done) in rx {
                             let digest = Sha256::digest(plain.buf.as_slice()).into();
                             queued.fetch_sub(plain.buf.len(), Ordering::Relaxed);
@@ -628,25 +628,6 @@ impl Hasher {
             }
         }
         PendingHash::Done(Sha256::digest(plain.buf.as_slice()).into())
-    }
-}
-
-/// The nice value of the listener's background threads (the mover, the hashing thread): on two
-/// cores, the association thread, the modality sending to it and these compete, and only the
-/// first two are on the path of an acknowledgement. They still get what the association leaves
-/// (it waits for the modality's next instance and for each `fdatasync`), and all of a core when
-/// the association is idle.
-const BACKGROUND_NICE: i32 = 10;
-
-/// Lowers the calling thread's priority to [`BACKGROUND_NICE`] (Linux: nice is per thread). Best
-/// effort: a failure leaves the thread as it was.
-fn lower_priority() {
-    #[cfg(target_os = "linux")]
-    {
-        let me = rustix::thread::gettid();
-        if let Err(e) = rustix::process::setpriority_process(Some(me), BACKGROUND_NICE) {
-            tracing::debug!(error = %e, "cannot lower a background thread's priority");
-        }
     }
 }
 
@@ -688,12 +669,20 @@ impl Mover {
                 let moved = group
                     .iter()
                     .map(|(at, hash)| {
-                        let mut r = self.wal.read(*at).map_err(|e| e.to_string())?;
-                        r.meta.sha256 = r.meta.sha256.or_else(|| hash.clone());
-                        Ok(r)
+                        // The data stays in the log and is copied from there by the kernel;
+                        // a record without its hash is read, to get it from its data.
+                        let mut l = self.wal.read_in_log(*at).map_err(|e| e.to_string())?;
+                        l.record.meta.sha256 = l.record.meta.sha256.or_else(|| hash.clone());
+                        if l.record.meta.sha256.is_some() {
+                            return Ok(Moving::InLog(l));
+                        }
+                        self.wal
+                            .read(*at)
+                            .map(Moving::Read)
+                            .map_err(|e| e.to_string())
                     })
                     .collect::<Result<Vec<_>, String>>()
-                    .and_then(|records| self.apply(records));
+                    .and_then(|records| self.apply_moving(records));
                 match moved {
                     Ok(()) => break,
                     Err(e) => {
@@ -714,13 +703,22 @@ impl Mover {
     /// Writes a group of records into their outbox study folders and records their vault
     /// entries; makes all of it durable (one flush for the group); marks them consumed in the
     /// log; then tells the forwarder. The vault must be in use (acquired) by the caller.
-    fn apply(&self, mut records: Vec<Record>) -> Result<(), String> {
+    fn apply(&self, records: Vec<Record>) -> Result<(), String> {
+        self.apply_moving(records.into_iter().map(Moving::Read).collect())
+    }
+
+    /// [`Mover::apply`] of records read whole or left in the log.
+    fn apply_moving(&self, mut records: Vec<Moving>) -> Result<(), String> {
         if records.is_empty() {
             return Ok(());
         }
         // A record whose hash was not computed beside the log gets it from its data.
-        for r in records.iter_mut().filter(|r| r.meta.sha256.is_none()) {
-            self.wal.verify(r).map_err(|e| e.to_string())?;
+        for m in records.iter_mut() {
+            if let Moving::Read(r) = m {
+                if r.meta.sha256.is_none() {
+                    self.wal.verify(r).map_err(|e| e.to_string())?;
+                }
+            }
         }
         let vault = self
             .vault
@@ -731,7 +729,8 @@ impl Mover {
             .clone()
             .ok_or("the vault is not open")?;
         let mut staged = Vec::with_capacity(records.len());
-        for r in &records {
+        for m in &records {
+            let r = m.record();
             let route = StudyRoute {
                 agreement: r.meta.agreement.clone(),
                 flow: r.meta.flow.clone(),
@@ -749,8 +748,11 @@ impl Mover {
                 .suffix(".part")
                 .tempfile_in(&dir)
                 .map_err(|e| format!("cannot create an outbox file: {}", e.kind()))?;
-            std::io::Write::write_all(tmp.as_file_mut(), &r.data)
-                .map_err(|e| format!("cannot write an outbox file: {}", e.kind()))?;
+            match m {
+                Moving::Read(r) => std::io::Write::write_all(tmp.as_file_mut(), &r.data),
+                Moving::InLog(l) => l.copy_to(tmp.as_file()),
+            }
+            .map_err(|e| format!("cannot write an outbox file: {}", e.kind()))?;
             for (token, entry) in &r.meta.vault_entries {
                 vault
                     .record(&r.meta.agreement, token, entry)
@@ -764,8 +766,8 @@ impl Mover {
                 .filter_map(|(t, _, _)| t.as_ref().map(|t| t.as_file())),
         )?;
         let mut dirs = BTreeSet::new();
-        for ((tmp, dir, _), r) in staged.iter_mut().zip(&records) {
-            let target = dir.join(&r.meta.file);
+        for ((tmp, dir, _), m) in staged.iter_mut().zip(&records) {
+            let target = dir.join(&m.record().meta.file);
             tmp.take()
                 .expect("staged once")
                 .persist(&target)
@@ -779,13 +781,17 @@ impl Mover {
         vault
             .flush()
             .map_err(|_| "the vault could not be flushed".to_string())?;
-        if let Some(last) = records.iter().rfind(|r| r.location.slot != usize::MAX) {
+        if let Some(last) = records
+            .iter()
+            .map(Moving::record)
+            .rfind(|r| r.location.slot != usize::MAX)
+        {
             self.wal
                 .consumed(last.location.end)
                 .map_err(|e| e.to_string())?;
         }
         for ((_, dir, route), r) in staged.into_iter().zip(records) {
-            let m = r.meta;
+            let m = r.into_record().meta;
             let instance = OutboxInstance {
                 file: m.file,
                 sha256: m.sha256.unwrap_or_default(),
@@ -796,6 +802,29 @@ impl Mover {
                 .arrived(&route, &m.study, dir, instance, m.modality, m.patient_token);
         }
         Ok(())
+    }
+}
+
+/// A record being moved: read whole (recovered at start, or without its hash), or its meta with
+/// its data left in the log.
+enum Moving {
+    Read(Record),
+    InLog(super::wal::InLog),
+}
+
+impl Moving {
+    fn record(&self) -> &Record {
+        match self {
+            Moving::Read(r) => r,
+            Moving::InLog(l) => &l.record,
+        }
+    }
+
+    fn into_record(self) -> Record {
+        match self {
+            Moving::Read(r) => r,
+            Moving::InLog(l) => l.record,
+        }
     }
 }
 

@@ -323,6 +323,26 @@ pub fn admit_and_deidentify_memory(
     })
 }
 
+/// The nice value of the DICOM listener's background threads (the mover, the hashing thread,
+/// the log's slot preparation): on two
+/// cores, the association thread, the modality sending to it and these compete, and only the
+/// first two are on the path of an acknowledgement. They still get what the association leaves
+/// (it waits for the modality's next instance and for each `fdatasync`), and all of a core when
+/// the association is idle.
+pub const BACKGROUND_NICE: i32 = 10;
+
+/// Lowers the calling thread's priority to [`BACKGROUND_NICE`] (Linux: nice is per thread). Best
+/// effort: a failure leaves the thread as it was.
+pub(crate) fn lower_priority() {
+    #[cfg(target_os = "linux")]
+    {
+        let me = rustix::thread::gettid();
+        if let Err(e) = rustix::process::setpriority_process(Some(me), BACKGROUND_NICE) {
+            tracing::debug!(error = %e, "cannot lower a background thread's priority");
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -153,6 +153,34 @@ pub struct Record {
     pub data: Vec<u8>,
 }
 
+/// A record read by [`Wal::read_in_log`]: its meta (`record.data` is empty) and where its data
+/// is in its slot file.
+#[derive(Debug)]
+pub struct InLog {
+    pub record: Record,
+    file: fs::File,
+    data: std::ops::Range<u64>,
+}
+
+impl InLog {
+    /// Copies the record's data (sealed instance bytes) to the end of `to`; fails if the slot
+    /// no longer holds them all.
+    pub fn copy_to(&self, mut to: &fs::File) -> std::io::Result<()> {
+        use std::io::Seek;
+        let len = self.data.end - self.data.start;
+        let mut from = &self.file;
+        from.seek(std::io::SeekFrom::Start(self.data.start))?;
+        let copied = std::io::copy(&mut from.take(len), &mut to)?;
+        if copied != len {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "the log slot ends inside the record",
+            ));
+        }
+        Ok(())
+    }
+}
+
 struct Slot {
     index: usize,
     file: fs::File,
@@ -424,6 +452,21 @@ impl Wal {
         slot: usize,
         start: Position,
     ) -> Result<Option<Record>, WalError> {
+        Ok(self
+            .read_record_at(file, path, slot, start, true)?
+            .map(|(r, _)| r))
+    }
+
+    /// [`Wal::read_at`], with the record's data read (`with_data`) or left in the log (the
+    /// record's `data` then empty); with where the data is in the slot file.
+    fn read_record_at(
+        &self,
+        file: &fs::File,
+        path: &Path,
+        slot: usize,
+        start: Position,
+        with_data: bool,
+    ) -> Result<Option<(Record, std::ops::Range<u64>)>, WalError> {
         let damaged = |reason: &str| WalError::Damaged {
             path: path.to_owned(),
             offset: start.offset,
@@ -451,14 +494,17 @@ impl Wal {
         }
         // Read into fresh capacity, not a zeroed buffer: zeroing it cost the mover about as
         // much CPU as the read itself.
-        let mut data = Vec::with_capacity(data_len as usize);
-        let mut from = file;
-        std::io::Seek::seek(&mut from, std::io::SeekFrom::Start(body)).map_err(io_at(path))?;
-        from.take(u64::from(data_len))
-            .read_to_end(&mut data)
-            .map_err(io_at(path))?;
-        if data.len() != data_len as usize {
-            return Err(damaged("the slot ends inside the record"));
+        let mut data = Vec::new();
+        if with_data {
+            data.reserve_exact(data_len as usize);
+            let mut from = file;
+            std::io::Seek::seek(&mut from, std::io::SeekFrom::Start(body)).map_err(io_at(path))?;
+            from.take(u64::from(data_len))
+                .read_to_end(&mut data)
+                .map_err(io_at(path))?;
+            if data.len() != data_len as usize {
+                return Err(damaged("the slot ends inside the record"));
+            }
         }
         let mut meta = vec![0u8; meta_len as usize];
         file.read_exact_at(&mut meta, body + data_len as u64)
@@ -468,7 +514,7 @@ impl Wal {
             .map_err(|e| damaged(&format!("meta: {e}")))?;
         let meta: InstanceRecord =
             serde_json::from_slice(&meta).map_err(|_| damaged("meta is not a record"))?;
-        Ok(Some(Record {
+        let record = Record {
             location: Location {
                 slot,
                 start,
@@ -479,7 +525,8 @@ impl Wal {
             },
             meta,
             data,
-        }))
+        };
+        Ok(Some((record, body..body + u64::from(data_len))))
     }
 
     fn open_sealed(&self, bytes: &[u8], path: &Path) -> Result<Vec<u8>, String> {
@@ -691,9 +738,12 @@ impl Wal {
         let (dir, created) = (self.dir.clone(), self.created.clone());
         let spawned = std::thread::Builder::new()
             .name("ingest-log-slot".into())
-            .spawn(move || match create_slot(&dir, index) {
-                Ok(slot) => created.lock().unwrap_or_else(|p| p.into_inner()).push(slot),
-                Err(e) => tracing::warn!(error = %e, "cannot create an ingest log slot"),
+            .spawn(move || {
+                super::lower_priority();
+                match create_slot(&dir, index) {
+                    Ok(slot) => created.lock().unwrap_or_else(|p| p.into_inner()).push(slot),
+                    Err(e) => tracing::warn!(error = %e, "cannot create an ingest log slot"),
+                }
             });
         if spawned.is_err() {
             w.taken[index] = false;
@@ -721,6 +771,22 @@ impl Wal {
                 offset: at.start.offset,
                 reason: "the record is gone".into(),
             })
+    }
+
+    /// Reads a record's meta and leaves its data in the log: [`InLog::copy_to`] copies it into
+    /// a file inside the kernel (`copy_file_range`), never through memory of ours (the mover:
+    /// no buffer to fill and no second copy of each instance).
+    pub fn read_in_log(&self, at: Location) -> Result<InLog, WalError> {
+        let path = slot_path(&self.dir, at.slot);
+        let file = fs::File::open(&path).map_err(io_at(&path))?;
+        let (record, data) = self
+            .read_record_at(&file, &path, at.slot, at.start, false)?
+            .ok_or_else(|| WalError::Damaged {
+                path: path.clone(),
+                offset: at.start.offset,
+                reason: "the record is gone".into(),
+            })?;
+        Ok(InLog { record, file, data })
     }
 
     /// Every record before `upto` has been moved and made durable elsewhere: records the
