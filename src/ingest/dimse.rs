@@ -1326,6 +1326,32 @@ mod tests {
         assert_eq!(e.modalities, vec!["CT".to_string()]);
     }
 
+    /// The hashing thread computes the SHA-256 of what is queued; once [`Hasher::QUEUED`] bytes
+    /// wait for it, the next instance is hashed at once instead (memory stays bounded).
+    #[test]
+    fn the_hashing_queue_is_bounded_and_beyond_it_the_hash_is_computed_at_once() {
+        use sha2::{Digest, Sha256};
+        use std::sync::atomic::Ordering;
+        let pool = Arc::new(Buffers::default());
+        let plain = |n: u8| {
+            Arc::new(Pooled {
+                buf: vec![n; 100_000],
+                pool: pool.clone(),
+            })
+        };
+        let want = |n: u8| -> [u8; 32] { Sha256::digest(vec![n; 100_000]).into() };
+        let hasher = Hasher::default();
+        let queued = hasher.start(plain(1));
+        assert!(matches!(queued, PendingHash::Computing(_)));
+        assert_eq!(queued.wait(), Some(want(1)));
+        hasher.queued.store(Hasher::QUEUED, Ordering::Relaxed);
+        let at_once = hasher.start(plain(2));
+        assert!(matches!(at_once, PendingHash::Done(_)), "over the bound");
+        assert_eq!(at_once.wait(), Some(want(2)));
+        hasher.queued.store(0, Ordering::Relaxed);
+        assert_eq!(hasher.start(plain(3)).wait(), Some(want(3)));
+    }
+
     /// Instances acknowledged through the log and not moved when the node stopped are moved at
     /// the next start: into the outbox (sealed, named, listed in an open study) with their vault
     /// entries; moving the same records twice (a crash after the move, before the checkpoint)

@@ -5,7 +5,8 @@
 //! Owns: resolving an agreement's flow for sending ([`IngestFlow::resolve`], with errors a user
 //! can act on), the admission rule ([`admit`]: the flow's study selector, `select.source_aes`
 //! included), the sources — files ([`files`]: parallel, pixel data copied by the kernel, grouped
-//! durable commits; used by `send`) and DIMSE ([`dimse`]: one instance at a time, durable before
+//! durable commits; used by `send`) and DIMSE ([`dimse`]: one instance at a time, read from the
+//! listener's memory spool ([`admit_and_deidentify_memory`]) or its spool file, durable before
 //! it is acknowledged, through the write-ahead log [`wal`]; used by the DICOM listener) — and [`HeldBack`], the one record of why an input did not go (quarantined, not
 //! covered by the flow, failed) with the input it came from.
 //!

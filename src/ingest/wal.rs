@@ -995,6 +995,31 @@ pub(crate) mod tests {
         assert!(!err.to_string().contains("SECRET"), "{err}");
     }
 
+    /// A record left in the log ([`Wal::read_in_log`]) has the meta of the record read whole, and
+    /// its data copied into a file is the data read whole.
+    #[test]
+    fn a_record_left_in_the_log_is_copied_out_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let (wal, _) = Wal::open(dir.path(), at_rest()).unwrap();
+        wal.replayed().unwrap();
+        wal.warm_up();
+        let at = [append(&wal, 1, 200_000), append(&wal, 2, 7)];
+        for at in at {
+            let whole = wal.read(at).unwrap();
+            let left = wal.read_in_log(at).unwrap();
+            assert!(left.record.data.is_empty());
+            assert_eq!(left.record.meta, whole.meta);
+            assert_eq!(left.record.location, whole.location);
+            let out = tempfile::tempfile().unwrap();
+            std::io::Write::write_all(&mut &out, b"x").unwrap();
+            left.copy_to(&out).unwrap();
+            let mut copied = Vec::new();
+            std::io::Seek::seek(&mut &out, std::io::SeekFrom::Start(1)).unwrap();
+            std::io::Read::read_to_end(&mut &out, &mut copied).unwrap();
+            assert_eq!(copied, whole.data);
+        }
+    }
+
     #[test]
     fn slots_roll_over_and_are_reused_once_consumed() {
         let dir = tempfile::tempdir().unwrap();

@@ -2,8 +2,8 @@
 //!
 //! Owns [`WithResults`], a [`StoreService`] around the listener's ordinary one (the ingest
 //! pipeline of `[[dicom.routes]]`): every C-STORE is first asked "is this a result on a study
-//! this site received?" — its plaintext (the spool file is sealed at rest) read through the
-//! guarded reader (`deid::guard`), recognised by
+//! this site received?" — read through the guarded reader (`deid::guard`) from the listener's
+//! memory spool, or as the plaintext of its spool file (sealed at rest), recognised by
 //! [`super::recognise`] — and if so it is queued durably to go home ([`super::queue`]) and only
 //! then acknowledged; it never enters a route. An instance on a study this site did not receive
 //! goes to the routes as before; on a listener without routes it is refused here, with the reason
