@@ -79,8 +79,12 @@ pub struct DimseIngest {
 /// Instances up to this many bytes (as received) go through the write-ahead log; larger ones
 /// are written to the outbox directly (their bytes are not held in memory whole).
 pub const LOG_LIMIT: u64 = 8 << 20;
-/// What the mover reads from the log for one group at most (bounds its memory).
+/// The bytes of one group of the mover at most (records recovered at start are read into
+/// memory; those of a running listener stay in the log until copied out).
 const MOVE_BYTES: usize = 16 << 20;
+/// How many records the mover takes for one group at most: each holds two open files while it
+/// is moved (its log slot, its outbox file), so small instances must not exhaust descriptors.
+const MOVE_RECORDS: usize = 256;
 
 /// The vault while associations are in progress or logged instances wait to be moved, and how
 /// many users it has. It is opened for the first and closed after the last, so that `send` can
@@ -192,7 +196,7 @@ impl DimseIngest {
                 for r in recovered {
                     bytes += r.data.len();
                     group.push(r);
-                    if bytes >= MOVE_BYTES {
+                    if bytes >= MOVE_BYTES || group.len() >= MOVE_RECORDS {
                         mover.apply(std::mem::take(&mut group))?;
                         bytes = 0;
                     }
@@ -649,7 +653,7 @@ impl Mover {
         while let Ok(first) = rx.recv() {
             let mut group = vec![first];
             let mut bytes = 0usize;
-            while bytes < MOVE_BYTES {
+            while bytes < MOVE_BYTES && group.len() < MOVE_RECORDS {
                 match rx.try_recv() {
                     Ok(logged) => {
                         bytes += (logged.0.end.offset - logged.0.start.offset) as usize;
