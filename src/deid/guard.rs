@@ -12,6 +12,10 @@
 //! element, [`read_guarded_split`] parses everything before it and leaves the pixel data in the
 //! file, to be copied byte for byte into the output ([`PixelSource`]): it passes through
 //! untouched without ever being read into memory.
+//!
+//! The DICOM listener holds most instances it receives in memory: [`read_guarded_split_memory`]
+//! is the same guarded reader over bytes instead of a file (the same walk, the same checks, the
+//! same parse, through a cursor); its [`PixelSource`] then names a range of those bytes.
 
 use std::io::{Read, Seek, SeekFrom};
 
@@ -126,9 +130,16 @@ pub fn read_guarded(path: &std::path::Path) -> Result<dicom_object::DefaultDicom
 /// (header and value, in the file's transfer syntax), to be copied verbatim into the output.
 #[derive(Debug)]
 pub struct PixelSource {
-    file: std::fs::File,
+    input: Input,
     range: std::ops::Range<u64>,
     layout: Layout,
+}
+
+/// What a guarded read read from: an open file, or a whole Part 10 file held in memory.
+#[derive(Debug)]
+enum Input {
+    File(std::fs::File),
+    Memory(std::sync::Arc<Vec<u8>>),
 }
 
 impl PixelSource {
@@ -146,7 +157,15 @@ impl PixelSource {
     /// ours. Fails if the input no longer holds them all.
     pub fn copy_to<W: std::io::Write + ?Sized>(&self, to: &mut W) -> Result<(), String> {
         let io = |e: std::io::Error| format!("cannot copy the pixel data: {}", e.kind());
-        let mut f = &self.file;
+        let mut f = match &self.input {
+            Input::File(f) => f,
+            Input::Memory(_) => {
+                let bytes = self
+                    .bytes()
+                    .ok_or("cannot copy the pixel data: out of range")?;
+                return to.write_all(bytes).map_err(io);
+            }
+        };
         f.seek(SeekFrom::Start(self.range.start)).map_err(io)?;
         let copied = std::io::copy(&mut f.take(self.len()), to).map_err(io)?;
         if copied != self.len() {
@@ -157,10 +176,25 @@ impl PixelSource {
         Ok(())
     }
 
+    /// The element's bytes, when they are in memory ([`read_guarded_split_memory`]).
+    pub fn bytes(&self) -> Option<&[u8]> {
+        match &self.input {
+            Input::File(_) => None,
+            Input::Memory(m) => {
+                let r = usize::try_from(self.range.start).ok()?
+                    ..usize::try_from(self.range.end).ok()?;
+                m.get(r)
+            }
+        }
+    }
+
     /// Parses the whole file after all, pixel values included, from the same open file (for
     /// de-identification that must change pixels).
     pub fn parse_whole(self) -> Result<dicom_object::DefaultDicomObject, String> {
-        parse(&self.file, &self.layout, false)
+        match &self.input {
+            Input::File(f) => parse(f, &self.layout, false),
+            Input::Memory(m) => parse(std::io::Cursor::new(m.as_slice()), &self.layout, false),
+        }
     }
 }
 
@@ -174,6 +208,28 @@ pub fn read_guarded_split(
     path: &std::path::Path,
 ) -> Result<(dicom_object::DefaultDicomObject, Option<PixelSource>), String> {
     let (file, layout) = open_walked(path)?;
+    split(Input::File(file), layout)
+}
+
+/// [`read_guarded_split`] of a whole Part 10 file held in memory (the DICOM listener's
+/// received instances): the same walk and checks, the same parse, from the bytes; the
+/// [`PixelSource`] keeps `bytes` and names the range of its pixel data.
+pub fn read_guarded_split_memory(
+    bytes: std::sync::Arc<Vec<u8>>,
+) -> Result<(dicom_object::DefaultDicomObject, Option<PixelSource>), String> {
+    let layout = walk_tolerant(&mut std::io::Cursor::new(bytes.as_slice()))?;
+    split(Input::Memory(bytes), layout)
+}
+
+/// The parse of [`read_guarded_split`] once the walk has found `layout`.
+fn split(
+    input: Input,
+    layout: Layout,
+) -> Result<(dicom_object::DefaultDicomObject, Option<PixelSource>), String> {
+    let parse_input = |until| match &input {
+        Input::File(f) => parse(f, &layout, until),
+        Input::Memory(m) => parse(std::io::Cursor::new(m.as_slice()), &layout, until),
+    };
     // Only VRs the encoder would write unchanged: encapsulated pixel data is always written
     // as OB, so a file that says OW for it is parsed whole and corrected; anything else (UN,
     // say) takes the ordinary path too, where the engine sees the value.
@@ -184,7 +240,7 @@ pub fn read_guarded_split(
         Some(_) => None,
     };
     if let (Some(range), Some(vr)) = (layout.pixel_data.clone(), vr) {
-        let mut obj = parse(&file, &layout, true)?;
+        let mut obj = parse_input(true)?;
         let parsed: Vec<Tag> = obj.tags().collect();
         if parsed == layout.before_pixel_data
             && !parsed.contains(&dicom_dictionary_std::tags::PIXEL_DATA)
@@ -193,14 +249,14 @@ pub fn read_guarded_split(
             return Ok((
                 obj,
                 Some(PixelSource {
-                    file,
+                    input,
                     range,
                     layout,
                 }),
             ));
         }
     }
-    parse(&file, &layout, false).map(|obj| (obj, None))
+    parse_input(false).map(|obj| (obj, None))
 }
 
 /// The stand-in for pixel data left in its file: Pixel Data, with its VR, and no value.
@@ -233,8 +289,8 @@ fn open_walked(path: &std::path::Path) -> Result<(std::fs::File, Layout), String
 
 /// Parses the file from its start (the same open file the walk read, so both saw the same
 /// bytes), optionally stopping before the top-level Pixel Data.
-fn parse(
-    mut file: &std::fs::File,
+fn parse<R: Read + Seek>(
+    mut file: R,
     layout: &Layout,
     until_pixel_data: bool,
 ) -> Result<dicom_object::DefaultDicomObject, String> {
@@ -264,8 +320,8 @@ fn parse(
 /// CP-246 sequences (rewritten, then checked). The data set is read into memory; the object's
 /// transfer syntax is the file's (deflated stays deflated; a bare data set gets the one it was
 /// written in), so the output is a proper Part 10 file of the same encoding.
-fn parse_rewritten(
-    mut file: &std::fs::File,
+fn parse_rewritten<R: Read + Seek>(
+    mut file: R,
     layout: &Layout,
 ) -> Result<dicom_object::DefaultDicomObject, String> {
     use dicom_transfer_syntax_registry::{TransferSyntaxIndex, TransferSyntaxRegistry};
@@ -668,7 +724,8 @@ fn walk_from<R: Read + Seek>(
         } else if top_level && h.group == 0xFFFE {
             irregular = true;
         }
-        let tag = format!("({:04X},{:04X})", h.group, h.element);
+        // Named in errors only (formatting it for every element cost more than the walk).
+        let tag = || format!("({:04X},{:04X})", h.group, h.element);
         if h.len == UNDEFINED {
             // A UN element of undefined length holds a sequence in implicit VR (CP-246). The
             // DICOM library reads such content as explicit VR and mistakes item tags for
@@ -683,7 +740,8 @@ fn walk_from<R: Read + Seek>(
                     return Ok(layout);
                 }
                 return Err(format!(
-                    "element {tag} is a sequence encoded as UN of undefined length (CP-246), which is not supported"
+                    "element {} is a sequence encoded as UN of undefined length (CP-246), which is not supported",
+                    tag()
                 ));
             }
             // A sequence or item of undefined length, or encapsulated pixel data: the content
@@ -701,7 +759,8 @@ fn walk_from<R: Read + Seek>(
         let end = pos + h.size + u64::from(h.len);
         if end > total {
             return Err(format!(
-                "element {tag} declares {} bytes but only {} remain: truncated or malformed file",
+                "element {} declares {} bytes but only {} remain: truncated or malformed file",
+                tag(),
                 h.len,
                 total - pos - h.size
             ));
@@ -771,6 +830,87 @@ mod tests {
         let e = check_declared_lengths(&mut Cursor::new(file(&bad))).unwrap_err();
         assert!(e.contains("(7FE0,0010)") && e.contains("3221225472"), "{e}");
         assert!(!e.contains("DOE"), "{e}");
+    }
+
+    /// The listener's memory reader takes the same path as the file reader: the same object,
+    /// the same pixel data left in place (here: a range of the bytes), the same refusal of a
+    /// length beyond the end, and the whole object when asked.
+    #[test]
+    fn the_memory_reader_reads_and_refuses_what_the_file_reader_does() {
+        use dicom_core::{DataElement, PrimitiveValue};
+        use dicom_dictionary_std::tags;
+        let mut obj = dicom_object::InMemDicomObject::new_empty();
+        obj.put(DataElement::new(
+            tags::PATIENT_NAME,
+            VR::PN,
+            PrimitiveValue::from("DOE^J"),
+        ));
+        obj.put(DataElement::new(
+            tags::SOP_INSTANCE_UID,
+            VR::UI,
+            PrimitiveValue::from("1.2.3"),
+        ));
+        obj.put(DataElement::new(
+            tags::PIXEL_DATA,
+            VR::OB,
+            PrimitiveValue::from(vec![1u8, 2, 3, 4, 5, 6]),
+        ));
+        let obj = obj
+            .with_meta(
+                dicom_object::FileMetaTableBuilder::new()
+                    .transfer_syntax(EXPLICIT_VR_LE)
+                    .media_storage_sop_class_uid("1.2.840.10008.5.1.4.1.1.7")
+                    .media_storage_sop_instance_uid("1.2.3"),
+            )
+            .unwrap();
+        let mut bytes = Vec::new();
+        obj.write_all(&mut bytes).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.dcm");
+        std::fs::write(&path, &bytes).unwrap();
+
+        let (from_file, file_pixels) = read_guarded_split(&path).unwrap();
+        let (from_memory, memory_pixels) =
+            read_guarded_split_memory(std::sync::Arc::new(bytes.clone())).unwrap();
+        let tags_of = |o: &dicom_object::DefaultDicomObject| o.tags().collect::<Vec<_>>();
+        assert_eq!(tags_of(&from_file), tags_of(&from_memory));
+        assert!(has_pixel_placeholder(&from_memory));
+        let name = |o: &dicom_object::DefaultDicomObject| {
+            o.get(tags::PATIENT_NAME)
+                .unwrap()
+                .to_str()
+                .unwrap()
+                .to_string()
+        };
+        assert_eq!(name(&from_memory), "DOE^J");
+        let (file_pixels, memory_pixels) = (file_pixels.unwrap(), memory_pixels.unwrap());
+        assert_eq!(file_pixels.len(), memory_pixels.len());
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        file_pixels.copy_to(&mut a).unwrap();
+        memory_pixels.copy_to(&mut b).unwrap();
+        assert_eq!(a, b);
+        assert!(bytes.ends_with(memory_pixels.bytes().unwrap()));
+        assert!(file_pixels.bytes().is_none());
+        let whole = memory_pixels.parse_whole().unwrap();
+        assert_eq!(
+            whole
+                .get(tags::PIXEL_DATA)
+                .unwrap()
+                .to_bytes()
+                .unwrap()
+                .as_ref(),
+            &[1u8, 2, 3, 4, 5, 6]
+        );
+
+        // Pixel data declaring more than there is: refused alike, naming no value.
+        let n = bytes.len();
+        bytes[n - 10..n - 6].copy_from_slice(&0xC000_0000u32.to_le_bytes());
+        std::fs::write(&path, &bytes).unwrap();
+        let from_file = read_guarded_split(&path).unwrap_err();
+        let from_memory = read_guarded_split_memory(std::sync::Arc::new(bytes)).unwrap_err();
+        assert_eq!(from_file, from_memory);
+        assert!(from_memory.contains("(7FE0,0010)"), "{from_memory}");
+        assert!(!from_memory.contains("DOE"), "{from_memory}");
     }
 
     /// (0008,1115) SQ undefined length { item undefined { (0008,1150) UI 2 bytes } } end.

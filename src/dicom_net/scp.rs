@@ -12,12 +12,16 @@
 //! the [`StoreService`], and answered with its status only then: success only once the service
 //! has made the instance durable.
 //!
-//! The spool of an instance is an anonymous memory file (Linux `memfd`: it never reaches a disk,
-//! so it needs no sealing, and it is not mapped into the process, so it does not count in its
-//! resident set) up to [`MEMORY_SPOOL`] bytes; an instance that grows past that moves to a
-//! spool file on disk, sealed at rest, and continues there. Spooled memory is therefore at most
-//! `max_associations x MEMORY_SPOOL`. An association keeps its memory spool (up to
-//! [`REUSED_SPOOL`] bytes) for its next instance, written over and cut to that one's length.
+//! The spool of an instance is a buffer in memory up to [`MEMORY_SPOOL`] bytes (it never
+//! reaches a disk, so it needs no sealing); the service gets it as it is ([`Received::Memory`]),
+//! and the guarded reader parses it from there: no copy into a file and back. An instance that
+//! grows past [`MEMORY_SPOOL`] moves to a spool file on disk, sealed at rest, and continues
+//! there ([`Received::File`]). Spooled memory is therefore at most `max_associations x
+//! MEMORY_SPOOL`. An association keeps its memory spool (up to [`REUSED_SPOOL`] bytes of
+//! capacity) for its next instance, emptied and written over.
+//!
+//! The command set of each DIMSE message is read by a small reader of its own ([`Command`]):
+//! the few fields the listener needs, every length checked against the bytes there are.
 //!
 //! Does not own: what happens to an instance ([`StoreService`]: the ingest pipeline).
 
@@ -28,7 +32,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use dicom_core::{dicom_value, DataElement, PrimitiveValue, VR};
+use dicom_core::{dicom_value, DataElement, PrimitiveValue, Tag, VR};
 use dicom_dictionary_std::tags;
 use dicom_object::InMemDicomObject;
 use dicom_ul::association::server::AccessControl;
@@ -87,14 +91,56 @@ impl StoreOutcome {
     }
 }
 
+/// One received instance, as the listener hands it to the [`StoreService`]: a whole DICOM
+/// Part 10 file (preamble, file meta group, data set as received), gone after `store` returns.
+#[derive(Debug, Clone, Copy)]
+pub enum Received<'a> {
+    /// In memory (at most [`MEMORY_SPOOL`] bytes). Shared, so that what is read from it (its
+    /// pixel data) can refer to it without a copy; every clone must be dropped by the time
+    /// `store` returns for the listener to reuse the buffer (otherwise it allocates a new one).
+    Memory(&'a Arc<Vec<u8>>),
+    /// A spool file on disk, sealed at rest (an instance larger than [`MEMORY_SPOOL`]).
+    File(&'a Path),
+}
+
+impl Received<'_> {
+    /// Runs `f` with a path to the instance: the spool file, or, for an instance in memory, an
+    /// anonymous memory file holding a copy (Linux `memfd`, never on a disk; for the few users
+    /// that need a file, such as a quarantine taking the original).
+    pub fn with_path<T>(&self, f: impl FnOnce(&Path) -> T) -> std::io::Result<T> {
+        match self {
+            Received::File(p) => Ok(f(p)),
+            Received::Memory(bytes) => {
+                #[cfg(target_os = "linux")]
+                {
+                    use std::os::fd::AsRawFd;
+                    let fd = rustix::fs::memfd_create(
+                        "pacs-broker-spool",
+                        rustix::fs::MemfdFlags::CLOEXEC,
+                    )?;
+                    let mut file = std::fs::File::from(fd);
+                    file.write_all(bytes)?;
+                    let path = PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd()));
+                    Ok(f(&path))
+                }
+                #[cfg(not(target_os = "linux"))]
+                {
+                    let _ = bytes;
+                    Err(std::io::ErrorKind::Unsupported.into())
+                }
+            }
+        }
+    }
+}
+
 /// What the listener hands received instances to.
 pub trait StoreService: Send + Sync + 'static {
     type Session: Send;
     /// An association was established.
     fn begin(&self, peer: &AssociationPeer) -> Self::Session;
-    /// One received instance, as a Part 10 file at `spool` (deleted after this returns).
-    /// `Stored` only once the instance is durable.
-    fn store(&self, session: &mut Self::Session, spool: &Path) -> StoreOutcome;
+    /// One received instance ([`Received`]: in memory, or a spool file deleted after this
+    /// returns). `Stored` only once the instance is durable.
+    fn store(&self, session: &mut Self::Session, instance: Received<'_>) -> StoreOutcome;
     /// The association ended (released, aborted or broken).
     fn end(&self, session: Self::Session);
 }
@@ -184,9 +230,9 @@ pub struct Listener<S: StoreService> {
 
 /// Bytes of an instance spooled in memory before it moves to a sealed spool file on disk.
 pub const MEMORY_SPOOL: u64 = 32 << 20;
-/// A memory spool up to this size is kept for the association's next instance (overwritten,
-/// then cut to its length): allocating and freeing its pages for every instance costs more
-/// than the instance's own copy into it.
+/// A memory spool of up to this capacity is kept for the association's next instance (emptied,
+/// then written over): allocating and freeing its pages for every instance costs more than
+/// the instance's own copy into it.
 const REUSED_SPOOL: u64 = 4 << 20;
 
 /// Default window of the rejection summary (the node passes `[limits] refusal_summary_secs`).
@@ -414,16 +460,18 @@ impl<S: StoreService> Listener<S> {
         let mut command: Vec<u8> = Vec::new();
         let mut incoming: Option<Incoming> = None;
         // The memory spool of the last instance, reused for the next (its pages stay allocated).
-        let mut spare: Option<std::fs::File> = None;
+        let mut spare: Option<Vec<u8>> = None;
         let mut stream = PduStream::new(assoc, self.config.max_pdu)?;
         loop {
             let received = stream.next(|pdv, event| match (pdv.command, event) {
-                (true, PdvEvent::Bytes(bytes)) => {
-                    command.extend_from_slice(bytes);
-                    if command.len() > 64 * 1024 {
+                (true, PdvEvent::Data(data)) => {
+                    if command.len() + data.len() > 64 * 1024 {
                         return Err("command set larger than 64 KiB".into());
                     }
-                    Ok(())
+                    data.chunks(|bytes| {
+                        command.extend_from_slice(bytes);
+                        Ok(())
+                    })
                 }
                 (true, PdvEvent::End) => {
                     if pdv.last {
@@ -437,7 +485,7 @@ impl<S: StoreService> Listener<S> {
                         .as_mut()
                         .ok_or("a data set arrived without its C-STORE command")?;
                     match event {
-                        PdvEvent::Bytes(bytes) => inc.write(bytes),
+                        PdvEvent::Data(data) => inc.receive(data),
                         PdvEvent::End if pdv.last => {
                             let inc = incoming.take().expect("incoming instance");
                             self.stored(assoc, session, inc, &mut spare)
@@ -466,21 +514,12 @@ impl<S: StoreService> Listener<S> {
         bytes: &[u8],
         pc_id: u8,
         peer: &AssociationPeer,
-        spare: &mut Option<std::fs::File>,
+        spare: &mut Option<Vec<u8>>,
     ) -> Result<Option<Incoming>, String> {
-        let ts = dicom_transfer_syntax_registry::entries::IMPLICIT_VR_LITTLE_ENDIAN.erased();
-        let cmd = InMemDicomObject::read_dataset_with_ts(bytes, &ts)
-            .map_err(|_| "unreadable command set".to_string())?;
-        let u16_of = |tag| cmd.get(tag).and_then(|e| e.to_int::<u16>().ok());
-        let str_of = |tag| {
-            cmd.get(tag)
-                .and_then(|e| e.to_str().ok())
-                .map(|s| s.trim_end_matches(['\0', ' ']).to_string())
-                .unwrap_or_default()
-        };
-        let field = u16_of(tags::COMMAND_FIELD).ok_or("command set without Command Field")?;
-        let id = u16_of(tags::MESSAGE_ID).unwrap_or(0);
-        let sop_class = str_of(tags::AFFECTED_SOP_CLASS_UID);
+        let cmd = Command::read(bytes)?;
+        let field = cmd.field.ok_or("command set without Command Field")?;
+        let id = cmd.message_id.unwrap_or(0);
+        let sop_class = cmd.sop_class;
         match field {
             0x0030 => {
                 let rsp = response(0x8030, id, &sop_class, None, StoreStatus::SUCCESS, None);
@@ -488,7 +527,7 @@ impl<S: StoreService> Listener<S> {
                 Ok(None)
             }
             0x0001 => {
-                let instance = str_of(tags::AFFECTED_SOP_INSTANCE_UID);
+                let instance = cmd.sop_instance;
                 let pc = assoc
                     .presentation_contexts()
                     .iter()
@@ -510,13 +549,10 @@ impl<S: StoreService> Listener<S> {
                 };
                 let mut head = Vec::with_capacity(1024);
                 match write_preamble(&mut head, &inc, &ts_uid, &peer.calling_ae) {
-                    Ok(()) => match Spool::memory(spare.take()) {
-                        Ok(m) => {
-                            inc.spool = Some(m);
-                            inc.write(&head)?;
-                        }
-                        Err(e) => inc.failed = Some(e),
-                    },
+                    Ok(()) => {
+                        inc.spool = Some(Spool::memory(spare.take()));
+                        inc.write(&head)?;
+                    }
                     Err(e) => inc.failed = Some(e),
                 }
                 Ok(Some(inc))
@@ -526,13 +562,14 @@ impl<S: StoreService> Listener<S> {
     }
 
     /// The last fragment of a data set arrived: hand the instance over and answer. A memory
-    /// spool up to [`REUSED_SPOOL`] bytes is kept in `spare` for the next instance.
+    /// spool of up to [`REUSED_SPOOL`] bytes of capacity is kept in `spare` for the next
+    /// instance (when the service kept no clone of it).
     fn stored(
         &self,
         assoc: &mut dicom_ul::ServerAssociation<TcpStream>,
         session: &mut S::Session,
         inc: Incoming,
-        spare: &mut Option<std::fs::File>,
+        spare: &mut Option<Vec<u8>>,
     ) -> Result<(), String> {
         let Incoming {
             pc_id,
@@ -545,29 +582,22 @@ impl<S: StoreService> Listener<S> {
             ..
         } = inc;
         let outcome = match (spool, failed) {
-            (Some(Spool::Memory(file, len)), None) => {
-                use std::os::fd::AsRawFd;
-                // A reused spool may hold more of an earlier instance: cut to this one.
-                match file.set_len(len) {
-                    Ok(()) => {
-                        let path = PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd()));
-                        let outcome = self.service.store(session, &path);
-                        if len <= REUSED_SPOOL {
-                            *spare = Some(file);
-                        }
-                        outcome
+            (Some(Spool::Memory(bytes)), None) => {
+                let shared = Arc::new(bytes);
+                let outcome = self.service.store(session, Received::Memory(&shared));
+                if let Ok(mut b) = Arc::try_unwrap(shared) {
+                    if b.capacity() as u64 <= REUSED_SPOOL {
+                        b.clear();
+                        *spare = Some(b);
                     }
-                    Err(e) => StoreOutcome::refused(
-                        StoreStatus::OUT_OF_RESOURCES,
-                        format!("cannot write the spool file: {}", e.kind()),
-                    ),
                 }
+                outcome
             }
             (Some(Spool::Disk(w)), None) => match w
                 .finish()
                 .and_then(|(w, _)| w.into_inner().map_err(|e| e.into_error()))
             {
-                Ok(file) => self.service.store(session, file.path()),
+                Ok(file) => self.service.store(session, Received::File(file.path())),
                 Err(e) => StoreOutcome::refused(
                     StoreStatus::OUT_OF_RESOURCES,
                     format!("cannot write the spool file: {}", e.kind()),
@@ -598,8 +628,9 @@ impl<S: StoreService> Listener<S> {
 }
 
 /// Reads the PDUs of an established association straight off its socket: a P-DATA-TF PDU's
-/// PDV items are handed on in chunks of one reused buffer as they arrive (dicom-ul's `receive`
-/// copies every PDU three times: into its read buffer, into a `Bytes`, into each PDV's `Vec`);
+/// PDV items are handed on as they arrive ([`PdvData`]: read straight into the memory spool, or
+/// in chunks of one reused buffer; dicom-ul's `receive` copies every PDU three times: into its
+/// read buffer, into a `Bytes`, into each PDV's `Vec`);
 /// any other PDU is read whole (at most 64 KiB) and parsed by dicom-ul. It starts at a PDU
 /// boundary with nothing buffered by dicom-ul: after `establish`, since a requester sends
 /// nothing before its A-ASSOCIATE-AC (one that does is out of step and ends with an error).
@@ -619,10 +650,51 @@ struct PdvHeader {
     last: bool,
 }
 
-/// What [`PduStream::next`] hands on from a PDV item: some of its bytes, then its end.
-enum PdvEvent<'a> {
-    Bytes(&'a [u8]),
+/// What [`PduStream::next`] hands on from a PDV item: its bytes (unless it has none), then its
+/// end.
+enum PdvEvent<'a, 'b> {
+    Data(&'a mut PdvData<'b>),
     End,
+}
+
+/// The bytes of one PDV item, still to be read off the socket: whoever gets them reads all of
+/// them, in chunks of the stream's buffer or straight into a buffer of its own.
+struct PdvData<'a> {
+    socket: &'a mut TcpStream,
+    chunk: &'a mut [u8],
+    left: usize,
+}
+
+impl PdvData<'_> {
+    /// How many bytes are still to be read.
+    fn len(&self) -> usize {
+        self.left
+    }
+
+    /// Reads them in chunks of the stream's buffer, each handed to `f`.
+    fn chunks(&mut self, mut f: impl FnMut(&[u8]) -> Result<(), String>) -> Result<(), String> {
+        while self.left > 0 {
+            let n = self.left.min(self.chunk.len());
+            PduStream::read(self.socket, &mut self.chunk[..n])?;
+            self.left -= n;
+            f(&self.chunk[..n])?;
+        }
+        Ok(())
+    }
+
+    /// Reads them onto the end of `to`, straight from the socket (no copy through the chunk
+    /// buffer; `to` grows only if the caller did not reserve room for them).
+    fn append_to(&mut self, to: &mut Vec<u8>) -> Result<(), String> {
+        let got = (&mut *self.socket)
+            .take(self.left as u64)
+            .read_to_end(to)
+            .map_err(|e| format!("cannot read the next PDU: {}", e.kind()))?;
+        self.left -= got;
+        if self.left > 0 {
+            return Err("cannot read the next PDU: unexpected end of file".into());
+        }
+        Ok(())
+    }
 }
 
 /// P-DATA-TF (PS3.8 9.3.5).
@@ -656,7 +728,7 @@ impl PduStream {
     /// returned.
     fn next(
         &mut self,
-        mut on: impl FnMut(&PdvHeader, PdvEvent<'_>) -> Result<(), String>,
+        mut on: impl FnMut(&PdvHeader, PdvEvent<'_, '_>) -> Result<(), String>,
     ) -> Result<Option<Pdu>, String> {
         let mut head = [0u8; 6];
         Self::read(&mut self.socket, &mut head)?;
@@ -696,12 +768,17 @@ impl PduStream {
                 command: item[5] & 0x01 != 0,
                 last: item[5] & 0x02 != 0,
             };
-            let mut data = item_len - 2;
-            while data > 0 {
-                let n = data.min(self.chunk.len());
-                Self::read(&mut self.socket, &mut self.chunk[..n])?;
-                on(&pdv, PdvEvent::Bytes(&self.chunk[..n]))?;
-                data -= n;
+            if item_len > 2 {
+                let mut data = PdvData {
+                    socket: &mut self.socket,
+                    chunk: &mut self.chunk,
+                    left: item_len - 2,
+                };
+                on(&pdv, PdvEvent::Data(&mut data))?;
+                if data.left > 0 {
+                    // Whoever took them must read them all, or the stream is out of step.
+                    return Err("a PDV item was not read whole".into());
+                }
             }
             on(&pdv, PdvEvent::End)?;
         }
@@ -727,62 +804,62 @@ struct Incoming {
 
 /// Where an arriving instance is spooled.
 enum Spool {
-    /// An anonymous memory file and its length.
-    Memory(std::fs::File, u64),
+    /// A buffer in memory (its length is the instance's so far).
+    Memory(Vec<u8>),
     /// A spool file on disk, sealed at rest.
     Disk(Sealing<std::io::BufWriter<tempfile::NamedTempFile>>),
 }
 
 impl Spool {
-    /// A memory spool: `reuse` (an earlier instance's, written over from its start) or a new one.
-    fn memory(reuse: Option<std::fs::File>) -> Result<Spool, String> {
-        use std::io::Seek;
-        if let Some(mut f) = reuse {
-            if f.seek(std::io::SeekFrom::Start(0)).is_ok() {
-                return Ok(Spool::Memory(f, 0));
-            }
-        }
-        #[cfg(target_os = "linux")]
-        {
-            let fd = rustix::fs::memfd_create("pacs-broker-spool", rustix::fs::MemfdFlags::CLOEXEC)
-                .map_err(|e| {
-                    format!(
-                        "cannot create a memory spool: {}",
-                        std::io::Error::from(e).kind()
-                    )
-                })?;
-            Ok(Spool::Memory(std::fs::File::from(fd), 0))
-        }
-        #[cfg(not(target_os = "linux"))]
-        Err("memory spools need Linux".into())
+    /// A memory spool: `reuse` (an earlier instance's, emptied) or a new one.
+    fn memory(reuse: Option<Vec<u8>>) -> Spool {
+        let mut b = reuse.unwrap_or_default();
+        b.clear();
+        Spool::Memory(b)
     }
 
-    /// A sealed spool file in `dir` holding the first `len` bytes `memory` holds.
-    fn to_disk(
-        memory: &mut std::fs::File,
-        len: u64,
-        dir: &Path,
-        at_rest: &AtRest,
-    ) -> std::io::Result<Spool> {
-        use std::io::Seek;
+    /// A sealed spool file in `dir` holding `memory`'s bytes.
+    fn to_disk(memory: &[u8], dir: &Path, at_rest: &AtRest) -> std::io::Result<Spool> {
         let f = tempfile::Builder::new()
             .prefix("incoming-")
             .tempfile_in(dir)?;
         let mut w = at_rest.writer(std::io::BufWriter::with_capacity(256 * 1024, f))?;
-        memory.seek(std::io::SeekFrom::Start(0))?;
-        std::io::copy(&mut memory.take(len), &mut w)?;
+        w.write_all(memory)?;
         Ok(Spool::Disk(w))
     }
 }
 
 impl Incoming {
+    /// Takes a PDV item's bytes: into the memory spool straight from the socket while they fit
+    /// in it, else through [`Incoming::write`].
+    fn receive(&mut self, data: &mut PdvData<'_>) -> Result<(), String> {
+        if let Some(Spool::Memory(m)) = &mut self.spool {
+            let len = m.len() + data.len();
+            if len as u64 <= MEMORY_SPOOL {
+                Self::make_room(m, len);
+                return data.append_to(m);
+            }
+        }
+        data.chunks(|bytes| self.write(bytes))
+    }
+
+    /// Room for `len` bytes in a memory spool: grown by doubling, but never past MEMORY_SPOOL
+    /// (the bound is on its capacity).
+    fn make_room(m: &mut Vec<u8>, len: usize) {
+        if len > m.capacity() {
+            let want = (m.capacity() * 2).clamp(len, MEMORY_SPOOL as usize);
+            m.reserve_exact(want - m.len());
+        }
+    }
+
     fn write(&mut self, bytes: &[u8]) -> Result<(), String> {
         let Some(spool) = self.spool.as_mut() else {
             return Ok(());
         };
-        if let Spool::Memory(m, len) = spool {
-            if *len + bytes.len() as u64 > MEMORY_SPOOL {
-                match Spool::to_disk(m, *len, &self.disk, &self.at_rest) {
+        if let Spool::Memory(m) = spool {
+            let len = m.len() + bytes.len();
+            if len as u64 > MEMORY_SPOOL {
+                match Spool::to_disk(m, &self.disk, &self.at_rest) {
                     Ok(d) => *spool = d,
                     Err(e) => {
                         self.failed = Some(format!("cannot write the spool file: {}", e.kind()));
@@ -790,12 +867,14 @@ impl Incoming {
                         return Ok(());
                     }
                 }
+            } else {
+                Self::make_room(m, len);
             }
         }
         let written = match spool {
-            Spool::Memory(m, len) => {
-                *len += bytes.len() as u64;
-                m.write_all(bytes)
+            Spool::Memory(m) => {
+                m.extend_from_slice(bytes);
+                Ok(())
             }
             Spool::Disk(w) => w.write_all(bytes),
         };
@@ -804,6 +883,54 @@ impl Incoming {
             self.spool = None;
         }
         Ok(())
+    }
+}
+
+/// The fields of a DIMSE command set the listener reads (PS3.7 9.3, 9.1.5): a command set is a
+/// list of group 0000 elements in implicit VR little endian. Read here rather than by the DICOM
+/// library, which builds a whole object for each message and, ending the set at its end of
+/// input, creates (and, with `RUST_BACKTRACE` set, unwinds the stack for) an error it discards.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Command {
+    field: Option<u16>,
+    message_id: Option<u16>,
+    sop_class: String,
+    sop_instance: String,
+}
+
+impl Command {
+    /// Reads `bytes` (at most 64 KiB, see `messages`); an element longer than what is left,
+    /// or of undefined length, makes the set unreadable.
+    fn read(bytes: &[u8]) -> Result<Command, String> {
+        let unreadable = || "unreadable command set".to_string();
+        let mut cmd = Command::default();
+        let mut rest = bytes;
+        while !rest.is_empty() {
+            let head: &[u8; 8] = rest
+                .get(..8)
+                .and_then(|h| h.try_into().ok())
+                .ok_or_else(unreadable)?;
+            let group = u16::from_le_bytes([head[0], head[1]]);
+            let element = u16::from_le_bytes([head[2], head[3]]);
+            let len = u32::from_le_bytes([head[4], head[5], head[6], head[7]]) as usize;
+            let end = len.checked_add(8).ok_or_else(unreadable)?;
+            let value = rest.get(8..end).ok_or_else(unreadable)?;
+            rest = &rest[end..];
+            let text = || {
+                String::from_utf8_lossy(value)
+                    .trim_end_matches(['\0', ' '])
+                    .to_string()
+            };
+            let us = || (len == 2).then(|| u16::from_le_bytes([value[0], value[1]]));
+            match Tag(group, element) {
+                tags::COMMAND_FIELD => cmd.field = us(),
+                tags::MESSAGE_ID => cmd.message_id = us(),
+                tags::AFFECTED_SOP_CLASS_UID => cmd.sop_class = text(),
+                tags::AFFECTED_SOP_INSTANCE_UID => cmd.sop_instance = text(),
+                _ => {}
+            }
+        }
+        Ok(cmd)
     }
 }
 
@@ -1045,12 +1172,19 @@ mod tests {
                 .next(|pdv, event| {
                     assert_eq!(pdv.pc_id, 3);
                     match event {
-                        PdvEvent::Bytes(b) => {
+                        // The last PDV straight into a buffer, the others in chunks.
+                        PdvEvent::Data(d) if pdv.last && !pdv.command => {
+                            let n = d.len();
+                            d.append_to(&mut data)?;
+                            seen.push((pdv.command, pdv.last, Some(n)));
+                        }
+                        PdvEvent::Data(d) => d.chunks(|b| {
                             if !pdv.command {
                                 data.extend_from_slice(b);
                             }
                             seen.push((pdv.command, pdv.last, Some(b.len())));
-                        }
+                            Ok(())
+                        })?,
                         PdvEvent::End => seen.push((pdv.command, pdv.last, None)),
                     }
                     Ok(())
@@ -1095,6 +1229,100 @@ mod tests {
         let err = stream.next(|_, _| Ok(())).unwrap_err();
         assert!(err.contains("longer than its P-DATA-TF PDU"), "{err}");
         sender.join().unwrap();
+    }
+
+    /// The listener's own command set reader: the fields it needs, padding trimmed; a set cut
+    /// short or an element claiming more than the set holds is unreadable, never a panic.
+    #[test]
+    fn command_sets_are_read_with_every_length_checked() {
+        let cmd = InMemDicomObject::command_from_element_iter(vec![
+            DataElement::new(
+                tags::AFFECTED_SOP_CLASS_UID,
+                VR::UI,
+                PrimitiveValue::from("1.2.840.10008.5.1.4.1.1.2\0"),
+            ),
+            DataElement::new(tags::COMMAND_FIELD, VR::US, dicom_value!(U16, [0x0001])),
+            DataElement::new(tags::MESSAGE_ID, VR::US, dicom_value!(U16, [7])),
+            DataElement::new(tags::PRIORITY, VR::US, dicom_value!(U16, [0])),
+            DataElement::new(tags::COMMAND_DATA_SET_TYPE, VR::US, dicom_value!(U16, [0])),
+            DataElement::new(
+                tags::AFFECTED_SOP_INSTANCE_UID,
+                VR::UI,
+                PrimitiveValue::from("1.2.3.4 "),
+            ),
+        ]);
+        let ts = dicom_transfer_syntax_registry::entries::IMPLICIT_VR_LITTLE_ENDIAN.erased();
+        let mut bytes = Vec::new();
+        cmd.write_dataset_with_ts(&mut bytes, &ts).unwrap();
+        assert_eq!(
+            Command::read(&bytes).unwrap(),
+            Command {
+                field: Some(1),
+                message_id: Some(7),
+                sop_class: "1.2.840.10008.5.1.4.1.1.2".into(),
+                sop_instance: "1.2.3.4".into(),
+            }
+        );
+        let mut cut_inside = 0;
+        for cut in 1..bytes.len() {
+            if Command::read(&bytes[..cut]).is_err() {
+                cut_inside += 1;
+            }
+        }
+        assert!(
+            cut_inside > bytes.len() / 2,
+            "most cuts fall inside an element"
+        );
+        // The first element (the group length) claiming more than the set holds.
+        let mut bad = bytes.clone();
+        bad[4..8].copy_from_slice(&1000u32.to_le_bytes());
+        assert_eq!(Command::read(&bad).unwrap_err(), "unreadable command set");
+        bad[4..8].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(Command::read(&bad).is_err());
+        // No Command Field: read, and the caller refuses it.
+        assert_eq!(Command::read(&[]).unwrap(), Command::default());
+    }
+
+    /// An instance is spooled in memory up to MEMORY_SPOOL bytes (its buffer never grows past
+    /// that) and continues in a spool file sealed at rest beyond: the file holds every byte.
+    #[test]
+    fn an_instance_past_the_memory_spool_continues_in_a_sealed_spool_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let keys = crate::pseudonym::SiteKeys::from_bytes([7; 32], [9; 32]);
+        let at_rest = AtRest::new(&keys, true);
+        let mut inc = Incoming {
+            pc_id: 1,
+            message_id: 1,
+            sop_class: String::new(),
+            sop_instance: String::new(),
+            spool: Some(Spool::memory(Some(vec![9u8; 100]))),
+            failed: None,
+            started: Instant::now(),
+            disk: dir.path().to_path_buf(),
+            at_rest: at_rest.clone(),
+        };
+        let chunk: Vec<u8> = (0..(1u32 << 20)).map(|i| i as u8).collect();
+        for _ in 0..(MEMORY_SPOOL >> 20) {
+            inc.write(&chunk).unwrap();
+        }
+        match &inc.spool {
+            Some(Spool::Memory(m)) => {
+                assert_eq!(m.len() as u64, MEMORY_SPOOL, "a reused spool starts empty");
+                assert!(m.capacity() as u64 <= MEMORY_SPOOL);
+            }
+            _ => panic!("still in memory"),
+        }
+        inc.write(b"the rest").unwrap();
+        assert!(inc.failed.is_none());
+        let Some(Spool::Disk(w)) = inc.spool.take() else {
+            panic!("moved to disk")
+        };
+        let (w, _) = w.finish().unwrap();
+        let file = w.into_inner().map_err(|e| e.into_error()).unwrap();
+        assert!(AtRest::key_id_of(file.path()).unwrap().is_some(), "sealed");
+        let read = at_rest.read(file.path()).unwrap();
+        assert_eq!(read.len() as u64, MEMORY_SPOOL + 8);
+        assert!(read[..chunk.len()] == chunk[..] && read.ends_with(b"the rest"));
     }
 
     #[test]

@@ -10,11 +10,14 @@
 //!
 //! Durable before the answer: an instance up to [`LOG_LIMIT`] bytes is appended, sealed, to the
 //! ingest write-ahead log (`ingest::wal`: its de-identified bytes, its outbox study and file name,
-//! its vault entries; one `fdatasync`), and the answer goes out. The instance's SHA-256 is
-//! computed on a thread of its own meanwhile (in a sealed log the record needs none: its
-//! sealing authenticates it; a plain log's record carries it) and handed to the mover. The mover (a
-//! background thread) then writes the logged instances into their outbox study folders (sealed
-//! files named by the SOP instance token), records their vault entries, makes both durable for
+//! its vault entries; one `fdatasync`), and the answer goes out. An instance the listener holds
+//! in memory is read, de-identified and encoded from there (no file on the way). The instance's
+//! SHA-256 is computed meanwhile by the listener's hashing thread (in a sealed log the record
+//! needs none: its sealing authenticates it; a plain log's record carries it) and handed to the
+//! mover. The mover and the hashing thread run at a lower priority than the association threads
+//! (nice [`super::BACKGROUND_NICE`]): on the path of an acknowledgement are only the association and
+//! the modality. The mover (a background thread) then writes the logged instances into their outbox study folders (sealed
+//! files named by the SOP instance token, their bytes copied from the log inside the kernel), records their vault entries, makes both durable for
 //! a group at once (one file-system flush, the folders fsynced, the vault flushed), marks them
 //! consumed in the log and only then tells the forwarder ([`OpenStudies::arrived`]): no token
 //! reaches the partner before its vault record is durable. At start, [`DimseIngest::with_log`]
@@ -32,11 +35,13 @@ use std::sync::{mpsc, Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use super::wal::{InstanceRecord, Location, Record, Wal};
-use super::{admit_and_deidentify, HeldBack, HeldBackKind, IngestFlow};
+use super::{
+    admit_and_deidentify, admit_and_deidentify_memory, HeldBack, HeldBackKind, IngestFlow,
+};
 use crate::audit::{AuditLog, Event};
 use crate::config::DicomRoute;
 use crate::deid::batch;
-use crate::dicom_net::scp::{AssociationPeer, StoreOutcome, StoreService, StoreStatus};
+use crate::dicom_net::scp::{AssociationPeer, Received, StoreOutcome, StoreService, StoreStatus};
 use crate::pseudonym::Vault;
 use crate::store::outbox::{Outbox, OutboxEntry, OutboxInstance, OutboxState};
 use crate::store::safe_name;
@@ -67,13 +72,19 @@ pub struct DimseIngest {
     log: Option<Logged>,
     /// Plaintext and record buffers kept from one logged instance for the next.
     buffers: Arc<Buffers>,
+    /// Computes the SHA-256 of logged instances beside the log's `fdatasync`.
+    hasher: Hasher,
 }
 
 /// Instances up to this many bytes (as received) go through the write-ahead log; larger ones
 /// are written to the outbox directly (their bytes are not held in memory whole).
 pub const LOG_LIMIT: u64 = 8 << 20;
-/// What the mover reads from the log for one group at most (bounds its memory).
+/// The bytes of one group of the mover at most (records recovered at start are read into
+/// memory; those of a running listener stay in the log until copied out).
 const MOVE_BYTES: usize = 16 << 20;
+/// How many records the mover takes for one group at most: each holds two open files while it
+/// is moved (its log slot, its outbox file), so small instances must not exhaust descriptors.
+const MOVE_RECORDS: usize = 256;
 
 /// The vault while associations are in progress or logged instances wait to be moved, and how
 /// many users it has. It is opened for the first and closed after the last, so that `send` can
@@ -162,6 +173,7 @@ impl DimseIngest {
             hold_for_review,
             log: None,
             buffers: Arc::new(Buffers::default()),
+            hasher: Hasher::default(),
         }
     }
 
@@ -184,7 +196,7 @@ impl DimseIngest {
                 for r in recovered {
                     bytes += r.data.len();
                     group.push(r);
-                    if bytes >= MOVE_BYTES {
+                    if bytes >= MOVE_BYTES || group.len() >= MOVE_RECORDS {
                         mover.apply(std::mem::take(&mut group))?;
                         bytes = 0;
                     }
@@ -209,7 +221,10 @@ impl DimseIngest {
         });
         std::thread::Builder::new()
             .name("ingest-mover".into())
-            .spawn(move || mover.run(rx, pending))
+            .spawn(move || {
+                super::lower_priority();
+                mover.run(rx, pending)
+            })
             .map_err(|e| format!("cannot start the ingest mover: {e}"))?;
         Ok(self)
     }
@@ -267,7 +282,7 @@ impl DimseIngest {
         vault: &Vault,
         peer: &AssociationPeer,
         n: u64,
-        spool: &Path,
+        instance: Received<'_>,
     ) -> Result<(), (HeldBack, StoreStatus)> {
         let started = Instant::now();
         let input = format!("instance {n} from {}", peer.calling_ae);
@@ -282,27 +297,43 @@ impl DimseIngest {
                 status,
             )
         };
-        // The spool file is sealed at rest; the guarded reader reads its plaintext in memory.
-        let view = self.outbox.at_rest().plain_view(spool).map_err(|e| {
-            held(
-                HeldBackKind::Failed,
-                format!("cannot read the spool file: {e}"),
-                StoreStatus::OUT_OF_RESOURCES,
-            )
-        })?;
-        let admitted =
-            admit_and_deidentify(flow, view.path(), Some(&peer.calling_ae)).map_err(|why| {
-                let h = HeldBack::new(input.clone(), None, why);
-                let status = match h.kind {
-                    HeldBackKind::Quarantined => StoreStatus::DEIDENTIFICATION_REFUSED,
-                    HeldBackKind::NotCovered => StoreStatus::NOT_AUTHORIZED,
-                    HeldBackKind::Failed => StoreStatus::CANNOT_UNDERSTAND,
-                };
-                (h, status)
-            })?;
+        let refused = |why| {
+            let h = HeldBack::new(input.clone(), None, why);
+            let status = match h.kind {
+                HeldBackKind::Quarantined => StoreStatus::DEIDENTIFICATION_REFUSED,
+                HeldBackKind::NotCovered => StoreStatus::NOT_AUTHORIZED,
+                HeldBackKind::Failed => StoreStatus::CANNOT_UNDERSTAND,
+            };
+            (h, status)
+        };
+        let (admitted, small) = match instance {
+            // Received in memory: the guarded reader reads it there.
+            Received::Memory(bytes) => {
+                let small = bytes.len() as u64 <= LOG_LIMIT;
+                let admitted =
+                    admit_and_deidentify_memory(flow, bytes.clone(), Some(&peer.calling_ae))
+                        .map_err(refused)?;
+                (admitted, small)
+            }
+            // The spool file is sealed at rest; the guarded reader reads its plaintext in memory.
+            Received::File(spool) => {
+                let view = self.outbox.at_rest().plain_view(spool).map_err(|e| {
+                    held(
+                        HeldBackKind::Failed,
+                        format!("cannot read the spool file: {e}"),
+                        StoreStatus::OUT_OF_RESOURCES,
+                    )
+                })?;
+                let admitted = admit_and_deidentify(flow, view.path(), Some(&peer.calling_ae))
+                    .map_err(refused)?;
+                (
+                    admitted,
+                    std::fs::metadata(spool).is_ok_and(|m| m.len() <= LOG_LIMIT),
+                )
+            }
+        };
         let d = admitted.deidentified;
         let deidentified = started.elapsed();
-        let small = std::fs::metadata(spool).is_ok_and(|m| m.len() <= LOG_LIMIT);
         if let (Some(log), true) = (&self.log, small) {
             return self
                 .log_instance(log, flow, d, admitted.modality, started, deidentified)
@@ -404,7 +435,7 @@ impl DimseIngest {
         // thread while the instance is sealed, logged and made durable: the modality does not
         // wait for it. A sealed record needs no hash (its sealing authenticates it); a plain
         // log computes it first, as the record's integrity check.
-        let mut hashing = log.wal.seals().then(|| PendingHash::start(plain.clone()));
+        let mut hashing = log.wal.seals().then(|| self.hasher.start(plain.clone()));
         let meta = InstanceRecord {
             agreement: flow.agreement.clone(),
             flow: flow.flow.clone(),
@@ -530,37 +561,77 @@ impl Drop for Pooled {
     }
 }
 
-/// The SHA-256 of a logged instance's plaintext, computed on a thread of its own beside the
-/// log's `fdatasync`; the mover takes it.
-/// The thread is detached (not joined): one that has ended frees its stack at once, however far
-/// behind the mover is.
+/// The SHA-256 of a logged instance's plaintext: computed by the listener's hashing thread
+/// ([`Hasher`]) beside the log's `fdatasync`, or already computed; the mover takes it.
 enum PendingHash {
     Computing(mpsc::Receiver<[u8; 32]>),
     Done([u8; 32]),
 }
 
 impl PendingHash {
-    fn start(plain: Arc<Pooled>) -> PendingHash {
-        use sha2::{Digest, Sha256};
-        let job = plain.clone();
-        let (tx, rx) = mpsc::sync_channel(1);
-        let spawned = std::thread::Builder::new()
-            .name("ingest-hash".into())
-            .spawn(move || {
-                let _ = tx.send(Sha256::digest(job.buf.as_slice()).into());
-            });
-        match spawned {
-            Ok(_detached) => PendingHash::Computing(rx),
-            Err(_) => PendingHash::Done(Sha256::digest(plain.buf.as_slice()).into()),
-        }
-    }
-
-    /// The hash (`None` only if its thread failed: the mover then computes it from the record).
+    /// The hash (`None` only if the hashing thread failed: the mover then computes it from the
+    /// record).
     fn wait(self) -> Option<[u8; 32]> {
         match self {
             PendingHash::Computing(rx) => rx.recv().ok(),
             PendingHash::Done(d) => Some(d),
         }
+    }
+}
+
+/// One hashing job: the plaintext, and where its hash goes.
+type HashJob = (Arc<Pooled>, mpsc::SyncSender<[u8; 32]>);
+
+/// The listener's hashing thread, started with the first logged instance and ended when the
+/// listener goes (one thread for all instances, not one per instance: a thread's start and its
+/// stack cost more than a small instance's hash). It runs at a lower priority
+/// ([`super::BACKGROUND_NICE`]): the association threads, which the modalities wait for, come first.
+/// At most [`Hasher::QUEUED`] bytes wait for it; an instance beyond that is hashed at once by its
+/// association thread, so that memory stays bounded however far behind the hashing is.
+#[derive(Default)]
+struct Hasher {
+    jobs: Mutex<Option<mpsc::Sender<HashJob>>>,
+    queued: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Hasher {
+    const QUEUED: usize = 16 << 20;
+
+    fn start(&self, plain: Arc<Pooled>) -> PendingHash {
+        use sha2::{Digest, Sha256};
+        use std::sync::atomic::Ordering;
+        let len = plain.buf.len();
+        if self.queued.load(Ordering::Relaxed) + len <= Self::QUEUED {
+            let mut jobs = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
+            if jobs.is_none() {
+                let (tx, rx) = mpsc::channel::<HashJob>();
+                let queued = self.queued.clone();
+                let spawned = std::thread::Builder::new()
+                    .name("ingest-hash".into())
+                    .spawn(move || {
+                        super::lower_priority();
+                        for (plain, done) in rx {
+                            let digest = Sha256::digest(plain.buf.as_slice()).into();
+                            queued.fetch_sub(plain.buf.len(), Ordering::Relaxed);
+                            drop(plain);
+                            let _ = done.send(digest);
+                        }
+                    });
+                if spawned.is_ok() {
+                    *jobs = Some(tx);
+                }
+            }
+            if let Some(tx) = jobs.as_ref() {
+                let (done, rx) = mpsc::sync_channel(1);
+                self.queued.fetch_add(len, Ordering::Relaxed);
+                if tx.send((plain.clone(), done)).is_ok() {
+                    return PendingHash::Computing(rx);
+                }
+                self.queued.fetch_sub(len, Ordering::Relaxed);
+                *jobs = None;
+            }
+        }
+        PendingHash::Done(Sha256::digest(plain.buf.as_slice()).into())
     }
 }
 
@@ -582,7 +653,7 @@ impl Mover {
         while let Ok(first) = rx.recv() {
             let mut group = vec![first];
             let mut bytes = 0usize;
-            while bytes < MOVE_BYTES {
+            while bytes < MOVE_BYTES && group.len() < MOVE_RECORDS {
                 match rx.try_recv() {
                     Ok(logged) => {
                         bytes += (logged.0.end.offset - logged.0.start.offset) as usize;
@@ -602,12 +673,20 @@ impl Mover {
                 let moved = group
                     .iter()
                     .map(|(at, hash)| {
-                        let mut r = self.wal.read(*at).map_err(|e| e.to_string())?;
-                        r.meta.sha256 = r.meta.sha256.or_else(|| hash.clone());
-                        Ok(r)
+                        // The data stays in the log and is copied from there by the kernel;
+                        // a record without its hash is read, to get it from its data.
+                        let mut l = self.wal.read_in_log(*at).map_err(|e| e.to_string())?;
+                        l.record.meta.sha256 = l.record.meta.sha256.or_else(|| hash.clone());
+                        if l.record.meta.sha256.is_some() {
+                            return Ok(Moving::InLog(l));
+                        }
+                        self.wal
+                            .read(*at)
+                            .map(Moving::Read)
+                            .map_err(|e| e.to_string())
                     })
                     .collect::<Result<Vec<_>, String>>()
-                    .and_then(|records| self.apply(records));
+                    .and_then(|records| self.apply_moving(records));
                 match moved {
                     Ok(()) => break,
                     Err(e) => {
@@ -628,13 +707,22 @@ impl Mover {
     /// Writes a group of records into their outbox study folders and records their vault
     /// entries; makes all of it durable (one flush for the group); marks them consumed in the
     /// log; then tells the forwarder. The vault must be in use (acquired) by the caller.
-    fn apply(&self, mut records: Vec<Record>) -> Result<(), String> {
+    fn apply(&self, records: Vec<Record>) -> Result<(), String> {
+        self.apply_moving(records.into_iter().map(Moving::Read).collect())
+    }
+
+    /// [`Mover::apply`] of records read whole or left in the log.
+    fn apply_moving(&self, mut records: Vec<Moving>) -> Result<(), String> {
         if records.is_empty() {
             return Ok(());
         }
         // A record whose hash was not computed beside the log gets it from its data.
-        for r in records.iter_mut().filter(|r| r.meta.sha256.is_none()) {
-            self.wal.verify(r).map_err(|e| e.to_string())?;
+        for m in records.iter_mut() {
+            if let Moving::Read(r) = m {
+                if r.meta.sha256.is_none() {
+                    self.wal.verify(r).map_err(|e| e.to_string())?;
+                }
+            }
         }
         let vault = self
             .vault
@@ -645,7 +733,8 @@ impl Mover {
             .clone()
             .ok_or("the vault is not open")?;
         let mut staged = Vec::with_capacity(records.len());
-        for r in &records {
+        for m in &records {
+            let r = m.record();
             let route = StudyRoute {
                 agreement: r.meta.agreement.clone(),
                 flow: r.meta.flow.clone(),
@@ -663,8 +752,11 @@ impl Mover {
                 .suffix(".part")
                 .tempfile_in(&dir)
                 .map_err(|e| format!("cannot create an outbox file: {}", e.kind()))?;
-            std::io::Write::write_all(tmp.as_file_mut(), &r.data)
-                .map_err(|e| format!("cannot write an outbox file: {}", e.kind()))?;
+            match m {
+                Moving::Read(r) => std::io::Write::write_all(tmp.as_file_mut(), &r.data),
+                Moving::InLog(l) => l.copy_to(tmp.as_file()),
+            }
+            .map_err(|e| format!("cannot write an outbox file: {}", e.kind()))?;
             for (token, entry) in &r.meta.vault_entries {
                 vault
                     .record(&r.meta.agreement, token, entry)
@@ -678,8 +770,8 @@ impl Mover {
                 .filter_map(|(t, _, _)| t.as_ref().map(|t| t.as_file())),
         )?;
         let mut dirs = BTreeSet::new();
-        for ((tmp, dir, _), r) in staged.iter_mut().zip(&records) {
-            let target = dir.join(&r.meta.file);
+        for ((tmp, dir, _), m) in staged.iter_mut().zip(&records) {
+            let target = dir.join(&m.record().meta.file);
             tmp.take()
                 .expect("staged once")
                 .persist(&target)
@@ -693,13 +785,17 @@ impl Mover {
         vault
             .flush()
             .map_err(|_| "the vault could not be flushed".to_string())?;
-        if let Some(last) = records.iter().rfind(|r| r.location.slot != usize::MAX) {
+        if let Some(last) = records
+            .iter()
+            .map(Moving::record)
+            .rfind(|r| r.location.slot != usize::MAX)
+        {
             self.wal
                 .consumed(last.location.end)
                 .map_err(|e| e.to_string())?;
         }
         for ((_, dir, route), r) in staged.into_iter().zip(records) {
-            let m = r.meta;
+            let m = r.into_record().meta;
             let instance = OutboxInstance {
                 file: m.file,
                 sha256: m.sha256.unwrap_or_default(),
@@ -710,6 +806,29 @@ impl Mover {
                 .arrived(&route, &m.study, dir, instance, m.modality, m.patient_token);
         }
         Ok(())
+    }
+}
+
+/// A record being moved: read whole (recovered at start, or without its hash), or its meta with
+/// its data left in the log.
+enum Moving {
+    Read(Record),
+    InLog(super::wal::InLog),
+}
+
+impl Moving {
+    fn record(&self) -> &Record {
+        match self {
+            Moving::Read(r) => r,
+            Moving::InLog(l) => &l.record,
+        }
+    }
+
+    fn into_record(self) -> Record {
+        match self {
+            Moving::Read(r) => r,
+            Moving::InLog(l) => l.record,
+        }
     }
 }
 
@@ -774,7 +893,7 @@ impl StoreService for DimseIngest {
         }
     }
 
-    fn store(&self, s: &mut Session, spool: &Path) -> StoreOutcome {
+    fn store(&self, s: &mut Session, instance: Received<'_>) -> StoreOutcome {
         s.received += 1;
         let n = s.received;
         let (flow, vault) = match &s.flow {
@@ -796,18 +915,23 @@ impl StoreService for DimseIngest {
                 return StoreOutcome::refused(*status, why.clone());
             }
         };
-        match self.take(&flow, &vault, &s.peer, n, spool) {
+        match self.take(&flow, &vault, &s.peer, n, instance) {
             Ok(()) => {
                 s.stored += 1;
                 StoreOutcome::Stored
             }
             Err((mut held, status)) => {
                 if held.kind == HeldBackKind::Quarantined {
-                    // Held for review before the spool file goes (it is deleted once answered);
-                    // the answer stays a failure status: nothing quarantined is acknowledged.
-                    held.path = Some(spool.to_path_buf());
-                    (self.hold_for_review)(&flow, s.peer.calling_ae.trim(), &mut held);
-                    held.path = None;
+                    // Held for review before the spool goes (it is gone once answered); the
+                    // answer stays a failure status: nothing quarantined is acknowledged.
+                    let reviewed = instance.with_path(|spool| {
+                        held.path = Some(spool.to_path_buf());
+                        (self.hold_for_review)(&flow, s.peer.calling_ae.trim(), &mut held);
+                        held.path = None;
+                    });
+                    if let Err(e) = reviewed {
+                        tracing::error!(error = %e.kind(), "a quarantined instance could not be held for review");
+                    }
                 }
                 tracing::warn!(calling_ae = %s.peer.calling_ae, instance = n, outcome = held.kind.describe(), reason = %held.reason, "instance held back");
                 self.audit(
@@ -1204,6 +1328,32 @@ mod tests {
         assert_eq!(e.instances[1].sha256, hex::encode([3u8; 32]));
         assert_eq!(e.patient_tokens, vec!["p".to_string()]);
         assert_eq!(e.modalities, vec!["CT".to_string()]);
+    }
+
+    /// The hashing thread computes the SHA-256 of what is queued; once [`Hasher::QUEUED`] bytes
+    /// wait for it, the next instance is hashed at once instead (memory stays bounded).
+    #[test]
+    fn the_hashing_queue_is_bounded_and_beyond_it_the_hash_is_computed_at_once() {
+        use sha2::{Digest, Sha256};
+        use std::sync::atomic::Ordering;
+        let pool = Arc::new(Buffers::default());
+        let plain = |n: u8| {
+            Arc::new(Pooled {
+                buf: vec![n; 100_000],
+                pool: pool.clone(),
+            })
+        };
+        let want = |n: u8| -> [u8; 32] { Sha256::digest(vec![n; 100_000]).into() };
+        let hasher = Hasher::default();
+        let queued = hasher.start(plain(1));
+        assert!(matches!(queued, PendingHash::Computing(_)));
+        assert_eq!(queued.wait(), Some(want(1)));
+        hasher.queued.store(Hasher::QUEUED, Ordering::Relaxed);
+        let at_once = hasher.start(plain(2));
+        assert!(matches!(at_once, PendingHash::Done(_)), "over the bound");
+        assert_eq!(at_once.wait(), Some(want(2)));
+        hasher.queued.store(0, Ordering::Relaxed);
+        assert_eq!(hasher.start(plain(3)).wait(), Some(want(3)));
     }
 
     /// Instances acknowledged through the log and not moved when the node stopped are moved at

@@ -5,7 +5,8 @@
 //! Owns: resolving an agreement's flow for sending ([`IngestFlow::resolve`], with errors a user
 //! can act on), the admission rule ([`admit`]: the flow's study selector, `select.source_aes`
 //! included), the sources — files ([`files`]: parallel, pixel data copied by the kernel, grouped
-//! durable commits; used by `send`) and DIMSE ([`dimse`]: one instance at a time, durable before
+//! durable commits; used by `send`) and DIMSE ([`dimse`]: one instance at a time, read from the
+//! listener's memory spool ([`admit_and_deidentify_memory`]) or its spool file, durable before
 //! it is acknowledged, through the write-ahead log [`wal`]; used by the DICOM listener) — and [`HeldBack`], the one record of why an input did not go (quarantined, not
 //! covered by the flow, failed) with the input it came from.
 //!
@@ -277,6 +278,70 @@ pub fn admit_and_deidentify(
         deidentified,
         modality,
     })
+}
+
+/// [`admit_and_deidentify`] of an instance held in memory: a whole Part 10 file, as the DICOM
+/// listener received it. The same guarded reader reads it from the bytes
+/// ([`crate::deid::guard::read_guarded_split_memory`]: the same walk, checks and parse), then the
+/// same steps as `deid::batch::read_and_deidentify` (pixel values parsed only when
+/// de-identification needs them, `admit` before de-identification, a panic in the parser
+/// contained as a failure); the pixel data stays in `bytes` until the output is encoded.
+pub fn admit_and_deidentify_memory(
+    flow: &IngestFlow,
+    bytes: std::sync::Arc<Vec<u8>>,
+    source_ae: Option<&str>,
+) -> Result<Admitted, NotDeidentified> {
+    use crate::deid::DeidError;
+    let mut modality = None;
+    let run = std::panic::AssertUnwindSafe(|| {
+        let failed = |reason| NotDeidentified::Failed { reason };
+        let (mut obj, mut pixels) =
+            crate::deid::guard::read_guarded_split_memory(bytes).map_err(failed)?;
+        if let Some(source) = pixels.take_if(|_| flow.deid.needs_pixel_values(&obj)) {
+            obj = source.parse_whole().map_err(failed)?;
+        }
+        let facts = study_facts(&obj, source_ae);
+        modality = facts.modalities.first().cloned();
+        admit(&flow.select, &facts).map_err(|reason| NotDeidentified::NotAdmitted { reason })?;
+        let mut d = flow.deid.deidentify(obj).map_err(|e| match e {
+            DeidError::Quarantined { reason } => NotDeidentified::Quarantined { reason },
+            DeidError::Malformed { reason } => NotDeidentified::Failed {
+                reason: format!("malformed: {reason}"),
+            },
+        })?;
+        d.pixel_data = pixels;
+        Ok(d)
+    });
+    let deidentified = std::panic::catch_unwind(run).unwrap_or_else(|_| {
+        Err(NotDeidentified::Failed {
+            reason: "malformed: the DICOM parser gave up on this file (internal error contained)"
+                .into(),
+        })
+    })?;
+    Ok(Admitted {
+        deidentified,
+        modality,
+    })
+}
+
+/// The nice value of the DICOM listener's background threads (the mover, the hashing thread,
+/// the log's slot preparation): on two
+/// cores, the association thread, the modality sending to it and these compete, and only the
+/// first two are on the path of an acknowledgement. They still get what the association leaves
+/// (it waits for the modality's next instance and for each `fdatasync`), and all of a core when
+/// the association is idle.
+pub const BACKGROUND_NICE: i32 = 10;
+
+/// Lowers the calling thread's priority to [`BACKGROUND_NICE`] (Linux: nice is per thread). Best
+/// effort: a failure leaves the thread as it was.
+pub(crate) fn lower_priority() {
+    #[cfg(target_os = "linux")]
+    {
+        let me = rustix::thread::gettid();
+        if let Err(e) = rustix::process::setpriority_process(Some(me), BACKGROUND_NICE) {
+            tracing::debug!(error = %e, "cannot lower a background thread's priority");
+        }
+    }
 }
 
 #[cfg(test)]

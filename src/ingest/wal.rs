@@ -42,8 +42,9 @@
 //! leaves a record whose header, meta or data does not verify: it was never acknowledged (the
 //! answer follows the `fdatasync`) and is dropped at start. A slot is reused once the
 //! checkpoint is past all its records. Two slots are prepared (their zeros written) in the
-//! background when the log opens; another is created, up to [`MAX_SLOTS`], only when a roll
-//! finds none free, and meanwhile the caller makes the instance durable the slower way.
+//! background when the log opens; another is created in the background, up to [`MAX_SLOTS`],
+//! when a roll takes the last free one (or finds none free: the caller then makes the instance
+//! durable the slower way).
 
 use std::fs;
 use std::io::Read;
@@ -58,8 +59,10 @@ use crate::store::sealed::{AtRest, MAGIC as SEALED_MAGIC};
 
 /// Bytes of one slot file.
 pub const SLOT_BYTES: u64 = 32 << 20;
-/// Slot files at most (the log never takes more than `MAX_SLOTS * SLOT_BYTES` of disk).
-pub const MAX_SLOTS: usize = 4;
+/// Slot files at most (the log never takes more than `MAX_SLOTS * SLOT_BYTES` of disk: 512 MiB).
+/// Enough for a whole large study (a 500-slice CT is about 263 MB) to be acknowledged through
+/// the log while the mover, which runs at a lower priority than the listener, is behind.
+pub const MAX_SLOTS: usize = 16;
 /// Slot files prepared when the log opens.
 pub const READY_SLOTS: usize = 2;
 const PAGE: u64 = 4096;
@@ -148,6 +151,34 @@ pub struct Record {
     pub location: Location,
     pub meta: InstanceRecord,
     pub data: Vec<u8>,
+}
+
+/// A record read by [`Wal::read_in_log`]: its meta (`record.data` is empty) and where its data
+/// is in its slot file.
+#[derive(Debug)]
+pub struct InLog {
+    pub record: Record,
+    file: fs::File,
+    data: std::ops::Range<u64>,
+}
+
+impl InLog {
+    /// Copies the record's data (sealed instance bytes) to the end of `to`; fails if the slot
+    /// no longer holds them all.
+    pub fn copy_to(&self, mut to: &fs::File) -> std::io::Result<()> {
+        use std::io::Seek;
+        let len = self.data.end - self.data.start;
+        let mut from = &self.file;
+        from.seek(std::io::SeekFrom::Start(self.data.start))?;
+        let copied = std::io::copy(&mut from.take(len), &mut to)?;
+        if copied != len {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "the log slot ends inside the record",
+            ));
+        }
+        Ok(())
+    }
 }
 
 struct Slot {
@@ -421,6 +452,21 @@ impl Wal {
         slot: usize,
         start: Position,
     ) -> Result<Option<Record>, WalError> {
+        Ok(self
+            .read_record_at(file, path, slot, start, true)?
+            .map(|(r, _)| r))
+    }
+
+    /// [`Wal::read_at`], with the record's data read (`with_data`) or left in the log (the
+    /// record's `data` then empty); with where the data is in the slot file.
+    fn read_record_at(
+        &self,
+        file: &fs::File,
+        path: &Path,
+        slot: usize,
+        start: Position,
+        with_data: bool,
+    ) -> Result<Option<(Record, std::ops::Range<u64>)>, WalError> {
         let damaged = |reason: &str| WalError::Damaged {
             path: path.to_owned(),
             offset: start.offset,
@@ -446,8 +492,20 @@ impl Wal {
         if end > SLOT_BYTES {
             return Err(damaged("longer than its slot"));
         }
-        let mut data = vec![0u8; data_len as usize];
-        file.read_exact_at(&mut data, body).map_err(io_at(path))?;
+        // Read into fresh capacity, not a zeroed buffer: zeroing it cost the mover about as
+        // much CPU as the read itself.
+        let mut data = Vec::new();
+        if with_data {
+            data.reserve_exact(data_len as usize);
+            let mut from = file;
+            std::io::Seek::seek(&mut from, std::io::SeekFrom::Start(body)).map_err(io_at(path))?;
+            from.take(u64::from(data_len))
+                .read_to_end(&mut data)
+                .map_err(io_at(path))?;
+            if data.len() != data_len as usize {
+                return Err(damaged("the slot ends inside the record"));
+            }
+        }
         let mut meta = vec![0u8; meta_len as usize];
         file.read_exact_at(&mut meta, body + data_len as u64)
             .map_err(io_at(path))?;
@@ -456,7 +514,7 @@ impl Wal {
             .map_err(|e| damaged(&format!("meta: {e}")))?;
         let meta: InstanceRecord =
             serde_json::from_slice(&meta).map_err(|_| damaged("meta is not a record"))?;
-        Ok(Some(Record {
+        let record = Record {
             location: Location {
                 slot,
                 start,
@@ -467,7 +525,8 @@ impl Wal {
             },
             meta,
             data,
-        }))
+        };
+        Ok(Some((record, body..body + u64::from(data_len))))
     }
 
     fn open_sealed(&self, bytes: &[u8], path: &Path) -> Result<Vec<u8>, String> {
@@ -539,7 +598,6 @@ impl Wal {
         data: &[u8],
         mut rec: Vec<u8>,
     ) -> Result<(Vec<u8>, InstanceRecord), WalError> {
-        use std::io::Write;
         let path = self.dir.clone();
         let fail = |reason: String| WalError::Io {
             path: path.clone(),
@@ -550,9 +608,10 @@ impl Wal {
         rec.clear();
         rec.reserve(HEADER + data.len() + segments * SEAL_TAG + 8192);
         rec.resize(HEADER, 0);
-        let mut w = self.at_rest.writer(&mut rec).map_err(io_at(&path))?;
-        w.write_all(data).map_err(io_at(&path))?;
-        w.finish().map_err(io_at(&path))?;
+        // Sealed in place in the record: one copy of the instance.
+        self.at_rest
+            .seal_into(data, &mut rec)
+            .map_err(io_at(&path))?;
         let data_len = rec.len() - HEADER;
         meta.size = data.len() as u64;
         if self.at_rest.seals() {
@@ -561,9 +620,9 @@ impl Wal {
             meta.sha256 = Some(hex::encode(Sha256::digest(data)));
         }
         let json = serde_json::to_vec(&meta).map_err(|e| fail(e.to_string()))?;
-        let mut w = self.at_rest.writer(&mut rec).map_err(io_at(&path))?;
-        w.write_all(&json).map_err(io_at(&path))?;
-        w.finish().map_err(io_at(&path))?;
+        self.at_rest
+            .seal_into(&json, &mut rec)
+            .map_err(io_at(&path))?;
         let meta_len = rec.len() - HEADER - data_len;
         let too_large = || fail("the record is too large".into());
         let data_len = u32::try_from(data_len).map_err(|_| too_large())?;
@@ -633,7 +692,8 @@ impl Wal {
     }
 
     /// Retires the active slot and starts the next generation in a free one; false when none
-    /// is free (one is then created in the background, up to [`MAX_SLOTS`]).
+    /// is free. When none is free, or none is left after this one, another is created in the
+    /// background, up to [`MAX_SLOTS`].
     fn roll(&self, w: &mut Writer) -> Result<bool, WalError> {
         let created: Vec<Slot> =
             std::mem::take(&mut *self.created.lock().unwrap_or_else(|p| p.into_inner()));
@@ -642,16 +702,21 @@ impl Wal {
             w.idle.push(slot);
         }
         let (consumed, _) = *self.consumed.lock().unwrap_or_else(|p| p.into_inner());
-        let free = w.idle.iter().position(|s| {
+        let is_free = |s: &Slot| {
             s.generation == 0
                 || s.generation < consumed.generation
                 || (s.generation == consumed.generation && s.end <= consumed.offset)
-        });
-        let Some(i) = free else {
+        };
+        let Some(i) = w.idle.iter().position(is_free) else {
             self.create_in_background(w);
             return Ok(false);
         };
         let mut slot = w.idle.swap_remove(i);
+        if !w.idle.iter().any(is_free) {
+            // The last free one: the next is prepared now, so that the next roll finds one
+            // (while the mover is behind) rather than sending instances the slower way.
+            self.create_in_background(w);
+        }
         let generation = w.next_generation;
         let path = slot_path(&self.dir, slot.index);
         slot.file
@@ -673,9 +738,12 @@ impl Wal {
         let (dir, created) = (self.dir.clone(), self.created.clone());
         let spawned = std::thread::Builder::new()
             .name("ingest-log-slot".into())
-            .spawn(move || match create_slot(&dir, index) {
-                Ok(slot) => created.lock().unwrap_or_else(|p| p.into_inner()).push(slot),
-                Err(e) => tracing::warn!(error = %e, "cannot create an ingest log slot"),
+            .spawn(move || {
+                super::lower_priority();
+                match create_slot(&dir, index) {
+                    Ok(slot) => created.lock().unwrap_or_else(|p| p.into_inner()).push(slot),
+                    Err(e) => tracing::warn!(error = %e, "cannot create an ingest log slot"),
+                }
             });
         if spawned.is_err() {
             w.taken[index] = false;
@@ -703,6 +771,22 @@ impl Wal {
                 offset: at.start.offset,
                 reason: "the record is gone".into(),
             })
+    }
+
+    /// Reads a record's meta and leaves its data in the log: [`InLog::copy_to`] copies it into
+    /// a file inside the kernel (`copy_file_range`), never through memory of ours (the mover:
+    /// no buffer to fill and no second copy of each instance).
+    pub fn read_in_log(&self, at: Location) -> Result<InLog, WalError> {
+        let path = slot_path(&self.dir, at.slot);
+        let file = fs::File::open(&path).map_err(io_at(&path))?;
+        let (record, data) = self
+            .read_record_at(&file, &path, at.slot, at.start, false)?
+            .ok_or_else(|| WalError::Damaged {
+                path: path.clone(),
+                offset: at.start.offset,
+                reason: "the record is gone".into(),
+            })?;
+        Ok(InLog { record, file, data })
     }
 
     /// Every record before `upto` has been moved and made durable elsewhere: records the
@@ -909,6 +993,31 @@ pub(crate) mod tests {
             .expect("damage is an error");
         assert!(err.to_string().contains("does not verify"), "{err}");
         assert!(!err.to_string().contains("SECRET"), "{err}");
+    }
+
+    /// A record left in the log ([`Wal::read_in_log`]) has the meta of the record read whole, and
+    /// its data copied into a file is the data read whole.
+    #[test]
+    fn a_record_left_in_the_log_is_copied_out_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let (wal, _) = Wal::open(dir.path(), at_rest()).unwrap();
+        wal.replayed().unwrap();
+        wal.warm_up();
+        let at = [append(&wal, 1, 200_000), append(&wal, 2, 7)];
+        for at in at {
+            let whole = wal.read(at).unwrap();
+            let left = wal.read_in_log(at).unwrap();
+            assert!(left.record.data.is_empty());
+            assert_eq!(left.record.meta, whole.meta);
+            assert_eq!(left.record.location, whole.location);
+            let out = tempfile::tempfile().unwrap();
+            std::io::Write::write_all(&mut &out, b"x").unwrap();
+            left.copy_to(&out).unwrap();
+            let mut copied = Vec::new();
+            std::io::Seek::seek(&mut &out, std::io::SeekFrom::Start(1)).unwrap();
+            std::io::Read::read_to_end(&mut &out, &mut copied).unwrap();
+            assert_eq!(copied, whole.data);
+        }
     }
 
     #[test]

@@ -2,8 +2,8 @@
 //!
 //! Owns [`WithResults`], a [`StoreService`] around the listener's ordinary one (the ingest
 //! pipeline of `[[dicom.routes]]`): every C-STORE is first asked "is this a result on a study
-//! this site received?" — its plaintext (the spool file is sealed at rest) read through the
-//! guarded reader (`deid::guard`), recognised by
+//! this site received?" — read through the guarded reader (`deid::guard`) from the listener's
+//! memory spool, or as the plaintext of its spool file (sealed at rest), recognised by
 //! [`super::recognise`] — and if so it is queued durably to go home ([`super::queue`]) and only
 //! then acknowledged; it never enters a route. An instance on a study this site did not receive
 //! goes to the routes as before; on a listener without routes it is refused here, with the reason
@@ -14,7 +14,6 @@
 //!
 //! Does not own: the association (`dicom_net::scp`) or sending results home (the node's worker).
 
-use std::path::Path;
 use std::sync::Arc;
 
 use dicom_object::mem::InMemDicomObject;
@@ -23,7 +22,7 @@ use super::queue::ReturnQueue;
 use super::recognise::ReturnTarget;
 use super::ResultError;
 use crate::audit::{AuditLog, Event};
-use crate::dicom_net::scp::{AssociationPeer, StoreOutcome, StoreService, StoreStatus};
+use crate::dicom_net::scp::{AssociationPeer, Received, StoreOutcome, StoreService, StoreStatus};
 
 /// Recognises a result (the node's store and agreements behind it).
 pub type Recogniser =
@@ -73,7 +72,7 @@ impl ResultIntake {
     }
 
     /// `Some(answer)` when the instance is (or claims to be) a result; `None` to pass it on.
-    fn take(&self, peer: &AssociationPeer, spool: &Path) -> Option<StoreOutcome> {
+    fn take(&self, peer: &AssociationPeer, instance: Received<'_>) -> Option<StoreOutcome> {
         if !(self.may_return)() {
             return (!self.has_routes).then(|| {
                 StoreOutcome::refused(
@@ -84,12 +83,15 @@ impl ResultIntake {
         }
         // The listener seals its spool (encryption at rest): read the plaintext through the
         // same keys, in memory, never a decrypted copy on disk.
-        let read = self
-            .queue
-            .at_rest()
-            .plain_view(spool)
-            .map_err(|e| e.to_string())
-            .and_then(|view| crate::deid::guard::read_guarded_split(view.path()));
+        let read = match instance {
+            Received::Memory(bytes) => crate::deid::guard::read_guarded_split_memory(bytes.clone()),
+            Received::File(spool) => self
+                .queue
+                .at_rest()
+                .plain_view(spool)
+                .map_err(|e| e.to_string())
+                .and_then(|view| crate::deid::guard::read_guarded_split(view.path())),
+        };
         let obj = match read {
             Ok((obj, _pixels)) => obj,
             Err(_) if self.has_routes => return None,
@@ -120,10 +122,17 @@ impl ResultIntake {
             "result {} on study {} to site:{}",
             target.sop_instance_uid, target.study_token, target.origin
         );
-        match self
-            .queue
-            .add(spool, &target, super::queue::ReturnState::Pending)
-        {
+        let added = instance
+            .with_path(|spool| {
+                self.queue
+                    .add(spool, &target, super::queue::ReturnState::Pending)
+            })
+            .map_err(|source| crate::store::StoreError::Io {
+                path: "memory spool".into(),
+                source,
+            })
+            .and_then(|added| added);
+        match added {
             Ok(_) => {
                 self.audit(
                     peer,
@@ -161,10 +170,10 @@ impl<S: StoreService> StoreService for WithResults<S> {
         }
     }
 
-    fn store(&self, session: &mut Self::Session, spool: &Path) -> StoreOutcome {
-        match self.intake.take(&session.peer, spool) {
+    fn store(&self, session: &mut Self::Session, instance: Received<'_>) -> StoreOutcome {
+        match self.intake.take(&session.peer, instance) {
             Some(outcome) => outcome,
-            None => self.inner.store(&mut session.inner, spool),
+            None => self.inner.store(&mut session.inner, instance),
         }
     }
 

@@ -198,6 +198,37 @@ impl<W: Write> Write for SealedWriter<W> {
     }
 }
 
+impl SealedWriter<&mut Vec<u8>> {
+    /// Seals `data` as the whole rest of the file, each segment copied once into the output
+    /// vector and sealed there in place (through [`SealedWriter::write`] it is copied twice:
+    /// into the segment buffer, then out of it). The same bytes as `write_all(data)` then
+    /// `finish()`: every segment but the last full, the last one flagged as last.
+    fn seal_all_in_place(mut self, data: &[u8]) -> io::Result<u64> {
+        debug_assert!(self.buf.is_empty() && self.counter == 0);
+        if data.is_empty() {
+            self.seal_segment(true)?;
+            return Ok(0);
+        }
+        let mut segments = data.chunks(SEGMENT).peekable();
+        while let Some(segment) = segments.next() {
+            let last = segments.peek().is_none();
+            let n = nonce(&self.prefix, self.counter, last);
+            let at = self.inner.len();
+            self.inner.extend_from_slice(segment);
+            let tag = self
+                .cipher
+                .seal_in_place_separate_tag(n, Aad::from(&self.header[..]), &mut self.inner[at..])
+                .map_err(|_| io::Error::other("AES-GCM refused a segment"))?;
+            self.inner.extend_from_slice(tag.as_ref());
+            self.counter = self
+                .counter
+                .checked_add(1)
+                .ok_or_else(|| io::Error::other("sealed file too large (2^32 segments)"))?;
+        }
+        Ok(data.len() as u64)
+    }
+}
+
 /// Reads a sealed file, authenticating each segment before any of its bytes are returned.
 pub struct SealedReader<R: Read> {
     inner: R,
@@ -481,6 +512,20 @@ impl AtRest {
             }
             _ => Ok(Sealing::Plain(inner, 0)),
         }
+    }
+
+    /// Appends to `out` what [`AtRest::writer`] writes for the whole of `plain` (sealed under the
+    /// current data key, or plain), sealing each segment in place in `out`: for a buffer in
+    /// memory (the DICOM listener's log records) one copy of the plaintext instead of two.
+    pub fn seal_into(&self, plain: &[u8], out: &mut Vec<u8>) -> io::Result<()> {
+        match (&self.keys, self.seal) {
+            (Some(keys), true) => {
+                let (id, key) = keys.current_data_key();
+                SealedWriter::new(out, &id, &key)?.seal_all_in_place(plain)?;
+            }
+            _ => out.extend_from_slice(plain),
+        }
+        Ok(())
     }
 
     /// Opens what `inner` holds, sealed or plain (`path` names it in errors).
@@ -820,6 +865,14 @@ mod tests {
             assert!(s.starts_with(MAGIC));
             assert!(!s.windows(16).any(|w| data.len() >= 16 && w == &data[..16]));
             assert_eq!(open(&k, &s).unwrap(), data, "size {n}");
+            // Sealed in place into a buffer: the same layout, read the same.
+            let mut into = b"before".to_vec();
+            AtRest::new(&k, true).seal_into(&data, &mut into).unwrap();
+            assert_eq!(into.len() - 6, s.len(), "size {n}");
+            assert_eq!(open(&k, &into[6..]).unwrap(), data, "size {n}");
+            let mut plain = Vec::new();
+            AtRest::new(&k, false).seal_into(&data, &mut plain).unwrap();
+            assert_eq!(plain, data);
         }
     }
 
