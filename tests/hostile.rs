@@ -220,7 +220,7 @@ fn chunks(transfer_id: &str, inst: &[OutgoingInstance]) -> Vec<TransferChunk> {
             transfer_id: String::new(),
             instance_sha256: i.sha256.to_vec(),
             offset: 0,
-            data: std::fs::read(&i.path).unwrap(),
+            data: std::fs::read(&i.path).unwrap().into(),
             last: true,
         });
     }

@@ -193,16 +193,18 @@ pub trait Store: Send + Sync + 'static {
         sealed::AtRest::plain()
     }
     /// Where the receiver writes the plaintext of an instance as it arrives, when the inbox copy
-    /// is the stored copy (inbox delivery with encryption at rest): a fresh hidden name in the
-    /// study's inbox folder, which the delivery check reads and [`Store::commit`] makes durable
-    /// and names. `None` where instances are staged sealed instead ([`Store::stage_file`]): a
-    /// PACS is the delivery (`[dicom.deliver]`, the sealed blob is the one copy), or instances are
-    /// not sealed at rest (the inbox copy is then a hard link to the blob).
+    /// is the stored copy (inbox delivery with encryption at rest): a new file (opened for
+    /// writing, created here) under a fresh hidden name in the study's inbox folder, which the
+    /// delivery check reads and [`Store::commit`] makes durable and names. The folder is created
+    /// only when it is missing (the first instance of a study, or after the site removed it).
+    /// `None` where instances are staged sealed instead ([`Store::stage_file`]): a PACS is the
+    /// delivery (`[dicom.deliver]`, the sealed blob is the one copy), or instances are not sealed
+    /// at rest (the inbox copy is then a hard link to the blob).
     fn inbox_part(
         &self,
         _key: &StudyKey,
         _sop_instance_uid: &str,
-    ) -> Result<Option<PathBuf>, StoreError> {
+    ) -> Result<Option<(fs::File, PathBuf)>, StoreError> {
         Ok(None)
     }
     /// [`Store::commit`], then [`Store::deliver_committed`] if the study is complete.
@@ -931,13 +933,29 @@ impl Store for LocalStore {
         &self,
         key: &StudyKey,
         sop_instance_uid: &str,
-    ) -> Result<Option<PathBuf>, StoreError> {
+    ) -> Result<Option<(fs::File, PathBuf)>, StoreError> {
         if !self.inbox_copies() {
             return Ok(None);
         }
         let dir = self.study_inbox(&key.agreement, &key.study_token);
-        fs::create_dir_all(&dir).map_err(io_err(&dir))?;
-        Ok(Some(part_name(&dir, sop_instance_uid)))
+        let part = part_name(&dir, sop_instance_uid);
+        let create = || {
+            fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&part)
+        };
+        // One `mkdir` per study, not per instance: the folder is made when the first open finds
+        // it missing.
+        let file = match create() {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+                create()
+            }
+            other => other,
+        }
+        .map_err(io_err(&part))?;
+        Ok(Some((file, part)))
     }
 
     fn commit_and_deliver(
@@ -1600,8 +1618,8 @@ mod lock_tests {
         let running = LocalStore::open_with(dir.path(), at_rest.clone()).unwrap();
         let (_, staged) = running.stage_file().unwrap();
         let key = StudyKey::new("a", "f", "x", "2.25.8");
-        let part = running.inbox_part(&key, "2.25.81").unwrap().unwrap();
-        fs::write(&part, b"arriving").unwrap();
+        let (mut f, part) = running.inbox_part(&key, "2.25.81").unwrap().unwrap();
+        f.write_all(b"arriving").unwrap();
         assert!(matches!(
             LocalStore::open_with(dir.path(), at_rest),
             Err(StoreError::InUse(_))
@@ -1732,9 +1750,9 @@ pub(crate) mod inbox_tests {
         bytes: &[u8],
         uid: &str,
     ) -> StagedInstance {
-        let part = s.inbox_part(key, uid).unwrap().expect("inbox copy");
+        let (mut f, part) = s.inbox_part(key, uid).unwrap().expect("inbox copy");
         assert!(part.file_name().unwrap().to_string_lossy().starts_with('.'));
-        fs::write(&part, bytes).unwrap();
+        f.write_all(bytes).unwrap();
         StagedInstance {
             path: part,
             sha256: Sha256::digest(bytes).into(),
