@@ -566,6 +566,9 @@ struct Received {
     path: std::path::PathBuf,
     /// The same file, open since its first chunk (its write-back starts through it).
     file: Arc<std::fs::File>,
+    /// What is still to be written to it, after everything before (the last chunk, and the
+    /// sealing's last segment).
+    last: Vec<Bytes>,
     sealed: bool,
     /// A plaintext copy whose first bytes arrived and are not the sealed-file marker: the check
     /// parses it as it is, without opening it once more to look at them.
@@ -576,7 +579,8 @@ struct Received {
 type Check = tokio::task::JoinHandle<Result<StagedInstance, Status>>;
 
 /// Received instances under their delivery check while the next ones stream in. At most
-/// [`Checks::IN_FLIGHT`] run at once: each holds one parsed instance in memory.
+/// [`Checks::IN_FLIGHT`] run at once: each holds its last chunk (at most `CHUNK_SIZE` bytes,
+/// until written) and one parsed instance in memory.
 #[derive(Default)]
 struct Checks(std::collections::VecDeque<Check>);
 
@@ -1331,18 +1335,20 @@ impl Receiver {
                 }
                 None => chunk.data,
             };
-            write_chunk(c.file.clone(), bytes)
-                .await
-                .map_err(write_err)?;
             c.written += len;
-            if chunk.last {
+            if !chunk.last {
+                write_chunk(c.file.clone(), bytes)
+                    .await
+                    .map_err(write_err)?;
+            } else {
+                // The last bytes are written by the instance's check task, before it checks:
+                // one hand-over to the blocking pool fewer, and the stream reads on meanwhile.
                 let c = current.take().expect("current instance");
                 let sealed = c.sealing.is_some();
+                let mut last = vec![bytes];
                 if let Some(sealing) = c.sealing {
                     let (tail, _) = sealing.finish().map_err(write_err)?;
-                    write_chunk(c.file.clone(), tail.into())
-                        .await
-                        .map_err(write_err)?;
+                    last.push(tail.into());
                 }
                 let received = Received {
                     sha: c.sha,
@@ -1352,6 +1358,7 @@ impl Receiver {
                     hasher: c.hasher,
                     path: c.path,
                     file: c.file,
+                    last,
                     sealed,
                     plain_head: c.plain_head,
                 };
@@ -1370,8 +1377,9 @@ impl Receiver {
         Ok(())
     }
 
-    /// Checks one completely received instance: size and SHA-256 now, then the guarded parse
-    /// and the delivery check in the background (the returned [`Check`]). The staging file is
+    /// Checks one completely received instance: size and SHA-256 now, then in the background
+    /// (the returned [`Check`]) the write of its last bytes, the guarded parse and the delivery
+    /// check. The staging file is
     /// not fsynced here: its write-back starts once it passed, and the store makes a transfer's
     /// files durable together when it commits them.
     async fn finish_instance(
@@ -1398,7 +1406,7 @@ impl Receiver {
             AtRest::plain()
         };
         let (token, deid) = (plan.study_token.clone(), deid.clone());
-        let (file, as_it_is) = (r.file, !r.sealed && r.plain_head);
+        let (file, last, as_it_is) = (r.file, r.last, !r.sealed && r.plain_head);
         let staged = StagedInstance {
             path: r.path,
             sha256: sha,
@@ -1412,6 +1420,11 @@ impl Receiver {
             ))
         };
         Ok(tokio::task::spawn_blocking(move || {
+            for bytes in &last {
+                std::io::Write::write_all(&mut &*file, bytes).map_err(|e| {
+                    Status::resource_exhausted(format!("cannot write staging file: {e}"))
+                })?;
+            }
             let uid = &staged.sop_instance_uid;
             let id = if as_it_is {
                 check_plain_file(&staged.path, uid, &token, &deid)
