@@ -1327,14 +1327,19 @@ impl LocalStore {
         fs::create_dir_all(&dir).map_err(io_err(&dir))?;
         // Decrypted copies of sealed blobs: written first, flushed together, then named.
         let mut decrypted: Vec<(PathBuf, PathBuf)> = Vec::new();
+        let named_by_commit = self.inbox_copies();
         for (uid, sha_hex) in &study.instances {
+            let mut sha = [0u8; 32];
+            let decoded = hex::decode_to_slice(sha_hex, &mut sha);
+            if named_by_commit && decoded.is_ok() && verified.contains(&sha) {
+                // Its inbox copy is the stored copy, and the commit just gave it its name.
+                continue;
+            }
             let target = dir.join(format!("{}.dcm", safe_name(uid)));
             if target.exists() {
                 continue;
             }
-            let mut sha = [0u8; 32];
-            hex::decode_to_slice(sha_hex, &mut sha)
-                .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            decoded.map_err(|e| StoreError::Corrupt(e.to_string()))?;
             let blob = self.blob_path(&sha);
             if self.inbox_copies() && !blob.exists() {
                 continue; // handed on by the site
@@ -1762,6 +1767,31 @@ pub(crate) mod inbox_tests {
     }
 
     #[test]
+    fn an_inbox_copy_is_made_in_its_study_folder_even_after_the_site_removed_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let (s, _) = sealed_inbox_store(dir.path());
+        let key = StudyKey::new("a", "f", "x", "2.25.6");
+        let (_, first) = s.inbox_part(&key, "2.25.61").unwrap().expect("inbox copy");
+        let folder = first.parent().unwrap().to_owned();
+        assert_eq!(folder, s.study_inbox("a", "2.25.6"));
+        assert!(first.is_file());
+        // The site's script removed the study folder between two instances.
+        fs::remove_dir_all(&folder).unwrap();
+        let (mut f, second) = s.inbox_part(&key, "2.25.62").unwrap().expect("inbox copy");
+        f.write_all(b"arriving").unwrap();
+        assert_eq!(second.parent(), Some(folder.as_path()));
+        assert_eq!(fs::read(&second).unwrap(), b"arriving");
+        // A fresh hidden name every time: an instance sent again never writes into another copy.
+        let (_, again) = s.inbox_part(&key, "2.25.62").unwrap().expect("inbox copy");
+        assert_ne!(again, second);
+        assert!(again
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .starts_with('.'));
+    }
+
+    #[test]
     fn with_inbox_delivery_sealed_at_rest_the_inbox_copy_is_the_one_stored_copy() {
         let dir = tempfile::tempdir().unwrap();
         let (s, _) = sealed_inbox_store(dir.path());
@@ -1862,8 +1892,9 @@ pub(crate) mod inbox_tests {
             "kept sealed"
         );
         // A hidden copy left by a crash mid-transfer is removed at the next start.
-        let stray = s.inbox_part(&key, "2.25.63").unwrap().unwrap();
-        fs::write(&stray, b"never acknowledged").unwrap();
+        let (mut f, stray) = s.inbox_part(&key, "2.25.63").unwrap().unwrap();
+        f.write_all(b"never acknowledged").unwrap();
+        drop(f);
         drop(s);
         let s = LocalStore::open_with(dir.path(), at_rest).unwrap();
         assert!(!stray.exists());
