@@ -1379,9 +1379,8 @@ impl Receiver {
 
     /// Checks one completely received instance: size and SHA-256 now, then in the background
     /// (the returned [`Check`]) the write of its last bytes, the guarded parse and the delivery
-    /// check. The staging file is
-    /// not fsynced here: its write-back starts once it passed, and the store makes a transfer's
-    /// files durable together when it commits them.
+    /// check. The staging file is not fsynced here: its write-back starts once it passed, and the
+    /// store makes a transfer's files durable together when it commits them.
     async fn finish_instance(
         &self,
         r: Received,
