@@ -79,7 +79,7 @@ async fn suspending_a_party_cuts_it_off_within_a_second() {
         transfer_id: String::new(),
         instance_sha256: Sha256::digest(b0).to_vec(),
         offset: 0,
-        data: b0[..b0.len() / 2].to_vec(),
+        data: b0[..b0.len() / 2].to_vec().into(),
         last: false,
     })
     .await

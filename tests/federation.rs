@@ -298,7 +298,7 @@ fn chunks_of(transfer_id: &str, inst: &[OutgoingInstance], corrupt: bool) -> Vec
             transfer_id: String::new(),
             instance_sha256: i.sha256.to_vec(),
             offset: 0,
-            data,
+            data: data.into(),
             last: true,
         });
     }

@@ -220,7 +220,7 @@ fn chunks(transfer_id: &str, inst: &[OutgoingInstance]) -> Vec<TransferChunk> {
             transfer_id: String::new(),
             instance_sha256: i.sha256.to_vec(),
             offset: 0,
-            data: std::fs::read(&i.path).unwrap(),
+            data: std::fs::read(&i.path).unwrap().into(),
             last: true,
         });
     }
@@ -966,6 +966,63 @@ async fn a_resent_instance_with_other_bytes_is_refused() {
     .unwrap_err();
     assert_eq!(s.code(), tonic::Code::AlreadyExists, "{s}");
     assert!(s.message().contains("different content"), "{s}");
+    fed.stop().await;
+}
+
+/// A plaintext instance whose first bytes are the marker of a file sealed at rest (a DICOM
+/// preamble may hold anything) is refused, whether its first chunk carries the whole marker (the
+/// receiver looks at the bytes as they arrive) or only part of it (the check opens the file to
+/// look): the inbox never holds a plaintext copy that reads as sealed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plaintext_instance_that_looks_sealed_is_refused() {
+    let fed = Federation::start_with(&["hospital-a", "telerad-c"], tight).await;
+    let a = site_tls(&fed, "hospital-a");
+    let mut client = client_of(&fed, &a).await.unwrap();
+    let node = fed.node("hospital-a").clone();
+    let p = SyntheticPatient::default();
+    let (study, inst) = instances(&node, &fed.dir.path().join("sealed-look"), 1, &p, |_| {});
+    let mut bytes = std::fs::read(&inst[0].path).unwrap();
+    bytes[..8].copy_from_slice(b"PBSEALED");
+    let path = fed.dir.path().join("sealed-look.dcm");
+    std::fs::write(&path, &bytes).unwrap();
+    let looks_sealed = vec![OutgoingInstance {
+        path,
+        sha256: Sha256::digest(&bytes).into(),
+        size: bytes.len() as u64,
+        sop_instance_uid: inst[0].sop_instance_uid.clone(),
+    }];
+    for first in [bytes.len(), 4] {
+        let offer = offer_request(AGREEMENT, FLOW, "treatment", &study, &looks_sealed);
+        let answer: OfferResponse = client.raw().offer(offer).await.unwrap().into_inner();
+        let mut v = vec![TransferChunk {
+            transfer_id: answer.transfer_id,
+            ..Default::default()
+        }];
+        for (offset, part) in [(0, &bytes[..first]), (first, &bytes[first..])] {
+            if part.is_empty() {
+                continue;
+            }
+            v.push(TransferChunk {
+                transfer_id: String::new(),
+                instance_sha256: looks_sealed[0].sha256.to_vec(),
+                offset: offset as u64,
+                data: part.to_vec().into(),
+                last: offset + part.len() == bytes.len(),
+            });
+        }
+        let s = client
+            .raw()
+            .transfer(tokio_stream::iter(v))
+            .await
+            .unwrap_err();
+        assert_eq!(s.code(), tonic::Code::FailedPrecondition, "{first}: {s}");
+        assert!(s.message().contains("cannot be read"), "{first}: {s}");
+        let left: Vec<_> = files_under(&store_dir(fed.node("telerad-c")).join("inbox"))
+            .into_iter()
+            .filter(|p| p.is_file())
+            .collect();
+        assert!(left.is_empty(), "{first}: {left:?}");
+    }
     fed.stop().await;
 }
 

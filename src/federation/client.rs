@@ -463,7 +463,7 @@ fn stream_file_blocking(
             transfer_id: String::new(),
             instance_sha256: inst.sha256.to_vec(),
             offset,
-            data: buf,
+            data: buf.into(),
             last,
         };
         offset += filled as u64;

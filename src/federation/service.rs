@@ -29,6 +29,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use prost::bytes::Bytes;
 use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 use tonic::{Request, Response, Status, Streaming};
@@ -479,7 +480,8 @@ fn check_offer_fields(o: &OfferRequest) -> Result<(), wire::BadField> {
 }
 
 /// Staged files of one transfer (sealed staging files, or hidden plaintext inbox copies, see
-/// [`Store::inbox_part`]); removed on drop unless committed.
+/// [`Store::inbox_part`]); removed on drop unless committed (a commit that succeeded renamed
+/// them all: the list is emptied then, so nothing is unlinked in vain).
 struct Staging {
     files: Vec<std::path::PathBuf>,
     /// The Patient ID the delivery checks read (the first one), noted in the study record.
@@ -509,11 +511,21 @@ fn check_instance(
     let view = at_rest
         .plain_view(path)
         .map_err(|e| format!("the staged instance cannot be read: {e}"))?;
+    check_plain_file(view.path(), expected_uid, study_token, deid)
+}
+
+/// [`check_instance`] of a file known to hold plaintext (not sealed at rest).
+fn check_plain_file(
+    path: &std::path::Path,
+    expected_uid: &str,
+    study_token: &str,
+    deid: &DeidConfig,
+) -> Result<String, String> {
     let run = std::panic::AssertUnwindSafe(|| {
         // The checks look at every attribute but not at pixel values (only that Pixel Data is
         // there): a file ending with its Pixel Data is parsed up to it, its declared lengths
         // still all checked, and the pixels are never read into memory.
-        let (obj, _pixels) = crate::deid::guard::read_guarded_split(view.path())
+        let (obj, _pixels) = crate::deid::guard::read_guarded_split(path)
             .map_err(|e| format!("not a readable DICOM file: {e}"))?;
         let text = |tag| {
             obj.get(tag)
@@ -534,9 +546,9 @@ fn check_instance(
         .unwrap_or_else(|_| Err("the DICOM parser gave up on this instance".to_string()))
 }
 
-/// Writes one received chunk (sealed, or the plaintext of an inbox copy) to its file: on the
-/// blocking pool, the buffer moved there, not copied.
-async fn write_chunk(file: Arc<std::fs::File>, bytes: Vec<u8>) -> std::io::Result<()> {
+/// Writes one received chunk (sealed, or the plaintext of an inbox copy: then a slice of the
+/// decoded message, never copied in memory) to its file, on the blocking pool.
+async fn write_chunk(file: Arc<std::fs::File>, bytes: Bytes) -> std::io::Result<()> {
     use std::io::Write;
     tokio::task::spawn_blocking(move || (&*file).write_all(&bytes))
         .await
@@ -552,14 +564,23 @@ struct Received {
     hasher: Sha256,
     /// Its staging file: sealed, or its plaintext inbox copy (`sealed` false).
     path: std::path::PathBuf,
+    /// The same file, open since its first chunk (its write-back starts through it).
+    file: Arc<std::fs::File>,
+    /// What is still to be written to it, after everything before (the last chunk, and the
+    /// sealing's last segment).
+    last: Vec<Bytes>,
     sealed: bool,
+    /// A plaintext copy whose first bytes arrived and are not the sealed-file marker: the check
+    /// parses it as it is, without opening it once more to look at them.
+    plain_head: bool,
 }
 
 /// The delivery check of one received instance, running on the blocking pool.
 type Check = tokio::task::JoinHandle<Result<StagedInstance, Status>>;
 
 /// Received instances under their delivery check while the next ones stream in. At most
-/// [`Checks::IN_FLIGHT`] run at once: each holds one parsed instance in memory.
+/// [`Checks::IN_FLIGHT`] run at once: each holds its last chunk (at most `CHUNK_SIZE` bytes,
+/// until written) and one parsed instance in memory.
 #[derive(Default)]
 struct Checks(std::collections::VecDeque<Check>);
 
@@ -1182,6 +1203,8 @@ impl Receiver {
             /// where the file is the instance's plaintext inbox copy (see `finish_instance`).
             sealing: Option<Sealing<Vec<u8>>>,
             path: std::path::PathBuf,
+            /// See [`Received::plain_head`].
+            plain_head: bool,
         }
         let mut current: Option<Current> = None;
         let at_rest = self.store.at_rest();
@@ -1250,12 +1273,7 @@ impl Receiver {
                 let (key, uid) = (plan.key(), entry.sop_instance_uid.clone());
                 let (file, path, plain) =
                     tokio::task::spawn_blocking(move || match store.inbox_part(&key, &uid)? {
-                        Some(part) => std::fs::OpenOptions::new()
-                            .write(true)
-                            .create_new(true)
-                            .open(&part)
-                            .map(|f| (f, part.clone(), true))
-                            .map_err(|source| StoreError::Io { path: part, source }),
+                        Some((f, part)) => Ok((f, part, true)),
                         None => store.stage_file().map(|(f, p)| (f, p, false)),
                     })
                     .await
@@ -1280,6 +1298,7 @@ impl Receiver {
                     file: Arc::new(file),
                     sealing,
                     path,
+                    plain_head: false,
                 });
             }
             let c = current.as_mut().expect("current instance");
@@ -1299,6 +1318,12 @@ impl Receiver {
                 )));
             }
             c.hasher.update(&chunk.data);
+            if c.written == 0 && c.sealing.is_none() {
+                c.plain_head = chunk
+                    .data
+                    .get(..crate::store::sealed::MAGIC.len())
+                    .is_some_and(|head| head != crate::store::sealed::MAGIC);
+            }
             let write_err = |e: std::io::Error| {
                 Status::resource_exhausted(format!("cannot write staging file: {e}"))
             };
@@ -1306,20 +1331,24 @@ impl Receiver {
             let bytes = match c.sealing.as_mut() {
                 Some(sealing) => {
                     std::io::Write::write_all(sealing, &chunk.data).map_err(write_err)?;
-                    std::mem::take(sealing.get_mut())
+                    Bytes::from(std::mem::take(sealing.get_mut()))
                 }
                 None => chunk.data,
             };
-            write_chunk(c.file.clone(), bytes)
-                .await
-                .map_err(write_err)?;
             c.written += len;
-            if chunk.last {
+            if !chunk.last {
+                write_chunk(c.file.clone(), bytes)
+                    .await
+                    .map_err(write_err)?;
+            } else {
+                // The last bytes are written by the instance's check task, before it checks:
+                // one hand-over to the blocking pool fewer, and the stream reads on meanwhile.
                 let c = current.take().expect("current instance");
                 let sealed = c.sealing.is_some();
+                let mut last = vec![bytes];
                 if let Some(sealing) = c.sealing {
                     let (tail, _) = sealing.finish().map_err(write_err)?;
-                    write_chunk(c.file.clone(), tail).await.map_err(write_err)?;
+                    last.push(tail.into());
                 }
                 let received = Received {
                     sha: c.sha,
@@ -1328,7 +1357,10 @@ impl Receiver {
                     written: c.written,
                     hasher: c.hasher,
                     path: c.path,
+                    file: c.file,
+                    last,
                     sealed,
+                    plain_head: c.plain_head,
                 };
                 let patient = staging.patient.clone();
                 let check = self.finish_instance(received, plan, &deid, patient).await?;
@@ -1345,10 +1377,10 @@ impl Receiver {
         Ok(())
     }
 
-    /// Checks one completely received instance: size and SHA-256 now, then the guarded parse
-    /// and the delivery check in the background (the returned [`Check`]). The staging file is
-    /// not fsynced here: its write-back starts once it passed, and the store makes a transfer's
-    /// files durable together when it commits them.
+    /// Checks one completely received instance: size and SHA-256 now, then in the background
+    /// (the returned [`Check`]) the write of its last bytes, the guarded parse and the delivery
+    /// check. The staging file is not fsynced here: its write-back starts once it passed, and the
+    /// store makes a transfer's files durable together when it commits them.
     async fn finish_instance(
         &self,
         r: Received,
@@ -1373,6 +1405,7 @@ impl Receiver {
             AtRest::plain()
         };
         let (token, deid) = (plan.study_token.clone(), deid.clone());
+        let (file, last, as_it_is) = (r.file, r.last, !r.sealed && r.plain_head);
         let staged = StagedInstance {
             path: r.path,
             sha256: sha,
@@ -1386,16 +1419,24 @@ impl Receiver {
             ))
         };
         Ok(tokio::task::spawn_blocking(move || {
+            for bytes in &last {
+                std::io::Write::write_all(&mut &*file, bytes).map_err(|e| {
+                    Status::resource_exhausted(format!("cannot write staging file: {e}"))
+                })?;
+            }
             let uid = &staged.sop_instance_uid;
-            let id = check_instance(&at_rest, &staged.path, uid, &token, &deid).map_err(refused)?;
+            let id = if as_it_is {
+                check_plain_file(&staged.path, uid, &token, &deid)
+            } else {
+                check_instance(&at_rest, &staged.path, uid, &token, &deid)
+            }
+            .map_err(refused)?;
             if !id.is_empty() {
                 patient.get_or_init(|| id);
             }
             // Checked: the copy the commit makes durable may go to disk now, while the next
             // instances arrive, so that the commit's flush finds little left to write.
-            if let Ok(f) = std::fs::File::open(&staged.path) {
-                crate::store::durable::start_writeback(&f);
-            }
+            crate::store::durable::start_writeback(&file);
             Ok(staged)
         }))
     }
@@ -1417,7 +1458,7 @@ impl Receiver {
     async fn commit_plan(
         &self,
         plan: &Plan,
-        staging: Staging,
+        mut staging: Staging,
         staged: Vec<StagedInstance>,
         sender: &str,
     ) -> Result<Response<Receipt>, Status> {
@@ -1464,6 +1505,10 @@ impl Receiver {
             "transfer committed"
         );
         let patient = staging.patient.get().cloned();
+        if committed.is_ok() {
+            // Every staged file now has its stored name: nothing is left to remove.
+            staging.files.clear();
+        }
         drop(staging);
         if let (Ok((c, _)), Some(patient)) = (&committed, patient) {
             if c.study.patient.is_none() {

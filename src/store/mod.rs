@@ -193,16 +193,18 @@ pub trait Store: Send + Sync + 'static {
         sealed::AtRest::plain()
     }
     /// Where the receiver writes the plaintext of an instance as it arrives, when the inbox copy
-    /// is the stored copy (inbox delivery with encryption at rest): a fresh hidden name in the
-    /// study's inbox folder, which the delivery check reads and [`Store::commit`] makes durable
-    /// and names. `None` where instances are staged sealed instead ([`Store::stage_file`]): a
-    /// PACS is the delivery (`[dicom.deliver]`, the sealed blob is the one copy), or instances are
-    /// not sealed at rest (the inbox copy is then a hard link to the blob).
+    /// is the stored copy (inbox delivery with encryption at rest): a new file (opened for
+    /// writing, created here) under a fresh hidden name in the study's inbox folder, which the
+    /// delivery check reads and [`Store::commit`] makes durable and names. The folder is created
+    /// only when it is missing (the first instance of a study, or after the site removed it).
+    /// `None` where instances are staged sealed instead ([`Store::stage_file`]): a PACS is the
+    /// delivery (`[dicom.deliver]`, the sealed blob is the one copy), or instances are not sealed
+    /// at rest (the inbox copy is then a hard link to the blob).
     fn inbox_part(
         &self,
         _key: &StudyKey,
         _sop_instance_uid: &str,
-    ) -> Result<Option<PathBuf>, StoreError> {
+    ) -> Result<Option<(fs::File, PathBuf)>, StoreError> {
         Ok(None)
     }
     /// [`Store::commit`], then [`Store::deliver_committed`] if the study is complete.
@@ -931,13 +933,29 @@ impl Store for LocalStore {
         &self,
         key: &StudyKey,
         sop_instance_uid: &str,
-    ) -> Result<Option<PathBuf>, StoreError> {
+    ) -> Result<Option<(fs::File, PathBuf)>, StoreError> {
         if !self.inbox_copies() {
             return Ok(None);
         }
         let dir = self.study_inbox(&key.agreement, &key.study_token);
-        fs::create_dir_all(&dir).map_err(io_err(&dir))?;
-        Ok(Some(part_name(&dir, sop_instance_uid)))
+        let part = part_name(&dir, sop_instance_uid);
+        let create = || {
+            fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&part)
+        };
+        // One `mkdir` per study, not per instance: the folder is made when the first open finds
+        // it missing.
+        let file = match create() {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+                create()
+            }
+            other => other,
+        }
+        .map_err(io_err(&part))?;
+        Ok(Some((file, part)))
     }
 
     fn commit_and_deliver(
@@ -1309,14 +1327,19 @@ impl LocalStore {
         fs::create_dir_all(&dir).map_err(io_err(&dir))?;
         // Decrypted copies of sealed blobs: written first, flushed together, then named.
         let mut decrypted: Vec<(PathBuf, PathBuf)> = Vec::new();
+        let named_by_commit = self.inbox_copies();
         for (uid, sha_hex) in &study.instances {
+            let mut sha = [0u8; 32];
+            let decoded = hex::decode_to_slice(sha_hex, &mut sha);
+            if named_by_commit && decoded.is_ok() && verified.contains(&sha) {
+                // Its inbox copy is the stored copy, and the commit just gave it its name.
+                continue;
+            }
             let target = dir.join(format!("{}.dcm", safe_name(uid)));
             if target.exists() {
                 continue;
             }
-            let mut sha = [0u8; 32];
-            hex::decode_to_slice(sha_hex, &mut sha)
-                .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            decoded.map_err(|e| StoreError::Corrupt(e.to_string()))?;
             let blob = self.blob_path(&sha);
             if self.inbox_copies() && !blob.exists() {
                 continue; // handed on by the site
@@ -1600,8 +1623,8 @@ mod lock_tests {
         let running = LocalStore::open_with(dir.path(), at_rest.clone()).unwrap();
         let (_, staged) = running.stage_file().unwrap();
         let key = StudyKey::new("a", "f", "x", "2.25.8");
-        let part = running.inbox_part(&key, "2.25.81").unwrap().unwrap();
-        fs::write(&part, b"arriving").unwrap();
+        let (mut f, part) = running.inbox_part(&key, "2.25.81").unwrap().unwrap();
+        f.write_all(b"arriving").unwrap();
         assert!(matches!(
             LocalStore::open_with(dir.path(), at_rest),
             Err(StoreError::InUse(_))
@@ -1732,15 +1755,40 @@ pub(crate) mod inbox_tests {
         bytes: &[u8],
         uid: &str,
     ) -> StagedInstance {
-        let part = s.inbox_part(key, uid).unwrap().expect("inbox copy");
+        let (mut f, part) = s.inbox_part(key, uid).unwrap().expect("inbox copy");
         assert!(part.file_name().unwrap().to_string_lossy().starts_with('.'));
-        fs::write(&part, bytes).unwrap();
+        f.write_all(bytes).unwrap();
         StagedInstance {
             path: part,
             sha256: Sha256::digest(bytes).into(),
             size: bytes.len() as u64,
             sop_instance_uid: uid.into(),
         }
+    }
+
+    #[test]
+    fn an_inbox_copy_is_made_in_its_study_folder_even_after_the_site_removed_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let (s, _) = sealed_inbox_store(dir.path());
+        let key = StudyKey::new("a", "f", "x", "2.25.6");
+        let (_, first) = s.inbox_part(&key, "2.25.61").unwrap().expect("inbox copy");
+        let folder = first.parent().unwrap().to_owned();
+        assert_eq!(folder, s.study_inbox("a", "2.25.6"));
+        assert!(first.is_file());
+        // The site's script removed the study folder between two instances.
+        fs::remove_dir_all(&folder).unwrap();
+        let (mut f, second) = s.inbox_part(&key, "2.25.62").unwrap().expect("inbox copy");
+        f.write_all(b"arriving").unwrap();
+        assert_eq!(second.parent(), Some(folder.as_path()));
+        assert_eq!(fs::read(&second).unwrap(), b"arriving");
+        // A fresh hidden name every time: an instance sent again never writes into another copy.
+        let (_, again) = s.inbox_part(&key, "2.25.62").unwrap().expect("inbox copy");
+        assert_ne!(again, second);
+        assert!(again
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .starts_with('.'));
     }
 
     #[test]
@@ -1844,8 +1892,9 @@ pub(crate) mod inbox_tests {
             "kept sealed"
         );
         // A hidden copy left by a crash mid-transfer is removed at the next start.
-        let stray = s.inbox_part(&key, "2.25.63").unwrap().unwrap();
-        fs::write(&stray, b"never acknowledged").unwrap();
+        let (mut f, stray) = s.inbox_part(&key, "2.25.63").unwrap().unwrap();
+        f.write_all(b"never acknowledged").unwrap();
+        drop(f);
         drop(s);
         let s = LocalStore::open_with(dir.path(), at_rest).unwrap();
         assert!(!stray.exists());
