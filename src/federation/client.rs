@@ -72,6 +72,15 @@ impl SendError {
 /// clone dropped).
 pub type InstanceBody = Arc<dyn AsRef<[u8]> + Send + Sync>;
 
+/// An instance held in memory, as the owner of the chunks sliced from it.
+struct Held(InstanceBody);
+
+impl AsRef<[u8]> for Held {
+    fn as_ref(&self) -> &[u8] {
+        (*self.0).as_ref()
+    }
+}
+
 /// One de-identified instance ready to leave, as a file in the outbox.
 #[derive(Debug, Clone)]
 pub struct OutgoingInstance {
@@ -377,14 +386,14 @@ fn still_trusted(
     }
 }
 
-/// Sends one instance held in memory in chunks of at most `CHUNK_SIZE` bytes (each chunk one
-/// copy of its slice: the message owns its bytes).
+/// Sends one instance held in memory in chunks of at most `CHUNK_SIZE` bytes (each chunk a slice
+/// of the held buffer, not a copy: the chunks keep it alive until they are encoded).
 async fn stream_memory(
     inst: &OutgoingInstance,
     body: &InstanceBody,
     tx: &tokio::sync::mpsc::Sender<TransferChunk>,
 ) -> Result<(), SendError> {
-    let bytes = (**body).as_ref();
+    let bytes = prost::bytes::Bytes::from_owner(Held(body.clone()));
     if bytes.len() as u64 != inst.size {
         return Err(SendError::Read {
             path: inst.path.clone(),
@@ -399,7 +408,7 @@ async fn stream_memory(
             transfer_id: String::new(),
             instance_sha256: inst.sha256.to_vec(),
             offset: offset as u64,
-            data: bytes[offset..end].to_vec(),
+            data: bytes.slice(offset..end),
             last,
         };
         if tx.send(chunk).await.is_err() {
