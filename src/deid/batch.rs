@@ -136,11 +136,22 @@ pub fn read_and_deidentify(
     input: &Path,
     admit: impl FnOnce(&InMemDicomObject) -> Result<(), String>,
 ) -> Result<super::Deidentified, NotDeidentified> {
+    deidentify_guarded(deid, || super::guard::read_guarded_split(input), admit)
+}
+
+/// [`read_and_deidentify`] of an instance read by `read`: one of the guarded reader's entry
+/// points (a file, or a whole Part 10 file held in memory), so that every source takes the same
+/// steps after it.
+pub fn deidentify_guarded(
+    deid: &Deidentifier,
+    read: impl FnOnce() -> Result<(DefaultDicomObject, Option<super::guard::PixelSource>), String>,
+    admit: impl FnOnce(&InMemDicomObject) -> Result<(), String>,
+) -> Result<super::Deidentified, NotDeidentified> {
     let run = std::panic::AssertUnwindSafe(|| {
         let failed = |reason| NotDeidentified::Failed { reason };
-        // The pixel data stays in the input file and is copied into the output at the end,
-        // unless de-identifying needs its values (cleaning burned-in text).
-        let (mut obj, mut pixels) = super::guard::read_guarded_split(input).map_err(failed)?;
+        // The pixel data stays in the input (file or memory) and is copied into the output at
+        // the end, unless de-identifying needs its values (cleaning burned-in text).
+        let (mut obj, mut pixels) = read().map_err(failed)?;
         if let Some(source) = pixels.take_if(|_| deid.needs_pixel_values(&obj)) {
             obj = source.parse_whole().map_err(failed)?;
         }

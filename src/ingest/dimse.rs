@@ -1246,15 +1246,7 @@ mod tests {
     use super::*;
 
     fn flow() -> IngestFlow {
-        let keys = crate::pseudonym::SiteKeys::from_bytes([7; 32], [9; 32]);
-        IngestFlow {
-            agreement: "a".into(),
-            flow: "f".into(),
-            purpose: "treatment".into(),
-            to: "c".into(),
-            deid: crate::deid::Deidentifier::new(Default::default(), keys.tokenizer("a").unwrap()),
-            select: Default::default(),
-        }
+        crate::ingest::test_flow(&crate::pseudonym::SiteKeys::from_bytes([7; 32], [9; 32]))
     }
 
     fn instance(name: &str, sha: u8) -> OutboxInstance {

@@ -312,14 +312,7 @@ mod tests {
     use crate::store::sealed::{AtRest, MAGIC};
 
     fn flow(keys: &SiteKeys) -> IngestFlow {
-        IngestFlow {
-            agreement: "a".into(),
-            flow: "f".into(),
-            purpose: "treatment".into(),
-            to: "c".into(),
-            deid: crate::deid::Deidentifier::new(Default::default(), keys.tokenizer("a").unwrap()),
-            select: Default::default(),
-        }
+        crate::ingest::test_flow(keys)
     }
 
     /// Instances are held in memory while the budget lasts; the rest are spilled, sealed, to

@@ -283,41 +283,21 @@ pub fn admit_and_deidentify(
 /// [`admit_and_deidentify`] of an instance held in memory: a whole Part 10 file, as the DICOM
 /// listener received it. The same guarded reader reads it from the bytes
 /// ([`crate::deid::guard::read_guarded_split_memory`]: the same walk, checks and parse), then the
-/// same steps as `deid::batch::read_and_deidentify` (pixel values parsed only when
-/// de-identification needs them, `admit` before de-identification, a panic in the parser
-/// contained as a failure); the pixel data stays in `bytes` until the output is encoded.
+/// same steps (`deid::batch::deidentify_guarded`); the pixel data stays in `bytes` until the
+/// output is encoded.
 pub fn admit_and_deidentify_memory(
     flow: &IngestFlow,
     bytes: std::sync::Arc<Vec<u8>>,
     source_ae: Option<&str>,
 ) -> Result<Admitted, NotDeidentified> {
-    use crate::deid::DeidError;
     let mut modality = None;
-    let run = std::panic::AssertUnwindSafe(|| {
-        let failed = |reason| NotDeidentified::Failed { reason };
-        let (mut obj, mut pixels) =
-            crate::deid::guard::read_guarded_split_memory(bytes).map_err(failed)?;
-        if let Some(source) = pixels.take_if(|_| flow.deid.needs_pixel_values(&obj)) {
-            obj = source.parse_whole().map_err(failed)?;
-        }
-        let facts = study_facts(&obj, source_ae);
+    let check = |obj: &dicom_object::InMemDicomObject| {
+        let facts = study_facts(obj, source_ae);
         modality = facts.modalities.first().cloned();
-        admit(&flow.select, &facts).map_err(|reason| NotDeidentified::NotAdmitted { reason })?;
-        let mut d = flow.deid.deidentify(obj).map_err(|e| match e {
-            DeidError::Quarantined { reason } => NotDeidentified::Quarantined { reason },
-            DeidError::Malformed { reason } => NotDeidentified::Failed {
-                reason: format!("malformed: {reason}"),
-            },
-        })?;
-        d.pixel_data = pixels;
-        Ok(d)
-    });
-    let deidentified = std::panic::catch_unwind(run).unwrap_or_else(|_| {
-        Err(NotDeidentified::Failed {
-            reason: "malformed: the DICOM parser gave up on this file (internal error contained)"
-                .into(),
-        })
-    })?;
+        admit(&flow.select, &facts)
+    };
+    let read = || crate::deid::guard::read_guarded_split_memory(bytes);
+    let deidentified = batch::deidentify_guarded(&flow.deid, read, check)?;
     Ok(Admitted {
         deidentified,
         modality,
@@ -341,6 +321,20 @@ pub(crate) fn lower_priority() {
         if let Err(e) = rustix::process::setpriority_process(Some(me), BACKGROUND_NICE) {
             tracing::debug!(error = %e, "cannot lower a background thread's priority");
         }
+    }
+}
+
+/// A flow of agreement "a", flow "f", to site "c", with the default de-identification and no
+/// selection criteria (the unit tests' flow).
+#[cfg(test)]
+pub(crate) fn test_flow(keys: &crate::pseudonym::SiteKeys) -> IngestFlow {
+    IngestFlow {
+        agreement: "a".into(),
+        flow: "f".into(),
+        purpose: "treatment".into(),
+        to: "c".into(),
+        deid: crate::deid::Deidentifier::new(Default::default(), keys.tokenizer("a").unwrap()),
+        select: Default::default(),
     }
 }
 
