@@ -267,27 +267,40 @@ pub fn admit_and_deidentify(
     path: &std::path::Path,
     source_ae: Option<&str>,
 ) -> Result<Admitted, NotDeidentified> {
-    let mut modality = None;
-    let check = |obj: &dicom_object::InMemDicomObject| {
-        let facts = study_facts(obj, source_ae);
-        modality = facts.modalities.first().cloned();
-        admit(&flow.select, &facts)
-    };
-    let deidentified = batch::read_and_deidentify(&flow.deid, path, check)?;
-    Ok(Admitted {
-        deidentified,
-        modality,
-    })
+    admit_and_deidentify_read(
+        flow,
+        || crate::deid::guard::read_guarded_split(path),
+        source_ae,
+    )
 }
 
 /// [`admit_and_deidentify`] of an instance held in memory: a whole Part 10 file, as the DICOM
 /// listener received it. The same guarded reader reads it from the bytes
 /// ([`crate::deid::guard::read_guarded_split_memory`]: the same walk, checks and parse), then the
-/// same steps (`deid::batch::deidentify_guarded`); the pixel data stays in `bytes` until the
-/// output is encoded.
+/// same steps; the pixel data stays in `bytes` until the output is encoded.
 pub fn admit_and_deidentify_memory(
     flow: &IngestFlow,
     bytes: std::sync::Arc<Vec<u8>>,
+    source_ae: Option<&str>,
+) -> Result<Admitted, NotDeidentified> {
+    admit_and_deidentify_read(
+        flow,
+        || crate::deid::guard::read_guarded_split_memory(bytes),
+        source_ae,
+    )
+}
+
+/// Admits and de-identifies what `read` (one of the guarded reader's entry points) reads, through
+/// `deid::batch::deidentify_guarded`: the steps every source shares.
+fn admit_and_deidentify_read(
+    flow: &IngestFlow,
+    read: impl FnOnce() -> Result<
+        (
+            dicom_object::DefaultDicomObject,
+            Option<crate::deid::guard::PixelSource>,
+        ),
+        String,
+    >,
     source_ae: Option<&str>,
 ) -> Result<Admitted, NotDeidentified> {
     let mut modality = None;
@@ -296,7 +309,6 @@ pub fn admit_and_deidentify_memory(
         modality = facts.modalities.first().cloned();
         admit(&flow.select, &facts)
     };
-    let read = || crate::deid::guard::read_guarded_split_memory(bytes);
     let deidentified = batch::deidentify_guarded(&flow.deid, read, check)?;
     Ok(Admitted {
         deidentified,
