@@ -20,7 +20,7 @@ mod policy;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -1164,9 +1164,14 @@ impl Node {
         open: Arc<OpenStudies>,
         mut stop: watch::Receiver<bool>,
     ) {
+        // One connection to the partner for the offers that follow each other (a new one after
+        // a failed attempt, an idle pause, or a while).
+        let mut connection: Option<PeerClient> = None;
+        let (mut connected, mut used) = (Instant::now(), Instant::now());
         loop {
             for f in open.due() {
-                // The whole entry is saved; the offer lists what the partner lacks (`offer`).
+                // The whole entry is saved; the offer lists what the partner lacks (`offer`),
+                // streamed from memory where the listener still holds it (`offer_bodies`).
                 let (entry, mut offer) = (f.entry.clone(), f.offer());
                 // The outbox worker may be retrying the same study (after a failed final
                 // offer): one attempt at a time.
@@ -1179,21 +1184,35 @@ impl Node {
                         tracing::error!(error = %e, "cannot update an open outbox study");
                         Err(Duration::from_secs(5))
                     }
-                    Ok(_) => match self.attempt(&f.dir, &mut offer).await {
-                        Ok(_) => Ok(()),
-                        Err(e) => {
-                            // A failed partial offer was recorded as the offer: the outbox
-                            // keeps the whole study.
-                            if !entry.complete {
-                                let _ = self.outbox().save(&f.with_outcome_of(&offer));
-                            }
-                            if e.is_transient() {
-                                Err(Duration::from_secs(outbox::backoff_secs(offer.attempts)))
-                            } else {
-                                Err(Duration::from_secs(24 * 3600))
+                    Ok(_) => {
+                        if used.elapsed() > FORWARD_IDLE || connected.elapsed() > FORWARD_REUSE {
+                            connection = None;
+                        }
+                        let fresh = connection.is_none();
+                        let result = self
+                            .try_deliver_over(&mut connection, &f.dir, &offer, &f.offer_bodies())
+                            .await;
+                        if fresh {
+                            connected = Instant::now();
+                        }
+                        used = Instant::now();
+                        self.record_attempt(&f.dir, &mut offer, &result, (0, 0));
+                        match result {
+                            Ok(_) => Ok(()),
+                            Err(e) => {
+                                // A failed partial offer was recorded as the offer: the outbox
+                                // keeps the whole study.
+                                if !entry.complete {
+                                    let _ = self.outbox().save(&f.with_outcome_of(&offer));
+                                }
+                                if e.is_transient() {
+                                    Err(Duration::from_secs(outbox::backoff_secs(offer.attempts)))
+                                } else {
+                                    Err(Duration::from_secs(24 * 3600))
+                                }
                             }
                         }
-                    },
+                    }
                 };
                 open.done(&f, outcome);
             }
@@ -1205,6 +1224,11 @@ impl Node {
         }
     }
 }
+
+/// The forwarder's connection to a partner is not used again after this long unused...
+const FORWARD_IDLE: Duration = Duration::from_secs(10);
+/// ...or this long after it was made (its peer's certificate is checked again on the next).
+const FORWARD_REUSE: Duration = Duration::from_secs(300);
 
 /// The node as `send`'s [`send::Courier`]: the offers of one `send` share one connection to
 /// the partner.

@@ -16,11 +16,22 @@
 //! needs none: its sealing authenticates it; a plain log's record carries it) and handed to the
 //! mover. The mover and the hashing thread run at a lower priority than the association threads
 //! (nice [`super::BACKGROUND_NICE`]): on the path of an acknowledgement are only the association and
-//! the modality. The mover (a background thread) then writes the logged instances into their outbox study folders (sealed
-//! files named by the SOP instance token, their bytes copied from the log inside the kernel), records their vault entries, makes both durable for
-//! a group at once (one file-system flush, the folders fsynced, the vault flushed), marks them
-//! consumed in the log and only then tells the forwarder ([`OpenStudies::arrived`]): no token
-//! reaches the partner before its vault record is durable. At start, [`DimseIngest::with_log`]
+//! the modality. An instance whose plaintext fits in the listener's forwarding memory
+//! ([`FORWARD_MEMORY`], `send`'s [`MemoryBudget`]) is handed to the forwarder the moment it is
+//! durable in the log ([`OpenStudies::logged`]) and offered from memory once its hash is there:
+//! the forwarder does not wait for the mover. Its vault entries are durable by then in the log's
+//! record (the mover records them in the vault; a restart replays the record before anything
+//! else runs), so no token reaches the partner before its vault record is durable. The mover (a
+//! background thread) then writes the logged instances into their outbox study folders (sealed
+//! files named by the SOP instance token, their bytes copied from the log inside the kernel),
+//! except those the partner has already confirmed by a signed receipt (it waits up to
+//! [`RECEIPT_GRACE`] for the receipt of those offered from memory): they need no copy, and the
+//! study's entry lists them as receipted. It records their vault entries, makes all of it durable
+//! for a group at once (one file-system flush, the folders fsynced, the vault flushed), marks them
+//! consumed in the log and only then tells the forwarder ([`OpenStudies::moved`]) of the copied
+//! ones (an instance not handed over in memory is offered only from then on). A record the log
+//! replays at start is always copied (the partner answers "already held" for what it has). At
+//! start, [`DimseIngest::with_log`]
 //! moves the records a stopped or killed node had acknowledged but not moved (idempotently: the
 //! same file name and bytes, vault records keyed by token) before the forwarder runs. A larger
 //! instance, or one arriving while the log has no free slot, is made durable in the outbox
@@ -42,7 +53,9 @@ use crate::audit::{AuditLog, Event};
 use crate::config::DicomRoute;
 use crate::deid::batch;
 use crate::dicom_net::scp::{AssociationPeer, Received, StoreOutcome, StoreService, StoreStatus};
+use crate::federation::client::InstanceBody;
 use crate::pseudonym::Vault;
+use crate::send::MemoryBudget;
 use crate::store::outbox::{Outbox, OutboxEntry, OutboxInstance, OutboxState};
 use crate::store::safe_name;
 
@@ -74,6 +87,8 @@ pub struct DimseIngest {
     buffers: Arc<Buffers>,
     /// Computes the SHA-256 of logged instances beside the log's `fdatasync`.
     hasher: Hasher,
+    /// The memory logged instances are held in for the forwarder.
+    forward: ForwardMemory,
 }
 
 /// Instances up to this many bytes (as received) go through the write-ahead log; larger ones
@@ -85,6 +100,12 @@ const MOVE_BYTES: usize = 16 << 20;
 /// How many records the mover takes for one group at most: each holds two open files while it
 /// is moved (its log slot, its outbox file), so small instances must not exhaust descriptors.
 const MOVE_RECORDS: usize = 256;
+/// How much memory the listener may hold logged instances in for the forwarder (offered from
+/// there, not read back from the outbox): counted in the listener's memory bound.
+pub const FORWARD_MEMORY: u64 = 32 << 20;
+/// How long the mover waits for the partner's receipt of instances offered from memory before
+/// it copies them into the outbox anyway.
+const RECEIPT_GRACE: Duration = Duration::from_secs(1);
 
 /// The vault while associations are in progress or logged instances wait to be moved, and how
 /// many users it has. It is opened for the first and closed after the last, so that `send` can
@@ -174,6 +195,7 @@ impl DimseIngest {
             log: None,
             buffers: Arc::new(Buffers::default()),
             hasher: Hasher::default(),
+            forward: ForwardMemory::default(),
         }
     }
 
@@ -424,18 +446,22 @@ impl DimseIngest {
         let file = format!("{}.dcm", safe_name(&d.sop_instance_uid));
         let (object, pixels) = (d.object, d.pixel_data);
         let room = pixels.as_ref().map_or(0, |p| p.len() as usize) + 64 * 1024;
-        let mut plain = Pooled {
-            buf: self.buffers.take(room),
-            pool: self.buffers.clone(),
-        };
-        batch::encode_output(object, pixels.as_ref(), &mut plain.buf)?;
+        let mut buf = self
+            .forward
+            .buffer(room)
+            .unwrap_or_else(|| self.buffers.take(room));
+        batch::encode_output(object, pixels.as_ref(), &mut buf)?;
         drop(pixels);
-        let plain = Arc::new(plain);
+        let (plain, held) = self.forward.hold(buf, &self.buffers);
         // The SHA-256 (for the outbox and the partner's manifest) is computed on another
         // thread while the instance is sealed, logged and made durable: the modality does not
         // wait for it. A sealed record needs no hash (its sealing authenticates it); a plain
         // log computes it first, as the record's integrity check.
-        let mut hashing = log.wal.seals().then(|| self.hasher.start(plain.clone()));
+        let wake = held.is_some().then(|| self.open.clone());
+        let mut hashing = log
+            .wal
+            .seals()
+            .then(|| self.hasher.start(plain.clone(), wake));
         let meta = InstanceRecord {
             agreement: flow.agreement.clone(),
             flow: flow.flow.clone(),
@@ -444,7 +470,7 @@ impl DimseIngest {
             study: d.study_uid,
             file,
             sha256: None,
-            size: plain.buf.len() as u64,
+            size: (*plain).as_ref().len() as u64,
             data_tag: None,
             sop_instance_uid: d.sop_instance_uid,
             modality,
@@ -454,13 +480,29 @@ impl DimseIngest {
         let rec = self.buffers.take(room + room / 32);
         let (mut rec, meta) = log
             .wal
-            .seal_instance(meta, &plain.buf, rec)
+            .seal_instance(meta, (*plain).as_ref(), rec)
             .map_err(|e| e.to_string())?;
         drop(plain);
+        // Held in memory: handed to the forwarder once durable (below) and hashed.
+        let mut handed = match held {
+            Some(body) => Some(self.forward.hand_over(
+                &self.open,
+                &self.outbox,
+                flow,
+                &meta,
+                body,
+                hashing.clone(),
+            )?),
+            None => None,
+        };
         let sealed = started.elapsed();
         // The mover finds the vault open: one use per record until it is moved.
         self.vault.acquire()?;
         let appended = log.wal.append(&mut rec, |at| {
+            // Durable: the forwarder may offer it from memory (before the mover sees it).
+            if let Some(h) = handed.take() {
+                self.open.logged(h);
+            }
             *log.pending.0.lock().unwrap_or_else(|p| p.into_inner()) += 1;
             let _ = log
                 .to_mover
@@ -496,7 +538,7 @@ impl DimseIngest {
                 now.meta.sha256 = now
                     .meta
                     .sha256
-                    .or_else(|| hashing.take().and_then(PendingHash::wait).map(hex::encode));
+                    .or_else(|| hashing.take().and_then(|h| h.wait()).map(hex::encode));
                 let mover = Mover {
                     wal: log.wal.clone(),
                     outbox: self.outbox.clone(),
@@ -561,26 +603,150 @@ impl Drop for Pooled {
     }
 }
 
-/// The SHA-256 of a logged instance's plaintext: computed by the listener's hashing thread
-/// ([`Hasher`]) beside the log's `fdatasync`, or already computed; the mover takes it.
-enum PendingHash {
-    Computing(mpsc::Receiver<[u8; 32]>),
-    Done([u8; 32]),
+impl AsRef<[u8]> for Pooled {
+    fn as_ref(&self) -> &[u8] {
+        &self.buf
+    }
 }
 
-impl PendingHash {
-    /// The hash (`None` only if the hashing thread failed: the mover then computes it from the
-    /// record).
-    fn wait(self) -> Option<[u8; 32]> {
-        match self {
-            PendingHash::Computing(rx) => rx.recv().ok(),
-            PendingHash::Done(d) => Some(d),
+/// The memory the listener holds logged instances' plaintext in for the forwarder
+/// ([`FORWARD_MEMORY`], `send`'s [`MemoryBudget`]): an instance is held (and offered from
+/// memory) only if it fits; beyond that it goes the file way (the mover's outbox copy).
+struct ForwardMemory {
+    budget: Arc<MemoryBudget>,
+}
+
+impl Default for ForwardMemory {
+    fn default() -> ForwardMemory {
+        ForwardMemory {
+            budget: MemoryBudget::new(FORWARD_MEMORY),
         }
     }
 }
 
-/// One hashing job: the plaintext, and where its hash goes.
-type HashJob = (Arc<Pooled>, mpsc::SyncSender<[u8; 32]>);
+impl ForwardMemory {
+    /// A buffer for an instance's plaintext from the budget's spare buffers when the budget
+    /// has room for it (it is about to be held); `None` when it has not.
+    fn buffer(&self, room: usize) -> Option<Vec<u8>> {
+        (self.budget.used() + room as u64 <= FORWARD_MEMORY).then(|| self.budget.buffer(room))
+    }
+
+    /// The plaintext as the log and the hashing thread share it, and the same held under the
+    /// budget for the forwarder (`None` when it does not fit: the file way).
+    fn hold(&self, buf: Vec<u8>, pool: &Arc<Buffers>) -> (InstanceBody, Option<InstanceBody>) {
+        match self.budget.hold(buf) {
+            Ok(held) => (held.clone(), Some(held)),
+            Err(buf) => (
+                Arc::new(Pooled {
+                    buf,
+                    pool: pool.clone(),
+                }),
+                None,
+            ),
+        }
+    }
+
+    /// What the forwarder is handed for a logged instance held in memory; makes sure its study
+    /// has an outbox entry first (as the mover would).
+    fn hand_over(
+        &self,
+        open: &OpenStudies,
+        outbox: &Outbox,
+        flow: &IngestFlow,
+        meta: &InstanceRecord,
+        body: InstanceBody,
+        hash: Option<PendingHash>,
+    ) -> Result<Handed, String> {
+        let route = StudyRoute::from(flow);
+        let dir = outbox.study_dir(&route.agreement, &meta.study);
+        open.ensure_entry(outbox, &route, &meta.study, &dir)
+            .map_err(|e| format!("cannot open the outbox study: {e}"))?;
+        let hash = hash.unwrap_or_else(|| {
+            let mut d = [0u8; 32];
+            let known = meta
+                .sha256
+                .as_deref()
+                .is_some_and(|h| hex::decode_to_slice(h, &mut d).is_ok());
+            HashCell::set_to(known.then_some(d))
+        });
+        Ok(Handed {
+            route,
+            study: meta.study.clone(),
+            dir,
+            instance: OutboxInstance {
+                file: meta.file.clone(),
+                sha256: String::new(),
+                size: meta.size,
+                sop_instance_uid: meta.sop_instance_uid.clone(),
+            },
+            modality: meta.modality.clone(),
+            patient_token: meta.patient_token.clone(),
+            body,
+            hash,
+        })
+    }
+}
+
+/// The SHA-256 of a logged instance's plaintext: computed by the listener's hashing thread
+/// ([`Hasher`]) beside the log's `fdatasync`, or already computed; the mover waits for it, the
+/// forwarder looks whether it is there.
+type PendingHash = Arc<HashCell>;
+
+/// Where a [`PendingHash`] arrives: `None` while it is computed, then the hash, or `Some(None)`
+/// if the hashing thread failed (the mover then computes it from the record).
+#[derive(Default)]
+struct HashCell {
+    digest: Mutex<Option<Option<[u8; 32]>>>,
+    ready: Condvar,
+}
+
+impl HashCell {
+    fn set_to(d: Option<[u8; 32]>) -> PendingHash {
+        let cell = Arc::new(HashCell::default());
+        cell.set(d);
+        cell
+    }
+
+    fn set(&self, d: Option<[u8; 32]>) {
+        *self.digest.lock().unwrap_or_else(|p| p.into_inner()) = Some(d);
+        self.ready.notify_all();
+    }
+
+    /// The hash when it has been computed (or failed), without waiting.
+    fn ready(&self) -> Option<Option<[u8; 32]>> {
+        *self.digest.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Waits for the hash (`None` only if the hashing thread failed).
+    fn wait(&self) -> Option<[u8; 32]> {
+        let d = self.digest.lock().unwrap_or_else(|p| p.into_inner());
+        let d = self
+            .ready
+            .wait_while(d, |d| d.is_none())
+            .unwrap_or_else(|p| p.into_inner());
+        d.flatten()
+    }
+}
+
+/// One hashing job: the plaintext, where its hash goes, and whom to wake when it is there (the
+/// forwarder, for an instance handed to it in memory). A job dropped unfinished (the hashing
+/// thread gone) marks its hash failed, so that nobody waits for it forever.
+struct HashJob {
+    plain: InstanceBody,
+    cell: PendingHash,
+    wake: Option<Arc<OpenStudies>>,
+}
+
+impl Drop for HashJob {
+    fn drop(&mut self) {
+        if self.cell.ready().is_none() {
+            self.cell.set(None);
+        }
+        if let Some(open) = &self.wake {
+            open.wake.notify_one();
+        }
+    }
+}
 
 /// The listener's hashing thread, started with the first logged instance and ended when the
 /// listener goes (one thread for all instances, not one per instance: a thread's start and its
@@ -597,10 +763,17 @@ struct Hasher {
 impl Hasher {
     const QUEUED: usize = 16 << 20;
 
-    fn start(&self, plain: Arc<Pooled>) -> PendingHash {
+    /// Starts hashing `plain`; `wake` is woken when the hash is there.
+    fn start(&self, plain: InstanceBody, wake: Option<Arc<OpenStudies>>) -> PendingHash {
         use sha2::{Digest, Sha256};
         use std::sync::atomic::Ordering;
-        let len = plain.buf.len();
+        let len = (*plain).as_ref().len();
+        let cell = Arc::new(HashCell::default());
+        let mut job = HashJob {
+            plain,
+            cell: cell.clone(),
+            wake,
+        };
         if self.queued.load(Ordering::Relaxed) + len <= Self::QUEUED {
             let mut jobs = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
             if jobs.is_none() {
@@ -610,11 +783,11 @@ impl Hasher {
                     .name("ingest-hash".into())
                     .spawn(move || {
                         super::lower_priority();
-                        for (plain, done) in rx {
-                            let digest = Sha256::digest(plain.buf.as_slice()).into();
-                            queued.fetch_sub(plain.buf.len(), Ordering::Relaxed);
-                            drop(plain);
-                            let _ = done.send(digest);
+                        for job in rx {
+                            let bytes = (*job.plain).as_ref();
+                            let digest = Sha256::digest(bytes).into();
+                            queued.fetch_sub(bytes.len(), Ordering::Relaxed);
+                            job.cell.set(Some(digest));
                         }
                     });
                 if spawned.is_ok() {
@@ -622,16 +795,18 @@ impl Hasher {
                 }
             }
             if let Some(tx) = jobs.as_ref() {
-                let (done, rx) = mpsc::sync_channel(1);
                 self.queued.fetch_add(len, Ordering::Relaxed);
-                if tx.send((plain.clone(), done)).is_ok() {
-                    return PendingHash::Computing(rx);
+                match tx.send(job) {
+                    Ok(()) => return cell,
+                    Err(mpsc::SendError(back)) => job = back,
                 }
                 self.queued.fetch_sub(len, Ordering::Relaxed);
                 *jobs = None;
             }
         }
-        PendingHash::Done(Sha256::digest(plain.buf.as_slice()).into())
+        job.cell
+            .set(Some(Sha256::digest((*job.plain).as_ref()).into()));
+        cell
     }
 }
 
@@ -665,7 +840,7 @@ impl Mover {
             let n = group.len();
             let group: Vec<(Location, Option<String>)> = group
                 .into_iter()
-                .map(|(at, hash)| (at, hash.and_then(PendingHash::wait).map(hex::encode)))
+                .map(|(at, hash)| (at, hash.and_then(|h| h.wait()).map(hex::encode)))
                 .collect();
             // Retried until it works: the instances are acknowledged and safe in the log.
             let mut wait = Duration::from_millis(100);
@@ -716,6 +891,18 @@ impl Mover {
         if records.is_empty() {
             return Ok(());
         }
+        // Instances on their way to the partner from memory: their receipt usually comes
+        // within a few hundred milliseconds, and then they need no outbox copy. Waited for up
+        // to RECEIPT_GRACE (the memory they are held in bounds how many can be waiting).
+        let deadline = Instant::now() + RECEIPT_GRACE;
+        while Instant::now() < deadline
+            && records.iter().any(|m| {
+                let r = &m.record().meta;
+                self.open.awaiting_receipt(&r.agreement, &r.study, &r.file)
+            })
+        {
+            std::thread::sleep(Duration::from_millis(5));
+        }
         // A record whose hash was not computed beside the log gets it from its data.
         for m in records.iter_mut() {
             if let Moving::Read(r) = m {
@@ -747,23 +934,36 @@ impl Mover {
             self.open
                 .ensure_entry(&self.outbox, &route, &r.meta.study, &dir)
                 .map_err(|e| format!("cannot open the outbox study: {e}"))?;
-            let mut tmp = tempfile::Builder::new()
-                .prefix(".wal-")
-                .suffix(".part")
-                .tempfile_in(&dir)
-                .map_err(|e| format!("cannot create an outbox file: {}", e.kind()))?;
-            match m {
-                Moving::Read(r) => std::io::Write::write_all(tmp.as_file_mut(), &r.data),
-                Moving::InLog(l) => l.copy_to(tmp.as_file()),
-            }
-            .map_err(|e| format!("cannot write an outbox file: {}", e.kind()))?;
+            // Offered from memory and confirmed by the partner's signed receipt: no outbox
+            // copy (the entry lists it as receipted). Anything else is copied: the partner may
+            // be down, and nothing acknowledged may be lost.
+            let receipted = r.meta.sha256.as_deref().is_some_and(|sha| {
+                self.open
+                    .receipted(&route.agreement, &r.meta.study, &r.meta.file, sha)
+            });
+            let tmp = if receipted {
+                None
+            } else {
+                let mut tmp = tempfile::Builder::new()
+                    .prefix(".wal-")
+                    .suffix(".part")
+                    .tempfile_in(&dir)
+                    .map_err(|e| format!("cannot create an outbox file: {}", e.kind()))?;
+                match m {
+                    Moving::Read(r) => std::io::Write::write_all(tmp.as_file_mut(), &r.data),
+                    Moving::InLog(l) => l.copy_to(tmp.as_file()),
+                }
+                .map_err(|e| format!("cannot write an outbox file: {}", e.kind()))?;
+                Some(tmp)
+            };
             for (token, entry) in &r.meta.vault_entries {
                 vault
                     .record(&r.meta.agreement, token, entry)
                     .map_err(|_| "the vault could not record its tokens".to_string())?;
             }
-            staged.push((Some(tmp), dir, route));
+            staged.push((tmp, dir, route));
         }
+        let copied: Vec<bool> = staged.iter().map(|(t, _, _)| t.is_some()).collect();
         flush_files(
             staged
                 .iter()
@@ -771,10 +971,9 @@ impl Mover {
         )?;
         let mut dirs = BTreeSet::new();
         for ((tmp, dir, _), m) in staged.iter_mut().zip(&records) {
+            let Some(tmp) = tmp.take() else { continue };
             let target = dir.join(&m.record().meta.file);
-            tmp.take()
-                .expect("staged once")
-                .persist(&target)
+            tmp.persist(&target)
                 .map_err(|e| format!("cannot name an outbox file: {}", e.error.kind()))?;
             dirs.insert(dir.clone());
         }
@@ -794,7 +993,7 @@ impl Mover {
                 .consumed(last.location.end)
                 .map_err(|e| e.to_string())?;
         }
-        for ((_, dir, route), r) in staged.into_iter().zip(records) {
+        for (((_, dir, route), r), copied) in staged.into_iter().zip(records).zip(copied) {
             let m = r.into_record().meta;
             let instance = OutboxInstance {
                 file: m.file,
@@ -802,8 +1001,15 @@ impl Mover {
                 size: m.size,
                 sop_instance_uid: m.sop_instance_uid,
             };
-            self.open
-                .arrived(&route, &m.study, dir, instance, m.modality, m.patient_token);
+            self.open.moved(
+                &route,
+                &m.study,
+                dir,
+                instance,
+                m.modality,
+                m.patient_token,
+                copied,
+            );
         }
         Ok(())
     }
@@ -972,16 +1178,119 @@ impl StoreService for DimseIngest {
     }
 }
 
+/// A logged instance handed to the forwarder in memory ([`OpenStudies::logged`]): durable in
+/// the ingest log, its plaintext held under the listener's [`FORWARD_MEMORY`], its hash coming.
+struct Handed {
+    route: StudyRoute,
+    study: String,
+    dir: PathBuf,
+    /// Its `sha256` is filled in once `hash` is there.
+    instance: OutboxInstance,
+    modality: Option<String>,
+    patient_token: String,
+    body: InstanceBody,
+    hash: PendingHash,
+}
+
 /// A study still arriving over DICOM.
 struct OpenStudy {
     dir: PathBuf,
     entry: OutboxEntry,
-    /// How many of `entry.instances` the partner has been sent (in order).
+    /// How many of `entry.instances` the partner has been sent (in order); they are confirmed
+    /// by its signed receipts.
     forwarded: usize,
     last_arrival: Instant,
     /// Not before this instant (after a failed attempt).
     retry_at: Option<Instant>,
     busy: bool,
+    /// Instances handed over in memory whose hash is still being computed (in order).
+    incoming: std::collections::VecDeque<Handed>,
+    /// The plaintext held in memory of listed instances, by file name (with its SHA-256).
+    bodies: std::collections::HashMap<String, (String, InstanceBody)>,
+    /// Instances handed over in memory that the mover has not taken from the log yet (by file
+    /// name, how many): the study's final offer waits for them.
+    unmoved: std::collections::HashMap<String, usize>,
+}
+
+impl OpenStudy {
+    fn new(dir: PathBuf, entry: OutboxEntry) -> OpenStudy {
+        OpenStudy {
+            dir,
+            entry,
+            forwarded: 0,
+            last_arrival: Instant::now(),
+            retry_at: None,
+            busy: false,
+            incoming: Default::default(),
+            bodies: Default::default(),
+            unmoved: Default::default(),
+        }
+    }
+
+    /// Lists an instance that arrived (the same SOP instance sent again replaces what was
+    /// there: its file was replaced); false when it was listed already.
+    fn add(&mut self, instance: OutboxInstance, modality: Option<String>, patient: String) -> bool {
+        let e = &mut self.entry;
+        let new = match e.instances.iter().position(|i| i.file == instance.file) {
+            Some(at) if e.instances[at] != instance => {
+                e.instances.remove(at);
+                self.forwarded = self.forwarded.min(at);
+                e.receipted = e.receipted.min(at);
+                self.bodies.remove(&instance.file);
+                e.instances.push(instance);
+                true
+            }
+            Some(_) => false,
+            None => {
+                e.instances.push(instance);
+                true
+            }
+        };
+        if let Some(m) = modality {
+            if !e.modalities.contains(&m) {
+                let mut all: BTreeSet<String> = e.modalities.drain(..).collect();
+                all.insert(m);
+                e.modalities = all.into_iter().collect();
+            }
+        }
+        if !e.patient_tokens.contains(&patient) {
+            e.patient_tokens.push(patient);
+        }
+        new
+    }
+
+    /// Lists the instances handed over in memory whose hash is there, in order.
+    fn promote(&mut self) {
+        while self
+            .incoming
+            .front()
+            .is_some_and(|h| h.hash.ready().is_some())
+        {
+            let h = self.incoming.pop_front().expect("a front");
+            // A failed hash: the mover lists the instance (with the hash from its record).
+            let Some(Some(digest)) = h.hash.ready() else {
+                continue;
+            };
+            let mut instance = h.instance;
+            instance.sha256 = hex::encode(digest);
+            let (file, sha) = (instance.file.clone(), instance.sha256.clone());
+            self.add(instance, h.modality, h.patient_token);
+            self.bodies.insert(file, (sha, h.body));
+        }
+    }
+
+    /// The bodies held in memory of `instances` (in their order; `None`: from its file).
+    fn bodies_of(&self, instances: &[OutboxInstance]) -> Vec<Option<InstanceBody>> {
+        instances
+            .iter()
+            .map(|i| {
+                self.bodies
+                    .get(&i.file)
+                    .filter(|(sha, _)| *sha == i.sha256)
+                    .map(|(_, b)| b.clone())
+            })
+            .collect()
+    }
 }
 
 /// What the forwarder should do with one study now.
@@ -991,6 +1300,8 @@ pub struct Forward {
     pub entry: OutboxEntry,
     /// How many of `entry.instances` the partner has been sent already.
     pub sent: usize,
+    /// The instances of `entry` held in memory (in its order; `None`: streamed from its file).
+    pub bodies: Vec<Option<InstanceBody>>,
 }
 
 impl Forward {
@@ -1007,6 +1318,17 @@ impl Forward {
         e
     }
 
+    /// The bodies of [`Forward::offer`]'s instances, in its order (for
+    /// `federation::client::PeerClient::send_study_from`).
+    pub fn offer_bodies(&self) -> Vec<Option<InstanceBody>> {
+        let from = if self.entry.complete {
+            0
+        } else {
+            self.sent.min(self.bodies.len())
+        };
+        self.bodies[from..].to_vec()
+    }
+
     /// The whole entry with the bookkeeping of an attempt at [`Forward::offer`] (attempts,
     /// next attempt, last error, state), as the outbox keeps it: every instance listed.
     pub fn with_outcome_of(&self, offer: &OutboxEntry) -> OutboxEntry {
@@ -1021,7 +1343,23 @@ impl Forward {
     }
 }
 
-/// The studies the listener is receiving, shared by the association threads and the forwarder.
+/// The studies the listener is receiving, shared by the association threads, the mover and the
+/// forwarder.
+///
+/// An instance reaches it in one of two ways. Held in memory ([`OpenStudies::logged`], from the
+/// association thread the moment the instance is durable in the ingest log): it is listed once
+/// its SHA-256 is there and offered from memory, so the forwarder does not wait for the mover.
+/// Its vault entries are durable in the log's record by then (the mover records them in the
+/// vault, and a restart replays the record before anything else runs). Its memory is given back
+/// when the partner's signed receipt confirms it, or, after a failed offer, once the mover has
+/// copied it into the outbox (the retry streams it from there). Or by the mover
+/// ([`OpenStudies::moved`]), once its outbox file is durable (an instance the memory could not
+/// hold, a record recovered at start, or one logged without a free slot). The mover copies an
+/// instance into the outbox unless the partner has confirmed it already
+/// ([`OpenStudies::receipted`]): such an instance is listed in the study's entry among its
+/// [`OutboxEntry::receipted`] ones, with no file. A study's final offer waits until the mover
+/// has taken every instance handed over in memory from the log, so that its entry is
+/// settled (every instance receipted or a file) when it is marked delivered.
 pub struct OpenStudies {
     quiet: Duration,
     studies: Mutex<BTreeMap<(String, String), OpenStudy>>,
@@ -1072,18 +1410,102 @@ impl OpenStudies {
             ),
         };
         outbox.save(&entry)?;
-        map.insert(
-            key,
-            OpenStudy {
-                dir: dir.to_path_buf(),
-                forwarded: 0,
-                entry,
-                last_arrival: Instant::now(),
-                retry_at: None,
-                busy: false,
-            },
-        );
+        map.insert(key, OpenStudy::new(dir.to_path_buf(), entry));
         Ok(())
+    }
+
+    /// The study's open state, a new one if it has none.
+    fn open_study<'a>(
+        map: &'a mut BTreeMap<(String, String), OpenStudy>,
+        flow: &StudyRoute,
+        study: &str,
+        dir: PathBuf,
+    ) -> &'a mut OpenStudy {
+        map.entry((flow.agreement.clone(), study.to_string()))
+            .or_insert_with(|| {
+                OpenStudy::new(
+                    dir,
+                    OutboxEntry::pending(
+                        &flow.agreement,
+                        &flow.flow,
+                        &flow.purpose,
+                        &flow.to,
+                        study,
+                        false,
+                    ),
+                )
+            })
+    }
+
+    /// An instance durable in the ingest log, handed over in memory (see [`OpenStudies`]).
+    fn logged(&self, h: Handed) {
+        let mut map = self.lock();
+        let open = Self::open_study(&mut map, &h.route, &h.study, h.dir.clone());
+        *open.unmoved.entry(h.instance.file.clone()).or_default() += 1;
+        open.incoming.push_back(h);
+        open.last_arrival = Instant::now();
+        drop(map);
+        self.wake.notify_one();
+    }
+
+    /// Whether the partner has confirmed this instance (file name and SHA-256) by a signed
+    /// receipt while its study is open: the mover then makes no outbox copy of it.
+    fn receipted(&self, agreement: &str, study: &str, file: &str, sha256: &str) -> bool {
+        let map = self.lock();
+        map.get(&(agreement.to_string(), study.to_string()))
+            .is_some_and(|o| {
+                o.entry.instances[..o.forwarded.min(o.entry.instances.len())]
+                    .iter()
+                    .any(|i| i.file == file && i.sha256 == sha256)
+            })
+    }
+
+    /// Whether this instance was handed over in memory and is on its way to the partner: not
+    /// yet confirmed, and its study's offers are not failing (then the mover copies it at once).
+    fn awaiting_receipt(&self, agreement: &str, study: &str, file: &str) -> bool {
+        let map = self.lock();
+        map.get(&(agreement.to_string(), study.to_string()))
+            .is_some_and(|o| {
+                o.retry_at.is_none()
+                    && o.unmoved.contains_key(file)
+                    && !o.entry.instances[..o.forwarded.min(o.entry.instances.len())]
+                        .iter()
+                        .any(|i| i.file == file)
+            })
+    }
+
+    /// The mover has taken an instance from the log: copied into the outbox (`copied`; listed
+    /// if it is not yet), or skipped as receipted.
+    #[allow(clippy::too_many_arguments)]
+    fn moved(
+        &self,
+        flow: &StudyRoute,
+        study: &str,
+        dir: PathBuf,
+        instance: OutboxInstance,
+        modality: Option<String>,
+        patient_token: String,
+        copied: bool,
+    ) {
+        let mut map = self.lock();
+        let open = Self::open_study(&mut map, flow, study, dir);
+        if let Some(n) = open.unmoved.get_mut(&instance.file) {
+            *n -= 1;
+            if *n == 0 {
+                open.unmoved.remove(&instance.file);
+            }
+        }
+        if copied {
+            // After a failed offer, the retry streams it from its file.
+            if open.retry_at.is_some() {
+                open.bodies.remove(&instance.file);
+            }
+            if open.add(instance, modality, patient_token) {
+                open.last_arrival = Instant::now();
+            }
+        }
+        drop(map);
+        self.wake.notify_one();
     }
 
     fn arrived(
@@ -1096,40 +1518,8 @@ impl OpenStudies {
         patient_token: String,
     ) {
         let mut map = self.lock();
-        let open = map
-            .entry((flow.agreement.clone(), study.to_string()))
-            .or_insert_with(|| OpenStudy {
-                dir,
-                forwarded: 0,
-                entry: OutboxEntry::pending(
-                    &flow.agreement,
-                    &flow.flow,
-                    &flow.purpose,
-                    &flow.to,
-                    study,
-                    false,
-                ),
-                last_arrival: Instant::now(),
-                retry_at: None,
-                busy: false,
-            });
-        let e = &mut open.entry;
-        // The same SOP instance sent again replaces what was there (its file was replaced).
-        match e.instances.iter().position(|i| i.file == instance.file) {
-            Some(at) if e.instances[at] != instance => {
-                e.instances.remove(at);
-                open.forwarded = open.forwarded.min(at);
-                e.instances.push(instance);
-            }
-            Some(_) => {}
-            None => e.instances.push(instance),
-        }
-        let mut m: BTreeSet<String> = e.modalities.drain(..).collect();
-        m.extend(modality);
-        e.modalities = m.into_iter().collect();
-        if !e.patient_tokens.contains(&patient_token) {
-            e.patient_tokens.push(patient_token);
-        }
+        let open = Self::open_study(&mut map, flow, study, dir);
+        open.add(instance, modality, patient_token);
         open.last_arrival = Instant::now();
         drop(map);
         self.wake.notify_one();
@@ -1149,14 +1539,7 @@ impl OpenStudies {
             }
             self.lock().insert(
                 (entry.agreement.clone(), entry.study_token.clone()),
-                OpenStudy {
-                    dir,
-                    forwarded: 0,
-                    entry,
-                    last_arrival: Instant::now(),
-                    retry_at: None,
-                    busy: false,
-                },
+                OpenStudy::new(dir, entry),
             );
             n += 1;
         }
@@ -1164,16 +1547,20 @@ impl OpenStudies {
     }
 
     /// The studies with something to send now: new instances since the last forward, or a
-    /// quiet time passed (then `entry.complete` is set: the final offer). Each returned study
-    /// is busy until [`OpenStudies::done`].
+    /// quiet time passed (then `entry.complete` is set: the final offer; not while instances
+    /// handed over in memory are still hashed or not yet moved). Each returned study is busy
+    /// until [`OpenStudies::done`].
     pub fn due(&self) -> Vec<Forward> {
         let now = Instant::now();
         let mut out = Vec::new();
         for open in self.lock().values_mut() {
+            open.promote();
             if open.busy || open.retry_at.is_some_and(|t| t > now) {
                 continue;
             }
-            let quiet = now.duration_since(open.last_arrival) >= self.quiet;
+            let quiet = now.duration_since(open.last_arrival) >= self.quiet
+                && open.incoming.is_empty()
+                && open.unmoved.is_empty();
             let new = open.entry.instances.len() > open.forwarded;
             if !new && !quiet {
                 continue;
@@ -1183,6 +1570,7 @@ impl OpenStudies {
             entry.complete = quiet;
             out.push(Forward {
                 dir: open.dir.clone(),
+                bodies: open.bodies_of(&entry.instances),
                 entry,
                 sent: open.forwarded,
             });
@@ -1191,7 +1579,9 @@ impl OpenStudies {
     }
 
     /// The outcome of a forward: `Ok` means the partner holds every instance the entry listed
-    /// (a complete study leaves the open set); `Err(retry_in)` waits before the next attempt.
+    /// (a complete study leaves the open set; the memory of the confirmed instances is given
+    /// back); `Err(retry_in)` waits before the next attempt (the memory of the instances the
+    /// mover has copied is given back).
     pub fn done(&self, f: &Forward, result: Result<(), Duration>) {
         let mut map = self.lock();
         let key = (f.entry.agreement.clone(), f.entry.study_token.clone());
@@ -1203,7 +1593,11 @@ impl OpenStudies {
             Ok(()) => {
                 open.retry_at = None;
                 open.forwarded = open.forwarded.max(f.entry.instances.len());
+                open.entry.receipted = open.forwarded;
                 open.entry.attempts = f.entry.attempts;
+                for i in &f.entry.instances {
+                    open.bodies.remove(&i.file);
+                }
                 let more = open.entry.instances.len() > f.entry.instances.len();
                 if f.entry.complete && !more {
                     map.remove(&key);
@@ -1212,6 +1606,8 @@ impl OpenStudies {
             Err(wait) => {
                 open.retry_at = Some(Instant::now() + wait);
                 open.entry.attempts = f.entry.attempts;
+                let unmoved = &open.unmoved;
+                open.bodies.retain(|file, _| unmoved.contains_key(file));
             }
         }
     }
@@ -1329,7 +1725,7 @@ mod tests {
         use sha2::{Digest, Sha256};
         use std::sync::atomic::Ordering;
         let pool = Arc::new(Buffers::default());
-        let plain = |n: u8| {
+        let plain = |n: u8| -> InstanceBody {
             Arc::new(Pooled {
                 buf: vec![n; 100_000],
                 pool: pool.clone(),
@@ -1337,15 +1733,223 @@ mod tests {
         };
         let want = |n: u8| -> [u8; 32] { Sha256::digest(vec![n; 100_000]).into() };
         let hasher = Hasher::default();
-        let queued = hasher.start(plain(1));
-        assert!(matches!(queued, PendingHash::Computing(_)));
+        let open = Arc::new(OpenStudies::new(Duration::from_secs(1)));
+        let queued = hasher.start(plain(1), Some(open.clone()));
         assert_eq!(queued.wait(), Some(want(1)));
         hasher.queued.store(Hasher::QUEUED, Ordering::Relaxed);
-        let at_once = hasher.start(plain(2));
-        assert!(matches!(at_once, PendingHash::Done(_)), "over the bound");
-        assert_eq!(at_once.wait(), Some(want(2)));
+        let at_once = hasher.start(plain(2), None);
+        assert_eq!(
+            at_once.ready(),
+            Some(Some(want(2))),
+            "over the bound: at once"
+        );
         hasher.queued.store(0, Ordering::Relaxed);
-        assert_eq!(hasher.start(plain(3)).wait(), Some(want(3)));
+        assert_eq!(hasher.start(plain(3), None).wait(), Some(want(3)));
+        // A job dropped unfinished (its thread gone) marks its hash failed: nobody waits.
+        let cell = Arc::new(HashCell::default());
+        drop(HashJob {
+            plain: plain(4),
+            cell: cell.clone(),
+            wake: None,
+        });
+        assert_eq!(cell.wait(), None);
+    }
+
+    /// A mover over an empty log, with its outbox, vault and open studies.
+    struct Rig {
+        _dir: tempfile::TempDir,
+        mover: Mover,
+        outbox: Outbox,
+        open: Arc<OpenStudies>,
+        at_rest: crate::store::sealed::AtRest,
+        vault: Arc<Vault>,
+        forward: ForwardMemory,
+    }
+
+    fn rig(quiet: Duration) -> Rig {
+        use crate::pseudonym::SiteKeys;
+        use crate::store::sealed::AtRest;
+        let dir = tempfile::tempdir().unwrap();
+        let keys = SiteKeys::from_bytes([7; 32], [9; 32]);
+        let at_rest = AtRest::new(&keys, true);
+        let (wal, _) = Wal::open(&dir.path().join("wal"), at_rest.clone()).unwrap();
+        wal.replayed().unwrap();
+        let db = sled::Config::new().temporary(true).open().unwrap();
+        let vault = Arc::new(Vault::new(&keys, db.open_tree("vault").unwrap()));
+        let outbox = Outbox::new(dir.path().join("outbox")).with_at_rest(at_rest.clone());
+        let open = Arc::new(OpenStudies::new(quiet));
+        let v = vault.clone();
+        let use_vault = Arc::new(VaultUse {
+            opener: Box::new(move || Ok(v.clone())),
+            state: Mutex::new((None, 0)),
+        });
+        use_vault.acquire().unwrap();
+        Rig {
+            mover: Mover {
+                wal: Arc::new(wal),
+                outbox: outbox.clone(),
+                open: open.clone(),
+                vault: use_vault,
+            },
+            _dir: dir,
+            outbox,
+            open,
+            at_rest,
+            vault,
+            forward: ForwardMemory::default(),
+        }
+    }
+
+    fn bytes(n: u8) -> Vec<u8> {
+        vec![n; 50_000]
+    }
+
+    impl Rig {
+        fn meta(&self, n: u8) -> InstanceRecord {
+            crate::ingest::wal::tests::record(n.into(), &bytes(n), &format!("DOE^{n}"))
+        }
+
+        /// The record the mover takes (as recovered: read whole).
+        fn record(&self, n: u8) -> Record {
+            let mut sealed = Vec::new();
+            let mut w = self.at_rest.writer(&mut sealed).unwrap();
+            std::io::Write::write_all(&mut w, &bytes(n)).unwrap();
+            w.finish().unwrap();
+            Record {
+                location: Location {
+                    slot: usize::MAX,
+                    start: Default::default(),
+                    end: Default::default(),
+                },
+                meta: self.meta(n),
+                data: sealed,
+            }
+        }
+
+        /// Hands instance `n` over in memory, as the association thread does once it is
+        /// durable; false when the memory could not hold it (the file way).
+        fn logged(&self, n: u8) -> bool {
+            let mut buf = self.forward.buffer(60_000).unwrap_or_default();
+            buf.extend_from_slice(&bytes(n));
+            let (_, held) = self.forward.hold(buf, &Arc::new(Buffers::default()));
+            let Some(body) = held else { return false };
+            let meta = self.meta(n);
+            let mut d = [0u8; 32];
+            hex::decode_to_slice(meta.sha256.as_deref().unwrap(), &mut d).unwrap();
+            let h = self
+                .forward
+                .hand_over(
+                    &self.open,
+                    &self.outbox,
+                    &flow(),
+                    &meta,
+                    body,
+                    Some(HashCell::set_to(Some(d))),
+                )
+                .unwrap();
+            self.open.logged(h);
+            true
+        }
+
+        fn files(&self) -> Vec<String> {
+            let mut f: Vec<String> = std::fs::read_dir(self.outbox.study_dir("a", "study-token"))
+                .unwrap()
+                .flatten()
+                .map(|e| e.file_name().to_string_lossy().to_string())
+                .filter(|n| n.ends_with(".dcm"))
+                .collect();
+            f.sort();
+            f
+        }
+    }
+
+    /// Instances handed over in memory are offered from there, before the mover has taken them
+    /// from the log; once the partner's receipt confirms them, the mover makes no outbox copy
+    /// (their vault entries are still recorded) and their memory is given back. The final
+    /// offer waits for the mover; it lists them as receipted.
+    #[test]
+    fn an_instance_forwarded_from_memory_and_receipted_gets_no_outbox_copy() {
+        let rig = rig(Duration::from_millis(200));
+        assert!(rig.logged(0) && rig.logged(1));
+        let due = rig.open.due();
+        assert_eq!(due.len(), 1);
+        assert_eq!(due[0].entry.instances.len(), 2);
+        assert!(!due[0].entry.complete);
+        let bodies = due[0].offer_bodies();
+        assert_eq!(bodies.len(), 2);
+        for (n, b) in bodies.iter().enumerate() {
+            assert_eq!((**b.as_ref().expect("in memory")).as_ref(), bytes(n as u8));
+        }
+        assert!(rig.forward.budget.used() > 0);
+        rig.open.done(&due[0], Ok(()));
+        drop((due, bodies));
+        assert_eq!(rig.forward.budget.used(), 0, "confirmed: memory given back");
+        // Quiet, but the mover has not taken them from the log: no final offer yet.
+        std::thread::sleep(Duration::from_millis(250));
+        assert!(
+            rig.open.due().is_empty(),
+            "the final offer waits for the mover"
+        );
+        rig.mover.apply(vec![rig.record(0), rig.record(1)]).unwrap();
+        assert!(rig.files().is_empty(), "receipted: no outbox copy");
+        for n in 0..2 {
+            let entry = rig
+                .vault
+                .reidentify("a", &format!("tok{n}"))
+                .unwrap()
+                .unwrap();
+            assert_eq!(entry.original, format!("DOE^{n}"));
+        }
+        let due = rig.open.due();
+        assert_eq!(due.len(), 1);
+        assert!(due[0].entry.complete, "moved and quiet: the final offer");
+        assert_eq!(due[0].entry.instances.len(), 2);
+        assert_eq!(due[0].entry.receipted, 2);
+    }
+
+    /// The partner down: the failed offer keeps the instances in memory only until the mover
+    /// has copied them into the outbox; the retry streams them from their files.
+    #[test]
+    fn with_the_partner_down_everything_is_copied_and_offered_later_from_files() {
+        let rig = rig(Duration::from_secs(60));
+        assert!(rig.logged(0));
+        let due = rig.open.due();
+        assert!(due[0].bodies[0].is_some());
+        rig.open.done(&due[0], Err(Duration::from_millis(1)));
+        drop(due);
+        assert!(rig.forward.budget.used() > 0, "not in the outbox yet: kept");
+        rig.mover.apply(vec![rig.record(0)]).unwrap();
+        assert_eq!(rig.files(), vec!["0.dcm".to_string()]);
+        let file = rig.outbox.study_dir("a", "study-token").join("0.dcm");
+        assert_eq!(rig.at_rest.read(&file).unwrap(), bytes(0));
+        assert_eq!(rig.forward.budget.used(), 0, "copied: memory given back");
+        std::thread::sleep(Duration::from_millis(5));
+        let due = rig.open.due();
+        assert_eq!(due.len(), 1, "retried");
+        assert_eq!(due[0].entry.instances.len(), 1);
+        assert!(due[0].offer_bodies()[0].is_none(), "from its file");
+        assert_eq!(due[0].entry.receipted, 0);
+    }
+
+    /// Beyond the memory budget an instance goes the file way: the mover copies it and lists
+    /// it, and it is offered from its file.
+    #[test]
+    fn beyond_the_memory_budget_an_instance_goes_through_the_outbox() {
+        let rig = rig(Duration::from_secs(60));
+        let full = rig
+            .forward
+            .budget
+            .hold(Vec::with_capacity(FORWARD_MEMORY as usize))
+            .unwrap();
+        assert!(!rig.logged(0), "no room: not held");
+        assert!(rig.open.due().is_empty(), "nothing handed over");
+        rig.mover.apply(vec![rig.record(0)]).unwrap();
+        assert_eq!(rig.files(), vec!["0.dcm".to_string()]);
+        let due = rig.open.due();
+        assert_eq!(due[0].entry.instances.len(), 1);
+        assert!(due[0].offer_bodies()[0].is_none());
+        drop(full);
+        assert!(rig.logged(1), "room again: held");
     }
 
     /// Instances acknowledged through the log and not moved when the node stopped are moved at

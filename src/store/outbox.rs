@@ -8,8 +8,8 @@
 //! backoff. `send`'s instance files are working copies, not flushed, until an attempt fails
 //! ([`Outbox::make_durable`]); one left so by a crash is re-verified or discarded before it is
 //! sent ([`Outbox::settle`]). The first [`OutboxEntry::receipted`] instances of an entry were
-//! confirmed by the partner's signed receipts before the entry was written (`send`'s partial
-//! offers): they are listed, but have no file. A delivered study's instance files are deleted once the partner's
+//! confirmed by the partner's signed receipts before the entry was written (`send`'s and the
+//! DICOM forwarder's partial offers): they are listed, but need no file. A delivered study's instance files are deleted once the partner's
 //! signed receipt is verified: the outbox keeps the record, not the images. Nothing here holds
 //! PHI.
 
@@ -80,9 +80,11 @@ pub struct OutboxEntry {
     #[serde(default = "true_by_default")]
     pub flushed: bool,
     /// How many of `instances`, the first ones, the partner had confirmed by signed receipts
-    /// before this entry was written (`send`'s partial offers): their files are not kept (the
-    /// partner answers "already held" for them), and nothing here flushes, re-verifies or
-    /// deletes them.
+    /// before this entry was written (`send`'s partial offers, the DICOM forwarder's partial
+    /// offers): their files need not be kept (the partner answers "already held" for them), and
+    /// nothing here flushes or re-verifies them. `send` keeps none; the DICOM listener's mover
+    /// makes none for an instance already confirmed, but may have made one before the receipt
+    /// came: a delivered study's files are deleted for every listed instance.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub receipted: usize,
 }
@@ -440,7 +442,9 @@ impl Outbox {
         entry.last_error = None;
         entry.delivered = Some((stored, already_held));
         self.save(entry)?;
-        for i in entry.kept_instances() {
+        // Every listed instance: a receipted one may have a file too (the DICOM listener's
+        // mover copies an instance the partner had not confirmed yet when it looked).
+        for i in &entry.instances {
             let _ = fs::remove_file(dir.join(&i.file));
         }
         Ok(())
