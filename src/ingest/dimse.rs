@@ -102,7 +102,7 @@ const MOVE_BYTES: usize = 16 << 20;
 const MOVE_RECORDS: usize = 256;
 /// How much memory the listener may hold logged instances in for the forwarder (offered from
 /// there, not read back from the outbox): counted in the listener's memory bound.
-pub const FORWARD_MEMORY: u64 = 32 << 20;
+pub const FORWARD_MEMORY: u64 = 24 << 20;
 /// How long the mover waits for the partner's receipt of instances offered from memory before
 /// it copies them into the outbox anyway.
 const RECEIPT_GRACE: Duration = Duration::from_secs(1);
