@@ -670,6 +670,11 @@ pub fn write_output(
 /// progress and the callers' per-item work keep moving.
 pub const COMMIT_FILES: usize = 64;
 const COMMIT_BYTES: u64 = 128 << 20;
+/// [`COMMIT_BYTES`] of working copies ([`Keep::WorkingCopy`]: `send`, which offers each group
+/// while the next ones are de-identified): de-identification runs only so far ahead of the
+/// partner's receipts (`crate::send::AHEAD`, three such groups), and a group must be complete
+/// before it is offered.
+pub const WORKING_GROUP_BYTES: u64 = 32 << 20;
 
 /// Why [`run_parallel`] stopped early.
 #[derive(Debug)]
@@ -733,7 +738,8 @@ pub enum Produced {
 /// [`run_parallel`], calling `after_group` on the calling thread after each commit, once
 /// `finish` has seen every item of that group: `send` hands each committed group on to the
 /// partner while the next ones are de-identified. An error from it stops the batch. Outputs
-/// held in memory ([`Produced::Memory`]) are grouped with the files.
+/// held in memory ([`Produced::Memory`]) are grouped with the files; groups of working copies
+/// end at [`WORKING_GROUP_BYTES`] rather than [`COMMIT_BYTES`].
 pub fn run_parallel_grouped<J, I, E>(
     jobs: &[J],
     keep: Keep,
@@ -746,6 +752,10 @@ where
     I: Send,
 {
     let workers = worker_count().min(jobs.len().max(1));
+    let group_bytes = match keep {
+        Keep::Durable => COMMIT_BYTES,
+        Keep::WorkingCopy => WORKING_GROUP_BYTES,
+    };
     let next = std::sync::atomic::AtomicUsize::new(0);
     let (tx, rx) = std::sync::mpsc::channel::<(I, Option<Produced>)>();
     std::thread::scope(|scope| {
@@ -807,7 +817,7 @@ where
                     };
                     pending_bytes += bytes;
                     pending.push((item, staged));
-                    if pending.len() >= COMMIT_FILES || pending_bytes >= COMMIT_BYTES {
+                    if pending.len() >= COMMIT_FILES || pending_bytes >= group_bytes {
                         commit(&mut pending, &mut *finish)?;
                         pending_bytes = 0;
                     }
