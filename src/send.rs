@@ -27,7 +27,11 @@
 //! not fit, or is larger than [`MEMORY_INSTANCE_MAX`], is staged as a sealed working-copy file
 //! in the study's outbox folder instead (spilled; `ingest::files`), so a study of any size goes
 //! with bounded memory. An instance's memory (or its spilled file) is freed as soon as the
-//! partner's signed receipt confirms it. Before the final offer, and before a study is queued
+//! partner's signed receipt confirms it, and its buffer is reused for a later instance.
+//! De-identification runs at most [`AHEAD`] bytes ahead of the receipts while an offer is under
+//! way: beyond that, a worker waits for the offer to free buffers rather than take fresh memory
+//! (with no offer under way it never waits, so it cannot wait for an offer that only its own
+//! next group would start). Before the final offer, and before a study is queued
 //! after a failed offer, every instance not confirmed yet that is held in memory is written as
 //! a sealed working copy (usually only the newest instance, kept back for the final offer):
 //! the study's outbox entry then finds a file for every instance it needs
@@ -67,47 +71,133 @@ pub const MEMORY_INSTANCE_MAX: u64 = 16 << 20;
 
 /// How much memory of freed instances a [`MemoryBudget`] keeps for the next ones (beside its
 /// limit): buffers reused are already in memory, where new ones cost a page fault per page.
-pub const SPARE_BUFFERS: u64 = 32 << 20;
+/// As much as [`AHEAD`]: de-identification that waits for receipts then finds a freed buffer
+/// for every instance.
+pub const SPARE_BUFFERS: u64 = AHEAD;
+
+/// How far de-identification may run ahead of the partner's receipts: beyond this much held in
+/// memory, a new buffer waits while an offer is under way (its receipt frees what it covers)
+/// instead of taking fresh memory (every page of which costs a page fault, and the pages are
+/// unmapped again when freed). With no offer under way it never waits: the budget's limit
+/// applies as before. Two groups of [`crate::deid::batch::WORKING_GROUP_BYTES`] (each ends past
+/// that size by at most one instance) and one largest instance: the offer under way, and a
+/// whole group ready for the next offer when it ends, so that waiting never holds that back.
+pub const AHEAD: u64 = 2 * crate::deid::batch::WORKING_GROUP_BYTES + MEMORY_INSTANCE_MAX;
+
+/// Blocks up to this size that a `send` frees are kept by the allocator for the next ones
+/// ([`reuse_freed_memory`]).
+pub const REUSE_UP_TO: usize = 16 << 20;
+
+/// Makes glibc's allocator keep freed blocks of up to [`REUSE_UP_TO`] bytes for reuse, for the
+/// rest of the process (a `send`). By default glibc maps every block over 128 KiB afresh and
+/// unmaps it when freed, and trims the heap's free top past 128 KiB, until its dynamic
+/// threshold has risen: a `send`'s 1 MiB encode buffer of each chunk (tonic's) and its
+/// instance buffers were then fresh pages again and again, each page costing a page fault
+/// (90 MB of them per 263 MB sent). Freeing one mapped block raises the threshold to its size
+/// and the trim threshold to twice that (glibc's documented dynamic `M_MMAP_THRESHOLD`), the
+/// same as `mallopt` without unsafe code: so one such block is taken and freed here. The process
+/// then keeps up to twice [`REUSE_UP_TO`] of free heap for reuse. Elsewhere it does nothing.
+pub fn reuse_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    drop(std::hint::black_box(Vec::<u8>::with_capacity(REUSE_UP_TO)));
+}
 
 /// The memory a `send` holds its de-identified instances in, against a limit: an instance is
 /// held only if it fits, and gives its share back when its last holder drops it. The buffers of
-/// freed instances are kept for the next instances, up to [`SPARE_BUFFERS`] bytes.
+/// freed instances are kept for the next instances, up to [`SPARE_BUFFERS`] bytes. While an
+/// offer of held instances is under way ([`MemoryBudget::offering`]), a request for a buffer
+/// beyond [`AHEAD`] held waits for that offer's receipt to free some ([`MemoryBudget::buffer`]).
 #[derive(Debug)]
 pub struct MemoryBudget {
     limit: u64,
+    ahead: u64,
     used: AtomicU64,
-    spare: std::sync::Mutex<Vec<Vec<u8>>>,
+    pool: std::sync::Mutex<Pool>,
+    /// Signalled when a buffer is freed or an offer ends.
+    changed: std::sync::Condvar,
+}
+
+#[derive(Debug, Default)]
+struct Pool {
+    spare: Vec<Vec<u8>>,
+    /// Offers of instances held under this budget under way now.
+    offers: usize,
+}
+
+/// An offer of instances held under a [`MemoryBudget`] under way; see [`MemoryBudget::offering`].
+pub struct OfferUnderWay(Arc<MemoryBudget>);
+
+impl Drop for OfferUnderWay {
+    fn drop(&mut self) {
+        let mut pool = self.0.pool();
+        pool.offers = pool.offers.saturating_sub(1);
+        self.0.changed.notify_all();
+    }
 }
 
 impl MemoryBudget {
     pub fn new(limit: u64) -> Arc<MemoryBudget> {
+        MemoryBudget::with_ahead(limit, AHEAD)
+    }
+
+    /// A budget whose de-identification runs at most `ahead` bytes ahead of receipts (see
+    /// [`AHEAD`]).
+    pub fn with_ahead(limit: u64, ahead: u64) -> Arc<MemoryBudget> {
         Arc::new(MemoryBudget {
             limit,
+            ahead,
             used: AtomicU64::new(0),
-            spare: Default::default(),
+            pool: Default::default(),
+            changed: Default::default(),
         })
     }
 
+    fn pool(&self) -> std::sync::MutexGuard<'_, Pool> {
+        self.pool.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// An empty buffer of at least `capacity` bytes: a spare one of about that size if there
-    /// is one, else a new one.
+    /// is one, else a new one. While an offer is under way and more than the budget's `ahead`
+    /// (see [`AHEAD`]) is held, it first waits for that offer to free a buffer or to end
+    /// (de-identification runs ahead of the partner only so far).
     pub fn buffer(&self, capacity: usize) -> Vec<u8> {
         let fits = |b: &Vec<u8>| (capacity..=capacity + capacity / 16).contains(&b.capacity());
-        let mut spare = self.spare.lock().unwrap_or_else(|p| p.into_inner());
-        match spare.iter().position(fits) {
-            Some(i) => spare.swap_remove(i),
-            None => Vec::with_capacity(capacity),
+        let mut pool = self.pool();
+        loop {
+            if let Some(i) = pool.spare.iter().position(fits) {
+                return pool.spare.swap_remove(i);
+            }
+            if pool.offers == 0 || self.used() + capacity as u64 <= self.ahead {
+                return Vec::with_capacity(capacity);
+            }
+            // Re-checked now and then as well: nothing is lost if a signal is.
+            pool = self
+                .changed
+                .wait_timeout(pool, std::time::Duration::from_millis(100))
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
         }
+    }
+
+    /// Marks an offer of instances held under this budget as under way until the returned
+    /// guard is dropped: [`MemoryBudget::buffer`] may wait for it. Drop it only after the
+    /// instances its receipt confirms are freed.
+    pub fn offering(self: &Arc<Self>) -> OfferUnderWay {
+        self.pool().offers += 1;
+        OfferUnderWay(self.clone())
     }
 
     /// Keeps a freed instance's buffer for [`MemoryBudget::buffer`] while the spare ones stay
     /// under [`SPARE_BUFFERS`].
     fn recycle(&self, mut bytes: Vec<u8>) {
         bytes.clear();
-        let mut spare = self.spare.lock().unwrap_or_else(|p| p.into_inner());
-        let kept: usize = spare.iter().map(Vec::capacity).sum();
+        let mut pool = self.pool();
+        let kept: usize = pool.spare.iter().map(Vec::capacity).sum();
         if (kept + bytes.capacity()) as u64 <= SPARE_BUFFERS {
-            spare.push(bytes);
+            pool.spare.push(bytes);
         }
+        drop(pool);
+        self.changed.notify_all();
     }
 
     /// Bytes held now.
@@ -403,15 +493,24 @@ pub async fn offer_as_they_come<C: Courier>(
             let Some(mut offer) = study.partial_offer() else {
                 continue;
             };
-            let bodies = study.bodies(study.confirmed, study.confirmed + offer.instances.len());
+            let (from, to) = (study.confirmed, study.confirmed + offer.instances.len());
+            let bodies = study.bodies(from, to);
+            // De-identification may wait for this offer to free memory (dropped after it has).
+            let under_way = study.bodies[from..to]
+                .iter()
+                .flatten()
+                .next()
+                .map(|b| b.budget.offering());
             match courier.deliver(&study.dir, &offer, &bodies).await {
                 Ok(d) => {
                     courier.record(&study.dir, &mut offer, &Ok(d.clone()), (0, 0));
+                    drop(bodies);
                     study.offered(&offer, Ok(&d));
                 }
                 // Recorded by `finish`, with the whole study queued.
                 Err(e) => study.offered(&offer, Err(e)),
             }
+            drop(under_way);
         }
     }
     studies
@@ -850,6 +949,87 @@ mod tests {
             let (sha, size) = outbox.at_rest().hash(&dir.join(&i.file)).unwrap();
             assert_eq!((hex::encode(sha), size), (i.sha256.clone(), i.size));
         }
+    }
+
+    /// Minor page faults of this process so far (`/proc/self/stat`, field 10).
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    fn minor_faults() -> u64 {
+        let stat = std::fs::read_to_string("/proc/self/stat").unwrap();
+        let after_name = &stat[stat.rfind(')').unwrap() + 2..];
+        after_name.split(' ').nth(7).unwrap().parse().unwrap()
+    }
+
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    #[test]
+    fn freed_blocks_of_a_send_are_reused_without_faulting_in_fresh_pages() {
+        reuse_freed_memory();
+        let round = || {
+            let mut chunk = Vec::<u8>::with_capacity(1 << 20);
+            chunk.resize(1 << 20, 7);
+            drop(std::hint::black_box(chunk));
+        };
+        round();
+        let before = minor_faults();
+        for _ in 0..64 {
+            round();
+        }
+        let faults = minor_faults() - before;
+        // A fresh 1 MiB block each time would be 256 faults a round (16384 in all); other
+        // tests running meanwhile in this process fault a little too.
+        assert!(
+            faults < 4096,
+            "{faults} page faults for 64 reused 1 MiB blocks"
+        );
+    }
+
+    #[test]
+    fn a_buffer_beyond_ahead_waits_for_the_offer_under_way_to_free_one() {
+        let budget = MemoryBudget::with_ahead(1 << 20, 2000);
+        let a = budget.hold(budget.buffer(1500)).unwrap();
+        // No offer under way: beyond `ahead`, a new buffer is taken at once.
+        let b = budget.hold(budget.buffer(1500)).unwrap();
+        assert_eq!(budget.used(), 3000);
+        drop(b);
+        let spare = budget.buffer(1500);
+        assert!(spare.capacity() >= 1500);
+        let under_way = budget.offering();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let waiting = {
+            let budget = budget.clone();
+            std::thread::spawn(move || {
+                let buffer = budget.buffer(1500);
+                tx.send(buffer.as_ptr() as usize).unwrap();
+            })
+        };
+        assert!(
+            rx.recv_timeout(std::time::Duration::from_millis(300))
+                .is_err(),
+            "it waits while the offer is under way and 1500 bytes are held"
+        );
+        let freed = a.bytes().as_ptr() as usize;
+        drop(a); // the offer's receipt frees it
+        let got = rx
+            .recv_timeout(std::time::Duration::from_secs(5))
+            .expect("the freed buffer ends the wait");
+        assert_eq!(got, freed, "and it is that buffer, reused");
+        waiting.join().unwrap();
+        // An offer that ends without freeing anything ends the wait too.
+        let c = budget.hold(budget.buffer(1500)).unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let waiting = {
+            let budget = budget.clone();
+            std::thread::spawn(move || tx.send(budget.buffer(1200).capacity()).unwrap())
+        };
+        assert!(rx
+            .recv_timeout(std::time::Duration::from_millis(300))
+            .is_err());
+        drop(under_way);
+        let capacity = rx
+            .recv_timeout(std::time::Duration::from_secs(5))
+            .expect("no offer under way: no wait");
+        assert!(capacity >= 1200);
+        waiting.join().unwrap();
+        drop((c, spare));
     }
 
     #[test]

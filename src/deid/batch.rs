@@ -670,6 +670,15 @@ pub fn write_output(
 /// progress and the callers' per-item work keep moving.
 pub const COMMIT_FILES: usize = 64;
 const COMMIT_BYTES: u64 = 128 << 20;
+/// [`COMMIT_BYTES`] of working copies ([`Keep::WorkingCopy`]: `send`, which offers each group
+/// while the next ones are de-identified): de-identification runs only so far ahead of the
+/// partner's receipts (`crate::send::AHEAD`), and a group must be complete before it is
+/// offered. The first groups are smaller (from [`FIRST_WORKING_GROUP_BYTES`], doubling), so
+/// that the first offer leaves early: the partner starts working while the rest is
+/// de-identified.
+pub const WORKING_GROUP_BYTES: u64 = 32 << 20;
+/// The first group of working copies ends past this size; see [`WORKING_GROUP_BYTES`].
+pub const FIRST_WORKING_GROUP_BYTES: u64 = 4 << 20;
 
 /// Why [`run_parallel`] stopped early.
 #[derive(Debug)]
@@ -733,7 +742,8 @@ pub enum Produced {
 /// [`run_parallel`], calling `after_group` on the calling thread after each commit, once
 /// `finish` has seen every item of that group: `send` hands each committed group on to the
 /// partner while the next ones are de-identified. An error from it stops the batch. Outputs
-/// held in memory ([`Produced::Memory`]) are grouped with the files.
+/// held in memory ([`Produced::Memory`]) are grouped with the files; groups of working copies
+/// end at [`WORKING_GROUP_BYTES`] rather than [`COMMIT_BYTES`] (the first ones sooner).
 pub fn run_parallel_grouped<J, I, E>(
     jobs: &[J],
     keep: Keep,
@@ -746,6 +756,10 @@ where
     I: Send,
 {
     let workers = worker_count().min(jobs.len().max(1));
+    let mut group_bytes = match keep {
+        Keep::Durable => COMMIT_BYTES,
+        Keep::WorkingCopy => FIRST_WORKING_GROUP_BYTES,
+    };
     let next = std::sync::atomic::AtomicUsize::new(0);
     let (tx, rx) = std::sync::mpsc::channel::<(I, Option<Produced>)>();
     std::thread::scope(|scope| {
@@ -807,9 +821,12 @@ where
                     };
                     pending_bytes += bytes;
                     pending.push((item, staged));
-                    if pending.len() >= COMMIT_FILES || pending_bytes >= COMMIT_BYTES {
+                    if pending.len() >= COMMIT_FILES || pending_bytes >= group_bytes {
                         commit(&mut pending, &mut *finish)?;
                         pending_bytes = 0;
+                        if keep == Keep::WorkingCopy {
+                            group_bytes = (group_bytes * 2).min(WORKING_GROUP_BYTES);
+                        }
                     }
                 }
             }
@@ -932,6 +949,34 @@ pub fn run_batch(
 #[cfg(all(test, target_os = "linux"))]
 mod tests {
     use super::*;
+
+    #[test]
+    fn groups_of_working_copies_start_small_and_grow_to_their_size() {
+        let groups = |keep| {
+            let jobs: Vec<u64> = (0..100).collect();
+            let sizes = std::cell::RefCell::new(vec![0usize]);
+            run_parallel_grouped(
+                &jobs,
+                keep,
+                |_| ((), Some(Produced::Memory { bytes: 1 << 20 })),
+                &mut |_, committed| {
+                    assert_eq!(committed, Some(Ok(())));
+                    *sizes.borrow_mut().last_mut().unwrap() += 1;
+                    Ok::<_, ()>(())
+                },
+                &mut || {
+                    sizes.borrow_mut().push(0);
+                    Ok(())
+                },
+            )
+            .unwrap();
+            let mut sizes = sizes.into_inner();
+            sizes.pop();
+            sizes
+        };
+        assert_eq!(groups(Keep::WorkingCopy), vec![4, 8, 16, 32, 32, 8]);
+        assert_eq!(groups(Keep::Durable), vec![64, 36]);
+    }
 
     #[test]
     fn an_unnamed_output_is_named_by_link_or_else_by_copy() {
