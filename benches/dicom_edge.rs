@@ -368,29 +368,31 @@ struct Runs {
 }
 
 /// CPU time (user + system) of this process's children that have ended and been waited for
-/// (`/proc/self/stat` cutime + cstime, in clock ticks of 10 ms). A run's difference is the CPU
-/// its processes used — the demo laying out the sites, the nodes, `send` or `storescu` — which,
-/// unlike the wall clock, barely moves when other work shares the machine.
+/// (`/proc/self/stat` cutime + cstime). A run's difference is the CPU its processes used — the
+/// demo laying out the sites, the nodes, `send` or `storescu` — which, unlike the wall clock,
+/// barely moves when other work shares the machine.
 fn children_cpu() -> Duration {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-    let f: Vec<u64> = after
-        .split_whitespace()
-        .map(|x| x.parse().unwrap_or(0))
-        .collect();
-    let ticks = f.get(13).copied().unwrap_or(0) + f.get(14).copied().unwrap_or(0);
-    Duration::from_millis(ticks * 10)
+    stat_cpu("/proc/self/stat", 13)
 }
 
-/// CPU time (user + system) a running process has used so far (`/proc/<pid>/stat`).
+/// CPU time (user + system) a running process has used so far (`/proc/<pid>/stat` utime +
+/// stime).
 fn proc_cpu(pid: u32) -> Duration {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    stat_cpu(&format!("/proc/{pid}/stat"), 11)
+}
+
+/// The sum of the two clock-tick fields (10 ms each) at `first` and `first + 1` of a
+/// `/proc/.../stat` file, counted after the command name (which may hold spaces); zero when the
+/// file cannot be read.
+fn stat_cpu(path: &str, first: usize) -> Duration {
+    let stat = std::fs::read_to_string(path).unwrap_or_default();
     let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-    let f: Vec<u64> = after
+    let ticks: u64 = after
         .split_whitespace()
-        .map(|x| x.parse().unwrap_or(0))
-        .collect();
-    let ticks = f.get(11).copied().unwrap_or(0) + f.get(12).copied().unwrap_or(0);
+        .skip(first)
+        .take(2)
+        .map(|x| x.parse::<u64>().unwrap_or(0))
+        .sum();
     Duration::from_millis(ticks * 10)
 }
 
@@ -624,24 +626,11 @@ fn two_hops(base: &Path, study: &Path, n: usize, plain: Duration) {
     let _a = serve(&a, &cfg_a);
     let port = listen_port(&cfg_a);
     let inbox = cfg_c.data_dir.join("store").join("inbox");
-    let files_in = |dir: &Path| -> Vec<PathBuf> {
-        walkdir::WalkDir::new(dir)
-            .into_iter()
-            .flatten()
-            .filter(|e| e.file_type().is_file())
-            .map(|e| e.into_path())
-            .filter(|p| {
-                let name = p.file_name().unwrap_or_default().to_string_lossy();
-                name.ends_with(".dcm") && !name.starts_with('.')
-            })
-            .collect()
-    };
-    // The demo's own study is already there: only this run's instances count.
-    let before: std::collections::HashSet<PathBuf> = files_in(&inbox).into_iter().collect();
     sync();
     let start = Instant::now();
     // The inbox is watched with inotify, not polled: a 2 ms poll of the whole inbox took about
-    // 0.7 CPU-s of the two cores the nodes need. Watches are in place before storescu starts.
+    // 0.7 CPU-s of the two cores the nodes need. Watches are in place before storescu starts,
+    // and the files already there (the demo's own study) do not count.
     let mut watch = InboxWatch::new(&inbox);
     let watcher = std::thread::spawn(move || {
         let mut arrived: HashMap<PathBuf, Duration> = HashMap::new();
@@ -653,9 +642,7 @@ fn two_hops(base: &Path, study: &Path, n: usize, plain: Duration) {
             }
             let now = start.elapsed();
             for path in new {
-                if !before.contains(&path) {
-                    arrived.entry(path).or_insert(now);
-                }
+                arrived.entry(path).or_insert(now);
             }
         }
         (arrived, start.elapsed())

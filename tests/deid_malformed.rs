@@ -5,6 +5,8 @@
 //! released must pass the release check. Every test here runs under a cap on single
 //! allocations, so a memory bomb that slips past the guard fails the run.
 
+#[path = "common/capped.rs"]
+mod capped;
 mod deid_common;
 
 use rand::{Rng, SeedableRng};
@@ -13,35 +15,8 @@ use pacs_broker::deid::{check_release_file, run_batch, DeidConfig, Deidentifier,
 
 use deid_common::*;
 
-/// No single allocation in this test binary may exceed 256 MiB: a memory bomb aborts the run
-/// (and so fails it) instead of passing quietly on a machine with enough memory.
-struct Capped;
-
-const CAP: usize = 256 << 20;
-
-// SAFETY: forwards to the system allocator unchanged, refusing (null) only requests over the cap.
-unsafe impl std::alloc::GlobalAlloc for Capped {
-    unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
-        if layout.size() > CAP {
-            return std::ptr::null_mut();
-        }
-        unsafe { std::alloc::System.alloc(layout) }
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: std::alloc::Layout) {
-        unsafe { std::alloc::System.dealloc(ptr, layout) }
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: std::alloc::Layout, new: usize) -> *mut u8 {
-        if new > CAP {
-            return std::ptr::null_mut();
-        }
-        unsafe { std::alloc::System.realloc(ptr, layout, new) }
-    }
-}
-
-#[global_allocator]
-static ALLOCATOR: Capped = Capped;
-
-/// Run under the allocation cap above: the guard must have stopped every memory bomb.
+/// Run under the allocation cap (`common/capped.rs`): the guard must have stopped every memory
+/// bomb.
 #[test]
 fn mutated_samples_never_panic_and_releases_pass_the_check() {
     let dir = pydicom_test_files();

@@ -6,6 +6,8 @@
 //! Every test here runs under a cap on single allocations (256 MiB): a length bomb that reached
 //! the DICOM parser would abort the run instead of passing quietly.
 
+#[path = "common/capped.rs"]
+mod capped;
 mod common;
 
 use std::path::{Path, PathBuf};
@@ -23,31 +25,6 @@ use pacs_broker::federation::proto::{
 use pacs_broker::federation::tls::SiteTls;
 use pacs_broker::node::Node;
 use sha2::{Digest, Sha256};
-
-struct Capped;
-const CAP: usize = 256 << 20;
-
-// SAFETY: forwards to the system allocator unchanged, refusing (null) only requests over the cap.
-unsafe impl std::alloc::GlobalAlloc for Capped {
-    unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
-        if layout.size() > CAP {
-            return std::ptr::null_mut();
-        }
-        unsafe { std::alloc::System.alloc(layout) }
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: std::alloc::Layout) {
-        unsafe { std::alloc::System.dealloc(ptr, layout) }
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: std::alloc::Layout, new: usize) -> *mut u8 {
-        if new > CAP {
-            return std::ptr::null_mut();
-        }
-        unsafe { std::alloc::System.realloc(ptr, layout, new) }
-    }
-}
-
-#[global_allocator]
-static ALLOCATOR: Capped = Capped;
 
 /// A change made to a de-identified instance before it is sent.
 type Tweak = Box<dyn Fn(&mut dicom_object::DefaultDicomObject)>;
