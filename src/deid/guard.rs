@@ -937,6 +937,47 @@ mod tests {
     /// The listener's memory reader takes the same path as the file reader: the same object,
     /// the same pixel data left in place (here: a range of the bytes), the same refusal of a
     /// length beyond the end, and the whole object when asked.
+    /// A small Part 10 file (explicit VR little endian): Patient's Name, SOP Instance UID, Pixel
+    /// Data of the given VR and value, and, if `trailing`, Data Set Trailing Padding after it.
+    fn patient_file(pixel_vr: VR, pixels: Vec<u8>, trailing: bool) -> Vec<u8> {
+        use dicom_core::{DataElement, PrimitiveValue};
+        use dicom_dictionary_std::tags;
+        let mut obj = dicom_object::InMemDicomObject::new_empty();
+        obj.put(DataElement::new(
+            tags::PATIENT_NAME,
+            VR::PN,
+            PrimitiveValue::from("DOE^J"),
+        ));
+        obj.put(DataElement::new(
+            tags::SOP_INSTANCE_UID,
+            VR::UI,
+            PrimitiveValue::from("1.2.3"),
+        ));
+        obj.put(DataElement::new(
+            tags::PIXEL_DATA,
+            pixel_vr,
+            PrimitiveValue::from(pixels),
+        ));
+        if trailing {
+            obj.put(DataElement::new(
+                Tag(0xFFFC, 0xFFFC),
+                VR::OB,
+                PrimitiveValue::from(vec![0u8; 4]),
+            ));
+        }
+        let obj = obj
+            .with_meta(
+                dicom_object::FileMetaTableBuilder::new()
+                    .transfer_syntax(EXPLICIT_VR_LE)
+                    .media_storage_sop_class_uid("1.2.840.10008.5.1.4.1.1.7")
+                    .media_storage_sop_instance_uid("1.2.3"),
+            )
+            .unwrap();
+        let mut bytes = Vec::new();
+        obj.write_all(&mut bytes).unwrap();
+        bytes
+    }
+
     /// The listener's read-ahead: from a prefix that reaches the pixel data's header, the same
     /// object as the whole file's read (placeholder included), and once the whole file is there
     /// the same pixel data. A shorter prefix, or a whole file that does not continue the prefix
@@ -944,44 +985,7 @@ mod tests {
     /// file is read then.
     #[test]
     fn the_read_ahead_of_an_arriving_file_gives_what_the_whole_read_gives() {
-        use dicom_core::{DataElement, PrimitiveValue};
-        use dicom_dictionary_std::tags;
-        let build = |trailing: bool| {
-            let mut obj = dicom_object::InMemDicomObject::new_empty();
-            obj.put(DataElement::new(
-                tags::PATIENT_NAME,
-                VR::PN,
-                PrimitiveValue::from("DOE^J"),
-            ));
-            obj.put(DataElement::new(
-                tags::SOP_INSTANCE_UID,
-                VR::UI,
-                PrimitiveValue::from("1.2.3"),
-            ));
-            obj.put(DataElement::new(
-                tags::PIXEL_DATA,
-                VR::OW,
-                PrimitiveValue::from(vec![7u8; 4096]),
-            ));
-            if trailing {
-                obj.put(DataElement::new(
-                    Tag(0xFFFC, 0xFFFC),
-                    VR::OB,
-                    PrimitiveValue::from(vec![0u8; 4]),
-                ));
-            }
-            let obj = obj
-                .with_meta(
-                    dicom_object::FileMetaTableBuilder::new()
-                        .transfer_syntax(EXPLICIT_VR_LE)
-                        .media_storage_sop_class_uid("1.2.840.10008.5.1.4.1.1.7")
-                        .media_storage_sop_instance_uid("1.2.3"),
-                )
-                .unwrap();
-            let mut bytes = Vec::new();
-            obj.write_all(&mut bytes).unwrap();
-            bytes
-        };
+        let build = |trailing| patient_file(VR::OW, vec![7u8; 4096], trailing);
         let bytes = build(false);
         let pixel_value_at = bytes.len() - 4096;
         let tags_of = |o: &dicom_object::DefaultDicomObject| o.tags().collect::<Vec<_>>();
@@ -1010,34 +1014,8 @@ mod tests {
 
     #[test]
     fn the_memory_reader_reads_and_refuses_what_the_file_reader_does() {
-        use dicom_core::{DataElement, PrimitiveValue};
         use dicom_dictionary_std::tags;
-        let mut obj = dicom_object::InMemDicomObject::new_empty();
-        obj.put(DataElement::new(
-            tags::PATIENT_NAME,
-            VR::PN,
-            PrimitiveValue::from("DOE^J"),
-        ));
-        obj.put(DataElement::new(
-            tags::SOP_INSTANCE_UID,
-            VR::UI,
-            PrimitiveValue::from("1.2.3"),
-        ));
-        obj.put(DataElement::new(
-            tags::PIXEL_DATA,
-            VR::OB,
-            PrimitiveValue::from(vec![1u8, 2, 3, 4, 5, 6]),
-        ));
-        let obj = obj
-            .with_meta(
-                dicom_object::FileMetaTableBuilder::new()
-                    .transfer_syntax(EXPLICIT_VR_LE)
-                    .media_storage_sop_class_uid("1.2.840.10008.5.1.4.1.1.7")
-                    .media_storage_sop_instance_uid("1.2.3"),
-            )
-            .unwrap();
-        let mut bytes = Vec::new();
-        obj.write_all(&mut bytes).unwrap();
+        let mut bytes = patient_file(VR::OB, vec![1u8, 2, 3, 4, 5, 6], false);
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("a.dcm");
         std::fs::write(&path, &bytes).unwrap();

@@ -1551,12 +1551,8 @@ impl OpenStudies {
         modality: Option<String>,
         patient_token: String,
     ) {
-        let mut map = self.lock();
-        let open = Self::open_study(&mut map, flow, study, dir);
-        open.add(instance, modality, patient_token);
-        open.last_arrival = Instant::now();
-        drop(map);
-        self.wake.notify_one();
+        // As an instance the mover copied into the outbox (it is there, durable, and listed).
+        self.moved(flow, study, dir, instance, modality, patient_token, true);
     }
 
     /// Picks up the studies left open by a node that stopped (or was killed) while they were
