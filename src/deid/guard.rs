@@ -230,9 +230,21 @@ fn split(
         Input::File(f) => parse(f, &layout, until),
         Input::Memory(m) => parse(std::io::Cursor::new(m.as_slice()), &layout, until),
     };
-    if let (Some(range), Some(vr)) = (layout.pixel_data.clone(), pass_through_vr(&layout)) {
+    // Only VRs the encoder would write unchanged: encapsulated pixel data is always written
+    // as OB, so a file that says OW for it is parsed whole and corrected; anything else (UN,
+    // say) takes the ordinary path too, where the engine sees the value.
+    let vr = match layout.pixel_data_vr {
+        None => Some(VR::OW),
+        Some(vr) if &vr == b"OB" => Some(VR::OB),
+        Some(vr) if &vr == b"OW" && !layout.pixel_data_encapsulated => Some(VR::OW),
+        Some(_) => None,
+    };
+    if let (Some(range), Some(vr)) = (layout.pixel_data.clone(), vr) {
         let mut obj = parse_input(true)?;
-        if parsed_up_to_pixel_data(&obj, &layout) {
+        let parsed: Vec<Tag> = obj.tags().collect();
+        if parsed == layout.before_pixel_data
+            && !parsed.contains(&dicom_dictionary_std::tags::PIXEL_DATA)
+        {
             obj.put(pixel_placeholder(vr));
             return Ok((
                 obj,
@@ -245,87 +257,6 @@ fn split(
         }
     }
     parse_input(false).map(|obj| (obj, None))
-}
-
-/// The VR of pixel data left in its input, when the encoder would write it unchanged:
-/// encapsulated pixel data is always written as OB, so a file that says OW for it is parsed
-/// whole and corrected; anything else (UN, say) takes the ordinary path too, where the engine
-/// sees the value.
-fn pass_through_vr(layout: &Layout) -> Option<VR> {
-    match layout.pixel_data_vr {
-        None => Some(VR::OW),
-        Some(vr) if &vr == b"OB" => Some(VR::OB),
-        Some(vr) if &vr == b"OW" && !layout.pixel_data_encapsulated => Some(VR::OW),
-        Some(_) => None,
-    }
-}
-
-/// Whether a parse that stopped at Pixel Data read exactly the elements the walk found before it.
-fn parsed_up_to_pixel_data(obj: &dicom_object::DefaultDicomObject, layout: &Layout) -> bool {
-    let parsed: Vec<Tag> = obj.tags().collect();
-    parsed == layout.before_pixel_data && !parsed.contains(&dicom_dictionary_std::tags::PIXEL_DATA)
-}
-
-/// The start of a whole Part 10 file still arriving, read ahead of its pixel data by
-/// [`read_guarded_head`]: the bytes the read looked at and the layout the whole file will have
-/// if it ends with that pixel data, as announced.
-#[derive(Debug)]
-pub struct Head {
-    bytes: Vec<u8>,
-    layout: Layout,
-}
-
-/// The DICOM listener's read-ahead: the object of a whole Part 10 file of which only `prefix`
-/// has arrived, up to the header of its top-level Pixel Data (native, of defined length) and
-/// maybe more, parsed as [`read_guarded_split_memory`] parses the whole file, with the same
-/// walk (stopping there) and the same placeholder for the pixel data. So the work that needs
-/// no pixel values (de-identifying the attributes) can be done while the pixel data is still
-/// arriving. Fails when the prefix does not reach that far yet, or the file is one the pass-
-/// through does not take (encapsulated or irregular pixel data, bare or deflated data sets,
-/// CP-246 sequences): then the whole file is read when it has arrived. The result counts only
-/// once [`Head::pixels`] has walked the whole file and found what the head announced.
-pub fn read_guarded_head(
-    prefix: &[u8],
-) -> Result<(dicom_object::DefaultDicomObject, Head), String> {
-    let layout = walk_with(&mut std::io::Cursor::new(prefix), Mode::Head)?;
-    let (Some(range), Some(vr)) = (layout.pixel_data.clone(), pass_through_vr(&layout)) else {
-        return Err("no pixel data to leave in place".into());
-    };
-    let mut obj = parse(std::io::Cursor::new(prefix), &layout, true)?;
-    if !parsed_up_to_pixel_data(&obj, &layout) {
-        return Err("the parse and the walk disagree".into());
-    }
-    obj.put(pixel_placeholder(vr));
-    // What was read: everything before the pixel data's value (its header is 8 or 12 bytes).
-    let seen = prefix.len().min(range.start as usize + 12);
-    Ok((
-        obj,
-        Head {
-            bytes: prefix[..seen].to_vec(),
-            layout,
-        },
-    ))
-}
-
-impl Head {
-    /// The pixel data of the whole file, once it has arrived: found by the same walk as
-    /// [`read_guarded_split_memory`]'s, which must find the file starting with the bytes the
-    /// head read and laid out as the head announced (the pixel data last, running to the end).
-    /// `None` otherwise: the whole file is then read as any other.
-    pub fn pixels(self, bytes: std::sync::Arc<Vec<u8>>) -> Option<PixelSource> {
-        if !bytes.starts_with(&self.bytes) {
-            return None;
-        }
-        let layout = walk_tolerant(&mut std::io::Cursor::new(bytes.as_slice())).ok()?;
-        if layout != self.layout {
-            return None;
-        }
-        Some(PixelSource {
-            input: Input::Memory(bytes),
-            range: layout.pixel_data.clone()?,
-            layout,
-        })
-    }
 }
 
 /// The stand-in for pixel data left in its file: Pixel Data, with its VR, and no value.
@@ -571,7 +502,7 @@ const DEFLATED_EXPLICIT_VR_LE: &str = "1.2.840.10008.1.2.1.99";
 /// refuses bare data sets and CP-246 sequences; a deflated data set is inflated (bounded) and
 /// its lengths checked.
 pub fn walk<R: Read + Seek>(src: &mut R) -> Result<Layout, String> {
-    let layout = walk_with(src, Mode::Strict)?;
+    let layout = walk_with(src, false)?;
     if layout.storage == Storage::Deflated {
         let io = |e: std::io::Error| format!("cannot read the file: {}", e.kind());
         src.seek(SeekFrom::Start(layout.dataset_at)).map_err(io)?;
@@ -584,23 +515,10 @@ pub fn walk<R: Read + Seek>(src: &mut R) -> Result<Layout, String> {
 /// themselves before the library parses it: bare data sets ([`Storage::Bare`]) and CP-246
 /// sequences ([`Layout::un_sequences`]); deflated data sets are inflated and checked when parsed.
 fn walk_tolerant<R: Read + Seek>(src: &mut R) -> Result<Layout, String> {
-    walk_with(src, Mode::Tolerant)
+    walk_with(src, true)
 }
 
-/// What a walk accepts, and where it stops.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Mode {
-    /// [`walk`]: no bare data sets, no CP-246 sequences.
-    Strict,
-    /// [`walk_tolerant`]: what the guarded readers read themselves as well.
-    Tolerant,
-    /// [`read_guarded_head`]: tolerant, over the start of a file still arriving; it stops at
-    /// the header of the top-level Pixel Data (of defined length), whose value is still to come.
-    Head,
-}
-
-fn walk_with<R: Read + Seek>(src: &mut R, mode: Mode) -> Result<Layout, String> {
-    let tolerant = mode != Mode::Strict;
+fn walk_with<R: Read + Seek>(src: &mut R, tolerant: bool) -> Result<Layout, String> {
     let io = |e: std::io::Error| format!("cannot read the file: {}", e.kind());
     let total = src.seek(SeekFrom::End(0)).map_err(io)?;
     let src = &mut Tracked {
@@ -626,13 +544,13 @@ fn walk_with<R: Read + Seek>(src: &mut R, mode: Mode) -> Result<Layout, String> 
                 return Err("not a DICOM file (no DICM marker, and not a bare little endian data set starting with group 0008)".into())
             }
         };
-        let mut layout = walk_from(src, 0, total, false, explicit, true, mode)?;
+        let mut layout = walk_from(src, 0, total, false, explicit, true, tolerant)?;
         layout.storage = Storage::Bare { explicit };
         // The library cannot stop at the pixel data of a bare data set: no pass-through.
         layout.pixel_data = None;
         return Ok(layout);
     }
-    let mut layout = walk_from(src, pos, total, true, true, true, mode)?;
+    let mut layout = walk_from(src, pos, total, true, true, true, tolerant)?;
     layout.magic_at = pos - 4;
     if layout.un_sequences || layout.storage != Storage::Part10 {
         layout.pixel_data = None;
@@ -687,16 +605,7 @@ pub fn check_dataset_lengths(bytes: &[u8], explicit: bool, little: bool) -> Resu
         inner: &mut cursor,
         cur: 0,
     };
-    walk_from(
-        src,
-        0,
-        bytes.len() as u64,
-        false,
-        explicit,
-        little,
-        Mode::Strict,
-    )
-    .map(|_| ())
+    walk_from(src, 0, bytes.len() as u64, false, explicit, little, false).map(|_| ())
 }
 
 /// The walk itself, from `pos` to `total`: starting in the file meta group (explicit VR little
@@ -709,7 +618,7 @@ fn walk_from<R: Read + Seek>(
     in_meta: bool,
     mut explicit: bool,
     mut little: bool,
-    mode: Mode,
+    tolerant: bool,
 ) -> Result<Layout, String> {
     let io = |e: std::io::Error| format!("cannot read the file: {}", e.kind());
     let mut layout = Layout::default();
@@ -826,7 +735,7 @@ fn walk_from<R: Read + Seek>(
                 // The guarded readers rewrite such sequences before parsing (little endian
                 // only: the standard's implicit content is little endian): the rest of the
                 // walk is done on the rewritten data set.
-                if mode != Mode::Strict && little && !meta {
+                if tolerant && little && !meta {
                     layout.un_sequences = true;
                     return Ok(layout);
                 }
@@ -838,9 +747,6 @@ fn walk_from<R: Read + Seek>(
             // A sequence or item of undefined length, or encapsulated pixel data: the content
             // follows as items; walk on. Undefined length outside a sequence means fragments.
             if h.group != 0xFFFE && !is_sequence(&h) {
-                if mode == Mode::Head && top_level {
-                    return Err("encapsulated pixel data: read when it has arrived".into());
-                }
                 in_fragments = true;
             }
             open.push(None);
@@ -851,14 +757,6 @@ fn walk_from<R: Read + Seek>(
             in_fragments = false;
         }
         let end = pos + h.size + u64::from(h.len);
-        if mode == Mode::Head && top_level && pixel.is_some_and(|(start, _)| start == pos) {
-            // The start of a file still arriving: its layout once its pixel data has arrived,
-            // if nothing follows it (checked then, by a walk of the whole file).
-            if !irregular && h.len % 2 == 0 {
-                layout.pixel_data = Some(pos..end);
-            }
-            return Ok(layout);
-        }
         if end > total {
             return Err(format!(
                 "element {} declares {} bytes but only {} remain: truncated or malformed file",
@@ -937,9 +835,8 @@ mod tests {
     /// The listener's memory reader takes the same path as the file reader: the same object,
     /// the same pixel data left in place (here: a range of the bytes), the same refusal of a
     /// length beyond the end, and the whole object when asked.
-    /// A small Part 10 file (explicit VR little endian): Patient's Name, SOP Instance UID, Pixel
-    /// Data of the given VR and value, and, if `trailing`, Data Set Trailing Padding after it.
-    fn patient_file(pixel_vr: VR, pixels: Vec<u8>, trailing: bool) -> Vec<u8> {
+    #[test]
+    fn the_memory_reader_reads_and_refuses_what_the_file_reader_does() {
         use dicom_core::{DataElement, PrimitiveValue};
         use dicom_dictionary_std::tags;
         let mut obj = dicom_object::InMemDicomObject::new_empty();
@@ -955,16 +852,9 @@ mod tests {
         ));
         obj.put(DataElement::new(
             tags::PIXEL_DATA,
-            pixel_vr,
-            PrimitiveValue::from(pixels),
+            VR::OB,
+            PrimitiveValue::from(vec![1u8, 2, 3, 4, 5, 6]),
         ));
-        if trailing {
-            obj.put(DataElement::new(
-                Tag(0xFFFC, 0xFFFC),
-                VR::OB,
-                PrimitiveValue::from(vec![0u8; 4]),
-            ));
-        }
         let obj = obj
             .with_meta(
                 dicom_object::FileMetaTableBuilder::new()
@@ -975,47 +865,6 @@ mod tests {
             .unwrap();
         let mut bytes = Vec::new();
         obj.write_all(&mut bytes).unwrap();
-        bytes
-    }
-
-    /// The listener's read-ahead: from a prefix that reaches the pixel data's header, the same
-    /// object as the whole file's read (placeholder included), and once the whole file is there
-    /// the same pixel data. A shorter prefix, or a whole file that does not continue the prefix
-    /// as announced (something after the pixel data, other bytes), gives nothing: the whole
-    /// file is read then.
-    #[test]
-    fn the_read_ahead_of_an_arriving_file_gives_what_the_whole_read_gives() {
-        let build = |trailing| patient_file(VR::OW, vec![7u8; 4096], trailing);
-        let bytes = build(false);
-        let pixel_value_at = bytes.len() - 4096;
-        let tags_of = |o: &dicom_object::DefaultDicomObject| o.tags().collect::<Vec<_>>();
-        let (whole, whole_pixels) =
-            read_guarded_split_memory(std::sync::Arc::new(bytes.clone())).unwrap();
-        let whole_pixels = whole_pixels.unwrap();
-        for cut in [pixel_value_at, pixel_value_at + 100, bytes.len()] {
-            let (obj, head) = read_guarded_head(&bytes[..cut]).unwrap();
-            assert_eq!(tags_of(&obj), tags_of(&whole));
-            assert!(has_pixel_placeholder(&obj));
-            let pixels = head.pixels(std::sync::Arc::new(bytes.clone())).unwrap();
-            assert_eq!(pixels.range, whole_pixels.range);
-            assert_eq!(pixels.bytes(), whole_pixels.bytes());
-        }
-        // Not up to the pixel data's header yet.
-        assert!(read_guarded_head(&bytes[..pixel_value_at - 13]).is_err());
-        // The whole file differs from the prefix read, or goes on after the pixel data.
-        let (_, head) = read_guarded_head(&bytes[..pixel_value_at]).unwrap();
-        let mut other = bytes.clone();
-        other[pixel_value_at - 20] ^= 1;
-        assert!(head.pixels(std::sync::Arc::new(other)).is_none());
-        let longer = build(true);
-        let (_, head) = read_guarded_head(&longer[..pixel_value_at]).unwrap();
-        assert!(head.pixels(std::sync::Arc::new(longer)).is_none());
-    }
-
-    #[test]
-    fn the_memory_reader_reads_and_refuses_what_the_file_reader_does() {
-        use dicom_dictionary_std::tags;
-        let mut bytes = patient_file(VR::OB, vec![1u8, 2, 3, 4, 5, 6], false);
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("a.dcm");
         std::fs::write(&path, &bytes).unwrap();

@@ -20,12 +20,6 @@
 //! MEMORY_SPOOL`. An association keeps its memory spool (up to [`REUSED_SPOOL`] bytes of
 //! capacity) for its next instance, emptied and written over.
 //!
-//! While an instance arrives in memory, the service is shown its start
-//! ([`StoreService::arriving`]: from [`EARLY_FIRST`] bytes on, then each time the spool has
-//! doubled, up to [`EARLY_LAST`]), so that the work that does not need the pixel data (reading
-//! and de-identifying the attributes) is done while the pixel data is still on its way, not
-//! between its last PDU and the answer the modality waits for.
-//!
 //! The command set of each DIMSE message is read by a small reader of its own ([`Command`]):
 //! the few fields the listener needs, every length checked against the bytes there are.
 //!
@@ -149,23 +143,7 @@ pub trait StoreService: Send + Sync + 'static {
     fn store(&self, session: &mut Self::Session, instance: Received<'_>) -> StoreOutcome;
     /// The association ended (released, aborted or broken).
     fn end(&self, session: Self::Session);
-    /// The start of an instance still arriving in memory (a growing prefix of the whole Part 10
-    /// file [`Received::Memory`] will hold): work that does not need the rest may begin. Returns
-    /// whether to be shown a longer prefix later; `store` gets the whole instance in any case
-    /// and must not trust anything prepared here without checking it belongs to that instance.
-    fn arriving(&self, session: &mut Self::Session, prefix: &[u8]) -> bool {
-        let _ = (session, prefix);
-        false
-    }
 }
-
-/// The prefix of an instance the service is first shown ([`StoreService::arriving`]): enough
-/// for the attributes of most instances (a CT slice's are about 2 KiB; the preamble and file
-/// meta group take about 300 bytes).
-pub const EARLY_FIRST: usize = 16 * 1024;
-/// The longest prefix the service is shown (attributes longer than this are read when the
-/// whole instance has arrived).
-pub const EARLY_LAST: usize = 1 << 20;
 
 /// True for the storage SOP classes of the standard: SOP classes of the DICOM dictionary whose
 /// name ends in "Storage" (retired ones included: old devices still send them), except the
@@ -507,11 +485,7 @@ impl<S: StoreService> Listener<S> {
                         .as_mut()
                         .ok_or("a data set arrived without its C-STORE command")?;
                     match event {
-                        PdvEvent::Data(data) => {
-                            inc.receive(data)?;
-                            inc.arriving(&*self.service, session);
-                            Ok(())
-                        }
+                        PdvEvent::Data(data) => inc.receive(data),
                         PdvEvent::End if pdv.last => {
                             let inc = incoming.take().expect("incoming instance");
                             self.stored(assoc, session, inc, &mut spare)
@@ -569,7 +543,6 @@ impl<S: StoreService> Listener<S> {
                     sop_instance: instance,
                     spool: None,
                     failed: None,
-                    early_at: EARLY_FIRST,
                     started: Instant::now(),
                     disk: self.spool.clone(),
                     at_rest: self.at_rest.clone(),
@@ -823,9 +796,6 @@ struct Incoming {
     /// Set when the spool failed: the rest of the data set is read and dropped, then answered
     /// with out of resources.
     failed: Option<String>,
-    /// The spool length at which the service is shown the instance's start next
-    /// ([`StoreService::arriving`]); 0 when it is not to be shown again.
-    early_at: usize,
     started: Instant,
     /// The spool folder and sealing, for an instance too large for memory.
     disk: PathBuf,
@@ -860,22 +830,6 @@ impl Spool {
 }
 
 impl Incoming {
-    /// Shows the service the start of the instance once the memory spool holds `early_at`
-    /// bytes; again, with twice as much, while it asks for more (up to [`EARLY_LAST`]).
-    fn arriving<S: StoreService>(&mut self, service: &S, session: &mut S::Session) {
-        let Some(Spool::Memory(m)) = &self.spool else {
-            return;
-        };
-        if self.early_at == 0 || m.len() < self.early_at {
-            return;
-        }
-        self.early_at = if service.arriving(session, m) && m.len() < EARLY_LAST {
-            (m.len() * 2).min(EARLY_LAST)
-        } else {
-            0
-        };
-    }
-
     /// Takes a PDV item's bytes: into the memory spool straight from the socket while they fit
     /// in it, else through [`Incoming::write`].
     fn receive(&mut self, data: &mut PdvData<'_>) -> Result<(), String> {
@@ -1343,7 +1297,6 @@ mod tests {
             sop_instance: String::new(),
             spool: Some(Spool::memory(Some(vec![9u8; 100]))),
             failed: None,
-            early_at: EARLY_FIRST,
             started: Instant::now(),
             disk: dir.path().to_path_buf(),
             at_rest: at_rest.clone(),

@@ -11,12 +11,7 @@
 //! Durable before the answer: an instance up to [`LOG_LIMIT`] bytes is appended, sealed, to the
 //! ingest write-ahead log (`ingest::wal`: its de-identified bytes, its outbox study and file name,
 //! its vault entries; one `fdatasync`), and the answer goes out. An instance the listener holds
-//! in memory is read, de-identified and encoded from there (no file on the way). Its reading and
-//! de-identification start while its pixel data is still arriving ([`StoreService::arriving`]:
-//! the same guarded reader and steps, `ingest::admit_and_deidentify_head`); once it is whole,
-//! only its pixel data is found (the guarded reader's walk of the whole instance must find what
-//! the start announced, or the instance is read again whole), so the modality's wait for the
-//! answer holds no de-identification. The instance's
+//! in memory is read, de-identified and encoded from there (no file on the way). The instance's
 //! SHA-256 is computed meanwhile by the listener's hashing thread (in a sealed log the record
 //! needs none: its sealing authenticates it; a plain log's record carries it) and handed to the
 //! mover. The mover and the hashing thread run at a lower priority than the association threads
@@ -174,10 +169,6 @@ pub struct Session {
     received: u64,
     stored: u64,
     held_back: Vec<HeldBack>,
-    /// The instance arriving, admitted and de-identified from its start while its pixel data
-    /// was still on its way ([`StoreService::arriving`]); its `store` takes it if the whole
-    /// instance turns out to be the one announced.
-    early: Option<(super::Admitted, crate::deid::guard::Head)>,
 }
 
 impl DimseIngest {
@@ -314,7 +305,6 @@ impl DimseIngest {
         peer: &AssociationPeer,
         n: u64,
         instance: Received<'_>,
-        early: Option<(super::Admitted, crate::deid::guard::Head)>,
     ) -> Result<(), (HeldBack, StoreStatus)> {
         let started = Instant::now();
         let input = format!("instance {n} from {}", peer.calling_ae);
@@ -339,21 +329,12 @@ impl DimseIngest {
             (h, status)
         };
         let (admitted, small) = match instance {
-            // Received in memory: the guarded reader reads it there (its start was maybe read
-            // and de-identified while the rest arrived: then only its pixel data is found now).
+            // Received in memory: the guarded reader reads it there.
             Received::Memory(bytes) => {
                 let small = bytes.len() as u64 <= LOG_LIMIT;
-                let early = early.and_then(|(mut admitted, head)| {
-                    admitted.deidentified.pixel_data = Some(head.pixels(bytes.clone())?);
-                    Some(admitted)
-                });
-                let admitted = match early {
-                    Some(admitted) => admitted,
-                    None => {
-                        admit_and_deidentify_memory(flow, bytes.clone(), Some(&peer.calling_ae))
-                            .map_err(refused)?
-                    }
-                };
+                let admitted =
+                    admit_and_deidentify_memory(flow, bytes.clone(), Some(&peer.calling_ae))
+                        .map_err(refused)?;
                 (admitted, small)
             }
             // The spool file is sealed at rest; the guarded reader reads its plaintext in memory.
@@ -1115,21 +1096,7 @@ impl StoreService for DimseIngest {
             received: 0,
             stored: 0,
             held_back: Vec::new(),
-            early: None,
         }
-    }
-
-    /// Admits and de-identifies the instance from its start, while its pixel data arrives:
-    /// what [`DimseIngest::take`] would do first, off the path of the acknowledgement. Anything
-    /// that stops it (too short yet, pixel data the pass-through does not take, a refusal) just
-    /// leaves the work to `take`, which reports it.
-    fn arriving(&self, s: &mut Session, prefix: &[u8]) -> bool {
-        s.early = None;
-        let Ok((flow, _)) = &s.flow else {
-            return false;
-        };
-        s.early = super::admit_and_deidentify_head(flow, prefix, Some(&s.peer.calling_ae));
-        s.early.is_none()
     }
 
     fn store(&self, s: &mut Session, instance: Received<'_>) -> StoreOutcome {
@@ -1154,8 +1121,7 @@ impl StoreService for DimseIngest {
                 return StoreOutcome::refused(*status, why.clone());
             }
         };
-        let early = s.early.take();
-        match self.take(&flow, &vault, &s.peer, n, instance, early) {
+        match self.take(&flow, &vault, &s.peer, n, instance) {
             Ok(()) => {
                 s.stored += 1;
                 StoreOutcome::Stored

@@ -290,32 +290,6 @@ pub fn admit_and_deidentify_memory(
     )
 }
 
-/// [`admit_and_deidentify_memory`] started while the instance is still arriving: `prefix` is
-/// its start, up to its pixel data at least ([`crate::deid::guard::read_guarded_head`]). The
-/// same steps on the same object, except the pixel data, which is still to come: the returned
-/// head gives it once the whole instance is there ([`crate::deid::guard::Head::pixels`]), or
-/// says it did not arrive as announced (then the whole instance is taken the ordinary way).
-/// `None` when the instance cannot be taken early: the prefix is too short, the pixel data
-/// stays out of the pass-through, de-identification needs the pixel values, or any of the
-/// steps refuses it (the ordinary way then finds and reports why).
-pub fn admit_and_deidentify_head(
-    flow: &IngestFlow,
-    prefix: &[u8],
-    source_ae: Option<&str>,
-) -> Option<(Admitted, crate::deid::guard::Head)> {
-    let mut head = None;
-    let read = || {
-        let (obj, h) = crate::deid::guard::read_guarded_head(prefix)?;
-        if flow.deid.needs_pixel_values(&obj) {
-            return Err("de-identification needs the pixel values".to_string());
-        }
-        head = Some(h);
-        Ok((obj, None))
-    };
-    let admitted = admit_and_deidentify_read(flow, read, source_ae).ok()?;
-    Some((admitted, head?))
-}
-
 /// Admits and de-identifies what `read` (one of the guarded reader's entry points) reads, through
 /// `deid::batch::deidentify_guarded`: the steps every source shares.
 fn admit_and_deidentify_read(
@@ -394,45 +368,5 @@ mod tests {
         assert!(file.contains("a file has no source AE"), "{file}");
         // Without source_aes, files are covered as before.
         assert!(admit(&Selector::default(), &from(None)).is_ok());
-    }
-
-    /// The listener's read-ahead takes the same steps: an instance de-identified from its start
-    /// while its pixel data arrives, completed with the pixel data of the whole instance, is
-    /// encoded to the very bytes the ordinary read of the whole instance gives. A prefix short
-    /// of the pixel data gives nothing yet.
-    #[test]
-    fn an_instance_read_ahead_is_de_identified_to_the_same_bytes() {
-        let dir = tempfile::tempdir().unwrap();
-        let keys = crate::pseudonym::SiteKeys::from_bytes([7; 32], [9; 32]);
-        let flow = test_flow(&keys);
-        let files = crate::demo::write_synthetic_ct(
-            dir.path(),
-            &crate::demo::SyntheticPatient::default(),
-            1,
-            64,
-        )
-        .unwrap();
-        let bytes = std::sync::Arc::new(std::fs::read(&files[0]).unwrap());
-        let encode = |a: Admitted| {
-            let mut out = Vec::new();
-            crate::deid::batch::encode_output(
-                a.deidentified.object,
-                a.deidentified.pixel_data.as_ref(),
-                &mut out,
-            )
-            .unwrap();
-            out
-        };
-        let whole = encode(admit_and_deidentify_memory(&flow, bytes.clone(), Some("CT1")).unwrap());
-        let pixel_value_at = bytes.len() - 64 * 64 * 2;
-        for cut in [pixel_value_at, pixel_value_at + 1000] {
-            let (mut early, head) =
-                admit_and_deidentify_head(&flow, &bytes[..cut], Some("CT1")).unwrap();
-            early.deidentified.pixel_data = Some(head.pixels(bytes.clone()).unwrap());
-            assert_eq!(encode(early), whole);
-        }
-        assert!(
-            admit_and_deidentify_head(&flow, &bytes[..pixel_value_at - 20], Some("CT1")).is_none()
-        );
     }
 }

@@ -180,9 +180,4 @@ impl<S: StoreService> StoreService for WithResults<S> {
     fn end(&self, session: Self::Session) {
         self.inner.end(session.inner)
     }
-
-    /// The ordinary service reads ahead; a result is recognised when it has arrived whole.
-    fn arriving(&self, session: &mut Self::Session, prefix: &[u8]) -> bool {
-        self.inner.arriving(&mut session.inner, prefix)
-    }
 }
