@@ -97,6 +97,7 @@ pub const REUSE_UP_TO: usize = 16 << 20;
 /// and the trim threshold to twice that (glibc's documented dynamic `M_MMAP_THRESHOLD`), the
 /// same as `mallopt` without unsafe code: so one such block is taken and freed here. The process
 /// then keeps up to twice [`REUSE_UP_TO`] of free heap for reuse. Elsewhere it does nothing.
+/// The `send` command calls it first (not the node, which runs on for days).
 pub fn reuse_freed_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     drop(std::hint::black_box(Vec::<u8>::with_capacity(REUSE_UP_TO)));

@@ -456,6 +456,9 @@ pub fn ping(args: PingArgs) -> anyhow::Result<i32> {
 }
 
 pub fn send(args: SendArgs) -> anyhow::Result<i32> {
+    // A process of its own: the instance and chunk buffers it frees are reused rather than
+    // mapped afresh (a process-wide allocator setting, so not in the shared ingest path).
+    pacs_broker::send::reuse_freed_memory();
     let node = Node::open_config(&args.config)?;
     let rt = runtime()?;
     let report = rt.block_on(node.send(

@@ -105,9 +105,6 @@ pub fn ingest_files(
     memory: &Arc<MemoryBudget>,
     on_group: &mut dyn FnMut(StagedGroup) -> Result<(), IngestError>,
 ) -> Result<Vec<HeldBack>, IngestError> {
-    // Instance and chunk buffers freed are reused rather than mapped afresh (only `send` runs
-    // this: a process of its own).
-    crate::send::reuse_freed_memory();
     let root = outbox.study_dir(&flow.agreement, "x");
     let root = root.parent().unwrap_or(Path::new(".")).to_path_buf();
     let jobs = collect(inputs, &root)?;
