@@ -25,8 +25,9 @@
 //! machine shared with other work disturbs far less.
 //!
 //! Every run's sites and files stay on disk until the bench ends (its temporary folder goes
-//! then; a 500-instance round keeps about 1.5 GB). Deleting them between runs would bill the
-//! next run for it: on ext4 without a journal (this workplace's disks), each new inode skips,
+//! then; a 500-instance round keeps about 1.5 GB, more with two hops' two sites). Deleting
+//! them between runs would bill the next run for it: on ext4 without a journal (this
+//! workplace's disks), each new inode skips,
 //! one by one, the inodes freed in the last one to six minutes (`recently_deleted` in the
 //! kernel's inode allocator), and online `discard` trims the freed blocks while the next run
 //! writes. Whichever variant creates the most files right after a deletion would pay most.
@@ -667,9 +668,6 @@ fn storescu_acks(
     (acks, start.elapsed())
 }
 
-/// storescu into hospital-a until every instance is in telerad-c's inbox, with per-instance
-/// latency from the origin's acknowledgement (the C-STORE response storescu received) to the
-/// instance's arrival in the partner's inbox (matched through its InstanceNumber).
 /// One two-hops run: when all instances were at the partner, when storescu was done, how many
 /// arrived, the latency of each (ms, sorted) and the first acknowledged instance's (from its
 /// ack, and from storescu's start).
@@ -684,6 +682,9 @@ struct TwoHops {
     first_at: Duration,
 }
 
+/// storescu into hospital-a until every instance is in telerad-c's inbox, with per-instance
+/// latency from the origin's acknowledgement (the C-STORE response storescu received) to the
+/// instance's arrival in the partner's inbox (matched through its InstanceNumber).
 fn two_hops(base: &Path, study: &Path, n: usize) -> TwoHops {
     let dir = base.join("two-hops");
     let (a, c, cfg_a, cfg_c) = lay_out(&dir, 2, None);
