@@ -172,15 +172,14 @@ fn sibling(log: &Path, ext: &str) -> PathBuf {
     log.with_file_name(format!("{name}.{ext}"))
 }
 
-/// Appends a checkpoint to a file (created 0600), fsynced.
+/// Appends a checkpoint to a file (created 0600), fsynced. No folder is created: a data
+/// folder that has gone while the node runs is an error, not made anew around one file (see
+/// [`append_partner`] for the partners' folder).
 pub fn append(path: &Path, c: &Checkpoint) -> Result<(), AuditError> {
     let io = |source| AuditError::Io {
         path: path.to_owned(),
         source,
     };
-    if let Some(dir) = path.parent() {
-        fs::create_dir_all(dir).map_err(io)?;
-    }
     let mut opts = OpenOptions::new();
     opts.create(true).append(true);
     #[cfg(unix)]
@@ -193,6 +192,22 @@ pub fn append(path: &Path, c: &Checkpoint) -> Result<(), AuditError> {
     line.push('\n');
     f.write_all(line.as_bytes()).map_err(io)?;
     f.sync_data().map_err(io)
+}
+
+/// Appends a partner's checkpoint to its file ([`partner_file`]); the partners' folder beside
+/// the log is created at the first one (the log's own folder must exist).
+pub fn append_partner(log: &Path, site: &str, c: &Checkpoint) -> Result<(), AuditError> {
+    let dir = partners_dir(log);
+    match fs::create_dir(&dir) {
+        Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => {
+            return Err(AuditError::Io {
+                path: dir,
+                source: e,
+            })
+        }
+        _ => {}
+    }
+    append(&partner_file(log, site), c)
 }
 
 /// Every checkpoint in a file, in order; a missing file holds none. A line that is not a
@@ -273,5 +288,24 @@ mod tests {
             assert_eq!(mode, 0o600);
         }
         assert!(load(&dir.path().join("none")).unwrap().is_empty());
+        // A partner's file: its folder is made at the first checkpoint.
+        append_partner(&log, "telerad-c", &s.sign(1, &"22".repeat(32))).unwrap();
+        append_partner(&log, "telerad-c", &s.sign(2, &"33".repeat(32))).unwrap();
+        assert_eq!(load(&partner_file(&log, "telerad-c")).unwrap().len(), 2);
+    }
+
+    #[test]
+    fn a_data_folder_that_has_gone_is_an_error_and_is_not_made_anew() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        let log = data.join("audit.log");
+        let (k, c) = site_key();
+        let s = CheckpointSigner::new("hospital-a", &k, &c).unwrap();
+        let cp = s.sign(1, &"00".repeat(32));
+        let err = append(&own_file(&log), &cp).unwrap_err();
+        assert!(err.to_string().contains("audit.checkpoints"), "{err}");
+        let err = append_partner(&log, "telerad-c", &cp).unwrap_err();
+        assert!(err.to_string().contains("audit.partners"), "{err}");
+        assert!(!data.exists());
     }
 }

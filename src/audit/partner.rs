@@ -122,7 +122,7 @@ impl AuditLog {
                     ))
                 })
         });
-        if let Err(e) = checkpoint::append(&file, &c) {
+        if let Err(e) = checkpoint::append_partner(self.path(), site, &c) {
             return PartnerCheckpoint::Refused(format!("cannot store it: {e}"));
         }
         verdict.unwrap_or(PartnerCheckpoint::Stored { seq: c.seq })
