@@ -44,7 +44,7 @@
 //! checkpoint is past all its records. Two slots are prepared (their zeros written) in the
 //! background when the log opens; another is created in the background, up to [`MAX_SLOTS`],
 //! when a roll takes the last free one (or finds none free: the caller then makes the instance
-//! durable the slower way).
+//! durable the slower way). Dropping the log waits for the slots still being created.
 
 use std::fs;
 use std::io::Read;
@@ -205,6 +205,20 @@ pub struct Wal {
     consumed: Mutex<(Position, u64)>,
     /// Slots created in the background land here.
     created: Arc<Mutex<Vec<Slot>>>,
+    /// The threads creating them, joined when the log is dropped.
+    creating: Mutex<Vec<std::thread::JoinHandle<()>>>,
+}
+
+impl Drop for Wal {
+    /// Waits for the slots being created (a few tens of milliseconds each), so that no thread
+    /// writes into the log's folder once the log is gone (a slot file cut short when the
+    /// process ends is removed at the next open anyway).
+    fn drop(&mut self) {
+        let threads = self.creating.get_mut().unwrap_or_else(|p| p.into_inner());
+        for t in threads.drain(..) {
+            let _ = t.join();
+        }
+    }
 }
 
 fn check(bytes: &[u8]) -> [u8; 8] {
@@ -367,6 +381,7 @@ impl Wal {
             }),
             consumed: Mutex::new((ckp, seq)),
             created: Arc::new(Mutex::new(Vec::new())),
+            creating: Mutex::new(Vec::new()),
         };
         let mut records = Vec::new();
         for slot in &mut slots {
@@ -745,8 +760,13 @@ impl Wal {
                     Err(e) => tracing::warn!(error = %e, "cannot create an ingest log slot"),
                 }
             });
-        if spawned.is_err() {
-            w.taken[index] = false;
+        match spawned {
+            Ok(t) => {
+                let mut threads = self.creating.lock().unwrap_or_else(|p| p.into_inner());
+                threads.retain(|t| !t.is_finished());
+                threads.push(t);
+            }
+            Err(_) => w.taken[index] = false,
         }
     }
 
