@@ -315,7 +315,7 @@ fn main() {
             rate(n, send),
             send.as_secs_f64() / plain.as_secs_f64(),
             median_secs(&runs.send),
-            per_round(&runs.send, &runs.plain),
+            per_round(&runs.send, &runs.plain, 2),
         );
     }
     if let Some(ingest) = best(&runs.ingest) {
@@ -324,7 +324,7 @@ fn main() {
             rate(n, ingest),
             plain.as_secs_f64() / ingest.as_secs_f64(),
             median_secs(&runs.ingest),
-            per_round(&runs.plain, &runs.ingest),
+            per_round(&runs.plain, &runs.ingest, 2),
         );
         println!(
             "peak RSS     of hospital-a while ingesting: {:.1} MiB (bound: 64 MiB + 2 x {:.2} MiB)",
@@ -384,15 +384,16 @@ fn cores() -> f64 {
     std::thread::available_parallelism().map_or(1, |n| n.get()) as f64
 }
 
-/// The ratio `a / b` of each round and their median, e.g. "1.21x 1.35x 1.18x (median 1.21x)".
-fn per_round(a: &[Duration], b: &[Duration]) -> String {
+/// The ratio `a / b` of each round and their median, with `decimals` decimals, e.g.
+/// "1.21 1.35 1.18 (median 1.21x)".
+fn per_round(a: &[Duration], b: &[Duration], decimals: usize) -> String {
     let ratios: Vec<f64> = a
         .iter()
         .zip(b)
         .map(|(a, b)| a.as_secs_f64() / b.as_secs_f64().max(1e-3))
         .collect();
-    let each: Vec<String> = ratios.iter().map(|r| format!("{r:.2}x")).collect();
-    format!("{} (median {:.2}x)", each.join(" "), median(ratios))
+    let each: Vec<String> = ratios.iter().map(|r| format!("{r:.decimals$}")).collect();
+    format!("{} (median {:.decimals$}x)", each.join(" "), median(ratios))
 }
 
 /// rsyslogd's CPU priority in the bench: the collector stands for a SIEM on another machine.
@@ -511,23 +512,13 @@ fn report_forwarding(siem: &Collector, runs: &Runs) {
         let (Some(bw), Some(bo)) = (best(with), best(without)) else {
             continue;
         };
-        let per_round: Vec<f64> = with
-            .iter()
-            .zip(without)
-            .map(|(w, o)| w.as_secs_f64() / o.as_secs_f64().max(1e-3))
-            .collect();
         println!(
-            "{label} best {:.3} s = {:.3}x {name} without; median {:.3} s = {:.3}x; per round {} (median {:.3}x)",
+            "{label} best {:.3} s = {:.3}x {name} without; median {:.3} s = {:.3}x; per round {}",
             bw.as_secs_f64(),
             bw.as_secs_f64() / bo.as_secs_f64().max(1e-3),
             median_secs(with),
             median_secs(with) / median_secs(without).max(1e-3),
-            per_round
-                .iter()
-                .map(|r| format!("{r:.3}"))
-                .collect::<Vec<_>>()
-                .join(" "),
-            median(per_round.clone())
+            per_round(with, without, 3),
         );
     }
     let forwarding_runs = runs.send_fwd.len() + runs.ingest_fwd.len();
@@ -782,7 +773,7 @@ fn report_two_hops(runs: &Runs, n: usize, plain: Duration) {
         b.ingest.as_secs_f64(),
         b.all_there.as_secs_f64() / plain.as_secs_f64(),
         median_secs(&times),
-        per_round(&times, &runs.plain),
+        per_round(&times, &runs.plain, 2),
     );
     let cpu: Vec<Duration> = runs.two_hops.iter().map(|t| t.cpu).collect();
     let floor = median_secs(&cpu) / cores();
