@@ -1040,6 +1040,28 @@ pub(crate) mod tests {
         }
     }
 
+    /// Dropping the log waits for the slots being prepared in the background: once it is
+    /// gone, they are all there, whole, and nothing is left half-written in its folder.
+    #[test]
+    fn dropping_the_log_waits_for_the_slots_being_prepared() {
+        let dir = tempfile::tempdir().unwrap();
+        let (wal, _) = Wal::open(dir.path(), at_rest()).unwrap();
+        wal.replayed().unwrap();
+        wal.warm_up();
+        drop(wal);
+        let mut names: Vec<String> = fs::read_dir(dir.path())
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        assert_eq!(names, ["checkpoint", "slot-0.wal", "slot-1.wal"]);
+        for slot in ["slot-0.wal", "slot-1.wal"] {
+            let len = fs::metadata(dir.path().join(slot)).unwrap().len();
+            assert_eq!(len, SLOT_BYTES);
+        }
+    }
+
     #[test]
     fn slots_roll_over_and_are_reused_once_consumed() {
         let dir = tempfile::tempdir().unwrap();
