@@ -117,8 +117,10 @@ fn study(
     )
 }
 
+/// A vectorised search: the files searched include the ingest log's 32 MiB slots and the sled
+/// databases, and a byte-by-byte window comparison in a debug build took this test over 100 s.
 fn contains(hay: &[u8], needle: &[u8]) -> bool {
-    !needle.is_empty() && hay.windows(needle.len()).any(|w| w == needle)
+    !needle.is_empty() && memchr::memmem::find(hay, needle).is_some()
 }
 
 /// Every file under `data_dir` except the delivery folder (the inbox).
