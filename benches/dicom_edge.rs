@@ -36,7 +36,10 @@
 //! hops: storescu and both nodes until the last instance arrived). Divided by the machine's
 //! cores it is a floor: no run can be faster than that, however well its work overlaps, so a
 //! target the floor is already past can only be met by doing less work, not by overlapping it
-//! better.
+//! better. Over the same windows it prints the steal time of `/proc/stat`: CPU time the
+//! hypervisor gave other guests while this machine's cores wanted to run. A run that lost much
+//! of it was slowed by the host. A host that slows the cores without taking them (shared caches,
+//! memory bandwidth) shows instead as more CPU seconds for the same work.
 //!
 //! The collector measures the node, not itself: a real SIEM runs on another machine, so here
 //! rsyslogd runs at `nice -n 19` and writes its work files and the messages it receives to a
@@ -248,16 +251,17 @@ fn main() {
     let mut rss = 0;
     for r in 0..repeats {
         let run = base.path().join(format!("run-{r}"));
-        let (took, cpu) = plain_push(&run.join("storescp"), &study);
+        let (took, cpu, stolen) = plain_push(&run.join("storescp"), &study);
         runs.plain.push(took);
         runs.plain_measured_cpu.push(cpu);
+        runs.plain_steal.push(stolen);
         // With and without forwarding back to back, in alternating order (a run can leave
         // writeback behind for the next one), so each round gives a fair ratio.
         let fwd_first = r % 2 == 1;
         if wanted("send") || siem.is_some() {
             let fwd = |runs: &mut Runs| {
                 if let Some(siem) = &siem {
-                    let ((took, _), cpu) =
+                    let ((took, _, _), cpu) =
                         with_cpu(|| run_send(&run.join("send-siem"), &study, Some(siem)));
                     runs.send_fwd.push(took);
                     runs.send_fwd_cpu.push(cpu);
@@ -266,9 +270,11 @@ fn main() {
             if fwd_first {
                 fwd(&mut runs);
             }
-            let ((took, measured), cpu) = with_cpu(|| run_send(&run.join("send"), &study, None));
+            let ((took, measured, stolen), cpu) =
+                with_cpu(|| run_send(&run.join("send"), &study, None));
             runs.send.push(took);
             runs.send_measured_cpu.push(measured);
+            runs.send_steal.push(stolen);
             runs.send_cpu.push(cpu);
             if !fwd_first {
                 fwd(&mut runs);
@@ -277,7 +283,7 @@ fn main() {
         if wanted("ingest") || siem.is_some() {
             let fwd = |runs: &mut Runs| {
                 if let Some(siem) = &siem {
-                    let ((took, _, _), cpu) =
+                    let ((took, _, _, _), cpu) =
                         with_cpu(|| run_ingest(&run.join("ingest-siem"), &study, Some(siem)));
                     runs.ingest_fwd.push(took);
                     runs.ingest_fwd_cpu.push(cpu);
@@ -286,10 +292,11 @@ fn main() {
             if fwd_first {
                 fwd(&mut runs);
             }
-            let ((took, peak, measured), cpu) =
+            let ((took, peak, measured, stolen), cpu) =
                 with_cpu(|| run_ingest(&run.join("ingest"), &study, None));
             runs.ingest.push(took);
             runs.ingest_measured_cpu.push(measured);
+            runs.ingest_steal.push(stolen);
             runs.ingest_cpu.push(cpu);
             rss = rss.max(peak);
             if !fwd_first {
@@ -368,6 +375,24 @@ fn main() {
             floors.join(", ")
         );
     }
+    let mut stolen = Vec::new();
+    for (name, v) in [
+        ("plain push", &runs.plain_steal),
+        ("send", &runs.send_steal),
+        ("ingest", &runs.ingest_steal),
+    ] {
+        if let Some(max) = v.iter().max() {
+            stolen.push(format!(
+                "{name} {:.2} s (most {:.2} s)",
+                median_secs(v),
+                max.as_secs_f64()
+            ));
+        }
+    }
+    println!(
+        "steal        CPU time the host gave to other guests while these cores wanted it (/proc/stat), median per run: {}; a run that lost much was slowed by the host, not by its own work",
+        stolen.join(", ")
+    );
     if let Some(siem) = &siem {
         report_forwarding(siem, &runs);
     }
@@ -412,6 +437,10 @@ struct Runs {
     plain_measured_cpu: Vec<Duration>,
     send_measured_cpu: Vec<Duration>,
     ingest_measured_cpu: Vec<Duration>,
+    /// The host's steal time over the same windows ([`steal`]), per run.
+    plain_steal: Vec<Duration>,
+    send_steal: Vec<Duration>,
+    ingest_steal: Vec<Duration>,
     /// CPU time (user + system) of every process of each run, same order as the times above.
     send_cpu: Vec<Duration>,
     ingest_cpu: Vec<Duration>,
@@ -451,10 +480,26 @@ fn stat_cpu(path: &str, first: usize) -> Duration {
 
 /// The CPU time (user + system) of the measured processes only, over the measured window: the
 /// sending and receiving sides, not the demo that laid out the sites nor a node's start.
-fn measured_cpu<T>(server: u32, client: impl FnOnce() -> T) -> (T, Duration) {
-    let before = proc_cpu(server);
+/// Also the time the host took from this machine's cores over that window ([`steal`]).
+fn measured_cpu<T>(server: u32, client: impl FnOnce() -> T) -> (T, Duration, Duration) {
+    let (before, stolen) = (proc_cpu(server), steal());
     let (out, client_cpu) = with_cpu(client);
-    (out, proc_cpu(server).saturating_sub(before) + client_cpu)
+    let cpu = proc_cpu(server).saturating_sub(before) + client_cpu;
+    (out, cpu, steal().saturating_sub(stolen))
+}
+
+/// CPU time the hypervisor gave other guests while this machine's cores wanted to run, summed
+/// over the cores (`/proc/stat`, steal; zero where the kernel does not count it). On a shared
+/// virtual machine a run that lost much of it was slowed by the host, not by its own work.
+fn steal() -> Duration {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let ticks = stat
+        .lines()
+        .find(|l| l.starts_with("cpu "))
+        .and_then(|l| l.split_whitespace().nth(8))
+        .and_then(|t| t.parse::<u64>().ok())
+        .unwrap_or(0);
+    Duration::from_millis(ticks * 10)
 }
 
 /// `run`'s result and the CPU time its processes used.
@@ -530,7 +575,7 @@ fn report_forwarding(siem: &Collector, runs: &Runs) {
 }
 
 /// dcmtk storescu -> storescp into `out`, then one sync.
-fn plain_push(out: &Path, study: &Path) -> (Duration, Duration) {
+fn plain_push(out: &Path, study: &Path) -> (Duration, Duration, Duration) {
     std::fs::create_dir_all(out).unwrap();
     let port = free_port();
     let scp = Proc(
@@ -547,22 +592,22 @@ fn plain_push(out: &Path, study: &Path) -> (Duration, Duration) {
     wait_port(&format!("127.0.0.1:{port}"));
     sync();
     let start = Instant::now();
-    let ((), cpu) = measured_cpu(scp.0.id(), || {
+    let ((), cpu, stolen) = measured_cpu(scp.0.id(), || {
         storescu(port, "ANY-SCP", study);
     });
     sync();
     let took = start.elapsed();
     drop(scp);
-    (took, cpu)
+    (took, cpu, stolen)
 }
 
 /// `pacs-broker send` of the study's files from hospital-a to a running telerad-c.
-fn run_send(dir: &Path, study: &Path, siem: Option<&Collector>) -> (Duration, Duration) {
+fn run_send(dir: &Path, study: &Path, siem: Option<&Collector>) -> (Duration, Duration, Duration) {
     let (a, c, _, cfg_c) = lay_out(dir, 2, siem);
     let partner = serve(&c, &cfg_c);
     sync();
     let start = Instant::now();
-    let (out, cpu) = measured_cpu(partner.0.id(), || {
+    let (out, cpu, stolen) = measured_cpu(partner.0.id(), || {
         Command::new(BIN)
             .args(["send", "--config"])
             .arg(&a)
@@ -579,21 +624,25 @@ fn run_send(dir: &Path, study: &Path, siem: Option<&Collector>) -> (Duration, Du
         String::from_utf8_lossy(&out.stderr)
     );
     drop(partner);
-    (took, cpu)
+    (took, cpu, stolen)
 }
 
 /// storescu into hospital-a's listener (durable acks), its partner stopped so that only the
 /// ingest is measured; the time and hospital-a's peak RSS (KiB).
-fn run_ingest(dir: &Path, study: &Path, siem: Option<&Collector>) -> (Duration, u64, Duration) {
+fn run_ingest(
+    dir: &Path,
+    study: &Path,
+    siem: Option<&Collector>,
+) -> (Duration, u64, Duration, Duration) {
     let (a, _, cfg_a, _) = lay_out(dir, 3600, siem);
     let node = serve(&a, &cfg_a);
     sync();
-    let (took, cpu) = measured_cpu(node.0.id(), || {
+    let (took, cpu, stolen) = measured_cpu(node.0.id(), || {
         storescu(listen_port(&cfg_a), "HOSP_A_BROKER", study)
     });
     let rss = peak_rss_kib(node.0.id());
     drop(node);
-    (took, rss, cpu)
+    (took, rss, cpu, stolen)
 }
 
 fn listen_port(cfg: &NodeConfig) -> u16 {
@@ -667,6 +716,8 @@ struct TwoHops {
     ingest: Duration,
     /// CPU time (user + system) of storescu and both nodes until all had arrived.
     cpu: Duration,
+    /// The host's steal time over the same window ([`steal`]).
+    stolen: Duration,
     arrived: usize,
     latencies: Vec<f64>,
     first_after_ack: Duration,
@@ -685,7 +736,7 @@ fn two_hops(base: &Path, study: &Path, n: usize) -> TwoHops {
     let port = listen_port(&cfg_a);
     let inbox = cfg_c.data_dir.join("store").join("inbox");
     sync();
-    let cpu_before = nodes_cpu();
+    let (cpu_before, steal_before) = (nodes_cpu(), steal());
     let start = Instant::now();
     // The inbox is watched with inotify, not polled: a 2 ms poll of the whole inbox took about
     // 0.7 CPU-s of the two cores the nodes need. Watches are in place before storescu starts,
@@ -710,6 +761,7 @@ fn two_hops(base: &Path, study: &Path, n: usize) -> TwoHops {
         with_cpu(|| storescu_acks(port, "HOSP_A_BROKER", study, start));
     let (arrived, all_there) = watcher.join().unwrap();
     let cpu = nodes_cpu().saturating_sub(cpu_before) + storescu_cpu;
+    let stolen = steal().saturating_sub(steal_before);
     // Match: the partner's file and the sent file carry the same InstanceNumber.
     let acked: HashMap<i64, Duration> = acks
         .iter()
@@ -734,6 +786,7 @@ fn two_hops(base: &Path, study: &Path, n: usize) -> TwoHops {
         all_there,
         ingest,
         cpu,
+        stolen,
         arrived: arrived.len(),
         latencies,
         first_after_ack: first.saturating_sub(first_ack),
@@ -776,12 +829,15 @@ fn report_two_hops(runs: &Runs, n: usize, plain: Duration) {
         per_round(&times, &runs.plain, 2),
     );
     let cpu: Vec<Duration> = runs.two_hops.iter().map(|t| t.cpu).collect();
+    let stolen: Vec<Duration> = runs.two_hops.iter().map(|t| t.stolen).collect();
     let floor = median_secs(&cpu) / cores();
     println!(
-        "             CPU (storescu + both nodes until all arrived), median: {:.2} s; floor over the {} cores: {floor:.3} s = {:.2}x the median plain push",
+        "             CPU (storescu + both nodes until all arrived), median: {:.2} s; floor over the {} cores: {floor:.3} s = {:.2}x the median plain push; steal median {:.2} s (most {:.2} s)",
         median_secs(&cpu),
         cores(),
-        floor / median_secs(&runs.plain)
+        floor / median_secs(&runs.plain),
+        median_secs(&stolen),
+        stolen.iter().max().copied().unwrap_or_default().as_secs_f64()
     );
     println!(
         "latency      origin ack (storescu's C-STORE response) -> partner inbox, {} instances of {} runs matched by InstanceNumber: median {:.0} ms, p99 {:.0} ms; first image at the partner at most {:.0} ms after its ack in any run ({:.0} ms after storescu started)",
