@@ -5,7 +5,7 @@
 //! A `send` hashes every instance twice, once for its manifest at the origin and once when the
 //! partner verifies it before signing its receipt, and in the `dicom_edge` bench both run on
 //! the same machine. This bench gives the per-byte figure behind that, so that a site can weigh
-//! the digest on its own hardware (docs/performance.md, "The content digest"). BLAKE3 is a
+//! the digest on its own hardware (docs/performance.md, "What sets the pace"). BLAKE3 is a
 //! dev-dependency only: the product hashes with SHA-256.
 //!
 //! ```text
