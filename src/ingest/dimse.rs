@@ -35,7 +35,9 @@
 //! moves the records a stopped or killed node had acknowledged but not moved (idempotently: the
 //! same file name and bytes, vault records keyed by token) before the forwarder runs. A larger
 //! instance, or one arriving while the log has no free slot, is made durable in the outbox
-//! directly (vault flushed, file fsynced and named, folder fsynced) before the answer.
+//! directly (vault flushed, file fsynced and named, folder fsynced) before the answer. When the
+//! listener goes away, its mover finishes the group it is moving and ends, waited for up to
+//! [`MOVER_EXIT_WAIT`], so that nothing writes into the data folder after the listener is gone.
 //!
 //! Does not own: the association layer (`dicom_net::scp` calls [`DimseIngest`] through its
 //! `StoreService` trait) or sending to the partner (`node` runs the forwarder).
@@ -139,6 +141,38 @@ struct Logged {
     wal: Arc<Wal>,
     to_mover: Mutex<mpsc::Sender<LoggedInstance>>,
     pending: Arc<(Mutex<usize>, Condvar)>,
+    /// The mover's thread, waited for when the listener goes (see `Drop`).
+    mover: Option<std::thread::JoinHandle<()>>,
+}
+
+/// How long the listener going away waits for its mover to finish the group it is moving.
+const MOVER_EXIT_WAIT: Duration = Duration::from_secs(10);
+
+impl Drop for Logged {
+    /// Ends the mover (its channel closes) and waits up to [`MOVER_EXIT_WAIT`] for it to finish
+    /// the group it is moving and let go of the log: otherwise it would still be writing into
+    /// the log's and the outbox's folders after whoever owns them (a test's temporary folder,
+    /// a node stopping) has moved on. A mover still retrying a failing move by then is left to
+    /// end with the process; what it had not moved stays in the log for the next start.
+    fn drop(&mut self) {
+        let (closed, _) = mpsc::channel();
+        drop(std::mem::replace(
+            &mut *self.to_mover.lock().unwrap_or_else(|p| p.into_inner()),
+            closed,
+        ));
+        let Some(mover) = self.mover.take() else {
+            return;
+        };
+        let deadline = Instant::now() + MOVER_EXIT_WAIT;
+        while !mover.is_finished() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        if mover.is_finished() {
+            let _ = mover.join();
+        } else {
+            tracing::warn!("the ingest mover is still moving; what it has not moved stays in the ingest log for the next start");
+        }
+    }
 }
 
 /// Where a study goes: the flow's names, as the outbox entry keeps them.
@@ -236,18 +270,21 @@ impl DimseIngest {
         mover.wal.warm_up();
         let (tx, rx) = mpsc::channel();
         let pending = Arc::new((Mutex::new(0usize), Condvar::new()));
-        self.log = Some(Logged {
-            wal: mover.wal.clone(),
-            to_mover: Mutex::new(tx),
-            pending: pending.clone(),
-        });
-        std::thread::Builder::new()
+        let wal = mover.wal.clone();
+        let moving = pending.clone();
+        let thread = std::thread::Builder::new()
             .name("ingest-mover".into())
             .spawn(move || {
                 super::lower_priority();
-                mover.run(rx, pending)
+                mover.run(rx, moving)
             })
             .map_err(|e| format!("cannot start the ingest mover: {e}"))?;
+        self.log = Some(Logged {
+            wal,
+            to_mover: Mutex::new(tx),
+            pending,
+            mover: Some(thread),
+        });
         Ok(self)
     }
 
@@ -1948,6 +1985,78 @@ mod tests {
         assert!(rig.logged(1), "room again: held");
     }
 
+    /// A listener's ingest with `wal` as its log (the records it `found` are moved first), no
+    /// routes, and no partner to forward to.
+    fn logged_ingest(
+        outbox: &Outbox,
+        vault: &Arc<Vault>,
+        audit: &Arc<AuditLog>,
+        open: Arc<OpenStudies>,
+        wal: Wal,
+        found: Vec<Record>,
+    ) -> DimseIngest {
+        let v = vault.clone();
+        DimseIngest::new(
+            Vec::new(),
+            Box::new(|_| Err(super::super::IngestError::NoPeer("c".into()))),
+            outbox.clone(),
+            Box::new(move || Ok(v.clone())),
+            audit.clone(),
+            open,
+            Box::new(|_, _, _| {}),
+        )
+        .with_log(wal, found)
+        .unwrap()
+    }
+
+    /// The listener going away waits for its mover: a record handed to the mover just before is
+    /// in the outbox when the drop returns, and nothing writes into the data folder afterwards
+    /// (a unit test's temporary folder was left behind, recreated around an ingest log slot and
+    /// outbox files, when its removal raced a mover still at work).
+    #[test]
+    fn dropping_the_listener_waits_for_its_mover_to_finish() {
+        use crate::pseudonym::SiteKeys;
+        use crate::store::sealed::AtRest;
+
+        let dir = tempfile::tempdir().unwrap();
+        let keys = SiteKeys::from_bytes([7; 32], [9; 32]);
+        let at_rest = AtRest::new(&keys, true);
+        let db = sled::Config::new().temporary(true).open().unwrap();
+        let vault = Arc::new(Vault::new(&keys, db.open_tree("vault").unwrap()));
+        let outbox = Outbox::new(dir.path().join("outbox")).with_at_rest(at_rest.clone());
+        let audit = Arc::new(AuditLog::open(&dir.path().join("audit.log")).unwrap());
+        let (wal, found) = Wal::open(&dir.path().join("wal"), at_rest.clone()).unwrap();
+        let open = Arc::new(OpenStudies::new(Duration::from_secs(60)));
+        let ingest = logged_ingest(&outbox, &vault, &audit, open, wal, found);
+        // As `log_instance` does: appended durably, then handed to the mover.
+        let log = ingest.log.as_ref().unwrap();
+        let bytes = vec![5u8; 70_000];
+        let meta = crate::ingest::wal::tests::record(5, &bytes, "DOE^5");
+        let mut rec = log.wal.seal(&meta, &bytes).unwrap();
+        ingest.vault.acquire().unwrap();
+        let mut tries = 0;
+        while log
+            .wal
+            .append(&mut rec, |at| {
+                *log.pending.0.lock().unwrap() += 1;
+                log.to_mover.lock().unwrap().send((at, None)).unwrap();
+            })
+            .unwrap()
+            .is_none()
+        {
+            tries += 1;
+            assert!(tries < 1000, "no slot");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        drop(ingest);
+        let file = outbox.study_dir("a", "study-token").join("5.dcm");
+        assert_eq!(
+            at_rest.read(&file).unwrap(),
+            bytes,
+            "moved before the drop returned"
+        );
+    }
+
     /// Instances acknowledged through the log and not moved when the node stopped are moved at
     /// the next start: into the outbox (sealed, named, listed in an open study) with their vault
     /// entries; moving the same records twice (a crash after the move, before the checkpoint)
@@ -1986,17 +2095,8 @@ mod tests {
         let audit = Arc::new(AuditLog::open(&dir.path().join("audit.log")).unwrap());
         let start = |open: Arc<OpenStudies>| {
             let (wal, found) = Wal::open(&wal_dir, at_rest.clone()).unwrap();
-            let v = vault.clone();
-            let ingest = DimseIngest::new(
-                Vec::new(),
-                Box::new(|_| Err(super::super::IngestError::NoPeer("c".into()))),
-                outbox.clone(),
-                Box::new(move || Ok(v.clone())),
-                audit.clone(),
-                open,
-                Box::new(|_, _, _| {}),
-            );
-            (found.len(), ingest.with_log(wal, found).unwrap())
+            let n = found.len();
+            (n, logged_ingest(&outbox, &vault, &audit, open, wal, found))
         };
         let open = Arc::new(OpenStudies::new(Duration::from_secs(60)));
         let (found, ingest) = start(open.clone());
@@ -2041,19 +2141,8 @@ mod tests {
             });
         }
         let (wal, _) = Wal::open(&dir.path().join("wal2"), at_rest.clone()).unwrap();
-        let v = vault.clone();
         let open = Arc::new(OpenStudies::new(Duration::from_secs(60)));
-        let _ingest = DimseIngest::new(
-            Vec::new(),
-            Box::new(|_| Err(super::super::IngestError::NoPeer("c".into()))),
-            outbox.clone(),
-            Box::new(move || Ok(v.clone())),
-            audit.clone(),
-            open.clone(),
-            Box::new(|_, _, _| {}),
-        )
-        .with_log(wal, again)
-        .unwrap();
+        let _ingest = logged_ingest(&outbox, &vault, &audit, open.clone(), wal, again);
         let files: Vec<_> = std::fs::read_dir(&study)
             .unwrap()
             .flatten()
