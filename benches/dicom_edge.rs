@@ -479,12 +479,14 @@ fn stat_cpu(path: &str, first: usize) -> Duration {
 }
 
 /// The CPU time (user + system) of the measured processes only, over the measured window: the
-/// sending and receiving sides, not the demo that laid out the sites nor a node's start.
-/// Also the time the host took from this machine's cores over that window ([`steal`]).
-fn measured_cpu<T>(server: u32, client: impl FnOnce() -> T) -> (T, Duration, Duration) {
-    let (before, stolen) = (proc_cpu(server), steal());
+/// running `servers` and the processes `client` runs, not the demo that laid out the sites nor
+/// a node's start. Also the time the host took from this machine's cores over that window
+/// ([`steal`]).
+fn measured_cpu<T>(servers: &[u32], client: impl FnOnce() -> T) -> (T, Duration, Duration) {
+    let servers_cpu = || servers.iter().map(|&pid| proc_cpu(pid)).sum::<Duration>();
+    let (before, stolen) = (servers_cpu(), steal());
     let (out, client_cpu) = with_cpu(client);
-    let cpu = proc_cpu(server).saturating_sub(before) + client_cpu;
+    let cpu = servers_cpu().saturating_sub(before) + client_cpu;
     (out, cpu, steal().saturating_sub(stolen))
 }
 
@@ -592,7 +594,7 @@ fn plain_push(out: &Path, study: &Path) -> (Duration, Duration, Duration) {
     wait_port(&format!("127.0.0.1:{port}"));
     sync();
     let start = Instant::now();
-    let ((), cpu, stolen) = measured_cpu(scp.0.id(), || {
+    let ((), cpu, stolen) = measured_cpu(&[scp.0.id()], || {
         storescu(port, "ANY-SCP", study);
     });
     sync();
@@ -607,7 +609,7 @@ fn run_send(dir: &Path, study: &Path, siem: Option<&Collector>) -> (Duration, Du
     let partner = serve(&c, &cfg_c);
     sync();
     let start = Instant::now();
-    let (out, cpu, stolen) = measured_cpu(partner.0.id(), || {
+    let (out, cpu, stolen) = measured_cpu(&[partner.0.id()], || {
         Command::new(BIN)
             .args(["send", "--config"])
             .arg(&a)
@@ -637,7 +639,7 @@ fn run_ingest(
     let (a, _, cfg_a, _) = lay_out(dir, 3600, siem);
     let node = serve(&a, &cfg_a);
     sync();
-    let (took, cpu, stolen) = measured_cpu(node.0.id(), || {
+    let (took, cpu, stolen) = measured_cpu(&[node.0.id()], || {
         storescu(listen_port(&cfg_a), "HOSP_A_BROKER", study)
     });
     let rss = peak_rss_kib(node.0.id());
@@ -732,11 +734,9 @@ fn two_hops(base: &Path, study: &Path, n: usize) -> TwoHops {
     let (a, c, cfg_a, cfg_c) = lay_out(&dir, 2, None);
     let node_c = serve(&c, &cfg_c);
     let node_a = serve(&a, &cfg_a);
-    let nodes_cpu = || proc_cpu(node_a.0.id()) + proc_cpu(node_c.0.id());
     let port = listen_port(&cfg_a);
     let inbox = cfg_c.data_dir.join("store").join("inbox");
     sync();
-    let (cpu_before, steal_before) = (nodes_cpu(), steal());
     let start = Instant::now();
     // The inbox is watched with inotify, not polled: a 2 ms poll of the whole inbox took about
     // 0.7 CPU-s of the two cores the nodes need. Watches are in place before storescu starts,
@@ -757,11 +757,12 @@ fn two_hops(base: &Path, study: &Path, n: usize) -> TwoHops {
         }
         (arrived, start.elapsed())
     });
-    let ((acks, ingest), storescu_cpu) =
-        with_cpu(|| storescu_acks(port, "HOSP_A_BROKER", study, start));
-    let (arrived, all_there) = watcher.join().unwrap();
-    let cpu = nodes_cpu().saturating_sub(cpu_before) + storescu_cpu;
-    let stolen = steal().saturating_sub(steal_before);
+    // Storescu and both nodes, until the last instance arrived.
+    let (((acks, ingest), (arrived, all_there)), cpu, stolen) =
+        measured_cpu(&[node_a.0.id(), node_c.0.id()], || {
+            let sent = storescu_acks(port, "HOSP_A_BROKER", study, start);
+            (sent, watcher.join().unwrap())
+        });
     // Match: the partner's file and the sent file carry the same InstanceNumber.
     let acked: HashMap<i64, Duration> = acks
         .iter()
