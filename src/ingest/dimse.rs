@@ -2076,9 +2076,7 @@ mod tests {
         };
         let bytes = |n: u8| vec![n; 70_000];
         {
-            let (wal, _) = Wal::open(&wal_dir, at_rest.clone()).unwrap();
-            wal.replayed().unwrap();
-            wal.warm_up();
+            let wal = crate::ingest::wal::tests::ready_log(&wal_dir, at_rest.clone());
             for n in 0..2u8 {
                 let mut rec = wal.seal(&record(n, &bytes(n)), &bytes(n)).unwrap();
                 let mut tries = 0;

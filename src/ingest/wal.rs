@@ -859,6 +859,16 @@ pub(crate) mod tests {
         record(n, data, "SECRET^PATIENT")
     }
 
+    /// A new, empty log in `dir`, ready for appends (as a node's start leaves it: nothing
+    /// found, replayed, its first slots being prepared).
+    pub(crate) fn ready_log(dir: &Path, at_rest: AtRest) -> Wal {
+        let (wal, found) = Wal::open(dir, at_rest).unwrap();
+        assert!(found.is_empty());
+        wal.replayed().unwrap();
+        wal.warm_up();
+        wal
+    }
+
     /// A logged instance `n` of one study with `data`, whose token stands for `original`.
     pub(crate) fn record(n: usize, data: &[u8], original: &str) -> InstanceRecord {
         InstanceRecord {
@@ -922,10 +932,7 @@ pub(crate) mod tests {
     #[test]
     fn appended_records_come_back_in_order_until_consumed_and_are_sealed() {
         let dir = tempfile::tempdir().unwrap();
-        let (wal, found) = Wal::open(dir.path(), at_rest()).unwrap();
-        assert!(found.is_empty());
-        wal.replayed().unwrap();
-        wal.warm_up();
+        let wal = ready_log(dir.path(), at_rest());
         let locs: Vec<Location> = (0..3).map(|n| append(&wal, n, 100_000 + n)).collect();
         let mut r = wal.read(locs[1]).unwrap();
         // As appended, plus the tag that binds it to its sealed data.
@@ -974,9 +981,7 @@ pub(crate) mod tests {
     fn a_torn_last_record_is_dropped_and_damage_before_the_end_is_an_error() {
         for torn in ["end", "header", "body"] {
             let dir = tempfile::tempdir().unwrap();
-            let (wal, _) = Wal::open(dir.path(), at_rest()).unwrap();
-            wal.replayed().unwrap();
-            wal.warm_up();
+            let wal = ready_log(dir.path(), at_rest());
             append(&wal, 0, 200_000);
             let last = append(&wal, 1, 200_000);
             drop(wal);
@@ -997,9 +1002,7 @@ pub(crate) mod tests {
 
         // Damage to a record followed by a good one is not a torn tail: it is reported.
         let dir = tempfile::tempdir().unwrap();
-        let (wal, _) = Wal::open(dir.path(), at_rest()).unwrap();
-        wal.replayed().unwrap();
-        wal.warm_up();
+        let wal = ready_log(dir.path(), at_rest());
         let first = append(&wal, 0, 200_000);
         append(&wal, 1, 200_000);
         drop(wal);
@@ -1022,9 +1025,7 @@ pub(crate) mod tests {
     #[test]
     fn a_record_left_in_the_log_is_copied_out_whole() {
         let dir = tempfile::tempdir().unwrap();
-        let (wal, _) = Wal::open(dir.path(), at_rest()).unwrap();
-        wal.replayed().unwrap();
-        wal.warm_up();
+        let wal = ready_log(dir.path(), at_rest());
         let at = [append(&wal, 1, 200_000), append(&wal, 2, 7)];
         for at in at {
             let whole = wal.read(at).unwrap();
@@ -1047,9 +1048,7 @@ pub(crate) mod tests {
     #[test]
     fn dropping_the_log_waits_for_the_slots_being_prepared() {
         let dir = tempfile::tempdir().unwrap();
-        let (wal, _) = Wal::open(dir.path(), at_rest()).unwrap();
-        wal.replayed().unwrap();
-        wal.warm_up();
+        let wal = ready_log(dir.path(), at_rest());
         drop(wal);
         let mut names: Vec<String> = fs::read_dir(dir.path())
             .unwrap()
@@ -1067,9 +1066,7 @@ pub(crate) mod tests {
     #[test]
     fn slots_roll_over_and_are_reused_once_consumed() {
         let dir = tempfile::tempdir().unwrap();
-        let (wal, _) = Wal::open(dir.path(), at_rest()).unwrap();
-        wal.replayed().unwrap();
-        wal.warm_up();
+        let wal = ready_log(dir.path(), at_rest());
         let len = 3 << 20;
         let mut last = None;
         // More than MAX_SLOTS slots' worth: only possible because moved records free slots.
@@ -1101,9 +1098,7 @@ pub(crate) mod tests {
     #[test]
     fn a_sealed_record_without_its_hash_gets_it_at_start_and_is_bound_to_its_data() {
         let dir = tempfile::tempdir().unwrap();
-        let (wal, _) = Wal::open(dir.path(), at_rest()).unwrap();
-        wal.replayed().unwrap();
-        wal.warm_up();
+        let wal = ready_log(dir.path(), at_rest());
         let len = 80_000;
         for n in 0..2 {
             let d = data(n, len);
@@ -1168,9 +1163,7 @@ pub(crate) mod tests {
         drop(dir);
 
         let dir = tempfile::tempdir().unwrap();
-        let (wal, _) = Wal::open(dir.path(), AtRest::plain()).unwrap();
-        wal.replayed().unwrap();
-        wal.warm_up();
+        let wal = ready_log(dir.path(), AtRest::plain());
         let at = append(&wal, 0, 50_000);
         drop(wal);
         let f = fs::OpenOptions::new()
